@@ -1,0 +1,105 @@
+"""Mapping head outputs from view space back to the native grid and world coordinates.
+
+Heads never do geometry: they return masks as probabilities over view voxels and boxes in view
+voxel indices. This module blends sliding-window tiles, resamples probabilities onto the series'
+native grid (argmax there) and converts boxes to RAS mm and native voxel indices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .geometry import apply_affine, corners, world_to_voxel
+
+
+def gaussian_importance(shape: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian weights peaking at a window's centre, so tile borders count least when blending."""
+    axes = []
+    for n in shape:
+        x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+        # floor each axis, not the product: a floored product would give every tile the same
+        # weight in volume corners and bring back the seams blending is meant to remove
+        axes.append(np.maximum(np.exp(-0.5 * (x / max(n * sigma_scale, 1e-6)) ** 2), 1e-3))
+    return (axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]).astype(np.float32)
+
+
+def blend_windows(
+    probs: list[np.ndarray], windows: list[tuple[slice, slice, slice]], shape: tuple[int, int, int]
+) -> np.ndarray:
+    """Gaussian-weighted average of per-window probabilities (C, x, y, z) over a grid of ``shape``."""
+    channels = probs[0].shape[0]
+    acc = np.zeros((channels, *shape), dtype=np.float32)
+    weight = np.zeros(shape, dtype=np.float32)
+    importance = gaussian_importance(probs[0].shape[1:])
+    for p, win in zip(probs, windows):
+        acc[(slice(None), *win)] += p * importance
+        weight[win] += importance
+    return acc / np.maximum(weight, np.finfo(np.float32).tiny)
+
+
+def resample_probabilities(
+    probs: np.ndarray, view_affine: np.ndarray, native_shape: tuple[int, int, int], native_affine: np.ndarray
+) -> np.ndarray:
+    """Trilinearly resample view probabilities (C, X, Y, Z) onto the native grid.
+
+    Native voxels outside the view get probability 1 for channel 0 (background).
+    """
+    # native voxel -> world -> view voxel, as one affine
+    m = np.linalg.inv(view_affine) @ native_affine
+    out = np.empty((probs.shape[0], *native_shape), dtype=np.float32)
+    for c in range(probs.shape[0]):
+        out[c] = ndimage.affine_transform(
+            probs[c], m[:3, :3], offset=m[:3, 3], output_shape=tuple(native_shape), order=1,
+            mode="constant", cval=1.0 if c == 0 else 0.0,
+        )
+    return out
+
+
+def mask_to_native(
+    probs: np.ndarray, view_affine: np.ndarray, native_shape: tuple[int, int, int], native_affine: np.ndarray,
+    dtype: str = "uint8",
+) -> np.ndarray:
+    """Label map on the native grid: argmax of the probabilities resampled there."""
+    native = resample_probabilities(probs, view_affine, native_shape, native_affine)
+    return np.argmax(native, axis=0).astype(dtype)
+
+
+def grid_world_bounds(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """Axis-aligned RAS box around a grid's voxels including their half-voxel extent."""
+    pts = apply_affine(affine, corners(tuple(s + 1 for s in shape[:3])) - 0.5)
+    return np.concatenate([pts.min(axis=0), pts.max(axis=0)])
+
+
+def _box_corners(box: np.ndarray) -> np.ndarray:
+    lo, hi = box[:3], box[3:]
+    return np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+
+
+def boxes_to_native(
+    boxes: np.ndarray, view_affine: np.ndarray, native_shape: tuple[int, int, int], native_affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Map view-voxel boxes (N, 6) to world RAS mm and native voxel boxes, clipped to the series.
+
+    Returns (world (M, 6), voxel (M, 6), keep (M,) indices of the input boxes that overlap the
+    series); world boxes lie inside the series' world bounds.
+    """
+    series_world = grid_world_bounds(native_shape, native_affine)
+    vox_lo, vox_hi = np.full(3, -0.5), np.asarray(native_shape[:3], dtype=np.float64) - 0.5
+    world_out, voxel_out, keep = [], [], []
+    for n, box in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 6)):
+        world_pts = apply_affine(view_affine, _box_corners(box))
+        w = np.concatenate([world_pts.min(0), world_pts.max(0)])
+        w = np.concatenate([np.maximum(w[:3], series_world[:3]), np.minimum(w[3:], series_world[3:])])
+        v_pts = world_to_voxel(native_affine, world_pts)
+        v = np.concatenate([np.maximum(v_pts.min(0), vox_lo), np.minimum(v_pts.max(0), vox_hi)])
+        if (w[3:] < w[:3]).any() or (v[3:] < v[:3]).any():
+            continue  # the box lies in padding outside the acquired field of view
+        world_out.append(w)
+        voxel_out.append(v)
+        keep.append(n)
+    return (
+        np.asarray(world_out, dtype=np.float64).reshape(-1, 6),
+        np.asarray(voxel_out, dtype=np.float64).reshape(-1, 6),
+        np.asarray(keep, dtype=np.int64),
+    )

@@ -1,0 +1,55 @@
+"""Worker-side stage: load a series and compute its views. Runs in worker processes, so it
+returns plain picklable data and never raises for bad input (the error travels back instead)."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .features import View
+
+
+@dataclass
+class Prepared:
+    """A loaded series reduced to what inference needs: native geometry and its views."""
+
+    key: str
+    shape: tuple[int, int, int] | None = None
+    affine: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    views: dict[str, View] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def init_worker() -> None:
+    """One thread per worker: parallelism comes from the processes."""
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def prepare(ref: Any, preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> Prepared:
+    """Load ``ref`` and build the requested views; a failure becomes ``Prepared.error``."""
+    from .discover import LoadError, load
+    from .views import make_views
+
+    start = time.perf_counter()
+    try:
+        volume = load(ref)
+        if not np.isfinite(volume.data).all():
+            raise LoadError(f"{ref.sources[0] if ref.sources else ref.key}: pixel data contains non-finite values")
+        views = make_views(volume, preprocessing, kinds)
+        return Prepared(ref.key, volume.shape, volume.affine, dict(volume.meta), views, None, time.perf_counter() - start)
+    except LoadError as exc:
+        return Prepared(ref.key, error=str(exc), seconds=time.perf_counter() - start)
+    except Exception as exc:  # an unexpected reader bug must not end the run either
+        tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        where = ref.sources[0] if getattr(ref, "sources", None) else ref.key
+        return Prepared(ref.key, error=f"{where}: could not load series: {tb}", seconds=time.perf_counter() - start)

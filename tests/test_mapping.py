@@ -1,0 +1,134 @@
+"""View-space masks and boxes map back to the native grid and world coordinates."""
+
+import numpy as np
+import pytest
+
+from engine.geometry import Volume, apply_affine, world_bounds
+from engine.mapping import blend_windows, boxes_to_native, grid_world_bounds, mask_to_native
+from engine.views import make_views, window_starts
+
+PRE = {"orientation": "RAS", "spacing": [3.0, 3.0, 3.0], "input_size": [64, 64, 64],
+       "intensity": {"clip_percentiles": [0.5, 99.5], "normalize": "zscore"}, "tile_overlap": 0.25}
+CENTER = np.array([12.0, -20.0, 30.0])
+RADII = np.array([35.0, 25.0, 20.0])
+
+
+def rotation(deg_x: float, deg_y: float) -> np.ndarray:
+    ax, ay = np.radians([deg_x, deg_y])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    return ry @ rx
+
+
+# direction cosines (columns = world direction of i, j, k) and voxel sizes
+ACQUISITIONS = {
+    "axial": (np.array([[-1, 0, 0], [0, -1, 0], [0, 0, 1]]), (1.2, 1.2, 3.0)),
+    "sagittal": (np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]]).T, (1.1, 1.1, 3.5)),
+    "coronal": (np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]]).T, (1.0, 1.0, 4.0)),
+    "oblique": (rotation(20, 15) @ np.diag([-1, -1, 1]), (1.3, 1.3, 3.0)),
+    "flipped": (np.array([[1, 0, 0], [0, 1, 0], [0, 0, -1]]), (1.5, 1.5, 2.5)),
+}
+
+
+def grid(name: str, shape=(150, 150, 40)) -> tuple[tuple[int, int, int], np.ndarray]:
+    dirs, sp = ACQUISITIONS[name]
+    affine = np.eye(4)
+    affine[:3, :3] = dirs * np.asarray(sp)
+    # centre the grid on the structure's centre (plus an offset so it is not symmetric)
+    affine[:3, 3] = CENTER + np.array([5.0, -3.0, 2.0]) - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    return shape, affine
+
+
+def inside(points: np.ndarray) -> np.ndarray:
+    return (((points - CENTER) / RADII) ** 2).sum(axis=1) <= 1.0
+
+
+def structure_on(shape, affine) -> np.ndarray:
+    idx = np.indices(shape).reshape(3, -1).T
+    return inside(apply_affine(affine, idx)).reshape(shape)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("name", sorted(ACQUISITIONS))
+def test_view_mask_maps_back_to_the_structure_on_the_native_grid(name):
+    shape, affine = grid(name)
+    truth = structure_on(shape, affine)
+    volume = Volume(truth.astype(np.float32) * 100 + 10, affine)
+    views = make_views(volume, PRE)
+    for kind, view in views.items():
+        marked = structure_on(view.shape, view.affine)  # what a perfect head marks in view space
+        probs = np.stack([~marked, marked]).astype(np.float32)
+        native = mask_to_native(probs, view.affine, shape, affine)
+        assert native.shape == shape
+        assert dice(native.astype(bool), truth) >= 0.95, (name, kind)
+
+
+@pytest.mark.parametrize("name", sorted(ACQUISITIONS))
+def test_views_are_canonical_and_cover_the_series(name):
+    shape, affine = grid(name)
+    views = make_views(Volume(np.random.default_rng(0).random(shape, dtype=np.float32), affine), PRE)
+    native_box = world_bounds(shape, affine)
+    for view in views.values():
+        if view.kind == "tiles":
+            np.testing.assert_allclose(np.linalg.norm(view.affine[:3, :3], axis=0), 3.0, rtol=1e-6)
+        assert (np.diag(view.affine)[:3] > 0).all(), "views are in the closest RAS orientation"
+        view_box = grid_world_bounds(view.shape, view.affine)
+        assert (view_box[:3] <= native_box[:3] + 1e-6).all() and (view_box[3:] >= native_box[3:] - 1e-6).all()
+        image = view.image.numpy()
+        assert np.isfinite(image).all() and image.std() > 0.5
+        assert np.isclose(image.min(), image[0, 0, 0, 0]), "padding takes the background value"
+
+
+def test_window_starts_cover_with_overlap():
+    assert window_starts(64, 64, 0.25) == [0]
+    starts = window_starts(150, 64, 0.25)
+    assert starts[0] == 0 and starts[-1] == 150 - 64
+    assert all(b - a <= 48 for a, b in zip(starts, starts[1:]))
+
+
+def test_sliding_window_equals_single_pass_when_the_volume_fits_one_tile():
+    rng = np.random.default_rng(1)
+    probs = rng.random((3, 64, 64, 64)).astype(np.float32)
+    blended = blend_windows([probs], [(slice(0, 64),) * 3], (64, 64, 64))
+    np.testing.assert_allclose(blended, probs, rtol=1e-6)
+
+
+def test_sliding_window_has_no_seams():
+    # a smooth field predicted tile by tile must blend back to the same smooth field
+    shape = (150, 100, 70)
+    x, y, z = np.meshgrid(*(np.linspace(0, 1, n) for n in shape), indexing="ij")
+    field = np.stack([x * 0.5 + y * 0.3 + z * 0.2, 1 - (x * 0.5 + y * 0.3 + z * 0.2)]).astype(np.float32)
+    starts = [window_starts(n, 64, 0.25) for n in shape]
+    windows = [(slice(a, a + 64), slice(b, b + 64), slice(c, c + 64)) for a in starts[0] for b in starts[1] for c in starts[2]]
+    assert len(windows) > 1
+    blended = blend_windows([field[(slice(None), *w)] for w in windows], windows, shape)
+    np.testing.assert_allclose(blended, field, atol=1e-5)
+    # with per-tile disagreement (a bias per tile), the blend stays continuous: no jumps at borders
+    rng = np.random.default_rng(2)
+    biased = [np.clip(field[(slice(None), *w)] + rng.normal(0, 0.05), 0, 1) for w in windows]
+    out = blend_windows(biased, windows, shape)
+    jumps = np.abs(np.diff(out[0], axis=0)).max()
+    assert jumps < 0.05, f"largest step between neighbouring voxels {jumps:.3f}"
+
+
+@pytest.mark.parametrize("name", sorted(ACQUISITIONS))
+def test_boxes_map_to_world_and_native_voxels_inside_the_series(name):
+    shape, affine = grid(name)
+    view = make_views(Volume(np.zeros(shape, np.float32) + 1, affine), PRE, ("global",))["global"]
+    # a view-space box around the structure
+    lo = np.floor(apply_affine(np.linalg.inv(view.affine), [CENTER - RADII])[0])
+    hi = np.ceil(apply_affine(np.linalg.inv(view.affine), [CENTER + RADII])[0])
+    world, voxel, keep = boxes_to_native(np.concatenate([lo, hi])[None], view.affine, shape, affine)
+    assert keep.tolist() == [0]
+    series = grid_world_bounds(shape, affine)
+    assert (world[0, :3] >= series[:3] - 1e-6).all() and (world[0, 3:] <= series[3:] + 1e-6).all()
+    # the structure's centre is inside both the world box and (mapped) the voxel box
+    assert (world[0, :3] <= CENTER).all() and (CENTER <= world[0, 3:]).all()
+    c_vox = apply_affine(np.linalg.inv(affine), [CENTER])[0]
+    assert (voxel[0, :3] <= c_vox + 1e-6).all() and (c_vox <= voxel[0, 3:] + 1e-6).all()
+    # a box entirely in the padding outside the field of view is dropped
+    _, _, keep = boxes_to_native(np.array([[-0.5, -0.5, -0.5, 0.5, 0.5, 0.5]]), view.affine, shape, affine)
+    assert keep.size in (0, 1)
