@@ -1,0 +1,141 @@
+"""The plugin layer: in-test registration, entry points, validation of hook implementations."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pluggy
+import pytest
+from click.testing import CliRunner
+
+import engine
+from engine import plugins
+from engine.cli import cli
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mrfm-head-brightness"
+MANIFEST = EXAMPLE / "mrfm_head_brightness" / "manifest.json"
+
+
+class EchoHead(engine.Head):
+    manifest_path = MANIFEST  # reuse a valid manifest, renamed below
+
+    @classmethod
+    def manifest(cls):
+        m = json.loads(MANIFEST.read_text())
+        return m | {"name": "echo"}
+
+    def predict(self, batch):
+        return [{"bright_fraction": 0.5, "cls_norm": 1.0} for _ in batch]
+
+
+class EchoPlugin:
+    @engine.hookimpl
+    def register_heads(self, register):
+        register(EchoHead)
+
+
+@pytest.fixture
+def registered():
+    plugin = EchoPlugin()
+    plugins.pm.register(plugin, name="echo-test")
+    yield plugin
+    plugins.pm.unregister(plugin)
+
+
+def test_every_hook_has_a_one_line_docstring():
+    from engine import hookspecs
+
+    for name in ("register_heads", "register_backends", "register_readers", "register_commands"):
+        doc = getattr(hookspecs, name).__doc__
+        assert doc and "\n" not in doc.strip(), name
+
+
+def test_a_plugin_registered_in_a_test_provides_a_head(registered):
+    heads = plugins.get_head_classes()
+    assert heads["echo"].obj is EchoHead and heads["echo"].plugin == "echo-test"
+    result = CliRunner().invoke(cli, ["heads"])
+    assert result.exit_code == 0 and "echo" in result.output
+    shown = CliRunner().invoke(cli, ["heads", "show", "echo"])
+    assert shown.exit_code == 0 and '"bright_fraction"' in shown.output
+
+
+def test_default_plugins_register_the_shipped_heads():
+    heads = plugins.get_head_classes()
+    assert {"classify"} <= set(heads)
+    for name, reg in heads.items():
+        if reg.plugin.startswith("contrib_heads."):
+            assert reg.plugin == f"contrib_heads.{name}"
+
+
+def test_duplicate_head_names_are_refused(registered):
+    class Twin:
+        @engine.hookimpl
+        def register_heads(self, register):
+            register(type("EchoTwin", (EchoHead,), {}))
+
+    twin = Twin()
+    plugins.pm.register(twin, name="twin")
+    try:
+        with pytest.raises(ValueError, match="'echo' from plugin 'twin' is already registered by 'echo-test'"):
+            plugins.get_head_classes()
+    finally:
+        plugins.pm.unregister(twin)
+
+
+def test_a_misspelled_hook_fails_loudly():
+    class Typo:
+        @engine.hookimpl
+        def register_haeds(self, register):
+            pass
+
+    typo = Typo()
+    plugins.pm.register(typo, name="typo")
+    try:
+        with pytest.raises(pluggy.PluginValidationError, match="register_haeds"):
+            plugins.pm.check_pending()
+    finally:
+        plugins.pm.unregister(typo)
+
+
+def test_unknown_head_show_is_a_clear_error():
+    result = CliRunner().invoke(cli, ["heads", "show", "nope"])
+    assert result.exit_code != 0 and "no head named 'nope'" in result.output
+
+
+@pytest.fixture(scope="module")
+def installed_example(tmp_path_factory):
+    """The example third-party package, pip-installed into a private folder on sys.path."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
+        check=True, capture_output=True,
+    )
+    sys.path.insert(0, str(target))
+    yield target
+    sys.path.remove(str(target))
+    for name in [m for m in sys.modules if m.startswith("mrfm_head_brightness")]:
+        del sys.modules[name]
+
+
+def test_a_head_installed_through_an_entry_point_is_found(installed_example, monkeypatch):
+    monkeypatch.setenv("MRFM_LOAD_PLUGINS", "brightness")
+    monkeypatch.setattr(plugins, "_loaded", False)
+    try:
+        plugins.load_plugins()
+        heads = plugins.get_head_classes()
+        assert "brightness" in heads and heads["brightness"].plugin == "brightness"
+        listed = {p["name"]: p for p in plugins.plugin_summaries()}
+        assert listed["brightness"]["package"] == "mrfm-head-brightness" and listed["brightness"]["version"] == "0.1.0"
+        assert listed["brightness"]["hooks"] == ["register_heads"]
+    finally:
+        plugin = plugins.pm.get_plugin("brightness")
+        if plugin is not None:
+            plugins.pm.unregister(plugin)
+
+
+def test_entry_points_are_not_loaded_when_restricted(installed_example, monkeypatch):
+    monkeypatch.setenv("MRFM_LOAD_PLUGINS", "")
+    monkeypatch.setattr(plugins, "_loaded", False)
+    plugins.load_plugins()
+    assert plugins.pm.get_plugin("brightness") is None
