@@ -1,0 +1,59 @@
+"""Body region and contrast classification: a linear probe on CLS + mean-pooled patch tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import engine
+
+REGIONS = ("brain", "knee", "spine", "abdomen")
+CONTRASTS = ("T1", "T2", "FLAIR", "PD")
+
+
+class ClassifyNet(nn.Module):
+    """LayerNorm over concat(CLS, mean token), then one linear layer per label set."""
+
+    def __init__(self, embed_dim: int = 128):
+        super().__init__()
+        self.norm = nn.LayerNorm(2 * embed_dim)
+        self.region = nn.Linear(2 * embed_dim, len(REGIONS))
+        self.contrast = nn.Linear(2 * embed_dim, len(CONTRASTS))
+
+    def forward(self, cls: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """cls (B, D), tokens (B, N, D) -> logits per output, (B, C) each."""
+        x = self.norm(torch.cat([cls, tokens.mean(dim=1)], dim=-1))
+        return {"region": self.region(x), "contrast": self.contrast(x)}
+
+
+def build_net(embed_dim: int = 128) -> nn.Module:
+    return ClassifyNet(embed_dim)
+
+
+class ClassifyHead(engine.Head):
+    manifest_path = Path(__file__).with_name("manifest.json")
+
+    def __init__(self, manifest: dict[str, Any], weights: dict[str, torch.Tensor], context: engine.HeadContext):
+        super().__init__(manifest, weights, context)
+        embed_dim = manifest["encoder"]["embed_dim"]
+        if context.embed_dim != embed_dim:
+            raise ValueError(f"classify expects embed_dim {embed_dim}, the encoder gives {context.embed_dim}")
+        self.net = build_net(embed_dim)
+        self.net.load_state_dict(weights)
+        self.net.to(context.device).eval()
+
+    @torch.inference_mode()
+    def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
+        device = self.context.device
+        cls = torch.stack([item.features.cls for item in batch]).to(device, torch.float32)
+        tokens = torch.stack([item.features.tokens for item in batch]).to(device, torch.float32)
+        probs = {name: logits.softmax(dim=-1).cpu().numpy() for name, logits in self.net(cls, tokens).items()}
+        return [{name: p[i] for name, p in probs.items()} for i in range(len(batch))]
+
+
+@engine.hookimpl
+def register_heads(register) -> None:
+    register(ClassifyHead)

@@ -1,0 +1,60 @@
+"""Lesion volume regression: an MLP on CLS + mean-pooled patch tokens, softplus for a value >= 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import engine
+
+
+class RegressNet(nn.Module):
+    """LayerNorm -> Linear -> GELU -> Linear -> softplus, on concat(CLS, mean token)."""
+
+    def __init__(self, embed_dim: int = 128, hidden: int = 64):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(2 * embed_dim),
+            nn.Linear(2 * embed_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """cls (B, D), tokens (B, N, D) -> volume in mL, (B,)."""
+        x = torch.cat([cls, tokens.mean(dim=1)], dim=-1)
+        return F.softplus(self.mlp(x)).squeeze(-1)
+
+
+def build_net(embed_dim: int = 128) -> nn.Module:
+    return RegressNet(embed_dim)
+
+
+class RegressHead(engine.Head):
+    manifest_path = Path(__file__).with_name("manifest.json")
+
+    def __init__(self, manifest: dict[str, Any], weights: dict[str, torch.Tensor], context: engine.HeadContext):
+        super().__init__(manifest, weights, context)
+        embed_dim = manifest["encoder"]["embed_dim"]
+        if context.embed_dim != embed_dim:
+            raise ValueError(f"regress expects embed_dim {embed_dim}, the encoder gives {context.embed_dim}")
+        self.net = build_net(embed_dim)
+        self.net.load_state_dict(weights)
+        self.net.to(context.device).eval()
+
+    @torch.inference_mode()
+    def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
+        device = self.context.device
+        cls = torch.stack([item.features.cls for item in batch]).to(device, torch.float32)
+        tokens = torch.stack([item.features.tokens for item in batch]).to(device, torch.float32)
+        volumes = self.net(cls, tokens).cpu().numpy()
+        return [{"lesion_volume": volumes[i]} for i in range(len(batch))]
+
+
+@engine.hookimpl
+def register_heads(register) -> None:
+    register(RegressHead)

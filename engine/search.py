@@ -1,0 +1,203 @@
+"""Search a result store's index: free text, a report, or another series -> ranked series.
+
+Scores are cosine similarities in the model's joint image-text space, computed against
+``index/embedding`` without re-encoding any image. That matrix is stored as one uncompressed
+chunk, so it is memory-mapped and scored with one matrix-vector product; 100k series take
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+
+INDEX = "index"
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked series."""
+
+    series_key: str
+    score: float
+    study_uid: str
+    description: str
+
+
+def rank(
+    embeddings: np.ndarray, query: np.ndarray, k: int, exclude: int | Sequence[int] | np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` rows of ``embeddings`` (N, E) by cosine similarity with ``query`` (E,).
+
+    Rows are expected to be unit vectors (the index stores them so); the query is normalised
+    here. Rows in ``exclude`` and rows with non-finite scores are never returned. Returns
+    (row indices, scores), best first; equal scores are ordered by row index; fewer than ``k``
+    when fewer rows qualify.
+    """
+    emb = np.asarray(embeddings)
+    q = np.asarray(query, dtype=np.float32).reshape(-1)
+    if emb.ndim != 2 or emb.shape[1] != q.size:
+        raise ValueError(f"query has {q.size} dimensions, the index embeddings are {emb.shape}")
+    norm = float(np.linalg.norm(q))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError("the query embedding is zero or not finite")
+    scores = np.asarray(emb @ (q / norm), dtype=np.float32)
+    valid = np.isfinite(scores)
+    if exclude is not None:
+        valid[np.asarray(exclude, dtype=np.int64).reshape(-1)] = False
+    k = min(int(k), int(valid.sum()))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    masked = np.where(valid, scores, -np.inf)
+    top = np.argpartition(-masked, k - 1)[:k]
+    # Everything tied with the k-th score joins the candidates, so ties resolve by row index
+    # rather than by argpartition's arbitrary choice.
+    candidates = np.flatnonzero(valid & (masked >= masked[top].min()))
+    order = np.lexsort((candidates, -masked[candidates]))[:k]
+    idx = candidates[order]
+    return idx, scores[idx]
+
+
+def search(
+    store_path: str | Path,
+    *,
+    text: str | None = None,
+    like: str | None = None,
+    report: str | Path | None = None,
+    k: int = 10,
+    model: Any = None,
+) -> list[Hit]:
+    """Rank the store's series against exactly one of: ``text`` (free text), ``like`` (a series
+    key: scan-to-scan, the series itself excluded) or ``report`` (a text file's contents).
+
+    Text is encoded by the model that embedded the store (root attribute ``model``) unless
+    ``model`` (a loaded model or a model folder) is given; a model whose fingerprint differs from
+    the store's is refused, since its embeddings would not be comparable.
+    """
+    given = [name for name, value in (("text", text), ("like", like), ("report", report)) if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of text, like or report (got {', '.join(given) or 'none'})")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    root = _open_store(store_path)
+    index = root[INDEX]
+    if "embedding" not in index:
+        raise ValueError(f"{store_path}: the index holds no embeddings; run the 'retrieve' head to add them")
+    embeddings = index_embeddings(store_path, index["embedding"])
+
+    exclude = None
+    if like is not None:
+        keys = np.asarray(index["series_key"][...], dtype=object)
+        matches = np.flatnonzero(keys == like)
+        if len(matches) == 0:
+            raise ValueError(f"series {like!r} is not in the index of {store_path}")
+        exclude = matches
+        query = np.asarray(embeddings[matches[0]], dtype=np.float32)
+    else:
+        if report is not None:
+            query_text = Path(report).read_text(encoding="utf-8", errors="replace").strip()
+            if not query_text:
+                raise ValueError(f"report {report} is empty")
+        else:
+            query_text = str(text).strip()
+            if not query_text:
+                raise ValueError("the text query is empty")
+        query = encode_query(query_text, root.attrs.get("model") or {}, model)
+
+    idx, scores = rank(embeddings, query, k, exclude=exclude)
+    columns = zip(*(_rows(index, name, idx) for name in ("series_key", "study_uid", "description")))
+    return [
+        Hit(series_key=key, score=float(score), study_uid=study, description=desc)
+        for score, (key, study, desc) in zip(scores, columns)
+    ]
+
+
+def encode_query(text: str, store_model: dict[str, Any], model: Any = None) -> np.ndarray:
+    """Encode ``text`` with the text tower of ``model`` (default: the store's model) -> (E,)."""
+    wanted = store_model.get("fingerprint")
+    if model is None or isinstance(model, (str, Path)):
+        from .model import load_model
+
+        path = model if model is not None else store_model.get("path")
+        if model is None and path is not None and not Path(path).is_dir():
+            path = None  # the store moved machines: try the embedded default, checked below
+        model = load_model(path)
+    have = getattr(model, "fingerprint", None)
+    if wanted and have and have != wanted:
+        raise ValueError(
+            f"the store was embedded by model {wanted[:19]}..., not {have[:19]}...; "
+            "pass the model folder that wrote the store"
+        )
+    tower = model.text_tower()
+    if tower is None:
+        raise ValueError("the model has no text tower, so text and report search are unavailable")
+    encoded = tower.encode([text])
+    if hasattr(encoded, "detach"):
+        encoded = encoded.detach().float().cpu().numpy()
+    return np.asarray(encoded, dtype=np.float32).reshape(-1)
+
+
+def index_embeddings(store_path: str | Path, array: zarr.Array) -> np.ndarray:
+    """The (N, E) embedding matrix, memory-mapped when stored as one raw little-endian chunk."""
+    mapped = _memmap_single_chunk(Path(store_path) / INDEX / "embedding", tuple(array.shape))
+    if mapped is not None:
+        return mapped
+    return np.asarray(array[...], dtype=np.float32)
+
+
+def _memmap_single_chunk(array_dir: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """np.memmap of the array's only chunk if its layout allows reading it raw; else None."""
+    try:
+        meta = json.loads((array_dir / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    grid = meta.get("chunk_grid", {})
+    encoding = meta.get("chunk_key_encoding", {})
+    codecs = meta.get("codecs", [])
+    raw = (
+        meta.get("zarr_format") == 3
+        and meta.get("data_type") == "float32"
+        and len(shape) == 2
+        and grid.get("name") == "regular"
+        and tuple(grid.get("configuration", {}).get("chunk_shape", ())) == shape
+        and not meta.get("storage_transformers")
+        and len(codecs) == 1
+        and codecs[0].get("name") == "bytes"
+        and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+    )
+    if not raw or 0 in shape:
+        return None
+    if encoding.get("name") == "default":
+        sep = encoding.get("configuration", {}).get("separator", "/")
+        chunk = array_dir / sep.join(["c", "0", "0"])
+    elif encoding.get("name") == "v2":
+        sep = encoding.get("configuration", {}).get("separator", ".")
+        chunk = array_dir / sep.join(["0", "0"])
+    else:
+        return None
+    nbytes = int(np.prod(shape)) * 4
+    if not chunk.is_file() or chunk.stat().st_size != nbytes:
+        return None
+    return np.memmap(chunk, dtype="<f4", mode="r", shape=shape)
+
+
+def _open_store(store_path: str | Path) -> zarr.Group:
+    path = Path(store_path)
+    if not (path / "zarr.json").is_file():
+        raise FileNotFoundError(f"{store_path} is not a Zarr v3 store (no zarr.json)")
+    root = zarr.open_group(str(path), mode="r", zarr_format=3)
+    if INDEX not in root:
+        raise ValueError(f"{store_path} has no index/ group; it is written at the end of a run")
+    return root
+
+
+def _rows(index: zarr.Group, name: str, idx: np.ndarray) -> list[str]:
+    """Strings of column ``name`` at rows ``idx`` (empty strings when the column is absent)."""
+    if name not in index or len(idx) == 0:
+        return [""] * len(idx)
+    return [str(v) for v in index[name].oindex[np.asarray(idx, dtype=np.int64)]]
