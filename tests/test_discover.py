@@ -1,0 +1,193 @@
+"""Discovery: DICOM found by content in folders and zips, junk reported, bad series flagged at
+scan time and refused at load with a reason that names the file."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from engine.discover import LoadError, ScanResult, SeriesRef, Source, load, scan
+from engine.plugins import get_readers
+
+# The synthetic series builder lives with the loading tests (tests/ is on sys.path under pytest).
+from test_dicom_loading import OBLIQUE_IOP, slice_pixels, write_series
+
+
+def _junk(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "text": folder / "notes.txt",
+        "random": folder / "blob",
+        "empty": folder / "empty",
+        "fake_dcm": folder / "fake.dcm",
+        "hidden": folder / ".DS_Store",
+    }
+    files["text"].write_text("not an image\n")
+    files["random"].write_bytes(np.random.default_rng(0).bytes(700))
+    files["empty"].write_bytes(b"")
+    files["fake_dcm"].write_text("looks like DICOM by name only")
+    files["hidden"].write_bytes(b"\x00\x01")
+    return files
+
+
+def _warning_for(result: ScanResult, path: Path) -> str:
+    hits = [w for w in result.warnings if path.name in w]
+    assert len(hits) == 1, (path, result.warnings)
+    return hits[0]
+
+
+def test_readers_are_registered_through_the_plugin_manager():
+    readers = get_readers()
+    assert {"dicom", "nifti"} <= set(readers)
+    assert readers["dicom"].plugin == "plugins.readers"
+
+
+def test_dicom_is_found_by_content_with_junk_reported_not_fatal(tmp_path):
+    info = write_series(tmp_path / "a" / "b" / "deep", shape=(16, 16, 10))  # files without extension
+    junk = _junk(tmp_path / "a")
+    result = scan([tmp_path])
+    assert len(result.series) == 1
+    ref = result.series[0]
+    assert ref.reader == "dicom" and ref.series_uid == info["series_uid"] and ref.problems == []
+    assert ref.dims == (16, 16, 10) and ref.n_slices == 10 and ref.orientation == "axial"
+    assert len(ref.sources) == 10
+    for kind in ("text", "random", "fake_dcm"):
+        assert "not a DICOM or NIfTI" in _warning_for(result, junk[kind])
+    assert "empty" in _warning_for(result, junk["empty"])
+    assert not any(".DS_Store" in w for w in result.warnings)
+
+
+def test_series_inside_a_zip_is_scanned_and_loaded_without_extracting(tmp_path):
+    info = write_series(tmp_path / "src", shape=(16, 16, 10), iop=OBLIQUE_IOP)
+    junk = _junk(tmp_path / "junk")
+    archive = tmp_path / "in" / "study.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i, path in enumerate(info["paths"]):
+            zf.write(path, f"patient/study/series/{path.name}")
+        zf.write(junk["text"], "patient/README.txt")
+    result = scan([tmp_path / "in"])
+    [ref] = result.series
+    assert all(s.path == archive and s.member.startswith("patient/") for s in ref.sources)
+    assert str(ref.sources[0]).startswith(f"{archive}!patient/study/series/")
+    assert any("README.txt" in w for w in result.warnings)
+    vol = load(ref)
+    np.testing.assert_allclose(vol.affine, info["affine"], atol=1e-4)
+    np.testing.assert_array_equal(vol.data[:, :, 7], slice_pixels(7, 16, 16).T)
+    assert vol.orientation == "oblique" and ref.orientation == "oblique"
+    assert Source(archive, ref.sources[0].member).read_bytes()[128:132] == b"DICM"
+
+
+def test_scan_results_pickle_for_worker_processes(tmp_path):
+    write_series(tmp_path / "s", shape=(8, 8, 4))
+    result = scan([tmp_path])
+    again = pickle.loads(pickle.dumps(result))
+    assert isinstance(again.series[0], SeriesRef) and again.series[0].sources == result.series[0].sources
+    assert load(again.series[0]).shape == (8, 8, 4)
+
+
+def test_two_series_in_one_folder_are_grouped_by_uid(tmp_path):
+    a = write_series(tmp_path / "x", shape=(8, 8, 4), seed=1)
+    b = write_series(tmp_path / "x", shape=(8, 8, 6), seed=2)
+    result = scan([tmp_path])
+    by_uid = {s.series_uid: s for s in result.series}
+    assert by_uid[a["series_uid"]].n_slices == 4 and by_uid[b["series_uid"]].n_slices == 6
+    assert all(s.key.replace(".", "").isdigit() for s in result.series)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _assert_refused(ref: SeriesRef, problem: str, names: list[str]) -> None:
+    """A scan-time problem naming every one of ``names``; a LoadError naming one of them."""
+    text = " ".join(ref.problems)
+    assert problem in text and all(n in text for n in names), ref.problems
+    with pytest.raises(LoadError) as err:
+        load(ref)
+    assert problem in str(err.value) and any(n in str(err.value) for n in names), str(err.value)
+
+
+def test_truncated_file_is_flagged_and_refused_with_its_name(tmp_path):
+    info = write_series(tmp_path / "s", shape=(64, 64, 10))
+    victim = info["paths"][4]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # cut in half: header intact, pixels short
+    [ref] = scan([tmp_path]).series
+    _assert_refused(ref, "truncated", [victim.name])
+
+
+def test_file_cut_inside_its_header_is_a_warning_and_leaves_a_gap(tmp_path):
+    info = write_series(tmp_path / "s", shape=(16, 16, 10))
+    victim = info["paths"][4]
+    victim.write_bytes(victim.read_bytes()[:300])
+    result = scan([tmp_path])
+    assert "skipped dicom file" in _warning_for(result, victim)
+    _assert_refused(result.series[0], "missing slice", [info["paths"][3].name, info["paths"][5].name])
+
+
+def test_missing_slice_is_flagged_and_refused(tmp_path):
+    info = write_series(tmp_path / "s", shape=(16, 16, 10), skip=(4,))
+    [ref] = scan([tmp_path]).series
+    _assert_refused(ref, "missing slice", [info["paths"][3].name, info["paths"][5].name])
+
+
+def test_non_uniform_spacing_is_flagged(tmp_path):
+    info = write_series(tmp_path / "s", shape=(8, 8, 6))
+    moved = info["paths"][5]
+    ds = pydicom.dcmread(moved)
+    ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 1.0  # 3.5 mm step, not 2.5
+    ds.save_as(moved)
+    [ref] = scan([tmp_path]).series
+    _assert_refused(ref, "non-uniform slice spacing", [moved.name])
+
+
+def test_duplicate_positions_are_flagged(tmp_path):
+    info = write_series(tmp_path / "s", shape=(8, 8, 5))
+    ds = pydicom.dcmread(info["paths"][2])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(tmp_path / "s" / "copy")
+    [ref] = scan([tmp_path]).series
+    _assert_refused(ref, "duplicate slice position", ["copy"])
+
+
+def test_mixed_dimensions_are_flagged_and_refused(tmp_path):
+    info = write_series(tmp_path / "s", shape=(16, 16, 6))
+    odd = info["paths"][2]
+    ds = pydicom.dcmread(odd)
+    ds.Rows = ds.Columns = 8
+    ds.PixelData = np.zeros((8, 8), "<u2").tobytes()
+    ds.save_as(odd)
+    [ref] = scan([tmp_path]).series
+    _assert_refused(ref, "mixed image dimensions", [odd.name])
+
+
+def test_non_mr_modality_is_flagged_and_refused(tmp_path):
+    info = write_series(tmp_path / "s", shape=(8, 8, 4), modality="CT")
+    [ref] = scan([tmp_path]).series
+    assert ref.modality == "CT"
+    _assert_refused(ref, "not MR", [min(p.name for p in info["paths"])])
+
+
+def test_broken_header_is_a_warning_and_missing_input_too(tmp_path):
+    info = write_series(tmp_path / "s", shape=(8, 8, 4))
+    victim = info["paths"][0]
+    victim.write_bytes(victim.read_bytes()[:140])  # preamble + a few bytes of meta header
+    result = scan([tmp_path, tmp_path / "nope"])
+    assert "skipped dicom file" in _warning_for(result, victim)
+    assert any("no such file" in w for w in result.warnings)
+    assert result.series[0].n_slices == 3
+
+
+def test_unreadable_folder_entries_do_not_stop_the_scan(tmp_path):
+    write_series(tmp_path / "s", shape=(8, 8, 4))
+    (tmp_path / "s" / "dangling").symlink_to(tmp_path / "gone")
+    result = scan([tmp_path])
+    assert len(result.series) == 1 and any("dangling" in w for w in result.warnings)
+    assert os.path.islink(tmp_path / "s" / "dangling")
