@@ -5,6 +5,7 @@ Plugin authors import only what is exported here (``import engine`` / ``@engine.
 
 from __future__ import annotations
 
+from .backends.base import Backend
 from .features import Features, HeadInput, TextFeatures, View
 from .geometry import Volume
 from .heads import Head, HeadContext, HeadOutputError
@@ -12,7 +13,31 @@ from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
+
+
+def run(*args, **kwargs):
+    """Run the model and heads over archives into a store: see :func:`engine.pipeline.run`."""
+    from .pipeline import run as _run
+
+    return _run(*args, **kwargs)
+
+
+def scan(*args, **kwargs):
+    """Find studies and series from headers only: see :func:`engine.discover.scan`."""
+    from .discover import scan as _scan
+
+    return _scan(*args, **kwargs)
+
+
+def open_store(*args, **kwargs):
+    """Open a result store: see :func:`engine.store.open_store`."""
+    from .store import open_store as _open
+
+    return _open(*args, **kwargs)
+
+
 __all__ = [
+    "Backend",
     "Features",
     "Head",
     "HeadContext",
@@ -22,5 +47,8 @@ __all__ = [
     "View",
     "Volume",
     "hookimpl",
+    "open_store",
+    "run",
+    "scan",
     "__version__",
 ]

@@ -178,18 +178,18 @@ def run(
     mdl = load_model(model)
     enc, reason = select(backend, mdl, precision=precision, max_batch=batch_size)
     device = getattr(enc, "device", torch.device("cpu"))
-    head_classes_needing_text = None
     text: TextFeatures | None = None
     loaded, warnings = load_heads(heads, mdl, device, params, None)
-    head_classes_needing_text = [n for n, h in loaded.items() if "text" in h.spec["inputs"]["features"]]
-    if head_classes_needing_text:
+    reads_text = [n for n, h in loaded.items() if "text" in h.spec["inputs"]["features"]]
+    if reads_text:
+        # text queries are encoded once per run and shared by every head that reads them
         tower = mdl.text_tower()
         if tower is None:
-            warnings.append(f"heads {head_classes_needing_text} read text but the model has no text tower")
+            warnings.append(f"heads {reads_text} read text but the model has no text tower")
         elif queries:
             with torch.inference_mode():
                 text = TextFeatures(queries, tower.encode(queries))
-        for name in head_classes_needing_text:
+        for name in reads_text:
             params.setdefault(name, {})["queries"] = queries
             loaded[name].context.text = text
             loaded[name].context.params = params[name]
@@ -210,7 +210,7 @@ def run(
                    "batch_size": batch_size, "workers": workers, "overwrite": overwrite, "queries": queries, "params": params},
         "model": {"name": mdl.card.get("name"), "path": str(mdl.folder), "fingerprint": mdl.fingerprint},
         "heads": {h["name"]: {"version": h["version"], "plugin": h["plugin"], "weights_sha256": h["weights_sha256"]} for h in head_info},
-        "backend": {"name": enc.name, "reason": reason, "precision": precision},
+        "backend": {"name": enc.name, "reason": reason, **enc.describe()},
         "fingerprint": fingerprint,
         "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
                  "torch": torch.__version__, "mrfm": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},

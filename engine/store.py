@@ -195,7 +195,9 @@ class ResultStore:
 def _array(group: zarr.Group, name: str, value: np.ndarray) -> zarr.Array:
     value = np.asarray(value)
     dtype = str if value.dtype.kind == "U" else value.dtype
-    a = group.create_array(name, shape=value.shape, dtype=dtype, chunks=value.shape if value.size else None, fill_value="" if dtype is str else 0)
+    # one chunk per small array; zarr wants chunk sides >= 1, and "auto" for 0-d arrays
+    chunks = tuple(max(1, s) for s in value.shape) if value.ndim else "auto"
+    a = group.create_array(name, shape=value.shape, dtype=dtype, chunks=chunks, fill_value="" if dtype is str else 0)
     if value.size:
         a[...] = value
     return a

@@ -1,12 +1,17 @@
 """Preprocessing a Volume into the views the encoder sees, with torchio.
 
-Every view carries the affine of its own grid, so the engine can map head outputs back to the
-series' native grid and to world coordinates.
+Views are axis-aligned RAS grids, whatever the acquisition: the same anatomy reaches the encoder
+in the same orientation from axial, sagittal, coronal, oblique or flipped series. Every view
+carries its own affine, so the engine can map head outputs back to the native grid.
 
-- ``global``: canonical (RAS) orientation, resampled isotropically so that the whole field of
-  view fits the encoder input (never finer than the model's spacing), centred and padded.
-- ``tiles``: canonical orientation at the model's spacing, padded to at least one encoder input,
-  covered by overlapping encoder-sized windows (sliding window).
+- ``global``: the series' whole field of view fitted into one encoder input, isotropic, never
+  finer than the model's spacing, centred.
+- ``tiles``: the series at the model's spacing, at least one encoder input in size, covered by
+  overlapping encoder-sized windows (sliding window).
+
+Intensities are clipped to percentiles and rescaled to [0, 1] on the native voxels (so padding
+is background, 0), then z-scored with the native voxels' statistics: both views of a series get
+the same intensity mapping and padding never shifts it.
 """
 
 from __future__ import annotations
@@ -20,46 +25,51 @@ import torchio as tio
 
 from .features import View
 from .geometry import Volume
+from .mapping import grid_world_bounds
 
 VIEW_KINDS = ("global", "tiles")
 
 
-def _subject(volume: Volume) -> tio.ScalarImage:
+def _normalised(volume: Volume, intensity: dict[str, Any]) -> tuple[tio.ScalarImage, float, float]:
+    """The volume rescaled to [0, 1] between its clip percentiles, and the z-score statistics."""
     data = torch.from_numpy(np.ascontiguousarray(volume.data, dtype=np.float32))[None]
-    return tio.ScalarImage(tensor=data, affine=volume.affine)
-
-
-def _normalise(image: tio.ScalarImage, intensity: dict[str, Any]) -> tio.ScalarImage:
     lo, hi = intensity.get("clip_percentiles", [0.5, 99.5])
-    image = tio.RescaleIntensity(out_min_max=(0.0, 1.0), percentiles=(lo, hi))(image)
+    image = tio.RescaleIntensity(out_min_max=(0.0, 1.0), percentiles=(lo, hi))(tio.ScalarImage(tensor=data, affine=volume.affine))
     if intensity.get("normalize", "zscore") == "zscore":
-        data = image.data
-        std = data.std()
-        image = tio.ScalarImage(tensor=(data - data.mean()) / (std if std > 0 else 1.0), affine=image.affine)
-    return image
+        mean, std = float(image.data.mean()), float(image.data.std())
+        return image, mean, std if std > 0 else 1.0
+    return image, 0.0, 1.0
 
 
-def _to_view(kind: str, image: tio.ScalarImage, windows=None) -> View:
-    return View(kind=kind, image=image.data.float().contiguous(), affine=np.asarray(image.affine, dtype=np.float64), windows=windows or [])
+def _ras_grid(volume: Volume, spacing: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    """Affine of an axis-aligned RAS grid of ``shape`` centred on the series' field of view."""
+    bounds = grid_world_bounds(volume.shape, volume.affine)
+    centre = (bounds[:3] + bounds[3:]) / 2.0
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = centre - spacing * (shape - 1) / 2.0
+    return affine
 
 
-def global_view(volume: Volume, preprocessing: dict[str, Any]) -> View:
-    """The whole field of view fitted into the encoder input.
+def _resample(image: tio.ScalarImage, shape: np.ndarray, affine: np.ndarray, mean: float, std: float) -> torch.Tensor:
+    target = (tuple(int(s) for s in shape), affine)
+    out = tio.Resample(target, image_interpolation="linear", antialias=True)(image)
+    return ((out.data.float() - mean) / std).contiguous()
 
-    Both views normalise intensities before padding (with the background value), so padding
-    never shifts the statistics and a tile of the ``tiles`` view matches the ``global`` view
-    wherever the series fits one encoder input.
-    """
+
+def _extent(volume: Volume) -> np.ndarray:
+    bounds = grid_world_bounds(volume.shape, volume.affine)
+    return bounds[3:] - bounds[:3]
+
+
+def global_view(volume: Volume, preprocessing: dict[str, Any], _norm=None) -> View:
+    """The whole field of view fitted into the encoder input."""
     size = np.asarray(preprocessing["input_size"], dtype=int)
-    target = np.asarray(preprocessing["spacing"], dtype=np.float64)
-    image = tio.ToCanonical()(_subject(volume))
-    fov = np.asarray(image.spatial_shape) * np.asarray(image.spacing)
-    # one scale factor for all axes keeps anatomy's aspect ratio
-    scale = max(1.0, float(np.max(fov / (size * target))))
-    image = tio.Resample(tuple(target * scale), image_interpolation="linear")(image)
-    image = _normalise(image, preprocessing.get("intensity", {}))
-    image = tio.CropOrPad(tuple(int(s) for s in size), padding_mode=float(image.data.min()))(image)
-    return _to_view("global", image)
+    target = float(np.max(preprocessing["spacing"]))
+    # one isotropic spacing keeps anatomy's aspect ratio; coarser only when the FOV needs it
+    spacing = np.full(3, max(target, float(np.max(_extent(volume) / size))))
+    affine = _ras_grid(volume, spacing, size)
+    image, mean, std = _norm or _normalised(volume, preprocessing.get("intensity", {}))
+    return View("global", _resample(image, size, affine, mean, std), affine)
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:
@@ -71,31 +81,29 @@ def window_starts(length: int, window: int, overlap: float) -> list[int]:
     return [int(round(i * (length - window) / (n - 1))) for i in range(n)]
 
 
-def tiles_view(volume: Volume, preprocessing: dict[str, Any]) -> View:
+def tiles_view(volume: Volume, preprocessing: dict[str, Any], _norm=None) -> View:
     """The series at the model's spacing, covered by overlapping encoder-sized windows."""
-    size = [int(s) for s in preprocessing["input_size"]]
-    image = tio.ToCanonical()(_subject(volume))
-    image = tio.Resample(tuple(float(s) for s in preprocessing["spacing"]), image_interpolation="linear")(image)
-    image = _normalise(image, preprocessing.get("intensity", {}))
-    target = tuple(max(a, b) for a, b in zip(image.spatial_shape, size))
-    if target != tuple(image.spatial_shape):
-        background = float(image.data.min())
-        image = tio.CropOrPad(target, padding_mode=background)(image)
+    size = np.asarray(preprocessing["input_size"], dtype=int)
+    spacing = np.asarray(preprocessing["spacing"], dtype=np.float64)
+    shape = np.maximum(np.ceil(_extent(volume) / spacing - 1e-6).astype(int), size)
+    affine = _ras_grid(volume, spacing, shape)
+    image, mean, std = _norm or _normalised(volume, preprocessing.get("intensity", {}))
     overlap = float(preprocessing.get("tile_overlap", 0.25))
-    starts = [window_starts(n, w, overlap) for n, w in zip(image.spatial_shape, size)]
+    starts = [window_starts(int(n), int(w), overlap) for n, w in zip(shape, size)]
     windows = [
         (slice(a, a + size[0]), slice(b, b + size[1]), slice(c, c + size[2]))
         for a in starts[0]
         for b in starts[1]
         for c in starts[2]
     ]
-    return _to_view("tiles", image, windows)
+    return View("tiles", _resample(image, shape, affine, mean, std), affine, windows)
 
 
 def make_views(volume: Volume, preprocessing: dict[str, Any], kinds: tuple[str, ...] = VIEW_KINDS) -> dict[str, View]:
-    """Compute each requested view once."""
+    """Compute each requested view once (sharing the intensity normalisation)."""
     builders = {"global": global_view, "tiles": tiles_view}
     unknown = set(kinds) - set(builders)
     if unknown:
         raise ValueError(f"unknown view kinds {sorted(unknown)}; known: {sorted(builders)}")
-    return {kind: builders[kind](volume, preprocessing) for kind in kinds}
+    norm = _normalised(volume, preprocessing.get("intensity", {}))
+    return {kind: builders[kind](volume, preprocessing, norm) for kind in kinds}
