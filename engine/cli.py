@@ -21,6 +21,11 @@ err_console = Console(stderr=True)
 STATUS_STYLE = {"complete": "green", "resumed": "cyan", "skipped": "yellow", "failed": "red"}
 
 
+def short(uid: str, keep: int = 14) -> str:
+    """The distinctive tail of a long UID-derived key, for tables."""
+    return uid if len(uid) <= keep + 1 else "…" + uid[-keep:]
+
+
 @click.group()
 @click.version_option(__version__, prog_name="mrfm")
 def cli() -> None:
@@ -71,10 +76,11 @@ class _Reporter:
 
 def _summary_table(summary: Any) -> Table:
     table = Table(title=f"run {summary.run_id} -> {summary.store}  ({summary.seconds:.1f} s, backend {summary.backend})")
-    for col in ("series", "description", "status", "seconds", "reason"):
+    for col in ("series", "description", "status", "s", "reason"):
         table.add_column(col, overflow="fold")
-    for r in sorted(summary.results, key=lambda r: (r.status != "failed", r.key)):
-        table.add_row(r.key[-28:], r.description, f"[{STATUS_STYLE.get(r.status, '')}]{r.status}[/]", f"{r.seconds:.2f}", r.reason or "")
+    for r in sorted(summary.results, key=lambda r: (r.status != "failed", r.description, r.key)):
+        reason = "" if r.status == "resumed" else (r.reason or "")
+        table.add_row(short(r.key), r.description, f"[{STATUS_STYLE.get(r.status, '')}]{r.status}[/]", f"{r.seconds:.1f}", reason)
     return table
 
 
@@ -83,8 +89,11 @@ def _load_job(path: str | None) -> dict[str, Any]:
         return {}
     from .schemas import validate
 
-    job = json.loads(Path(path).read_text())
-    validate("job", job, f"job file {path}")
+    try:
+        job = json.loads(Path(path).read_text())
+        validate("job", job, f"job file {path}")
+    except ValueError as exc:  # JSONDecodeError is a ValueError too
+        raise click.BadParameter(str(exc), param_hint="--job") from exc
     return job
 
 
@@ -149,7 +158,7 @@ def scan(archive, as_json) -> None:
     for r in sorted(result.series, key=lambda r: (r.study_uid, r.series_uid)):
         dims = "x".join(str(d) for d in r.dims) if r.dims else "?"
         problems = "; ".join(r.problems)
-        table.add_row(r.study_uid[-16:], r.key[-20:], r.modality or "", r.description or "", dims, str(r.n_slices), r.orientation, f"[red]{problems}[/]" if problems else "")
+        table.add_row(short(r.study_uid, 10), short(r.key), r.modality or "", r.description or "", dims, str(r.n_slices), r.orientation, f"[red]{problems}[/]" if problems else "")
     console.print(table)
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -169,8 +178,10 @@ def demo_archive(directory, studies, seed) -> None:
 
     t = time.perf_counter()
     manifest = write_demo_archive(Path(directory), studies=studies, seed=seed)
-    n_series = sum(len(s.series) for s in manifest.studies) if hasattr(manifest, "studies") else "?"
-    console.print(f"wrote {studies} studies ({n_series} series) to {directory} in {time.perf_counter() - t:.1f} s")
+    console.print(
+        f"wrote {len(manifest.studies)} studies ({len(manifest.series)} series) in {time.perf_counter() - t:.1f} s: "
+        f"DICOM in {manifest.dicom_root}, ground truth in {manifest.path.parent}\n"
+        f"next: mrfm run {manifest.dicom_root} --out results.zarr", highlight=False)
 
 
 # ---- plugins and heads -------------------------------------------------------------------------
@@ -239,19 +250,21 @@ def inspect(store, as_json) -> None:
     console.print(f"[bold]{info['path']}[/]  format {info['format'].get('format_version')}  mrfm {info['format'].get('version')}")
     console.print(f"model {info['model'].get('name')} {info['model'].get('fingerprint', '')[:23]}…")
     table = Table(title="runs")
-    for col in ("run", "backend", "heads", "complete", "failed", "skipped", "resumed", "seconds"):
-        table.add_column(col)
+    for col in ("run", "backend", "heads", "series", "seconds"):
+        table.add_column(col, overflow="fold")
     for run_id, attrs in s.runs().items():
         c = attrs.get("counts", {})
-        table.add_row(run_id, attrs.get("backend", {}).get("name", ""), ", ".join(attrs.get("heads", {})), *(str(c.get(k, "")) for k in ("complete", "failed", "skipped", "resumed")), str(attrs.get("timings", {}).get("seconds", "")))
+        counts = " ".join(f"[{STATUS_STYLE[k]}]{k} {c[k]}[/]" for k in STATUS_STYLE if c.get(k)) or attrs.get("status", "")
+        table.add_row(run_id, attrs.get("backend", {}).get("name", ""), ", ".join(attrs.get("heads", {})), counts, str(attrs.get("timings", {}).get("seconds", "")))
     console.print(table)
     table = Table(title="series")
-    for col in ("series", "description", "orientation", "shape", "status", "heads / reason"):
+    for col in ("series", "description", "orientation", "shape", "status", "outputs / reason"):
         table.add_column(col, overflow="fold")
     for key, attrs in s.iter_series():
         geo = attrs.get("geometry", {})
-        detail = attrs.get("reason") or ", ".join(attrs.get("heads", {}))
-        table.add_row(key[-28:], attrs.get("description", ""), geo.get("orientation", ""), "x".join(map(str, geo.get("shape", []))), f"[{STATUS_STYLE.get(attrs.get('status'), '')}]{attrs.get('status')}[/]", detail)
+        outputs = sum(len(h.get("outputs", [])) for h in attrs.get("heads", {}).values())
+        detail = attrs.get("reason") or f"{outputs} outputs from {len(attrs.get('heads', {}))} heads"
+        table.add_row(short(key), attrs.get("description", ""), geo.get("orientation", ""), "x".join(map(str, geo.get("shape", []))), f"[{STATUS_STYLE.get(attrs.get('status'), '')}]{attrs.get('status')}[/]", detail)
     console.print(table)
     if info["index"]:
         console.print(f"index: {info['index'].get('count')} series, embeddings from {info['index'].get('embedding_source')}")
@@ -292,7 +305,7 @@ def search(store, text, like, report, k, model) -> None:
     for col in ("rank", "score", "series", "study", "description"):
         table.add_column(col)
     for i, h in enumerate(hits, 1):
-        table.add_row(str(i), f"{h.score:.4f}", h.series_key, h.study_uid[-16:], h.description)
+        table.add_row(str(i), f"{h.score:.4f}", short(h.series_key, 20), short(h.study_uid, 10), h.description)
     console.print(table)
 
 

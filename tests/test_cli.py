@@ -1,0 +1,87 @@
+"""The command line as a user drives it: demo archive, scan, run, inspect, validate, search."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import cli
+from engine.synthetic import write_bad_inputs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    runner = CliRunner()
+    made = runner.invoke(cli, ["demo-archive", str(root / "archive"), "--studies", "2", "--seed", "5"])
+    assert made.exit_code == 0, made.output
+    write_bad_inputs(root / "bad", seed=5)
+    return root
+
+
+def test_scan_lists_series_with_orientation_and_problems(workspace):
+    result = CliRunner().invoke(cli, ["scan", str(workspace / "archive" / "dicom"), str(workspace / "bad"), "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    assert {s["orientation"] for s in found["series"]} >= {"axial", "sagittal"} or len(found["series"]) >= 4
+    by_desc = {s["description"]: s for s in found["series"]}
+    assert any("missing slice" in p for p in by_desc["BAD MISSING_SLICE"]["problems"])
+    assert any("not a DICOM" in w for w in found["warnings"])
+    table = CliRunner().invoke(cli, ["scan", str(workspace / "bad")])
+    assert table.exit_code == 0 and "axial" in table.stdout and "missing" in table.stdout
+
+
+def test_run_logs_json_lines_and_exits_1_when_a_series_failed(workspace):
+    out = workspace / "r.zarr"
+    result = CliRunner().invoke(cli, [
+        "run", str(workspace / "archive" / "dicom"), str(workspace / "bad"), "--out", str(out),
+        "--heads", "classify,retrieve", "--backend", "torch", "--workers", "0", "--log-json"])
+    assert result.exit_code == 1, result.output
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert events[-1]["event"] == "done" and events[-1]["failed"] == 3 and events[-1]["skipped"] == 1
+    assert any(e["event"] == "series" and e["status"] == "failed" and "missing" in e["reason"] for e in events)
+    assert "failed" in result.stdout and "complete" in result.stdout  # the summary table
+    again = CliRunner().invoke(cli, [
+        "run", str(workspace / "archive" / "dicom"), "--out", str(out), "--heads", "classify,retrieve",
+        "--backend", "torch", "--workers", "0", "--log-json"])
+    assert again.exit_code == 0 and "resumed" in again.stdout
+
+
+def test_inspect_validate_and_search_read_the_store(workspace):
+    out = workspace / "r.zarr"
+    if not out.exists():
+        pytest.skip("needs the run above")
+    inspected = CliRunner().invoke(cli, ["inspect", str(out), "--json"])
+    assert inspected.exit_code == 0
+    info = json.loads(inspected.stdout)
+    assert info["series"]["failed"] == 3 and info["index"]["count"] == info["series"]["complete"]
+    assert CliRunner().invoke(cli, ["validate", str(out)]).exit_code == 0
+    found = CliRunner().invoke(cli, ["search", str(out), "knee MRI", "-k", "3"])
+    assert found.exit_code == 0 and "top 3" in found.stdout
+    assert CliRunner().invoke(cli, ["search", str(out)]).exit_code == 2  # no query: usage error
+
+
+def test_a_job_file_drives_a_run_and_bad_jobs_are_refused(workspace, tmp_path):
+    job = {"archives": [str(workspace / "archive" / "dicom")], "out": str(tmp_path / "j.zarr"), "heads": ["classify"], "backend": "torch", "workers": 0}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    assert CliRunner().invoke(cli, ["run", "--job", str(tmp_path / "job.json")]).exit_code == 0
+    (tmp_path / "bad.json").write_text(json.dumps({"archives": "not-a-list"}))
+    bad = CliRunner().invoke(cli, ["run", "--job", str(tmp_path / "bad.json")])
+    assert bad.exit_code == 2 and "job.schema.json" in bad.output and "'not-a-list' is not of type 'array'" in bad.output
+
+
+def test_usage_errors_exit_2():
+    assert CliRunner().invoke(cli, ["run"]).exit_code == 2
+    assert CliRunner().invoke(cli, ["run", ".", "--out", "x.zarr", "--precision", "fp8"]).exit_code == 2
+
+
+def test_heads_and_plugins_list_what_is_installed():
+    heads = CliRunner().invoke(cli, ["heads"])
+    assert heads.exit_code == 0
+    for name in ("classify", "regress", "segment", "localize", "ground", "retrieve"):
+        assert name in heads.stdout
+    plugins = CliRunner().invoke(cli, ["plugins", "--json"])
+    rows = {p["name"]: p for p in json.loads(plugins.stdout)}
+    assert "register_readers" in rows["plugins.readers"]["hooks"] and rows["plugins.readers"]["default"]
