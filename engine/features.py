@@ -53,6 +53,21 @@ class Features:
             return self.layers[int(name[7:-1])]
         return getattr(self, name)
 
+    def only(self, declared: list[str]) -> Features:
+        """A copy holding just the declared features; the rest are None (layers: left out)."""
+        keep = set(declared)
+        layers = {i: t for i, t in self.layers.items() if f"layers[{i}]" in keep}
+        missing = {n for n in keep if n.startswith("layers[")} - {f"layers[{i}]" for i in layers}
+        if missing:
+            raise KeyError(f"the encoder does not export {sorted(missing)}; it exports layers {sorted(self.layers)}")
+        return Features(
+            cls=self.cls if "cls" in keep else None,  # type: ignore[arg-type]
+            tokens=self.tokens if "tokens" in keep else None,  # type: ignore[arg-type]
+            layers=layers,
+            grid=self.grid,
+            joint=self.joint if "joint" in keep else None,
+        )
+
 
 @dataclass
 class TextFeatures:
@@ -64,9 +79,22 @@ class TextFeatures:
 
 @dataclass
 class HeadInput:
-    """One item of a head batch: a series' view image (or one tile of it) and its features."""
+    """One item of a head batch: a series' view (or one tile of it) and its features.
+
+    A head receives only what its manifest declares: ``image`` is None unless it declares
+    ``"image": true``, ``text`` is None unless it reads ``text``, undeclared features are None.
+    """
 
     series_key: str
-    image: torch.Tensor  # (1, X, Y, Z), the view or window the features were computed from
+    image: torch.Tensor | None  # (1, X, Y, Z), the view or window the features were computed from
     features: Features
     text: TextFeatures | None = None
+    image_shape: tuple[int, int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial shape of the view or window, in voxels (box coordinates refer to it)."""
+        if self.image_shape is not None:
+            return self.image_shape
+        assert self.image is not None, "HeadInput needs an image or an image_shape"
+        return tuple(int(s) for s in self.image.shape[-3:])  # type: ignore[return-value]

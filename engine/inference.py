@@ -70,8 +70,8 @@ class Inference:
         for name, head in self.heads.items():
             kind = head.spec["inputs"]["view"]
             items = [slot for slot in slots if slot[1] == kind]
-            inputs = [HeadInput(batch[s].key, image_of[(s, k, w)], feats[(s, k, w)], self.text) for s, k, w in items]
             try:
+                inputs = [self._input_for(head, batch[slot[0]].key, image_of[slot], feats[slot]) for slot in items]
                 predicted: list[dict[str, Any]] = []
                 for chunk in _chunks(inputs, self.batch_size):
                     out = head.predict(chunk)
@@ -91,6 +91,17 @@ class Inference:
                 except HeadOutputError as exc:
                     results[s].errors[name] = str(exc)
         return results
+
+    def _input_for(self, head: Head, key: str, image: torch.Tensor, features: Features) -> HeadInput:
+        """What ``head`` may see of one view window: exactly what its manifest declares."""
+        inputs = head.spec["inputs"]
+        return HeadInput(
+            key,
+            image if inputs.get("image") else None,
+            features.only(inputs["features"]),
+            self.text if "text" in inputs["features"] else None,
+            tuple(int(n) for n in image.shape[-3:]),  # type: ignore[arg-type]
+        )
 
     def _finish(self, name: str, head: Head, prep: Prepared, kind: str, outs: list[tuple[int, dict[str, Any]]]) -> list[OutputArray]:
         """Check a head's outputs for one series and map them back to the native grid."""

@@ -96,7 +96,7 @@ class GroundHead(engine.Head):
         # heat >= r * peak heat  <=>  sim >= peak sim + log(r) / scale  (softmax over tokens)
         mask = sim >= (peak + math.log(self.relative_threshold) / scale).view(-1, 1, 1, 1)
         seed = F.one_hot(sim.flatten(1).argmax(dim=1), sim[0].numel()).bool().view_as(mask)
-        boxes = region_boxes(grow_from_peak(mask, seed).numpy(), tuple(item.image.shape[-3:]))
+        boxes = region_boxes(grow_from_peak(mask, seed).numpy(), item.shape)
         scores = torch.sigmoid(scale * peak + bias).numpy()
         return {"boxes": boxes.astype(np.float32), "scores": scores.astype(np.float32), "queries": list(text.queries)}
 

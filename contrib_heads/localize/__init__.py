@@ -142,7 +142,7 @@ class LocalizeHead(engine.Head):
         probs = torch.sigmoid(self.net(tokens)).cpu().numpy()
         results = []
         for item, prob in zip(batch, probs):
-            image_shape = tuple(item.image.shape[-3:])
+            image_shape = item.shape
             boxes, scores = basin_boxes(prob.reshape(item.features.grid), self.threshold, image_shape)
             keep = nms3d(boxes, scores, self.iou)[: self.max_boxes]
             results.append(
