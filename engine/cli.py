@@ -197,9 +197,11 @@ def plugins(as_json) -> None:
         return
     table = Table(title="plugins")
     for col in ("name", "hooks", "source", "version"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for p in rows:
-        table.add_row(p["name"], ", ".join(p["hooks"]), "default" if p["default"] else (p["package"] or "registered"), p["version"] or __version__ if p["default"] else p["version"] or "")
+        hooks = f"[red]not loaded: {p['error']}[/]" if p.get("error") else ", ".join(p["hooks"])
+        version = __version__ if p["default"] else (p["version"] or "")
+        table.add_row(p["name"], hooks, "default" if p["default"] else (p["package"] or "registered"), version)
     console.print(table)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -29,6 +30,7 @@ pm = pluggy.PluginManager("mrfm")
 pm.add_hookspecs(hookspecs)
 
 _loaded = False
+load_errors: dict[str, str] = {}  # entry point -> why it could not be loaded
 
 
 def load_plugins() -> None:
@@ -60,7 +62,11 @@ def load_plugins() -> None:
         if allow is not None and ep.name not in allow and dist not in allow:
             continue
         if pm.get_plugin(ep.name) is None:
-            pm.register(ep.load(), name=ep.name)
+            try:
+                pm.register(ep.load(), name=ep.name)
+            except Exception as exc:  # a broken third-party package must not take mrfm down
+                load_errors[ep.name] = f"{dist or ep.value}: {type(exc).__name__}: {exc}"
+                warnings.warn(f"mrfm plugin {ep.name!r} could not be loaded: {load_errors[ep.name]}", stacklevel=2)
     pm.check_pending()
 
 
@@ -127,4 +133,6 @@ def plugin_summaries() -> list[dict[str, Any]]:
                 "version": dist[1] if dist else None,
             }
         )
+    for name, error in load_errors.items():
+        out.append({"name": name, "hooks": [], "default": False, "package": dists.get(name, (None,))[0], "version": None, "error": error})
     return sorted(out, key=lambda p: (not p["default"], p["name"]))

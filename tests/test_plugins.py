@@ -139,3 +139,22 @@ def test_entry_points_are_not_loaded_when_restricted(installed_example, monkeypa
     monkeypatch.setattr(plugins, "_loaded", False)
     plugins.load_plugins()
     assert plugins.pm.get_plugin("brightness") is None
+
+
+def test_a_broken_entry_point_is_reported_not_fatal(tmp_path, monkeypatch):
+    pkg = tmp_path / "site"
+    (pkg / "broken_head").mkdir(parents=True)
+    (pkg / "broken_head" / "__init__.py").write_text("raise ImportError('needs a library that is not installed')\n")
+    dist = pkg / "broken_head-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-head\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[mrfm]\nbroken = broken_head\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setenv("MRFM_LOAD_PLUGINS", "broken")
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr(plugins, "load_errors", {})
+    with pytest.warns(UserWarning, match="'broken' could not be loaded"):
+        plugins.load_plugins()
+    assert "needs a library that is not installed" in plugins.load_errors["broken"]
+    assert any(p["name"] == "broken" and p.get("error") for p in plugins.plugin_summaries())
+    assert "classify" in plugins.get_head_classes()  # everything else still works
