@@ -54,6 +54,7 @@ class RunSummary:
     results: list[SeriesResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "wait_for_load": 0.0, "infer": 0.0, "write": 0.0})
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -120,6 +121,7 @@ class _Writer(threading.Thread):
     def __init__(self, store: ResultStore, on_done: Callable[[SeriesResult], None], maxsize: int = 8):
         super().__init__(name="mrfm-writer", daemon=True)
         self.store, self.on_done = store, on_done
+        self.seconds = 0.0
         self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
 
@@ -129,10 +131,12 @@ class _Writer(threading.Thread):
             if item is None:
                 return
             key, attrs, outputs, status, reason, result = item
+            t = time.perf_counter()
             try:
                 self.store.write_series(key, attrs, outputs, status, reason)
             except Exception as exc:  # a write failure is that series' failure, not the run's
                 result.status, result.reason = "failed", f"could not write series group: {exc}"
+            self.seconds += time.perf_counter() - t
             self.on_done(result)
 
     def put(self, *item: Any) -> None:
@@ -251,25 +255,31 @@ def run(
     batch: list[tuple[Any, Prepared]] = []
     try:
         with torch.inference_mode():
+            t_wait = time.perf_counter()
             for ref, prep in _iter_prepared(todo, mdl.preprocessing, inference.view_kinds(), n_workers):
+                summary.stages["wait_for_load"] += time.perf_counter() - t_wait
+                summary.stages["load"] += prep.seconds
                 if prep.error:
                     writer.put(ref.key, _series_attrs(ref, run_id, fingerprint, None), [], "failed", prep.error,
                                SeriesResult(ref.key, ref.study_uid, ref.description or "", "failed", prep.error, prep.seconds))
                     continue
                 batch.append((ref, prep))
                 if len(batch) >= batch_size:
-                    _infer_and_write(inference, batch, writer, run_id, fingerprint)
+                    summary.stages["infer"] += _infer_and_write(inference, batch, writer, run_id, fingerprint)
                     batch = []
+                t_wait = time.perf_counter()
             if batch:
-                _infer_and_write(inference, batch, writer, run_id, fingerprint)
+                summary.stages["infer"] += _infer_and_write(inference, batch, writer, run_id, fingerprint)
     finally:
         writer.close()
+    summary.stages["write"] = writer.seconds
 
     n_index = store.rebuild_index()
     summary.seconds = time.perf_counter() - t0
     store.finish_run(run_id, {
         "finished": now(),
-        "timings": {"seconds": round(summary.seconds, 3)},
+        # load is summed over worker processes; wait_for_load is what inference spent waiting for it
+        "timings": {"seconds": round(summary.seconds, 3), **{k: round(v, 3) for k, v in summary.stages.items()}},
         "counts": {s: summary.count(s) for s in ("complete", "failed", "skipped", "resumed")},
         "warnings": summary.warnings,
         "index_rows": n_index,
@@ -279,10 +289,12 @@ def run(
     return summary
 
 
-def _infer_and_write(inference: Inference, batch: list[tuple[Any, Prepared]], writer: _Writer, run_id: str, fingerprint: str) -> None:
+def _infer_and_write(inference: Inference, batch: list[tuple[Any, Prepared]], writer: _Writer, run_id: str, fingerprint: str) -> float:
+    """Run inference on a batch and queue its series for writing; returns the inference seconds."""
     t = time.perf_counter()
     results: list[SeriesOutputs] = inference.run([p for _, p in batch])
-    per = (time.perf_counter() - t) / len(batch)
+    seconds = time.perf_counter() - t
+    per = seconds / len(batch)
     for (ref, prep), res in zip(batch, results):
         attrs = _series_attrs(ref, run_id, fingerprint, prep)
         written_heads = {o.head for o in res.outputs}
@@ -295,3 +307,4 @@ def _infer_and_write(inference: Inference, batch: list[tuple[Any, Prepared]], wr
         reason = "; ".join(res.errors.values()) if res.errors else None
         writer.put(ref.key, attrs, res.outputs, status, reason,
                    SeriesResult(ref.key, ref.study_uid, ref.description or "", status, reason, prep.seconds + per))
+    return seconds
