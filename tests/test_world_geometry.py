@@ -8,7 +8,6 @@ at its true world position.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 
 from engine.geometry import LPS_TO_RAS, apply_affine, orientation_name
 from engine.synthetic import Phantom, Structure, derive_uid, make_grid, write_demo_archive, write_dicom_series
+from test_dicom_loading import dcm2niix_binary
 
 # Label -> (world centre RAS mm, radius mm, intensity). Off-centre and not collinear with the
 # grid centre, so any mirrored, swapped or rotated axis moves at least one centroid.
@@ -132,12 +132,12 @@ def test_independent_reader_finds_objects_at_their_world_positions(acquisitions,
     assert orientation_name(affine) == ACQUISITIONS[name][0]
 
 
-@pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix is not installed")
+@pytest.mark.skipif(dcm2niix_binary() is None, reason="dcm2niix is not installed (pip install dcm2niix)")
 @pytest.mark.parametrize("name", sorted(ACQUISITIONS))
 def test_dcm2niix_agrees_with_the_true_geometry(acquisitions, name, tmp_path):
     folder, true_affine, true_labels = acquisitions[name]
     subprocess.run(
-        ["dcm2niix", "-z", "n", "-b", "n", "-f", "out", "-o", str(tmp_path), str(folder)],
+        [dcm2niix_binary(), "-z", "n", "-b", "n", "-f", "out", "-o", str(tmp_path), str(folder)],
         check=True,
         capture_output=True,
     )
