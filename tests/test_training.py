@@ -1,0 +1,100 @@
+"""The default model's training recipe and what the shipped, trained weights achieve."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.default_model import build
+from engine.default_model.dataset import lesion_phrase, prepare_samples, write_training_archives
+from engine.default_model.evaluate import evaluate_archive
+from engine.default_model.train import HEAD_NAMES, Batches, TrainConfig, batch_losses, initial_nets, train
+from engine.model import DEFAULT_MODEL_DIR, load_model
+from engine.synthetic import write_demo_archive
+
+HEADS_DIR = Path(__file__).resolve().parents[1] / "contrib_heads"
+TINY_PREPROCESSING = {**build.PREPROCESSING, "spacing": [6.0, 6.0, 6.0], "input_size": [32, 32, 32]}
+
+
+def tiny_model_folder(folder: Path) -> Path:
+    """A small model (32-d encoder, one-layer text tower) sharing the shipped vocabulary."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertModel
+
+    card = build.make_card(seed=0)
+    card["encoder"].update(embed_dim=32, num_heads=2)
+    card["preprocessing"] = TINY_PREPROCESSING
+    text_dir = folder / "text"
+    text_dir.mkdir(parents=True)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(DEFAULT_MODEL_DIR / "text" / name, text_dir / name)
+    vocab_size = len((text_dir / "vocab.txt").read_text().splitlines())
+    config = {**build.BERT_CONFIG, "vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64}
+    (text_dir / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(**config), add_pooling_layer=False)
+    save_file({k: v.contiguous() for k, v in bert.state_dict().items()}, str(text_dir / "model.safetensors"))
+    save_file({"weight": torch.randn(64, 32) * 0.02, "bias": torch.zeros(64)}, str(folder / "text_projection.safetensors"))
+    build.build_encoder(folder, card, seed=0)
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_training_step_reduces_the_loss_on_a_tiny_archive(tmp_path):
+    torch.manual_seed(0)
+    nets, tokenizer, card = initial_nets(tiny_model_folder(tmp_path / "model"))
+    manifests = write_training_archives(tmp_path / "data", studies=2, first_seed=3)
+    samples = prepare_samples(manifests, card["preprocessing"], 8, seed=0)
+    assert {s.kind for s in samples} == {"global", "tile"}
+    glob = [s for s in samples if s.kind == "global"]
+    assert all(s.labels.shape == (32, 32, 32) and s.token_lesion.shape == (64,) for s in glob)
+    assert all(len(s.phrases) == len(s.phrase_tokens) for s in glob)
+    config = TrainConfig(steps=12, batch=3, tiles_per_batch=1, crop_tokens=2, lr=2e-3, warmup=2)
+    fixed = Batches(samples, 2, 1, seed=5).next()
+
+    def loss_on_fixed_batch() -> float:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            losses = batch_losses(nets, tokenizer, fixed, config, np.random.default_rng(1), torch.Generator().manual_seed(1))
+        assert {"seg", "region", "contrast", "volume", "localize", "clip"} <= set(losses)
+        return float(sum(losses.values()))
+
+    before = loss_on_fixed_batch()
+    history = train(nets, tokenizer, samples, config, log=None)
+    assert len(history) == config.steps and np.isfinite(history).all()
+    assert loss_on_fixed_batch() < 0.9 * before
+
+
+def test_write_training_archives_never_uses_the_demo_seed(tmp_path):
+    with pytest.raises(ValueError, match="seed 0"):
+        write_training_archives(tmp_path, studies=1, first_seed=0)
+
+
+def test_shipped_model_is_trained_and_every_head_is_keyed_to_it():
+    model = load_model()
+    training = model.card["training"]
+    assert training["status"] == "trained"
+    assert training["recipe"].startswith("python -m engine.default_model.train")
+    assert 0 not in training["data"]["archive_seeds"]
+    for name in (*HEAD_NAMES, "retrieve"):
+        fingerprint = json.loads((HEADS_DIR / name / "manifest.json").read_text())["encoder"]["fingerprint"]
+        assert fingerprint == (model.fingerprint if name != "retrieve" else "any"), name
+
+
+def test_lesion_phrase_names_size_and_location():
+    from engine.synthetic import LesionTruth
+
+    lesion = LesionTruth(0, [0.0, 0.0, 0.0], [6.2, 4.0, 3.0], [[1, 0, 0], [0, 1, 0], [0, 0, 1]], 0.3, "left frontal lobe")
+    assert lesion_phrase(lesion) == "12 mm lesion in the left frontal lobe"
+
+
+def test_trained_heads_classify_and_segment_an_unseen_archive(tmp_path):
+    manifest = write_demo_archive(tmp_path / "archive", studies=2, seed=7)
+    metrics = evaluate_archive(manifest, tmp_path, heads=["classify", "segment"], retrieval=False)
+    assert metrics["region_accuracy"] >= 0.75
+    assert metrics["dice"]["body"] >= 0.6
