@@ -8,7 +8,7 @@ from __future__ import annotations
 from .backends.base import Backend
 from .features import Features, HeadInput, TextFeatures, View
 from .geometry import Volume
-from .heads import Head, HeadContext, HeadOutputError
+from .heads import Head, HeadContext, HeadOutputError, NetHead
 from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -43,6 +43,7 @@ __all__ = [
     "HeadContext",
     "HeadInput",
     "HeadOutputError",
+    "NetHead",
     "TextFeatures",
     "View",
     "Volume",

@@ -76,6 +76,23 @@ class Head:
         raise NotImplementedError
 
 
+class NetHead(Head):
+    """A head whose parameters are one torch module: ``build_net(embed_dim)`` builds it and the
+    head's safetensors weights are its ``state_dict``; it runs in eval mode on the context's device.
+    Subclasses set ``build_net`` and implement :meth:`predict` with ``self.net``."""
+
+    build_net: ClassVar[Any]
+
+    def __init__(self, manifest: dict[str, Any], weights: dict[str, torch.Tensor], context: HeadContext):
+        super().__init__(manifest, weights, context)
+        embed_dim = manifest["encoder"].get("embed_dim", context.embed_dim)
+        if context.embed_dim != embed_dim:
+            raise ValueError(f"{manifest['name']} expects embed_dim {embed_dim}, the encoder gives {context.embed_dim}")
+        self.net = type(self).build_net(embed_dim)
+        self.net.load_state_dict(weights)
+        self.net.to(context.device).eval()
+
+
 def load_weights(head_cls: type[Head], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Load a head's safetensors weights (never pickle)."""
     path = head_cls.weights_path()

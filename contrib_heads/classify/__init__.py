@@ -33,17 +33,9 @@ def build_net(embed_dim: int = 128) -> nn.Module:
     return ClassifyNet(embed_dim)
 
 
-class ClassifyHead(engine.Head):
+class ClassifyHead(engine.NetHead):
     manifest_path = Path(__file__).with_name("manifest.json")
-
-    def __init__(self, manifest: dict[str, Any], weights: dict[str, torch.Tensor], context: engine.HeadContext):
-        super().__init__(manifest, weights, context)
-        embed_dim = manifest["encoder"]["embed_dim"]
-        if context.embed_dim != embed_dim:
-            raise ValueError(f"classify expects embed_dim {embed_dim}, the encoder gives {context.embed_dim}")
-        self.net = build_net(embed_dim)
-        self.net.load_state_dict(weights)
-        self.net.to(context.device).eval()
+    build_net = staticmethod(build_net)
 
     @torch.inference_mode()
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:

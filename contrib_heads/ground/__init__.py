@@ -61,17 +61,12 @@ def region_boxes(region: np.ndarray, image_shape: tuple[int, int, int]) -> np.nd
     return boxes
 
 
-class GroundHead(engine.Head):
+class GroundHead(engine.NetHead):
     manifest_path = Path(__file__).with_name("manifest.json")
+    build_net = staticmethod(build_net)
 
     def __init__(self, manifest: dict[str, Any], weights: dict[str, torch.Tensor], context: engine.HeadContext):
         super().__init__(manifest, weights, context)
-        embed_dim = manifest["encoder"]["embed_dim"]
-        if context.embed_dim != embed_dim:
-            raise ValueError(f"ground expects embed_dim {embed_dim}, the encoder gives {context.embed_dim}")
-        self.net = build_net(embed_dim)
-        self.net.load_state_dict(weights)
-        self.net.to(context.device).eval()
         self.relative_threshold = float(context.params.get("relative_threshold", DEFAULT_RELATIVE_THRESHOLD))
         if not 0 < self.relative_threshold <= 1:
             raise ValueError(f"ground: relative_threshold must lie in (0, 1], got {self.relative_threshold}")

@@ -120,17 +120,12 @@ def basin_boxes(prob: np.ndarray, threshold: float, image_shape: tuple[int, int,
     return boxes, prob.reshape(-1)[peaks]
 
 
-class LocalizeHead(engine.Head):
+class LocalizeHead(engine.NetHead):
     manifest_path = Path(__file__).with_name("manifest.json")
+    build_net = staticmethod(build_net)
 
     def __init__(self, manifest: dict[str, Any], weights: dict[str, torch.Tensor], context: engine.HeadContext):
         super().__init__(manifest, weights, context)
-        embed_dim = manifest["encoder"]["embed_dim"]
-        if context.embed_dim != embed_dim:
-            raise ValueError(f"localize expects embed_dim {embed_dim}, the encoder gives {context.embed_dim}")
-        self.net = build_net(embed_dim)
-        self.net.load_state_dict(weights)
-        self.net.to(context.device).eval()
         params = {**DEFAULTS, **{k: v for k, v in context.params.items() if k in DEFAULTS}}
         self.threshold, self.iou, self.max_boxes = float(params["threshold"]), float(params["iou"]), int(params["max_boxes"])
         if not (0 <= self.threshold <= 1 and 0 <= self.iou <= 1 and self.max_boxes >= 1):

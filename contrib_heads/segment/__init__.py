@@ -77,17 +77,9 @@ def token_grid(tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor
     return tokens.transpose(1, 2).reshape(b, d, *grid)
 
 
-class SegmentHead(engine.Head):
+class SegmentHead(engine.NetHead):
     manifest_path = Path(__file__).with_name("manifest.json")
-
-    def __init__(self, manifest: dict[str, Any], weights: dict[str, torch.Tensor], context: engine.HeadContext):
-        super().__init__(manifest, weights, context)
-        embed_dim = manifest["encoder"]["embed_dim"]
-        if context.embed_dim != embed_dim:
-            raise ValueError(f"segment expects embed_dim {embed_dim}, the encoder gives {context.embed_dim}")
-        self.net = build_net(embed_dim)
-        self.net.load_state_dict(weights)
-        self.net.to(context.device).eval()
+    build_net = staticmethod(build_net)
 
     @torch.inference_mode()
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
