@@ -26,3 +26,8 @@ def run_fingerprint(model_fingerprint: str, heads: list[dict[str, Any]], preproc
     """sha256 over model, heads (manifest + weights digest), preprocessing and head parameters."""
     payload = {"model": model_fingerprint, "heads": sorted(heads, key=lambda h: h["name"]), "preprocessing": preprocessing, "params": params}
     return "sha256:" + hashlib.sha256(canonical_json(payload)).hexdigest()
+
+
+def head_fingerprints(model_fingerprint: str, heads: list[dict[str, Any]], preprocessing: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
+    """One fingerprint per head, so resume can tell which heads a series still needs."""
+    return {h["name"]: run_fingerprint(model_fingerprint, [h], preprocessing, {h["name"]: params.get(h["name"], {})}) for h in heads}

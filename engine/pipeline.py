@@ -25,7 +25,7 @@ import torch
 
 from . import __version__
 from .features import TextFeatures
-from .fingerprint import file_digest, run_fingerprint
+from .fingerprint import file_digest, head_fingerprints, run_fingerprint
 from .geometry import axis_codes, orientation_name, spacing
 from .inference import Inference, SeriesOutputs, load_heads
 from .prepare import Prepared, init_worker, prepare
@@ -130,19 +130,20 @@ class _Writer(threading.Thread):
             item = self.queue.get()
             if item is None:
                 return
-            key, attrs, outputs, status, reason, result = item
+            key, attrs, outputs, status, reason, result, replace = item
             t = time.perf_counter()
             try:
-                self.store.write_series(key, attrs, outputs, status, reason)
+                self.store.write_series(key, attrs, outputs, status, reason, replace=replace)
             except Exception as exc:  # a write failure is that series' failure, not the run's
                 result.status, result.reason = "failed", f"could not write series group: {exc}"
             self.seconds += time.perf_counter() - t
             self.on_done(result)
 
-    def put(self, *item: Any) -> None:
+    def put(self, key: str, attrs: dict[str, Any], outputs: list, status: str, reason: str | None,
+            result: SeriesResult, replace: bool = False) -> None:
         if not self.is_alive():
             raise RuntimeError("writer thread stopped") from self.error
-        self.queue.put(item)
+        self.queue.put((key, attrs, outputs, status, reason, result, replace))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -166,8 +167,9 @@ def run(
 ) -> RunSummary:
     """Run the model and heads over every series found under ``paths`` into the store ``out``.
 
-    Resume is the default: series that are complete with a matching fingerprint are skipped;
-    ``overwrite=True`` redoes them. Bad input is recorded on its series and never ends the run.
+    Resume is the default: a series is skipped when every selected head is done on it with a
+    matching fingerprint (model, head, preprocessing, parameters); otherwise it is redone and
+    outputs of other heads already in the store are kept. ``overwrite=True`` redoes everything. Bad input is recorded on its series and never ends the run.
     """
     from .backends import select
     from .discover import scan
@@ -205,6 +207,7 @@ def run(
         for n, h in loaded.items()
     ]
     fingerprint = run_fingerprint(mdl.fingerprint, head_info, mdl.preprocessing, params)
+    head_fps = head_fingerprints(mdl.fingerprint, head_info, mdl.preprocessing, params)
     inference = Inference(enc, loaded, text, batch_size)
 
     store = ResultStore(out, mode="a")
@@ -246,8 +249,8 @@ def run(
             reason_ = f"modality {ref.modality} is not MR; mrfm runs MR series only"
             writer.put(ref.key, _series_attrs(ref, run_id, fingerprint, None), [], "skipped", reason_,
                        SeriesResult(ref.key, ref.study_uid, ref.description or "", "skipped", reason_))
-        elif not overwrite and store.is_done(ref.key, fingerprint):
-            done(SeriesResult(ref.key, ref.study_uid, ref.description or "", "resumed", "complete with a matching fingerprint"))
+        elif not overwrite and not store.pending_heads(ref.key, head_fps):
+            done(SeriesResult(ref.key, ref.study_uid, ref.description or "", "resumed", "every head done with a matching fingerprint"))
         else:
             todo.append(ref)
 
@@ -265,11 +268,11 @@ def run(
                     continue
                 batch.append((ref, prep))
                 if len(batch) >= batch_size:
-                    summary.stages["infer"] += _infer_and_write(inference, batch, writer, run_id, fingerprint)
+                    summary.stages["infer"] += _infer_and_write(inference, batch, writer, run_id, fingerprint, head_fps, overwrite)
                     batch = []
                 t_wait = time.perf_counter()
             if batch:
-                summary.stages["infer"] += _infer_and_write(inference, batch, writer, run_id, fingerprint)
+                summary.stages["infer"] += _infer_and_write(inference, batch, writer, run_id, fingerprint, head_fps, overwrite)
     finally:
         writer.close()
     summary.stages["write"] = writer.seconds
@@ -289,7 +292,8 @@ def run(
     return summary
 
 
-def _infer_and_write(inference: Inference, batch: list[tuple[Any, Prepared]], writer: _Writer, run_id: str, fingerprint: str) -> float:
+def _infer_and_write(inference: Inference, batch: list[tuple[Any, Prepared]], writer: _Writer, run_id: str,
+                     fingerprint: str, head_fps: dict[str, str], replace: bool) -> float:
     """Run inference on a batch and queue its series for writing; returns the inference seconds."""
     t = time.perf_counter()
     results: list[SeriesOutputs] = inference.run([p for _, p in batch])
@@ -300,11 +304,11 @@ def _infer_and_write(inference: Inference, batch: list[tuple[Any, Prepared]], wr
         written_heads = {o.head for o in res.outputs}
         attrs["heads"] = {
             name: {"version": h.spec["version"], "outputs": [d["name"] for d in h.spec["outputs"]] if name in written_heads else [],
-                   "error": res.errors.get(name)}
+                   "error": res.errors.get(name), "fingerprint": head_fps[name]}
             for name, h in inference.heads.items()
         }
         status = "failed" if res.errors else "complete"
         reason = "; ".join(res.errors.values()) if res.errors else None
         writer.put(ref.key, attrs, res.outputs, status, reason,
-                   SeriesResult(ref.key, ref.study_uid, ref.description or "", status, reason, prep.seconds + per))
+                   SeriesResult(ref.key, ref.study_uid, ref.description or "", status, reason, prep.seconds + per), replace)
     return seconds

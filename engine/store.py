@@ -89,23 +89,56 @@ class ResultStore:
         for name, group in sorted(self.root["series"].groups()):
             yield name, dict(group.attrs)
 
-    def is_done(self, key: str, fingerprint: str) -> bool:
-        """Complete with a matching fingerprint: what resume skips."""
-        attrs = self.series_attrs(key)
-        return bool(attrs) and attrs.get("status") == "complete" and attrs.get("fingerprint") == fingerprint
+    def pending_heads(self, key: str, head_fingerprints: dict[str, str]) -> set[str]:
+        """Heads still to run on a series: missing, failed, or fit with another fingerprint.
 
-    def write_series(self, key: str, attrs: dict[str, Any], outputs: list[OutputArray], status: str, reason: str | None = None) -> None:
-        """(Re)write one series group; ``status`` goes in last, so a crash leaves 'incomplete'."""
+        An empty set means resume may skip the series.
+        """
+        attrs = self.series_attrs(key)
+        if not attrs or attrs.get("status") not in ("complete", "failed"):
+            return set(head_fingerprints)
+        done = attrs.get("heads", {})
+        return {
+            name for name, fp in head_fingerprints.items()
+            if name not in done or done[name].get("error") or done[name].get("fingerprint") != fp
+        }
+
+    def write_series(self, key: str, attrs: dict[str, Any], outputs: list[OutputArray], status: str,
+                     reason: str | None = None, replace: bool = False) -> None:
+        """Write one series group; ``status`` goes in last, so a crash leaves 'incomplete'.
+
+        Outputs of heads that this write does not touch are kept (adding a head to a store costs
+        nothing already written), unless ``replace`` is set or the series' grid has changed.
+        """
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         series = self.root.require_group("series")
-        if key in series:
-            del series[key]
-        group = series.create_group(key)
-        group.attrs.update({**attrs, "status": "incomplete", "reason": None})
-        shape = tuple(attrs.get("geometry", {}).get("shape") or ())
+        old = dict(series[key].attrs) if key in series else None
+        new_heads = attrs.get("heads", {})
+        same_grid = old is not None and ("geometry" not in attrs or old.get("geometry") == attrs["geometry"])
+        if old is not None and same_grid and not replace:
+            group = series[key]
+            group.attrs.update({"status": "incomplete"})
+            kept = {h: r for h, r in old.get("heads", {}).items() if h not in new_heads}
+            for name in list(group.group_keys()):
+                if name not in kept:
+                    del group[name]
+            attrs = {**attrs, "geometry": attrs.get("geometry", old.get("geometry"))}
+            attrs = {k: v for k, v in attrs.items() if v is not None or k != "geometry"}
+        else:
+            if old is not None:
+                del series[key]
+            group = series.create_group(key)
+            kept = {}
+        heads = {**kept, **new_heads}
+        group.attrs.update({**attrs, "heads": heads, "status": "incomplete", "reason": None})
+        geometry = attrs.get("geometry", {}) or {}
+        shape = tuple(geometry.get("shape") or ())
         for out in outputs:
-            self._write_output(group.require_group(out.head), out, shape, attrs.get("geometry", {}))
+            self._write_output(group.require_group(out.head), out, shape, geometry)
+        errors = [r["error"] for r in heads.values() if r.get("error")]
+        if status == "complete" and errors:
+            status, reason = "failed", "; ".join(errors)
         group.attrs.update({"status": status, "reason": reason, "written": now()})
 
     def _write_output(self, head_group: zarr.Group, out: OutputArray, shape: tuple[int, ...], geometry: dict[str, Any]) -> None:

@@ -109,9 +109,35 @@ def test_resume_skips_complete_series_and_overwrite_redoes_them(archive, first_r
     again = run([manifest.dicom_root], out, heads=HEADS, backend="torch", workers=0, queries=QUERIES)
     assert again.count("resumed") == len(manifest.series) and again.count("complete") == 0
     assert open_store(out).series_attrs(key)["written"] == written
-    # a different head set changes the fingerprint: those series are redone
-    changed = run([Path(manifest.root) / manifest.series[0].dicom_dir], out, heads=["classify"], backend="torch", workers=0)
-    assert changed.count("complete") == 1
+    # a subset of the heads already done is resumed too
+    subset = run([manifest.dicom_root], out, heads=["classify"], backend="torch", workers=0)
+    assert subset.count("resumed") == len(manifest.series)
+    one = Path(manifest.root) / manifest.series[0].dicom_dir
+    redone = run([one], out, heads=["classify"], backend="torch", workers=0, overwrite=True)
+    assert redone.count("complete") == 1
+    attrs = open_store(out).series_attrs(key)
+    assert set(attrs["heads"]) == {"classify"}  # overwrite starts the series afresh
+    assert validate_store(out) == []
+
+
+def test_adding_a_head_keeps_the_outputs_already_written(archive, tmp_path):
+    _, manifest, _ = archive
+    one = Path(manifest.root) / manifest.series[0].dicom_dir
+    key = sanitise_key(manifest.series[0].series_uid)
+    out = tmp_path / "r.zarr"
+    run([one], out, heads=["classify"], backend="torch", workers=0)
+    region = open_store(out).read_output(key, "classify", "region")
+    added = run([one], out, heads=["classify", "retrieve"], backend="torch", workers=0)
+    assert added.count("complete") == 1
+    store = open_store(out)
+    assert set(store.series_attrs(key)["heads"]) == {"classify", "retrieve"}
+    np.testing.assert_allclose(store.read_output(key, "classify", "region"), region, rtol=1e-6)
+    assert store.read_output(key, "retrieve", "embedding").shape == (64,)
+    # a head's parameters are part of its fingerprint: changing them redoes the series
+    assert run([one], out, heads=["retrieve"], backend="torch", workers=0).count("resumed") == 1
+    assert run([one], out, heads=["localize"], backend="torch", workers=0, params={"localize": {"threshold": 0.9}}).count("complete") == 1
+    assert set(open_store(out).series_attrs(key)["heads"]) == {"classify", "retrieve", "localize"}
+    assert validate_store(out) == []
 
 
 class BrokenHead(engine.Head):
