@@ -93,6 +93,14 @@ def _series_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None
     return attrs
 
 
+def default_workers() -> int:
+    """Loader processes: cores - 1 (at most 4), but none on machines with two cores or fewer,
+    where the process that runs the encoder needs every core (examples/benchmark_pipeline.py
+    measured 0.8x with one worker on two cores)."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores - 1)
+
+
 def _iter_prepared(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int) -> Iterator[tuple[Any, Prepared]]:
     """Prepared series in input order, with at most ~2 per worker in flight."""
     if workers <= 0:
@@ -254,7 +262,7 @@ def run(
         else:
             todo.append(ref)
 
-    n_workers = workers if workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
+    n_workers = workers if workers is not None else default_workers()
     batch: list[tuple[Any, Prepared]] = []
     try:
         with torch.inference_mode():
