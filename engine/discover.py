@@ -146,7 +146,8 @@ def iter_sources(paths: Iterable[str | Path], warnings: list[str]) -> Iterator[t
 
 def _walk(root: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        # a Zarr store (e.g. a result store written inside the archive) is never input
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and not (Path(dirpath) / d / "zarr.json").exists())
         for name in sorted(filenames):
             if not _hidden(name):
                 yield Path(dirpath) / name

@@ -229,3 +229,15 @@ def test_a_view_space_mask_maps_back_to_the_native_structure(tmp_path, orientati
     truth = ((((apply_affine(affine, idx) - CENTER) / RADII) ** 2).sum(1) <= 1).reshape(shape)
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice >= 0.95, dice
+
+
+def test_a_store_inside_the_archive_is_not_read_as_input(archive, tmp_path):
+    _, manifest, _ = archive
+    import shutil
+
+    folder = tmp_path / "archive"
+    shutil.copytree(Path(manifest.root) / manifest.series[0].dicom_dir, folder / "series")
+    first = run([folder], folder / "results.zarr", heads=["classify"], backend="torch", workers=0)
+    second = run([folder], folder / "results.zarr", heads=["classify"], backend="torch", workers=0)
+    assert first.count("complete") == 1 and second.count("resumed") == 1
+    assert not second.warnings, second.warnings
