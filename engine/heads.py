@@ -92,6 +92,12 @@ class NetHead(Head):
         self.net.load_state_dict(weights)
         self.net.to(context.device).eval()
 
+    def stack(self, batch: list[HeadInput], name: str) -> torch.Tensor:
+        """One declared input (``image``, ``cls``, ``tokens``, ``joint``, ``layers[n]``) over the
+        batch, as float32 on the head's device."""
+        items = [item.image if name == "image" else item.features.get(name) for item in batch]
+        return torch.stack(items).to(self.context.device, torch.float32)
+
 
 def load_weights(head_cls: type[Head], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Load a head's safetensors weights (never pickle)."""

@@ -39,9 +39,8 @@ class ClassifyHead(engine.NetHead):
 
     @torch.inference_mode()
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
-        device = self.context.device
-        cls = torch.stack([item.features.cls for item in batch]).to(device, torch.float32)
-        tokens = torch.stack([item.features.tokens for item in batch]).to(device, torch.float32)
+        cls = self.stack(batch, "cls")
+        tokens = self.stack(batch, "tokens")
         probs = {name: logits.softmax(dim=-1).cpu().numpy() for name, logits in self.net(cls, tokens).items()}
         return [{name: p[i] for name, p in probs.items()} for i in range(len(batch))]
 

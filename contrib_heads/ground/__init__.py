@@ -73,7 +73,7 @@ class GroundHead(engine.NetHead):
 
     @torch.inference_mode()
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
-        tokens = torch.stack([item.features.tokens for item in batch]).to(self.context.device, torch.float32)
+        tokens = self.stack(batch, "tokens")
         projected = self.net(tokens).cpu()
         scale, bias = self.net.logit_scale.exp().item(), self.net.score_bias.item()
         return [{"regions": self._ground(item, emb, scale, bias)} for item, emb in zip(batch, projected)]

@@ -133,7 +133,7 @@ class LocalizeHead(engine.NetHead):
 
     @torch.inference_mode()
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
-        tokens = torch.stack([item.features.tokens for item in batch]).to(self.context.device, torch.float32)
+        tokens = self.stack(batch, "tokens")
         probs = torch.sigmoid(self.net(tokens)).cpu().numpy()
         results = []
         for item, prob in zip(batch, probs):

@@ -40,9 +40,8 @@ class RegressHead(engine.NetHead):
 
     @torch.inference_mode()
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
-        device = self.context.device
-        cls = torch.stack([item.features.cls for item in batch]).to(device, torch.float32)
-        tokens = torch.stack([item.features.tokens for item in batch]).to(device, torch.float32)
+        cls = self.stack(batch, "cls")
+        tokens = self.stack(batch, "tokens")
         volumes = self.net(cls, tokens).cpu().numpy()
         return [{"lesion_volume": volumes[i]} for i in range(len(batch))]
 

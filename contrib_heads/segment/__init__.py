@@ -83,13 +83,12 @@ class SegmentHead(engine.NetHead):
 
     @torch.inference_mode()
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
-        device = self.context.device
         grid = batch[0].features.grid
         layers = {
-            idx: token_grid(torch.stack([item.features.layers[idx] for item in batch]).to(device, torch.float32), grid)
+            idx: token_grid(self.stack(batch, f"layers[{idx}]"), grid)
             for idx in (SHALLOW_LAYER, MID_LAYER, DEEP_LAYER)
         }
-        image = torch.stack([item.image for item in batch]).to(device, torch.float32)
+        image = self.stack(batch, "image")
         probs = self.net(layers, image).softmax(dim=1).cpu().numpy()
         return [{"anatomy": probs[i]} for i in range(len(batch))]
 
