@@ -147,7 +147,10 @@ def image_shape_of(view: Any) -> tuple[int, int, int]:
 
 
 def load_heads(names: list[str] | None, model: Any, device: torch.device, params: dict[str, dict[str, Any]], text: TextFeatures | None) -> tuple[dict[str, Head], list[str]]:
-    """Instantiate the selected heads; heads fit on another encoder are refused with a warning."""
+    """Instantiate the selected heads; heads fit on another encoder are refused with a warning.
+
+    Text-reading heads get the run's queries added to their entry in ``params``.
+    """
     from .heads import HeadContext, load_weights
     from .plugins import get_head_classes
 
@@ -168,6 +171,9 @@ def load_heads(names: list[str] | None, model: Any, device: torch.device, params
         if spec["encoder"].get("embed_dim") not in (None, model.embed_dim):
             warnings.append(f"head {name!r} expects embed_dim {spec['encoder']['embed_dim']}, model has {model.embed_dim}; skipped")
             continue
+        if "text" in spec["inputs"]["features"]:
+            # the queries are a parameter of text-reading heads: they enter the head's fingerprint
+            params.setdefault(name, {})["queries"] = list(text.queries) if text else []
         ctx = HeadContext(device=device, embed_dim=model.embed_dim, grid=tuple(model.grid), input_size=tuple(model.input_size),
                           model_fingerprint=model.fingerprint, params=params.get(name, {}), text=text)
         head = cls(spec, load_weights(cls, device), ctx)

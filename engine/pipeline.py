@@ -177,13 +177,15 @@ def run(
 
     Resume is the default: a series is skipped when every selected head is done on it with a
     matching fingerprint (model, head, preprocessing, parameters); otherwise it is redone and
-    outputs of other heads already in the store are kept. ``overwrite=True`` redoes everything. Bad input is recorded on its series and never ends the run.
+    outputs of other heads already in the store are kept. ``overwrite=True`` redoes everything.
+    Bad input is recorded on its series and never ends the run.
     """
     from .backends import select
     from .discover import scan
     from .model import load_model
 
     emit = on_event or (lambda e: None)
+    paths = [Path(p) for p in paths]
     started, t0 = now(), time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
     params = {k: dict(v) for k, v in (params or {}).items()}
@@ -192,21 +194,18 @@ def run(
     mdl = load_model(model)
     enc, reason = select(backend, mdl, precision=precision, max_batch=batch_size)
     device = getattr(enc, "device", torch.device("cpu"))
+    warnings: list[str] = []
     text: TextFeatures | None = None
-    loaded, warnings = load_heads(heads, mdl, device, params, None)
-    reads_text = [n for n, h in loaded.items() if "text" in h.spec["inputs"]["features"]]
-    if reads_text:
+    if queries:
         # text queries are encoded once per run and shared by every head that reads them
         tower = mdl.text_tower()
         if tower is None:
-            warnings.append(f"heads {reads_text} read text but the model has no text tower")
-        elif queries:
+            warnings.append("--query given but the model has no text tower; text-reading heads get no queries")
+        else:
             with torch.inference_mode():
                 text = TextFeatures(queries, tower.encode(queries))
-        for name in reads_text:
-            params.setdefault(name, {})["queries"] = queries
-            loaded[name].context.text = text
-            loaded[name].context.params = params[name]
+    loaded, head_warnings = load_heads(heads, mdl, device, params, text)
+    warnings.extend(head_warnings)
     if not loaded:
         raise ValueError("no head can run: " + "; ".join(warnings or ["none selected"]))
     head_info = [
@@ -234,7 +233,7 @@ def run(
     for w in warnings:
         emit({"event": "warning", "message": w})
 
-    found = scan(list(paths))
+    found = scan(paths)
     summary.warnings.extend(found.warnings)
     for w in found.warnings:
         emit({"event": "warning", "message": w})
