@@ -219,7 +219,8 @@ def heads(ctx) -> None:
     for name, reg in sorted(get_head_classes().items()):
         m = reg.obj.manifest()
         outs = ", ".join(f"{o['name']} ({o['kind']})" for o in m["outputs"])
-        table.add_row(name, m["version"], m["inputs"]["view"], ", ".join(m["inputs"]["features"]), outs, reg.plugin)
+        reads = [*(["image"] if m["inputs"].get("image") else []), *m["inputs"]["features"]]
+        table.add_row(name, m["version"], m["inputs"]["view"], ", ".join(reads), outs, reg.plugin)
     console.print(table)
 
 
