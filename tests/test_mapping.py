@@ -133,3 +133,12 @@ def test_boxes_map_to_world_and_native_voxels_inside_the_series(name):
     # a box entirely in the padding outside the field of view is dropped
     _, _, keep = boxes_to_native(np.array([[-0.5, -0.5, -0.5, 0.5, 0.5, 0.5]]), view.affine, shape, affine)
     assert keep.size in (0, 1)
+
+
+def test_tiles_view_is_the_global_view_when_the_series_fits_one_window():
+    shape, affine = grid("oblique", shape=(100, 90, 30))
+    views = make_views(Volume(structure_on(shape, affine).astype(np.float32), affine), PRE)
+    tiles, single = views["tiles"], views["global"]
+    assert tiles.windows == [(slice(0, 64),) * 3]
+    np.testing.assert_allclose(tiles.affine, single.affine)
+    np.testing.assert_allclose(tiles.image.numpy(), single.image.numpy(), atol=1e-6)
