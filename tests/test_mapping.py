@@ -130,9 +130,11 @@ def test_boxes_map_to_world_and_native_voxels_inside_the_series(name):
     assert (world[0, :3] <= CENTER).all() and (CENTER <= world[0, 3:]).all()
     c_vox = apply_affine(np.linalg.inv(affine), [CENTER])[0]
     assert (voxel[0, :3] <= c_vox + 1e-6).all() and (c_vox <= voxel[0, 3:] + 1e-6).all()
-    # a box entirely in the padding outside the field of view is dropped
-    _, _, keep = boxes_to_native(np.array([[-0.5, -0.5, -0.5, 0.5, 0.5, 0.5]]), view.affine, shape, affine)
-    assert keep.size in (0, 1)
+    # a box that lies wholly outside the acquired field of view is dropped
+    far = view.affine.copy()
+    far[:3, 3] += 1000.0
+    world, voxel, keep = boxes_to_native(np.concatenate([lo, hi])[None], far, shape, affine)
+    assert keep.size == 0 and world.shape == (0, 6) and voxel.shape == (0, 6)
 
 
 def test_tiles_view_is_the_global_view_when_the_series_fits_one_window():
