@@ -1,5 +1,5 @@
 """Train the embedded default model and the built-in heads on synthetic studies:
-``python -m engine.default_model.train [--seed 0] [--studies 40] [--steps 550] [--out DIR]``.
+``python -m engine.default_model.train [--seed 0] [--studies 40] [--steps 1400] [--out DIR]``.
 
 The recipe starts from the seeded initialisation of ``engine.default_model.build`` (encoder,
 tokenizer, text tower) and ``contrib_heads.init_weights`` (heads), generates training archives
@@ -51,7 +51,7 @@ SEG_LAYERS = (1, 3, 5)
 class TrainConfig:
     seed: int = 0
     studies: int = 40
-    steps: int = 550
+    steps: int = 1400
     batch: int = 8
     tiles_per_batch: int = 2  # of ``batch``: sliding-window tiles, for segmentation only
     crop_tokens: int = 4  # segmentation crops are this many tokens a side (the decoder dominates the cost)
@@ -157,9 +157,12 @@ class Batches:
 
 
 def crop_offsets(labels: np.ndarray, grid: tuple[int, int, int], crop: int, patch: int, rng: np.random.Generator) -> tuple[int, int, int]:
-    """Token offsets of a crop centred near a foreground voxel (a lesion voxel half the time)."""
-    lesion = np.argwhere(labels == 4)
-    fg = lesion if len(lesion) and rng.random() < 0.5 else np.argwhere(labels > 0)
+    """Token offsets of a crop centred near a foreground voxel: a lesion voxel 40% of the time and
+    a fluid voxel 30% of the time when the sample has them, so the two small classes are seen often."""
+    u = rng.random()
+    lesion = np.argwhere(labels == 4) if u < 0.4 else np.empty((0, 3), int)
+    fluid = np.argwhere(labels == 3) if 0.4 <= u < 0.7 else np.empty((0, 3), int)
+    fg = lesion if len(lesion) else fluid if len(fluid) else np.argwhere(labels > 0)
     centre = fg[rng.integers(len(fg))] // patch if len(fg) else np.asarray(grid) // 2
     return tuple(int(np.clip(c - crop // 2 + rng.integers(0, 2), 0, g - crop)) for c, g in zip(centre, grid))  # type: ignore[return-value]
 
@@ -212,7 +215,7 @@ def batch_losses(
         targets.append(torch.from_numpy(s.labels[vsl].astype(np.int64)))
     logits = nets.heads["segment"]({k: torch.stack(v) for k, v in seg_layers.items()}, torch.stack(images))
     target = torch.stack(targets)
-    weight = torch.tensor([1.0, 1.0, 1.0, 1.5, 3.0])
+    weight = torch.tensor(SEG_CLASS_WEIGHTS)
     losses["seg"] = F.cross_entropy(logits, target, weight=weight) + dice_loss(logits, target, logits.shape[1])
 
     if not gs:
@@ -251,7 +254,11 @@ def batch_losses(
     return losses
 
 
-LOSS_WEIGHTS = {"seg": 1.0, "region": 0.5, "contrast": 0.5, "volume": 0.5, "localize": 1.0, "clip": 0.5, "ground": 0.5, "ground_score": 0.2}
+# Contrast and grounding learn slowest (near chance at equal weights), so they weigh more.
+LOSS_WEIGHTS = {"seg": 1.0, "region": 0.5, "contrast": 1.0, "volume": 0.5, "localize": 1.0, "clip": 0.5, "ground": 1.0, "ground_score": 0.2}
+# Cross-entropy class weights (background, body, organ, fluid, lesion): the small classes weigh
+# more, else the decoder learns to ignore them.
+SEG_CLASS_WEIGHTS = (1.0, 1.0, 1.0, 3.0, 6.0)
 
 
 def train(nets: Nets, tokenizer: Any, samples: list[Sample], config: TrainConfig, log: Any = print) -> list[float]:
@@ -374,6 +381,7 @@ def run_recipe(config: TrainConfig, out: Path = HERE, evaluate: bool = True, log
             "batch": config.batch,
             "optimizer": {"name": "AdamW", "lr": config.lr, "weight_decay": config.weight_decay, "schedule": "linear warmup, cosine"},
             "losses": dict(LOSS_WEIGHTS),
+            "segmentation_class_weights": list(SEG_CLASS_WEIGHTS),
             "final_loss": round(float(np.mean(history[-20:])), 4),
         }
         save_model(nets, init_dir, Path(out), card)
