@@ -234,10 +234,12 @@ def run(
         emit({"event": "warning", "message": w})
 
     found = scan(paths)
+    refs = list(found.series)
+    if not refs:
+        found.warnings.append(f"no DICOM or NIfTI series found under {', '.join(map(str, paths))}")
     summary.warnings.extend(found.warnings)
     for w in found.warnings:
         emit({"event": "warning", "message": w})
-    refs = list(found.series)
     emit({"event": "scan", "series": len(refs), "studies": len({r.study_uid for r in refs}), "backend": enc.name, "backend_reason": reason, "run_id": run_id})
 
     lock = threading.Lock()

@@ -241,3 +241,10 @@ def test_a_store_inside_the_archive_is_not_read_as_input(archive, tmp_path):
     second = run([folder], folder / "results.zarr", heads=["classify"], backend="torch", workers=0)
     assert first.count("complete") == 1 and second.count("resumed") == 1
     assert not second.warnings, second.warnings
+
+
+def test_an_archive_without_series_says_so(tmp_path):
+    (tmp_path / "empty").mkdir()
+    summary = run([tmp_path / "empty"], tmp_path / "r.zarr", heads=["classify"], backend="torch", workers=0)
+    assert summary.results == [] and summary.exit_code == 0
+    assert any("no DICOM or NIfTI series found" in w for w in summary.warnings)
