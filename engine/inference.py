@@ -51,8 +51,11 @@ class Inference:
             feats.extend(self.backend.encode(torch.stack(chunk)))
         return feats
 
-    def run(self, batch: list[Prepared]) -> list[SeriesOutputs]:
-        """Encode every view window of ``batch`` once, then run each head over the batch."""
+    def run(self, batch: list[Prepared], only: list[set[str] | None] | None = None) -> list[SeriesOutputs]:
+        """Encode every view window of ``batch`` once, then run each head over the batch.
+
+        ``only[i]``, when given, names the heads series ``i`` still needs (resume); None: all.
+        """
         # 1. every image the encoder must see: (series index, view kind, window index)
         slots: list[tuple[int, str, int]] = []
         images: list[torch.Tensor] = []
@@ -68,7 +71,9 @@ class Inference:
         results = [SeriesOutputs(p.key) for p in batch]
         for name, head in self.heads.items():
             kind = head.spec["inputs"]["view"]
-            items = [slot for slot in slots if slot[1] == kind]
+            items = [slot for slot in slots if slot[1] == kind and (only is None or only[slot[0]] is None or name in only[slot[0]])]
+            if not items:
+                continue
             try:
                 inputs = [self._input_for(head, batch[slot[0]].key, image_of[slot], feats[slot]) for slot in items]
                 predicted: list[dict[str, Any]] = []

@@ -253,15 +253,18 @@ def run(
     writer = _Writer(store, done)
     writer.start()
     todo = []
+    pending: dict[str, set[str]] = {}
     for ref in refs:
         if ref.reader == "dicom" and ref.modality and ref.modality != "MR":
             reason_ = f"modality {ref.modality} is not MR; mrfm runs MR series only"
             writer.put(ref.key, _series_attrs(ref, run_id, fingerprint, None), [], "skipped", reason_,
                        SeriesResult(ref.key, ref.study_uid, ref.description or "", "skipped", reason_))
-        elif not overwrite and not store.pending_heads(ref.key, head_fps):
-            done(SeriesResult(ref.key, ref.study_uid, ref.description or "", "resumed", "every head done with a matching fingerprint"))
-        else:
+            continue
+        pending[ref.key] = set(head_fps) if overwrite else store.pending_heads(ref.key, head_fps)
+        if pending[ref.key]:
             todo.append(ref)
+        else:
+            done(SeriesResult(ref.key, ref.study_uid, ref.description or "", "resumed", "every head done with a matching fingerprint"))
 
     n_workers = workers if workers is not None else default_workers()
     batch: list[tuple[Any, Prepared]] = []
@@ -277,11 +280,11 @@ def run(
                     continue
                 batch.append((ref, prep))
                 if len(batch) >= batch_size:
-                    summary.stages["infer"] += _infer_and_write(inference, batch, writer, run_id, fingerprint, head_fps, overwrite)
+                    summary.stages["infer"] += _infer_and_write(inference, batch, writer, store, run_id, fingerprint, head_fps, None if overwrite else pending)
                     batch = []
                 t_wait = time.perf_counter()
             if batch:
-                summary.stages["infer"] += _infer_and_write(inference, batch, writer, run_id, fingerprint, head_fps, overwrite)
+                summary.stages["infer"] += _infer_and_write(inference, batch, writer, store, run_id, fingerprint, head_fps, None if overwrite else pending)
     finally:
         writer.close()
     summary.stages["write"] = writer.seconds
@@ -301,23 +304,32 @@ def run(
     return summary
 
 
-def _infer_and_write(inference: Inference, batch: list[tuple[Any, Prepared]], writer: _Writer, run_id: str,
-                     fingerprint: str, head_fps: dict[str, str], replace: bool) -> float:
-    """Run inference on a batch and queue its series for writing; returns the inference seconds."""
+def _infer_and_write(inference: Inference, batch: list[tuple[Any, Prepared]], writer: _Writer, store: ResultStore,
+                     run_id: str, fingerprint: str, head_fps: dict[str, str], pending: dict[str, set[str]] | None) -> float:
+    """Run the heads each series still needs and queue it for writing; returns inference seconds.
+
+    ``pending`` (None with --overwrite) holds the heads resume found missing per series; a
+    series whose grid changed since it was stored runs every head and replaces the group.
+    """
+    attrs_of = [_series_attrs(ref, run_id, fingerprint, prep) for ref, prep in batch]
+    only: list[set[str] | None] = []
+    for (ref, _), attrs in zip(batch, attrs_of):
+        stored = store.series_attrs(ref.key) if pending is not None else None
+        same_grid = stored is not None and stored.get("geometry") == attrs.get("geometry")
+        only.append(pending.get(ref.key) if pending is not None and same_grid else None)
     t = time.perf_counter()
-    results: list[SeriesOutputs] = inference.run([p for _, p in batch])
+    results: list[SeriesOutputs] = inference.run([p for _, p in batch], only)
     seconds = time.perf_counter() - t
     per = seconds / len(batch)
-    for (ref, prep), res in zip(batch, results):
-        attrs = _series_attrs(ref, run_id, fingerprint, prep)
+    for (ref, prep), res, attrs, ran in zip(batch, results, attrs_of, only):
         written_heads = {o.head for o in res.outputs}
         attrs["heads"] = {
             name: {"version": h.spec["version"], "outputs": [d["name"] for d in h.spec["outputs"]] if name in written_heads else [],
-                   "error": res.errors.get(name), "fingerprint": head_fps[name]}
-            for name, h in inference.heads.items()
+                   "error": res.errors.get(name), "fingerprint": head_fps[name], "run_id": run_id}
+            for name, h in inference.heads.items() if ran is None or name in ran
         }
         status = "failed" if res.errors else "complete"
         reason = "; ".join(res.errors.values()) if res.errors else None
         writer.put(ref.key, attrs, res.outputs, status, reason,
-                   SeriesResult(ref.key, ref.study_uid, ref.description or "", status, reason, prep.seconds + per), replace)
+                   SeriesResult(ref.key, ref.study_uid, ref.description or "", status, reason, prep.seconds + per), ran is None)
     return seconds

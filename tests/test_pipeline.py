@@ -125,12 +125,15 @@ def test_adding_a_head_keeps_the_outputs_already_written(archive, tmp_path):
     one = Path(manifest.root) / manifest.series[0].dicom_dir
     key = sanitise_key(manifest.series[0].series_uid)
     out = tmp_path / "r.zarr"
-    run([one], out, heads=["classify"], backend="torch", workers=0)
+    first = run([one], out, heads=["classify"], backend="torch", workers=0)
     region = open_store(out).read_output(key, "classify", "region")
     added = run([one], out, heads=["classify", "retrieve"], backend="torch", workers=0)
     assert added.count("complete") == 1
     store = open_store(out)
-    assert set(store.series_attrs(key)["heads"]) == {"classify", "retrieve"}
+    heads = store.series_attrs(key)["heads"]
+    assert set(heads) == {"classify", "retrieve"}
+    # only the missing head ran: classify's record still names the run that wrote it
+    assert heads["classify"]["run_id"] == first.run_id and heads["retrieve"]["run_id"] == added.run_id
     np.testing.assert_allclose(store.read_output(key, "classify", "region"), region, rtol=1e-6)
     assert store.read_output(key, "retrieve", "embedding").shape == (64,)
     # a head's parameters are part of its fingerprint: changing them redoes the series
