@@ -123,16 +123,15 @@ class ResultStore:
             for name in list(group.group_keys()):
                 if name not in kept:
                     del group[name]
-            attrs = {**attrs, "geometry": attrs.get("geometry", old.get("geometry"))}
-            attrs = {k: v for k, v in attrs.items() if v is not None or k != "geometry"}
         else:
             if old is not None:
                 del series[key]
             group = series.create_group(key)
             kept = {}
         heads = {**kept, **new_heads}
+        # attrs.update merges: a kept group keeps its geometry when this write has none (load failed)
         group.attrs.update({**attrs, "heads": heads, "status": "incomplete", "reason": None})
-        geometry = attrs.get("geometry", {}) or {}
+        geometry = group.attrs.get("geometry") or {}
         shape = tuple(geometry.get("shape") or ())
         for out in outputs:
             self._write_output(group.require_group(out.head), out, shape, geometry)
