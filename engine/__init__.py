@@ -5,7 +5,11 @@ Plugin authors import only what is exported here (``import engine`` / ``@engine.
 
 from __future__ import annotations
 
+from . import errors
 from .backends.base import Backend
+from .errors import (
+    BackendUnavailable, GeometryError, HeadError, InputError, MrfmError, StoreError, StoreLocked, UsageError,
+)
 from .features import Features, HeadInput, TextFeatures, View
 from .geometry import Volume
 from .heads import Head, HeadContext, HeadOutputError, NetHead
@@ -37,6 +41,15 @@ def open_store(*args, **kwargs):
 
 
 __all__ = [
+    "BackendUnavailable",
+    "GeometryError",
+    "HeadError",
+    "InputError",
+    "MrfmError",
+    "StoreError",
+    "StoreLocked",
+    "UsageError",
+    "errors",
     "Backend",
     "Features",
     "Head",

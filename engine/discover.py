@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
+from .errors import InputError
 from .geometry import Volume
 
 HEAD_BYTES = 132  # DICOM preamble (128) + "DICM"
 
 
-class LoadError(Exception):
+class LoadError(InputError):
     """A series (or one of its files) cannot be turned into a volume; the message says which
     file and why."""
 

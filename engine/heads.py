@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from . import schemas
+from .errors import HeadError
 from .features import HeadInput, TextFeatures
 
 
-class HeadOutputError(ValueError):
+class HeadOutputError(HeadError, ValueError):
     """A head returned something its manifest does not declare."""
 
     def __init__(self, head: str, output: str, reason: str):

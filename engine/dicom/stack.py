@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import GeometryError
 from ..geometry import LPS_TO_RAS
 from .frames import ORIENTATION_TOL, POSITION_TOL_MM, SPACING_REL_TOL, Frame
 
@@ -22,7 +23,7 @@ class Stack:
     n_volumes: int
 
 
-class StackError(ValueError):
+class StackError(GeometryError, ValueError):
     """The frames of a series do not form one regular 3D grid."""
 
 
