@@ -1,67 +1,659 @@
-"""Small, deliberately broken inputs that a robust pipeline must report rather than crash on."""
+"""A hostile-input corpus: small, deliberately broken archives a robust pipeline must report on
+rather than crash on, loop on, leak from or silently drop.
+
+``write_bad_inputs(out_dir, seed)`` writes one folder ``bad_<case>`` per case under ``out_dir``
+and returns ``{case: folder}``. Everything is deterministic per seed and small (32x32x8 series).
+Every DICOM object carries the patient name ``DOE^JANE``, id ``PID-424242`` and birth date
+19700101; the name is also in some folder and file names and in one SeriesDescription, so a run
+over the corpus can be checked for leaks into the store. Each DICOM series is described
+``BAD <CASE>`` (and NIfTI headers carry the same text), which is how a report matches the
+store's series to the cases; files that are skipped are matched by their ``bad_<case>`` path in
+the run's warnings.
+
+Expected outcomes (``EXPECTED`` holds the status part):
+
+DICOM content
+- ``good``: a valid 8-slice MR series -> complete.
+- ``not_dicom``: a text file named ``IM0001.dcm`` -> skipped file (not DICOM or NIfTI).
+- ``empty_file``: a zero-byte ``IM0001.dcm`` -> skipped file (empty).
+- ``truncated``: the last file cut inside its pixel data -> failed (truncated file, named).
+- ``truncated_header``: the middle file cut inside its header -> that file skipped; the series
+  then has a gap -> failed (missing slice).
+- ``missing_slice``: the 4th of 8 slices removed -> failed (gap in slice positions).
+- ``duplicate_slice``: two files at one position with different SOP Instance UIDs -> failed
+  (two slices at one position).
+- ``duplicate_sop``: one file copied under a second name (same SOP Instance UID) -> complete,
+  the copy is dropped with a note.
+- ``mixed_size``: one series UID, slices 5-8 are 40 columns wide -> failed (mixed matrix).
+- ``mixed_orientation``: one series UID, slices 5-8 sagittal -> failed (mixed orientation).
+- ``mixed_spacing``: one series UID, slices 5-8 with 3 mm pixels instead of 4 mm -> failed.
+- ``ct``: a complete CT series -> skipped (not MR).
+- ``sr_document``: a Basic Text SR (no Rows, Columns or pixels) -> skipped (not an image) or
+  skipped file.
+- ``no_pixel_data``: MR Image Storage objects without Rows, Columns and PixelData -> failed
+  (no pixel data) or skipped file.
+- ``missing_position``: no ImagePositionPatient -> failed (slices cannot be placed).
+- ``missing_orientation``: no ImageOrientationPatient -> failed.
+- ``orientation_not_unit``: ImageOrientationPatient scaled by 1.05 -> failed (not unit length).
+- ``orientation_not_orthogonal``: 80 degrees between row and column -> failed.
+- ``zero_spacing``: PixelSpacing 0\\0 -> failed.
+- ``negative_spacing``: PixelSpacing -4\\-4 -> failed.
+- ``rows_lie``: Rows/Columns say 64x64, the pixel data holds 32x32 -> failed (size mismatch).
+- ``jittered_oblique``: oblique grid, 7 mm slice step with +-1 % jitter -> complete.
+- ``variable_spacing``: slice steps of 2 mm then 5 mm -> complete (resampled to a regular
+  grid, noted).
+- ``single_slice``: a one-slice series -> complete (a one-slice volume).
+- ``two_slice``: a two-slice series -> complete.
+- ``rgb``: a colour (RGB, 3 samples per pixel) MR image series -> failed (not a scalar image).
+- ``rich_markup``: SeriesDescription with ``[/]`` and ``[bold]`` -> complete, printed verbatim.
+- ``phi_description``: SeriesDescription holding the patient name -> complete; the store must
+  not hold the name.
+- ``phi_path``: a valid series in a folder and files named after the patient -> complete; the
+  store must not hold the name.
+
+NIfTI
+- ``nifti_nan_affine``: sform and qform both NaN -> failed (affine not finite).
+- ``nifti_singular_affine``: sform with a zero column, no qform -> failed (singular affine).
+- ``nifti_zero_pixdim``: qform only, with zero pixdim -> failed (zero voxel size).
+- ``nifti_2d``: a 32x32 image -> complete (one slice).
+- ``nifti_5d``: shape (32, 32, 8, 1, 3) -> failed (non-singleton 5th axis).
+- ``nifti_gz_truncated``: a ``.nii.gz`` cut in half -> failed (truncated) or skipped file.
+- ``nifti_nan_voxels``: finite affine, a block of NaN voxels -> complete (non-finite voxels
+  treated as background, noted) or failed with that reason.
+
+Zip archives
+- ``zip_traversal``: a valid series stored under ``../../`` member names -> skipped files (unsafe
+  member names); nothing is ever extracted.
+- ``zip_absolute``: a valid series stored under absolute member names -> skipped files.
+- ``nested_zip``: a zip holding a zip holding a valid series -> skipped file (nested zips are not
+  opened).
+- ``zip_bomb``: a member declaring 150 MB (zeros, deflated to ~150 KB) -> skipped file, never
+  inflated in full.
+- ``corrupt_zip``: a zip whose central directory is damaged -> skipped file (unreadable zip).
+
+File system
+- ``symlink_outside``: a link to a folder outside ``out_dir`` (``<out_dir>-outside/``, written
+  beside it, holding a valid series) -> not followed, reported as a skipped file.
+- ``symlink_loop``: a folder link to its own parent and two file links to each other -> not
+  followed / unreadable, reported, and the scan terminates.
+- ``broken_symlink``: a ``.dcm`` link to a missing file -> skipped file (unreadable).
+- ``unreadable``: the middle file of a series with mode 000 -> skipped file and the series
+  fails with a gap; a process running as root can read it, and the series completes.
+"""
 
 from __future__ import annotations
 
+import gzip
+import os
+import shutil
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from .acquisition import make_grid
 from .dicom_writer import Patient, derive_uid, write_dicom_series
 
 BAD_SHAPE = (32, 32, 8)
+SPACING = (4.0, 4.0, 4.0)
+PATIENT_NAME = "DOE^JANE"
+PATIENT_ID = "PID-424242"
+PATIENT_BIRTH_DATE = "19700101"
+PATIENT = Patient(name=PATIENT_NAME, id=PATIENT_ID, sex="F", birth_date=PATIENT_BIRTH_DATE)
+BOMB_BYTES = 150 * 1024 * 1024
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+# Case name -> the status a hardened pipeline should give it ("skipped file" = reported in the
+# run's warnings, never a series). Several cases accept a second outcome; see the module text.
+EXPECTED: dict[str, str] = {}
+_WRITERS: dict[str, Callable[[_Corpus], Path]] = {}
 
 
-def write_bad_inputs(out_dir: Path, seed: int = 0) -> dict[str, Path]:
-    """Write one folder per bad case under ``out_dir``; returns case name -> folder.
+def _case(name: str, expected: str):
+    def register(fn: Callable[[_Corpus], Path]) -> Callable[[_Corpus], Path]:
+        EXPECTED[name] = expected
+        _WRITERS[name] = fn
+        return fn
 
-    - ``not_dicom``: a text file named like a DICOM file.
-    - ``truncated``: an 8-slice MR series whose last file is cut off inside its pixel data.
-    - ``missing_slice``: an 8-slice MR series with the 4th slice removed (a gap in positions).
-    - ``mixed_size``: one MR series whose slices have two different Columns values.
-    - ``ct``: a complete CT series (Modality CT), not MR.
-    """
-    out_dir = Path(out_dir)
-    rng = np.random.default_rng([seed, 9999])
-    cases: dict[str, Path] = {}
+    return register
 
-    not_dicom = out_dir / "bad_not_dicom"
-    not_dicom.mkdir(parents=True, exist_ok=True)
-    (not_dicom / "IM0001.dcm").write_text("This is a scanner log, not a DICOM file.\n")
-    cases["not_dicom"] = not_dicom
 
-    def series(case: str, shape=BAD_SHAPE, **kw) -> list[Path]:
-        _, affine = make_grid("axial", (0.0, 0.0, 0.0), shape=shape, spacing=(4.0, 4.0, 4.0))
-        data = 300.0 + 500.0 * rng.random(shape)
-        patient = Patient(name=f"BAD^{case.upper()}", id=f"BAD{seed:04d}")
+def write_bad_inputs(out_dir: Path, seed: int = 0, cases: Iterable[str] | None = None) -> dict[str, Path]:
+    """Write one folder per bad case under ``out_dir`` (all cases, or those named in ``cases``);
+    returns case name -> folder. See the module docstring for what each case holds."""
+    names = list(cases) if cases is not None else list(_WRITERS)
+    unknown = sorted(set(names) - set(_WRITERS))
+    if unknown:
+        raise ValueError(f"unknown bad-input case(s) {unknown}; known: {sorted(_WRITERS)}")
+    corpus = _Corpus(Path(out_dir), seed)
+    corpus.out_dir.mkdir(parents=True, exist_ok=True)
+    return {name: _WRITERS[name](corpus) for name in names}
+
+
+@dataclass
+class _Corpus:
+    out_dir: Path
+    seed: int
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng([self.seed, 9999])
+
+    def folder(self, case: str) -> Path:
+        path = self.out_dir / f"bad_{case}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def study_uid(self) -> str:
+        return derive_uid(self.seed, "bad", "study")
+
+    def series_uid(self, case: str) -> str:
+        return derive_uid(self.seed, "bad", case)
+
+    def volume(self, shape=BAD_SHAPE) -> np.ndarray:
+        """A bright block on a noisy background: an image, not pure noise."""
+        data = 300.0 + 200.0 * self.rng.random(shape)
+        i, j = shape[0] // 4, shape[1] // 4
+        data[i : 3 * i, j : 3 * j] += 600.0
+        return data
+
+    def series(self, case: str, folder: Path | None = None, *, shape=BAD_SHAPE, orientation="axial",
+               spacing=SPACING, description: str | None = None, **kw) -> list[Path]:
+        """A valid series of ``case`` (its own series UID) written into ``folder``."""
+        _, affine = make_grid(orientation, (0.0, 0.0, 0.0), shape=shape, spacing=spacing)
         return write_dicom_series(
-            out_dir / f"bad_{case}",
-            data,
+            folder or self.folder(case),
+            self.volume(shape),
             affine,
-            study_uid=derive_uid(seed, "bad", "study"),
-            series_uid=derive_uid(seed, "bad", case),
-            description=f"BAD {case.upper()}",
-            patient=patient,
+            study_uid=self.study_uid(),
+            series_uid=self.series_uid(case),
+            description=description or f"BAD {case.upper()}",
+            patient=PATIENT,
             **kw,
         )
 
-    paths = series("truncated")
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def _edit(paths: Iterable[Path], change: Callable[[Dataset], None]) -> None:
+    """Rewrite DICOM files after ``change`` (no validation: the point is to break them)."""
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        change(ds)
+        ds.save_as(path)
+
+
+def _splice(corpus: _Corpus, case: str, **second) -> Path:
+    """One series UID whose slices 5-8 come from a second acquisition differing by ``second``."""
+    first = corpus.series(case)
+    other = corpus.series(case, file_names="IMB{:04d}.dcm", **second)
+    for k in range(4):
+        other[k].unlink()
+        first[4 + k].unlink()
+    return first[0].parent
+
+
+def _set_positions(paths: list[Path], offsets_mm: np.ndarray) -> None:
+    """Move slice k to ``offsets_mm[k]`` from the first slice along the series' stacking direction."""
+    first, second = (np.asarray(pydicom.dcmread(p).ImagePositionPatient, dtype=float) for p in paths[:2])
+    step = (second - first) / np.linalg.norm(second - first)
+    for path, offset in zip(paths, offsets_mm):
+        _edit([path], lambda ds, p=first + offset * step: _place(ds, p))
+
+
+def _place(ds: Dataset, position: np.ndarray) -> None:
+    iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+    ds.SliceLocation = f"{float(position @ np.cross(iop[:3], iop[3:])):.6f}"
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    """A zip with fixed timestamps (deterministic bytes) and member names kept exactly as given."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
+    return path
+
+
+def _series_bytes(corpus: _Corpus, case: str, scratch: Path) -> list[tuple[str, bytes]]:
+    """A valid series of ``case`` as (file name, bytes), written through a scratch folder."""
+    paths = corpus.series(case, scratch)
+    out = [(p.name, p.read_bytes()) for p in paths]
+    shutil.rmtree(scratch)
+    return out
+
+
+def _nifti_header(case: str, shape: tuple[int, ...], dtype=np.float32) -> nib.Nifti1Header:
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr["descrip"] = f"BAD {case.upper()}".encode()
+    hdr.set_xyzt_units("mm")
+    return hdr
+
+
+def _write_raw_nifti(path: Path, hdr: nib.Nifti1Header, data: np.ndarray) -> Path:
+    """Single-file NIfTI-1 written byte by byte, so nibabel cannot repair what must stay broken."""
+    hdr["vox_offset"] = 352
+    hdr["magic"] = b"n+1"
+    raw = hdr.binaryblock + b"\0" * 4 + np.asarray(data, dtype=hdr.get_data_dtype()).tobytes(order="F")
+    if path.name.endswith(".gz"):
+        raw = gzip.compress(raw, mtime=0)
+    path.write_bytes(raw)
+    return path
+
+
+def _sform_nifti(corpus: _Corpus, case: str, shape: tuple[int, ...], affine: np.ndarray,
+                 data: np.ndarray | None = None) -> Path:
+    hdr = _nifti_header(case, shape)
+    hdr.set_sform(affine, code="scanner")
+    hdr.set_qform(None, code="unknown")
+    data = corpus.volume(shape).astype(np.float32) if data is None else data
+    return _write_raw_nifti(corpus.folder(case) / f"bad_{case}.nii", hdr, data).parent
+
+
+def _grid_affine() -> np.ndarray:
+    return make_grid("axial", (0.0, 0.0, 0.0), shape=BAD_SHAPE, spacing=SPACING)[1]
+
+
+# ---- DICOM content ------------------------------------------------------------------------------
+
+
+@_case("good", "complete")
+def _good(c: _Corpus) -> Path:
+    return c.series("good")[0].parent
+
+
+@_case("not_dicom", "skipped file")
+def _not_dicom(c: _Corpus) -> Path:
+    folder = c.folder("not_dicom")
+    (folder / "IM0001.dcm").write_text("This is a scanner log, not a DICOM file.\n")
+    return folder
+
+
+@_case("empty_file", "skipped file")
+def _empty_file(c: _Corpus) -> Path:
+    folder = c.folder("empty_file")
+    (folder / "IM0001.dcm").write_bytes(b"")
+    return folder
+
+
+@_case("truncated", "failed")
+def _truncated(c: _Corpus) -> Path:
+    paths = c.series("truncated")
     raw = paths[-1].read_bytes()
     paths[-1].write_bytes(raw[: len(raw) - BAD_SHAPE[0] * BAD_SHAPE[1]])  # lose half the pixels
-    cases["truncated"] = paths[-1].parent
+    return paths[-1].parent
 
-    paths = series("missing_slice")
+
+@_case("truncated_header", "failed")
+def _truncated_header(c: _Corpus) -> Path:
+    paths = c.series("truncated_header")
+    raw = paths[3].read_bytes()
+    paths[3].write_bytes(raw[:400])  # preamble, DICM and part of the meta and patient module
+    return paths[0].parent
+
+
+@_case("missing_slice", "failed")
+def _missing_slice(c: _Corpus) -> Path:
+    paths = c.series("missing_slice")
     paths[3].unlink()
-    cases["missing_slice"] = paths[0].parent
+    return paths[0].parent
 
-    # Same series UID, two matrix sizes: slices 5-8 are rewritten 40 columns wide.
-    paths = series("mixed_size")
-    wide = series("mixed_size", shape=(40, 32, 8), file_names="IMW{:04d}.dcm")
-    for k in range(4):
-        wide[k].unlink()
-        paths[4 + k].unlink()
-    cases["mixed_size"] = paths[0].parent
 
-    paths = series("ct", modality="CT", rescale=(1.0, -1024.0))
-    cases["ct"] = paths[0].parent
-    return cases
+@_case("duplicate_slice", "failed")
+def _duplicate_slice(c: _Corpus) -> Path:
+    paths = c.series("duplicate_slice")
+    twin = paths[2].with_name("IM0003b.dcm")
+    shutil.copyfile(paths[2], twin)
+    uid = derive_uid(c.series_uid("duplicate_slice"), "twin")
+
+    def retag(ds: Dataset) -> None:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.PixelData = bytes(reversed(ds.PixelData))  # same place, different image
+
+    _edit([twin], retag)
+    return paths[0].parent
+
+
+@_case("duplicate_sop", "complete")
+def _duplicate_sop(c: _Corpus) -> Path:
+    paths = c.series("duplicate_sop")
+    shutil.copyfile(paths[2], paths[2].with_name("IM0003 copy.dcm"))
+    return paths[0].parent
+
+
+@_case("mixed_size", "failed")
+def _mixed_size(c: _Corpus) -> Path:
+    return _splice(c, "mixed_size", shape=(40, 32, 8))
+
+
+@_case("mixed_orientation", "failed")
+def _mixed_orientation(c: _Corpus) -> Path:
+    return _splice(c, "mixed_orientation", orientation="sagittal")
+
+
+@_case("mixed_spacing", "failed")
+def _mixed_spacing(c: _Corpus) -> Path:
+    return _splice(c, "mixed_spacing", spacing=(3.0, 3.0, 4.0))
+
+
+@_case("ct", "skipped")
+def _ct(c: _Corpus) -> Path:
+    return c.series("ct", modality="CT", rescale=(1.0, -1024.0))[0].parent
+
+
+@_case("sr_document", "skipped")
+def _sr_document(c: _Corpus) -> Path:
+    ds = _bare_dataset(c, "sr_document", BASIC_TEXT_SR, "SR")
+    ds.ValueType = "CONTAINER"
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.TextValue = "Findings: none."
+    folder = c.folder("sr_document")
+    ds.save_as(folder / "SR0001.dcm", enforce_file_format=True)
+    return folder
+
+
+@_case("no_pixel_data", "failed")
+def _no_pixel_data(c: _Corpus) -> Path:
+    paths = c.series("no_pixel_data")
+
+    def strip(ds: Dataset) -> None:
+        for tag in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit"):
+            delattr(ds, tag)
+
+    _edit(paths, strip)
+    return paths[0].parent
+
+
+@_case("missing_position", "failed")
+def _missing_position(c: _Corpus) -> Path:
+    paths = c.series("missing_position")
+    _edit(paths, lambda ds: (delattr(ds, "ImagePositionPatient"), delattr(ds, "SliceLocation")))
+    return paths[0].parent
+
+
+@_case("missing_orientation", "failed")
+def _missing_orientation(c: _Corpus) -> Path:
+    paths = c.series("missing_orientation")
+    _edit(paths, lambda ds: delattr(ds, "ImageOrientationPatient"))
+    return paths[0].parent
+
+
+@_case("orientation_not_unit", "failed")
+def _orientation_not_unit(c: _Corpus) -> Path:
+    paths = c.series("orientation_not_unit")
+    _edit(paths, lambda ds: setattr(
+        ds, "ImageOrientationPatient", [f"{1.05 * float(v):.6f}" for v in ds.ImageOrientationPatient]))
+    return paths[0].parent
+
+
+@_case("orientation_not_orthogonal", "failed")
+def _orientation_not_orthogonal(c: _Corpus) -> Path:
+    paths = c.series("orientation_not_orthogonal")
+
+    def tilt(ds: Dataset) -> None:
+        iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+        row, col = iop[:3], iop[3:]
+        angle = np.deg2rad(80.0)
+        col = np.cos(angle) * row + np.sin(angle) * col  # still unit length, 80 degrees from row
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row, *col)]
+
+    _edit(paths, tilt)
+    return paths[0].parent
+
+
+@_case("zero_spacing", "failed")
+def _zero_spacing(c: _Corpus) -> Path:
+    return c.series("zero_spacing", extra_tags={"PixelSpacing": ["0", "0"]})[0].parent
+
+
+@_case("negative_spacing", "failed")
+def _negative_spacing(c: _Corpus) -> Path:
+    return c.series("negative_spacing", extra_tags={"PixelSpacing": ["-4", "-4"]})[0].parent
+
+
+@_case("rows_lie", "failed")
+def _rows_lie(c: _Corpus) -> Path:
+    return c.series("rows_lie", extra_tags={"Rows": 64, "Columns": 64})[0].parent
+
+
+@_case("jittered_oblique", "complete")
+def _jittered_oblique(c: _Corpus) -> Path:
+    paths = c.series("jittered_oblique", orientation="oblique", spacing=(4.0, 4.0, 7.0))
+    jitter = 0.07 * c.rng.uniform(-1.0, 1.0, len(paths))  # +-1 % of the 7 mm step
+    jitter[0] = 0.0
+    _set_positions(paths, 7.0 * np.arange(len(paths)) + jitter)
+    return paths[0].parent
+
+
+@_case("variable_spacing", "complete")
+def _variable_spacing(c: _Corpus) -> Path:
+    paths = c.series("variable_spacing", spacing=(4.0, 4.0, 2.0))
+    steps = [2.0, 2.0, 2.0, 5.0, 5.0, 5.0, 5.0]
+    _set_positions(paths, np.concatenate([[0.0], np.cumsum(steps)]))
+    _edit(paths, lambda ds: delattr(ds, "SpacingBetweenSlices"))
+    return paths[0].parent
+
+
+@_case("single_slice", "complete")
+def _single_slice(c: _Corpus) -> Path:
+    return c.series("single_slice", shape=(32, 32, 1))[0].parent
+
+
+@_case("two_slice", "complete")
+def _two_slice(c: _Corpus) -> Path:
+    return c.series("two_slice", shape=(32, 32, 2))[0].parent
+
+
+@_case("rgb", "failed")
+def _rgb(c: _Corpus) -> Path:
+    paths = c.series("rgb")
+
+    def colour(ds: Dataset) -> None:
+        grey = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(ds.Rows, ds.Columns)
+        level = (grey // 8).clip(0, 255).astype(np.uint8)
+        ds.PixelData = np.stack([level, 255 - level, level // 2], axis=-1).tobytes()
+        ds["PixelData"].VR = "OB"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        for tag in ("WindowCenter", "WindowWidth"):
+            delattr(ds, tag)
+
+    _edit(paths, colour)
+    return paths[0].parent
+
+
+@_case("rich_markup", "complete")
+def _rich_markup(c: _Corpus) -> Path:
+    return c.series("rich_markup", description="BAD RICH_MARKUP [/] [bold]unclosed [red")[0].parent
+
+
+@_case("phi_description", "complete")
+def _phi_description(c: _Corpus) -> Path:
+    return c.series("phi_description", description=f"BAD PHI_DESCRIPTION {PATIENT_NAME} {PATIENT_ID}")[0].parent
+
+
+@_case("phi_path", "complete")
+def _phi_path(c: _Corpus) -> Path:
+    folder = c.folder("phi_path") / f"{PATIENT_NAME} {PATIENT_ID} {PATIENT_BIRTH_DATE}"
+    c.series("phi_path", folder, file_names=f"{PATIENT_NAME}_{{:04d}}.dcm")
+    return folder.parent
+
+
+def _bare_dataset(c: _Corpus, case: str, sop_class: str, modality: str) -> Dataset:
+    """A minimal non-image object with the corpus' patient and study."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = derive_uid(c.series_uid(case), "instance", 0)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesDescription = modality, f"BAD {case.upper()}"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = PATIENT_NAME, PATIENT_ID, PATIENT_BIRTH_DATE
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = c.study_uid(), c.series_uid(case)
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    return ds
+
+
+# ---- NIfTI --------------------------------------------------------------------------------------
+
+
+@_case("nifti_nan_affine", "failed")
+def _nifti_nan_affine(c: _Corpus) -> Path:
+    hdr = _nifti_header("nifti_nan_affine", BAD_SHAPE)
+    hdr["sform_code"], hdr["qform_code"] = 1, 1
+    for name in ("srow_x", "srow_y", "srow_z"):
+        hdr[name] = np.nan
+    for name in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z"):
+        hdr[name] = np.nan
+    path = c.folder("nifti_nan_affine") / "bad_nifti_nan_affine.nii"
+    return _write_raw_nifti(path, hdr, c.volume().astype(np.float32)).parent
+
+
+@_case("nifti_singular_affine", "failed")
+def _nifti_singular_affine(c: _Corpus) -> Path:
+    affine = _grid_affine()
+    affine[:3, 2] = 0.0
+    return _sform_nifti(c, "nifti_singular_affine", BAD_SHAPE, affine)
+
+
+@_case("nifti_zero_pixdim", "failed")
+def _nifti_zero_pixdim(c: _Corpus) -> Path:
+    hdr = _nifti_header("nifti_zero_pixdim", BAD_SHAPE)
+    hdr["qform_code"], hdr["sform_code"] = 1, 0
+    hdr["quatern_b"] = hdr["quatern_c"] = hdr["quatern_d"] = 0.0
+    hdr["pixdim"][1:4] = 0.0
+    path = c.folder("nifti_zero_pixdim") / "bad_nifti_zero_pixdim.nii"
+    return _write_raw_nifti(path, hdr, c.volume().astype(np.float32)).parent
+
+
+@_case("nifti_2d", "complete")
+def _nifti_2d(c: _Corpus) -> Path:
+    return _sform_nifti(c, "nifti_2d", BAD_SHAPE[:2], _grid_affine())
+
+
+@_case("nifti_5d", "failed")
+def _nifti_5d(c: _Corpus) -> Path:
+    shape = (*BAD_SHAPE, 1, 3)
+    return _sform_nifti(c, "nifti_5d", shape, _grid_affine(), c.volume(shape).astype(np.float32))
+
+
+@_case("nifti_gz_truncated", "failed")
+def _nifti_gz_truncated(c: _Corpus) -> Path:
+    hdr = _nifti_header("nifti_gz_truncated", BAD_SHAPE)
+    hdr.set_sform(_grid_affine(), code="scanner")
+    path = _write_raw_nifti(c.folder("nifti_gz_truncated") / "bad_nifti_gz_truncated.nii.gz", hdr,
+                            c.volume().astype(np.float32))
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return path.parent
+
+
+@_case("nifti_nan_voxels", "complete")
+def _nifti_nan_voxels(c: _Corpus) -> Path:
+    data = c.volume().astype(np.float32)
+    data[4:12, 4:12, 2:5] = np.nan
+    return _sform_nifti(c, "nifti_nan_voxels", BAD_SHAPE, _grid_affine(), data)
+
+
+# ---- zip archives -------------------------------------------------------------------------------
+
+
+@_case("zip_traversal", "skipped file")
+def _zip_traversal(c: _Corpus) -> Path:
+    folder = c.folder("zip_traversal")
+    files = _series_bytes(c, "zip_traversal", folder / "scratch")
+    _zip(folder / "bad_zip_traversal.zip", {f"../../escaped/{name}": data for name, data in files})
+    return folder
+
+
+@_case("zip_absolute", "skipped file")
+def _zip_absolute(c: _Corpus) -> Path:
+    folder = c.folder("zip_absolute")
+    files = _series_bytes(c, "zip_absolute", folder / "scratch")
+    _zip(folder / "bad_zip_absolute.zip", {f"/tmp/mrfm-escaped/{name}": data for name, data in files})
+    return folder
+
+
+@_case("nested_zip", "skipped file")
+def _nested_zip(c: _Corpus) -> Path:
+    folder = c.folder("nested_zip")
+    inner = _zip(folder / "inner.zip", dict(_series_bytes(c, "nested_zip", folder / "scratch")))
+    _zip(folder / "bad_nested_zip.zip", {"inner.zip": inner.read_bytes()})
+    inner.unlink()
+    return folder
+
+
+@_case("zip_bomb", "skipped file")
+def _zip_bomb(c: _Corpus) -> Path:
+    folder = c.folder("zip_bomb")
+    info = zipfile.ZipInfo("IM0001.dcm", date_time=(2024, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    chunk = bytes(1 << 20)
+    with zipfile.ZipFile(folder / "bad_zip_bomb.zip", "w") as zf, zf.open(info, "w", force_zip64=True) as fh:
+        for _ in range(BOMB_BYTES // len(chunk)):  # streamed: never 150 MB in memory
+            fh.write(chunk)
+    return folder
+
+
+@_case("corrupt_zip", "skipped file")
+def _corrupt_zip(c: _Corpus) -> Path:
+    folder = c.folder("corrupt_zip")
+    path = _zip(folder / "bad_corrupt_zip.zip", dict(_series_bytes(c, "corrupt_zip", folder / "scratch")))
+    raw = bytearray(path.read_bytes())
+    central = raw.find(b"PK\x01\x02")
+    raw[central : central + 46] = b"\xff" * 46  # the first central-directory record, signature and all
+    path.write_bytes(bytes(raw))
+    return folder
+
+
+# ---- file system --------------------------------------------------------------------------------
+
+
+@_case("symlink_outside", "skipped file")
+def _symlink_outside(c: _Corpus) -> Path:
+    outside = c.out_dir.parent / f"{c.out_dir.name}-outside"
+    c.series("symlink_outside", outside / "series")
+    folder = c.folder("symlink_outside")
+    _symlink(folder / "elsewhere", Path("..", "..", outside.name, "series"))
+    return folder
+
+
+@_case("symlink_loop", "skipped file")
+def _symlink_loop(c: _Corpus) -> Path:
+    folder = c.folder("symlink_loop")
+    _symlink(folder / "again", Path(".."))
+    _symlink(folder / "A.dcm", Path("B.dcm"))
+    _symlink(folder / "B.dcm", Path("A.dcm"))
+    return folder
+
+
+@_case("broken_symlink", "skipped file")
+def _broken_symlink(c: _Corpus) -> Path:
+    folder = c.folder("broken_symlink")
+    _symlink(folder / "IM0001.dcm", Path("no-such-file.dcm"))
+    return folder
+
+
+@_case("unreadable", "failed")
+def _unreadable(c: _Corpus) -> Path:
+    for old in c.folder("unreadable").iterdir():  # a previous corpus' file may be mode 000
+        old.chmod(0o644)
+    paths = c.series("unreadable")
+    paths[3].chmod(0)
+    return paths[0].parent
+
+
+def _symlink(link: Path, target: Path) -> None:
+    if link.is_symlink():
+        link.unlink()
+    os.symlink(target, link)
