@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -37,9 +38,20 @@ def _junk(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _warning_for(result: ScanResult, path: Path) -> str:
-    hits = [w for w in result.warnings if path.name in w]
-    assert len(hits) == 1, (path, result.warnings)
+def _label(result: ScanResult, path: Path | str) -> str:
+    """The label ``scan`` gave ``path`` (messages name files by label, never by path)."""
+    [label] = [k for k, v in result.locations.items() if v == str(path)]
+    return label
+
+
+def _names(text: str, label: str) -> bool:
+    return re.search(re.escape(label) + r"(?![#\d])", text) is not None
+
+
+def _warning_for(result: ScanResult, path: Path | str) -> str:
+    label = _label(result, path)
+    hits = [w for w in result.warnings if w.startswith(f"{label}: ")]
+    assert len(hits) == 1, (path, label, result.warnings)
     return hits[0]
 
 
@@ -62,6 +74,7 @@ def test_dicom_is_found_by_content_with_junk_reported_not_fatal(tmp_path):
         assert "not a DICOM or NIfTI" in _warning_for(result, junk[kind])
     assert "empty" in _warning_for(result, junk["empty"])
     assert not any(".DS_Store" in w for w in result.warnings)
+    assert result.skipped_counts() == {"empty": 1, "hidden": 1, "unrecognised": 3}
 
 
 def test_series_inside_a_zip_is_scanned_and_loaded_without_extracting(tmp_path):
@@ -76,8 +89,9 @@ def test_series_inside_a_zip_is_scanned_and_loaded_without_extracting(tmp_path):
     result = scan([tmp_path / "in"])
     [ref] = result.series
     assert all(s.path == archive and s.member.startswith("patient/") for s in ref.sources)
-    assert str(ref.sources[0]).startswith(f"{archive}!patient/study/series/")
-    assert any("README.txt" in w for w in result.warnings)
+    assert str(ref.sources[0]).startswith("in#1#") and "patient" not in str(ref.sources[0])
+    assert ref.sources[0].path_text.startswith(f"{archive}!patient/study/series/")
+    assert "not a DICOM" in _warning_for(result, f"{archive}!patient/README.txt")
     vol = load(ref)
     np.testing.assert_allclose(vol.affine, info["affine"], atol=1e-4)
     np.testing.assert_array_equal(vol.data[:, :, 7], slice_pixels(7, 16, 16).T)
@@ -105,13 +119,16 @@ def test_two_series_in_one_folder_are_grouped_by_uid(tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
-def _assert_refused(ref: SeriesRef, problem: str, names: list[str]) -> None:
-    """A scan-time problem naming every one of ``names``; a LoadError naming one of them."""
+def _assert_refused(ref: SeriesRef, problem: str, paths: list[Path]) -> None:
+    """A scan-time problem naming every one of ``paths`` by label; a LoadError naming one."""
+    labels = {str(s): s for s in ref.sources}
+    names = [next(k for k, s in labels.items() if s.path_text == str(p)) for p in paths]
     text = " ".join(ref.problems)
-    assert problem in text and all(n in text for n in names), ref.problems
+    assert problem in text and all(_names(text, n) for n in names), (names, ref.problems)
     with pytest.raises(LoadError) as err:
         load(ref)
-    assert problem in str(err.value) and any(n in str(err.value) for n in names), str(err.value)
+    assert problem in str(err.value) and any(_names(str(err.value), n) for n in names), str(err.value)
+    assert not any(p.name in str(err.value) or p.name in text for p in paths)
 
 
 def test_truncated_file_is_flagged_and_refused_with_its_name(tmp_path):
@@ -120,7 +137,7 @@ def test_truncated_file_is_flagged_and_refused_with_its_name(tmp_path):
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])  # cut in half: header intact, pixels short
     [ref] = scan([tmp_path]).series
-    _assert_refused(ref, "truncated", [victim.name])
+    _assert_refused(ref, "truncated", [victim])
 
 
 def test_file_cut_inside_its_header_is_a_warning_and_leaves_a_gap(tmp_path):
@@ -129,13 +146,13 @@ def test_file_cut_inside_its_header_is_a_warning_and_leaves_a_gap(tmp_path):
     victim.write_bytes(victim.read_bytes()[:300])
     result = scan([tmp_path])
     assert "skipped dicom file" in _warning_for(result, victim)
-    _assert_refused(result.series[0], "missing slice", [info["paths"][3].name, info["paths"][5].name])
+    _assert_refused(result.series[0], "missing slice", [info["paths"][3], info["paths"][5]])
 
 
 def test_missing_slice_is_flagged_and_refused(tmp_path):
     info = write_series(tmp_path / "s", shape=(16, 16, 10), skip=(4,))
     [ref] = scan([tmp_path]).series
-    _assert_refused(ref, "missing slice", [info["paths"][3].name, info["paths"][5].name])
+    _assert_refused(ref, "missing slice", [info["paths"][3], info["paths"][5]])
 
 
 def test_non_uniform_spacing_is_flagged(tmp_path):
@@ -145,7 +162,7 @@ def test_non_uniform_spacing_is_flagged(tmp_path):
     ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 1.0  # 3.5 mm step, not 2.5
     ds.save_as(moved)
     [ref] = scan([tmp_path]).series
-    _assert_refused(ref, "non-uniform slice spacing", [moved.name])
+    _assert_refused(ref, "non-uniform slice spacing", [moved])
 
 
 def test_duplicate_positions_are_flagged(tmp_path):
@@ -154,7 +171,7 @@ def test_duplicate_positions_are_flagged(tmp_path):
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.save_as(tmp_path / "s" / "copy")
     [ref] = scan([tmp_path]).series
-    _assert_refused(ref, "duplicate slice position", ["copy"])
+    _assert_refused(ref, "duplicate slice position", [tmp_path / "s" / "copy"])
 
 
 def test_mixed_dimensions_are_flagged_and_refused(tmp_path):
@@ -165,14 +182,14 @@ def test_mixed_dimensions_are_flagged_and_refused(tmp_path):
     ds.PixelData = np.zeros((8, 8), "<u2").tobytes()
     ds.save_as(odd)
     [ref] = scan([tmp_path]).series
-    _assert_refused(ref, "mixed image dimensions", [odd.name])
+    _assert_refused(ref, "mixed image dimensions", [odd])
 
 
 def test_non_mr_modality_is_flagged_and_refused(tmp_path):
     info = write_series(tmp_path / "s", shape=(8, 8, 4), modality="CT")
     [ref] = scan([tmp_path]).series
     assert ref.modality == "CT"
-    _assert_refused(ref, "not MR", [min(p.name for p in info["paths"])])
+    _assert_refused(ref, "not MR", [min(info["paths"])])
 
 
 def test_broken_header_is_a_warning_and_missing_input_too(tmp_path):
@@ -189,5 +206,5 @@ def test_unreadable_folder_entries_do_not_stop_the_scan(tmp_path):
     write_series(tmp_path / "s", shape=(8, 8, 4))
     (tmp_path / "s" / "dangling").symlink_to(tmp_path / "gone")
     result = scan([tmp_path])
-    assert len(result.series) == 1 and any("dangling" in w for w in result.warnings)
+    assert len(result.series) == 1 and "symlink to nothing" in _warning_for(result, tmp_path / "s" / "dangling")
     assert os.path.islink(tmp_path / "s" / "dangling")
