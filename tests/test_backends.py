@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import re
 import types
 
 import onnx
@@ -12,7 +14,7 @@ import torch
 import engine
 from engine import plugins
 from engine.backends import Backend, EngineCache, ShapeRange, cache_key, compile_backend, select
-from engine.backends.cache import default_cache_dir
+from engine.backends.cache import default_cache_dir, device_identity
 from engine.model import load_model
 
 # ONNX operators that TensorRT's ONNX parser supports ("Y" rows of the operator support matrix
@@ -149,25 +151,56 @@ KEY_PARTS = {
 }
 
 
-@pytest.mark.parametrize(
-    ("part", "value"),
-    [
-        ("fingerprint", "sha256:" + "1" * 64),
-        ("backend", "onnxruntime"),
-        ("precision", "bf16"),
-        ("shapes", ShapeRange((16, 16, 16), (64, 64, 64), (96, 96, 96), 4).as_dict()),
-        ("shapes", ShapeRange((16, 16, 16), (64, 64, 64), (64, 64, 64), 8).as_dict()),
-        ("versions", {"torch": "2.13.0", "tensorrt": "11.0.0"}),
-        ("device", {"type": "cuda", "name": "NVIDIA H200", "capability": "9.0"}),
-        ("device", {"type": "cuda", "name": "NVIDIA H100", "capability": "8.9"}),
-    ],
-)
+# One change to each part that decides whether a compiled artifact is still valid.
+KEY_CHANGES = [
+    ("fingerprint", "sha256:" + "1" * 64),
+    ("backend", "onnxruntime"),
+    ("precision", "bf16"),
+    ("shapes", ShapeRange((16, 16, 16), (64, 64, 64), (96, 96, 96), 4).as_dict()),
+    ("shapes", ShapeRange((16, 16, 16), (64, 64, 64), (64, 64, 64), 8).as_dict()),
+    ("versions", {"torch": "2.13.0", "tensorrt": "11.0.0"}),
+    ("versions", {"torch": "2.14.0", "tensorrt": "10.9.0"}),
+    ("device", {"type": "cuda", "name": "NVIDIA H200", "capability": "9.0"}),
+    ("device", {"type": "cuda", "name": "NVIDIA H100", "capability": "8.9"}),
+]
+
+
+def _reordered(value):
+    """An equal copy whose dicts are built in reverse insertion order, at every depth."""
+    if isinstance(value, dict):
+        return {k: _reordered(v) for k, v in reversed(list(value.items()))}
+    return copy.deepcopy(value)
+
+
+@pytest.mark.parametrize(("part", "value"), KEY_CHANGES)
 def test_cache_key_changes_when_any_part_changes(part, value):
-    assert cache_key(**{**KEY_PARTS, part: value}) != cache_key(**KEY_PARTS)
+    base = cache_key(**KEY_PARTS)
+    assert cache_key(**{**KEY_PARTS, part: value}) != base
+    assert cache_key(**{**KEY_PARTS, part: _reordered(KEY_PARTS[part])}) == base  # an equal value does not
 
 
-def test_cache_key_is_stable():
-    assert cache_key(**KEY_PARTS) == cache_key(**dict(reversed(list(KEY_PARTS.items()))))
+def test_every_change_gives_its_own_key():
+    keys = {cache_key(**KEY_PARTS)} | {cache_key(**{**KEY_PARTS, part: value}) for part, value in KEY_CHANGES}
+    assert len(keys) == len(KEY_CHANGES) + 1
+
+
+def test_equal_parts_built_separately_give_equal_keys():
+    rebuilt = {name: _reordered(value) for name, value in reversed(list(KEY_PARTS.items()))}
+    assert rebuilt == KEY_PARTS and rebuilt["device"] is not KEY_PARTS["device"]
+    assert list(rebuilt["device"]) != list(KEY_PARTS["device"])  # really another insertion order
+    assert cache_key(**rebuilt) == cache_key(**KEY_PARTS)
+    assert re.fullmatch(r"[0-9a-f]{32}", cache_key(**KEY_PARTS))
+
+
+def test_a_backend_keys_its_artifact_on_model_precision_versions_and_device(model, ort_backend):
+    import onnxruntime
+
+    parts = ort_backend.key_parts
+    assert parts["fingerprint"] == model.fingerprint and parts["precision"] == "fp32"
+    assert parts["versions"]["onnxruntime"] == onnxruntime.__version__
+    assert parts["versions"]["torch"] == torch.__version__
+    assert parts["device"] == device_identity("cpu") and parts["shapes"]
+    assert ort_backend.artifact.name == f"onnxruntime-{cache_key(**parts)}.onnx"
 
 
 def test_a_cached_export_is_reused(model, cache_dir, ort_backend):

@@ -1,16 +1,19 @@
 """The plugin layer: in-test registration, entry points, validation of hook implementations."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pluggy
 import pytest
 from click.testing import CliRunner
 
+import contrib_heads
 import engine
-from engine import plugins
+from engine import hookspecs, plugins, schemas
 from engine.cli import cli
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mrfm-head-brightness"
@@ -43,12 +46,25 @@ def registered():
     plugins.pm.unregister(plugin)
 
 
-def test_every_hook_has_a_one_line_docstring():
-    from engine import hookspecs
+def hook_specs() -> dict[str, object]:
+    """Every hook spec the plugin manager knows, from hookspecs.py itself (no hand-kept list)."""
+    specs = {name: fn for name, fn in vars(hookspecs).items() if callable(fn) and hasattr(fn, "mrfm_spec")}
+    known = {name for name, caller in vars(plugins.pm.hook).items() if getattr(caller, "spec", None) is not None}
+    assert specs and set(specs) == known
+    return specs
 
-    for name in ("register_heads", "register_backends", "register_readers", "register_commands"):
-        doc = getattr(hookspecs, name).__doc__
-        assert doc and "\n" not in doc.strip(), name
+
+def test_every_hook_has_a_one_line_docstring():
+    for name, fn in hook_specs().items():
+        doc = (fn.__doc__ or "").strip()
+        assert doc and "\n" not in doc, f"hook {name} needs a one-line docstring"
+
+
+def test_every_hook_is_implemented_by_a_test():
+    """A hook nobody implements in a test can break unnoticed (datasette's check, by grep)."""
+    sources = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    for name in hook_specs():
+        assert re.search(rf"\bdef {name}\(", sources), f"no test implements the hook {name}"
 
 
 def test_a_plugin_registered_in_a_test_provides_a_head(registered):
@@ -60,12 +76,97 @@ def test_a_plugin_registered_in_a_test_provides_a_head(registered):
     assert shown.exit_code == 0 and '"bright_fraction"' in shown.output
 
 
-def test_default_plugins_register_the_shipped_heads():
+def shipped_heads() -> list[str]:
+    """The head packages under contrib_heads/, read from the folders."""
+    root = Path(contrib_heads.__file__).parent
+    return sorted(p.name for p in root.iterdir() if (p / "__init__.py").is_file())
+
+
+def test_default_plugins_register_every_shipped_head_with_a_valid_manifest():
+    shipped = shipped_heads()
+    assert shipped, "no head folders found under contrib_heads/"
     heads = plugins.get_head_classes()
-    assert {"classify"} <= set(heads)
-    for name, reg in heads.items():
-        if reg.plugin.startswith("contrib_heads."):
-            assert reg.plugin == f"contrib_heads.{name}"
+    for name in shipped:
+        folder = Path(contrib_heads.__file__).parent / name
+        assert name in heads, f"contrib_heads/{name} is not registered"
+        reg = heads[name]
+        assert reg.plugin == f"contrib_heads.{name}" and f"contrib_heads.{name}" in plugins.DEFAULT_PLUGINS
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert schemas.errors("head", manifest) == [], name
+        assert manifest["name"] == name and reg.obj.manifest() == manifest
+        assert Path(reg.obj.manifest_path).resolve() == (folder / "manifest.json").resolve()
+        weights = reg.obj.weights_path()
+        assert weights is None or weights.is_file(), f"{name}: declared weights {weights} are missing"
+
+
+class SniffingReader:
+    """A reader that claims nothing and remembers what discovery showed it."""
+
+    name = "sniff-test"
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def sniff(self, source, head):
+        self.seen.append(source.name)
+        return False
+
+    def scan_file(self, source, **kw):
+        raise AssertionError("never claimed a file")
+
+    def group(self, records):
+        return []
+
+    def load(self, ref):
+        raise AssertionError("never grouped a series")
+
+
+class ReaderPlugin:
+    def __init__(self):
+        self.reader = SniffingReader()
+
+    @engine.hookimpl
+    def register_readers(self, register):
+        register(self.reader)
+
+
+def test_a_plugin_reader_is_consulted_by_discovery(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    plugin = ReaderPlugin()
+    plugins.pm.register(plugin, name="reader-test")
+    try:
+        readers = plugins.get_readers()
+        assert readers["sniff-test"].plugin == "reader-test" and {"dicom", "nifti"} <= set(readers)
+        found = engine.scan([tmp_path])
+    finally:
+        plugins.pm.unregister(plugin)
+    assert "notes.txt" in plugin.reader.seen and not found.series
+
+
+class CommandPlugin:
+    @engine.hookimpl
+    def register_commands(self, cli):
+        @cli.command(name="hello-test")
+        @click.argument("who")
+        def hello(who):
+            """Say hello."""
+            click.echo(f"hello {who} from a plugin")
+
+
+def test_a_plugin_adds_a_command_to_the_cli():
+    from engine import cli as cli_module
+
+    plugin = CommandPlugin()
+    plugins.pm.register(plugin, name="command-test")
+    try:
+        cli_module._register_plugin_commands()  # what importing engine.cli does for installed plugins
+        result = CliRunner().invoke(cli, ["hello-test", "world"])
+        listed = {p["name"]: p for p in plugins.plugin_summaries()}
+    finally:
+        plugins.pm.unregister(plugin)
+        cli.commands.pop("hello-test", None)
+    assert result.exit_code == 0 and result.output == "hello world from a plugin\n"
+    assert listed["command-test"]["hooks"] == ["register_commands"]
 
 
 def test_duplicate_head_names_are_refused(registered):
