@@ -12,7 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from .errors import GeometryError
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# The voxel axes must span at least this fraction of the volume of a box with the same edge
+# lengths (|det| / product of the voxel sizes); below it they are within ~0.06 degrees of lying
+# in one plane, the inverse is numerically meaningless and orientation cannot be named.
+MIN_AXIS_VOLUME = 1e-3
+VOXEL_SIZE_MM = (1e-6, 1e5)  # a voxel edge outside this range is a broken header, not a scan
 
 
 @dataclass
@@ -29,6 +36,7 @@ class Volume:
             raise ValueError(f"Volume data must be 3D, got shape {self.data.shape}")
         if self.affine.shape != (4, 4):
             raise ValueError(f"Volume affine must be 4x4, got {self.affine.shape}")
+        check_affine(self.affine, str(self.meta.get("series_key", "volume")))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -44,6 +52,36 @@ class Volume:
 
     def world_bounds(self) -> np.ndarray:
         return world_bounds(self.shape, self.affine)
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why ``affine`` is not a usable voxel-to-world map (finite, invertible), or None."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        return f"affine has shape {affine.shape}, not 4x4"
+    if not np.isfinite(affine).all():
+        return "affine holds non-finite values (NaN or Inf)"
+    if not np.allclose(affine[3], [0.0, 0.0, 0.0, 1.0]):
+        return f"affine's last row is {affine[3].tolist()}, not [0, 0, 0, 1]"
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    lo, hi = VOXEL_SIZE_MM
+    for axis, size in enumerate(sizes):
+        if not lo <= size <= hi:
+            return f"voxel size along axis {axis} is {size:.3g} mm (allowed {lo:g} to {hi:g} mm)"
+    volume = abs(float(np.linalg.det(affine[:3, :3]))) / float(np.prod(sizes))
+    if volume < MIN_AXIS_VOLUME:
+        return (
+            f"affine is singular: its voxel axes are (nearly) coplanar, |det| / voxel-size product "
+            f"= {volume:.2g} < {MIN_AXIS_VOLUME:g}"
+        )
+    return None
+
+
+def check_affine(affine: np.ndarray, where: str) -> None:
+    """Raise :class:`GeometryError` naming ``where`` and the rule when the affine is unusable."""
+    problem = affine_problem(affine)
+    if problem:
+        raise GeometryError(f"{where}: {problem}")
 
 
 def spacing(affine: np.ndarray) -> tuple[float, float, float]:

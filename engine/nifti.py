@@ -3,20 +3,32 @@ set, else qform), which is already voxel -> RAS mm.
 
 3D images load as they are; 4D images load their first volume (``meta["volumes"]`` gives the
 count); images with more than four dimensions are rejected.
+
+Geometry is checked before anything uses it (:func:`geometry_problem`): the sform, when it is the
+affine in use, must be finite; otherwise the qform's quaternion, offset and the voxel sizes in
+pixdim must be finite and pixdim positive (nibabel would silently replace a zero or negative
+size with 1 or its absolute value, which places the anatomy somewhere else). The resulting
+affine must pass :func:`engine.geometry.check_affine`. A failure is a
+:class:`~engine.errors.GeometryError` naming the file and the rule.
+
+Series keys come from content, never from the file name (which often carries the patient's
+name): ``nifti-`` and a hash of the header and samples of the stored bytes (:func:`content_key`).
+The header's free-text ``descrip`` is not passed on: it cannot be checked for identifiers.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from .discover import LoadError, SeriesRef, Source, sanitise_key
-from .geometry import Volume, orientation_name
+from .errors import GeometryError
+from .geometry import Volume, affine_problem, orientation_name
 
 SUFFIXES = (".nii", ".nii.gz")
 
@@ -26,26 +38,31 @@ class NiftiRecord:
     source: Source
     shape: tuple[int, ...]
     affine: np.ndarray
-    description: str
+    digest: str = ""
+    problem: str | None = None  # why the geometry is unusable, found at scan time
 
 
 def _is_nifti_name(name: str) -> bool:
     return name.lower().endswith(SUFFIXES)
 
 
-def _stem(name: str) -> str:
-    lower = name.lower()
-    for suffix in (".nii.gz", ".nii"):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+KEY_SAMPLES = 16  # blocks of the stored file hashed into the key, spread over its length
+KEY_BLOCK = 4096
 
 
-def series_key(source: Source) -> str:
-    """File name plus a short hash of where it lives, stable across scans of the same place."""
-    where = str(Path(source.path).resolve()) + (f"!{source.member}" if source.member else "")
-    digest = hashlib.sha1(where.encode()).hexdigest()[:8]
-    return sanitise_key(f"{_stem(source.name)}-{digest}")
+def content_key(source: Source, header: bytes) -> str:
+    """``nifti-`` and 12 hex digits of a SHA-1 over the header, the stored size and
+    ``KEY_SAMPLES`` blocks spread over the stored bytes: stable across runs and places, different
+    for different images, and reading a few KiB rather than the whole file."""
+    digest = hashlib.sha1(header)
+    with source.open() as fh:
+        fh.seek(0, 2)
+        size = fh.tell()
+        digest.update(str(size).encode())
+        for i in range(KEY_SAMPLES):
+            fh.seek(size * i // KEY_SAMPLES)
+            digest.update(fh.read(KEY_BLOCK))
+    return sanitise_key("nifti-" + digest.hexdigest()[:12])
 
 
 def read_image(source: Source) -> nib.Nifti1Image | nib.Nifti2Image:
@@ -68,6 +85,50 @@ def _check_ndim(source: Source, shape: tuple[int, ...]) -> None:
         raise LoadError(f"{source}: NIfTI image has {len(shape)} dimensions {shape}; at most 4 are supported")
 
 
+def raw_header(source: Source) -> nib.Nifti1Header | nib.Nifti2Header:
+    """The header as stored: nibabel's loaders quietly repair pixdim, hiding what is wrong."""
+    with source.open() as fh:
+        head = fh.read(4) + fh.read(540 - 4)
+    if head[:2] == b"\x1f\x8b":
+        with source.open() as fh, gzip.GzipFile(fileobj=fh) as gz:
+            head = gz.read(540)
+    little = int.from_bytes(head[:4], "little")
+    big = int.from_bytes(head[:4], "big")
+    klass = nib.Nifti2Header if 540 in (little, big) else nib.Nifti1Header
+    return klass.from_fileobj(io.BytesIO(head), check=False)
+
+
+def geometry_problem(img: nib.Nifti1Image | nib.Nifti2Image, hdr=None) -> str | None:
+    """Why the header's geometry is unusable (see the module docstring), or None; ``hdr`` is
+    the header as stored (:func:`raw_header`), defaulting to the image's own."""
+    hdr = img.header if hdr is None else hdr
+    ndim = min(3, int(hdr["dim"][0]))
+    if int(hdr["sform_code"]) > 0:
+        srows = np.array([hdr["srow_x"], hdr["srow_y"], hdr["srow_z"]], dtype=np.float64)
+        if not np.isfinite(srows).all():
+            return "sform (srow_x/y/z) holds non-finite values"
+    else:
+        pixdim = np.asarray(hdr["pixdim"][1 : ndim + 1], dtype=np.float64)
+        if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
+            return f"pixdim voxel sizes {pixdim.tolist()} are not all positive finite numbers"
+        if int(hdr["qform_code"]) > 0:
+            quatern = [float(hdr[k]) for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")]
+            if not np.isfinite(quatern).all():
+                return "qform (quaternion or offset) holds non-finite values"
+    try:
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel can fail to build an affine from a broken header
+        return f"no affine can be built from the header ({type(exc).__name__})"
+    return affine_problem(affine)
+
+
+def _checked_geometry(source: Source, img: nib.Nifti1Image | nib.Nifti2Image) -> np.ndarray:
+    problem = geometry_problem(img, raw_header(source))
+    if problem:
+        raise GeometryError(f"{source}: {problem}")
+    return np.asarray(img.affine, dtype=np.float64)
+
+
 class NiftiReader:
     """The built-in NIfTI reader (registered by ``plugins.readers``)."""
 
@@ -78,9 +139,11 @@ class NiftiReader:
 
     def scan_file(self, source: Source, *, with_patient_age: bool = False) -> NiftiRecord:
         img = read_image(source)
-        descrip = img.header.get("descrip")
-        text = descrip.item().decode("latin-1", "replace").strip("\x00 ") if descrip is not None else ""
-        return NiftiRecord(source, tuple(int(s) for s in img.shape), np.asarray(img.affine), text)
+        hdr = raw_header(source)
+        problem = geometry_problem(img, hdr)
+        affine = np.eye(4) if problem else np.asarray(img.affine, dtype=np.float64)
+        digest = content_key(source, hdr.binaryblock)
+        return NiftiRecord(source, tuple(int(s) for s in img.shape), affine, digest, problem)
 
     def group(self, records: list[NiftiRecord]) -> list[SeriesRef]:
         refs = []
@@ -90,22 +153,24 @@ class NiftiReader:
                 _check_ndim(rec.source, rec.shape)
             except LoadError as exc:
                 problems.append(str(exc))
+            if rec.problem:
+                problems.append(f"{rec.source}: {rec.problem}")
             shape3 = tuple(rec.shape[:3]) + (1,) * (3 - len(rec.shape[:3]))
             meta = {"volumes": rec.shape[3] if len(rec.shape) > 3 else 1}
             if meta["volumes"] > 1:
                 meta["volume_rule"] = "first volume of the 4D image"
             refs.append(
                 SeriesRef(
-                    key=series_key(rec.source),
+                    key=rec.digest,
                     reader=self.name,
                     study_uid="",
                     series_uid="",
                     modality="MR",
-                    description=rec.description,
+                    description="",
                     sources=[rec.source],
                     dims=shape3,
                     n_slices=shape3[2],
-                    orientation=orientation_name(rec.affine),
+                    orientation="unknown" if rec.problem else orientation_name(rec.affine),
                     problems=problems,
                     meta=meta,
                 )
@@ -120,6 +185,7 @@ class NiftiReader:
             raise LoadError(f"{source}: unreadable NIfTI file ({exc})") from exc
         shape = tuple(int(s) for s in img.shape)
         _check_ndim(source, shape)
+        affine = _checked_geometry(source, img)
         try:
             if len(shape) == 2:
                 data = np.asarray(img.dataobj, dtype=np.float32)[:, :, None]
@@ -130,5 +196,5 @@ class NiftiReader:
         except Exception as exc:
             raise LoadError(f"{source}: cannot read NIfTI voxel data ({exc})") from exc
         meta = dict(ref.meta)
-        meta.update(series_key=ref.key, reader=self.name, source=str(source))
-        return Volume(data=np.ascontiguousarray(data), affine=np.asarray(img.affine), meta=meta)
+        meta.update(series_key=ref.key, reader=self.name)
+        return Volume(data=np.ascontiguousarray(data), affine=affine, meta=meta)

@@ -36,20 +36,33 @@ def init_worker() -> None:
 
 
 def prepare(ref: Any, preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> Prepared:
-    """Load ``ref`` and build the requested views; a failure becomes ``Prepared.error``."""
-    from .discover import LoadError, load
-    from .views import make_views
+    """Load ``ref`` and build the requested views; a failure becomes ``Prepared.error``.
+
+    A Prepared that carries an affine always carries a finite, invertible one (the pipeline
+    derives orientation and axis codes from it); every error names the file and the rule.
+    """
+    from .discover import load
+    from .errors import InputError
+    from .geometry import check_affine
+    from .views import ViewError, make_views
 
     start = time.perf_counter()
+    where = str(ref.sources[0]) if getattr(ref, "sources", None) else str(ref.key)
+
+    def failed(reason: str) -> Prepared:
+        return Prepared(ref.key, error=reason, seconds=time.perf_counter() - start)
+
     try:
         volume = load(ref)
+        check_affine(volume.affine, where)  # readers from plugins may skip the check
         if not np.isfinite(volume.data).all():
-            raise LoadError(f"{ref.sources[0] if ref.sources else ref.key}: pixel data contains non-finite values")
+            raise InputError(f"{where}: pixel data contains non-finite values")
         views = make_views(volume, preprocessing, kinds)
         return Prepared(ref.key, volume.shape, volume.affine, dict(volume.meta), views, None, time.perf_counter() - start)
-    except LoadError as exc:
-        return Prepared(ref.key, error=str(exc), seconds=time.perf_counter() - start)
+    except ViewError as exc:
+        return failed(f"{where}: {exc}")
+    except InputError as exc:  # reader errors already name the file
+        return failed(str(exc))
     except Exception as exc:  # an unexpected reader bug must not end the run either
-        tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        where = ref.sources[0] if getattr(ref, "sources", None) else ref.key
-        return Prepared(ref.key, error=f"{where}: could not load series: {tb}", seconds=time.perf_counter() - start)
+        tb = traceback.format_exception_only(type(exc), exc)[-1].strip().splitlines()[0][:300]
+        return failed(f"{where}: could not load series: {tb}")

@@ -9,6 +9,11 @@ carries its own affine, so the engine can map head outputs back to the native gr
 - ``tiles``: the series at the model's spacing, at least one encoder input in size, covered by
   overlapping encoder-sized windows (sliding window).
 
+Series with fewer than four voxels along an axis (single- or few-slice series) are smoothed
+before downsampling by :func:`_smooth_short` instead of ITK's recursive Gaussian, which needs
+four voxels along every axis; the short axes are not smoothed (there is nothing to average).
+Any failure to build a view is a :class:`ViewError` with a plain reason.
+
 Intensities are clipped to percentiles and rescaled to [0, 1] on the native voxels (so padding
 is background, 0), then z-scored with the native voxels' statistics: both views of a series get
 the same intensity mapping and padding never shifts it.
@@ -17,17 +22,26 @@ the same intensity mapping and padding never shifts it.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
 import torch
 import torchio as tio
+from scipy import ndimage
 
+from .errors import InputError
 from .features import View
-from .geometry import Volume
+from .geometry import Volume, spacing
 from .mapping import grid_world_bounds
 
 VIEW_KINDS = ("global", "tiles")
+MIN_SMOOTH_VOXELS = 4  # ITK's recursive Gaussian refuses axes shorter than this
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+class ViewError(InputError):
+    """The series could not be resampled into the encoder's views."""
 
 
 def _normalised(volume: Volume, intensity: dict[str, Any]) -> tuple[tio.ScalarImage, float, float]:
@@ -50,9 +64,25 @@ def _ras_grid(volume: Volume, spacing: np.ndarray, shape: np.ndarray) -> np.ndar
     return affine
 
 
+def _smooth_short(image: tio.ScalarImage, target_spacing: np.ndarray) -> tio.ScalarImage:
+    """Anti-aliasing for grids with an axis shorter than MIN_SMOOTH_VOXELS: the same Gaussian as
+    torchio's (Cardoso et al. 2015, sigma from the downsampling factor) on the long axes only."""
+    native = np.asarray(spacing(image.affine))
+    factor = np.asarray(target_spacing, dtype=np.float64) / native
+    sigma_vox = np.sqrt(np.clip(factor**2 - 1.0, 0.0, None)) / FWHM_PER_SIGMA
+    sigma_vox[np.asarray(image.spatial_shape) < MIN_SMOOTH_VOXELS] = 0.0
+    data = ndimage.gaussian_filter(image.data[0].numpy().astype(np.float32), sigma_vox, mode="nearest")
+    return tio.ScalarImage(tensor=torch.from_numpy(data)[None], affine=image.affine)
+
+
 def _resample(image: tio.ScalarImage, shape: np.ndarray, affine: np.ndarray, mean: float, std: float) -> torch.Tensor:
     target = (tuple(int(s) for s in shape), affine)
-    out = tio.Resample(target, image_interpolation="linear", antialias=True)(image)
+    short = min(image.spatial_shape) < MIN_SMOOTH_VOXELS
+    if short:
+        # the view grid is axis-aligned, so its spacing is the diagonal; compare per native axis
+        # by the largest target spacing, as torchio does for the isotropic views used here
+        image = _smooth_short(image, np.full(3, float(np.max(np.abs(np.diag(affine)[:3])))))
+    out = tio.Resample(target, image_interpolation="linear", antialias=not short)(image)
     return ((out.data.float() - mean) / std).contiguous()
 
 
@@ -105,5 +135,24 @@ def make_views(volume: Volume, preprocessing: dict[str, Any], kinds: tuple[str, 
     unknown = set(kinds) - set(builders)
     if unknown:
         raise ValueError(f"unknown view kinds {sorted(unknown)}; known: {sorted(builders)}")
-    norm = _normalised(volume, preprocessing.get("intensity", {}))
-    return {kind: builders[kind](volume, preprocessing, norm) for kind in kinds}
+    try:
+        norm = _normalised(volume, preprocessing.get("intensity", {}))
+        return {kind: builders[kind](volume, preprocessing, norm) for kind in kinds}
+    except ViewError:
+        raise
+    except Exception as exc:  # ITK/torchio errors carry C++ paths and object addresses
+        raise ViewError(f"could not resample the series into the encoder views ({plain_reason(exc)})") from exc
+
+
+_ITK_NOISE = re.compile(r"^.*?ITK ERROR:\s*\w+\(0x[0-9a-fA-F]+\):\s*", re.S)
+
+
+def plain_reason(exc: BaseException) -> str:
+    """One short line for an exception: the message ITK meant for people, without file paths,
+    object addresses or 'Exception thrown in SimpleITK ...' preambles."""
+    text = str(exc)
+    if "ITK" in text:
+        cleaned = _ITK_NOISE.sub("", text)
+        text = cleaned if cleaned != text else "the ITK resampler rejected the grid"
+    line = " ".join(text.split())[:200]
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
