@@ -4,6 +4,7 @@ Siemens mosaic tile, each with its position, orientation and spacing."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,6 @@ ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 IN_STACK_POSITION = 0x00209057
 NUMBER_OF_IMAGES_IN_MOSAIC = (0x0019, 0x100A)
 POSITION_TOL_MM = 0.01  # frames closer than this along the normal share a slice position
-SPACING_REL_TOL = 0.01  # steps may differ from the median by 1% (or POSITION_TOL_MM)
 ORIENTATION_TOL = 1e-3  # direction-cosine difference allowed within one series
 VOLUME_RULE = "first volume: at each slice position the frame with the lowest (temporal, echo/dimension, acquisition) key"
 
@@ -99,6 +99,9 @@ def record_from_header(
         "multiframe": kind == "enhanced",
         "mosaic": kind == "mosaic",
     }
+    identifiers = patient_identifiers(ds)
+    for key in ("manufacturer", "body_part"):
+        meta[key] = scrub(meta[key], identifiers)
     if with_patient_age:
         meta["patient_age"] = str(ds.get("PatientAge", ""))
     rec = DicomRecord(
@@ -107,7 +110,7 @@ def record_from_header(
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         sop_uid=str(ds.get("SOPInstanceUID", "")),
         modality=str(ds.get("Modality", "")),
-        description=str(ds.get("SeriesDescription", "")),
+        description=scrub(str(ds.get("SeriesDescription", "")), identifiers),
         kind=kind,
         frames=frames,
         meta=meta,
@@ -118,17 +121,84 @@ def record_from_header(
     return rec
 
 
+# --------------------------------------------------------------------------- identifiers in free text
+
+REMOVED = "[removed]"
+_DATE_FORMS = ("{y}{m}{d}", "{y}-{m}-{d}", "{y}/{m}/{d}", "{y}.{m}.{d}", "{d}.{m}.{y}", "{d}/{m}/{y}",
+               "{m}/{d}/{y}", "{d}-{m}-{y}", "{m}-{d}-{y}")
+SHORT_IDENTIFIER = 4  # shorter identifiers are removed only as whole words ("Li" is in "oblique")
+
+
+def patient_identifiers(ds: Dataset) -> list[str]:
+    """Strings that identify the patient: the name as a whole, written several ways, and its
+    components of two or more characters; PatientID and OtherPatientIDs; the birth date in
+    DICOM form and the common formatted forms. Longest first, so a whole name goes before its
+    parts."""
+    found: set[str] = set()
+    name = ds.get("PatientName")
+    if name:
+        text = str(name)
+        parts = [p.strip() for p in re.split(r"[\^=]", text) if p.strip()]
+        found.update({text, " ".join(parts), ", ".join(parts[:2]), " ".join(reversed(parts[:2]))})
+        found.update(p for p in parts if len(p) >= 2)
+        found.update(w for p in parts for w in p.split() if len(w) >= 2)
+    ids = [ds.get("PatientID"), *(_values(ds.get("OtherPatientIDs")))]
+    ids += [item.get("PatientID") for item in ds.get("OtherPatientIDsSequence", []) or []]
+    found.update(str(v).strip() for v in ids if v is not None and str(v).strip())
+    birth = str(ds.get("PatientBirthDate", "") or "").strip()
+    if re.fullmatch(r"\d{8}", birth):
+        y, m, d = birth[:4], birth[4:6], birth[6:]
+        found.update(form.format(y=y, m=m, d=d) for form in _DATE_FORMS)
+    return sorted((f for f in found if len(f) >= 2), key=len, reverse=True)
+
+
+def _values(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return list(value)
+    return [value]
+
+
+def scrub(text: str, identifiers: list[str]) -> str:
+    """``text`` with every identifier replaced by "[removed]" (case-insensitive)."""
+    for ident in identifiers:
+        pattern = re.escape(ident)
+        if len(ident) < SHORT_IDENTIFIER:
+            pattern = rf"(?<![A-Za-z0-9]){pattern}(?![A-Za-z0-9])"
+        text = re.sub(pattern, REMOVED, text, flags=re.IGNORECASE)
+    return text
+
+
+# --------------------------------------------------------------------------- pixel data size
+
+
+def pixel_bytes_needed(ds: Dataset) -> int:
+    """Bytes of uncompressed pixel data the header's Rows, Columns, frames, samples and
+    BitsAllocated call for."""
+    return (
+        int(ds.Rows) * int(ds.Columns) * (as_int(ds.get("NumberOfFrames"), 1) or 1)
+        * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
+    )
+
+
+def pixel_size_problem(held: int, ds: Dataset) -> str:
+    return (
+        f"pixel data holds {held} bytes, Rows x Columns x frames x bytes/pixel "
+        f"({int(ds.Rows)} x {int(ds.Columns)} x {as_int(ds.get('NumberOfFrames'), 1) or 1} x "
+        f"{(as_int(ds.get('SamplesPerPixel'), 1) or 1) * (as_int(ds.get('BitsAllocated'), 16) or 16) // 8}) "
+        f"needs {pixel_bytes_needed(ds)}"
+    )
+
+
 def _truncation(ds: Dataset, remaining: int | None) -> str | None:
-    """For uncompressed files, whether fewer pixel bytes follow the header than it declares."""
+    """For uncompressed files, whether fewer bytes follow the header than the pixel data needs
+    (a truncated file, or Rows/Columns larger than the data)."""
     ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
     if remaining is None or ts is None or ts.is_compressed:
         return None
-    expected = (
-        int(ds.Rows) * int(ds.Columns) * as_int(ds.get("NumberOfFrames"), 1)
-        * as_int(ds.get("SamplesPerPixel"), 1) * as_int(ds.get("BitsAllocated"), 16) // 8
-    )
-    if remaining < expected:
-        return f"truncated file: {remaining} bytes of pixel data, header declares {expected}"
+    if remaining < pixel_bytes_needed(ds):
+        return pixel_size_problem(remaining, ds).replace("holds", "holds at most", 1) + " (truncated file?)"
     return None
 
 

@@ -12,8 +12,18 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_rescale, pixel_array
 
 from ..discover import LoadError, SeriesRef, Source, sanitise_key
-from ..geometry import LPS_TO_RAS, Volume, orientation_name
-from .frames import VOLUME_RULE, DicomRecord, frame_rescale, as_int, mosaic_count, read_header, record_from_header
+from ..geometry import LPS_TO_RAS, Volume, check_affine, orientation_name
+from .frames import (
+    VOLUME_RULE,
+    DicomRecord,
+    as_int,
+    frame_rescale,
+    mosaic_count,
+    pixel_bytes_needed,
+    pixel_size_problem,
+    read_header,
+    record_from_header,
+)
 from .stack import Stack, StackError, frame_names, plan_stack
 
 # --------------------------------------------------------------------------- grouping and loading
@@ -47,7 +57,7 @@ def group_records(records: list[DicomRecord]) -> list[SeriesRef]:
         meta.update(kind="/".join(kinds), n_files=len(recs))
         try:
             stack = plan_stack([f for r in recs for f in r.frames])
-            dims = (stack.frames[0].cols, stack.frames[0].rows, len(stack.frames))
+            dims = (stack.frames[0].cols, stack.frames[0].rows, stack.n_slices)
             orientation = orientation_name(stack.affine)
             _note_volumes(meta, stack)
         except StackError as exc:
@@ -119,7 +129,7 @@ def load_series(ref: SeriesRef) -> Volume:
     try:
         stack = plan_stack([f for r in records for f in r.frames])
     except StackError as exc:
-        raise LoadError(f"series {ref.key}: {exc}") from exc
+        raise StackError(f"series {ref.key}: {exc}") from exc
     kinds = {r.source: r.kind for r in records}
     wanted: dict[Source, list[int]] = defaultdict(list)
     for f in stack.frames:
@@ -127,11 +137,36 @@ def load_series(ref: SeriesRef) -> Volume:
     planes: dict[tuple[Source, int], np.ndarray] = {}
     for source, indices in wanted.items():
         planes.update(_decode(source, kinds[source], indices))
-    data = np.stack([planes[(f.source, f.index)].T for f in stack.frames], axis=2)
+    data = _assemble([planes[(f.source, f.index)].T for f in stack.frames], stack)
     meta = dict(ref.meta)
-    meta.update(series_key=ref.key, reader="dicom", source=str(ref.sources[0]) if ref.sources else None)
+    meta.update(series_key=ref.key, reader="dicom")
+    meta.update(stack.notes)
     _note_volumes(meta, stack)
-    return Volume(data=np.ascontiguousarray(data, dtype=np.float32), affine=stack.affine, meta=meta)
+    check_affine(stack.affine, f"series {ref.key} ({frame_names(stack.frames)})")
+    return Volume(data=data, affine=stack.affine, meta=meta)
+
+
+def _assemble(slices: list[np.ndarray], stack: Stack) -> np.ndarray:
+    """The (I, J, K) float32 array: the slices as they are, or interpolated along the normal."""
+    if stack.resample is None:
+        return np.ascontiguousarray(np.stack(slices, axis=2), dtype=np.float32)
+    out = np.empty((*slices[0].shape, len(stack.resample)), dtype=np.float32)
+    for j, (k0, k1, w) in enumerate(stack.resample):
+        out[:, :, j] = (1.0 - w) * slices[k0] + w * slices[k1]
+    return out
+
+
+def _check_pixel_size(source: Source, ds: pydicom.Dataset) -> None:
+    """Uncompressed pixel data must match Rows x Columns x frames: a short element cannot fill
+    the grid, and a whole row or more beyond it (not just the even-length pad byte) means the
+    header's dimensions are not the data's."""
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is None or ts.is_compressed or "PixelData" not in ds:
+        return
+    held, needed = len(ds.PixelData), pixel_bytes_needed(ds)
+    row = int(ds.Columns) * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
+    if held < needed or held - needed >= max(row, 2):
+        raise LoadError(f"{source}: {pixel_size_problem(held, ds)}")
 
 
 def _decode(source: Source, kind: str, indices: list[int]) -> dict[tuple[Source, int], np.ndarray]:
@@ -141,6 +176,7 @@ def _decode(source: Source, kind: str, indices: list[int]) -> dict[tuple[Source,
             ds = pydicom.dcmread(fh)
         if as_int(ds.get("SamplesPerPixel"), 1) != 1:
             raise LoadError(f"{source}: colour images (SamplesPerPixel > 1) are not supported")
+        _check_pixel_size(source, ds)
         if kind == "enhanced":
             n = as_int(ds.get("NumberOfFrames"), 1) or 1
             if len(set(indices)) == n:
