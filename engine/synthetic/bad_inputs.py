@@ -109,6 +109,10 @@ PATIENT = Patient(name=PATIENT_NAME, id=PATIENT_ID, sex="F", birth_date=PATIENT_
 BOMB_BYTES = 150 * 1024 * 1024
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
+# One of each common kind (not DICOM, truncated, a gap, mixed matrix, not MR): a quick subset
+# for tests that count outcomes while the full corpus exercises the hardening.
+BASIC_CASES = ("not_dicom", "truncated", "missing_slice", "mixed_size", "ct")
+
 # Case name -> the status a hardened pipeline should give it ("skipped file" = reported in the
 # run's warnings, never a series). Several cases accept a second outcome; see the module text.
 EXPECTED: dict[str, str] = {}
