@@ -4,26 +4,53 @@ The store knows nothing of torch or of heads' code; it writes the numpy arrays a
 pipeline hands it. Layout (see schemas/store.schema.json)::
 
     results.zarr/            attrs: mrfm {format_version, version}, runs [ids], model {...}
-      runs/<run_id>          attrs: config, model, heads, backend, host, timings, counts
+      .mrfm-lock             JSON {host, pid, run_id, started} while a run writes the store
+      runs/<run_id>          attrs: config, model, heads, backend, host, pid, status, timings, counts
       series/<key>/          attrs: uids, source, geometry, status, reason, run_id, fingerprint
         <head>/<output>      mask | scores | value | embedding arrays; boxes are a group
       index/                 series_key, study_uid, description, embedding (one raw chunk)
+
+Integrity: one writer at a time (the lock file); every chunk ends in a crc32c checksum and every
+chunk of every array is written (even all-fill ones), so a damaged chunk raises on read and a
+deleted one is found by listing. Readers never trust a node's metadata blindly: an unreadable
+series group is reported as ``damaged`` and the next run redoes it.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import itertools
+import json
+import math
+import os
 import re
+import secrets
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import collect_aiterator, sync
 
-FORMAT_VERSION = 1
-STATUSES = ("incomplete", "complete", "failed", "skipped")
+from .errors import StoreError, StoreLocked
+from .faults import killpoint
+
+FORMAT_VERSION = 2  # 2: checksummed chunks, store lock, run status interrupted/abandoned
+STATUSES = ("incomplete", "complete", "failed", "skipped")  # what write_series writes
+DAMAGED = "damaged"  # reported for an unreadable series group, never written
+RUN_STATUSES = ("running", "finished", "interrupted", "failed", "abandoned")
+RUN_ENDS = ("finished", "interrupted", "failed")
+LOCK_NAME = ".mrfm-lock"
+MAX_LISTED = 3  # missing chunks named one by one per array; more are counted
 _KEY_RE = re.compile(r"[^A-Za-z0-9._-]")
+# every chunk is written, even one equal to the fill value, so a missing chunk means damage
+_WRITE_ALL = {"write_empty_chunks": True}
 
 
 def series_key(uid: str) -> str:
@@ -34,6 +61,19 @@ def series_key(uid: str) -> str:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _codecs(compress: bool = True) -> list[Any]:
+    """Bytes-to-bytes codecs of every array: crc32c last, so it covers the stored bytes."""
+    return [ZstdCodec(level=3), Crc32cCodec()] if compress else [Crc32cCodec()]
+
+
+def _damaged(reason: str) -> dict[str, Any]:
+    return {"status": DAMAGED, "reason": reason}
+
+
+class _Unreadable(Exception):
+    """A node's metadata cannot be read; the message is 'path: why'."""
 
 
 @dataclass
@@ -47,55 +87,306 @@ class OutputArray:
 
 
 class ResultStore:
-    """A Zarr v3 result store opened for reading or writing."""
+    """A Zarr v3 result store opened for reading (``mode='r'``) or writing."""
 
     def __init__(self, path: str | Path, mode: str = "a"):
         from . import __version__
 
         self.path = Path(path)
-        if mode == "r" and not (self.path / "zarr.json").exists():
+        self.read_only = mode == "r"
+        self._lock: dict[str, Any] | None = None
+        self.index_skipped: list[str] = []
+        root_meta = self.path / "zarr.json"
+        if self.read_only and not root_meta.exists():
             raise FileNotFoundError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
-        self.root = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
-        if mode != "r" and "mrfm" not in self.root.attrs:
-            self.root.attrs.update({"mrfm": {"format_version": FORMAT_VERSION, "version": __version__, "created": now()}, "runs": []})
-        if mode != "r":
-            for name in ("runs", "series"):
-                self.root.require_group(name)
+        if root_meta.exists():
+            _check_json_file(root_meta)
+        try:
+            self.root = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+            if not self.read_only and "mrfm" not in self.root.attrs:
+                self.root.attrs.update({"mrfm": {"format_version": FORMAT_VERSION, "version": __version__, "created": now()}, "runs": []})
+            if not self.read_only:
+                for name in ("runs", "series"):
+                    self.root.require_group(name)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise StoreError(f"{self.path}: cannot open the result store ({type(exc).__name__}: {exc})") from exc
+
+    # ---- raw store access: works whatever a node's metadata holds -----------------------------
+    def _list_dir(self, prefix: str) -> list[str]:
+        return sorted(collect_aiterator(self.root.store.list_dir(prefix)))
+
+    def _list_prefix(self, prefix: str) -> set[str]:
+        return set(collect_aiterator(self.root.store.list_prefix(prefix)))
+
+    def _get(self, key: str) -> bytes | None:
+        buf = sync(self.root.store.get(key, prototype=default_buffer_prototype()))
+        return None if buf is None else buf.to_bytes()
+
+    def _delete_prefix(self, prefix: str) -> None:
+        sync(self.root.store.delete_dir(prefix))
+
+    def _node_meta(self, node: str) -> dict[str, Any]:
+        """The parsed zarr.json of ``node``; raises _Unreadable naming the file."""
+        key = f"{node}/zarr.json"
+        raw = self._get(key)
+        if raw is None:
+            raise _Unreadable(f"{key}: missing")
+        return _parse_meta(key, raw)
+
+    # ---- lock ---------------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_NAME
+
+    def lock_holder(self) -> dict[str, Any] | None:
+        """The lock file's record: None when unlocked, {} when unreadable (being written or damaged)."""
+        try:
+            text = self.lock_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def acquire_lock(self, run_id: str) -> dict[str, Any]:
+        """Take the store's lock for ``run_id``; marks runs left ``running`` as abandoned.
+
+        A lock of a dead process on this host is broken; any other lock raises StoreLocked.
+        """
+        if self.read_only:
+            raise StoreError(f"{self.path}: opened read-only; cannot take the lock")
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id, "started": now()}
+        for _ in range(5):
+            if _create_exclusive(self.lock_path, record):
+                self._lock = record
+                self.mark_abandoned(current=run_id)
+                return record
+            holder = self.lock_holder()
+            if holder is None:
+                continue  # released in between: try again
+            state = _holder_state(holder)
+            if state != "stale":
+                raise StoreLocked(_locked_message(self.lock_path, holder, state))
+            self._break_lock(holder)
+        raise StoreLocked(f"{self.lock_path}: the lock keeps changing hands; try again")
+
+    def release_lock(self) -> None:
+        """Remove the lock if this store object holds it (never someone else's)."""
+        mine, self._lock = self._lock, None
+        if mine and self.lock_holder() == mine:
+            self.lock_path.unlink(missing_ok=True)
+
+    @contextmanager
+    def lock(self, run_id: str) -> Iterator[dict[str, Any]]:
+        """``with store.lock(run_id):`` holds the store for one run; see acquire_lock."""
+        record = self.acquire_lock(run_id)
+        try:
+            yield record
+        finally:
+            self.release_lock()
+
+    def _break_lock(self, holder: dict[str, Any]) -> None:
+        """Remove a stale lock, unless another process replaced it since we read it."""
+        aside = self.lock_path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}-{secrets.token_hex(3)}")
+        try:
+            os.rename(self.lock_path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(aside.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            moved = {}
+        if moved != holder:  # a live writer took the lock in between: give it back, never overwrite
+            try:
+                os.link(aside, self.lock_path)
+            except OSError:
+                pass
+        aside.unlink(missing_ok=True)
+
+    def lock_problem(self) -> str | None:
+        """'path: message' for a lock left by a dead process or unreadable; None otherwise."""
+        holder = self.lock_holder()
+        if holder is None:
+            return None
+        state = _holder_state(holder)
+        if state == "stale":
+            return (f"{LOCK_NAME}: stale lock of run {holder.get('run_id')} (pid {holder.get('pid')} on "
+                    f"{holder.get('host')} is not running); the next run breaks it")
+        if state == "unknown":
+            return f"{LOCK_NAME}: unreadable lock file; if no run is writing this store, remove {self.lock_path}"
+        return None
+
+    def _live_run(self) -> str | None:
+        """The run id of a lock holder that may still be running (live, or on another host)."""
+        holder = self.lock_holder()
+        if holder and _holder_state(holder) in ("live", "foreign"):
+            return holder.get("run_id")
+        return None
 
     # ---- runs -------------------------------------------------------------------------------
     def begin_run(self, run_id: str, info: dict[str, Any]) -> None:
-        self.root.require_group("runs").create_group(run_id).attrs.update({**info, "status": "running"})
+        """Record a run as ``running``, with the pid and hostname that tell later if it died."""
+        host = {"hostname": socket.gethostname(), **(info.get("host") or {})}
+        record = {**info, "host": host, "pid": info.get("pid", os.getpid()), "status": "running"}
+        self.root.require_group("runs").create_group(run_id).attrs.update(record)
         attrs = dict(self.root.attrs)
         self.root.attrs.update({"runs": [*attrs.get("runs", []), run_id], "model": info.get("model", {})})
 
-    def finish_run(self, run_id: str, info: dict[str, Any]) -> None:
-        self.root["runs"][run_id].attrs.update({**info, "status": "finished"})
+    def finish_run(self, run_id: str, info: dict[str, Any], status: str = "finished") -> None:
+        if status not in RUN_ENDS:
+            raise ValueError(f"a run ends {', '.join(RUN_ENDS)}, not {status!r}")
+        self.root["runs"][run_id].attrs.update({**info, "status": status})
+
+    def mark_abandoned(self, current: str | None = None) -> list[str]:
+        """Mark every run still recorded ``running``, except ``current``, as abandoned.
+
+        Called with the lock held, when no other writer can be alive. Returns the runs marked.
+        """
+        marked = []
+        for run_id, attrs in self.recorded_runs().items():
+            if run_id == current or attrs.get("status") != "running":
+                continue
+            try:
+                self.root["runs"][run_id].attrs.update({"status": "abandoned", "abandoned": now(),
+                                                         "reason": "its process ended before the run finished"})
+                marked.append(run_id)
+            except Exception:  # a damaged run record stays as it is; validate reports it
+                continue
+        return marked
+
+    def recorded_runs(self) -> dict[str, dict[str, Any]]:
+        """Recorded attrs per run (a damaged record reads as {'status': 'damaged', ...})."""
+        out = {}
+        for name in self._list_dir("runs"):
+            if name == "zarr.json":
+                continue
+            try:
+                out[name] = dict(self._node_meta(f"runs/{name}").get("attributes") or {})
+            except _Unreadable as exc:
+                out[name] = _damaged(str(exc))
+        return out
 
     def runs(self) -> dict[str, dict[str, Any]]:
-        if "runs" not in self.root:
-            return {}
-        return {name: dict(g.attrs) for name, g in self.root["runs"].groups()}
+        """Run records by id, oldest first; a ``running`` run whose process is gone reads ``abandoned``."""
+        live = self._live_run()
+        out = self.recorded_runs()
+        for run_id, attrs in out.items():
+            if attrs.get("status") == "running" and run_id != live:
+                attrs["status"] = "abandoned"
+        return out
 
     # ---- series -----------------------------------------------------------------------------
     def series_attrs(self, key: str) -> dict[str, Any] | None:
+        """A series' attributes; None when absent; ``{'status': 'damaged', 'reason'}`` when unreadable."""
+        node = f"series/{key}"
         try:
-            return dict(self.root["series"][key].attrs)
-        except KeyError:
-            return None
+            meta = self._node_meta(node)
+        except _Unreadable as exc:
+            if str(exc).endswith(": missing") and not self._list_dir(node):
+                return None
+            return _damaged(str(exc))
+        if meta.get("node_type") != "group":
+            return _damaged(f"{node}/zarr.json: not a group")
+        return dict(meta.get("attributes") or {})
 
     def iter_series(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        if "series" not in self.root:
-            return
-        for name, group in sorted(self.root["series"].groups()):
-            yield name, dict(group.attrs)
+        """(key, attrs) of every series, sorted; an unreadable group yields status 'damaged'."""
+        for name in self._list_dir("series"):
+            if name == "zarr.json":
+                continue
+            attrs = self.series_attrs(name)
+            if attrs is not None:
+                yield name, attrs
 
-    def pending_heads(self, key: str, head_fingerprints: dict[str, str]) -> set[str]:
+    def check_series(self, key: str, deep: bool = False) -> list[str]:
+        """Problems that make a series' stored outputs untrustworthy, as 'path: message'.
+
+        Cheap: every node's metadata parses, every declared output exists, every chunk exists
+        (one listing). ``deep`` also reads every chunk and verifies its crc32c.
+        """
+        attrs = self.series_attrs(key)
+        if attrs is None:
+            return [f"series/{key}: missing"]
+        if attrs.get("status") == DAMAGED:
+            return [attrs["reason"]]
+        node = f"series/{key}"
+        problems, nodes = self._check_tree(node, deep)
+        for head, info in (attrs.get("heads") or {}).items():
+            if not isinstance(info, dict) or info.get("error"):
+                continue
+            for output in info.get("outputs") or []:
+                for path in (f"{node}/{head}", f"{node}/{head}/{output}"):
+                    if path not in nodes:
+                        problems.append(f"{node}/{head}/{output}: declared output missing")
+                        break
+        return problems
+
+    def check_tree(self, node: str, deep: bool = False) -> list[str]:
+        """Problems of every node under ``node`` (e.g. 'index'): metadata, chunks, checksums."""
+        return self._check_tree(node, deep)[0]
+
+    def _check_tree(self, node: str, deep: bool) -> tuple[list[str], set[str]]:
+        keys = self._list_prefix(node + "/")
+        problems: list[str] = []
+        readable: set[str] = set()
+        metas = sorted(k[: -len("/zarr.json")] for k in keys if k.endswith("/zarr.json"))
+        for path in metas:
+            try:
+                meta = _parse_meta(f"{path}/zarr.json", self._get(f"{path}/zarr.json") or b"")
+            except _Unreadable as exc:
+                problems.append(str(exc))
+                continue
+            readable.add(path)
+            if meta.get("node_type") == "array":
+                problems += self._check_chunks(path, meta, keys, deep)
+        return problems, readable
+
+    def _check_chunks(self, path: str, meta: dict[str, Any], keys: set[str], deep: bool) -> list[str]:
+        try:
+            expected = _chunk_keys(path, meta)
+        except Exception as exc:
+            return [f"{path}/zarr.json: array metadata not understood ({exc})"]
+        missing = sorted(expected - keys)
+        problems = [f"{k}: chunk missing" for k in missing[:MAX_LISTED]]
+        if len(missing) > MAX_LISTED:
+            problems.append(f"{path}: {len(missing)} of {len(expected)} chunks missing")
+        if deep:
+            problems += self._verify_chunks(path, meta, sorted(expected & keys))
+        return problems
+
+    def _verify_chunks(self, path: str, meta: dict[str, Any], chunk_keys: list[str]) -> list[str]:
+        """crc32c of each chunk's stored bytes; arrays written without it are decoded instead."""
+        codecs = meta.get("codecs") or []
+        if not codecs or codecs[-1].get("name") != "crc32c":
+            try:
+                zarr.open_array(store=self.root.store, path=path, mode="r")[...]
+            except Exception as exc:
+                return [f"{path}: unreadable ({type(exc).__name__}: {exc})"]
+            return []
+        import google_crc32c
+
+        problems = []
+        for key in chunk_keys:
+            raw = self._get(key) or b""
+            if len(raw) < 4 or google_crc32c.value(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
+                problems.append(f"{key}: checksum mismatch (the chunk's bytes are damaged)")
+        return problems
+
+    def pending_heads(self, key: str, head_fingerprints: dict[str, str], deep: bool = False) -> set[str]:
         """Heads still to run on a series: missing, failed, or fit with another fingerprint.
 
-        An empty set means resume may skip the series.
+        Every head is pending when the group is absent, damaged, incomplete, or check_series
+        finds a problem (``deep`` adds checksum verification of every chunk). An empty set means
+        resume may skip the series.
         """
         attrs = self.series_attrs(key)
         if not attrs or attrs.get("status") not in ("complete", "failed"):
+            return set(head_fingerprints)
+        if self.check_series(key, deep=deep):
             return set(head_fingerprints)
         done = attrs.get("heads", {})
         return {
@@ -108,37 +399,65 @@ class ResultStore:
         """Write one series group; ``status`` goes in last, so a crash leaves 'incomplete'.
 
         Outputs of heads that this write does not touch are kept (adding a head to a store costs
-        nothing already written), unless ``replace`` is set or the series' grid has changed.
+        nothing already written), unless ``replace`` is set, the grid has changed, or the stored
+        group is damaged or incomplete (then it is deleted and written afresh). A failed write
+        marks the group failed with its reason, best effort, and raises StoreError.
         """
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
-        series = self.root.require_group("series")
-        old = dict(series[key].attrs) if key in series else None
         new_heads = attrs.get("heads", {})
+        group = None
+        try:
+            group, kept = self._open_for_write(key, attrs, replace)
+            heads = {**kept, **new_heads}
+            # attrs.update merges: a kept group keeps its geometry when this write has none (load failed)
+            group.attrs.update({**attrs, "heads": heads, "status": "incomplete", "reason": None})
+            geometry = group.attrs.get("geometry") or {}
+            shape = tuple(geometry.get("shape") or ())
+            for out in outputs:
+                self._write_output(group.require_group(out.head), out, shape, geometry)
+                killpoint("mid-series-write")
+            errors = [r["error"] for r in heads.values() if r.get("error")]
+            if status == "complete" and errors:
+                status, reason = "failed", "; ".join(errors)
+            group.attrs.update({"status": status, "reason": reason, "written": now()})
+        except Exception as exc:
+            why = f"could not write series group: {type(exc).__name__ if not str(exc) else exc}"
+            self._mark_write_failed(group, new_heads, why)
+            raise StoreError(f"series/{key}: {why}") from exc
+
+    def _open_for_write(self, key: str, attrs: dict[str, Any], replace: bool) -> tuple[zarr.Group, dict[str, Any]]:
+        """The series group to write into and the head records it keeps."""
+        series = self.root.require_group("series")
+        old = self.series_attrs(key)
         same_grid = old is not None and ("geometry" not in attrs or old.get("geometry") == attrs["geometry"])
-        if old is not None and same_grid and not replace:
-            group = series[key]
-            group.attrs.update({"status": "incomplete"})
-            kept = {h: r for h, r in old.get("heads", {}).items() if h not in new_heads}
-            for name in list(group.group_keys()):
-                if name not in kept:
-                    del group[name]
-        else:
+        keep = (old is not None and same_grid and not replace and old.get("status") in ("complete", "failed")
+                and not self.check_series(key))
+        if not keep:
             if old is not None:
-                del series[key]
-            group = series.create_group(key)
-            kept = {}
-        heads = {**kept, **new_heads}
-        # attrs.update merges: a kept group keeps its geometry when this write has none (load failed)
-        group.attrs.update({**attrs, "heads": heads, "status": "incomplete", "reason": None})
-        geometry = group.attrs.get("geometry") or {}
-        shape = tuple(geometry.get("shape") or ())
-        for out in outputs:
-            self._write_output(group.require_group(out.head), out, shape, geometry)
-        errors = [r["error"] for r in heads.values() if r.get("error")]
-        if status == "complete" and errors:
-            status, reason = "failed", "; ".join(errors)
-        group.attrs.update({"status": status, "reason": reason, "written": now()})
+                self._delete_prefix(f"series/{key}")  # store-level: works when zarr.json is unreadable
+            return series.create_group(key), {}
+        group = series[key]
+        group.attrs.update({"status": "incomplete"})
+        new_heads = attrs.get("heads", {})
+        kept = {h: r for h, r in old.get("heads", {}).items() if h not in new_heads}
+        for name in list(group.group_keys()):
+            if name not in kept:
+                del group[name]
+        return group, kept
+
+    def _mark_write_failed(self, group: zarr.Group | None, new_heads: dict[str, Any], why: str) -> None:
+        """Best effort: small attribute writes often succeed where chunk writes failed (disk full)."""
+        if group is None:
+            return
+        try:
+            heads = dict(group.attrs.get("heads") or {})
+            for name in new_heads:
+                if name in heads:
+                    heads[name] = {**heads[name], "error": heads[name].get("error") or why}
+            group.attrs.update({"status": "failed", "reason": why, "heads": heads, "written": now()})
+        except Exception:
+            pass
 
     def _write_output(self, head_group: zarr.Group, out: OutputArray, shape: tuple[int, ...], geometry: dict[str, Any]) -> None:
         decl, name = out.decl, out.decl["name"]
@@ -159,7 +478,8 @@ class ResultStore:
         arr = np.asarray(out.value)
         if decl["kind"] == "mask":
             chunks = tuple(min(64, s) for s in arr.shape)
-            a = head_group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks, compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0)
+            a = head_group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks, compressors=_codecs(),
+                                        fill_value=0, config=_WRITE_ALL)
             a[...] = arr
             meta.update({"affine": geometry.get("affine"), "dtype": str(arr.dtype)})
             a.attrs.update(meta)
@@ -168,31 +488,37 @@ class ResultStore:
         a.attrs.update(meta)
 
     def read_output(self, key: str, head: str, output: str) -> Any:
-        """An output as numpy (a dict of arrays for boxes)."""
-        node = self.root["series"][key][head][output]
-        if isinstance(node, zarr.Group):
-            return {name: arr[...] for name, arr in node.arrays()} | {"attrs": dict(node.attrs)}
-        return node[...]
+        """An output as numpy (a dict of arrays for boxes); a damaged chunk raises StoreError."""
+        try:
+            node = self.root["series"][key][head][output]
+            if isinstance(node, zarr.Group):
+                return {name: arr[...] for name, arr in node.arrays()} | {"attrs": dict(node.attrs)}
+            return node[...]
+        except KeyError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"series/{key}/{head}/{output}: unreadable ({type(exc).__name__}: {exc})") from exc
 
     # ---- index ------------------------------------------------------------------------------
     def rebuild_index(self, embedding_source: str | None = None) -> int:
         """Rewrite index/ from every complete series: keys, uids and (if present) embeddings.
 
-        The embedding matrix is one uncompressed chunk so readers can memory-map it.
+        The group is written with attrs ``complete: false`` and flipped to true last, so a crash
+        mid-rebuild leaves an index that validate reports and the next run rebuilds. A series
+        whose embedding cannot be read is left out and listed in ``index_skipped``. The embedding
+        matrix is one chunk (raw float32 then a 4-byte crc32c) so readers can memory-map it.
         """
         keys, studies, descriptions, embeddings, source = [], [], [], [], embedding_source
+        skipped: list[str] = []
         for key, attrs in self.iter_series():
             if attrs.get("status") != "complete":
                 continue
-            if source is None:
-                source = _first_embedding(self.root["series"][key])
-            emb = None
-            if source:
-                head, output = source.split("/")
-                try:
-                    emb = np.asarray(self.root["series"][key][head][output][...], dtype=np.float32)
-                except KeyError:
-                    emb = None
+            try:
+                source = source or _first_embedding(self.root["series"][key])
+                emb = _read_embedding(self.root["series"][key], source) if source else None
+            except Exception as exc:
+                skipped.append(f"series/{key}: {type(exc).__name__}: {exc}")
+                continue
             if source and emb is None:
                 continue  # an index row must have an embedding when the index has them
             keys.append(key)
@@ -200,28 +526,132 @@ class ResultStore:
             descriptions.append(attrs.get("description", ""))
             if emb is not None:
                 embeddings.append(emb)
-        if "index" in self.root:
-            del self.root["index"]
-        index = self.root.create_group("index")
+        self.index_skipped = skipped
+        index = self._fresh_index()
         _array(index, "series_key", np.asarray(keys, dtype=str))
+        killpoint("index-rebuild")
         _array(index, "study_uid", np.asarray(studies, dtype=str))
         _array(index, "description", np.asarray(descriptions, dtype=str))
         if embeddings:
             matrix = np.stack(embeddings).astype("<f4")
-            a = index.create_array("embedding", shape=matrix.shape, chunks=matrix.shape, dtype="<f4", compressors=None, fill_value=0.0)
+            a = index.create_array("embedding", shape=matrix.shape, chunks=matrix.shape, dtype="<f4",
+                                   compressors=_codecs(compress=False), fill_value=0.0, config=_WRITE_ALL)
             a[...] = matrix
-        index.attrs.update({"count": len(keys), "embedding_source": source if embeddings else None, "built": now()})
+        index.attrs.update({"count": len(keys), "embedding_source": source if embeddings else None, "built": now(),
+                            "skipped": skipped[:100], "complete": True})
         return len(keys)
+
+    def _fresh_index(self) -> zarr.Group:
+        """An empty index group marked incomplete; the old one is marked incomplete before deletion."""
+        try:
+            self.root["index"].attrs.update({"complete": False})
+        except Exception:
+            pass  # absent or unreadable: deleted below either way
+        self._delete_prefix("index")
+        index = self.root.create_group("index")
+        index.attrs.update({"count": 0, "embedding_source": None, "complete": False})
+        return index
+
+    def index_attrs(self) -> dict[str, Any] | None:
+        """index/ attributes; None when absent; {'damaged': reason} when unreadable."""
+        try:
+            return dict(self._node_meta("index").get("attributes") or {})
+        except _Unreadable as exc:
+            if str(exc).endswith(": missing") and not self._list_dir("index"):
+                return None
+            return {"damaged": str(exc)}
 
     def summary(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         heads: dict[str, int] = {}
         for _, attrs in self.iter_series():
-            counts[attrs.get("status", "?")] = counts.get(attrs.get("status", "?"), 0) + 1
-            for h in attrs.get("heads", {}):
+            status = str(attrs.get("status", "?"))
+            counts[status] = counts.get(status, 0) + 1
+            for h in attrs.get("heads") or {}:
                 heads[h] = heads.get(h, 0) + 1
         root = dict(self.root.attrs)
-        return {"path": str(self.path), "format": root.get("mrfm", {}), "runs": root.get("runs", []), "model": root.get("model", {}), "series": counts, "heads": heads, "index": dict(self.root["index"].attrs) if "index" in self.root else None}
+        return {"path": str(self.path), "format": root.get("mrfm", {}), "runs": root.get("runs", []),
+                "run_status": {r: a.get("status") for r, a in self.runs().items()}, "lock": self.lock_holder(),
+                "model": root.get("model", {}), "series": counts, "heads": heads, "index": self.index_attrs()}
+
+
+def _check_json_file(path: Path) -> None:
+    """Raise StoreError naming ``path`` when it is not a JSON object."""
+    try:
+        _parse_meta(str(path), path.read_bytes())
+    except _Unreadable as exc:
+        raise StoreError(f"{exc}; the store's root metadata is damaged") from None
+    except OSError as exc:
+        raise StoreError(f"{path}: unreadable ({exc})") from exc
+
+
+def _parse_meta(key: str, raw: bytes) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        kind = "truncated JSON" if raw and not raw.rstrip().endswith(b"}") else "invalid JSON"
+        raise _Unreadable(f"{key}: {kind} ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
+        raise _Unreadable(f"{key}: not Zarr v3 metadata")
+    return meta
+
+
+def _chunk_keys(path: str, meta: dict[str, Any]) -> set[str]:
+    """Every chunk key an array's metadata implies (arrays are written whole)."""
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    md = ArrayV3Metadata.from_dict(dict(meta))
+    shape, chunks = md.shape, md.chunk_grid.chunk_shape
+    if 0 in shape:
+        return set()
+    grid = [range(math.ceil(s / c)) for s, c in zip(shape, chunks)]
+    return {f"{path}/{md.encode_chunk_key(coords)}" for coords in itertools.product(*grid)}
+
+
+def _create_exclusive(path: Path, record: dict[str, Any]) -> bool:
+    """Create ``path`` holding ``record`` unless it exists (O_CREAT|O_EXCL: atomic on local disks)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except OSError as exc:
+        return exc.errno != errno.ESRCH
+    return True
+
+
+def _holder_state(holder: dict[str, Any]) -> str:
+    """live | stale (this host, process gone) | foreign (another host: cannot tell) | unknown."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or not holder.get("host"):
+        return "unknown"
+    if holder["host"] != socket.gethostname():
+        return "foreign"
+    return "live" if _pid_alive(pid) else "stale"
+
+
+def _locked_message(path: Path, holder: dict[str, Any], state: str) -> str:
+    store = path.parent
+    who = f"run {holder.get('run_id')} (pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')})"
+    if state == "live":
+        return f"{store} is in use by {who}; wait for it to finish or stop it"
+    if state == "foreign":
+        return (f"{store} is locked by {who}; this machine cannot tell whether that process still runs. "
+                f"If it does not, remove {path}")
+    return f"{store} is locked ({path} is unreadable: being written, or damaged). If no run writes this store, remove {path}"
 
 
 def _array(group: zarr.Group, name: str, value: np.ndarray) -> zarr.Array:
@@ -229,7 +659,8 @@ def _array(group: zarr.Group, name: str, value: np.ndarray) -> zarr.Array:
     dtype = str if value.dtype.kind == "U" else value.dtype
     # one chunk per small array; zarr wants chunk sides >= 1, and "auto" for 0-d arrays
     chunks = tuple(max(1, s) for s in value.shape) if value.ndim else "auto"
-    a = group.create_array(name, shape=value.shape, dtype=dtype, chunks=chunks, fill_value="" if dtype is str else 0)
+    a = group.create_array(name, shape=value.shape, dtype=dtype, chunks=chunks, fill_value="" if dtype is str else 0,
+                           compressors=_codecs(), config=_WRITE_ALL)
     if value.size:
         a[...] = value
     return a
@@ -242,6 +673,15 @@ def _first_embedding(series_group: zarr.Group) -> str | None:
             if arr.attrs.get("kind") == "embedding":
                 return f"{head}/{name}"
     return None
+
+
+def _read_embedding(series_group: zarr.Group, source: str) -> np.ndarray | None:
+    head, output = source.split("/")
+    try:
+        node = series_group[head][output]
+    except KeyError:
+        return None
+    return np.asarray(node[...], dtype=np.float32)
 
 
 def open_store(path: str | Path, mode: str = "r") -> ResultStore:
