@@ -1,6 +1,8 @@
 """``mrfm validate``: check a result store against schemas/store.schema.json and its rules.
 
 Every violation is reported as 'path: message', so a broken store can be mended or explained.
+Validation never raises on a damaged store: what cannot be read is itself a problem. ``deep``
+also reads every chunk and verifies its checksum (cost: reading the whole store once).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import numpy as np
 import zarr
 
 from . import schemas
+from .errors import StoreError
 from .mapping import grid_world_bounds
+from .store import DAMAGED, ResultStore
 
 _KEY = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -29,40 +33,89 @@ def _schema_errors(defn: str, instance: Any, path: str) -> list[str]:
     return out
 
 
-def validate_store(path: str | Path) -> list[str]:
+def _slash(problems: list[str]) -> list[str]:
+    """Store messages name keys ('series/k/...'); validate names paths from the root ('/series/k/...')."""
+    return [p if p.startswith("/") else "/" + p for p in problems]
+
+
+def validate_store(path: str | Path, deep: bool = False) -> list[str]:
     """Every violation found in the store at ``path`` (empty when valid)."""
     path = Path(path)
     try:
-        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+        store = ResultStore(path, mode="r")
+    except StoreError as exc:
+        return [str(exc)]
     except Exception as exc:
         return [f"{path}: not a Zarr v3 group ({exc})"]
+    try:
+        return _validate(store, deep)
+    except Exception as exc:  # a last resort: validate reports, it never crashes
+        return [f"{path}: could not be checked ({type(exc).__name__}: {exc})"]
+
+
+def _validate(store: ResultStore, deep: bool) -> list[str]:
+    root = store.root
     problems = _schema_errors("root", dict(root.attrs), "/")
+    lock = store.lock_problem()
+    if lock:
+        problems.append("/" + lock)
+    missing = [f"/{name}: missing group" for name in ("runs", "series") if name not in root]
+    if missing:
+        return problems + missing
     run_ids = set(root.attrs.get("runs", []))
-    for name in ("runs", "series"):
-        if name not in root:
-            problems.append(f"/{name}: missing group")
-    if problems and any(p.startswith("/runs:") or p.startswith("/series:") for p in problems):
-        return problems
-    runs = dict(root["runs"].groups())
-    for run_id in sorted(run_ids - set(runs)):
-        problems.append(f"/runs/{run_id}: listed in root attrs but missing")
-    for run_id, group in sorted(runs.items()):
-        problems += _schema_errors("run", dict(group.attrs), f"/runs/{run_id}")
-        if run_id not in run_ids:
-            problems.append(f"/runs/{run_id}: not listed in root attrs 'runs'")
-    complete: dict[str, zarr.Group] = {}
-    for key, group in sorted(root["series"].groups()):
-        where = f"/series/{key}"
-        attrs = dict(group.attrs)
-        if not _KEY.match(key):
-            problems.append(f"{where}: series key has characters outside [A-Za-z0-9._-]")
-        problems += _schema_errors("series", attrs, where)
-        if attrs.get("run_id") and attrs["run_id"] not in run_ids:
-            problems.append(f"{where} attrs.run_id: run {attrs['run_id']!r} is not in the store")
+    problems += _check_runs(store, run_ids)
+    runs = store.runs()
+    complete: set[str] = set()
+    for key, attrs in store.iter_series():
+        series_problems = _check_series(store, key, attrs, run_ids, runs, deep)
+        problems += series_problems
         if attrs.get("status") == "complete":
-            complete[key] = group
-            problems += _check_outputs(group, attrs, where)
-    problems += _check_index(root, complete)
+            complete.add(key)
+    problems += _check_index(store, complete, deep)
+    return problems
+
+
+def _check_runs(store: ResultStore, run_ids: set[str]) -> list[str]:
+    problems = []
+    recorded, effective = store.recorded_runs(), store.runs()
+    for run_id in sorted(run_ids - set(recorded)):
+        problems.append(f"/runs/{run_id}: listed in root attrs but missing")
+    for run_id, attrs in effective.items():
+        where = f"/runs/{run_id}"
+        if attrs.get("status") == DAMAGED:
+            problems.append("/" + attrs["reason"])
+            continue
+        problems += _schema_errors("run", attrs, where)
+        if run_id not in run_ids:
+            problems.append(f"{where}: not listed in root attrs 'runs'")
+        if attrs.get("status") == "abandoned" and recorded[run_id].get("status") == "running":
+            problems.append(f"{where}: left running by a process that is gone (abandoned); the next run marks it")
+    return problems
+
+
+def _check_series(store: ResultStore, key: str, attrs: dict[str, Any], run_ids: set[str],
+                  runs: dict[str, dict[str, Any]], deep: bool) -> list[str]:
+    where = f"/series/{key}"
+    problems = []
+    if not _KEY.match(key):
+        problems.append(f"{where}: series key has characters outside [A-Za-z0-9._-]")
+    status = attrs.get("status")
+    if status == DAMAGED:
+        return problems + [f"/{attrs['reason']} (series damaged; the next run redoes it)"]
+    problems += _schema_errors("series", attrs, where)
+    run_id = attrs.get("run_id")
+    if run_id and run_id not in run_ids:
+        problems.append(f"{where} attrs.run_id: run {run_id!r} is not in the store")
+    if status == "incomplete" and (runs.get(run_id) or {}).get("status") != "running":
+        problems.append(f"{where}: left incomplete by run {run_id}, which is not running; the next run redoes it")
+    if status in ("complete", "failed"):
+        problems += _slash(store.check_series(key, deep=deep))
+        try:
+            group = store.root["series"][key]
+            if status == "complete":
+                problems += _check_outputs(group, attrs, where)
+        except Exception as exc:
+            problems.append(f"{where}: unreadable ({type(exc).__name__}: {exc})")
     return problems
 
 
@@ -78,30 +131,35 @@ def _check_outputs(group: zarr.Group, attrs: dict[str, Any], where: str) -> list
             p = f"{where}/{head}/{output}"
             try:
                 node = group[head][output]
-            except KeyError:
-                problems.append(f"{p}: declared output missing")
-                continue
-            problems += _schema_errors("output", dict(node.attrs), p)
-            kind = node.attrs.get("kind")
-            if kind == "boxes":
-                problems += _check_boxes(node, p, bounds)
-                continue
-            if not isinstance(node, zarr.Array):
-                problems.append(f"{p}: expected an array for kind {kind}")
-                continue
-            if kind == "mask":
-                if tuple(node.shape) != shape:
-                    problems.append(f"{p}: mask shape {tuple(node.shape)} differs from the series grid {shape}")
-                if not np.issubdtype(node.dtype, np.integer):
-                    problems.append(f"{p}: mask dtype {node.dtype} is not an integer label type")
-                elif node.size and int(np.max(node[...])) >= len(node.attrs.get("labels", [])):
-                    problems.append(f"{p}: mask holds label values beyond its {len(node.attrs.get('labels', []))} labels")
-            elif kind == "scores" and tuple(node.shape) != (len(node.attrs.get("labels", [])),):
-                problems.append(f"{p}: {tuple(node.shape)} scores for {len(node.attrs.get('labels', []))} labels")
-            elif kind == "embedding" and node.attrs.get("normalized"):
-                norm = float(np.linalg.norm(node[...]))
-                if abs(norm - 1) > 1e-3:
-                    problems.append(f"{p}: declared normalized but L2 norm is {norm:.4f}")
+            except Exception:
+                continue  # reported by check_series as missing or damaged
+            try:
+                problems += _check_output(node, p, shape, bounds)
+            except Exception as exc:
+                problems.append(f"{p}: unreadable ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def _check_output(node: Any, p: str, shape: tuple[int, ...], bounds: np.ndarray | None) -> list[str]:
+    problems = _schema_errors("output", dict(node.attrs), p)
+    kind = node.attrs.get("kind")
+    if kind == "boxes":
+        return problems + _check_boxes(node, p, bounds)
+    if not isinstance(node, zarr.Array):
+        return problems + [f"{p}: expected an array for kind {kind}"]
+    if kind == "mask":
+        if tuple(node.shape) != shape:
+            problems.append(f"{p}: mask shape {tuple(node.shape)} differs from the series grid {shape}")
+        if not np.issubdtype(node.dtype, np.integer):
+            problems.append(f"{p}: mask dtype {node.dtype} is not an integer label type")
+        elif node.size and int(np.max(node[...])) >= len(node.attrs.get("labels", [])):
+            problems.append(f"{p}: mask holds label values beyond its {len(node.attrs.get('labels', []))} labels")
+    elif kind == "scores" and tuple(node.shape) != (len(node.attrs.get("labels", [])),):
+        problems.append(f"{p}: {tuple(node.shape)} scores for {len(node.attrs.get('labels', []))} labels")
+    elif kind == "embedding" and node.attrs.get("normalized"):
+        norm = float(np.linalg.norm(node[...]))
+        if abs(norm - 1) > 1e-3:
+            problems.append(f"{p}: declared normalized but L2 norm is {norm:.4f}")
     return problems
 
 
@@ -128,25 +186,40 @@ def _check_boxes(node: Any, p: str, bounds: np.ndarray | None) -> list[str]:
     return problems
 
 
-def _check_index(root: zarr.Group, complete: dict[str, zarr.Group]) -> list[str]:
-    if "index" not in root:
+def _check_index(store: ResultStore, complete: set[str], deep: bool) -> list[str]:
+    attrs = store.index_attrs()
+    if attrs is None:
         return ["/index: missing group"] if complete else []
-    index = root["index"]
-    problems = _schema_errors("index", dict(index.attrs), "/index")
+    if "damaged" in attrs:
+        return [f"/{attrs['damaged']} (index damaged; the next run rebuilds it)"]
+    problems = _schema_errors("index", attrs, "/index")
+    if attrs.get("complete") is False:
+        problems.append("/index: partial (a rebuild did not finish); the next run rebuilds it")
+    damage = _slash(store.check_tree("index", deep=deep))
+    if damage:
+        return problems + [f"{p} (the next run rebuilds the index)" for p in damage]
+    try:
+        return problems + _check_index_rows(store.root["index"], attrs, complete)
+    except Exception as exc:
+        return problems + [f"/index: unreadable ({type(exc).__name__}: {exc}); the next run rebuilds it"]
+
+
+def _check_index_rows(index: zarr.Group, attrs: dict[str, Any], complete: set[str]) -> list[str]:
+    problems = []
     arrays = dict(index.arrays())
     if "series_key" not in arrays:
-        return problems + ["/index/series_key: missing"]
+        return ["/index/series_key: missing"]
     keys = [str(k) for k in arrays["series_key"][...]]
     if len(set(keys)) != len(keys):
         problems.append("/index/series_key: duplicate keys")
-    stray = sorted(set(keys) - set(complete))
+    stray = sorted(set(keys) - complete)
     if stray:
         problems.append(f"/index/series_key: {len(stray)} key(s) are not complete series, e.g. {stray[0]}")
     if "embedding" in arrays:
         if arrays["embedding"].shape[0] != len(keys):
             problems.append(f"/index/embedding: {arrays['embedding'].shape[0]} rows for {len(keys)} keys")
-    elif set(complete) - set(keys):
-        problems.append(f"/index/series_key: {len(set(complete) - set(keys))} complete series missing from the index")
-    if index.attrs.get("count") != len(keys):
-        problems.append(f"/index attrs.count: {index.attrs.get('count')} but {len(keys)} keys")
+    elif complete - set(keys):
+        problems.append(f"/index/series_key: {len(complete - set(keys))} complete series missing from the index")
+    if attrs.get("count") != len(keys):
+        problems.append(f"/index attrs.count: {attrs.get('count')} but {len(keys)} keys")
     return problems
