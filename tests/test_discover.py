@@ -155,14 +155,16 @@ def test_missing_slice_is_flagged_and_refused(tmp_path):
     _assert_refused(ref, "missing slice", [info["paths"][3], info["paths"][5]])
 
 
-def test_non_uniform_spacing_is_flagged(tmp_path):
+def test_variable_spacing_is_resampled_not_refused(tmp_path):
     info = write_series(tmp_path / "s", shape=(8, 8, 6))
     moved = info["paths"][5]
     ds = pydicom.dcmread(moved)
     ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 1.0  # 3.5 mm step, not 2.5
     ds.save_as(moved)
-    [ref] = scan([tmp_path]).series
-    _assert_refused(ref, "non-uniform slice spacing", [moved])
+    result = scan([tmp_path])
+    [ref] = result.series
+    assert ref.problems == [] and result.files_used == result.files_seen == 6
+    assert "variable spacing" in load(ref).meta["slice_rule"]
 
 
 def test_duplicate_positions_are_flagged(tmp_path):
