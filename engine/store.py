@@ -107,7 +107,7 @@ class ResultStore:
                 self.root.attrs.update({"mrfm": {"format_version": FORMAT_VERSION, "version": __version__, "created": now()}, "runs": []})
             if not self.read_only:
                 for name in ("runs", "series"):
-                    self.root.require_group(name)
+                    self._require_container(name)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise StoreError(f"{self.path}: cannot open the result store ({type(exc).__name__}: {exc})") from exc
 
@@ -132,6 +132,25 @@ class ResultStore:
         if raw is None:
             raise _Unreadable(f"{key}: missing")
         return _parse_meta(key, raw)
+
+    def node_problem(self, node: str) -> str | None:
+        """'node/zarr.json: why' when the node's metadata is missing or unreadable, else None."""
+        try:
+            self._node_meta(node)
+        except _Unreadable as exc:
+            return str(exc)
+        return None
+
+    def _require_container(self, name: str) -> None:
+        """Create runs/ or series/, or rewrite its metadata when damaged (they hold no attributes)."""
+        problem = self.node_problem(name)
+        if problem is None:
+            return
+        if not self._list_dir(name):
+            self.root.require_group(name)
+            return
+        meta = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
+        sync(self.root.store.set(f"{name}/zarr.json", default_buffer_prototype().buffer.from_bytes(meta)))
 
     # ---- lock ---------------------------------------------------------------------------------
     @property

@@ -59,9 +59,10 @@ def _validate(store: ResultStore, deep: bool) -> list[str]:
     lock = store.lock_problem()
     if lock:
         problems.append("/" + lock)
-    missing = [f"/{name}: missing group" for name in ("runs", "series") if name not in root]
-    if missing:
-        return problems + missing
+    containers = {name: store.node_problem(name) for name in ("runs", "series")}
+    broken = [f"/{name}: missing group" if p.endswith(": missing") else f"/{p}" for name, p in containers.items() if p]
+    if broken:
+        return problems + broken
     run_ids = set(root.attrs.get("runs", []))
     problems += _check_runs(store, run_ids)
     runs = store.runs()

@@ -290,3 +290,11 @@ def test_a_series_left_incomplete_by_a_dead_run_is_a_problem_and_redone(path):
     store = ResultStore(path, mode="a")
     assert store.pending_heads("s1", {h: FP for h in HEADS}) == set(HEADS)
     assert store.summary()["series"] == {"incomplete": 1, "complete": 1}
+
+
+def test_a_damaged_series_container_is_reported_and_rewritten_by_a_writer(path):
+    (path / "series/zarr.json").write_text('{"zarr_format": 3, "node_ty')
+    assert validate_store(path)[0].startswith("/series/zarr.json: truncated JSON")
+    store = ResultStore(path, mode="a")
+    assert sorted(dict(store.iter_series())) == ["s1", "s2"]
+    assert validate_store(path, deep=True) == []

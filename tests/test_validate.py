@@ -40,6 +40,17 @@ def _group(path, *parts):
 
 def test_a_fresh_store_is_valid(valid_store):
     assert validate_store(valid_store) == []
+    assert validate_store(valid_store, deep=True) == []
+
+
+def test_a_damaged_chunk_is_named_by_deep_validation(store):
+    key = _first_key(store)
+    chunk = next(p for p in sorted((store / "series" / key / "segment" / "anatomy").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    rel = chunk.relative_to(store).as_posix()
+    assert f"/{rel}: checksum mismatch (the chunk's bytes are damaged)" in validate_store(store, deep=True)
 
 
 def test_not_a_store(tmp_path):
