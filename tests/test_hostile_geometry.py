@@ -204,9 +204,17 @@ def test_rows_larger_than_the_pixel_data_are_named_at_scan(tmp_path):
     paths = write(tmp_path / "s", ramp((12, 10, 4)), np.diag([1.0, 1.0, 2.0, 1.0]))
     patch(paths, Rows=40)
     ref = only([tmp_path / "s"])
-    assert any("needs 960" in p and str(ref.sources[0]) in p for p in ref.problems), ref.problems
+    rule = "pixel data holds 240 bytes, Rows x Columns x frames x bytes/pixel (40 x 12 x 1 x 2) needs 960"
+    assert any(p.startswith(str(ref.sources[0])) and p.endswith(rule) for p in ref.problems), ref.problems
     prep = prepare(ref, PRE, ("global",))
-    assert prep.error and "needs 960" in prep.error and prep.affine is None
+    assert prep.error and rule in prep.error and prep.affine is None
+
+
+def test_a_cut_file_is_called_truncated(tmp_path):
+    paths = write(tmp_path / "s", ramp((12, 10, 4)), np.diag([1.0, 1.0, 2.0, 1.0]))
+    paths[2].write_bytes(paths[2].read_bytes()[:-100])
+    ref = only([tmp_path / "s"])
+    assert any("truncated file: 140 bytes of pixel data, the Pixel Data element declares 240" in p for p in ref.problems)
 
 
 # --------------------------------------------------------------------------- slice positions

@@ -58,25 +58,47 @@ class DicomRecord:
 # --------------------------------------------------------------------------- header records
 
 
-def read_header(source: Source) -> tuple[Dataset, int]:
-    """The dataset without pixel data, and how many bytes follow the header in the file.
+@dataclass(frozen=True)
+class PixelBytes:
+    """How much pixel data a file holds: the bytes after the header, and the length the Pixel
+    Data element declares (None when encapsulated or unparseable)."""
+
+    present: int
+    declared: int | None = None
+
+
+def read_header(source: Source) -> tuple[Dataset, PixelBytes]:
+    """The dataset without pixel data, and what the file holds of its pixel data.
 
     Raises on anything that is not readable DICOM.
     """
     with source.open() as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
-        return ds, _remaining_bytes(fh)
+        return ds, _pixel_bytes(fh, ds)
 
 
-def _remaining_bytes(fh) -> int:
+def _pixel_bytes(fh, ds: Dataset) -> PixelBytes:
+    """Read the Pixel Data element's tag and length (the file is positioned at it)."""
     here = fh.tell()
+    head = fh.read(12)
     fh.seek(0, 2)
-    end = fh.tell()
-    return end - here
+    remaining = fh.tell() - here
+    ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    if ts is None or not ts.is_little_endian or len(head) < 8 or head[:4] != b"\xe0\x7f\x10\x00":
+        return PixelBytes(remaining)
+    if ts.is_implicit_VR:
+        size, length = 8, int.from_bytes(head[4:8], "little")
+    elif len(head) == 12 and head[4:6] in (b"OB", b"OW"):
+        size, length = 12, int.from_bytes(head[8:12], "little")
+    else:
+        return PixelBytes(remaining)
+    if length == 0xFFFFFFFF:  # encapsulated (compressed) data
+        return PixelBytes(remaining)
+    return PixelBytes(min(length, remaining - size), length)
 
 
 def record_from_header(
-    source: Source, ds: Dataset, remaining: int | None = None, *, with_patient_age: bool = False
+    source: Source, ds: Dataset, remaining: PixelBytes | int | None = None, *, with_patient_age: bool = False
 ) -> DicomRecord:
     """Build the record for one file; raises ValueError for DICOM without image data."""
     if "Rows" not in ds or "Columns" not in ds:
@@ -191,14 +213,19 @@ def pixel_size_problem(held: int, ds: Dataset) -> str:
     )
 
 
-def _truncation(ds: Dataset, remaining: int | None) -> str | None:
-    """For uncompressed files, whether fewer bytes follow the header than the pixel data needs
-    (a truncated file, or Rows/Columns larger than the data)."""
+def _truncation(ds: Dataset, remaining: PixelBytes | int | None) -> str | None:
+    """For uncompressed files, whether the file holds less pixel data than the header needs:
+    a truncated file (the Pixel Data element declares more than the file holds) or Rows/Columns
+    that are larger than the data."""
     ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
-    if remaining is None or ts is None or ts.is_compressed:
+    if remaining is None or ts is None or ts.is_compressed or "Rows" not in ds:
         return None
-    if remaining < pixel_bytes_needed(ds):
-        return pixel_size_problem(remaining, ds).replace("holds", "holds at most", 1) + " (truncated file?)"
+    held = remaining if isinstance(remaining, PixelBytes) else PixelBytes(remaining)
+    needed = pixel_bytes_needed(ds)
+    if held.declared is not None and held.present < held.declared:
+        return f"truncated file: {held.present} bytes of pixel data, the Pixel Data element declares {held.declared}"
+    if held.present < needed:
+        return pixel_size_problem(held.present, ds)
     return None
 
 
