@@ -12,7 +12,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_rescale, pixel_array
 
 from ..discover import LoadError, SeriesRef, Source, sanitise_key
-from ..geometry import LPS_TO_RAS, Volume, check_affine, orientation_name
+from ..geometry import LPS_TO_RAS, Volume, affine_problem, check_affine, orientation_name
 from .frames import (
     VOLUME_RULE,
     DicomRecord,
@@ -104,11 +104,14 @@ def _note_volumes(meta: dict[str, Any], stack: Stack) -> None:
 
 
 def _orientation_from_iop(iop: tuple[float, ...] | None) -> str:
+    """A best-effort name for a series whose stack failed; "unknown" for unusable vectors."""
     if iop is None:
         return "unknown"
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1] = iop[:3], iop[3:]
     lps[:3, 2] = np.cross(iop[:3], iop[3:])
+    if affine_problem(lps):
+        return "unknown"
     return orientation_name(LPS_TO_RAS @ lps)
 
 
