@@ -10,15 +10,30 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, MrfmError
 
 console = Console()
 err_console = Console(stderr=True)
 
-STATUS_STYLE = {"complete": "green", "resumed": "cyan", "skipped": "yellow", "failed": "red"}
+STATUS_STYLE = {"complete": "green", "resumed": "cyan", "skipped": "yellow", "failed": "red",
+                "incomplete": "magenta", "damaged": "red", "interrupted": "yellow", "abandoned": "red"}
+
+
+def esc(value: Any) -> str:
+    """Data from archives and stores (descriptions, reasons, names) printed literally: rich
+    markup in a SeriesDescription such as ``[/]`` must neither crash nor style the output."""
+    return escape("" if value is None else str(value))
+
+
+def styled(status: Any) -> str:
+    status = esc(status)
+    style = STATUS_STYLE.get(status)
+    return f"[{style}]{status}[/]" if style else status
 
 
 def short(uid: str, keep: int = 14) -> str:
@@ -26,10 +41,34 @@ def short(uid: str, keep: int = 14) -> str:
     return uid if len(uid) <= keep + 1 else "…" + uid[-keep:]
 
 
-@click.group()
+class _Cli(click.Group):
+    """Expected errors (``engine.errors``) become one line and their exit code; a traceback is
+    shown only with ``--debug`` (or for a bug, which is not an expected error)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MrfmError as exc:
+            if ctx.meta.get("mrfm.debug"):
+                raise
+            err_console.print(f"[red]error:[/] {esc(exc)}", highlight=False)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]", highlight=False)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Cli)
 @click.version_option(__version__, prog_name="mrfm")
-def cli() -> None:
-    """mrfm: run a frozen 3D MRI foundation model and its heads over DICOM/NIfTI archives."""
+@click.option("--debug", is_flag=True, help="Show tracebacks for expected errors too.")
+@click.pass_context
+def cli(ctx, debug) -> None:
+    """mrfm: run a frozen 3D MRI foundation model and its heads over DICOM/NIfTI archives.
+
+    Exit status: 0 done; 1 some series failed; 2 usage or configuration error (including no
+    series found); 3 result store locked or unusable; 130 interrupted.
+    """
+    ctx.meta["mrfm.debug"] = debug
 
 
 # ---- run ----------------------------------------------------------------------------------------
@@ -52,9 +91,10 @@ class _Reporter:
             return
         kind = event["event"]
         if kind == "warning":
-            err_console.print(f"[yellow]warning:[/] {event['message']}", highlight=False)
+            err_console.print(f"[yellow]warning:[/] {esc(event['message'])}", highlight=False)
         elif kind == "scan":
-            err_console.print(f"found {event['series']} series in {event['studies']} studies; backend [bold]{event['backend']}[/] ({event['backend_reason']})", highlight=False)
+            skipped = f", {event['skipped_files']} file(s) skipped (see warnings)" if event.get("skipped_files") else ""
+            err_console.print(f"found {event['series']} series in {event['studies']} studies{skipped}; backend [bold]{esc(event['backend'])}[/] ({esc(event['backend_reason'])})", highlight=False)
             self.study_total = event["studies"]
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -69,18 +109,23 @@ class _Reporter:
             rate = self.done / max(time.perf_counter() - self.t0, 1e-6)
             self.progress.update(self.task, advance=1, studies=f"{len(self.studies)}/{self.study_total}", rate=f"{rate:.2f}")
             if event["status"] == "failed":
-                self.progress.console.print(f"[red]failed[/] {event['key']}: {event['reason']}", highlight=False)
-        elif kind == "done" and self.progress is not None:
+                self.progress.console.print(f"[red]failed[/] {esc(event['key'])}: {esc(event['reason'])}", highlight=False)
+        elif kind == "done":
+            self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
             self.progress.stop()
+            self.progress = None
 
 
 def _summary_table(summary: Any) -> Table:
-    table = Table(title=f"run {summary.run_id} -> {summary.store}  ({summary.seconds:.1f} s, backend {summary.backend})")
+    table = Table(title=esc(f"run {summary.run_id} -> {summary.store}  ({summary.seconds:.1f} s, backend {summary.backend})"))
     for col in ("series", "description", "status", "s", "reason"):
         table.add_column(col, overflow="fold")
     for r in sorted(summary.results, key=lambda r: (r.status != "failed", r.description, r.key)):
         reason = "" if r.status == "resumed" else (r.reason or "")
-        table.add_row(short(r.key), r.description, f"[{STATUS_STYLE.get(r.status, '')}]{r.status}[/]", f"{r.seconds:.1f}", reason)
+        table.add_row(esc(short(r.key)), esc(r.description), styled(r.status), f"{r.seconds:.1f}", esc(reason))
     return table
 
 
@@ -109,12 +154,15 @@ def _load_job(path: str | None) -> dict[str, Any]:
 @click.option("--query", "queries", multiple=True, help="Text query for grounding heads (repeatable).")
 @click.option("--job", type=click.Path(exists=True, dir_okay=False), help="Job file (schemas/job.schema.json); options given here override it.")
 @click.option("--overwrite", is_flag=True, help="Redo every series instead of resuming.")
+@click.option("--record-paths", is_flag=True, help="Record source file paths in the store (off: files are named by archive and index).")
 @click.option("--log-json", is_flag=True, help="JSON-lines progress on stderr even on a terminal.")
-def run(archive, out, heads, model, backend, precision, batch_size, workers, queries, job, overwrite, log_json) -> None:
+def run(archive, out, heads, model, backend, precision, batch_size, workers, queries, job, overwrite, record_paths, log_json) -> None:
     """Run the model and heads over ARCHIVE (folders, .zip files, NIfTI files) into a store.
 
     Exit status: 0 when every series completed, was resumed or skipped; 1 when any series
-    failed (its reason is in the store and the summary); 2 for usage errors.
+    failed (its reason is in the store and the summary); 2 for usage errors, including an
+    archive with no series; 3 when the store is locked by another run or unusable; 130 when
+    interrupted (the series in flight are finished first; rerun to resume).
     """
     from .pipeline import run as run_pipeline
 
@@ -130,13 +178,18 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
             paths, out, heads=head_names, model=model or spec.get("model"), backend=backend if backend != "auto" else spec.get("backend", "auto"),
             precision=precision, batch_size=batch_size, workers=workers if workers is not None else spec.get("workers"),
             overwrite=overwrite or spec.get("overwrite", False), queries=list(queries) or spec.get("queries", []),
-            params=spec.get("params"), on_event=reporter,
+            params=spec.get("params"), record_paths=record_paths or spec.get("record_paths", False), on_event=reporter,
         )
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+    finally:
+        reporter.close()
     console.print(_summary_table(summary))
     counts = {s: summary.count(s) for s in ("complete", "resumed", "skipped", "failed")}
-    console.print(" ".join(f"[{STATUS_STYLE[s]}]{s} {n}[/]" for s, n in counts.items()))
+    line = " ".join(f"[{STATUS_STYLE[s]}]{s} {n}[/]" for s, n in counts.items())
+    if summary.skipped_files:
+        line += f"  [yellow]files skipped {summary.skipped_files}[/] (reasons in the warnings above and in the run record)"
+    if summary.interrupted:
+        line += "  [yellow]interrupted[/]: rerun the same command to resume"
+    console.print(line)
     sys.exit(summary.exit_code)
 
 
@@ -144,13 +197,15 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
 @cli.command()
 @click.argument("archive", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def scan(archive, as_json) -> None:
+@click.option("--record-paths", is_flag=True, help="Name files by their paths instead of archive and index.")
+def scan(archive, as_json, record_paths) -> None:
     """List the studies and series found in ARCHIVE, reading headers only."""
     from .discover import scan as scan_archive
 
-    result = scan_archive(list(archive))
+    result = scan_archive(list(archive), **({"record_paths": True} if record_paths else {}))
+    skipped = [{"source": k.source, "kind": k.kind, "reason": k.reason} for k in getattr(result, "skipped", [])]
     if as_json:
-        click.echo(json.dumps({"series": [_ref_dict(r) for r in result.series], "warnings": result.warnings}, indent=2, default=str))
+        click.echo(json.dumps({"series": [_ref_dict(r) for r in result.series], "skipped": skipped, "warnings": result.warnings}, indent=2, default=str))
         return
     table = Table(title=f"{len(result.series)} series in {len({r.study_uid for r in result.series})} studies")
     for col in ("study", "series", "modality", "description", "dims", "slices", "orientation", "problems"):
@@ -158,10 +213,13 @@ def scan(archive, as_json) -> None:
     for r in sorted(result.series, key=lambda r: (r.study_uid, r.series_uid)):
         dims = "x".join(str(d) for d in r.dims) if r.dims else "?"
         problems = "; ".join(r.problems)
-        table.add_row(short(r.study_uid, 10), short(r.key), r.modality or "", r.description or "", dims, str(r.n_slices), r.orientation, f"[red]{problems}[/]" if problems else "")
+        table.add_row(esc(short(r.study_uid, 10)), esc(short(r.key)), esc(r.modality), esc(r.description), dims, str(r.n_slices),
+                      esc(r.orientation), f"[red]{esc(problems)}[/]" if problems else "")
     console.print(table)
     for w in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {esc(w)}", highlight=False)
+    if skipped:
+        err_console.print(f"[yellow]{len(skipped)} file(s) skipped[/] (reasons above)", highlight=False)
 
 
 def _ref_dict(ref: Any) -> dict[str, Any]:
@@ -199,9 +257,9 @@ def plugins(as_json) -> None:
     for col in ("name", "hooks", "source", "version"):
         table.add_column(col, overflow="fold")
     for p in rows:
-        hooks = f"[red]not loaded: {p['error']}[/]" if p.get("error") else ", ".join(p["hooks"])
+        hooks = f"[red]not loaded: {esc(p['error'])}[/]" if p.get("error") else esc(", ".join(p["hooks"]))
         version = __version__ if p["default"] else (p["version"] or "")
-        table.add_row(p["name"], hooks, "default" if p["default"] else (p["package"] or "registered"), version)
+        table.add_row(esc(p["name"]), hooks, esc("default" if p["default"] else (p["package"] or "registered")), esc(version))
     console.print(table)
 
 
@@ -220,7 +278,7 @@ def heads(ctx) -> None:
         m = reg.obj.manifest()
         outs = ", ".join(f"{o['name']} ({o['kind']})" for o in m["outputs"])
         reads = [*(["image"] if m["inputs"].get("image") else []), *m["inputs"]["features"]]
-        table.add_row(name, m["version"], m["inputs"]["view"], ", ".join(reads), outs, reg.plugin)
+        table.add_row(esc(name), esc(m["version"]), esc(m["inputs"]["view"]), esc(", ".join(reads)), esc(outs), esc(reg.plugin))
     console.print(table)
 
 
@@ -232,7 +290,7 @@ def heads_show(name) -> None:
 
     registry = get_head_classes()
     if name not in registry:
-        raise click.ClickException(f"no head named {name!r}; installed: {', '.join(sorted(registry))}")
+        raise click.UsageError(f"no head named {name!r}; installed: {', '.join(sorted(registry))}")
     cls = registry[name].obj
     console.print_json(json.dumps({"plugin": registry[name].plugin, "weights": str(cls.weights_path()), "manifest": cls.manifest()}))
 
@@ -245,46 +303,68 @@ def inspect(store, as_json) -> None:
     """Summarise a result store: runs, series by status, heads, index."""
     from .store import open_store
 
-    s = open_store(store)
+    s = _open_existing(store, open_store)
     info = s.summary()
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
-    console.print(f"[bold]{info['path']}[/]  format {info['format'].get('format_version')}  mrfm {info['format'].get('version')}")
-    console.print(f"model {info['model'].get('name')} {info['model'].get('fingerprint', '')[:23]}…")
+    fmt, model = info.get("format") or {}, info.get("model") or {}
+    console.print(f"[bold]{esc(info['path'])}[/]  format {esc(fmt.get('format_version'))}  mrfm {esc(fmt.get('version'))}")
+    console.print(f"model {esc(model.get('name'))} {esc(str(model.get('fingerprint') or '')[:23])}…")
     table = Table(title="runs")
-    for col in ("run", "backend", "heads", "series", "seconds"):
+    for col in ("run", "status", "backend", "heads", "series", "seconds"):
         table.add_column(col, overflow="fold")
     for run_id, attrs in s.runs().items():
-        c = attrs.get("counts", {})
-        counts = " ".join(f"[{STATUS_STYLE[k]}]{k} {c[k]}[/]" for k in STATUS_STYLE if c.get(k)) or attrs.get("status", "")
-        table.add_row(run_id, attrs.get("backend", {}).get("name", ""), ", ".join(attrs.get("heads", {})), counts, str(attrs.get("timings", {}).get("seconds", "")))
+        c = attrs.get("counts") or {}
+        counts = " ".join(f"[{STATUS_STYLE[k]}]{k} {c[k]}[/]" for k in STATUS_STYLE if isinstance(c.get(k), int) and c.get(k))
+        table.add_row(esc(run_id), styled(attrs.get("status", "")), esc((attrs.get("backend") or {}).get("name", "")),
+                      esc(", ".join(attrs.get("heads") or {})), counts, esc((attrs.get("timings") or {}).get("seconds", "")))
     console.print(table)
     table = Table(title="series")
     for col in ("series", "description", "orientation", "shape", "status", "outputs / reason"):
         table.add_column(col, overflow="fold")
     for key, attrs in s.iter_series():
-        geo = attrs.get("geometry", {})
-        outputs = sum(len(h.get("outputs", [])) for h in attrs.get("heads", {}).values())
-        detail = attrs.get("reason") or f"{outputs} outputs from {len(attrs.get('heads', {}))} heads"
-        table.add_row(short(key), attrs.get("description", ""), geo.get("orientation", ""), "x".join(map(str, geo.get("shape", []))), f"[{STATUS_STYLE.get(attrs.get('status'), '')}]{attrs.get('status')}[/]", detail)
+        geo = attrs.get("geometry") or {}
+        heads = attrs.get("heads") or {}
+        outputs = sum(len(h.get("outputs") or []) for h in heads.values() if isinstance(h, dict))
+        detail = attrs.get("reason") or f"{outputs} outputs from {len(heads)} heads"
+        table.add_row(esc(short(key)), esc(attrs.get("description", "")), esc(geo.get("orientation", "")),
+                      "x".join(map(str, geo.get("shape") or [])), styled(attrs.get("status")), esc(detail))
     console.print(table)
-    if info["index"]:
-        console.print(f"index: {info['index'].get('count')} series, embeddings from {info['index'].get('embedding_source')}")
+    if info.get("index"):
+        source = info["index"].get("embedding_source")
+        console.print(f"index: {esc(info['index'].get('count'))} series, " + (f"embeddings from {esc(source)}" if source else "no embeddings"))
+
+
+def _open_existing(path: str, opener: Any) -> Any:
+    """Open a store for reading; one that cannot be read is a store error (exit 3), not a crash."""
+    from .errors import StoreError
+
+    try:
+        return opener(path)
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(f"{path}: not a readable result store ({type(exc).__name__}: {exc})") from exc
 
 
 @cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
-def validate(store) -> None:
-    """Check a store against schemas/store.schema.json; report every violation with its path."""
+@click.option("--deep", is_flag=True, help="Also read every chunk and verify its checksum.")
+def validate(store, deep) -> None:
+    """Check a store: schema, layout, damaged or missing chunks, incomplete series, abandoned runs.
+
+    Exit status 0 when valid, 1 when problems were found (one line each, with its path).
+    """
     from .validate import validate_store
 
-    problems = validate_store(store)
+    problems = validate_store(store, deep=deep)
     for p in problems:
-        console.print(f"[red]{p}[/]", highlight=False)
+        console.print(f"[red]{esc(p)}[/]", highlight=False)
     if problems:
-        raise click.ClickException(f"{len(problems)} problem(s) in {store}")
-    console.print(f"[green]{store} is valid[/]")
+        err_console.print(f"[red]error:[/] {len(problems)} problem(s) in {esc(store)}", highlight=False)
+        sys.exit(1)
+    console.print(f"[green]{esc(store)} is valid[/]")
 
 
 @cli.command()
@@ -308,7 +388,7 @@ def search(store, text, like, report, k, model) -> None:
     for col in ("rank", "score", "series", "study", "description"):
         table.add_column(col)
     for i, h in enumerate(hits, 1):
-        table.add_row(str(i), f"{h.score:.4f}", short(h.series_key, 20), short(h.study_uid, 10), h.description)
+        table.add_row(str(i), f"{h.score:.4f}", esc(short(h.series_key, 20)), esc(short(h.study_uid, 10)), esc(h.description))
     console.print(table)
 
 

@@ -569,11 +569,15 @@ def load(ref: SeriesRef) -> Volume:
         raise LoadError(f"series {ref.key}: no reader named {ref.reader!r} is installed")
     try:
         return readers[ref.reader].load(ref)
-    except LoadError as exc:
+    except InputError as exc:  # LoadError, GeometryError ...: keep the type, scrub the text
         clean = _scrub_all(str(exc), ref.sources)
         if clean == str(exc):
             raise
-        raise LoadError(clean) from exc
+        try:
+            scrubbed = type(exc)(clean)
+        except Exception:  # a subclass with another constructor
+            scrubbed = LoadError(clean)
+        raise scrubbed from exc
     except Exception as exc:  # decoders raise many types; callers need one
         first = ref.sources[0] if ref.sources else ref.key
         raise LoadError(_scrub_all(f"{first}: cannot load series {ref.key} ({_reason(exc)})", ref.sources)) from exc

@@ -163,7 +163,9 @@ def load_heads(names: list[str] | None, model: Any, device: torch.device, params
     wanted = names or sorted(registry)
     missing = [n for n in wanted if n not in registry]
     if missing:
-        raise ValueError(f"unknown head(s) {missing}; installed: {sorted(registry)}")
+        from .errors import UsageError
+
+        raise UsageError(f"unknown head(s) {', '.join(missing)}; installed: {', '.join(sorted(registry)) or 'none'}")
     heads: dict[str, Head] = {}
     warnings: list[str] = []
     for name in wanted:

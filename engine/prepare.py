@@ -28,8 +28,13 @@ class Prepared:
 
 
 def init_worker() -> None:
-    """One thread per worker: parallelism comes from the processes."""
+    """One thread per worker: parallelism comes from the processes. Ctrl-C reaches the whole
+    process group; only the run's own process decides how to stop, so workers ignore it."""
+    import signal
+
     import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -9,6 +9,8 @@ import types
 
 import onnx
 import pytest
+
+from engine.errors import BackendUnavailable, UsageError
 import torch
 
 import engine
@@ -281,12 +283,12 @@ def test_gpu_backends_explain_why_they_cannot_run_on_cpu(model):
     assert not ok and "CUDA" in why
     ok, why = classes["tensorrt"].available()
     assert not ok and why
-    with pytest.raises(RuntimeError, match="'torch-compile' is not available: CUDA is not available"):
+    with pytest.raises(BackendUnavailable, match="'torch-compile' is not available: CUDA is not available"):
         select("torch-compile", model)
 
 
 def test_unknown_backend_and_precision_are_reported(model):
-    with pytest.raises(ValueError, match="unknown backend 'fast'; registered backends: .*onnxruntime"):
+    with pytest.raises(UsageError, match="unknown backend 'fast'; registered backends: .*onnxruntime"):
         select("fast", model)
     with pytest.raises(ValueError, match="supports precisions"):
         select("onnxruntime", model, precision="bf16")

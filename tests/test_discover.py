@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from engine.errors import InputError
 from engine.discover import LoadError, ScanResult, SeriesRef, Source, load, scan
 from engine.plugins import get_readers
 
@@ -120,12 +121,12 @@ def test_two_series_in_one_folder_are_grouped_by_uid(tmp_path):
 
 
 def _assert_refused(ref: SeriesRef, problem: str, paths: list[Path]) -> None:
-    """A scan-time problem naming every one of ``paths`` by label; a LoadError naming one."""
+    """A scan-time problem naming every one of ``paths`` by label; an InputError naming one."""
     labels = {str(s): s for s in ref.sources}
     names = [next(k for k, s in labels.items() if s.path_text == str(p)) for p in paths]
     text = " ".join(ref.problems)
     assert problem in text and all(_names(text, n) for n in names), (names, ref.problems)
-    with pytest.raises(LoadError) as err:
+    with pytest.raises(InputError) as err:
         load(ref)
     assert problem in str(err.value) and any(_names(str(err.value), n) for n in names), str(err.value)
     assert not any(p.name in str(err.value) or p.name in text for p in paths)

@@ -18,6 +18,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 import engine.discover as discover
+from engine.errors import InputError
 from engine.discover import LoadError, ScanResult, Source, load, scan
 
 from test_dicom_loading import write_series
@@ -339,7 +340,7 @@ def test_labels_warnings_and_reasons_hold_no_path_below_the_root(tmp_path):
     texts += [repr(s) for ref in result.series for s in ref.sources] + [repr(result)]
     for ref in result.series:
         texts.append(str(ref.meta))
-        with pytest.raises(LoadError) as err:
+        with pytest.raises(InputError) as err:
             load(ref)
         texts.append(str(err.value))
     assert len(texts) > 20 and not [t for t in texts if "DOE" in t or str(tmp_path) in t]

@@ -266,8 +266,11 @@ def test_make_grid_is_centred_and_flips_axes():
 
 
 def test_bad_inputs_are_broken_in_the_documented_ways(tmp_path):
-    cases = write_bad_inputs(tmp_path, seed=0)
-    assert set(cases) == {"not_dicom", "truncated", "missing_slice", "mixed_size", "ct"}
+    from engine.synthetic.bad_inputs import BASIC_CASES, EXPECTED
+
+    cases = write_bad_inputs(tmp_path, seed=0, cases=BASIC_CASES)
+    assert set(cases) == set(BASIC_CASES) == {"not_dicom", "truncated", "missing_slice", "mixed_size", "ct"}
+    assert len(EXPECTED) >= 30  # the full corpus documents every hostile class it writes
     with pytest.raises(InvalidDicomError):
         pydicom.dcmread(next(cases["not_dicom"].iterdir()))
     truncated = sorted(cases["truncated"].iterdir())

@@ -150,7 +150,7 @@ def test_dcm2niix_agrees_with_the_true_geometry(acquisitions, name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(ACQUISITIONS))
 def test_engine_loader_puts_objects_at_their_world_positions(acquisitions, name):
-    discover = pytest.importorskip("engine.discover")
+    import engine.discover as discover
     folder, true_affine, true_labels = acquisitions[name]
     result = discover.scan([folder])
     assert len(result.series) == 1, result.warnings
@@ -164,7 +164,7 @@ def test_engine_loader_puts_objects_at_their_world_positions(acquisitions, name)
 
 def test_engine_loader_matches_demo_archive_ground_truth(tmp_path):
     """Every demo series loads onto the grid of its ground-truth label map, voxel for voxel."""
-    discover = pytest.importorskip("engine.discover")
+    import engine.discover as discover
     manifest = write_demo_archive(tmp_path / "demo", studies=2, seed=11)
     result = discover.scan([manifest.dicom_root])
     assert not result.warnings

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import BackendUnavailable, UsageError
 from .base import PRECISIONS, Backend, CastEncoder, ShapeRange
 from .cache import EngineCache, cache_key, default_cache_dir, device_identity
 
@@ -74,11 +75,11 @@ def select(name: str, model: Model, **kw: Any) -> tuple[Backend, str]:
     precision = kw.get("precision", "fp32")
     if name != "auto":
         if name not in classes:
-            raise ValueError(f"unknown backend {name!r}; registered backends: {', '.join(sorted(classes)) or 'none'}")
+            raise UsageError(f"unknown backend {name!r}; registered backends: {', '.join(sorted(classes)) or 'none'}")
         cls = classes[name]
         ok, why = cls.available(device)
         if not ok:
-            raise RuntimeError(f"backend {name!r} is not available: {why}")
+            raise BackendUnavailable(f"backend {name!r} is not available: {why}")
         return cls(model, **kw), f"{name}: requested"
     notes: list[str] = []
     ranked = sorted((c for c in classes.values() if c.auto_priority > 0), key=lambda c: (-c.auto_priority, c.name))
@@ -97,7 +98,7 @@ def select(name: str, model: Model, **kw: Any) -> tuple[Backend, str]:
             notes.append(f"{cls.name}: failed to start ({type(exc).__name__}: {exc})")
             continue
         return backend, ("auto: " + "; ".join(notes) + " " if notes else "auto: ") + f"-> {cls.name}"
-    raise RuntimeError("auto: no backend could run: " + "; ".join(notes))
+    raise BackendUnavailable("auto: no backend could run: " + "; ".join(notes))
 
 
 def compile_backend(

@@ -103,6 +103,10 @@ def record_from_header(
     """Build the record for one file; raises ValueError for DICOM without image data."""
     if "Rows" not in ds or "Columns" not in ds:
         sop = getattr(ds.get("SOPClassUID"), "name", None) or ds.get("SOPClassUID", "unknown")
+        present = remaining.present if isinstance(remaining, PixelBytes) else remaining
+        if present == 0 and "PixelData" not in ds and ("Image Storage" in str(sop) or "Rows" in ds or "Columns" in ds):
+            # an image object whose file ends inside its header: a cut copy, not a report
+            raise ValueError(f"truncated header: the file ends before Rows/Columns and the pixel data (SOP class {sop})")
         raise ValueError(f"no image data (SOP class {sop})")
     if _is_enhanced(ds):
         kind, frames = "enhanced", _enhanced_frames(ds, source)

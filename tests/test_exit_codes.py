@@ -1,0 +1,132 @@
+"""What the user sees when something is wrong: a one-line error, no traceback, the documented
+exit code (0 done, 1 some series failed, 2 usage, 3 store locked or unusable, 130 interrupted)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import cli
+from engine.store import ResultStore, open_store
+from engine.synthetic import derive_uid, make_grid, write_dicom_series
+
+RUN = ["--heads", "classify", "--backend", "torch", "--workers", "0"]
+
+
+def write_series(folder: Path, name: str, description: str | None = None) -> Path:
+    _, affine = make_grid("axial", (0.0, 0.0, 0.0), shape=(24, 24, 6), spacing=(4.0, 4.0, 4.0))
+    data = 300.0 + 400.0 * np.random.default_rng(len(name)).random((24, 24, 6))
+    write_dicom_series(folder / name, data, affine, study_uid=derive_uid(1, "exit", "study"),
+                       series_uid=derive_uid(1, "exit", name), description=description or name.upper())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    return write_series(tmp_path_factory.mktemp("exit") / "archive", "good")
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def assert_clean_error(result, code: int, *needles: str) -> None:
+    text = result.output
+    assert result.exit_code == code, text
+    assert "Traceback" not in text and not (result.exception and not isinstance(result.exception, SystemExit)), text
+    for needle in needles:
+        assert needle in text, text
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--heads", "no-such-head"], "unknown head"),
+        (["--backend", "no-such-backend"], "unknown backend"),
+        (["--backend", "tensorrt"], "tensorrt"),
+    ],
+)
+def test_bad_options_exit_2_with_the_reason(extra, needle, archive, tmp_path):
+    args = ["run", str(archive), "--out", str(tmp_path / "r.zarr"), "--workers", "0", *extra]
+    if "--backend" not in extra:
+        args += ["--backend", "torch"]
+    assert_clean_error(invoke(*args), 2, needle)
+    assert not (tmp_path / "r.zarr" / "series").exists()  # nothing written for a usage error
+
+
+def test_a_model_folder_without_a_model_exits_2(archive, tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    assert_clean_error(invoke("run", str(archive), "--out", str(tmp_path / "r.zarr"), "--model", str(empty), *RUN), 2, "model.json")
+
+
+def test_an_out_path_that_cannot_hold_a_store_exits_2(archive, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_clean_error(invoke("run", str(archive), "--out", str(blocker), *RUN), 2, "not a folder")
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "ro"
+        locked.mkdir(mode=0o500)
+        assert_clean_error(invoke("run", str(archive), "--out", str(locked / "r.zarr"), *RUN), 2, "cannot create")
+
+
+def test_an_archive_with_no_series_exits_2_and_says_what_was_skipped(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.dcm").write_text("not an image")
+    assert_clean_error(invoke("run", str(empty), "--out", str(tmp_path / "r.zarr"), *RUN), 2, "no DICOM or NIfTI series")
+
+
+def test_a_locked_store_exits_3_naming_the_holder(archive, tmp_path):
+    out = tmp_path / "r.zarr"
+    store = ResultStore(out, mode="a")
+    with store.lock("holder-run"):
+        result = invoke("run", str(archive), "--out", str(out), *RUN)
+    assert_clean_error(result, 3, str(os.getpid()), "holder-run")
+    ok = invoke("run", str(archive), "--out", str(out), *RUN)  # the lock is gone with its holder
+    assert ok.exit_code == 0, ok.output
+
+
+def test_a_store_with_a_damaged_root_exits_3(archive, tmp_path):
+    out = tmp_path / "r.zarr"
+    assert invoke("run", str(archive), "--out", str(out), *RUN).exit_code == 0
+    meta = out / "zarr.json"
+    meta.write_text(meta.read_text()[:40])
+    for args in (["run", str(archive), "--out", str(out), *RUN], ["inspect", str(out)]):
+        assert_clean_error(invoke(*args), 3, "zarr.json")
+
+
+def test_one_failed_series_exits_1_and_the_good_one_is_complete(archive, tmp_path):
+    mixed = tmp_path / "mixed"
+    write_series(mixed, "good")
+    bad = write_series(tmp_path / "tmp", "broken") / "broken"
+    files = sorted(bad.iterdir())
+    files[-1].write_bytes(files[-1].read_bytes()[:-300])  # truncated pixel data
+    for f in files:
+        (mixed / "broken").mkdir(exist_ok=True)
+        (mixed / "broken" / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "r.zarr"
+    result = invoke("run", str(mixed), "--out", str(out), *RUN)
+    assert result.exit_code == 1, result.output
+    statuses = {a["description"]: (a["status"], a.get("reason")) for _, a in open_store(out).iter_series()}
+    assert statuses["GOOD"][0] == "complete"
+    assert statuses["BROKEN"][0] == "failed" and statuses["BROKEN"][1]
+
+
+def test_rich_markup_in_data_is_printed_literally(tmp_path, monkeypatch):
+    import engine.cli
+
+    monkeypatch.setattr(engine.cli.console, "width", 240)  # one table row per series
+    archive = write_series(tmp_path / "archive", "markup", description="T1 [/] [bold red]x[/bold red] [link=http://x]y")
+    out = tmp_path / "r.zarr"
+    result = invoke("run", str(archive), "--out", str(out), *RUN)
+    assert result.exit_code == 0, result.output
+    shown = invoke("inspect", str(out))
+    assert shown.exit_code == 0, shown.output
+    assert "T1 [/] [bold red]x[/bold red] [link=http://x]y" in shown.output
+    scanned = invoke("scan", str(archive))
+    assert scanned.exit_code == 0 and "[/]" in scanned.output
