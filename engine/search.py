@@ -166,10 +166,12 @@ def _memmap_single_chunk(array_dir: Path, shape: tuple[int, ...]) -> np.ndarray 
         and grid.get("name") == "regular"
         and tuple(grid.get("configuration", {}).get("chunk_shape", ())) == shape
         and not meta.get("storage_transformers")
-        and len(codecs) == 1
+        and 1 <= len(codecs) <= 2
         and codecs[0].get("name") == "bytes"
         and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+        and all(c.get("name") == "crc32c" for c in codecs[1:])
     )
+    checksummed = len(codecs) == 2
     if not raw or 0 in shape:
         return None
     if encoding.get("name") == "default":
@@ -181,9 +183,21 @@ def _memmap_single_chunk(array_dir: Path, shape: tuple[int, ...]) -> np.ndarray 
     else:
         return None
     nbytes = int(np.prod(shape)) * 4
-    if not chunk.is_file() or chunk.stat().st_size != nbytes:
+    if not chunk.is_file() or chunk.stat().st_size != nbytes + 4 * checksummed:
         return None
-    return np.memmap(chunk, dtype="<f4", mode="r", shape=shape)
+    mapped = np.memmap(chunk, dtype="<f4", mode="r", shape=shape)
+    if checksummed and not _crc32c_matches(chunk, nbytes):
+        return None  # the zarr read that follows reports the damage
+    return mapped
+
+
+def _crc32c_matches(chunk: Path, nbytes: int) -> bool:
+    """The chunk's CRC32C trailer (Zarr's crc32c codec: little-endian, after the data) matches.
+    Search reads every row anyway, so verifying costs one more pass over page-cached bytes."""
+    from numcodecs.checksum32 import crc32c_checksum
+
+    raw = np.memmap(chunk, dtype=np.uint8, mode="r")
+    return int(crc32c_checksum(raw[:nbytes])) == int.from_bytes(bytes(raw[nbytes:nbytes + 4]), "little")
 
 
 def _open_store(store_path: str | Path) -> zarr.Group:

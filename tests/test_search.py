@@ -18,7 +18,7 @@ def unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
 
 
-def write_store(path, keys, embeddings, *, compressed=False, model=None, studies=None, descriptions=None):
+def write_store(path, keys, embeddings, *, compressed=False, checksummed=False, model=None, studies=None, descriptions=None):
     """A minimal store with the index layout the result store writes."""
     root = zarr.create_group(str(path), zarr_format=3, attributes={"model": model or {"path": None, "fingerprint": FINGERPRINT}})
     index = root.create_group("index")
@@ -32,7 +32,8 @@ def write_store(path, keys, embeddings, *, compressed=False, model=None, studies
     if embeddings is not None:
         emb = np.asarray(embeddings, dtype="<f4")
         arr = index.create_array(
-            "embedding", shape=emb.shape, chunks=emb.shape, dtype="<f4", compressors="auto" if compressed else None
+            "embedding", shape=emb.shape, chunks=emb.shape, dtype="<f4",
+            compressors="auto" if compressed else ([zarr.codecs.Crc32cCodec()] if checksummed else None),
         )
         arr[...] = emb
     return path
@@ -134,6 +135,21 @@ def test_like_ranks_other_series_and_excludes_itself(store):
 def test_index_embeddings_are_memory_mapped_when_stored_raw(store):
     arr = zarr.open_group(str(store), mode="r")["index/embedding"]
     assert isinstance(index_embeddings(store, arr), np.memmap)
+
+
+def test_checksummed_embeddings_are_mapped_and_a_damaged_one_is_not_trusted(store, tmp_path):
+    root = zarr.open_group(str(store), mode="r")
+    emb, keys = root["index/embedding"][...], [str(k) for k in root["index/series_key"][...]]
+    other = write_store(tmp_path / "k.zarr", keys, emb, checksummed=True)
+    arr = zarr.open_group(str(other), mode="r")["index/embedding"]
+    mapped = index_embeddings(other, arr)
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, emb)
+    chunk = other / "index" / "embedding" / "c" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[5] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(Exception, match="(?i)checksum"):
+        index_embeddings(other, zarr.open_group(str(other), mode="r")["index/embedding"])
 
 
 def test_compressed_embeddings_give_the_same_ranking(store, tmp_path):
