@@ -150,7 +150,7 @@ def _load_job(path: str | None) -> dict[str, Any]:
 @click.option("--backend", default="auto", show_default=True, help="auto, torch, onnxruntime, torch-compile, tensorrt or a plugin's backend.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--workers", type=click.IntRange(0), help="Loader processes (0 loads in-process; default: cores - 1, at most 4; 0 on two cores or fewer).")
+@click.option("--workers", type=click.IntRange(0), help="Loader processes (0 loads in-process; default: measured on the first batch, as many as keep the encoder fed, up to cores - 1; none on two cores or fewer).")
 @click.option("--query", "queries", multiple=True, help="Text query for grounding heads (repeatable).")
 @click.option("--job", type=click.Path(exists=True, dir_okay=False), help="Job file (schemas/job.schema.json); options given here override it.")
 @click.option("--overwrite", is_flag=True, help="Redo every series instead of resuming.")

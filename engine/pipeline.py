@@ -8,6 +8,7 @@ flat and let decoding, inference and writing overlap.
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -59,6 +60,7 @@ class RunSummary:
     warnings: list[str] = field(default_factory=list)
     skipped_files: int = 0
     interrupted: bool = False
+    workers: int = 0
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "wait_for_load": 0.0, "infer": 0.0, "write": 0.0})
 
@@ -135,11 +137,22 @@ def _safe_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None, 
 
 
 def default_workers() -> int:
-    """Loader processes: cores - 1 (at most 4), but none on machines with two cores or fewer,
+    """Loader processes before anything is measured: none on machines with two cores or fewer,
     where the process that runs the encoder needs every core (examples/benchmark_pipeline.py
-    measured 0.8x with one worker on two cores)."""
+    measured 0.8x with one worker on two cores); otherwise every core but the inference one."""
     cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else min(4, cores - 1)
+    return 0 if cores <= 2 else cores - 1
+
+
+def workers_for(load_seconds: float, infer_seconds: float, cores: int | None = None) -> int:
+    """Loaders needed so loading keeps up with inference, from the measured per-series times:
+    ceil(load / infer), within the cores the inference process leaves free. A GPU that encodes
+    in milliseconds gets every spare core; a CPU-bound encoder gets few."""
+    cores = cores or os.cpu_count() or 1
+    if cores <= 2:
+        return 0
+    need = math.ceil(load_seconds / max(infer_seconds, 1e-3))
+    return max(1, min(cores - 1, need))
 
 
 def _iter_prepared(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int) -> Iterator[tuple[Any, Prepared]]:
@@ -200,6 +213,22 @@ def _prepare_alone(new_pool: Callable[[int], ProcessPoolExecutor], ref: Any, pre
         return Prepared(ref.key, error=f"{where}: the loader process died while loading this series (a decoder crash)")
     finally:
         pool.shutdown(wait=True)
+
+
+def _prepared_stream(todo: list[Any], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int | None,
+                     batch_size: int, summary: RunSummary) -> Iterator[tuple[Any, Prepared]]:
+    """Prepared series; with ``workers=None`` the first batch is loaded in-process to measure
+    load and inference time per series, and the rest by as many loaders as keep up."""
+    if workers is not None or len(todo) <= batch_size or (os.cpu_count() or 1) <= 2:
+        summary.workers = workers if workers is not None else default_workers()
+        yield from _iter_prepared(todo, preprocessing, kinds, summary.workers)
+        return
+    probe, rest = todo[:batch_size], todo[batch_size:]
+    yield from _iter_prepared(probe, preprocessing, kinds, 0)
+    # the consumer has run inference on the probe batch before asking for more
+    n = len(probe)
+    summary.workers = workers_for(summary.stages["load"] / n, summary.stages["infer"] / n)
+    yield from _iter_prepared(rest, preprocessing, kinds, summary.workers)
 
 
 class _Writer(threading.Thread):
@@ -395,6 +424,7 @@ def run(
             "counts": {s: summary.count(s) for s in ("complete", "failed", "skipped", "resumed")} | {"files_skipped": skipped_files},
             "warnings": summary.warnings,
             "index_rows": n_index,
+            "workers": summary.workers,
         }, status="interrupted" if summary.interrupted else "finished")
     emit({"event": "done", "run_id": run_id, "seconds": round(summary.seconds, 3), "interrupted": summary.interrupted,
           **{s: summary.count(s) for s in ("complete", "failed", "skipped", "resumed")}})
@@ -451,10 +481,17 @@ def _stream(refs: list[Any], store: ResultStore, inference: Inference, mdl: Any,
         pending[ref.key] = set(head_fps) if overwrite else store.pending_heads(ref.key, head_fps, deep=True)
         if pending[ref.key]:
             todo.append(ref)
+            continue
+        stored = store.series_attrs(ref.key) or {}
+        if stored.get("status") == "failed":
+            # the heads selected now are done, but a head outside this run's selection failed:
+            # the series is still failed, and the run says so
+            failed = sorted(h for h, r in (stored.get("heads") or {}).items() if r.get("error") and h not in head_fps)
+            scope = f" (head(s) {', '.join(failed)} not selected in this run)" if failed else ""
+            done(result(ref, "failed", f"still failed{scope}: {stored.get('reason')}"))
         else:
             done(result(ref, "resumed", "every head done with a matching fingerprint"))
 
-    n_workers = workers if workers is not None else default_workers()
     batch: list[tuple[Any, Prepared, dict[str, Any]]] = []
 
     def flush() -> None:
@@ -465,7 +502,7 @@ def _stream(refs: list[Any], store: ResultStore, inference: Inference, mdl: Any,
     try:
         with torch.inference_mode():
             t_wait = time.perf_counter()
-            for ref, prep in _iter_prepared(todo, mdl.preprocessing, inference.view_kinds(), n_workers):
+            for ref, prep in _prepared_stream(todo, mdl.preprocessing, inference.view_kinds(), workers, batch_size, summary):
                 summary.stages["wait_for_load"] += time.perf_counter() - t_wait
                 summary.stages["load"] += prep.seconds
                 killpoint("series-loaded")

@@ -3,6 +3,7 @@ exit code (0 done, 1 some series failed, 2 usage, 3 store locked or unusable, 13
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -130,3 +131,40 @@ def test_rich_markup_in_data_is_printed_literally(tmp_path, monkeypatch):
     assert "T1 [/] [bold red]x[/bold red] [link=http://x]y" in shown.output
     scanned = invoke("scan", str(archive))
     assert scanned.exit_code == 0 and "[/]" in scanned.output
+
+
+def test_a_rerun_that_leaves_a_failed_head_failed_says_so(archive, tmp_path, monkeypatch):
+    import contrib_heads.regress as regress
+
+    out = tmp_path / "r.zarr"
+    args = ["run", str(archive), "--out", str(out), "--backend", "torch", "--workers", "0"]
+
+    def broken(self, batch):
+        raise RuntimeError("regress is broken today")
+
+    with monkeypatch.context() as m:
+        m.setattr(regress.RegressHead, "predict", broken)
+        first = invoke(*args, "--heads", "classify,regress")
+    assert first.exit_code == 1 and "regress is broken today" in first.output
+    # only the head that passed: nothing to redo, but the series is still failed, and exit 1 says so
+    again = invoke(*args, "--heads", "classify")
+    assert again.exit_code == 1, again.output
+    events = [json.loads(line) for line in again.output.splitlines() if line.startswith('{"time"')]
+    [series] = [e for e in events if e["event"] == "series"]
+    assert series["status"] == "failed" and series["reason"].startswith("still failed (head(s) regress not selected in this run)")
+    [(_, attrs)] = list(open_store(out).iter_series())
+    assert attrs["status"] == "failed"
+    # the failed head, now working, is redone alone and the series becomes complete
+    fixed = invoke(*args, "--heads", "classify,regress")
+    assert fixed.exit_code == 0, fixed.output
+    [(_, attrs)] = list(open_store(out).iter_series())
+    assert attrs["status"] == "complete" and attrs["heads"]["regress"]["error"] is None
+
+
+def test_loaders_scale_with_the_measured_load_to_inference_ratio():
+    from engine.pipeline import workers_for
+
+    assert workers_for(1.0, 0.01, cores=16) == 15  # a fast GPU encoder: every spare core loads
+    assert workers_for(1.0, 0.25, cores=16) == 4
+    assert workers_for(0.1, 1.0, cores=16) == 1  # a slow CPU encoder: one loader keeps up
+    assert workers_for(5.0, 0.01, cores=2) == 0  # two cores: the encoder needs both
