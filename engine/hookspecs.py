@@ -28,5 +28,15 @@ def register_readers(register: Callable[[object], None]) -> None:
 
 
 @hookspec
+def register_encoders(register: Callable[[object], None]) -> None:
+    """Register encoder architectures (objects with ``name`` and ``build(card) -> nn.Module``) with ``register(architecture)``."""
+
+
+@hookspec
+def register_exporters(register: Callable[[object], None]) -> None:
+    """Register result exporters (store -> DICOM SEG/SR, NIfTI, OME-Zarr, Parquet ...) with ``register(exporter)``."""
+
+
+@hookspec
 def register_commands(cli: click.Group) -> None:
     """Add click commands or groups to the ``mrfm`` command line."""

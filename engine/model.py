@@ -349,8 +349,21 @@ class Model:
         return f"Model({self.name!r}, folder={str(self.folder)!r}, fingerprint={self.fingerprint[:19]}...)"
 
 
+DEFAULT_ARCHITECTURE = "vit3d"
+
+
 def build_encoder(card: dict[str, Any]) -> VisionTransformer3D:
-    return VisionTransformer3D(config_from_card(card))
+    """Build the encoder the card names (``encoder.architecture``, default ``vit3d``) through the
+    ``register_encoders`` hook. The module must expose ``config`` (an :class:`EncoderConfig`) and
+    return :data:`EncoderOutputs`; unknown architectures are a usage error naming the known ones."""
+    from .errors import UsageError
+    from .plugins import get_encoders
+
+    name = card["encoder"].get("architecture", DEFAULT_ARCHITECTURE)
+    registry = get_encoders()
+    if name not in registry:
+        raise UsageError(f"unknown encoder architecture {name!r}; registered: {', '.join(sorted(registry)) or 'none'}")
+    return registry[name].obj.build(card)
 
 
 def load_model(path: str | Path | None = None) -> Model:
