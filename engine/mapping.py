@@ -1,8 +1,10 @@
 """Mapping head outputs from view space back to the native grid and world coordinates.
 
 Heads never do geometry: they return masks as probabilities over view voxels and boxes in view
-voxel indices. This module blends sliding-window tiles, resamples probabilities onto the series'
-native grid (argmax there) and converts boxes to RAS mm and native voxel indices.
+voxel coordinates (voxel centres at integers). This module blends sliding-window tiles, resamples
+probabilities onto the series' native grid (argmax or threshold there, covering every native
+voxel whose centre lies in the view's field of view) and converts boxes to RAS mm and native
+voxel coordinates in the same continuous convention.
 """
 
 from __future__ import annotations
@@ -38,31 +40,69 @@ def blend_windows(
     return acc / np.maximum(weight, np.finfo(np.float32).tiny)
 
 
+EDGE_TOLERANCE = 1e-4  # voxels: a centre this close outside an edge still counts as inside
+
+
+def inside_fov(
+    shape: tuple[int, int, int], affine: np.ndarray, fov_shape: tuple[int, ...], fov_affine: np.ndarray
+) -> np.ndarray:
+    """Which voxels of the grid (``shape``, ``affine``) have their centre inside the field of
+    view of the grid (``fov_shape``, ``fov_affine``), edges included.
+
+    A grid's field of view is its voxels with their half-voxel extent: continuous indices
+    within [-0.5, n - 0.5] on every axis.
+    """
+    m = np.linalg.inv(fov_affine) @ np.asarray(affine, dtype=np.float64)
+    lo = -0.5 - EDGE_TOLERANCE
+    hi = (np.asarray(fov_shape[:3], dtype=np.float64) - 0.5 + EDGE_TOLERANCE)[:, None]
+    jk = np.indices(shape[1:3]).reshape(2, -1).astype(np.float64)
+    plane = m[:3, 1:3] @ jk + m[:3, 3:4]  # coordinates of slab i = 0; slabs keep memory small
+    out = np.empty(shape, dtype=bool)
+    for i in range(shape[0]):
+        c = plane + m[:3, 0:1] * i
+        out[i] = ((c >= lo) & (c <= hi)).all(axis=0).reshape(shape[1:3])
+    return out
+
+
 def resample_probabilities(
-    probs: np.ndarray, view_affine: np.ndarray, native_shape: tuple[int, int, int], native_affine: np.ndarray
+    probs: np.ndarray, view_affine: np.ndarray, native_shape: tuple[int, int, int], native_affine: np.ndarray,
+    background_channel: bool = True,
 ) -> np.ndarray:
     """Trilinearly resample view probabilities (C, X, Y, Z) onto the native grid.
 
-    Native voxels outside the view get probability 1 for channel 0 (background).
+    Every native voxel whose centre lies inside the view's field of view gets a value, edges
+    included: within the outer half view-voxel the nearest edge value is used (clamped, not
+    dropped). Native voxels outside the view are background: probability 1 for channel 0 when
+    ``background_channel`` (softmax masks), 0 in every channel otherwise (sigmoid masks).
     """
     # native voxel -> world -> view voxel, as one affine
     m = np.linalg.inv(view_affine) @ native_affine
+    outside = ~inside_fov(native_shape, native_affine, probs.shape[1:], view_affine)
     out = np.empty((probs.shape[0], *native_shape), dtype=np.float32)
     for c in range(probs.shape[0]):
         out[c] = ndimage.affine_transform(
-            probs[c], m[:3, :3], offset=m[:3, 3], output_shape=tuple(native_shape), order=1,
-            mode="constant", cval=1.0 if c == 0 else 0.0,
+            np.asarray(probs[c], dtype=np.float32), m[:3, :3], offset=m[:3, 3], output_shape=tuple(native_shape),
+            order=1, mode="nearest",
         )
+        out[c][outside] = 1.0 if (background_channel and c == 0) else 0.0
     return out
 
 
 def mask_to_native(
     probs: np.ndarray, view_affine: np.ndarray, native_shape: tuple[int, int, int], native_affine: np.ndarray,
-    dtype: str = "uint8",
+    dtype: str = "uint8", mode: str = "softmax", threshold: float = 0.5,
 ) -> np.ndarray:
-    """Label map on the native grid: argmax of the probabilities resampled there."""
-    native = resample_probabilities(probs, view_affine, native_shape, native_affine)
-    return np.argmax(native, axis=0).astype(dtype)
+    """A head's mask on the native grid, from its probabilities resampled there.
+
+    ``softmax``: label map, the argmax over the channels (label 0 = background).
+    ``sigmoid``: one foreground channel, stored as a 0/1 label map (p >= ``threshold``).
+    ``multilabel``: one independent channel per label, stored (C, I, J, K) as 0/1 each.
+    """
+    native = resample_probabilities(probs, view_affine, native_shape, native_affine, background_channel=mode == "softmax")
+    if mode == "softmax":
+        return np.argmax(native, axis=0).astype(dtype)
+    fg = native >= threshold
+    return (fg[0] if mode == "sigmoid" else fg).astype(dtype)
 
 
 def grid_world_bounds(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:

@@ -16,7 +16,9 @@ Any failure to build a view is a :class:`ViewError` with a plain reason.
 
 Intensities are clipped to percentiles and rescaled to [0, 1] on the native voxels (so padding
 is background, 0), then z-scored with the native voxels' statistics: both views of a series get
-the same intensity mapping and padding never shifts it.
+the same intensity mapping and padding never shifts it. Each view carries ``valid`` (True where a
+view voxel's centre lies inside the series' field of view) and ``intensity`` (the transform and
+the padding value), which heads receive as ``HeadInput.valid`` and ``HeadInput.view_info``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from scipy import ndimage
 from .errors import InputError
 from .features import View
 from .geometry import Volume, spacing
-from .mapping import grid_world_bounds
+from .mapping import grid_world_bounds, inside_fov
 
 VIEW_KINDS = ("global", "tiles")
 MIN_SMOOTH_VOXELS = 4  # ITK's recursive Gaussian refuses axes shorter than this
@@ -53,6 +55,22 @@ def _normalised(volume: Volume, intensity: dict[str, Any]) -> tuple[tio.ScalarIm
         mean, std = float(image.data.mean()), float(image.data.std())
         return image, mean, std if std > 0 else 1.0
     return image, 0.0, 1.0
+
+
+def _describe(volume: Volume, intensity: dict[str, Any], norm: tuple[tio.ScalarImage, float, float]) -> dict[str, Any]:
+    """The intensity transform as heads see it; padding takes the rescaled minimum (torchio's
+    default pad value), i.e. the clipped background, after the same standardisation."""
+    image, mean, std = norm
+    lo, hi = intensity.get("clip_percentiles", [0.5, 99.5])
+    pad = float(image.data.min())
+    return {"clip_percentiles": (float(lo), float(hi)), "normalize": intensity.get("normalize", "zscore"),
+            "padding_value": (pad - mean) / std}
+
+
+def _valid(volume: Volume, shape: np.ndarray, affine: np.ndarray) -> torch.Tensor:
+    """(1, X, Y, Z) bool: view voxels whose centre lies inside the series' field of view."""
+    inside = inside_fov(tuple(int(n) for n in shape), affine, volume.shape, volume.affine)
+    return torch.from_numpy(inside)[None]
 
 
 def _ras_grid(volume: Volume, spacing: np.ndarray, shape: np.ndarray) -> np.ndarray:
@@ -98,8 +116,11 @@ def global_view(volume: Volume, preprocessing: dict[str, Any], _norm=None) -> Vi
     # one isotropic spacing keeps anatomy's aspect ratio; coarser only when the FOV needs it
     spacing = np.full(3, max(target, float(np.max(_extent(volume) / size))))
     affine = _ras_grid(volume, spacing, size)
-    image, mean, std = _norm or _normalised(volume, preprocessing.get("intensity", {}))
-    return View("global", _resample(image, size, affine, mean, std), affine)
+    intensity = preprocessing.get("intensity", {})
+    norm = _norm or _normalised(volume, intensity)
+    image, mean, std = norm
+    return View("global", _resample(image, size, affine, mean, std), affine, [],
+                _valid(volume, size, affine), _describe(volume, intensity, norm))
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:
@@ -117,7 +138,9 @@ def tiles_view(volume: Volume, preprocessing: dict[str, Any], _norm=None) -> Vie
     spacing = np.asarray(preprocessing["spacing"], dtype=np.float64)
     shape = np.maximum(np.ceil(_extent(volume) / spacing - 1e-6).astype(int), size)
     affine = _ras_grid(volume, spacing, shape)
-    image, mean, std = _norm or _normalised(volume, preprocessing.get("intensity", {}))
+    intensity = preprocessing.get("intensity", {})
+    norm = _norm or _normalised(volume, intensity)
+    image, mean, std = norm
     overlap = float(preprocessing.get("tile_overlap", 0.25))
     starts = [window_starts(int(n), int(w), overlap) for n, w in zip(shape, size)]
     windows = [
@@ -126,7 +149,8 @@ def tiles_view(volume: Volume, preprocessing: dict[str, Any], _norm=None) -> Vie
         for b in starts[1]
         for c in starts[2]
     ]
-    return View("tiles", _resample(image, shape, affine, mean, std), affine, windows)
+    return View("tiles", _resample(image, shape, affine, mean, std), affine, windows,
+                _valid(volume, shape, affine), _describe(volume, intensity, norm))
 
 
 def make_views(volume: Volume, preprocessing: dict[str, Any], kinds: tuple[str, ...] = VIEW_KINDS) -> dict[str, View]:
