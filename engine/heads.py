@@ -40,15 +40,8 @@ class HeadContext:
 class Head:
     """Base class for heads. Subclasses set ``manifest_path`` and implement :meth:`predict`.
 
-    ``predict`` receives a batch of :class:`HeadInput` and returns, per item, a dict with one
-    entry per declared output:
-
-    - ``scores``: array (C,) with one value per declared label.
-    - ``value``: array of the declared shape (a 0-d array for a scalar), in the declared units.
-    - ``embedding``: array of the declared shape.
-    - ``mask``: probabilities (C, X, Y, Z) over the input image's voxels, one channel per label.
-    - ``boxes``: dict with ``boxes`` (N, 6) as (i0, j0, k0, i1, j1, k1) in input-image voxels,
-      ``scores`` (N,), and optionally ``labels`` (N declared label names) or ``queries`` (N str).
+    ``predict`` receives a batch of :class:`HeadInput` and returns, per item and in the same
+    order, a dict with one entry per declared output (see :meth:`predict`).
     """
 
     manifest_path: ClassVar[Path]
@@ -74,6 +67,25 @@ class Head:
         return Path(cls.manifest_path).parent / rel if rel else None
 
     def predict(self, batch: list[HeadInput]) -> list[dict[str, Any]]:  # pragma: no cover - abstract
+        """One dict per input item, holding every declared output and nothing else:
+
+        - ``scores``: array (C,) with one value per declared label.
+        - ``value``: array of the declared shape (a 0-d array for a scalar), in the declared units.
+        - ``embedding``: array of the declared shape.
+        - ``mask``: probabilities (C, X, Y, Z) in [0, 1] over the input image's voxels, one
+          channel per declared label. ``softmax`` masks (two or more labels, background first):
+          channels sum to 1, stored as the argmax label. ``sigmoid`` masks (one label): the
+          foreground probability, stored 0/1 with labels [background, label] where
+          p >= threshold (default 0.5). ``multilabel`` masks: one independent probability
+          per label, stored as one 0/1 channel per label.
+        - ``boxes``: dict with ``boxes`` (N, 6) as (i0, j0, k0, i1, j1, k1) in continuous
+          voxel coordinates of the input image (voxel centres at integers, the image spans
+          [-0.5, n - 0.5]), ``scores`` (N,), and optionally ``labels`` (N declared label
+          names) or ``queries`` (N str).
+
+        Outputs must be finite; anything that breaks the manifest fails this head on the
+        series concerned, never the run.
+        """
         raise NotImplementedError
 
 
@@ -129,6 +141,60 @@ def _check_shape(head: str, out: dict, arr: np.ndarray, symbols: dict[str, int])
             raise HeadOutputError(head, out["name"], f"expected C={len(out.get('labels', []))} (one per label), got {got}")
 
 
+MASK_MODES = ("softmax", "sigmoid", "multilabel")
+
+
+def mask_mode(head: str, out: dict[str, Any]) -> tuple[str, float]:
+    """How a mask output's channels are read and stored: (mode, threshold).
+
+    Manifests without ``activation`` keep their old meaning when they declare two or more
+    labels (softmax, background first); a single label means a sigmoid foreground channel.
+    """
+    labels = out.get("labels") or []
+    multilabel = bool(out.get("multilabel", False))
+    activation = out.get("activation", "sigmoid" if multilabel or len(labels) == 1 else "softmax")
+    threshold = float(out.get("threshold", 0.5))
+    if not labels:
+        raise HeadOutputError(head, out["name"], "a mask declares no labels")
+    if activation == "softmax" and (multilabel or len(labels) < 2):
+        raise HeadOutputError(head, out["name"], "a softmax mask needs two or more exclusive labels (background first)")
+    if activation == "sigmoid" and not multilabel and len(labels) != 1:
+        raise HeadOutputError(head, out["name"], f"a sigmoid mask with {len(labels)} labels must declare multilabel: true")
+    if activation not in ("softmax", "sigmoid") or not 0.0 < threshold <= 1.0:
+        raise HeadOutputError(head, out["name"], f"unsupported activation {activation!r} or threshold {threshold}")
+    mode = "multilabel" if multilabel else activation
+    return mode, threshold
+
+
+def stored_declaration(head: str, out: dict[str, Any]) -> dict[str, Any]:
+    """The declaration as written beside the stored array: a sigmoid mask's stored labels gain
+    the background, so label values index ``labels`` like every other label map."""
+    if out["kind"] != "mask":
+        return out
+    mode, threshold = mask_mode(head, out)
+    stored = {**out, "activation": "softmax" if mode == "softmax" else "sigmoid"}
+    if mode != "softmax":
+        stored["threshold"] = threshold
+    if mode == "sigmoid":
+        stored["labels"] = ["background", *out["labels"]]
+        if out.get("colors") and len(out["colors"]) == 1:
+            stored["colors"] = ["#000000", *out["colors"]]
+    return stored
+
+
+def _check_mask(head: str, out: dict[str, Any], arr: np.ndarray, image_shape: tuple[int, int, int]) -> np.ndarray:
+    mode, _ = mask_mode(head, out)
+    want = (len(out["labels"]), *image_shape)
+    if arr.shape != want:
+        raise HeadOutputError(
+            head, out["name"],
+            f"{mode} mask probabilities must be (C, X, Y, Z) = {want} (one channel per declared label), got {arr.shape}",
+        )
+    if arr.min() < -1e-4 or arr.max() > 1 + 1e-4:
+        raise HeadOutputError(head, out["name"], "mask probabilities must lie in [0, 1]")
+    return arr.astype(np.float32)
+
+
 def check_output(head: str, out: dict[str, Any], value: Any, image_shape: tuple[int, int, int]) -> Any:
     """Check one output against its declaration; return it as numpy (dict of numpy for boxes).
 
@@ -163,16 +229,13 @@ def check_output(head: str, out: dict[str, Any], value: Any, image_shape: tuple[
         return result
 
     arr = _to_numpy(value)
-    if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
-        raise HeadOutputError(head, name, "values must be finite numbers")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise HeadOutputError(head, name, f"values must be numbers, got {arr.dtype}")
+    if not np.isfinite(arr).all():
+        raise HeadOutputError(head, name, f"values must be finite numbers, got {int(np.size(arr) - np.isfinite(arr).sum())} NaN/Inf")
     symbols = {"C": len(out.get("labels", []))}
     if kind == "mask":
-        want = (len(out["labels"]), *image_shape)
-        if arr.shape != want:
-            raise HeadOutputError(head, name, f"mask probabilities must be (C, X, Y, Z) = {want}, got {arr.shape}")
-        if arr.min() < -1e-4 or arr.max() > 1 + 1e-4:
-            raise HeadOutputError(head, name, "mask probabilities must lie in [0, 1]")
-        return arr.astype(np.float32)
+        return _check_mask(head, out, arr, image_shape)
     _check_shape(head, out, arr, symbols)
     if kind == "scores" and arr.shape != (len(out["labels"]),):
         raise HeadOutputError(head, name, f"scores must be (C,) with C={len(out['labels'])}, got {arr.shape}")
