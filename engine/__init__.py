@@ -10,7 +10,7 @@ from .backends.base import Backend
 from .errors import (
     BackendUnavailable, GeometryError, HeadError, InputError, MrfmError, StoreError, StoreLocked, UsageError,
 )
-from .features import Features, HeadInput, TextFeatures, View
+from .features import Features, HeadInput, TextFeatures, View, ViewInfo
 from .geometry import Volume
 from .heads import Head, HeadContext, HeadOutputError, NetHead
 from .hookspecs import hookimpl
@@ -59,6 +59,7 @@ __all__ = [
     "NetHead",
     "TextFeatures",
     "View",
+    "ViewInfo",
     "Volume",
     "hookimpl",
     "open_store",
