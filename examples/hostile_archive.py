@@ -1,13 +1,15 @@
 """Point mrfm at the hostile-input corpus and show what became of every case.
 
-    python examples/hostile_archive.py [OUTDIR]
+    python examples/hostile_archive.py [OUTDIR] [--each]
 
 Writes the corpus (``engine.synthetic.bad_inputs``: one folder per bad case) to
 ``OUTDIR/corpus``, runs ``mrfm run`` over it once (``--heads classify --workers 0``) into
 ``OUTDIR/results.zarr``, then prints one row per case: what the corpus expects, what the run did
 (series status in the store, or a skipped file in the run's warnings) and why. The last lines say
 whether any case vanished without a trace and whether the patient's identifiers reached the
-store. Exit status: 0 when no case was silently dropped, 1 otherwise.
+store. ``--each`` also runs mrfm on every case alone and adds that run's exit code per case
+(0 done, 1 the series failed, 2 nothing to run: every file of the case was skipped).
+Exit status: 0 when no case was silently dropped, 1 otherwise.
 
 Series are matched to cases by their description (``BAD <CASE>``), then by their key or series
 UID; skipped files by the ``bad_<case>`` folder behind the label each warning names
@@ -43,6 +45,7 @@ REASON_CHARS = 90
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", nargs="?", type=Path, help="where to write the corpus and the store (default: a new temporary folder)")
+    parser.add_argument("--each", action="store_true", help="also run mrfm on every case alone and show its exit code")
     args = parser.parse_args(argv)
     out = args.outdir or Path(tempfile.mkdtemp(prefix="mrfm-hostile-"))
     corpus, store = out / "corpus", out / "results.zarr"
@@ -53,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = defaultdict(list)
     unmatched = match_series(store, cases, locations, outcomes) + match_warnings(events, cases, locations, outcomes)
 
+    alone = {case: run_mrfm(path, out / "each" / f"{case}.zarr")[0] for case, path in cases.items()} if args.each else None
     console = Console(width=None if sys.stdout.isatty() else 200)
-    console.print(outcome_table(cases, outcomes, exit_code))
+    console.print(outcome_table(cases, outcomes, exit_code, alone))
     dropped = sorted(set(cases) - set(outcomes))
     console.print(Text(f"mrfm run exit code: {exit_code}; {len(cases)} cases; corpus {corpus}; store {store}"))
     if unmatched:
@@ -159,9 +163,10 @@ def match_warnings(events: list[dict], cases: dict[str, Path], locations: dict[s
 # ---- report -------------------------------------------------------------------------------------
 
 
-def outcome_table(cases: dict[str, Path], outcomes: dict[str, list], exit_code: int | str) -> Table:
+def outcome_table(cases: dict[str, Path], outcomes: dict[str, list], exit_code: int | str,
+                  alone: dict[str, int | str] | None = None) -> Table:
     table = Table(title=f"mrfm over the hostile corpus (run exit code {exit_code})")
-    for column in ("case", "expected", "outcome", "reason"):
+    for column in ("case", "expected", "outcome", *(["exit alone"] if alone else []), "reason"):
         table.add_column(column, overflow="fold")
     for case in cases:
         got = outcomes.get(case, [])
@@ -170,7 +175,7 @@ def outcome_table(cases: dict[str, Path], outcomes: dict[str, list], exit_code: 
         style = "green" if _agrees(EXPECTED.get(case, ""), got) else "yellow"
         # Text cells: descriptions and reasons come from the archive and may hold rich markup
         table.add_row(Text(case), Text(EXPECTED.get(case, "")), Text(statuses or "DROPPED", style=style if got else "red"),
-                      Text(reasons))
+                      *([Text(str(alone.get(case, "")))] if alone else []), Text(reasons))
     return table
 
 

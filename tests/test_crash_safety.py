@@ -143,3 +143,33 @@ def test_sigint_finishes_the_series_in_flight_marks_the_run_interrupted_and_exit
     resumed = mrfm(*run_args(archive, out))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_store(out, reference)
+
+
+def test_damage_is_reported_by_validate_and_repaired_by_the_next_run(archive, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "damaged.zarr"
+    shutil.copytree(reference, out)
+    keys = sorted(p.name for p in (out / "series").iterdir() if p.is_dir())
+    assert len(keys) >= 3
+    flipped = next((out / "series" / keys[0] / "segment" / "anatomy").rglob("c/*/*/*"))
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside a mask chunk
+    flipped.write_bytes(bytes(raw))
+    meta = out / "series" / keys[1] / "zarr.json"
+    meta.write_text(meta.read_text()[:50])  # truncated group metadata
+    deleted = next((out / "series" / keys[2] / "segment" / "anatomy").rglob("c/*/*/*"))
+    deleted.unlink()
+
+    shallow = mrfm("validate", str(out))
+    deep = mrfm("validate", str(out), "--deep")
+    assert shallow.returncode == deep.returncode == 1
+    for key in keys[1:3]:
+        assert key in shallow.stdout, shallow.stdout
+    assert all(key in deep.stdout for key in keys[:3]), deep.stdout
+    assert "Traceback" not in deep.stdout + deep.stderr
+
+    repaired = mrfm(*run_args(archive, out))
+    assert repaired.returncode == 0, repaired.stderr[-2000:]
+    assert validate_store(out, deep=True) == []
+    assert_same_store(out, reference)
