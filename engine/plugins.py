@@ -26,6 +26,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.readers",
     "plugins.backends",
     "plugins.encoders",
+    "plugins.exporters",
     "contrib_heads.classify",
     "contrib_heads.regress",
     "contrib_heads.segment",
