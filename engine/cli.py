@@ -246,7 +246,7 @@ def demo_archive(directory, studies, seed) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def plugins(as_json) -> None:
-    """List loaded plugins, the hooks each implements, and versions."""
+    """List plugins, the hooks each implements, versions, and what is broken or disabled."""
     from .plugins import plugin_summaries
 
     rows = plugin_summaries()
@@ -257,7 +257,14 @@ def plugins(as_json) -> None:
     for col in ("name", "hooks", "source", "version"):
         table.add_column(col, overflow="fold")
     for p in rows:
-        hooks = f"[red]not loaded: {esc(p['error'])}[/]" if p.get("error") else esc(", ".join(p["hooks"]))
+        if p.get("disabled"):
+            hooks = "[yellow]disabled[/]"
+        elif p.get("error"):
+            hooks = f"[red]broken: {esc(p['error'])}[/]"
+        else:
+            hooks = esc(", ".join(p["hooks"]))
+        for head, reason in sorted(p.get("broken", {}).items()):
+            hooks += f"\n[red]broken head {esc(head)}: {esc(reason)}[/]"
         version = __version__ if p["default"] else (p["version"] or "")
         table.add_row(esc(p["name"]), hooks, esc("default" if p["default"] else (p["package"] or "registered")), esc(version))
     console.print(table)
@@ -266,10 +273,10 @@ def plugins(as_json) -> None:
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def heads(ctx) -> None:
-    """List installed heads (``mrfm heads show NAME`` for one manifest)."""
+    """List installed heads, broken ones with the reason (``mrfm heads show NAME`` for one)."""
     if ctx.invoked_subcommand:
         return
-    from .plugins import get_head_classes
+    from .plugins import get_broken_heads, get_head_classes
 
     table = Table(title="heads")
     for col in ("name", "version", "view", "features", "outputs", "plugin"):
@@ -279,20 +286,38 @@ def heads(ctx) -> None:
         outs = ", ".join(f"{o['name']} ({o['kind']})" for o in m["outputs"])
         reads = [*(["image"] if m["inputs"].get("image") else []), *m["inputs"]["features"]]
         table.add_row(esc(name), esc(m["version"]), esc(m["inputs"]["view"]), esc(", ".join(reads)), esc(outs), esc(reg.plugin))
+    for name, b in sorted(get_broken_heads().items()):
+        table.add_row(esc(name), "[red]broken[/]", "", "", f"[red]{esc(b.reason)}[/]", esc(b.plugin))
     console.print(table)
 
 
 @heads.command("show")
 @click.argument("name")
 def heads_show(name) -> None:
-    """Print a head's manifest."""
-    from .plugins import get_head_classes
+    """Print a head's manifest (or why it is broken)."""
+    from .plugins import get_broken_heads, get_head_classes
 
     registry = get_head_classes()
+    broken = get_broken_heads()
+    if name in broken:
+        console.print_json(json.dumps({"plugin": broken[name].plugin, "broken": broken[name].reason}))
+        return
     if name not in registry:
         raise click.UsageError(f"no head named {name!r}; installed: {', '.join(sorted(registry))}")
     cls = registry[name].obj
     console.print_json(json.dumps({"plugin": registry[name].plugin, "weights": str(cls.weights_path()), "manifest": cls.manifest()}))
+
+
+@cli.command("new-head")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to create the package folder NAME in.")
+def new_head(name, directory) -> None:
+    """Write a ready head package: pyproject with the entry point, manifest, head, README, test."""
+    from .templates import new_head_package
+
+    folder = new_head_package(name, directory)
+    console.print(f"wrote {esc(folder)}\nnext: pip install -e {esc(folder)} && pytest {esc(folder)}", highlight=False)
 
 
 # ---- store -------------------------------------------------------------------------------------
