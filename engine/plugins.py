@@ -97,6 +97,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
+def _one_line(text: str) -> str:
+    """Schema errors come one violation a line; listings and usage errors want one line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] + (" " if lines[0].endswith(":") else "; ") + "; ".join(lines[1:]) if len(lines) > 1 else "".join(lines)
+
+
 def _unknown_hooks(plugin: object) -> list[str]:
     """Hook implementations with no spec: a misspelled hook name in a plugin."""
     return sorted(c.name for c in pm.get_hookcallers(plugin) or [] if c.spec is None)
@@ -226,7 +232,7 @@ def head_problem(obj: Any) -> str | None:
         obj.manifest()
         weights = obj.weights_path()
     except Exception as exc:
-        text = str(exc).strip()
+        text = _one_line(str(exc))
         return text if "manifest" in text else f"manifest {getattr(obj, 'manifest_path', '?')}: {_describe(exc)}"
     if weights is not None and not weights.is_file():
         return f"declared weights {weights.name} are missing next to {Path(obj.manifest_path).name}"

@@ -169,7 +169,7 @@ def test_a_plugin_adds_a_command_to_the_cli():
     assert listed["command-test"]["hooks"] == ["register_commands"]
 
 
-def test_duplicate_head_names_are_refused(registered):
+def test_two_plugins_claiming_one_head_name_make_it_broken_not_fatal(registered):
     class Twin:
         @engine.hookimpl
         def register_heads(self, register):
@@ -178,10 +178,11 @@ def test_duplicate_head_names_are_refused(registered):
     twin = Twin()
     plugins.pm.register(twin, name="twin")
     try:
-        with pytest.raises(ValueError, match="'echo' from plugin 'twin' is already registered by 'echo-test'"):
-            plugins.get_head_classes()
+        heads, broken = plugins.get_head_classes(), plugins.get_broken_heads()
     finally:
         plugins.pm.unregister(twin)
+    assert "echo" not in heads and "classify" in heads
+    assert "registered by plugins echo-test, twin" in broken["echo"].reason
 
 
 def test_a_misspelled_hook_fails_loudly():
@@ -259,3 +260,305 @@ def test_a_broken_entry_point_is_reported_not_fatal(tmp_path, monkeypatch):
     assert "needs a library that is not installed" in plugins.load_errors["broken"]
     assert any(p["name"] == "broken" and p.get("error") for p in plugins.plugin_summaries())
     assert "classify" in plugins.get_head_classes()  # everything else still works
+
+
+# ---- isolation: a broken plugin or head is listed with its reason and skipped -------------------
+def write_head_package(root: Path, name: str, manifest: dict, predict_body: str = "return [{} for _ in batch]") -> Path:
+    """A head package on disk: manifest.json plus a module registering one head class."""
+    pkg = root / name
+    pkg.mkdir(parents=True)
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    (pkg / "__init__.py").write_text(
+        "from pathlib import Path\nimport engine\n\n\n"
+        "class ThisHead(engine.Head):\n"
+        "    manifest_path = Path(__file__).with_name('manifest.json')\n\n"
+        f"    def predict(self, batch):\n        {predict_body}\n\n\n"
+        "@engine.hookimpl\ndef register_heads(register):\n    register(ThisHead)\n"
+    )
+    return pkg
+
+
+def invalid_manifest() -> dict:
+    m = json.loads(MANIFEST.read_text()) | {"name": "badhead"}
+    m["outputs"] = [{"name": "x", "kind": "mask", "dtype": "float32"}]  # masks need labels and an integer dtype
+    return m
+
+
+@pytest.fixture
+def broken_head_plugin(tmp_path, monkeypatch):
+    """An installed-looking plugin whose head manifest breaks the schema."""
+    write_head_package(tmp_path, "badhead_pkg", invalid_manifest())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import badhead_pkg
+
+    plugins.pm.register(badhead_pkg, name="badhead-plugin")
+    yield badhead_pkg
+    plugins.pm.unregister(badhead_pkg)
+    sys.modules.pop("badhead_pkg", None)
+
+
+def test_an_invalid_manifest_makes_only_that_head_broken(broken_head_plugin):
+    heads, broken = plugins.get_head_classes(), plugins.get_broken_heads()
+    assert "badhead" not in heads and set(shipped_heads()) <= set(heads)
+    assert broken["badhead"].plugin == "badhead-plugin"
+    assert "outputs/0" in broken["badhead"].reason and "manifest" in broken["badhead"].reason
+
+
+def test_head_commands_keep_working_beside_a_broken_head(broken_head_plugin):
+    listed = CliRunner().invoke(cli, ["heads"])
+    assert listed.exit_code == 0 and listed.exception is None, listed.output
+    assert "classify" in listed.output and "badhead" in listed.output and "broken" in listed.output
+    shown = CliRunner().invoke(cli, ["heads", "show", "classify"])
+    assert shown.exit_code == 0 and '"region"' in shown.output
+    bad = CliRunner().invoke(cli, ["heads", "show", "badhead"])
+    assert bad.exit_code == 0 and bad.exception is None and '"broken"' in bad.output and "outputs/0" in bad.output
+    plugs = CliRunner().invoke(cli, ["plugins", "--json"])
+    assert plugs.exit_code == 0 and plugs.exception is None
+    row = {p["name"]: p for p in json.loads(plugs.output)}["badhead-plugin"]
+    assert "badhead" in row["broken"] and "Traceback" not in plugs.output
+
+
+def test_selecting_a_broken_head_is_a_usage_error_with_the_reason(broken_head_plugin):
+    with pytest.raises(engine.UsageError, match=r"head 'badhead' is broken \(badhead-plugin: .*outputs/0"):
+        plugins.select_heads(["classify", "badhead"])
+    assert "badhead" not in plugins.select_heads(None)
+    assert list(plugins.select_heads(["classify"])) == ["classify"]
+
+
+def test_a_run_with_other_heads_starts_beside_a_broken_head(broken_head_plugin, tmp_path):
+    nibabel = pytest.importorskip("nibabel")
+    from engine.testing import synthetic_volume
+
+    volume = synthetic_volume("axial")
+    (tmp_path / "in").mkdir()
+    nibabel.save(nibabel.Nifti1Image(volume.data, volume.affine), str(tmp_path / "in" / "a.nii.gz"))
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "in"), "--out", str(tmp_path / "r.zarr"), "--heads", "retrieve",
+                                      "--backend", "torch", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_a_hook_that_raises_is_recorded_against_its_plugin(monkeypatch):
+    class Raising:
+        @engine.hookimpl
+        def register_heads(self, register):
+            raise RuntimeError("cannot find my weights server")
+
+    monkeypatch.setattr(plugins, "load_errors", {})
+    plugin = Raising()
+    plugins.pm.register(plugin, name="raising")
+    try:
+        heads = plugins.get_head_classes()
+        listed = {p["name"]: p for p in plugins.plugin_summaries()}
+    finally:
+        plugins.pm.unregister(plugin)
+    assert "classify" in heads
+    assert "cannot find my weights server" in listed["raising"]["error"]
+
+
+def test_a_default_plugin_that_fails_to_import_is_reported_not_fatal(tmp_path, monkeypatch):
+    (tmp_path / "crashing_default.py").write_text("raise RuntimeError('half-installed')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "DEFAULT_PLUGINS", (*plugins.DEFAULT_PLUGINS, "crashing_default"))
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr(plugins, "load_errors", {})
+    with pytest.warns(UserWarning, match="'crashing_default' could not be loaded"):
+        plugins.load_plugins()
+    assert "half-installed" in plugins.load_errors["crashing_default"]
+    assert "classify" in plugins.get_head_classes()
+
+
+def test_an_entry_point_with_an_unknown_hook_is_dropped(monkeypatch):
+    class Typo:
+        @engine.hookimpl
+        def register_haeds(self, register):
+            pass
+
+    monkeypatch.setattr(plugins, "load_errors", {})
+    typo = Typo()
+    with pytest.warns(UserWarning, match="unknown hook"):
+        plugins._register(typo, "typo-ep", "typo-dist")
+    assert not plugins.pm.is_registered(typo)
+    assert "register_haeds" in plugins.load_errors["typo-ep"]
+
+
+@pytest.fixture
+def restore_disabled():
+    yield
+    plugins._disabled.clear()
+    import contrib_heads.ground as ground
+
+    if not plugins.pm.is_registered(ground):
+        plugins.pm.register(ground, name="contrib_heads.ground")
+
+
+def test_mrfm_disable_plugins_removes_a_default_head(monkeypatch, restore_disabled):
+    monkeypatch.setenv("MRFM_DISABLE_PLUGINS", "contrib_heads.ground, someone-elses-plugin")
+    assert "ground" not in plugins.get_head_classes() and "classify" in plugins.get_head_classes()
+    row = {p["name"]: p for p in plugins.plugin_summaries()}["contrib_heads.ground"]
+    assert row["disabled"]
+    monkeypatch.setenv("MRFM_DISABLE_PLUGINS", "ground")  # the short name works too
+    assert "ground" not in plugins.get_head_classes()
+    monkeypatch.delenv("MRFM_DISABLE_PLUGINS")
+    assert "ground" in plugins.get_head_classes()
+
+
+def test_disable_unregisters_a_loaded_plugin(restore_disabled):
+    assert plugins.disable(["ground"]) == ["contrib_heads.ground"]
+    assert plugins.pm.get_plugin("contrib_heads.ground") is None
+    assert "ground" not in plugins.get_head_classes()
+
+
+def test_disabled_entry_points_do_not_load(installed_example, monkeypatch):
+    monkeypatch.setenv("MRFM_LOAD_PLUGINS", "brightness")
+    monkeypatch.setenv("MRFM_DISABLE_PLUGINS", "mrfm-head-brightness")  # by distribution name
+    monkeypatch.setattr(plugins, "_loaded", False)
+    plugins.load_plugins()
+    assert plugins.pm.get_plugin("brightness") is None
+    assert {p["name"]: p for p in plugins.plugin_summaries()}["brightness"]["disabled"]
+
+
+# ---- encoders and exporters ----------------------------------------------------------------------
+class TinyArchitecture:
+    name = "tiny-test"
+    built: list = []
+
+    @classmethod
+    def build(cls, card):
+        from engine.model import VisionTransformer3D, config_from_card
+
+        cls.built.append(card["name"])
+        return VisionTransformer3D(config_from_card(card))
+
+
+class EncoderPlugin:
+    @engine.hookimpl
+    def register_encoders(self, register):
+        register(TinyArchitecture)
+
+
+def default_card() -> dict:
+    from engine.model import DEFAULT_MODEL_DIR, read_card
+
+    return read_card(DEFAULT_MODEL_DIR)
+
+
+def test_the_model_card_names_its_encoder_architecture():
+    from engine.model import VisionTransformer3D, build_encoder
+
+    assert plugins.get_encoders()["vit3d"].plugin == "plugins.encoders"
+    card = default_card()
+    assert card["encoder"]["architecture"] == "vit3d"
+    assert isinstance(build_encoder(card), VisionTransformer3D)
+    card["encoder"].pop("architecture")  # absent means vit3d
+    assert schemas.errors("model", card) == [] and isinstance(build_encoder(card), VisionTransformer3D)
+
+
+def test_a_plugin_encoder_architecture_is_built_from_the_card():
+    from engine.model import build_encoder
+
+    plugin = EncoderPlugin()
+    plugins.pm.register(plugin, name="encoder-test")
+    try:
+        card = default_card()
+        card["encoder"]["architecture"] = "tiny-test"
+        assert schemas.errors("model", card) == []
+        build_encoder(card)
+    finally:
+        plugins.pm.unregister(plugin)
+    assert TinyArchitecture.built == [card["name"]]
+
+
+def test_an_unknown_encoder_architecture_names_the_registered_ones():
+    from engine.model import build_encoder
+
+    card = default_card()
+    card["encoder"]["architecture"] = "swin3d"
+    with pytest.raises(engine.UsageError, match=r"unknown encoder architecture 'swin3d'; registered: vit3d"):
+        build_encoder(card)
+
+
+class ParquetLikeExporter:
+    name = "table-test"
+
+
+class ExporterPlugin:
+    @engine.hookimpl
+    def register_exporters(self, register):
+        register(ParquetLikeExporter())
+
+
+def test_a_plugin_exporter_is_registered():
+    plugin = ExporterPlugin()
+    plugins.pm.register(plugin, name="exporter-test")
+    try:
+        exporters = plugins.get_exporters()
+    finally:
+        plugins.pm.unregister(plugin)
+    assert isinstance(exporters["table-test"].obj, ParquetLikeExporter) and exporters["table-test"].plugin == "exporter-test"
+
+
+# ---- code-aware head fingerprints ----------------------------------------------------------------
+def import_fresh(name: str):
+    import importlib
+
+    for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[mod]
+    importlib.invalidate_caches()
+    return importlib.import_module(name)
+
+
+def test_editing_a_heads_code_changes_its_fingerprint_and_nothing_else_does(tmp_path, monkeypatch):
+    from engine.fingerprint import head_code_digest, head_fingerprints, head_record
+
+    manifest = json.loads(MANIFEST.read_text())
+    write_head_package(tmp_path, "fp_head_a", manifest | {"name": "fpa"}, "return [{'x': 1} for _ in batch]")
+    other = write_head_package(tmp_path, "fp_head_b", manifest | {"name": "fpb"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def fingerprint() -> tuple[str, str]:
+        cls = import_fresh("fp_head_a").ThisHead
+        record = head_record("fpa", cls)
+        return head_code_digest(cls), head_fingerprints("sha256:model", [record], {}, {})["fpa"]
+
+    code, fp = fingerprint()
+    assert code.startswith("sha256:") and fingerprint() == (code, fp)
+    # reformatting another head's module, in another package, changes nothing
+    (other / "__init__.py").write_text((other / "__init__.py").read_text().replace("\n\n\n", "\n\n\n\n"))
+    assert fingerprint() == (code, fp)
+    # editing predict changes the code digest and the head's resume fingerprint
+    init = tmp_path / "fp_head_a" / "__init__.py"
+    init.write_text(init.read_text().replace("{'x': 1}", "{'x': 2}"))
+    new_code, new_fp = fingerprint()
+    assert new_code != code and new_fp != fp
+    # a helper module inside the head's package counts as its code too
+    (tmp_path / "fp_head_a" / "helpers.py").write_text("SCALE = 2\n")
+    assert fingerprint()[0] != new_code
+    for name in ("fp_head_a", "fp_head_b"):
+        sys.modules.pop(name, None)
+
+
+def test_code_sha256_enters_the_run_and_head_fingerprints():
+    from engine.fingerprint import head_fingerprints, run_fingerprint
+
+    head = {"name": "h", "version": "1", "manifest": {}, "weights_sha256": None}
+    with_code = head | {"code_sha256": "sha256:a"}
+    assert head_fingerprints("m", [with_code], {}, {}) != head_fingerprints("m", [head], {}, {})
+    assert head_fingerprints("m", [with_code], {}, {}) != head_fingerprints("m", [head | {"code_sha256": "sha256:b"}], {}, {})
+    assert run_fingerprint("m", [with_code], {}, {}) != run_fingerprint("m", [head], {}, {})
+
+
+def test_a_head_from_an_installed_distribution_is_fingerprinted_by_its_record(installed_example, monkeypatch):
+    from engine import fingerprint
+
+    fingerprint._providers.cache_clear()
+    monkeypatch.syspath_prepend(str(installed_example))
+    head = import_fresh("mrfm_head_brightness").BrightnessHead
+    dist = fingerprint._distribution_of(head.__module__, Path(sys.modules[head.__module__].__file__).resolve())
+    assert dist is not None and dist.metadata["Name"] == "mrfm-head-brightness"
+    assert fingerprint.head_code_digest(head) == fingerprint._distribution_digest(dist)
+    # the shipped heads come from an editable checkout: their sources are hashed instead
+    from contrib_heads.classify import ClassifyHead
+
+    assert fingerprint._distribution_of(ClassifyHead.__module__, Path(sys.modules[ClassifyHead.__module__].__file__).resolve()) is None
+    fingerprint._providers.cache_clear()
