@@ -29,7 +29,7 @@ from engine.views import make_views
 
 PRE = {"orientation": "RAS", "spacing": [3.0, 3.0, 3.0], "input_size": [64, 64, 64],
        "intensity": {"clip_percentiles": [0.5, 99.5], "normalize": "zscore"}, "tile_overlap": 0.25}
-SHAPE = (120, 110, 36)
+SHAPE = (150, 140, 40)
 CENTER = np.array([12.0, -20.0, 30.0])  # the structure; x = 0 cuts the field of view off-centre
 RADII = np.array([35.0, 25.0, 20.0])
 LOW, HIGH = 10.0, 110.0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from engine.geometry import Volume, apply_affine, world_bounds
-from engine.mapping import blend_windows, boxes_to_native, grid_world_bounds, mask_to_native
+from engine.mapping import blend_windows, boxes_to_native, grid_world_bounds, inside_fov, mask_to_native
 from engine.views import make_views, window_starts
 
 PRE = {"orientation": "RAS", "spacing": [3.0, 3.0, 3.0], "input_size": [64, 64, 64],
@@ -144,3 +144,40 @@ def test_tiles_view_is_the_global_view_when_the_series_fits_one_window():
     assert tiles.windows == [(slice(0, 64),) * 3]
     np.testing.assert_allclose(tiles.affine, single.affine)
     np.testing.assert_allclose(tiles.image.numpy(), single.image.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ACQUISITIONS))
+def test_every_native_voxel_inside_the_view_maps_back_edges_included(name):
+    shape, affine = grid(name)
+    view = make_views(Volume(structure_on(shape, affine).astype(np.float32), affine), PRE, ("global",))["global"]
+    ones = np.ones((1, *view.shape), np.float32)
+    assert mask_to_native(ones, view.affine, shape, affine, mode="sigmoid").all()
+    softmax = np.stack([np.zeros(view.shape), np.ones(view.shape)]).astype(np.float32)
+    assert (mask_to_native(softmax, view.affine, shape, affine) == 1).all()
+
+
+def test_native_voxels_outside_the_view_are_background_and_the_edge_is_half_a_voxel_out():
+    view_affine = np.eye(4)  # a 10^3 view: field of view [-0.5, 9.5] mm on every axis
+    native_affine = np.diag([0.25, 0.25, 0.25, 1.0])
+    native_affine[:3, 3] = -1.0  # native centres from -1.0 to 11.25 mm along each axis
+    native_shape = (50, 50, 50)
+    inside = inside_fov(native_shape, native_affine, (10, 10, 10), view_affine)
+    centres = -1.0 + 0.25 * np.arange(50)
+    axis = (centres >= -0.5) & (centres <= 9.5)
+    np.testing.assert_array_equal(inside, axis[:, None, None] & axis[None, :, None] & axis[None, None, :])
+    mask = mask_to_native(np.ones((1, 10, 10, 10), np.float32), view_affine, native_shape, native_affine, mode="sigmoid")
+    np.testing.assert_array_equal(mask.astype(bool), inside)
+    labels = mask_to_native(np.stack([np.zeros((10,) * 3), np.ones((10,) * 3)]).astype(np.float32), view_affine, native_shape, native_affine)
+    np.testing.assert_array_equal(labels.astype(bool), inside)
+
+
+def test_boxes_use_continuous_coordinates_with_voxel_centres_at_integers():
+    view_affine = np.diag([2.0, 2.0, 2.0, 1.0])  # view voxel i is centred at 2i mm
+    native_affine = np.eye(4)  # native voxel i is centred at i mm
+    # view voxels 1..3 along every axis: edges 0.5 and 3.5 -> world 1 mm to 7 mm
+    world, voxel, keep = boxes_to_native(np.array([[0.5, 0.5, 0.5, 3.5, 3.5, 3.5]]), view_affine, (20, 20, 20), native_affine)
+    np.testing.assert_allclose(world[0], [1, 1, 1, 7, 7, 7])
+    np.testing.assert_allclose(voxel[0], [1, 1, 1, 7, 7, 7])
+    # the whole view clips to the native field of view, [-0.5, n - 0.5] in native voxels
+    _, voxel, _ = boxes_to_native(np.array([[-0.5, -0.5, -0.5, 19.5, 19.5, 19.5]]), view_affine, (20, 20, 20), native_affine)
+    np.testing.assert_allclose(voxel[0], [-0.5, -0.5, -0.5, 19.5, 19.5, 19.5])
