@@ -84,7 +84,11 @@ class Head:
           names) or ``queries`` (N str).
 
         Outputs must be finite; anything that breaks the manifest fails this head on the
-        series concerned, never the run.
+        series concerned, never the run. Each item carries ``valid`` (the acquired region
+        of its image) and ``view_info`` (axes, spacing, intensity transform, window origin):
+        see :class:`HeadInput` and :class:`ViewInfo`. A manifest's ``budget_seconds`` limits
+        one call; the engine stops waiting at the budget (the call itself cannot be stopped
+        and finishes in the background) and disables a head that overruns repeatedly.
         """
         raise NotImplementedError
 
