@@ -103,7 +103,9 @@ class Inference:
     budget fails the head on that call's series; after ``max_overruns`` overruns the head is
     disabled for the rest of the run. ``on_event`` receives, around every predict call,
     ``{"event": "head", "head", "batch", "series", "state", "seconds"}`` with ``state`` one of
-    ``started``, ``done``, ``failed``, ``over budget`` (and ``reason`` when it failed).
+    ``started``, ``done``, ``failed``, ``over budget`` (and ``reason`` when it failed);
+    ``batch`` counts that head's predict calls over the run, ``series`` lists the call's keys.
+    Call :meth:`close` at the end of a run to let budgeted heads' threads end.
     """
 
     def __init__(self, backend: Any, heads: dict[str, Head], text: TextFeatures | None, batch_size: int = 4, *,
