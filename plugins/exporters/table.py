@@ -1,0 +1,102 @@
+"""Tables: one Parquet and one CSV file per output kind (scores, values, boxes, embeddings).
+
+Each series writes its rows to ``parts/<key>/<kind>.parquet`` (so a resumed export redoes only
+changed series); ``finish`` concatenates the parts of every exported series. Rows are keyed by
+study and series UID and carry the run id, head and head version, and the model fingerprint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.export import ExportContext
+
+KINDS = ("scores", "values", "boxes", "embeddings")
+_OUTPUT_KIND = {"scores": "scores", "value": "values", "boxes": "boxes", "embedding": "embeddings"}
+
+
+class TableExporter:
+    name = "table"
+    description = "scores, values, boxes (world and voxel) and embeddings as Parquet and CSV, keyed by UIDs"
+    version = "1"
+
+    def export_series(self, ctx: ExportContext, key: str) -> list[Path]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
+        attrs = ctx.attrs(key)
+        model_fp = ctx.model(key).get("fingerprint")
+        for head, output, meta in ctx.outputs(key, list(_OUTPUT_KIND)):
+            record = (attrs.get("heads") or {}).get(head, {})
+            base = {"study_uid": attrs.get("study_uid") or "", "series_uid": attrs.get("series_uid") or "",
+                    "series_key": key, "run_id": record.get("run_id") or attrs.get("run_id"), "head": head,
+                    "head_version": meta.get("head_version") or record.get("version"), "output": output,
+                    "model_fingerprint": model_fp}
+            kind = _OUTPUT_KIND[meta["kind"]]
+            rows[kind] += _rows(kind, ctx.read(key, head, output), meta, base)
+        out = ctx.out_dir / "parts" / key
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        files = []
+        for kind, kind_rows in rows.items():
+            if kind_rows:
+                path = out / f"{kind}.parquet"
+                pq.write_table(pa.Table.from_pylist(kind_rows), path)
+                files.append(path)
+        return files
+
+    def finish(self, ctx: ExportContext, keys: list[str]) -> list[Path]:
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
+        import pyarrow.parquet as pq
+
+        written = []
+        for kind in KINDS:
+            parts = [p for k in keys if (p := ctx.out_dir / "parts" / k / f"{kind}.parquet").exists()]
+            for old in (ctx.out_dir / f"{kind}.parquet", ctx.out_dir / f"{kind}.csv"):
+                old.unlink(missing_ok=True)
+            if not parts:
+                continue
+            table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+            pq.write_table(table, ctx.out_dir / f"{kind}.parquet")
+            if kind == "embeddings":  # CSV has no list type: one space-separated text column
+                vec = [" ".join(f"{x:.7g}" for x in v) for v in table.column("embedding").to_pylist()]
+                table = table.set_column(table.schema.get_field_index("embedding"), "embedding", pa.array(vec))
+            pcsv.write_csv(table, ctx.out_dir / f"{kind}.csv")
+            written += [ctx.out_dir / f"{kind}.parquet", ctx.out_dir / f"{kind}.csv"]
+        return written
+
+
+def _rows(kind: str, value: Any, meta: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
+    labels = list(meta.get("labels") or [])
+    if kind == "scores":
+        scores = np.asarray(value, dtype=np.float64).reshape(-1)
+        return [{**base, "index": i, "label": labels[i] if i < len(labels) else str(i), "score": float(s)}
+                for i, s in enumerate(scores)]
+    if kind == "values":
+        values = np.asarray(value, dtype=np.float64).reshape(-1)
+        return [{**base, "index": i, "label": labels[i] if i < len(labels) else None, "value": float(v),
+                 "units": meta.get("units")} for i, v in enumerate(values)]
+    if kind == "embeddings":
+        vec = np.asarray(value, dtype=np.float32).reshape(-1)
+        return [{**base, "dim": int(vec.size), "normalized": bool(meta.get("normalized", False)),
+                 "embedding": [float(x) for x in vec]}]
+    world = np.asarray(value["world"], dtype=np.float64).reshape(-1, 6)
+    voxel = np.asarray(value["voxel"], dtype=np.float64).reshape(-1, 6)
+    scores = np.asarray(value["scores"], dtype=np.float64).reshape(-1)
+    box_labels = value.get("labels")
+    queries = value.get("queries")
+    rows = []
+    for n in range(len(scores)):
+        row = {**base, "box": n, "label": str(box_labels[n]) if box_labels is not None else (labels[0] if len(labels) == 1 else None),
+               "query": str(queries[n]) if queries is not None else None, "score": float(scores[n])}
+        row.update({f"{a}_mm": float(world[n, i]) for i, a in enumerate(("x0", "y0", "z0", "x1", "y1", "z1"))})
+        row.update({a: float(voxel[n, i]) for i, a in enumerate(("i0", "j0", "k0", "i1", "j1", "k1"))})
+        rows.append(row)
+    return rows
