@@ -44,7 +44,7 @@ __all__ = [
 SYNTHETIC_KINDS: tuple[str, ...] = ("axial", "sagittal", "coronal", "oblique", "flipped", "decubitus", "ras", "las")
 
 # World-space content of every synthetic volume (RAS+ mm, centred on the origin): a soft-tissue
-# ellipsoid and a bright sphere on the patient's left (+x), anterior and superior of centre, so
+# ellipsoid and a bright sphere to the patient's right (+x), anterior and superior of centre, so
 # a head can be checked for side, position and shape whatever the acquisition orientation.
 BODY_RADII_MM = (60.0, 70.0, 55.0)
 BRIGHT_CENTER_MM = (25.0, 10.0, 5.0)
@@ -135,7 +135,7 @@ def synthetic_volume(kind: str = "axial", *, shape: tuple[int, int, int] = (40, 
 
     The same anatomy in every orientation: a body ellipsoid (intensity 100, radii
     ``BODY_RADII_MM``) holding a bright sphere (300, ``BRIGHT_RADIUS_MM`` at
-    ``BRIGHT_CENTER_MM``, patient left), plus Gaussian noise from ``seed``. ``meta`` records the
+    ``BRIGHT_CENTER_MM``, patient right), plus Gaussian noise from ``seed``. ``meta`` records the
     kind and the truth; :func:`synthetic_truth` gives the masks on any grid.
     """
     affine = _affine(kind, tuple(shape), tuple(spacing))
