@@ -184,6 +184,9 @@ class SeriesRef:
     orientation: str
     problems: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    # reader-private: what loading needs from the scan (DICOM: per-file frames and pixel plans),
+    # so a worker reads pixel data without parsing headers again
+    plan: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -410,3 +410,72 @@ def test_siemens_xa10_multi_file_run_loads_first_time_point_like_dcm2niix():
     vol = load(ref)
     nii = nib.load(SHARED / "dcm_qa_enh" / "Ref" / "Siemens_REST1_w_SMS_PF7-8_6.nii")
     assert_same_as_reference(vol, np.asarray(nii.dataobj, dtype=np.float32)[..., 0], nii.affine)
+
+
+# --------------------------------------------------------------------------- one parse per file
+
+
+@pytest.fixture
+def header_reads(monkeypatch):
+    """Counts every header parse (pydicom.dcmread and the lean reader's read_partial), per file."""
+    import pydicom.filereader
+
+    from engine.dicom import frames
+
+    counts: dict[str, int] = {}
+
+    def counting(fn):
+        def wrapper(fp, *args, **kwargs):
+            name = Path(getattr(fp, "name", str(fp))).name
+            counts[name] = counts.get(name, 0) + 1
+            return fn(fp, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(frames, "read_partial", counting(pydicom.filereader.read_partial))
+    monkeypatch.setattr(pydicom, "dcmread", counting(pydicom.dcmread))
+    return counts
+
+
+def test_classic_series_header_is_parsed_once_per_file_over_scan_and_load(tmp_path, header_reads):
+    info = write_series(tmp_path / "s", shape=(16, 12, 10), slope=2.0, intercept=-5.0)
+    vol = load(only_series([tmp_path / "s"]))
+    assert sorted(header_reads) == sorted(p.name for p in info["paths"])
+    assert set(header_reads.values()) == {1}
+    np.testing.assert_allclose(vol.data[:, :, 3], slice_pixels(3, 16, 12).T * 2.0 - 5.0)
+
+
+def test_enhanced_file_is_parsed_once_over_scan_and_load(tmp_path, header_reads):
+    write_enhanced(tmp_path / "enh.dcm")
+    load(only_series([tmp_path]))
+    assert header_reads == {"enh.dcm": 1}
+
+
+@needs_enh
+@pytest.mark.parametrize("folder", ["Philips", "Siemens/XA10"])
+def test_vendor_enhanced_files_are_parsed_once_and_pickle_small(folder, header_reads):
+    import pickle
+
+    ref = only_series([SHARED / "dcm_qa_enh" / "In" / folder])
+    load(ref)
+    assert set(header_reads.values()) == {1} and len(header_reads) == len(ref.sources)
+    assert len(pickle.dumps(ref)) < 64 * 1024  # sent to worker processes
+
+
+@needs_enh
+@pytest.mark.parametrize("folder", ["Philips", "Siemens/XA10"])
+def test_lean_functional_groups_equal_pydicom(folder):
+    from engine.dicom.frames import _enhanced_frames, read_file_header
+    from engine.discover import Source
+
+    for path in sorted((SHARED / "dcm_qa_enh" / "In" / folder).glob("*.dcm")):
+        source = Source(path, label=path.name)
+        ds, _, groups, _ = read_file_header(source)
+        assert groups is not None, "the lean reader fell back to pydicom"
+        assert _enhanced_frames(ds, source, groups) == _enhanced_frames(pydicom.dcmread(path, stop_before_pixels=True), source)
+
+
+@needs_ts
+@pytest.mark.parametrize("number", [1, 3, 4, 9])
+def test_mosaic_is_parsed_once_in_every_syntax(number, header_reads):
+    load(only_series([SHARED / "dcm_qa_ts" / "In" / f"{number}.dcm"]))
+    assert header_reads == {f"{number}.dcm": 1}

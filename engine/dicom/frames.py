@@ -4,7 +4,9 @@ Siemens mosaic tile, each with its position, orientation and spacing."""
 from __future__ import annotations
 
 import math
+import mmap
 import re
+import struct
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,8 +14,10 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
 
 from ..discover import Source
+from .groups import PER_FRAME_GROUPS, PIXEL_TAGS, GroupsError, find_pixel_data, read_frame_groups
 
 ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 IN_STACK_POSITION = 0x00209057
@@ -37,6 +41,7 @@ class Frame:
     slice_step: float | None  # SpacingBetweenSlices or SliceThickness, for one-slice stacks
     order: tuple  # non-spatial key: which volume of a multi-volume series this frame belongs to
     tiebreak: tuple = ()
+    rescale: tuple[float, float] | None = None  # (slope, intercept); None: stored values as they are
 
 
 @dataclass
@@ -53,6 +58,33 @@ class DicomRecord:
     frames: list[Frame]
     meta: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    pixels: PixelPlan | None = None
+
+
+@dataclass(frozen=True)
+class PixelPlan:
+    """Where a file's pixel data lies and how to decode it, kept from the one header read so that
+    loading reads pixel bytes and nothing else.
+
+    Files whose pixel data the header scan could not locate (deflated syntax, float pixel
+    data ...) get no plan and are read whole with pydicom. ``length`` is the declared length
+    (-1 for encapsulated data: the fragments run to the end of the file).
+    ``problem`` is raised at load (colour images, pixel data that does not fit the grid).
+    """
+
+    transfer_syntax: str
+    offset: int
+    length: int
+    encapsulated: bool
+    rows: int
+    cols: int
+    frames: int
+    module: tuple[tuple[str, Any], ...]  # pixel-module attributes pydicom's decoders need
+    rescale: tuple[float, float] | None = None  # classic and mosaic (float64, as pydicom applies it)
+    modality_lut: Any = None  # a ModalityLUTSequence (rare in MR), applied by pydicom
+    mosaic: int = 0  # tiles in a Siemens mosaic
+    problem: str | None = None
+    pixel_vr: str = "OW"
 
 
 # --------------------------------------------------------------------------- header records
@@ -67,14 +99,64 @@ class PixelBytes:
     declared: int | None = None
 
 
+_PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "BitsAllocated",
+                 "BitsStored", "HighBit", "PixelRepresentation", "NumberOfFrames")
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _stop(tag: Any, vr: Any, length: Any) -> bool:
+    """pydicom stops at the per-frame groups (read by :mod:`.groups`) or the pixel data."""
+    return tag == PER_FRAME_GROUPS or tag in PIXEL_TAGS
+
+
 def read_header(source: Source) -> tuple[Dataset, PixelBytes]:
     """The dataset without pixel data, and what the file holds of its pixel data.
 
     Raises on anything that is not readable DICOM.
     """
+    ds, held, _, _ = read_file_header(source)
+    return ds, held
+
+
+def read_file_header(source: Source) -> tuple[Dataset, PixelBytes, list[dict[str, Any]] | None, tuple | None]:
+    """One pass over a file's header: the dataset (without per-frame groups or pixel data),
+    what the file holds of its pixel data, the per-frame functional groups (None when absent,
+    or when the lean reader could not follow them and they are in ``ds``), and the pixel data
+    element as (tag, value offset, VR, declared length), None when not found.
+    """
+    with source.open() as fh:
+        ds = read_partial(fh, stop_when=_stop)
+        here = fh.tell()
+        ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+        if ts is None or str(ts) == _DEFLATED:
+            return _pydicom_header(source)
+        fh.seek(0, 2)
+        size = fh.tell()
+        fh.seek(here)
+        first = _Offset(fh.read(12), here)  # the next element's header: groups or pixel data
+        groups, pixel = None, None
+        if _peek_tag(first, here, ts.is_little_endian) != PER_FRAME_GROUPS:
+            pixel = _pixel_element(first, here, ts)
+        elif not ts.is_little_endian:
+            return _pydicom_header(source)
+        else:
+            head = _buffer(fh, source, here, size)
+            try:
+                groups, here = read_frame_groups(head, here, ts.is_implicit_VR)
+                pixel = find_pixel_data(head, here, ts.is_implicit_VR)
+            except GroupsError:
+                return _pydicom_header(source)
+            finally:
+                if isinstance(head, mmap.mmap):
+                    head.close()
+    return ds, _held(pixel, here, size, ts), groups, pixel
+
+
+def _pydicom_header(source: Source) -> tuple[Dataset, PixelBytes, None, None]:
+    """The whole header through pydicom: for what the lean path does not follow."""
     with source.open() as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
-        return ds, _pixel_bytes(fh, ds)
+        return ds, _pixel_bytes(fh, ds), None, None
 
 
 def _pixel_bytes(fh, ds: Dataset) -> PixelBytes:
@@ -97,22 +179,92 @@ def _pixel_bytes(fh, ds: Dataset) -> PixelBytes:
     return PixelBytes(min(length, remaining - size), length)
 
 
+
+def _buffer(fh: Any, source: Source, start: int, size: int) -> Any:
+    """The file's bytes for the lean walker: a read-only map of a file on disk (only the pages
+    walked are read), or a zip member's bytes after ``start`` padded to keep offsets."""
+    if source.member is None and size:
+        try:
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            pass
+    fh.seek(start)
+    return _Offset(fh.read(), start)
+
+
+class _Offset:
+    """Bytes that start at file offset ``start``: indexes and struct reads use file offsets."""
+
+    def __init__(self, data: bytes, start: int) -> None:
+        self.data, self.start = data, start
+
+    def __len__(self) -> int:
+        return self.start + len(self.data)
+
+    def __getitem__(self, key: slice) -> bytes:
+        return self.data[key.start - self.start : key.stop - self.start]
+
+
+def _peek_tag(buf: Any, pos: int, little: bool) -> int | None:
+    raw = buf[pos : pos + 4]
+    if len(raw) < 4:
+        return None
+    group, elem = struct.unpack("<HH" if little else ">HH", raw)
+    return group << 16 | elem
+
+
+def _pixel_element(buf: Any, pos: int, ts: Any) -> tuple[int, int, bytes | None, int] | None:
+    """The pixel data element at ``pos`` as (tag, value offset, VR, declared length)."""
+    raw = buf[pos : pos + 12]
+    if len(raw) < 8:
+        return None
+    end = "<" if ts.is_little_endian else ">"
+    group, elem = struct.unpack(end + "HH", raw[:4])
+    tag = group << 16 | elem
+    if tag not in PIXEL_TAGS:
+        return None
+    if ts.is_implicit_VR:
+        return tag, pos + 8, None, struct.unpack(end + "I", raw[4:8])[0]
+    vr = raw[4:6]
+    if vr in (b"OB", b"OW", b"OF", b"OD", b"UN") and len(raw) == 12:
+        return tag, pos + 12, vr, struct.unpack(end + "I", raw[8:12])[0]
+    return None
+
+
+def _held(pixel: tuple | None, end_of_header: int, size: int, ts: Any) -> PixelBytes:
+    """What the file holds of its pixel data, as the truncation checks need it (the same
+    rules as :func:`_pixel_bytes`, from the element already found)."""
+    if pixel is None or pixel[0] != 0x7FE00010:
+        return PixelBytes(size - end_of_header)
+    _, vpos, vr, length = pixel
+    header = 8 if ts.is_implicit_VR else 12
+    remaining = size - (vpos - header)
+    if not ts.is_little_endian or length == 0xFFFFFFFF or (vr is not None and vr not in (b"OB", b"OW")):
+        return PixelBytes(remaining)
+    return PixelBytes(min(length, remaining - header), length)
+
+
 def record_from_header(
-    source: Source, ds: Dataset, remaining: PixelBytes | int | None = None, *, with_patient_age: bool = False
+    source: Source, ds: Dataset, remaining: PixelBytes | int | None = None, groups: list[dict[str, Any]] | None = None,
+    pixel: tuple | None = None, *, with_patient_age: bool = False,
 ) -> DicomRecord:
-    """Build the record for one file; raises ValueError for DICOM without image data."""
+    """Build the record for one file; raises ValueError for DICOM without image data.
+
+    ``groups`` are the per-frame functional groups when :func:`read_file_header` read them
+    (otherwise they are in ``ds``); ``pixel`` is the pixel data element it found.
+    """
     if "Rows" not in ds or "Columns" not in ds:
-        uid = ds.get("SOPClassUID")
-        name = str(getattr(uid, "name", "") or "")
-        known = bool(name) and name != str(uid)
-        if not known or "Image Storage" in name or "Rows" in ds or "Columns" in ds:
-            # an image object (or one whose class is unreadable) without its matrix size: a file
-            # cut inside its header or a broken writer, not a report
-            raise ValueError(f"incomplete image header: no Rows/Columns (a truncated file or a broken writer; SOP class {name or uid or 'missing'})")
-        raise ValueError(f"no image data (SOP class {name})")
-    if _is_enhanced(ds):
-        kind, frames = "enhanced", _enhanced_frames(ds, source)
+        sop = getattr(ds.get("SOPClassUID"), "name", None) or ds.get("SOPClassUID", "unknown")
+        present = remaining.present if isinstance(remaining, PixelBytes) else remaining
+        if present == 0 and "PixelData" not in ds and ("Image Storage" in str(sop) or "Rows" in ds or "Columns" in ds):
+            # an image object whose file ends inside its header: a cut copy, not a report
+            raise ValueError(f"truncated header: the file ends before Rows/Columns and the pixel data (SOP class {sop})")
+        raise ValueError(f"no image data (SOP class {sop})")
+    mosaic = 0
+    if groups is not None or _is_enhanced(ds):
+        kind, frames = "enhanced", _enhanced_frames(ds, source, groups)
     elif mosaic_count(ds):
+        mosaic = mosaic_count(ds) or 1
         kind, frames = "mosaic", _mosaic_frames(ds, source)
     else:
         kind, frames = "classic", [_classic_frame(ds, source)]
@@ -142,6 +294,7 @@ def record_from_header(
         kind=kind,
         frames=frames,
         meta=meta,
+        pixels=pixel_plan(source, ds, pixel, remaining, mosaic),
     )
     truncated = _truncation(ds, remaining)
     if truncated:
@@ -235,6 +388,53 @@ def _truncation(ds: Dataset, remaining: PixelBytes | int | None) -> str | None:
     return None
 
 
+def pixel_plan(source: Source, ds: Dataset, pixel: tuple | None, held: PixelBytes | int | None, mosaic: int) -> PixelPlan | None:
+    """How loading reads this file's pixels without its header; None: through pydicom."""
+    ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    if ts is None or pixel is None or pixel[0] != 0x7FE00010 or not isinstance(held, PixelBytes):
+        return None
+    _, offset, vr, declared = pixel
+    encapsulated = declared == 0xFFFFFFFF
+    length = -1 if encapsulated else declared  # encapsulated: fragments run to the end of the file
+    module = tuple((k, _plain(ds[k].value)) for k in _PIXEL_MODULE if k in ds and ds[k].value not in (None, ""))
+    problem = None
+    if as_int(ds.get("SamplesPerPixel"), 1) != 1:
+        problem = f"{source}: colour images (SamplesPerPixel > 1) are not supported"
+    elif not ts.is_compressed:
+        problem = _size_problem(source, ds, min(declared, held.present) if held.declared is not None else declared)
+    rescale, lut = None, None
+    if "ModalityLUTSequence" in ds:
+        lut = ds.ModalityLUTSequence
+    elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        try:
+            rescale = (float(ds.RescaleSlope), float(ds.RescaleIntercept))
+        except (TypeError, ValueError):
+            problem = problem or f"{source}: cannot decode pixel data (RescaleSlope/RescaleIntercept are not numbers)"
+    return PixelPlan(str(ts), offset, length, encapsulated, int(ds.Rows), int(ds.Columns),
+                     as_int(ds.get("NumberOfFrames"), 1) or 1, module, rescale, lut, mosaic, problem,
+                     (vr or b"OW").decode("ascii", "replace"))
+
+
+def _plain(value: Any) -> Any:
+    """pydicom value types reduced to int/str, so the plan pickles small."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [_plain(v) for v in value]
+    if isinstance(value, int):
+        return int(value)
+    return str(value)
+
+
+def _size_problem(source: Source, ds: Dataset, held: int) -> str | None:
+    """Uncompressed pixel data must match Rows x Columns x frames: a short element cannot fill
+    the grid, and a whole row or more beyond it (not just the even-length pad byte) means the
+    header's dimensions are not the data's."""
+    needed = pixel_bytes_needed(ds)
+    row = int(ds.Columns) * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
+    if held < needed or held - needed >= max(row, 2):
+        return f"{source}: {pixel_size_problem(held, ds)}"
+    return None
+
+
 def as_int(value: Any, default: int | None = None) -> int | None:
     try:
         return int(value) if value not in (None, "") else default
@@ -243,6 +443,8 @@ def as_int(value: Any, default: int | None = None) -> int | None:
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    if isinstance(value, (str, bytes)):
+        return None  # one value where n are needed
     try:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
@@ -290,19 +492,26 @@ def _first(value: Any) -> Any:
 # --------------------------------------------------------------------------- Enhanced multi-frame
 
 
-def _group_item(frame_item: Dataset | None, shared: Dataset | None, sequence: str) -> Dataset | None:
-    """A functional-group macro for one frame: per-frame first, shared groups as fallback."""
+def _group_item(frame_item: Any, shared: Any, sequence: str) -> Any:
+    """A functional-group macro for one frame: per-frame first, shared groups as fallback.
+
+    A holder is a pydicom item or a dict from :func:`~.groups.read_frame_groups`
+    (``{macro: {element: value}}``, the macro's first item only)."""
     for holder in (frame_item, shared):
-        if holder is not None and sequence in holder and len(holder[sequence].value):
+        if holder is None or sequence not in holder:
+            continue
+        if isinstance(holder, dict):
+            return holder[sequence]
+        if len(holder[sequence].value):
             return holder[sequence].value[0]
     return None
 
 
-def _enhanced_frames(ds: Dataset, source: Source) -> list[Frame]:
+def _enhanced_frames(ds: Dataset, source: Source, groups: list[dict[str, Any]] | None = None) -> list[Frame]:
     n = as_int(ds.get("NumberOfFrames"), 1) or 1
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared = shared_seq[0] if shared_seq else None
-    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []))
+    per_frame = groups if groups is not None else list(ds.get("PerFrameFunctionalGroupsSequence", []))
     pointers = [int(item.get("DimensionIndexPointer", 0)) for item in ds.get("DimensionIndexSequence", [])]
     instance = as_int(ds.get("InstanceNumber"), 0)
     frames = []
@@ -312,9 +521,8 @@ def _enhanced_frames(ds: Dataset, source: Source) -> list[Frame]:
         orient = _group_item(item, shared, "PlaneOrientationSequence")
         measures = _group_item(item, shared, "PixelMeasuresSequence")
         content = _group_item(item, shared, "FrameContentSequence")
-        indices = list(content.get("DimensionIndexValues", [])) if content is not None else []
-        if not isinstance(indices, list):
-            indices = [indices]
+        indices = content.get("DimensionIndexValues", []) if content is not None else []
+        indices = list(indices) if isinstance(indices, list) or type(indices).__name__ == "MultiValue" else [indices]
         rest = tuple(int(v) for p, v in zip(pointers, indices) if p != IN_STACK_POSITION)
         temporal = as_int(content.get("TemporalPositionIndex"), 0) if content is not None else 0
         frames.append(
@@ -333,17 +541,13 @@ def _enhanced_frames(ds: Dataset, source: Source) -> list[Frame]:
                 ),
                 order=(temporal, rest),
                 tiebreak=(instance, str(source), i),
+                rescale=_frame_rescale(ds, _group_item(item, shared, "PixelValueTransformationSequence")),
             )
         )
     return frames
 
 
-def frame_rescale(ds: Dataset, index: int) -> tuple[float, float]:
-    """Slope and intercept for one Enhanced frame (PixelValueTransformationSequence)."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    shared_seq = ds.get("SharedFunctionalGroupsSequence")
-    item = per_frame[index] if per_frame is not None and index < len(per_frame) else None
-    pvt = _group_item(item, shared_seq[0] if shared_seq else None, "PixelValueTransformationSequence")
+def _frame_rescale(ds: Dataset, pvt: Any) -> tuple[float, float]:
     source = pvt if pvt is not None else ds
     slope = source.get("RescaleSlope", 1.0)
     intercept = source.get("RescaleIntercept", 0.0)

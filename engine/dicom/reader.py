@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from typing import Any
@@ -9,19 +10,21 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import apply_rescale, pixel_array
+from pydicom.uid import UID
 
 from ..discover import LoadError, SeriesRef, Source, sanitise_key
 from ..geometry import LPS_TO_RAS, Volume, affine_problem, check_affine, orientation_name
 from .frames import (
     VOLUME_RULE,
     DicomRecord,
+    PixelPlan,
     as_int,
-    frame_rescale,
     mosaic_count,
     pixel_bytes_needed,
     pixel_size_problem,
-    read_header,
+    read_file_header,
     record_from_header,
 )
 from .stack import Stack, StackError, frame_names, plan_stack
@@ -79,6 +82,8 @@ def group_records(records: list[DicomRecord]) -> list[SeriesRef]:
                 orientation=orientation,
                 problems=problems,
                 meta=meta,
+                # what loading needs, so it reads pixel data and never a header again
+                plan=[dataclasses.replace(r, meta={}) for r in recs],
             )
         )
     return refs
@@ -116,14 +121,12 @@ def _orientation_from_iop(iop: tuple[float, ...] | None) -> str:
 
 
 def load_series(ref: SeriesRef) -> Volume:
-    """Decode a DICOM series into a float32 :class:`Volume` (see module docstring)."""
-    records = []
-    for source in ref.sources:
-        try:
-            records.append(record_from_header(source, *read_header(source)))
-        except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError) as exc:
-            raise LoadError(f"{source}: unreadable DICOM header ({_reason(exc)})") from exc
-    records, _ = _unique_instances(records)
+    """Decode a DICOM series into a float32 :class:`Volume` (see module docstring).
+
+    The records come from the scan (``ref.plan``): each file's pixel data is read once and
+    its header is not parsed again. A SeriesRef without them (built by hand) is scanned here.
+    """
+    records = ref.plan if ref.plan is not None else _read_records(ref)
     for rec in records:
         if rec.problems:
             raise LoadError(rec.problems[0])
@@ -133,14 +136,14 @@ def load_series(ref: SeriesRef) -> Volume:
         stack = plan_stack([f for r in records for f in r.frames])
     except StackError as exc:
         raise StackError(f"series {ref.key}: {exc}") from exc
-    kinds = {r.source: r.kind for r in records}
+    by_source = {r.source: r for r in records}
     wanted: dict[Source, list[int]] = defaultdict(list)
     for f in stack.frames:
         wanted[f.source].append(f.index)
     planes: dict[tuple[Source, int], np.ndarray] = {}
     for source, indices in wanted.items():
-        planes.update(_decode(source, kinds[source], indices))
-    data = _assemble([planes[(f.source, f.index)].T for f in stack.frames], stack)
+        planes.update(_decode(by_source[source], indices))
+    data = _assemble([planes[(f.source, f.index)] for f in stack.frames], stack)
     meta = dict(ref.meta)
     meta.update(series_key=ref.key, reader="dicom")
     meta.update(stack.notes)
@@ -149,31 +152,127 @@ def load_series(ref: SeriesRef) -> Volume:
     return Volume(data=data, affine=stack.affine, meta=meta)
 
 
+def _read_records(ref: SeriesRef) -> list[DicomRecord]:
+    records = []
+    for source in ref.sources:
+        try:
+            records.append(record_from_header(source, *read_file_header(source)))
+        except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError) as exc:
+            raise LoadError(f"{source}: unreadable DICOM header ({_reason(exc)})") from exc
+    return _unique_instances(records)[0]
+
+
 def _assemble(slices: list[np.ndarray], stack: Stack) -> np.ndarray:
-    """The (I, J, K) float32 array: the slices as they are, or interpolated along the normal."""
-    if stack.resample is None:
-        return np.ascontiguousarray(np.stack(slices, axis=2), dtype=np.float32)
-    out = np.empty((*slices[0].shape, len(stack.resample)), dtype=np.float32)
-    for j, (k0, k1, w) in enumerate(stack.resample):
-        out[:, :, j] = (1.0 - w) * slices[k0] + w * slices[k1]
-    return out
+    """The (I, J, K) float32 array from (rows, columns) planes: stacked as they are, or
+    interpolated along the normal."""
+    planes = np.stack(slices)  # (K, J, I)
+    if stack.resample is not None:
+        k0, k1, w = (np.array(v) for v in zip(*stack.resample))
+        keep, take = (1.0 - w).astype(np.float32)[:, None, None], w.astype(np.float32)[:, None, None]
+        planes = keep * planes[k0] + take * planes[k1]
+    return np.ascontiguousarray(planes.transpose(2, 1, 0), dtype=np.float32)
 
 
-def _check_pixel_size(source: Source, ds: pydicom.Dataset) -> None:
-    """Uncompressed pixel data must match Rows x Columns x frames: a short element cannot fill
-    the grid, and a whole row or more beyond it (not just the even-length pad byte) means the
-    header's dimensions are not the data's."""
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if ts is None or ts.is_compressed or "PixelData" not in ds:
-        return
-    held, needed = len(ds.PixelData), pixel_bytes_needed(ds)
-    row = int(ds.Columns) * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
-    if held < needed or held - needed >= max(row, 2):
-        raise LoadError(f"{source}: {pixel_size_problem(held, ds)}")
+def _decode(rec: DicomRecord, indices: list[int]) -> dict[tuple[Source, int], np.ndarray]:
+    """Decoded, rescaled float32 planes (rows, columns) for the wanted frames/tiles of one file."""
+    plan, source = rec.pixels, rec.source
+    if plan is None:
+        return _decode_with_header(source, rec.kind, indices)
+    if plan.problem:
+        raise LoadError(plan.problem)
+    try:
+        if rec.kind == "enhanced":
+            stored = _frames(source, plan, sorted(set(indices)))
+            by_index = {f.index: f for f in rec.frames}
+            out = {}
+            for i in indices:
+                slope, intercept = by_index[i].rescale or (1.0, 0.0)
+                out[(source, i)] = stored[i].astype(np.float32) * np.float32(slope) + np.float32(intercept)
+            return out
+        image = _rescaled(_frames(source, plan, None), plan)
+    except LoadError:
+        raise
+    except Exception as exc:  # truncated data, unsupported codec, corrupt fragments ...
+        raise LoadError(f"{source}: cannot decode pixel data ({_reason(exc)})") from exc
+    if rec.kind == "classic":
+        if plan.frames > 1:
+            raise LoadError(f"{source}: multi-frame image without functional groups is not supported")
+        return {(source, 0): image[0]}
+    return _tiles(source, image[0], plan.mosaic or 1, indices)
 
 
-def _decode(source: Source, kind: str, indices: list[int]) -> dict[tuple[Source, int], np.ndarray]:
-    """Decoded, rescaled 2D planes (rows, columns) for the wanted frames/tiles of one file."""
+def _rescaled(stored: Any, plan: PixelPlan) -> np.ndarray:
+    """Stored values through the modality rescale, as pydicom's apply_rescale (float64 math)."""
+    arr = np.stack([stored[i] for i in sorted(stored)])
+    if plan.modality_lut is not None:
+        holder = pydicom.Dataset()
+        holder.ModalityLUTSequence = plan.modality_lut
+        return np.asarray(apply_rescale(arr, holder), dtype=np.float32)
+    if plan.rescale is not None:
+        arr = arr.astype(np.float64) * plan.rescale[0]
+        arr += plan.rescale[1]
+    return np.asarray(arr, dtype=np.float32)
+
+
+def _tiles(source: Source, image: np.ndarray, n: int, indices: list[int]) -> dict[tuple[Source, int], np.ndarray]:
+    """Mosaic tiles as (rows, columns) planes: one reshape, no per-tile copies."""
+    per_side = math.ceil(math.sqrt(n))
+    rows, cols = image.shape[0] // per_side, image.shape[1] // per_side
+    grid = image[: per_side * rows, : per_side * cols].reshape(per_side, rows, per_side, cols).swapaxes(1, 2)
+    return {(source, t): grid[t // per_side, t % per_side] for t in indices}
+
+
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+def _frames(source: Source, plan: PixelPlan, indices: list[int] | None) -> dict[int, np.ndarray]:
+    """Stored values of the wanted frames (all when ``indices`` is None), each (rows, columns).
+
+    Uncompressed little-endian integer data is read straight into numpy, only the bytes of the
+    wanted frames; everything else goes through pydicom's decoders with the pixel module kept
+    from the scan."""
+    module = dict(plan.module)
+    bits = int(module.get("BitsAllocated", 16))
+    wanted = list(range(plan.frames)) if indices is None else indices
+    if plan.transfer_syntax in _NATIVE_LE and not plan.encapsulated and bits in (8, 16, 32):
+        dtype = np.dtype(f"<{'i' if module.get('PixelRepresentation') == 1 else 'u'}{bits // 8}")
+        frame_bytes = plan.rows * plan.cols * dtype.itemsize
+        first, last = min(wanted), max(wanted)
+        with source.open() as fh:
+            fh.seek(plan.offset + first * frame_bytes)
+            raw = fh.read((last - first + 1) * frame_bytes)
+        if len(raw) < (last - first + 1) * frame_bytes:
+            raise LoadError(f"{source}: truncated pixel data ({len(raw)} bytes where {(last - first + 1) * frame_bytes} are needed)")
+        block = np.frombuffer(raw, dtype).reshape(-1, plan.rows, plan.cols)
+        return {i: block[i - first] for i in wanted}
+    ds = _pixel_dataset(source, plan)
+    if indices is None or len(set(indices)) == plan.frames:
+        arr = ds.pixel_array.reshape(plan.frames, plan.rows, plan.cols)
+        return {i: arr[i] for i in wanted}
+    return {i: pixel_array(ds, index=i) for i in wanted}
+
+
+def _pixel_dataset(source: Source, plan: PixelPlan) -> pydicom.Dataset:
+    """A dataset holding only the pixel module and the pixel bytes, for pydicom's decoders."""
+    with source.open() as fh:
+        fh.seek(plan.offset)
+        raw = fh.read() if plan.length < 0 else fh.read(plan.length)
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(plan.transfer_syntax)
+    ds.Rows, ds.Columns = plan.rows, plan.cols
+    for key, value in plan.module:
+        setattr(ds, key, value)
+    if plan.encapsulated and raw[-8:] == b"\xfe\xff\xdd\xe0\x00\x00\x00\x00":
+        raw = raw[:-8]  # the sequence delimiter is not part of the value
+    ds.PixelData = raw
+    ds["PixelData"].VR = "OB" if plan.encapsulated else plan.pixel_vr
+    ds["PixelData"].is_undefined_length = plan.encapsulated
+    return ds
+
+
+def _decode_with_header(source: Source, kind: str, indices: list[int]) -> dict[tuple[Source, int], np.ndarray]:
+    """The whole file through pydicom, for files whose pixel data the scan could not locate."""
     try:
         with source.open() as fh:
             ds = pydicom.dcmread(fh)
@@ -181,6 +280,7 @@ def _decode(source: Source, kind: str, indices: list[int]) -> dict[tuple[Source,
             raise LoadError(f"{source}: colour images (SamplesPerPixel > 1) are not supported")
         _check_pixel_size(source, ds)
         if kind == "enhanced":
+            rec = record_from_header(source, ds)
             n = as_int(ds.get("NumberOfFrames"), 1) or 1
             if len(set(indices)) == n:
                 stack = ds.pixel_array.reshape(n, int(ds.Rows), int(ds.Columns))
@@ -189,7 +289,7 @@ def _decode(source: Source, kind: str, indices: list[int]) -> dict[tuple[Source,
                 raw = {i: pixel_array(ds, index=i) for i in indices}
             out = {}
             for i, plane in raw.items():
-                slope, intercept = frame_rescale(ds, i)
+                slope, intercept = rec.frames[i].rescale or (1.0, 0.0)
                 out[(source, i)] = plane.astype(np.float32) * np.float32(slope) + np.float32(intercept)
             return out
         image = np.asarray(apply_rescale(ds.pixel_array, ds), dtype=np.float32)
@@ -201,14 +301,18 @@ def _decode(source: Source, kind: str, indices: list[int]) -> dict[tuple[Source,
         if image.ndim != 2:
             raise LoadError(f"{source}: multi-frame image without functional groups is not supported")
         return {(source, 0): image}
-    n = mosaic_count(ds) or 1
-    per_side = math.ceil(math.sqrt(n))
-    rows, cols = int(ds.Rows) // per_side, int(ds.Columns) // per_side
-    tiles = {}
-    for t in indices:
-        top, left = (t // per_side) * rows, (t % per_side) * cols
-        tiles[(source, t)] = image[top : top + rows, left : left + cols]
-    return tiles
+    return _tiles(source, image, mosaic_count(ds) or 1, indices)
+
+
+def _check_pixel_size(source: Source, ds: pydicom.Dataset) -> None:
+    """Uncompressed pixel data must match Rows x Columns x frames (see frames._size_problem)."""
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is None or ts.is_compressed or "PixelData" not in ds:
+        return
+    held, needed = len(ds.PixelData), pixel_bytes_needed(ds)
+    row = int(ds.Columns) * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
+    if held < needed or held - needed >= max(row, 2):
+        raise LoadError(f"{source}: {pixel_size_problem(held, ds)}")
 
 
 def _reason(exc: BaseException) -> str:
@@ -226,7 +330,7 @@ class DicomReader:
         return len(head) >= 132 and head[128:132] == b"DICM"
 
     def scan_file(self, source: Source, *, with_patient_age: bool = False) -> DicomRecord:
-        return record_from_header(source, *read_header(source), with_patient_age=with_patient_age)
+        return record_from_header(source, *read_file_header(source), with_patient_age=with_patient_age)
 
     def group(self, records: list[DicomRecord]) -> list[SeriesRef]:
         return group_records(records)
