@@ -61,14 +61,19 @@ class _Cli(click.Group):
 @click.group(cls=_Cli)
 @click.version_option(__version__, prog_name="mrfm")
 @click.option("--debug", is_flag=True, help="Show tracebacks for expected errors too.")
+@click.option("--disable-plugins", metavar="NAMES", help="Comma-separated plugins to leave out (as MRFM_DISABLE_PLUGINS).")
 @click.pass_context
-def cli(ctx, debug) -> None:
+def cli(ctx, debug, disable_plugins) -> None:
     """mrfm: run a frozen 3D MRI foundation model and its heads over DICOM/NIfTI archives.
 
     Exit status: 0 done; 1 some series failed; 2 usage or configuration error (including no
     series found); 3 result store locked or unusable; 130 interrupted.
     """
     ctx.meta["mrfm.debug"] = debug
+    if disable_plugins:
+        from .plugins import disable
+
+        disable(disable_plugins.split(","))
 
 
 # ---- run ----------------------------------------------------------------------------------------
@@ -103,6 +108,14 @@ class _Reporter:
             )
             self.progress.start()
             self.task = self.progress.add_task("series", total=event["series"], studies=f"0/{self.study_total}", rate="-")
+        elif kind == "head" and self.progress is not None:
+            # a slow or stuck head is visible: the bar names the head and batch being run
+            if event.get("state") == "started":
+                self.progress.update(self.task, description=f"{esc(event['head'])} batch {event.get('batch')}")
+            elif event.get("state") in ("failed", "over budget"):
+                self.progress.console.print(f"[red]{esc(event['state'])}[/] {esc(event.get('reason') or event['head'])}", highlight=False)
+            else:
+                self.progress.update(self.task, description="series")
         elif kind == "series" and self.progress is not None:
             self.done += 1
             self.studies[event["study"]] = self.studies.get(event["study"], 0) + 1
@@ -127,6 +140,19 @@ def _summary_table(summary: Any) -> Table:
         reason = "" if r.status == "resumed" else (r.reason or "")
         table.add_row(esc(short(r.key)), esc(r.description), styled(r.status), f"{r.seconds:.1f}", esc(reason))
     return table
+
+
+def _budgets(items: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, _, seconds = item.partition("=")
+        try:
+            out[name.strip()] = float(seconds)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not HEAD=SECONDS", param_hint="--head-budget") from None
+        if not name.strip() or out[name.strip()] <= 0:
+            raise click.BadParameter(f"{item!r} is not HEAD=SECONDS with SECONDS > 0", param_hint="--head-budget")
+    return out
 
 
 def _load_job(path: str | None) -> dict[str, Any]:
@@ -155,8 +181,13 @@ def _load_job(path: str | None) -> dict[str, Any]:
 @click.option("--job", type=click.Path(exists=True, dir_okay=False), help="Job file (schemas/job.schema.json); options given here override it.")
 @click.option("--overwrite", is_flag=True, help="Redo every series instead of resuming.")
 @click.option("--record-paths", is_flag=True, help="Record source file paths in the store (off: files are named by archive and index).")
+@click.option("--head-budget", "head_budgets", multiple=True, metavar="HEAD=SECONDS",
+              help="Time limit for one predict call of a head (repeatable); overrides its manifest.")
+@click.option("--default-head-budget", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Time limit for heads whose manifest declares none.")
 @click.option("--log-json", is_flag=True, help="JSON-lines progress on stderr even on a terminal.")
-def run(archive, out, heads, model, backend, precision, batch_size, workers, queries, job, overwrite, record_paths, log_json) -> None:
+def run(archive, out, heads, model, backend, precision, batch_size, workers, queries, job, overwrite, record_paths,
+        head_budgets, default_head_budget, log_json) -> None:
     """Run the model and heads over ARCHIVE (folders, .zip files, NIfTI files) into a store.
 
     Exit status: 0 when every series completed, was resumed or skipped; 1 when any series
@@ -178,7 +209,9 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
             paths, out, heads=head_names, model=model or spec.get("model"), backend=backend if backend != "auto" else spec.get("backend", "auto"),
             precision=precision, batch_size=batch_size, workers=workers if workers is not None else spec.get("workers"),
             overwrite=overwrite or spec.get("overwrite", False), queries=list(queries) or spec.get("queries", []),
-            params=spec.get("params"), record_paths=record_paths or spec.get("record_paths", False), on_event=reporter,
+            params=spec.get("params"), record_paths=record_paths or spec.get("record_paths", False),
+            budgets=_budgets(head_budgets) or spec.get("budgets"), default_budget=default_head_budget or spec.get("default_budget"),
+            on_event=reporter,
         )
     finally:
         reporter.close()

@@ -31,7 +31,7 @@ from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SERIES_FAILED, MrfmError, StoreError, UsageError
 from .faults import killpoint
 from .features import TextFeatures
-from .fingerprint import file_digest, head_fingerprints, run_fingerprint
+from .fingerprint import head_fingerprints, head_record, run_fingerprint
 from .geometry import axis_codes, orientation_name, spacing
 from .inference import Inference, SeriesOutputs, load_heads
 from .prepare import Prepared, init_worker, prepare
@@ -348,6 +348,8 @@ def run(
     queries: list[str] | None = None,
     params: dict[str, dict[str, Any]] | None = None,
     record_paths: bool = False,
+    budgets: dict[str, float] | None = None,
+    default_budget: float | None = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> RunSummary:
     """Run the model and heads over every series found under ``paths`` into the store ``out``.
@@ -361,7 +363,8 @@ def run(
     (:class:`~engine.errors.StoreLocked` when another run holds the store) before writing
     anything. SIGINT/SIGTERM finish the series in flight and return a summary marked
     ``interrupted``. No file-system path below the archive roots is stored unless
-    ``record_paths`` is set.
+    ``record_paths`` is set. ``budgets`` (head name -> seconds per predict call) override the
+    heads' manifests; ``default_budget`` applies to heads that declare none.
     """
     from .discover import scan
 
@@ -373,14 +376,11 @@ def run(
     queries = list(queries or [])
 
     mdl, enc, reason, loaded, text, warnings = _prepare_run(model, backend, precision, batch_size, heads, params, queries)
-    head_info = [
-        {"name": n, "version": h.spec["version"], "plugin": type(h).__module__, "manifest": h.spec,
-         "weights_sha256": file_digest(type(h).weights_path())}
-        for n, h in loaded.items()
-    ]
+    # each head's fingerprint covers its manifest, weights, parameters and code
+    head_info = [head_record(n, type(h)) | {"manifest": h.spec} for n, h in loaded.items()]
     fingerprint = run_fingerprint(mdl.fingerprint, head_info, mdl.preprocessing, params)
     head_fps = head_fingerprints(mdl.fingerprint, head_info, mdl.preprocessing, params)
-    inference = Inference(enc, loaded, text, batch_size)
+    inference = Inference(enc, loaded, text, batch_size, budgets=budgets, default_budget=default_budget, on_event=emit)
 
     found = scan(paths, **({"record_paths": True} if record_paths else {}))
     refs = list(found.series)
@@ -398,7 +398,8 @@ def run(
                        "batch_size": batch_size, "workers": workers, "overwrite": overwrite, "queries": queries, "params": params,
                        "record_paths": record_paths},
             "model": {"name": mdl.card.get("name"), "path": str(mdl.folder), "fingerprint": mdl.fingerprint},
-            "heads": {h["name"]: {"version": h["version"], "plugin": h["plugin"], "weights_sha256": h["weights_sha256"]} for h in head_info},
+            "heads": {h["name"]: {"version": h["version"], "plugin": h["plugin"], "weights_sha256": h["weights_sha256"],
+                                  "code_sha256": h["code_sha256"], "budget_seconds": inference.budgets.get(h["name"])} for h in head_info},
             "backend": {"name": enc.name, "reason": reason, **enc.describe()},
             "fingerprint": fingerprint,
             "host": {"hostname": socket.gethostname(), "pid": os.getpid(), "platform": platform.platform(), "python": platform.python_version(),
@@ -410,8 +411,11 @@ def run(
             emit({"event": "warning", "message": w})
         emit({"event": "scan", "series": len(refs), "studies": len({r.study_uid for r in refs}), "skipped_files": skipped_files,
               "backend": enc.name, "backend_reason": reason, "run_id": run_id})
-        _stream(refs, store, inference, mdl, summary, emit, stop, run_id=run_id, fingerprint=fingerprint, head_fps=head_fps,
-                overwrite=overwrite, batch_size=batch_size, workers=workers, record_paths=record_paths)
+        try:
+            _stream(refs, store, inference, mdl, summary, emit, stop, run_id=run_id, fingerprint=fingerprint, head_fps=head_fps,
+                    overwrite=overwrite, batch_size=batch_size, workers=workers, record_paths=record_paths)
+        finally:
+            inference.close()
         summary.interrupted = bool(stop)
         if summary.interrupted:
             summary.warnings.append(f"interrupted by signal {stop.signal}: the series in flight were finished; rerun to resume")

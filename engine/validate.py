@@ -149,12 +149,16 @@ def _check_output(node: Any, p: str, shape: tuple[int, ...], bounds: np.ndarray 
     if not isinstance(node, zarr.Array):
         return problems + [f"{p}: expected an array for kind {kind}"]
     if kind == "mask":
-        if tuple(node.shape) != shape:
-            problems.append(f"{p}: mask shape {tuple(node.shape)} differs from the series grid {shape}")
+        labels = node.attrs.get("labels", [])
+        # a multi-label mask holds one 0/1 channel per label; otherwise a label map on the grid
+        multilabel = bool(node.attrs.get("multilabel"))
+        want = (len(labels), *shape) if multilabel else shape
+        if tuple(node.shape) != want:
+            problems.append(f"{p}: mask shape {tuple(node.shape)} differs from {'(labels, *grid)' if multilabel else 'the series grid'} {want}")
         if not np.issubdtype(node.dtype, np.integer):
             problems.append(f"{p}: mask dtype {node.dtype} is not an integer label type")
-        elif node.size and int(np.max(node[...])) >= len(node.attrs.get("labels", [])):
-            problems.append(f"{p}: mask holds label values beyond its {len(node.attrs.get('labels', []))} labels")
+        elif node.size and int(np.max(node[...])) >= (2 if multilabel else len(labels)):
+            problems.append(f"{p}: mask holds values beyond {'0/1 per label' if multilabel else f'its {len(labels)} labels'}")
     elif kind == "scores" and tuple(node.shape) != (len(node.attrs.get("labels", [])),):
         problems.append(f"{p}: {tuple(node.shape)} scores for {len(node.attrs.get('labels', []))} labels")
     elif kind == "embedding" and node.attrs.get("normalized"):

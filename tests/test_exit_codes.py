@@ -168,3 +168,26 @@ def test_loaders_scale_with_the_measured_load_to_inference_ratio():
     assert workers_for(1.0, 0.25, cores=16) == 4
     assert workers_for(0.1, 1.0, cores=16) == 1  # a slow CPU encoder: one loader keeps up
     assert workers_for(5.0, 0.01, cores=2) == 0  # two cores: the encoder needs both
+
+
+def test_a_head_over_its_budget_fails_alone_and_the_run_goes_on(archive, tmp_path, monkeypatch):
+    import time as _time
+
+    import contrib_heads.regress as regress
+
+    def slow(self, batch):
+        _time.sleep(3)
+        return []
+
+    monkeypatch.setattr(regress.RegressHead, "predict", slow)
+    out = tmp_path / "r.zarr"
+    t = _time.monotonic()
+    result = invoke("run", str(archive), "--out", str(out), "--backend", "torch", "--workers", "0",
+                    "--heads", "classify,regress", "--head-budget", "regress=0.5")
+    assert _time.monotonic() - t < 30
+    assert result.exit_code == 1, result.output
+    [(_, attrs)] = list(open_store(out).iter_series())
+    assert "exceeded its time budget of 0.5 s" in attrs["heads"]["regress"]["error"]
+    assert attrs["heads"]["classify"]["error"] is None and attrs["heads"]["classify"]["outputs"]
+    bad = invoke("run", str(archive), "--out", str(out), "--heads", "regress", "--head-budget", "regress")
+    assert_clean_error(bad, 2, "HEAD=SECONDS")
