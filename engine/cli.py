@@ -350,7 +350,7 @@ def new_head(name, directory) -> None:
     from .templates import new_head_package
 
     folder = new_head_package(name, directory)
-    console.print(f"wrote {esc(folder)}\nnext: pip install -e {esc(folder)} && pytest {esc(folder)}", highlight=False)
+    console.print(f"wrote {esc(folder)}\nnext: pip install -e '{esc(folder)}[test]' && pytest {esc(folder)}", highlight=False)
 
 
 # ---- store -------------------------------------------------------------------------------------
