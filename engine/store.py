@@ -96,6 +96,8 @@ class ResultStore:
         self.read_only = mode == "r"
         self._lock: dict[str, Any] | None = None
         self.index_skipped: list[str] = []
+        # index rows owed by this store object's writes: key -> (study, description, embeddings) or None (remove)
+        self._index_rows: dict[str, tuple[str, str, dict[str, Any]] | None] = {}
         root_meta = self.path / "zarr.json"
         if self.read_only and not root_meta.exists():
             raise FileNotFoundError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
@@ -427,26 +429,31 @@ class ResultStore:
         new_heads = attrs.get("heads", {})
         group = None
         try:
-            group, kept = self._open_for_write(key, attrs, replace)
-            heads = {**kept, **new_heads}
-            # attrs.update merges: a kept group keeps its geometry when this write has none (load failed)
-            group.attrs.update({**attrs, "heads": heads, "status": "incomplete", "reason": None})
-            geometry = group.attrs.get("geometry") or {}
+            group, kept, merged = self._open_for_write(key, attrs, replace)
+            heads = merged["heads"]
+            geometry = merged.get("geometry") or {}
             shape = tuple(geometry.get("shape") or ())
+            head_groups: dict[str, zarr.Group] = {}
             for out in outputs:
-                self._write_output(group.require_group(out.head), out, shape, geometry)
+                if out.head not in head_groups:
+                    head_groups[out.head] = group.require_group(out.head)
+                self._write_output(head_groups[out.head], out, shape, geometry)
                 killpoint("mid-series-write")
             errors = [r["error"] for r in heads.values() if r.get("error")]
             if status == "complete" and errors:
                 status, reason = "failed", "; ".join(errors)
+            # the status goes in last, in the group's second and final metadata write
             group.attrs.update({"status": status, "reason": reason, "written": now()})
+            self._note_index(key, merged, status, outputs)
         except Exception as exc:
             why = f"could not write series group: {type(exc).__name__ if not str(exc) else exc}"
+            self._index_rows[key] = None
             self._mark_write_failed(group, new_heads, why)
             raise StoreError(f"series/{key}: {why}") from exc
 
-    def _open_for_write(self, key: str, attrs: dict[str, Any], replace: bool) -> tuple[zarr.Group, dict[str, Any]]:
-        """The series group to write into and the head records it keeps."""
+    def _open_for_write(self, key: str, attrs: dict[str, Any], replace: bool) -> tuple[zarr.Group, dict[str, Any], dict[str, Any]]:
+        """The series group to write into (its attributes already marked incomplete, in one
+        metadata write), the head records it keeps, and the attributes it now holds."""
         series = self.root.require_group("series")
         old = self.series_attrs(key)
         same_grid = old is not None and ("geometry" not in attrs or old.get("geometry") == attrs["geometry"])
@@ -455,15 +462,18 @@ class ResultStore:
         if not keep:
             if old is not None:
                 self._delete_prefix(f"series/{key}")  # store-level: works when zarr.json is unreadable
-            return series.create_group(key), {}
+            merged = {**attrs, "heads": dict(attrs.get("heads", {})), "status": "incomplete", "reason": None}
+            return series.create_group(key, attributes=merged), {}, merged
         group = series[key]
-        group.attrs.update({"status": "incomplete"})
         new_heads = attrs.get("heads", {})
         kept = {h: r for h, r in old.get("heads", {}).items() if h not in new_heads}
+        # merge: a kept group keeps its geometry when this write has none (load failed)
+        merged = {**old, **attrs, "heads": {**kept, **new_heads}, "status": "incomplete", "reason": None}
+        group.attrs.update(merged)
         for name in list(group.group_keys()):
             if name not in kept:
                 del group[name]
-        return group, kept
+        return group, kept, merged
 
     def _mark_write_failed(self, group: zarr.Group | None, new_heads: dict[str, Any], why: str) -> None:
         """Best effort: small attribute writes often succeed where chunk writes failed (disk full)."""
@@ -483,28 +493,25 @@ class ResultStore:
         meta = {k: decl[k] for k in ("kind", "labels", "colors", "units", "range", "normalized", "description") if k in decl}
         meta.update({"head": out.head, "head_version": out.head_version})
         if decl["kind"] == "boxes":
-            g = head_group.create_group(name)
             v = out.value
             n = len(v["scores"])
+            g = head_group.create_group(name, attributes={**meta, "world_units": "mm (RAS+): x0, y0, z0, x1, y1, z1",
+                                                          "voxel_units": "native voxel indices: i0, j0, k0, i1, j1, k1"})
             _array(g, "world", np.asarray(v["world"], dtype=np.float64).reshape(n, 6))
             _array(g, "voxel", np.asarray(v["voxel"], dtype=np.float64).reshape(n, 6))
             _array(g, "scores", np.asarray(v["scores"], dtype=np.float32).reshape(n))
             for extra in ("labels", "queries"):
                 if extra in v:
                     _array(g, extra, np.asarray(v[extra], dtype=str).reshape(n))
-            g.attrs.update({**meta, "world_units": "mm (RAS+): x0, y0, z0, x1, y1, z1", "voxel_units": "native voxel indices: i0, j0, k0, i1, j1, k1"})
             return
         arr = np.asarray(out.value)
         if decl["kind"] == "mask":
-            chunks = tuple(min(64, s) for s in arr.shape)
-            a = head_group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks, compressors=_codecs(),
-                                        fill_value=0, config=_WRITE_ALL)
-            a[...] = arr
             meta.update({"affine": geometry.get("affine"), "dtype": str(arr.dtype)})
-            a.attrs.update(meta)
+            a = head_group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=mask_chunks(arr.shape, arr.dtype.itemsize),
+                                        compressors=_codecs(), fill_value=0, config=_WRITE_ALL, attributes=meta)
+            a[...] = arr
             return
-        a = _array(head_group, name, arr.astype(decl["dtype"]))
-        a.attrs.update(meta)
+        _array(head_group, name, arr.astype(decl["dtype"]), attributes=meta)
 
     def read_output(self, key: str, head: str, output: str) -> Any:
         """An output as numpy (a dict of arrays for boxes); a damaged chunk raises StoreError."""
@@ -546,6 +553,11 @@ class ResultStore:
             if emb is not None:
                 embeddings.append(emb)
         self.index_skipped = skipped
+        self._index_rows = {}
+        return self._write_index(keys, studies, descriptions, embeddings, source, skipped)
+
+    def _write_index(self, keys: list[str], studies: list[str], descriptions: list[str], embeddings: list[np.ndarray],
+                     source: str | None, skipped: list[str]) -> int:
         index = self._fresh_index()
         _array(index, "series_key", np.asarray(keys, dtype=str))
         killpoint("index-rebuild")
@@ -559,6 +571,63 @@ class ResultStore:
         index.attrs.update({"count": len(keys), "embedding_source": source if embeddings else None, "built": now(),
                             "skipped": skipped[:100], "complete": True})
         return len(keys)
+
+    def _note_index(self, key: str, attrs: dict[str, Any], status: str, outputs: list[OutputArray]) -> None:
+        """What this write owes index/: the series' row (with the embeddings just written, so
+        the index update reads nothing back) or its removal."""
+        if status != "complete":
+            self._index_rows[key] = None
+            return
+        embeddings = {f"{o.head}/{o.decl['name']}": o.value for o in outputs if o.decl.get("kind") == "embedding"}
+        self._index_rows[key] = (attrs.get("study_uid", ""), attrs.get("description", ""), embeddings)
+
+    def update_index(self) -> int:
+        """Bring index/ up to date with the series written through this store object: their rows
+        are replaced, added or removed, every other row is kept as stored, so the cost follows
+        the index's size, not the store's. Rebuilds (:meth:`rebuild_index`) when the index is
+        absent, incomplete or damaged, or when the new rows bring embeddings an index without
+        them cannot hold. Returns the row count."""
+        touched, self._index_rows = self._index_rows, {}
+        attrs = self.index_attrs()
+        if not attrs or "damaged" in attrs or not attrs.get("complete") or not attrs.get("count") or self.check_tree("index"):
+            return self.rebuild_index()
+        source = attrs.get("embedding_source")
+        if source is None and any(row and row[2] for row in touched.values()):
+            return self.rebuild_index()
+        try:
+            rows = self._index_table(source)
+        except Exception:  # unreadable although its checksums passed: start again from the groups
+            return self.rebuild_index()
+        skipped = [s for s in attrs.get("skipped") or [] if s.split(":")[0].removeprefix("series/") not in touched]
+        for key, row in touched.items():
+            rows.pop(key, None)
+            if row is None:
+                continue
+            emb = None
+            if source:
+                try:
+                    emb = row[2].get(source)
+                    emb = _read_embedding(self.root["series"][key], source) if emb is None else np.asarray(emb, dtype=np.float32)
+                except Exception as exc:
+                    skipped.append(f"series/{key}: {type(exc).__name__}: {exc}")
+                    continue
+                if emb is None:
+                    continue  # an index row must have an embedding when the index has them
+            rows[key] = (row[0], row[1], emb)
+        keys = sorted(rows)
+        self.index_skipped = skipped
+        embeddings = [rows[k][2] for k in keys] if source else []
+        return self._write_index(keys, [rows[k][0] for k in keys], [rows[k][1] for k in keys], embeddings, source, skipped)
+
+    def _index_table(self, source: str | None) -> dict[str, tuple[str, str, np.ndarray | None]]:
+        index = self.root["index"]
+        keys = [str(k) for k in index["series_key"][...]]
+        studies = [str(k) for k in index["study_uid"][...]]
+        descriptions = [str(k) for k in index["description"][...]]
+        matrix = np.asarray(index["embedding"][...], dtype=np.float32) if source else None
+        if not len(keys) == len(studies) == len(descriptions) or (matrix is not None and len(matrix) != len(keys)):
+            raise ValueError("index columns of different lengths")
+        return {k: (st, d, matrix[i] if matrix is not None else None) for i, (k, st, d) in enumerate(zip(keys, studies, descriptions))}
 
     def _fresh_index(self) -> zarr.Group:
         """An empty index group marked incomplete; the old one is marked incomplete before deletion."""
@@ -673,13 +742,23 @@ def _locked_message(path: Path, holder: dict[str, Any], state: str) -> str:
     return f"{store} is locked ({path} is unreadable: being written, or damaged). If no run writes this store, remove {path}"
 
 
-def _array(group: zarr.Group, name: str, value: np.ndarray) -> zarr.Array:
+SMALL_BYTES = 64 * 1024  # below this an array is stored raw: compressing it saves nothing worth a codec call
+MASK_CHUNK = 64  # mask chunk side: a 64^3 uint8 chunk is 256 KiB, partial reads stay cheap
+
+
+def mask_chunks(shape: tuple[int, ...], itemsize: int = 1) -> tuple[int, ...]:
+    """Chunks for a mask: cubes of MASK_CHUNK voxels, the grid itself along shorter axes."""
+    return tuple(max(1, min(MASK_CHUNK, s)) for s in shape)
+
+
+def _array(group: zarr.Group, name: str, value: np.ndarray, attributes: dict[str, Any] | None = None) -> zarr.Array:
     value = np.asarray(value)
     dtype = str if value.dtype.kind == "U" else value.dtype
     # one chunk per small array; zarr wants chunk sides >= 1, and "auto" for 0-d arrays
     chunks = tuple(max(1, s) for s in value.shape) if value.ndim else "auto"
+    compress = dtype is str or value.nbytes >= SMALL_BYTES
     a = group.create_array(name, shape=value.shape, dtype=dtype, chunks=chunks, fill_value="" if dtype is str else 0,
-                           compressors=_codecs(), config=_WRITE_ALL)
+                           compressors=_codecs(compress), config=_WRITE_ALL, attributes=attributes)
     if value.size:
         a[...] = value
     return a
