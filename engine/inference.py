@@ -312,15 +312,10 @@ def load_heads(names: list[str] | None, model: Any, device: torch.device, params
     Text-reading heads get the run's queries added to their entry in ``params``.
     """
     from .heads import HeadContext, load_weights
-    from .plugins import get_head_classes
+    from .plugins import select_heads
 
-    registry = get_head_classes()
-    wanted = names or sorted(registry)
-    missing = [n for n in wanted if n not in registry]
-    if missing:
-        from .errors import UsageError
-
-        raise UsageError(f"unknown head(s) {', '.join(missing)}; installed: {', '.join(sorted(registry)) or 'none'}")
+    registry = select_heads(names or None)  # UsageError for an unknown or broken head, with the reason
+    wanted = list(registry)
     heads: dict[str, Head] = {}
     warnings: list[str] = []
     for name in wanted:

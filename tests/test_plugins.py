@@ -326,7 +326,7 @@ def test_selecting_a_broken_head_is_a_usage_error_with_the_reason(broken_head_pl
 
 
 def test_a_run_with_other_heads_starts_beside_a_broken_head(broken_head_plugin, tmp_path):
-    nibabel = pytest.importorskip("nibabel")
+    import nibabel
     from engine.testing import synthetic_volume
 
     volume = synthetic_volume("axial")
@@ -336,6 +336,9 @@ def test_a_run_with_other_heads_starts_beside_a_broken_head(broken_head_plugin, 
                                       "--backend", "torch", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+    chosen = CliRunner().invoke(cli, ["run", str(tmp_path / "in"), "--out", str(tmp_path / "r2.zarr"), "--heads", "retrieve,badhead",
+                                      "--backend", "torch", "--workers", "0"])
+    assert chosen.exit_code == 2 and "head 'badhead' is broken" in chosen.output and "Traceback" not in chosen.output
 
 
 def test_a_hook_that_raises_is_recorded_against_its_plugin(monkeypatch):
