@@ -103,6 +103,7 @@ class ExportContext:
         self.manifest = manifest if manifest is not None else {}
         self._attrs: dict[str, dict[str, Any]] = {}
         self._refs: dict[str, Any] | None = None
+        self._scanned = False
 
     # ---- store -----------------------------------------------------------------------------
     def attrs(self, key: str) -> dict[str, Any]:
@@ -155,18 +156,27 @@ class ExportContext:
                     roots.append(Path(p))
         return roots
 
+    def add_source(self, key: str, ref: Any) -> None:
+        """Tell the context where a series' files are (skips scanning the archive for it)."""
+        if self._refs is None:
+            self._refs = {}
+        self._refs[self.attrs(key).get("series_uid") or key] = ref
+        self._refs[key] = ref
+
     def source(self, key: str) -> Any:
         """The SeriesRef (engine.discover) of a stored series, found in the archive by its UID."""
-        if self._refs is None:
+        attrs = self.attrs(key)
+        refs = self._refs = self._refs or {}
+        known = (attrs.get("series_uid") or key) in refs or key in refs
+        if not known and not self._scanned:  # one header-only scan per session
             from .discover import scan
 
+            self._scanned = True
             roots = [r for r in self.archive_roots() if r.exists()]
-            self._refs = {}
             if roots:
                 for ref in scan(roots).series:
                     self._refs.setdefault(ref.series_uid or ref.key, ref)
                     self._refs.setdefault(ref.key, ref)
-        attrs = self.attrs(key)
         ref = self._refs.get(attrs.get("series_uid") or "") or self._refs.get(key)
         if ref is None:
             where = "--archive" if self.archive else "the archive roots recorded in the store's runs"
@@ -255,9 +265,14 @@ class ExportSession:
         fmt = self.manifest["formats"].setdefault(self.exporter.name, {"series": {}})
         return fmt.setdefault("series", {})
 
-    def series(self, key: str) -> SeriesExport:
-        """Export one series unless the manifest shows it done; never raises for a series' error."""
+    def series(self, key: str, source: Any = None) -> SeriesExport:
+        """Export one series unless the manifest shows it done; never raises for a series' error.
+
+        ``source``: the series' SeriesRef when the caller has it (a run does), so no archive scan.
+        """
         t0 = time.perf_counter()
+        if source is not None:
+            self.ctx.add_source(key, source)
         self.ctx._attrs.pop(key, None)  # a run may have just rewritten it
         attrs = self.ctx.attrs(key)
         if attrs.get("status") != "complete":

@@ -323,6 +323,11 @@ def test_cli_and_session(store, tmp_path):
     for key in series:
         assert session.series(key).status == "exported"
     assert (tmp_path / "s" / "scores.parquet").name in session.close().files
+    # a run hands over the SeriesRef it has: no archive scan, even with no archive recorded
+    key = next(k for k, a in series.items() if a["load_notes"]["kind"] == "classic")
+    ref = next(r for r in engine.scan([store.parent / "archive" / "dicom"]).series if r.series_uid == series[key]["series_uid"])
+    session = ExportSession(store, "dicom-seg", tmp_path / "r", archive=[tmp_path / "nowhere"])
+    assert session.series(key, source=ref).status == "exported"
 
 
 def test_no_phi_outside_dicom(store, tmp_path):
