@@ -146,8 +146,21 @@ class Backend:
         return EngineCache(self.cache_dir / "engines" if self.cache_dir is not None else None)
 
     def forward(self, images: torch.Tensor) -> EncoderOutputs:  # pragma: no cover - abstract
-        """Run a batch of at most ``max_batch`` float32 CPU images; return the four outputs."""
+        """Run a batch of at most ``max_batch`` float32 images (CPU, or already on a CUDA device:
+        see :meth:`to_device`); return the four outputs."""
         raise NotImplementedError
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch on the backend's device. On CUDA the host copy is page-locked and the
+        transfer non-blocking, so it overlaps with work already queued on the stream (the
+        forward that follows is ordered after it on the same stream). Elsewhere: unchanged."""
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            return images
+        try:
+            pinned = images if images.is_pinned() else images.pin_memory()
+        except RuntimeError:  # no pinnable memory left: a plain copy still works
+            pinned = images
+        return pinned.to(self.device, non_blocking=True)
 
     def check_shape(self, batch: int, spatial: tuple[int, int, int]) -> None:
         """Raise when the artifact cannot take this shape (fixed-profile backends override)."""
@@ -163,7 +176,7 @@ class Backend:
         parts: list[list[torch.Tensor]] = []
         with torch.inference_mode():
             for chunk in images.split(self.max_batch):
-                parts.append([o.detach().float().cpu() for o in self.forward(chunk)])
+                parts.append([o.detach().float().cpu() for o in self.forward(self.to_device(chunk))])
         outputs = tuple(torch.cat([p[i] for p in parts]) for i in range(4))
         return split_features(outputs, grid, self.model.feature_layers)  # type: ignore[arg-type]
 
