@@ -185,9 +185,12 @@ def _load_job(path: str | None) -> dict[str, Any]:
               help="Time limit for one predict call of a head (repeatable); overrides its manifest.")
 @click.option("--default-head-budget", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Time limit for heads whose manifest declares none.")
+@click.option("--export", "exports", multiple=True, metavar="FORMAT",
+              help="Export each series as it completes (repeatable): dicom-seg, dicom-sr, nifti, ome-zarr, table.")
+@click.option("--export-dir", type=click.Path(file_okay=False), help="Where exports go (default: <out>-<format> beside the store).")
 @click.option("--log-json", is_flag=True, help="JSON-lines progress on stderr even on a terminal.")
 def run(archive, out, heads, model, backend, precision, batch_size, workers, queries, job, overwrite, record_paths,
-        head_budgets, default_head_budget, log_json) -> None:
+        head_budgets, default_head_budget, exports, export_dir, log_json) -> None:
     """Run the model and heads over ARCHIVE (folders, .zip files, NIfTI files) into a store.
 
     Exit status: 0 when every series completed, was resumed or skipped; 1 when any series
@@ -211,6 +214,7 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
             overwrite=overwrite or spec.get("overwrite", False), queries=list(queries) or spec.get("queries", []),
             params=spec.get("params"), record_paths=record_paths or spec.get("record_paths", False),
             budgets=_budgets(head_budgets) or spec.get("budgets"), default_budget=default_head_budget or spec.get("default_budget"),
+            exports=[e for es in exports for e in es.split(",") if e] or spec.get("exports"), export_dir=export_dir,
             on_event=reporter,
         )
     finally:
@@ -462,6 +466,17 @@ def compile_cmd(backend, precision, max_batch, model) -> None:
 
     info = compile_backend(load_model(model), backend=backend, precision=precision, max_batch=max_batch)
     console.print_json(json.dumps(info, default=str))
+
+
+def _add_library_commands() -> None:
+    """Commands whose code lives beside the runtime (export; fit, evaluate and model import when
+    the fitting library is present)."""
+    from .export import export_command
+
+    cli.add_command(export_command, "export")
+
+
+_add_library_commands()
 
 
 def _register_plugin_commands() -> None:

@@ -350,6 +350,8 @@ def run(
     record_paths: bool = False,
     budgets: dict[str, float] | None = None,
     default_budget: float | None = None,
+    exports: list[str] | None = None,
+    export_dir: str | Path | None = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> RunSummary:
     """Run the model and heads over every series found under ``paths`` into the store ``out``.
@@ -364,7 +366,10 @@ def run(
     anything. SIGINT/SIGTERM finish the series in flight and return a summary marked
     ``interrupted``. No file-system path below the archive roots is stored unless
     ``record_paths`` is set. ``budgets`` (head name -> seconds per predict call) override the
-    heads' manifests; ``default_budget`` applies to heads that declare none.
+    heads' manifests; ``default_budget`` applies to heads that declare none. ``exports`` names
+    exporters (``mrfm export`` formats) that write each series as it completes, into
+    ``export_dir/<format>`` (default: ``<out>-<format>`` beside the store); an export failure is a
+    warning, never the run's failure.
     """
     from .discover import scan
 
@@ -389,6 +394,7 @@ def run(
         detail = f"; {skipped_files} file(s) skipped: " + "; ".join(found.warnings[:5]) if found.warnings else ""
         raise UsageError(f"no DICOM or NIfTI series found under {', '.join(map(str, paths))}{detail}")
 
+    _check_exporters(exports or [])
     store = _open_for_writing(out)
     stop = _StopFlag()
     with store.lock(run_id), stop.installed():
@@ -411,11 +417,14 @@ def run(
             emit({"event": "warning", "message": w})
         emit({"event": "scan", "series": len(refs), "studies": len({r.study_uid for r in refs}), "skipped_files": skipped_files,
               "backend": enc.name, "backend_reason": reason, "run_id": run_id})
+        sessions = _export_sessions(store, out, exports or [], export_dir)
         try:
             _stream(refs, store, inference, mdl, summary, emit, stop, run_id=run_id, fingerprint=fingerprint, head_fps=head_fps,
-                    overwrite=overwrite, batch_size=batch_size, workers=workers, record_paths=record_paths)
+                    overwrite=overwrite, batch_size=batch_size, workers=workers, record_paths=record_paths, sessions=sessions)
         finally:
             inference.close()
+            for session in sessions:
+                _close_export(session, summary, emit)
         summary.interrupted = bool(stop)
         if summary.interrupted:
             summary.warnings.append(f"interrupted by signal {stop.signal}: the series in flight were finished; rerun to resume")
@@ -433,6 +442,47 @@ def run(
     emit({"event": "done", "run_id": run_id, "seconds": round(summary.seconds, 3), "interrupted": summary.interrupted,
           **{s: summary.count(s) for s in ("complete", "failed", "skipped", "resumed")}})
     return summary
+
+
+def _check_exporters(names: list[str]) -> None:
+    if not names:
+        return
+    from .plugins import get_exporters
+
+    known = get_exporters()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(f"unknown export format(s) {', '.join(unknown)}; installed: {', '.join(sorted(known)) or 'none'}")
+
+
+def _export_sessions(store: ResultStore, out: str | Path, names: list[str], export_dir: str | Path | None) -> list[Any]:
+    from .export import ExportSession
+
+    base = Path(out)
+    return [ExportSession(store, name, Path(export_dir) / name if export_dir else base.with_name(f"{base.name}-{name}"))
+            for name in names]
+
+
+def _export_one(sessions: list[Any], key: str, ref: Any, summary: RunSummary, emit: Callable[[Event], None]) -> None:
+    """Export a series just written (or found complete); a failure is reported, not fatal."""
+    for session in sessions:
+        try:
+            res = session.series(key, source=ref)
+        except Exception as exc:  # an exporter bug must not cost the run
+            res = type("R", (), {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"})()
+        if res.status == "failed":
+            msg = f"export {session.exporter.name} of {key} failed: {res.reason}"
+            summary.warnings.append(msg)
+            emit({"event": "warning", "message": msg})
+
+
+def _close_export(session: Any, summary: RunSummary, emit: Callable[[Event], None]) -> None:
+    try:
+        session.close()
+    except Exception as exc:
+        msg = f"export {session.exporter.name}: could not finish ({type(exc).__name__}: {exc})"
+        summary.warnings.append(msg)
+        emit({"event": "warning", "message": msg})
 
 
 def _open_for_writing(out: str | Path) -> ResultStore:
@@ -458,11 +508,14 @@ def _open_for_writing(out: str | Path) -> ResultStore:
 
 def _stream(refs: list[Any], store: ResultStore, inference: Inference, mdl: Any, summary: RunSummary,
             emit: Callable[[Event], None], stop: _StopFlag, *, run_id: str, fingerprint: str, head_fps: dict[str, str],
-            overwrite: bool, batch_size: int, workers: int | None, record_paths: bool) -> None:
+            overwrite: bool, batch_size: int, workers: int | None, record_paths: bool, sessions: list[Any] | None = None) -> None:
     """Triage for resume, then load -> infer -> write every series still to do."""
     lock = threading.Lock()
+    by_key = {ref.key: ref for ref in refs}
 
     def done(result: SeriesResult) -> None:
+        if sessions and result.status in ("complete", "resumed"):
+            _export_one(sessions, result.key, by_key.get(result.key), summary, emit)
         with lock:
             summary.results.append(result)
         emit({"event": "series", "key": result.key, "study": result.study_uid, "status": result.status,

@@ -191,3 +191,20 @@ def test_a_head_over_its_budget_fails_alone_and_the_run_goes_on(archive, tmp_pat
     assert attrs["heads"]["classify"]["error"] is None and attrs["heads"]["classify"]["outputs"]
     bad = invoke("run", str(archive), "--out", str(out), "--heads", "regress", "--head-budget", "regress")
     assert_clean_error(bad, 2, "HEAD=SECONDS")
+
+
+def test_run_exports_each_series_as_it_completes(archive, tmp_path):
+    import nibabel as nib
+
+    out = tmp_path / "r.zarr"
+    result = invoke("run", str(archive), "--out", str(out), "--backend", "torch", "--workers", "0",
+                    "--heads", "classify,segment", "--export", "nifti", "--export", "table")
+    assert result.exit_code == 0, result.output
+    [(key, attrs)] = list(open_store(out).iter_series())
+    [nii] = list((tmp_path / "r.zarr-nifti").rglob("*.nii.gz"))
+    img = nib.load(str(nii))
+    assert np.array_equal(np.asarray(img.dataobj), open_store(out).read_output(key, "segment", "anatomy"))
+    np.testing.assert_allclose(img.affine, np.asarray(attrs["geometry"]["affine"]), atol=1e-4)
+    assert list((tmp_path / "r.zarr-table").glob("scores.parquet"))
+    bad = invoke("run", str(archive), "--out", str(out), "--export", "no-such-format", *RUN)
+    assert_clean_error(bad, 2, "unknown export format")
