@@ -104,9 +104,13 @@ _PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "PlanarConfigur
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
+_STOP_TAGS = frozenset((PER_FRAME_GROUPS, *PIXEL_TAGS))
+
+
 def _stop(tag: Any, vr: Any, length: Any) -> bool:
-    """pydicom stops at the per-frame groups (read by :mod:`.groups`) or the pixel data."""
-    return tag == PER_FRAME_GROUPS or tag in PIXEL_TAGS
+    """pydicom stops at the per-frame groups (read by :mod:`.groups`) or the pixel data.
+    (Called for every element: compared as a plain int, BaseTag's own __eq__ is slow.)"""
+    return int(tag) in _STOP_TAGS
 
 
 def read_header(source: Source) -> tuple[Dataset, PixelBytes]:
