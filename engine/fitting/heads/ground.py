@@ -1,0 +1,113 @@
+"""Fitted text grounding (written by ``mrfm fit``; same net and box logic as the contrib ground
+head): where in the scan does a free-text query point?
+
+Patch tokens are projected into the joint image-text space. For each query the cosine similarity
+with every token gives a heat map (a softmax over tokens at the learned temperature); the box
+covers the connected tokens around the peak whose heat reaches a fraction of the peak's.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import engine
+
+DEFAULT_RELATIVE_THRESHOLD = 0.5
+
+
+class GroundNet(nn.Module):
+    """Token projection into the joint space, a similarity temperature and a score bias."""
+
+    def __init__(self, embed_dim: int = 128, joint_dim: int = 64):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+        self.proj = nn.Linear(embed_dim, joint_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.score_bias = nn.Parameter(torch.tensor(-5.0))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, D) -> unit vectors in the joint space (B, N, E)."""
+        return F.normalize(self.proj(self.norm(tokens)), dim=-1)
+
+
+def config() -> dict:
+    """The net's configuration from the package's manifest (empty outside a package)."""
+    import json
+
+    path = Path(__file__).with_name("manifest.json")
+    return json.loads(path.read_text())["labels"]["fit"]["config"] if path.is_file() else {}
+
+
+def build_net(embed_dim: int = 128, cfg: dict | None = None) -> nn.Module:
+    cfg = config() if cfg is None else cfg
+    return GroundNet(embed_dim, int(cfg.get("joint_dim", 64)))
+
+
+def grow_from_peak(mask: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """The 26-connected part of ``mask`` reachable from ``seed``; both (Q, gx, gy, gz) bool."""
+    region = (seed & mask).float()[:, None]
+    allowed = mask.float()[:, None]
+    while True:
+        grown = F.max_pool3d(region, 3, stride=1, padding=1) * allowed
+        if torch.equal(grown, region):
+            return region[:, 0].bool()
+        region = grown
+
+
+def region_boxes(region: np.ndarray, image_shape: tuple[int, int, int]) -> np.ndarray:
+    """Boxes (Q, 6) in image voxel edges around each query's non-empty token region (Q, gx, gy, gz)."""
+    patch = np.asarray(image_shape, np.float64) / np.asarray(region.shape[1:])
+    boxes = np.empty((len(region), 6))
+    for q, tokens in enumerate(region):
+        coords = np.argwhere(tokens)
+        boxes[q] = np.concatenate([coords.min(axis=0) * patch - 0.5, (coords.max(axis=0) + 1) * patch - 0.5])
+    return boxes
+
+
+class GroundHead(engine.NetHead):
+    manifest_path = Path(__file__).with_name("manifest.json")
+    build_net = staticmethod(build_net)
+
+    def __init__(self, manifest: dict[str, Any], weights: dict[str, torch.Tensor], context: engine.HeadContext):
+        super().__init__(manifest, weights, context)
+        default = manifest.get("parameters", {}).get("relative_threshold", {}).get("default", DEFAULT_RELATIVE_THRESHOLD)
+        self.relative_threshold = float(context.params.get("relative_threshold", default))
+        if not 0 < self.relative_threshold <= 1:
+            raise ValueError(f"ground: relative_threshold must lie in (0, 1], got {self.relative_threshold}")
+
+    @torch.inference_mode()
+    def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
+        tokens = self.stack(batch, "tokens")
+        projected = self.net(tokens).cpu()
+        scale, bias = self.net.logit_scale.exp().item(), self.net.score_bias.item()
+        name = self.spec["outputs"][0]["name"]
+        return [{name: self._ground(item, emb, scale, bias)} for item, emb in zip(batch, projected)]
+
+    def _ground(self, item: engine.HeadInput, projected: torch.Tensor, scale: float, bias: float) -> dict[str, Any]:
+        text = item.text if item.text is not None else self.context.text
+        if text is None or len(text.queries) == 0:
+            return {"boxes": np.zeros((0, 6), np.float32), "scores": np.zeros(0, np.float32), "queries": []}
+        queries = F.normalize(text.embeddings.detach().float().cpu(), dim=-1)
+        if queries.shape[-1] != projected.shape[-1]:
+            raise ValueError(f"ground: query embeddings have {queries.shape[-1]} dims, the joint space has {projected.shape[-1]}")
+        grid = item.features.grid
+        sim = (queries @ projected.T).reshape(-1, *grid)  # (Q, gx, gy, gz) cosine similarity
+        peak = sim.flatten(1).max(dim=1).values
+        # heat >= r * peak heat  <=>  sim >= peak sim + log(r) / scale  (softmax over tokens)
+        mask = sim >= (peak + math.log(self.relative_threshold) / scale).view(-1, 1, 1, 1)
+        seed = F.one_hot(sim.flatten(1).argmax(dim=1), sim[0].numel()).bool().view_as(mask)
+        boxes = region_boxes(grow_from_peak(mask, seed).numpy(), item.shape)
+        scores = torch.sigmoid(scale * peak + bias).numpy()
+        return {"boxes": boxes.astype(np.float32), "scores": scores.astype(np.float32), "queries": list(text.queries)}
+
+
+@engine.hookimpl
+def register_heads(register) -> None:
+    register(GroundHead)

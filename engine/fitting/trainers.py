@@ -1,0 +1,391 @@
+"""Fit one head net on cached features, per kind, and measure it on the validation studies.
+
+Every trainer takes the training and validation series (features + labels) and returns a
+:class:`Fitted`: the net's state dict, the configuration its head module reads from the manifest,
+the validation metrics, and the manifest outputs/parameters. Runs are seeded and use the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.geometry import apply_affine, world_to_voxel
+
+from . import metrics as M
+from .cache import SeriesFeatures
+from .heads import ground as ground_t
+from .heads import localize as localize_t
+from .heads import probe as probe_t
+from .heads import segment as segment_t
+from .labels import LabelSet, SeriesLabels
+
+Pair = tuple[SeriesFeatures, SeriesLabels]
+
+
+@dataclass
+class Options:
+    steps: int = 0  # 0: the kind's default
+    lr: float = 0.0
+    hidden: int = 0  # probes: 0 linear, else an MLP hidden width
+    batch: int = 0
+    seed: int = 0
+    crop_tokens: int = 4  # segmentation crops, tokens a side
+    log: Callable[[str], None] | None = None
+
+
+@dataclass
+class Fitted:
+    state: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    outputs: list[dict[str, Any]]
+    inputs: dict[str, Any]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().contiguous().clone() for k, v in net.state_dict().items()}
+
+
+def _optimise(net: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float, wd: float = 1e-2,
+              log: Callable[[str], None] | None = None, name: str = "") -> None:
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    net.train()
+    for step in range(steps):
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if log and (step % 100 == 0 or step == steps - 1):
+            log(f"{name} step {step}/{steps} loss {loss.item():.4f}")
+    net.eval()
+
+
+# --- probes (classification, regression) ----------------------------------------------------------
+
+def _pooled(f: SeriesFeatures) -> np.ndarray:
+    return np.concatenate([f.cls, f.tokens.mean(axis=0)])
+
+
+def fit_probe(kind: str, labels: LabelSet, train: list[Pair], val: list[Pair], opt: Options) -> Fitted:
+    torch.manual_seed(opt.seed)
+    d = train[0][0].cls.shape[0]
+    xt = torch.from_numpy(np.stack([_pooled(f) for f, _ in train])).float()
+    xv = torch.from_numpy(np.stack([_pooled(f) for f, _ in val])).float() if val else xt[:0]
+    outs: list[dict[str, Any]] = []
+    yt: dict[str, torch.Tensor] = {}
+    yv: dict[str, np.ndarray] = {}
+    for t in labels.targets:
+        name = _name(t)
+        if kind == "classify":
+            classes = sorted({lab.values[t] for _, lab in train + val if t in lab.values})
+            if len(classes) < 2:
+                raise ValueError(f"target {t!r} has fewer than two classes in the labels")
+            idx = {c: i for i, c in enumerate(classes)}
+            yt[name] = torch.tensor([idx.get(lab.values.get(t), -100) for _, lab in train])
+            yv[name] = np.asarray([idx.get(lab.values.get(t), -100) for _, lab in val])
+            outs.append({"name": name, "column": t, "task": "classification", "labels": classes})
+        else:
+            raw = np.asarray([lab.values.get(t, np.nan) for _, lab in train], float)
+            log1p = bool(np.nanmin(raw) >= 0)
+            z = np.log1p(raw) if log1p else raw
+            mean, std = float(np.nanmean(z)), float(np.nanstd(z) or 1.0)
+            yt[name] = torch.from_numpy((z - mean) / std).float()
+            yv[name] = np.asarray([lab.values.get(t, np.nan) for _, lab in val], float)
+            outs.append({"name": name, "column": t, "task": "regression", "mean": mean, "std": std,
+                         "transform": "log1p" if log1p else "none"})
+    cfg = {"kind": kind, "hidden": opt.hidden, "outputs": outs}
+    net = probe_t.build_net(d, cfg)
+
+    def loss(_: int) -> torch.Tensor:
+        raw = net(xt)
+        total = torch.zeros(())
+        for o in outs:
+            r, y = raw[o["name"]], yt[o["name"]]
+            if o["task"] == "classification":
+                total = total + F.cross_entropy(r, y, ignore_index=-100)
+            else:
+                ok = ~torch.isnan(y)
+                total = total + F.smooth_l1_loss(r[ok, 0], y[ok])
+        return total
+
+    _optimise(net, loss, opt.steps or 300, opt.lr or 1e-2, wd=5e-2, log=opt.log, name=kind)
+    with torch.no_grad():
+        pred = {k: v.numpy() for k, v in probe_t.decode(cfg, net(xv)).items()} if val else {}
+    mets: dict[str, Any] = {}
+    for o in outs:
+        if not val:
+            continue
+        y = yv[o["name"]]
+        if o["task"] == "classification":
+            ok = y >= 0
+            mets[o["name"]] = {"accuracy": M.r4(M.accuracy(pred[o["name"]][ok], y[ok])),
+                               "auroc": M.r4(M.auroc(pred[o["name"]][ok], y[ok])),
+                               "chance_accuracy": M.r4(M.majority_rate(y[ok]))}
+        else:
+            ok = ~np.isnan(y)
+            mets[o["name"]] = {"mae": M.r4(M.mae(pred[o["name"]][ok], y[ok])), "chance_mae": M.r4(M.median_mae(y[ok]))}
+    decl = []
+    for o in outs:
+        if o["task"] == "classification":
+            decl.append({"name": o["name"], "kind": "scores", "dtype": "float32", "shape": ["C"], "labels": o["labels"],
+                         "range": [0, 1], "description": f"Probability of each {o['column']} class (softmax)."})
+        else:
+            decl.append({"name": o["name"], "kind": "value", "dtype": "float32", "shape": [], "units": "1",
+                         "description": f"Predicted {o['column']}."})
+    return Fitted(_state(net), cfg, mets, decl, {"view": "global", "features": ["cls", "tokens"]})
+
+
+def _name(column: str) -> str:
+    import re
+
+    name = re.sub(r"[^a-z0-9_]", "_", column.lower()).strip("_") or "value"
+    return name if name[0].isalpha() and name not in probe_t.RESERVED else "out_" + name
+
+
+# --- segmentation ---------------------------------------------------------------------------------
+
+def labels_on_grid(label_path: Any, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A label map resampled (nearest neighbour) onto a grid through the two affines; 0 outside."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    img = nib.load(str(label_path))
+    data = np.asarray(img.dataobj).astype(np.int64)
+    m = np.linalg.inv(img.affine) @ affine  # target voxel -> world -> label voxel
+    return ndimage.affine_transform(data, m[:3, :3], offset=m[:3, 3], output_shape=tuple(int(s) for s in shape),
+                                    order=0, mode="constant", cval=0).astype(np.int64)
+
+
+def _seg_layers(feature_layers: list[int]) -> list[int]:
+    fl = sorted(feature_layers)
+    return [fl[-1], fl[len(fl) // 2], fl[0]]
+
+
+def _windows(pairs: list[Pair]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int]]]:
+    """(layers (L, N, D), image (X, Y, Z), labels (X, Y, Z), grid) per tile window."""
+    out = []
+    for f, lab in pairs:
+        for w in range(len(f.tile_layers)):
+            image = f.tile_images[w]
+            patch = f.view_shape[0] // f.grid[0]
+            grid = tuple(int(s) // patch for s in image.shape)
+            out.append((f.tile_layers[w], image, labels_on_grid(lab.mask, f.tile_affines[w], image.shape), grid))
+    return out
+
+
+def fit_segment(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Options, model: Any) -> Fitted:
+    torch.manual_seed(opt.seed)
+    rng = np.random.default_rng(opt.seed)
+    fl = train[0][0].feature_layers
+    use = _seg_layers(fl)
+    li = [fl.index(i) for i in use]
+    tw, vw = _windows(train), _windows(val)
+    n_classes = max(int(max(w[2].max() for w in tw + vw)) + 1, len(labels.classes), 2)
+    classes = labels.classes or ["background"] + [f"label_{c}" for c in range(1, n_classes)]
+    cfg = {"kind": "segment", "labels": classes, "layers": use, "output": "anatomy" if labels.classes else "mask",
+           "widths": [32, 16, 8]}
+    d = tw[0][0].shape[-1]
+    net = segment_t.build_net(d, cfg)
+    counts = np.bincount(np.concatenate([w[2].ravel() for w in tw]), minlength=len(classes)).astype(float)
+    freq = counts / counts.sum()
+    weight = torch.tensor(np.clip((freq.max() / np.maximum(freq, 1e-6)) ** 0.25, 1.0, 8.0), dtype=torch.float32)
+    present = [[c for c in range(1, len(classes)) if (w[2] == c).any()] for w in tw]
+    batch = opt.batch or 4
+
+    def crop(i: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        layers, image, lab, grid = tw[i]
+        c = min(opt.crop_tokens, *grid)
+        patch = image.shape[0] // grid[0]
+        fg = np.argwhere(lab == rng.choice(present[i])) if present[i] and rng.random() < 0.9 else np.empty((0, 3))
+        centre = fg[rng.integers(len(fg))] // patch if len(fg) else rng.integers(0, grid)
+        o = [int(np.clip(cc - c // 2 + rng.integers(0, 2), 0, g - c)) for cc, g in zip(centre, grid)]
+        tsl = tuple(slice(v, v + c) for v in o)
+        vsl = tuple(slice(v * patch, (v + c) * patch) for v in o)
+        grids = [torch.from_numpy(layers[j]).T.reshape(-1, *grid)[(slice(None), *tsl)] for j in li]
+        return grids, torch.from_numpy(image[vsl])[None], torch.from_numpy(lab[vsl])
+
+    def loss(_: int) -> torch.Tensor:
+        items = [crop(int(i)) for i in rng.integers(0, len(tw), batch)]
+        layers = [torch.stack([it[0][j] for it in items]) for j in range(3)]
+        logits = net(layers, torch.stack([it[1] for it in items]))
+        target = torch.stack([it[2] for it in items])
+        return F.cross_entropy(logits, target, weight=weight) + _dice_loss(logits, target)
+
+    _optimise(net, loss, opt.steps or 400, opt.lr or 3e-3, log=opt.log, name="segment")
+    dice = M.DiceCounter(classes)
+    with torch.no_grad():
+        for layers, image, lab, grid in vw:
+            g = [torch.from_numpy(layers[j]).T.reshape(1, -1, *grid) for j in li]
+            pred = net(g, torch.from_numpy(image)[None, None]).argmax(dim=1)[0].numpy()
+            dice.add(pred, lab)
+    mets = {"dice": dice.dice(), "chance_dice": dice.floor(), "windows": len(vw)} if vw else {}
+    decl = [{"name": cfg["output"], "kind": "mask", "dtype": "uint8", "labels": classes, "activation": "softmax",
+             "description": "Per-voxel label probabilities (softmax); stored as the argmax label on the native grid."}]
+    return Fitted(_state(net), cfg, mets, decl, {"view": "tiles", "image": True, "features": [f"layers[{i}]" for i in use]})
+
+
+def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice over the foreground classes present in the batch."""
+    c = logits.shape[1]
+    probs = logits.softmax(dim=1)[:, 1:]
+    onehot = F.one_hot(target, c).permute(0, 4, 1, 2, 3)[:, 1:].float()
+    dims = (0, 2, 3, 4)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    present = onehot.sum(dims) > 0
+    dice = (2 * inter + 1.0) / (denom + 1.0)
+    return (1 - dice[present]).mean() if present.any() else logits.sum() * 0
+
+
+# --- boxes: localization and grounding ------------------------------------------------------------
+
+def box_tokens(box: np.ndarray, f: SeriesFeatures) -> np.ndarray:
+    """(N,) bool: tokens whose patch centre lies in the world box, plus the token at its centre."""
+    grid = np.asarray(f.grid)
+    patch = np.asarray(f.view_shape) / grid
+    idx = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), axis=-1).reshape(-1, 3)
+    world = apply_affine(f.view_affine, (idx + 0.5) * patch - 0.5)
+    inside = ((world >= box[:3]) & (world <= box[3:])).all(axis=1)
+    centre = np.floor((world_to_voxel(f.view_affine, ((box[:3] + box[3:]) / 2)[None])[0] + 0.5) / patch).astype(int)
+    if ((centre >= 0) & (centre < grid)).all():
+        inside[np.ravel_multi_index(tuple(centre), tuple(grid))] = True
+    return inside
+
+
+def _centre_vox(box: np.ndarray, f: SeriesFeatures) -> np.ndarray:
+    return world_to_voxel(f.view_affine, ((box[:3] + box[3:]) / 2)[None])[0]
+
+
+def _box_scores(prob_grids: list[np.ndarray], pairs: list[Pair], threshold: float) -> tuple[float, float]:
+    hits, true_boxes = [], []
+    for prob, (f, lab) in zip(prob_grids, pairs):
+        boxes, scores = localize_t.basin_boxes(prob, threshold, f.view_shape)
+        keep = localize_t.nms3d(boxes, scores, 0.3)[:16]
+        boxes = boxes[keep]
+        centres = [_centre_vox(b, f) for b in lab.boxes]
+        hits.extend(bool(M.inside(c, boxes).any()) for c in centres)
+        true_boxes.extend(any(M.inside(c, b[None]).any() for c in centres) for b in boxes)
+    return (float(np.mean(hits)) if hits else float("nan"), float(np.mean(true_boxes)) if true_boxes else float("nan"))
+
+
+def fit_localize(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Options) -> Fitted:
+    torch.manual_seed(opt.seed)
+    rng = np.random.default_rng(opt.seed)
+    d = train[0][0].tokens.shape[-1]
+    cfg = {"kind": "localize", "hidden": opt.hidden or 64, "label": "lesion"}
+    net = localize_t.build_net(d, cfg)
+    xt = torch.from_numpy(np.stack([f.tokens for f, _ in train])).float()
+    yt = torch.from_numpy(np.stack([np.any([box_tokens(b, f) for b in lab.boxes] or [np.zeros(len(f.tokens), bool)], axis=0)
+                                    for f, lab in train]).astype(np.float32))
+    pos = float(yt.mean())
+    pos_weight = torch.tensor(min(20.0, max(1.0, (1 - pos) / max(pos, 1e-6)) ** 0.5))
+    batch = opt.batch or 16
+
+    def loss(_: int) -> torch.Tensor:
+        i = torch.from_numpy(rng.integers(0, len(xt), min(batch, len(xt))))
+        return F.binary_cross_entropy_with_logits(net(xt[i]), yt[i], pos_weight=pos_weight)
+
+    _optimise(net, loss, opt.steps or 400, opt.lr or 3e-3, log=opt.log, name="localize")
+    threshold, mets = 0.5, {}
+    if val:
+        with torch.no_grad():
+            probs = [torch.sigmoid(net(torch.from_numpy(f.tokens)[None]))[0].numpy().reshape(f.grid) for f, _ in val]
+        best = None
+        for t in np.arange(0.3, 0.96, 0.05):  # the default threshold: best F1 of hit rate and precision
+            hit, prec = _box_scores(probs, val, float(t))
+            h, p = np.nan_to_num(hit), np.nan_to_num(prec)
+            score = 2 * h * p / (h + p) if h + p else 0.0
+            if best is None or score > best[0]:
+                best = (score, float(t), hit, prec)
+        _, threshold, hit, prec = best  # type: ignore[misc]
+        mets = {"hit_rate": M.r4(hit), "box_precision": M.r4(prec), "threshold": round(threshold, 2),
+                "lesions": sum(len(lab.boxes) for _, lab in val)}
+    decl = [{"name": "lesions", "kind": "boxes", "dtype": "float32", "shape": ["N", 6], "labels": [cfg["label"]],
+             "description": "Boxes (i0, j0, k0, i1, j1, k1) around candidates with their probability."}]
+    params = {
+        "threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": round(threshold, 2), "description": "Minimum token probability (chosen on the validation studies)."},
+        "iou": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.3, "description": "3D IoU above which a lower-scoring box is dropped."},
+        "max_boxes": {"type": "integer", "minimum": 1, "default": 16, "description": "At most this many boxes per series."},
+    }
+    return Fitted(_state(net), cfg, mets, decl, {"view": "global", "features": ["tokens"]}, params)
+
+
+def fit_ground(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Options, model: Any) -> Fitted:
+    torch.manual_seed(opt.seed)
+    rng = np.random.default_rng(opt.seed)
+    tower = model.text_tower()
+    if tower is None:
+        raise ValueError("grounding needs a model with a text tower")
+    d = train[0][0].tokens.shape[-1]
+    cfg = {"kind": "ground", "joint_dim": model.joint_dim}
+    net = ground_t.build_net(d, cfg)
+    texts = sorted({t for _, lab in train + val for t in lab.texts})
+    emb = dict(zip(texts, tower.encode(texts))) if texts else {}
+    with_text = [(f, lab) for f, lab in train if lab.texts]
+    if not with_text:
+        raise ValueError("no training series has a text with a box")
+    masks = [[torch.from_numpy(box_tokens(b, f).astype(np.float32)) for b in lab.boxes] for f, lab in with_text]
+    toks = [torch.from_numpy(f.tokens).float() for f, _ in with_text]
+    batch = opt.batch or 8
+
+    def loss(_: int) -> torch.Tensor:
+        pick = rng.choice(len(with_text), min(batch, len(with_text)), replace=False)
+        proj = net(torch.stack([toks[i] for i in pick]))  # (G, N, E)
+        phrases = [(g, emb[t], masks[i][k]) for g, i in enumerate(pick) for k, t in enumerate(with_text[i][1].texts)]
+        pe = torch.stack([p[1] for p in phrases])
+        owner = torch.tensor([p[0] for p in phrases])
+        mask = torch.stack([p[2] for p in phrases])
+        sims = torch.einsum("pe,gne->pgn", pe, proj)
+        scale = net.logit_scale.clamp(max=math.log(100.0)).exp()
+        own = sims[torch.arange(len(phrases)), owner]
+        l1 = -(F.log_softmax(scale * own, dim=-1) * (mask / mask.sum(-1, keepdim=True))).sum(-1).mean()
+        match = F.one_hot(owner, len(pick)).float()
+        l2 = F.binary_cross_entropy_with_logits(scale.detach() * sims.max(dim=-1).values + net.score_bias, match)
+        return l1 + 0.2 * l2
+
+    _optimise(net, loss, opt.steps or 400, opt.lr or 3e-3, log=opt.log, name="ground")
+    mets: dict[str, Any] = {}
+    hits = []
+    with torch.no_grad():
+        for f, lab in val:
+            if not lab.texts:
+                continue
+            proj = net(torch.from_numpy(f.tokens)[None])[0]
+            q = torch.stack([emb[t] for t in lab.texts])
+            sim = (q @ proj.T).reshape(-1, *f.grid)
+            scale = net.logit_scale.exp().item()
+            peak = sim.flatten(1).max(dim=1).values
+            region_mask = sim >= (peak + math.log(ground_t.DEFAULT_RELATIVE_THRESHOLD) / scale).view(-1, 1, 1, 1)
+            seed = F.one_hot(sim.flatten(1).argmax(dim=1), sim[0].numel()).bool().view_as(region_mask)
+            boxes = ground_t.region_boxes(ground_t.grow_from_peak(region_mask, seed).numpy(), f.view_shape)
+            hits.extend(bool(M.inside(_centre_vox(b, f), boxes[k][None]).any()) for k, b in enumerate(lab.boxes))
+    if hits:
+        mets = {"hit_rate": M.r4(float(np.mean(hits))), "queries": len(hits)}
+    decl = [{"name": "regions", "kind": "boxes", "dtype": "float32", "shape": ["N", 6],
+             "description": "One box per text query (i0, j0, k0, i1, j1, k1), its query and a match score in [0, 1]."}]
+    params = {
+        "queries": {"type": "array", "items": {"type": "string"}, "description": "Text queries (--query TEXT, repeatable, or the job file)."},
+        "relative_threshold": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.5,
+                               "description": "Tokens whose heat is at least this fraction of the peak heat belong to the region."},
+    }
+    return Fitted(_state(net), cfg, mets, decl, {"view": "global", "features": ["tokens", "text"]}, params)
+
+
+def fit_kind(kind: str, labels: LabelSet, train: list[Pair], val: list[Pair], opt: Options, model: Any) -> Fitted:
+    if kind in ("classify", "regress"):
+        return fit_probe(kind, labels, train, val, opt)
+    if kind == "segment":
+        return fit_segment(labels, train, val, opt, model)
+    if kind == "localize":
+        return fit_localize(labels, train, val, opt)
+    return fit_ground(labels, train, val, opt, model)
