@@ -471,9 +471,11 @@ def compile_cmd(backend, precision, max_batch, model) -> None:
 def _add_library_commands() -> None:
     """Commands whose code lives beside the runtime (export; fit, evaluate and model import when
     the fitting library is present)."""
+    from .bench import bench
     from .export import export_command
 
     cli.add_command(export_command, "export")
+    cli.add_command(bench, "bench")
 
 
 _add_library_commands()

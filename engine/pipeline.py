@@ -428,7 +428,7 @@ def run(
         summary.interrupted = bool(stop)
         if summary.interrupted:
             summary.warnings.append(f"interrupted by signal {stop.signal}: the series in flight were finished; rerun to resume")
-        n_index = store.rebuild_index()
+        n_index = store.update_index()  # rows of the series written now; rebuilt only when damaged
         summary.seconds = time.perf_counter() - t0
         store.finish_run(run_id, {
             "finished": now(),
