@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import hashlib
 import itertools
 import json
 import math
@@ -27,6 +28,8 @@ import os
 import re
 import secrets
 import socket
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import collect_aiterator, sync
+from zarr.storage import FsspecStore
 
 from .errors import StoreError, StoreLocked
 from .faults import killpoint
@@ -92,19 +96,27 @@ class ResultStore:
     def __init__(self, path: str | Path, mode: str = "a"):
         from . import __version__
 
-        self.path = Path(path)
+        self.url = str(path)
+        self.remote = is_remote(self.url)
+        # local stores keep a Path (lock file, memory-mapped index); remote ones their URL
+        self.path: Path | str = self.url.rstrip("/") if self.remote else _local_path(path)
         self.read_only = mode == "r"
         self._lock: dict[str, Any] | None = None
+        self._heartbeat: _Heartbeat | None = None
         self.index_skipped: list[str] = []
-        # index rows owed by this store object's writes: key -> (study, description, embeddings) or None (remove)
-        self._index_rows: dict[str, tuple[str, str, dict[str, Any]] | None] = {}
-        root_meta = self.path / "zarr.json"
-        if self.read_only and not root_meta.exists():
-            raise FileNotFoundError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
-        if root_meta.exists():
-            _check_json_file(root_meta)
+        # index rows owed by this store object's writes: key -> _Row
+        self._index_rows: dict[str, _Row] = {}
         try:
-            self.root = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+            zstore = self._open_zarr_store()
+            root_meta = sync(zstore.get("zarr.json", prototype=default_buffer_prototype()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise StoreError(f"{self.path}: cannot open the result store ({type(exc).__name__}: {exc})") from exc
+        if self.read_only and root_meta is None:
+            raise FileNotFoundError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
+        if root_meta is not None:
+            _check_json_bytes(f"{self.path}/zarr.json", root_meta.to_bytes())
+        try:
+            self.root = zarr.open_group(zstore, mode=mode, zarr_format=3)
             if not self.read_only and "mrfm" not in self.root.attrs:
                 self.root.attrs.update({"mrfm": {"format_version": FORMAT_VERSION, "version": __version__, "created": now()}, "runs": []})
             if not self.read_only:
@@ -112,6 +124,13 @@ class ResultStore:
                     self._require_container(name)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise StoreError(f"{self.path}: cannot open the result store ({type(exc).__name__}: {exc})") from exc
+
+    def _open_zarr_store(self) -> Any:
+        if not self.remote:
+            if not self.read_only:
+                self.path.mkdir(parents=True, exist_ok=True)
+            return zarr.storage.LocalStore(self.path, read_only=self.read_only)
+        return FsspecStore.from_url(self.url, storage_options=storage_options(self.url), read_only=self.read_only)
 
     # ---- raw store access: works whatever a node's metadata holds -----------------------------
     def _list_dir(self, prefix: str) -> list[str]:
@@ -155,35 +174,45 @@ class ResultStore:
         sync(self.root.store.set(f"{name}/zarr.json", default_buffer_prototype().buffer.from_bytes(meta)))
 
     # ---- lock ---------------------------------------------------------------------------------
+    # Local stores: a file created with O_EXCL. Object stores: an object created with a
+    # conditional write (If-None-Match: *), which the holder refreshes with a heartbeat, since a
+    # pid on another machine cannot be checked.
     @property
-    def lock_path(self) -> Path:
-        return self.path / LOCK_NAME
+    def lock_path(self) -> Path | str:
+        return f"{self.path}/{LOCK_NAME}" if self.remote else self.path / LOCK_NAME
 
     def lock_holder(self) -> dict[str, Any] | None:
-        """The lock file's record: None when unlocked, {} when unreadable (being written or damaged)."""
+        """The lock's record: None when unlocked, {} when unreadable (being written or damaged)."""
         try:
-            text = self.lock_path.read_text(encoding="utf-8")
+            raw = self._get(LOCK_NAME) if self.remote else self.lock_path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError:
             return {}
+        if raw is None:
+            return None
         try:
-            record = json.loads(text)
-        except ValueError:
+            record = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
             return {}
         return record if isinstance(record, dict) else {}
 
     def acquire_lock(self, run_id: str) -> dict[str, Any]:
         """Take the store's lock for ``run_id``; marks runs left ``running`` as abandoned.
 
-        A lock of a dead process on this host is broken; any other lock raises StoreLocked.
+        A lock of a dead process on this host, or a remote lock whose heartbeat stopped, is
+        broken; any other lock raises StoreLocked.
         """
         if self.read_only:
             raise StoreError(f"{self.path}: opened read-only; cannot take the lock")
         record = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id, "started": now()}
+        if self.remote:
+            record.update({"token": secrets.token_hex(8), "heartbeat": time.time()})
         for _ in range(5):
-            if _create_exclusive(self.lock_path, record):
+            if self._create_lock(record):
                 self._lock = record
+                if self.remote:
+                    self._heartbeat = _Heartbeat(self, record)
                 self.mark_abandoned(current=run_id)
                 return record
             holder = self.lock_holder()
@@ -191,14 +220,28 @@ class ResultStore:
                 continue  # released in between: try again
             state = _holder_state(holder)
             if state != "stale":
-                raise StoreLocked(_locked_message(self.lock_path, holder, state))
+                raise StoreLocked(_locked_message(self.path, self.lock_path, holder, state))
             self._break_lock(holder)
         raise StoreLocked(f"{self.lock_path}: the lock keeps changing hands; try again")
+
+    def _create_lock(self, record: dict[str, Any]) -> bool:
+        if not self.remote:
+            return _create_exclusive(self.lock_path, record)
+        return _create_object_exclusive(self.root.store, LOCK_NAME, json.dumps(record).encode())
 
     def release_lock(self) -> None:
         """Remove the lock if this store object holds it (never someone else's)."""
         mine, self._lock = self._lock, None
-        if mine and self.lock_holder() == mine:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        if not mine:
+            return
+        holder = self.lock_holder()
+        if self.remote:
+            if holder and holder.get("token") == mine.get("token"):
+                sync(self.root.store.delete(LOCK_NAME))
+        elif holder == mine:
             self.lock_path.unlink(missing_ok=True)
 
     @contextmanager
@@ -212,6 +255,11 @@ class ResultStore:
 
     def _break_lock(self, holder: dict[str, Any]) -> None:
         """Remove a stale lock, unless another process replaced it since we read it."""
+        if self.remote:
+            # best effort: object stores offer no compare-and-delete, so re-read just before
+            if self.lock_holder() == holder:
+                sync(self.root.store.delete(LOCK_NAME))
+            return
         aside = self.lock_path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}-{secrets.token_hex(3)}")
         try:
             os.rename(self.lock_path, aside)
@@ -235,8 +283,9 @@ class ResultStore:
             return None
         state = _holder_state(holder)
         if state == "stale":
-            return (f"{LOCK_NAME}: stale lock of run {holder.get('run_id')} (pid {holder.get('pid')} on "
-                    f"{holder.get('host')} is not running); the next run breaks it")
+            why = (f"no heartbeat since {_ago(holder['heartbeat'])}" if "heartbeat" in holder and holder.get("host") != socket.gethostname()
+                   else f"pid {holder.get('pid')} on {holder.get('host')} is not running")
+            return f"{LOCK_NAME}: stale lock of run {holder.get('run_id')} ({why}); the next run breaks it"
         if state == "unknown":
             return f"{LOCK_NAME}: unreadable lock file; if no run is writing this store, remove {self.lock_path}"
         return None
@@ -663,14 +712,41 @@ class ResultStore:
                 "model": root.get("model", {}), "series": counts, "heads": heads, "index": self.index_attrs()}
 
 
-def _check_json_file(path: Path) -> None:
-    """Raise StoreError naming ``path`` when it is not a JSON object."""
+def _check_json_bytes(name: str, raw: bytes) -> None:
+    """Raise StoreError naming ``name`` when ``raw`` is not Zarr v3 JSON metadata."""
     try:
-        _parse_meta(str(path), path.read_bytes())
+        _parse_meta(name, raw)
     except _Unreadable as exc:
         raise StoreError(f"{exc}; the store's root metadata is damaged") from None
-    except OSError as exc:
-        raise StoreError(f"{path}: unreadable ({exc})") from exc
+
+
+def is_remote(location: str | Path) -> bool:
+    """True for a URL that fsspec opens (s3://, gs://, memory://, ...); file:// and paths are local."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def _local_path(location: str | Path) -> Path:
+    text = str(location)
+    return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``: the JSON object in MRFM_STORAGE_OPTIONS, plus the S3 endpoint
+    from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (an S3-compatible server). Credentials come
+    from the usual environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)."""
+    raw = os.environ.get("MRFM_STORAGE_OPTIONS", "").strip()
+    try:
+        opts = json.loads(raw) if raw else {}
+    except ValueError as exc:
+        raise StoreError(f"MRFM_STORAGE_OPTIONS is not JSON ({exc})") from None
+    if not isinstance(opts, dict):
+        raise StoreError("MRFM_STORAGE_OPTIONS must be a JSON object")
+    if url.startswith(("s3://", "s3a://")) and "endpoint_url" not in opts:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+    return opts
 
 
 def _parse_meta(key: str, raw: bytes) -> dict[str, Any]:
@@ -722,17 +798,30 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _holder_state(holder: dict[str, Any]) -> str:
-    """live | stale (this host, process gone) | foreign (another host: cannot tell) | unknown."""
+    """live | stale | foreign (another host, no heartbeat: cannot tell) | unknown.
+
+    On this host the pid decides; elsewhere a heartbeat older than MRFM_LOCK_STALE_SECONDS
+    (default 600) means the holder is gone."""
     pid = holder.get("pid")
     if not isinstance(pid, int) or not holder.get("host"):
         return "unknown"
-    if holder["host"] != socket.gethostname():
-        return "foreign"
-    return "live" if _pid_alive(pid) else "stale"
+    if holder["host"] == socket.gethostname():
+        return "live" if _pid_alive(pid) else "stale"
+    beat = holder.get("heartbeat")
+    if isinstance(beat, (int, float)):
+        return "stale" if time.time() - beat > lock_stale_seconds() else "live"
+    return "foreign"
 
 
-def _locked_message(path: Path, holder: dict[str, Any], state: str) -> str:
-    store = path.parent
+def lock_stale_seconds() -> float:
+    return float(os.environ.get("MRFM_LOCK_STALE_SECONDS") or 600)
+
+
+def _ago(stamp: float) -> str:
+    return _dt.datetime.fromtimestamp(stamp, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _locked_message(store: Path | str, path: Path | str, holder: dict[str, Any], state: str) -> str:
     who = f"run {holder.get('run_id')} (pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')})"
     if state == "live":
         return f"{store} is in use by {who}; wait for it to finish or stop it"
@@ -740,6 +829,64 @@ def _locked_message(path: Path, holder: dict[str, Any], state: str) -> str:
         return (f"{store} is locked by {who}; this machine cannot tell whether that process still runs. "
                 f"If it does not, remove {path}")
     return f"{store} is locked ({path} is unreadable: being written, or damaged). If no run writes this store, remove {path}"
+
+
+def _create_object_exclusive(zstore: Any, key: str, data: bytes) -> bool:
+    """Create object ``key`` unless it exists: a conditional PUT (If-None-Match: *) where the
+    filesystem offers one (s3fs), else write, read back and compare (best effort: two writers
+    racing within one round trip may both believe they won)."""
+    fs, path = zstore.fs, f"{zstore.path.rstrip('/')}/{key}"
+    try:
+        sync(fs._pipe_file(path, data, mode="create"))
+        return True
+    except FileExistsError:
+        return False
+    except Exception as exc:
+        if not _unsupported_conditional(exc):
+            if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                return False
+            raise
+    if sync(zstore.get(key, prototype=default_buffer_prototype())) is not None:
+        return False
+    sync(zstore.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+    back = sync(zstore.get(key, prototype=default_buffer_prototype()))
+    return back is not None and back.to_bytes() == data
+
+
+def _unsupported_conditional(exc: Exception) -> bool:
+    text = str(exc)
+    return isinstance(exc, (TypeError, NotImplementedError)) or "NotImplemented" in text or "not implemented" in text.lower()
+
+
+class _Heartbeat:
+    """Refreshes a remote lock's heartbeat every MRFM_LOCK_HEARTBEAT_SECONDS (default 60) while
+    it is held, so that other machines can tell a live writer from a dead one."""
+
+    def __init__(self, store: "ResultStore", record: dict[str, Any]):
+        self.store, self.record = store, record
+        self.every = float(os.environ.get("MRFM_LOCK_HEARTBEAT_SECONDS") or 60)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mrfm-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.beat()
+            except Exception:
+                pass  # a missed beat is retried; staleness needs many of them
+
+    def beat(self) -> None:
+        holder = self.store.lock_holder()
+        if not holder or holder.get("token") != self.record.get("token"):
+            return  # no longer ours: never overwrite another writer's lock
+        self.record["heartbeat"] = time.time()
+        raw = json.dumps(self.record).encode()
+        sync(self.store.root.store.set(LOCK_NAME, default_buffer_prototype().buffer.from_bytes(raw)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 SMALL_BYTES = 64 * 1024  # below this an array is stored raw: compressing it saves nothing worth a codec call
