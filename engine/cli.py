@@ -43,7 +43,29 @@ def short(uid: str, keep: int = 14) -> str:
 
 class _Cli(click.Group):
     """Expected errors (``engine.errors``) become one line and their exit code; a traceback is
-    shown only with ``--debug`` (or for a bug, which is not an expected error)."""
+    shown only with ``--debug`` (or for a bug, which is not an expected error).
+
+    Commands whose code lives beside the runtime (export, bench, the fitting library) are
+    imported only when invoked, so ``mrfm run`` never loads them."""
+
+    lazy = {
+        "export": "engine.export:export_command",
+        "bench": "engine.bench:bench",
+        "fit": "engine.fitting.cli:fit_command",
+        "evaluate": "engine.fitting.cli:evaluate_command",
+        "model": "engine.fitting.cli:model_group",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.commands or name not in self.lazy:
+            return super().get_command(ctx, name)
+        import importlib
+
+        module, attr = self.lazy[name].split(":")
+        return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -466,19 +488,6 @@ def compile_cmd(backend, precision, max_batch, model) -> None:
 
     info = compile_backend(load_model(model), backend=backend, precision=precision, max_batch=max_batch)
     console.print_json(json.dumps(info, default=str))
-
-
-def _add_library_commands() -> None:
-    """Commands whose code lives beside the runtime (export; fit, evaluate and model import when
-    the fitting library is present)."""
-    from .bench import bench
-    from .export import export_command
-
-    cli.add_command(export_command, "export")
-    cli.add_command(bench, "bench")
-
-
-_add_library_commands()
 
 
 def _register_plugin_commands() -> None:

@@ -306,28 +306,39 @@ def image_shape_of(view: Any) -> tuple[int, int, int]:
     return view.shape
 
 
-def load_heads(names: list[str] | None, model: Any, device: torch.device, params: dict[str, dict[str, Any]], text: TextFeatures | None) -> tuple[dict[str, Head], list[str]]:
-    """Instantiate the selected heads; heads fit on another encoder are refused with a warning.
+def load_heads(names: list[str] | None, model: Any, device: torch.device, params: dict[str, dict[str, Any]], text: TextFeatures | None,
+               *, force: bool = False) -> tuple[dict[str, Head], list[str]]:
+    """Instantiate the selected heads; text-reading heads get the run's queries in ``params``.
 
-    Text-reading heads get the run's queries added to their entry in ``params``.
+    A head fit on another encoder is skipped with a warning when it was not asked for by name,
+    and refused with a :class:`~engine.errors.UsageError` when it was; ``force`` runs it anyway
+    (only where the feature width matches) and says so in a warning the run records.
     """
+    from .errors import UsageError
     from .heads import HeadContext, load_weights
     from .plugins import select_heads
 
     registry = select_heads(names or None)  # UsageError for an unknown or broken head, with the reason
-    wanted = list(registry)
     heads: dict[str, Head] = {}
     warnings: list[str] = []
-    for name in wanted:
+    for name in registry:
         cls = registry[name].obj
         spec = cls.manifest()
-        want_fp = spec["encoder"]["fingerprint"]
+        want_fp, want_dim = spec["encoder"]["fingerprint"], spec["encoder"].get("embed_dim")
+        if want_dim not in (None, model.embed_dim):
+            why = f"head {name!r} expects embed_dim {want_dim}, model {model.name!r} has {model.embed_dim}"
+            if names:
+                raise UsageError(why)
+            warnings.append(f"{why}; skipped")
+            continue
         if want_fp not in ("any", model.fingerprint):
-            warnings.append(f"head {name!r} was fit on encoder {want_fp[:19]}…, not {model.fingerprint[:19]}…; skipped")
-            continue
-        if spec["encoder"].get("embed_dim") not in (None, model.embed_dim):
-            warnings.append(f"head {name!r} expects embed_dim {spec['encoder']['embed_dim']}, model has {model.embed_dim}; skipped")
-            continue
+            why = f"head {name!r} was fit on encoder {want_fp}, not on this model's {model.fingerprint}"
+            if names and not force:
+                raise UsageError(f"{why}; refit it (mrfm fit) or pass --force to run it anyway")
+            if not force:
+                warnings.append(f"{why}; skipped")
+                continue
+            warnings.append(f"{why}; run anyway (--force)")
         if "text" in spec["inputs"]["features"]:
             # the queries are a parameter of text-reading heads: they enter the head's fingerprint
             params.setdefault(name, {})["queries"] = list(text.queries) if text else []

@@ -1,6 +1,7 @@
 """Inference shares work between heads and gives each head only what it declares."""
 
 import numpy as np
+import pytest
 import torch
 
 import engine
@@ -80,3 +81,27 @@ def test_heads_get_batches_of_series():
     a, seen = recording_head("global", ["cls"])
     Inference(backend, {"a": a}, None, batch_size=3).run([prepared(f"s{i}", (40, 40, 20)) for i in range(5)])
     assert [len(chunk) for chunk in seen] == [3, 2]
+
+
+def test_a_head_fit_on_another_encoder_is_refused_when_named_and_skipped_otherwise(monkeypatch):
+    import torch
+
+    import contrib_heads.classify as classify
+    from engine.errors import UsageError
+    from engine.inference import load_heads
+    from engine.model import load_model
+
+    model = load_model()
+    real = classify.ClassifyHead.manifest
+
+    def other_encoder(cls):
+        spec = real()
+        return {**spec, "encoder": {**spec["encoder"], "fingerprint": "sha256:" + "0" * 64}}
+
+    monkeypatch.setattr(classify.ClassifyHead, "manifest", classmethod(other_encoder))
+    with pytest.raises(UsageError, match="was fit on encoder sha256:0000.*--force"):
+        load_heads(["classify"], model, torch.device("cpu"), {}, None)
+    heads, warnings = load_heads(None, model, torch.device("cpu"), {}, None)
+    assert "classify" not in heads and any("classify" in w and "skipped" in w for w in warnings)
+    heads, warnings = load_heads(["classify"], model, torch.device("cpu"), {}, None, force=True)
+    assert "classify" in heads and any("--force" in w for w in warnings)
