@@ -1,26 +1,22 @@
-"""The streaming pipeline behind ``mrfm run``.
+"""The streaming pipeline behind ``mrfm run``: the run's driver.
 
-discover -> (worker processes) load + views -> (this process, owns the accelerator) encode +
-heads + map back -> (writer thread) Zarr store. Bounded queues between the stages keep memory
-flat and let decoding, inference and writing overlap.
+The driver sets up the model and heads, scans, holds the store's lock, triages for resume, hands
+the series still to do to an executor (``local``: loader processes -> this process, which owns
+the accelerator -> writer thread; ``ray``: a Ray cluster, see engine.executors) and writes the run
+record and the index. Bounded queues between the stages keep memory flat and let decoding,
+inference and writing overlap.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import multiprocessing as mp
 import os
 import platform
-import queue
 import secrets
 import signal
 import socket
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -29,25 +25,17 @@ import torch
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SERIES_FAILED, MrfmError, StoreError, UsageError
+from .executors import Driver, RunPlan, Setup, Work, get_executor, local_where
+from .executors.local import default_workers, workers_for
+from .executors.stages import SeriesResult, WriteItem, fingerprints, result_for, safe_attrs, write_item
+from .executors.stages import prepare_run as _prepare_run
+from .executors.stages import series_attrs as _series_attrs
 from .faults import killpoint
-from .features import TextFeatures
-from .fingerprint import head_fingerprints, head_record, run_fingerprint
-from .geometry import axis_codes, orientation_name, spacing
-from .inference import Inference, SeriesOutputs, load_heads
-from .prepare import Prepared, init_worker, prepare
-from .store import ResultStore, now
+from .inference import Inference
+from .store import ResultStore, is_remote, now
 
 Event = dict[str, Any]
-
-
-@dataclass
-class SeriesResult:
-    key: str
-    study_uid: str
-    description: str
-    status: str  # complete | failed | skipped | resumed
-    reason: str | None = None
-    seconds: float = 0.0
+__all__ = ["RunSummary", "SeriesResult", "default_workers", "run", "workers_for"]
 
 
 @dataclass
@@ -62,6 +50,7 @@ class RunSummary:
     interrupted: bool = False
     workers: int = 0
     seconds: float = 0.0
+    executor: dict[str, Any] = field(default_factory=dict)  # what ran the stages: name, nodes, actors
     stages: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "wait_for_load": 0.0, "infer": 0.0, "write": 0.0})
 
     def count(self, status: str) -> int:
@@ -73,199 +62,6 @@ class RunSummary:
         if self.interrupted:
             return EXIT_INTERRUPTED
         return EXIT_SERIES_FAILED if self.count("failed") else EXIT_OK
-
-
-def _source_record(ref: Any, record_paths: bool) -> dict[str, Any]:
-    """How a series' files are identified in the store: by label (archive name and index) and
-    content digest, never by a path below the archive root unless ``record_paths`` is set."""
-    sources = list(ref.sources)
-    first = sources[0] if sources else None
-    rec: dict[str, Any] = {"count": len(sources), "first": str(first) if first is not None else None}
-    digest = getattr(first, "digest", None)
-    if digest:
-        rec["digest"] = digest
-    if record_paths and first is not None:
-        rec["paths"] = [getattr(s, "path_text", None) or _path_text(s) for s in sources]
-    return rec
-
-
-def _path_text(source: Any) -> str:
-    member = getattr(source, "member", None)
-    return f"{source.path}!{member}" if member else str(getattr(source, "path", source))
-
-
-# load notes that could carry a path or free text from the archive are not recorded
-_PRIVATE_NOTES = {"problems", "source", "path", "paths", "file", "files"}
-
-
-def _series_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None, record_paths: bool = False) -> dict[str, Any]:
-    attrs: dict[str, Any] = {
-        "series_key": ref.key,
-        "study_uid": ref.study_uid,
-        "series_uid": ref.series_uid,
-        "modality": ref.modality,
-        "description": ref.description or "",
-        "reader": ref.reader,
-        "source": _source_record(ref, record_paths),
-        "problems": list(ref.problems),
-        "run_id": run_id,
-        "fingerprint": fingerprint,
-    }
-    if prep is not None and prep.affine is not None:
-        attrs["geometry"] = {
-            "shape": list(prep.shape),
-            "affine": prep.affine.tolist(),
-            "spacing": list(spacing(prep.affine)),
-            "orientation": orientation_name(prep.affine),
-            "axcodes": axis_codes(prep.affine),
-            "frame": "RAS+ mm; affine maps voxel (i, j, k, 1) to world",
-        }
-        attrs["load_notes"] = {k: v for k, v in prep.meta.items() if isinstance(v, (str, int, float, bool, list)) and k not in _PRIVATE_NOTES}
-        attrs["problems"] = list(dict.fromkeys([*ref.problems, *prep.meta.get("problems", [])]))
-    return attrs
-
-
-def _safe_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None, record_paths: bool) -> tuple[dict[str, Any], str | None]:
-    """Series attributes, or (attributes without geometry, reason) when the geometry cannot be
-    described: one series' odd affine fails that series, never the run."""
-    try:
-        return _series_attrs(ref, run_id, fingerprint, prep, record_paths), None
-    except Exception as exc:
-        where = ref.sources[0] if getattr(ref, "sources", None) else ref.key
-        reason = f"{where}: cannot describe the series geometry ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        return _series_attrs(ref, run_id, fingerprint, None, record_paths), reason
-
-
-def default_workers() -> int:
-    """Loader processes before anything is measured: none on machines with two cores or fewer,
-    where the process that runs the encoder needs every core (examples/benchmark_pipeline.py
-    measured 0.8x with one worker on two cores); otherwise every core but the inference one."""
-    cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else cores - 1
-
-
-def workers_for(load_seconds: float, infer_seconds: float, cores: int | None = None) -> int:
-    """Loaders needed so loading keeps up with inference, from the measured per-series times:
-    ceil(load / infer), within the cores the inference process leaves free. A GPU that encodes
-    in milliseconds gets every spare core; a CPU-bound encoder gets few."""
-    cores = cores or os.cpu_count() or 1
-    if cores <= 2:
-        return 0
-    need = math.ceil(load_seconds / max(infer_seconds, 1e-3))
-    return max(1, min(cores - 1, need))
-
-
-def _iter_prepared(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int) -> Iterator[tuple[Any, Prepared]]:
-    """Prepared series in input order, with at most ~2 per worker in flight.
-
-    A loader process that dies (a decoder crash) costs only the series that killed it: the
-    series in flight are retried one per fresh process, and loading goes on.
-    """
-    if workers <= 0:
-        for ref in refs:
-            yield ref, prepare(ref, preprocessing, kinds)
-        return
-    ctx = mp.get_context("spawn")  # fork after torch initialised its threads is unsafe
-
-    def new_pool(n: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=init_worker)
-
-    pool = new_pool(workers)
-    it = iter(refs)
-    pending: deque[tuple[Any, Future]] = deque()
-
-    def top_up() -> None:
-        while len(pending) < 2 * workers:
-            nxt = next(it, None)
-            if nxt is None:
-                return
-            pending.append((nxt, pool.submit(prepare, nxt, preprocessing, kinds)))
-
-    try:
-        top_up()
-        while pending:
-            ref, fut = pending.popleft()
-            try:
-                prep = fut.result()
-            except BrokenProcessPool:
-                in_flight = [ref, *(r for r, _ in pending)]
-                pending.clear()
-                pool.shutdown(wait=False, cancel_futures=True)
-                for r in in_flight:
-                    yield r, _prepare_alone(new_pool, r, preprocessing, kinds)
-                pool = new_pool(workers)
-                top_up()
-                continue
-            top_up()
-            yield ref, prep
-    finally:
-        # a stopped run waits only for the loads already running, not for the queued ones
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _prepare_alone(new_pool: Callable[[int], ProcessPoolExecutor], ref: Any, preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> Prepared:
-    """Load one series in a process of its own; its death fails this series only."""
-    pool = new_pool(1)
-    try:
-        return pool.submit(prepare, ref, preprocessing, kinds).result()
-    except BrokenProcessPool:
-        where = ref.sources[0] if getattr(ref, "sources", None) else ref.key
-        return Prepared(ref.key, error=f"{where}: the loader process died while loading this series (a decoder crash)")
-    finally:
-        pool.shutdown(wait=True)
-
-
-def _prepared_stream(todo: list[Any], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int | None,
-                     batch_size: int, summary: RunSummary) -> Iterator[tuple[Any, Prepared]]:
-    """Prepared series; with ``workers=None`` the first batch is loaded in-process to measure
-    load and inference time per series, and the rest by as many loaders as keep up."""
-    if workers is not None or len(todo) <= batch_size or (os.cpu_count() or 1) <= 2:
-        summary.workers = workers if workers is not None else default_workers()
-        yield from _iter_prepared(todo, preprocessing, kinds, summary.workers)
-        return
-    probe, rest = todo[:batch_size], todo[batch_size:]
-    yield from _iter_prepared(probe, preprocessing, kinds, 0)
-    # the consumer has run inference on the probe batch before asking for more
-    n = len(probe)
-    summary.workers = workers_for(summary.stages["load"] / n, summary.stages["infer"] / n)
-    yield from _iter_prepared(rest, preprocessing, kinds, summary.workers)
-
-
-class _Writer(threading.Thread):
-    """The single writer of the store: consumes finished series from a bounded queue."""
-
-    def __init__(self, store: ResultStore, on_done: Callable[[SeriesResult], None], maxsize: int = 8):
-        super().__init__(name="mrfm-writer", daemon=True)
-        self.store, self.on_done = store, on_done
-        self.seconds = 0.0
-        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            key, attrs, outputs, status, reason, result, replace = item
-            t = time.perf_counter()
-            try:
-                self.store.write_series(key, attrs, outputs, status, reason, replace=replace)
-            except Exception as exc:  # a write failure is that series' failure, not the run's
-                # the store marks the group failed with this reason where it still can
-                result.status, result.reason = "failed", str(exc) if isinstance(exc, StoreError) else f"could not write series group: {exc}"
-            self.seconds += time.perf_counter() - t
-            self.on_done(result)
-            killpoint("between-series")
-
-    def put(self, key: str, attrs: dict[str, Any], outputs: list, status: str, reason: str | None,
-            result: SeriesResult, replace: bool = False) -> None:
-        if not self.is_alive():
-            raise RuntimeError("writer thread stopped") from self.error
-        self.queue.put((key, attrs, outputs, status, reason, result, replace))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.join()
 
 
 class _StopFlag:
@@ -303,37 +99,6 @@ class _StopFlag:
         self._old.clear()
 
 
-def _prepare_run(model: Any, backend: str, precision: str, batch_size: int, heads: list[str] | None,
-                 params: dict[str, dict[str, Any]], queries: list[str]) -> tuple[Any, Any, str, dict[str, Any], TextFeatures | None, list[str]]:
-    """Model, backend, text and heads: everything a usage mistake can break, before any I/O."""
-    from .backends import select
-    from .model import load_model
-
-    try:
-        mdl = load_model(model)
-    except MrfmError:
-        raise
-    except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"--model {model}: not a usable model folder ({exc})") from exc
-    enc, reason = select(backend, mdl, precision=precision, max_batch=batch_size)
-    device = getattr(enc, "device", torch.device("cpu"))
-    warnings: list[str] = []
-    text: TextFeatures | None = None
-    if queries:
-        # text queries are encoded once per run and shared by every head that reads them
-        tower = mdl.text_tower()
-        if tower is None:
-            warnings.append("--query given but the model has no text tower; text-reading heads get no queries")
-        else:
-            with torch.inference_mode():
-                text = TextFeatures(queries, tower.encode(queries))
-    loaded, head_warnings = load_heads(heads, mdl, device, params, text)
-    warnings.extend(head_warnings)
-    if not loaded:
-        raise UsageError("no head can run: " + "; ".join(warnings or ["none selected"]))
-    return mdl, enc, reason, loaded, text, warnings
-
-
 def run(
     paths: Iterable[str | Path],
     out: str | Path,
@@ -352,6 +117,9 @@ def run(
     default_budget: float | None = None,
     exports: list[str] | None = None,
     export_dir: str | Path | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> RunSummary:
     """Run the model and heads over every series found under ``paths`` into the store ``out``.
@@ -370,6 +138,11 @@ def run(
     exporters (``mrfm export`` formats) that write each series as it completes, into
     ``export_dir/<format>`` (default: ``<out>-<format>`` beside the store); an export failure is a
     warning, never the run's failure.
+
+    ``executor`` says where the stages run: ``local`` (this machine) or ``ray`` (a Ray cluster at
+    ``ray_address``, default: a Ray instance started here; ``ray_actors`` inference actors,
+    default: one per GPU, or one per two CPUs where there is none). Either way each series
+    records ``executor``, ``node`` and ``actor``, and the run record says what ran the run.
     """
     from .discover import scan
 
@@ -379,12 +152,11 @@ def run(
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
     params = {k: dict(v) for k, v in (params or {}).items()}
     queries = list(queries or [])
+    runner = get_executor(executor, ray_address=ray_address, ray_actors=ray_actors)  # UsageError when not installed
 
     mdl, enc, reason, loaded, text, warnings = _prepare_run(model, backend, precision, batch_size, heads, params, queries)
     # each head's fingerprint covers its manifest, weights, parameters and code
-    head_info = [head_record(n, type(h)) | {"manifest": h.spec} for n, h in loaded.items()]
-    fingerprint = run_fingerprint(mdl.fingerprint, head_info, mdl.preprocessing, params)
-    head_fps = head_fingerprints(mdl.fingerprint, head_info, mdl.preprocessing, params)
+    head_info, fingerprint, head_fps = fingerprints(mdl, loaded, params)
     inference = Inference(enc, loaded, text, batch_size, budgets=budgets, default_budget=default_budget, on_event=emit)
 
     found = scan(paths, **({"record_paths": True} if record_paths else {}))
@@ -395,53 +167,133 @@ def run(
         raise UsageError(f"no DICOM or NIfTI series found under {', '.join(map(str, paths))}{detail}")
 
     _check_exporters(exports or [])
-    store = _open_for_writing(out)
+    if exports and is_remote(out) and not export_dir:
+        raise UsageError(f"--export with a store at {out}: give --export-dir (exports are written to local files)")
+    plan = RunPlan(run_id, str(out), fingerprint, head_fps, mdl.preprocessing, inference.view_kinds(), batch_size, workers,
+                   overwrite, record_paths, Setup(str(mdl.folder), backend, precision, batch_size, sorted(loaded), params, queries,
+                                                  budgets, default_budget))
     stop = _StopFlag()
-    with store.lock(run_id), stop.installed():
-        store.begin_run(run_id, {
-            "started": started,
-            "config": {"paths": [str(p) for p in paths], "heads": sorted(loaded), "backend": backend, "precision": precision,
-                       "batch_size": batch_size, "workers": workers, "overwrite": overwrite, "queries": queries, "params": params,
-                       "record_paths": record_paths},
-            "model": {"name": mdl.card.get("name"), "path": str(mdl.folder), "fingerprint": mdl.fingerprint},
-            "heads": {h["name"]: {"version": h["version"], "plugin": h["plugin"], "weights_sha256": h["weights_sha256"],
-                                  "code_sha256": h["code_sha256"], "budget_seconds": inference.budgets.get(h["name"])} for h in head_info},
-            "backend": {"name": enc.name, "reason": reason, **enc.describe()},
-            "fingerprint": fingerprint,
-            "host": {"hostname": socket.gethostname(), "pid": os.getpid(), "platform": platform.platform(), "python": platform.python_version(),
-                     "torch": torch.__version__, "mrfm": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        })
-        killpoint("after-discovery")
-        summary = RunSummary(run_id, str(out), enc.name, reason, warnings=[*warnings, *found.warnings], skipped_files=skipped_files)
-        for w in summary.warnings:
-            emit({"event": "warning", "message": w})
-        emit({"event": "scan", "series": len(refs), "studies": len({r.study_uid for r in refs}), "skipped_files": skipped_files,
-              "backend": enc.name, "backend_reason": reason, "run_id": run_id})
-        sessions = _export_sessions(store, out, exports or [], export_dir)
-        try:
-            _stream(refs, store, inference, mdl, summary, emit, stop, run_id=run_id, fingerprint=fingerprint, head_fps=head_fps,
-                    overwrite=overwrite, batch_size=batch_size, workers=workers, record_paths=record_paths, sessions=sessions)
-        finally:
-            inference.close()
-            for session in sessions:
-                _close_export(session, summary, emit)
-        summary.interrupted = bool(stop)
-        if summary.interrupted:
-            summary.warnings.append(f"interrupted by signal {stop.signal}: the series in flight were finished; rerun to resume")
-        n_index = store.update_index()  # rows of the series written now; rebuilt only when damaged
-        summary.seconds = time.perf_counter() - t0
-        store.finish_run(run_id, {
-            "finished": now(),
-            # load is summed over worker processes; wait_for_load is what inference spent waiting for it
-            "timings": {"seconds": round(summary.seconds, 3), **{k: round(v, 3) for k, v in summary.stages.items()}},
-            "counts": {s: summary.count(s) for s in ("complete", "failed", "skipped", "resumed")} | {"files_skipped": skipped_files},
-            "warnings": summary.warnings,
-            "index_rows": n_index,
-            "workers": summary.workers,
-        }, status="interrupted" if summary.interrupted else "finished")
+    executor_info = runner.open()  # before the signal handlers: a cluster client may install its own
+    try:
+        store = _open_for_writing(out)
+        with store.lock(run_id), stop.installed():
+            summary = _drive(runner, executor_info, plan, refs, found, store, inference, mdl, enc, reason, head_info, loaded,
+                             warnings, skipped_files, started, t0, stop, emit, exports or [], export_dir, paths)
+    finally:
+        runner.close()
     emit({"event": "done", "run_id": run_id, "seconds": round(summary.seconds, 3), "interrupted": summary.interrupted,
           **{s: summary.count(s) for s in ("complete", "failed", "skipped", "resumed")}})
     return summary
+
+
+def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list[Any], found: Any, store: ResultStore,
+           inference: Inference, mdl: Any, enc: Any, reason: str, head_info: list[dict[str, Any]], loaded: dict[str, Any],
+           warnings: list[str], skipped_files: int, started: str, t0: float, stop: "_StopFlag", emit: Callable[[Event], None],
+           exports: list[str], export_dir: str | Path | None, paths: list[Path]) -> RunSummary:
+    """The run with the store's lock held: run record, triage, the executor, index, run end."""
+    run_id, setup = plan.run_id, plan.setup
+    store.begin_run(run_id, {
+        "started": started,
+        "config": {"paths": [str(p) for p in paths], "heads": sorted(loaded), "backend": setup.backend, "precision": setup.precision,
+                   "batch_size": plan.batch_size, "workers": plan.workers, "overwrite": plan.overwrite, "queries": setup.queries,
+                   "params": setup.params, "record_paths": plan.record_paths, "executor": runner.name},
+        "model": {"name": mdl.card.get("name"), "path": str(mdl.folder), "fingerprint": mdl.fingerprint},
+        "heads": {h["name"]: {"version": h["version"], "plugin": h["plugin"], "weights_sha256": h["weights_sha256"],
+                              "code_sha256": h["code_sha256"], "budget_seconds": inference.budgets.get(h["name"])} for h in head_info},
+        "backend": {"name": enc.name, "reason": reason, **enc.describe()},
+        "executor": executor_info,
+        "fingerprint": plan.fingerprint,
+        "host": {"hostname": socket.gethostname(), "pid": os.getpid(), "platform": platform.platform(), "python": platform.python_version(),
+                 "torch": torch.__version__, "mrfm": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+    })
+    killpoint("after-discovery")
+    summary = RunSummary(run_id, plan.out, enc.name, reason, warnings=[*warnings, *found.warnings], skipped_files=skipped_files,
+                         executor=dict(executor_info))
+    for w in summary.warnings:
+        emit({"event": "warning", "message": w})
+    emit({"event": "scan", "series": len(refs), "studies": len({r.study_uid for r in refs}), "skipped_files": skipped_files,
+          "backend": enc.name, "backend_reason": reason, "run_id": run_id})
+    sessions = _export_sessions(store, plan.out, exports, export_dir)
+    remote: set[str] = set()
+    try:
+        done = _reporter(refs, summary, emit, sessions)
+        work = _triage(refs, store, plan, done, local_where() | {"executor": runner.name})
+        driver = Driver(store, inference, summary, done, emit, stop)
+        remote = runner.execute(plan, work, driver) if work else set()
+    finally:
+        inference.close()
+        for session in sessions:
+            _close_export(session, summary, emit)
+    summary.interrupted = bool(stop)
+    if summary.interrupted:
+        summary.warnings.append(f"interrupted by signal {stop.signal}: the series in flight were finished; rerun to resume")
+    n_index = _update_index(store, remote)
+    summary.seconds = time.perf_counter() - t0
+    store.finish_run(run_id, {
+        "finished": now(),
+        # load is summed over loader processes; wait_for_load is what inference spent waiting for it
+        "timings": {"seconds": round(summary.seconds, 3), **{k: round(v, 3) for k, v in summary.stages.items()}},
+        "counts": {s: summary.count(s) for s in ("complete", "failed", "skipped", "resumed")} | {"files_skipped": skipped_files},
+        "warnings": summary.warnings,
+        "index_rows": n_index,
+        "workers": summary.workers,
+        "executor": summary.executor,
+    }, status="interrupted" if summary.interrupted else "finished")
+    return summary
+
+
+def _update_index(store: ResultStore, remote: set[str]) -> int:
+    """Index rows of the series written now. Rows written by other processes (Ray workers) are
+    unknown to this store object, so then the index is rebuilt from the groups."""
+    if remote:
+        return store.rebuild_index()
+    return store.update_index()  # rebuilt only when damaged
+
+
+def _reporter(refs: list[Any], summary: RunSummary, emit: Callable[[Event], None], sessions: list[Any]) -> Callable[[SeriesResult], None]:
+    """What happens when a series is finished, whoever wrote it: export, summary, event."""
+    lock = threading.Lock()
+    by_key = {ref.key: ref for ref in refs}
+
+    def done(result: SeriesResult) -> None:
+        if sessions and result.status in ("complete", "resumed"):
+            _export_one(sessions, result.key, by_key.get(result.key), summary, emit)
+        with lock:
+            summary.results.append(result)
+        emit({"event": "series", "key": result.key, "study": result.study_uid, "status": result.status,
+              "reason": result.reason, "seconds": round(result.seconds, 3)})
+
+    return done
+
+
+def _triage(refs: list[Any], store: ResultStore, plan: RunPlan, done: Callable[[SeriesResult], None],
+            where: dict[str, Any]) -> list[Work]:
+    """Resume: the series still to do, with the heads each needs. Non-MR series are recorded
+    skipped here; series every selected head is done on are reported resumed (or still failed)."""
+    work: list[Work] = []
+    for ref in refs:
+        if ref.reader == "dicom" and ref.modality and ref.modality != "MR":
+            why = f"modality {ref.modality} is not MR; mrfm runs MR series only"
+            attrs = safe_attrs(ref, plan.run_id, plan.fingerprint, None, plan.record_paths, where)[0]
+            done(write_item(store, WriteItem(ref.key, attrs, [], "skipped", why, result_for(ref, "skipped", why))))
+            killpoint("between-series")
+            continue
+        # deep: every chunk's checksum is verified (~20 ms for a 256x256x180 mask), so a damaged
+        # chunk found by nothing else is redone by the next run
+        pending = set(plan.head_fps) if plan.overwrite else store.pending_heads(ref.key, plan.head_fps, deep=True)
+        if pending:
+            work.append(Work(ref, pending))
+            continue
+        stored = store.series_attrs(ref.key) or {}
+        if stored.get("status") == "failed":
+            # the heads selected now are done, but a head outside this run's selection failed:
+            # the series is still failed, and the run says so
+            failed = sorted(h for h, r in (stored.get("heads") or {}).items() if r.get("error") and h not in plan.head_fps)
+            scope = f" (head(s) {', '.join(failed)} not selected in this run)" if failed else ""
+            done(result_for(ref, "failed", f"still failed{scope}: {stored.get('reason')}"))
+        else:
+            done(result_for(ref, "resumed", "every head done with a matching fingerprint"))
+    return work
 
 
 def _check_exporters(names: list[str]) -> None:
@@ -458,7 +310,7 @@ def _check_exporters(names: list[str]) -> None:
 def _export_sessions(store: ResultStore, out: str | Path, names: list[str], export_dir: str | Path | None) -> list[Any]:
     from .export import ExportSession
 
-    base = Path(out)
+    base = _local(out)
     return [ExportSession(store, name, Path(export_dir) / name if export_dir else base.with_name(f"{base.name}-{name}"))
             for name in names]
 
@@ -487,8 +339,10 @@ def _close_export(session: Any, summary: RunSummary, emit: Callable[[Event], Non
 
 def _open_for_writing(out: str | Path) -> ResultStore:
     """Open or create the store; a path that cannot hold one is a usage error, a store that
-    exists but cannot be read is a store error."""
-    path = Path(out)
+    exists but cannot be read is a store error. A URL (s3://, gs://, ...) is opened as given."""
+    if is_remote(out):
+        return _open_store(str(out), out)
+    path = _local(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     if not path.exists():
@@ -498,133 +352,18 @@ def _open_for_writing(out: str | Path) -> ResultStore:
             raise UsageError(f"--out {out}: cannot create the store ({exc.strerror or exc})") from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: not writable")
+    return _open_store(path, out)
+
+
+def _local(out: str | Path) -> Path:
+    text = str(out)
+    return Path(text.removeprefix("file://"))
+
+
+def _open_store(path: str | Path, out: str | Path) -> ResultStore:
     try:
         return ResultStore(path, mode="a")
     except MrfmError:
         raise
     except Exception as exc:
         raise StoreError(f"{out}: cannot open the result store ({type(exc).__name__}: {exc})") from exc
-
-
-def _stream(refs: list[Any], store: ResultStore, inference: Inference, mdl: Any, summary: RunSummary,
-            emit: Callable[[Event], None], stop: _StopFlag, *, run_id: str, fingerprint: str, head_fps: dict[str, str],
-            overwrite: bool, batch_size: int, workers: int | None, record_paths: bool, sessions: list[Any] | None = None) -> None:
-    """Triage for resume, then load -> infer -> write every series still to do."""
-    lock = threading.Lock()
-    by_key = {ref.key: ref for ref in refs}
-
-    def done(result: SeriesResult) -> None:
-        if sessions and result.status in ("complete", "resumed"):
-            _export_one(sessions, result.key, by_key.get(result.key), summary, emit)
-        with lock:
-            summary.results.append(result)
-        emit({"event": "series", "key": result.key, "study": result.study_uid, "status": result.status,
-              "reason": result.reason, "seconds": round(result.seconds, 3)})
-
-    def result(ref: Any, status: str, why: str | None, seconds: float = 0.0) -> SeriesResult:
-        return SeriesResult(ref.key, ref.study_uid, ref.description or "", status, why, seconds)
-
-    writer = _Writer(store, done)
-    writer.start()
-    todo = []
-    pending: dict[str, set[str]] = {}
-    for ref in refs:
-        if ref.reader == "dicom" and ref.modality and ref.modality != "MR":
-            why = f"modality {ref.modality} is not MR; mrfm runs MR series only"
-            writer.put(ref.key, _safe_attrs(ref, run_id, fingerprint, None, record_paths)[0], [], "skipped", why, result(ref, "skipped", why))
-            continue
-        # deep: every chunk's checksum is verified (~20 ms for a 256x256x180 mask), so a damaged
-        # chunk found by nothing else is redone by the next run
-        pending[ref.key] = set(head_fps) if overwrite else store.pending_heads(ref.key, head_fps, deep=True)
-        if pending[ref.key]:
-            todo.append(ref)
-            continue
-        stored = store.series_attrs(ref.key) or {}
-        if stored.get("status") == "failed":
-            # the heads selected now are done, but a head outside this run's selection failed:
-            # the series is still failed, and the run says so
-            failed = sorted(h for h, r in (stored.get("heads") or {}).items() if r.get("error") and h not in head_fps)
-            scope = f" (head(s) {', '.join(failed)} not selected in this run)" if failed else ""
-            done(result(ref, "failed", f"still failed{scope}: {stored.get('reason')}"))
-        else:
-            done(result(ref, "resumed", "every head done with a matching fingerprint"))
-
-    batch: list[tuple[Any, Prepared, dict[str, Any]]] = []
-
-    def flush() -> None:
-        if batch:
-            summary.stages["infer"] += _infer_and_write(inference, batch, writer, store, run_id, head_fps, None if overwrite else pending)
-            batch.clear()
-
-    try:
-        with torch.inference_mode():
-            t_wait = time.perf_counter()
-            for ref, prep in _prepared_stream(todo, mdl.preprocessing, inference.view_kinds(), workers, batch_size, summary):
-                summary.stages["wait_for_load"] += time.perf_counter() - t_wait
-                summary.stages["load"] += prep.seconds
-                killpoint("series-loaded")
-                attrs, why = _safe_attrs(ref, run_id, fingerprint, prep, record_paths)
-                why = prep.error or why
-                if why:
-                    writer.put(ref.key, attrs, [], "failed", why, result(ref, "failed", why, prep.seconds))
-                else:
-                    batch.append((ref, prep, attrs))
-                    if len(batch) >= batch_size:
-                        flush()
-                if stop:
-                    break  # the series already loaded are finished below; the rest wait for resume
-                t_wait = time.perf_counter()
-            flush()
-    finally:
-        writer.close()
-    summary.stages["write"] = writer.seconds
-
-
-def _infer_and_write(inference: Inference, batch: list[tuple[Any, Prepared, dict[str, Any]]], writer: _Writer, store: ResultStore,
-                     run_id: str, head_fps: dict[str, str], pending: dict[str, set[str]] | None) -> float:
-    """Run the heads each series still needs and queue it for writing; returns inference seconds.
-
-    ``pending`` (None with --overwrite) holds the heads resume found missing per series; a
-    series whose grid changed since it was stored runs every head and replaces the group.
-    """
-    only: list[set[str] | None] = []
-    for ref, _, attrs in batch:
-        stored = store.series_attrs(ref.key) if pending is not None else None
-        same_grid = stored is not None and stored.get("geometry") == attrs.get("geometry")
-        only.append(pending.get(ref.key) if pending is not None and same_grid else None)
-    t = time.perf_counter()
-    results = _run_isolated(inference, [p for _, p, _ in batch], only)
-    seconds = time.perf_counter() - t
-    per = seconds / len(batch)
-    for (ref, prep, attrs), res, ran in zip(batch, results, only):
-        if isinstance(res, str):  # the encoder itself failed on this series
-            writer.put(ref.key, attrs, [], "failed", res,
-                       SeriesResult(ref.key, ref.study_uid, ref.description or "", "failed", res, prep.seconds + per))
-            continue
-        written_heads = {o.head for o in res.outputs}
-        attrs["heads"] = {
-            name: {"version": h.spec["version"], "outputs": [d["name"] for d in h.spec["outputs"]] if name in written_heads else [],
-                   "error": res.errors.get(name), "fingerprint": head_fps[name], "run_id": run_id}
-            for name, h in inference.heads.items() if ran is None or name in ran
-        }
-        status = "failed" if res.errors else "complete"
-        reason = "; ".join(res.errors.values()) if res.errors else None
-        writer.put(ref.key, attrs, res.outputs, status, reason,
-                   SeriesResult(ref.key, ref.study_uid, ref.description or "", status, reason, prep.seconds + per), ran is None)
-    return seconds
-
-
-def _run_isolated(inference: Inference, preps: list[Prepared], only: list[set[str] | None]) -> list[SeriesOutputs | str]:
-    """Inference over a batch; when the encoder fails on the batch, each series is retried alone
-    so only the one that breaks it fails (with the reason as a string in its place)."""
-    try:
-        return list(inference.run(preps, only))
-    except Exception as exc:
-        if len(preps) == 1:
-            return [f"{preps[0].key}: the encoder failed on this series ({type(exc).__name__}: {_first_line(exc)})"]
-    return [r for p, o in zip(preps, only) for r in _run_isolated(inference, [p], [o])]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""

@@ -1,0 +1,202 @@
+"""The local executor: loader processes -> this process (owns the accelerator: encode + heads +
+map back) -> a writer thread. Bounded queues between the stages keep memory flat and let
+decoding, inference and writing overlap."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..faults import killpoint
+from ..prepare import Prepared, init_worker, prepare
+from . import Driver, RunPlan, Work, local_where
+from .stages import SeriesResult, WriteItem, infer_batch, result_for, safe_attrs, write_item
+
+
+def default_workers() -> int:
+    """Loader processes before anything is measured: none on machines with two cores or fewer,
+    where the process that runs the encoder needs every core (examples/benchmark_pipeline.py
+    measured 0.8x with one worker on two cores); otherwise every core but the inference one."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else cores - 1
+
+
+def workers_for(load_seconds: float, infer_seconds: float, cores: int | None = None) -> int:
+    """Loaders needed so loading keeps up with inference, from the measured per-series times:
+    ceil(load / infer), within the cores the inference process leaves free. A GPU that encodes
+    in milliseconds gets every spare core; a CPU-bound encoder gets few."""
+    cores = cores or os.cpu_count() or 1
+    if cores <= 2:
+        return 0
+    need = math.ceil(load_seconds / max(infer_seconds, 1e-3))
+    return max(1, min(cores - 1, need))
+
+
+def _iter_prepared(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int) -> Iterator[tuple[Any, Prepared]]:
+    """Prepared series in input order, with at most ~2 per worker in flight.
+
+    A loader process that dies (a decoder crash) costs only the series that killed it: the
+    series in flight are retried one per fresh process, and loading goes on.
+    """
+    if workers <= 0:
+        for ref in refs:
+            yield ref, prepare(ref, preprocessing, kinds)
+        return
+    ctx = mp.get_context("spawn")  # fork after torch initialised its threads is unsafe
+
+    def new_pool(n: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=init_worker)
+
+    pool = new_pool(workers)
+    it = iter(refs)
+    pending: deque[tuple[Any, Future]] = deque()
+
+    def top_up() -> None:
+        while len(pending) < 2 * workers:
+            nxt = next(it, None)
+            if nxt is None:
+                return
+            pending.append((nxt, pool.submit(prepare, nxt, preprocessing, kinds)))
+
+    try:
+        top_up()
+        while pending:
+            ref, fut = pending.popleft()
+            try:
+                prep = fut.result()
+            except BrokenProcessPool:
+                in_flight = [ref, *(r for r, _ in pending)]
+                pending.clear()
+                pool.shutdown(wait=False, cancel_futures=True)
+                for r in in_flight:
+                    yield r, _prepare_alone(new_pool, r, preprocessing, kinds)
+                pool = new_pool(workers)
+                top_up()
+                continue
+            top_up()
+            yield ref, prep
+    finally:
+        # a stopped run waits only for the loads already running, not for the queued ones
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prepare_alone(new_pool: Callable[[int], ProcessPoolExecutor], ref: Any, preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> Prepared:
+    """Load one series in a process of its own; its death fails this series only."""
+    pool = new_pool(1)
+    try:
+        return pool.submit(prepare, ref, preprocessing, kinds).result()
+    except BrokenProcessPool:
+        where = ref.sources[0] if getattr(ref, "sources", None) else ref.key
+        return Prepared(ref.key, error=f"{where}: the loader process died while loading this series (a decoder crash)")
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _prepared_stream(todo: list[Any], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int | None,
+                     batch_size: int, summary: Any) -> Iterator[tuple[Any, Prepared]]:
+    """Prepared series; with ``workers=None`` the first batch is loaded in-process to measure
+    load and inference time per series, and the rest by as many loaders as keep up."""
+    if workers is not None or len(todo) <= batch_size or (os.cpu_count() or 1) <= 2:
+        summary.workers = workers if workers is not None else default_workers()
+        yield from _iter_prepared(todo, preprocessing, kinds, summary.workers)
+        return
+    probe, rest = todo[:batch_size], todo[batch_size:]
+    yield from _iter_prepared(probe, preprocessing, kinds, 0)
+    # the consumer has run inference on the probe batch before asking for more
+    n = len(probe)
+    summary.workers = workers_for(summary.stages["load"] / n, summary.stages["infer"] / n)
+    yield from _iter_prepared(rest, preprocessing, kinds, summary.workers)
+
+
+class _Writer(threading.Thread):
+    """The single writer of the store: consumes finished series from a bounded queue."""
+
+    def __init__(self, store: Any, on_done: Callable[[SeriesResult], None], maxsize: int = 8):
+        super().__init__(name="mrfm-writer", daemon=True)
+        self.store, self.on_done = store, on_done
+        self.seconds = 0.0
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            t = time.perf_counter()
+            result = write_item(self.store, item)
+            self.seconds += time.perf_counter() - t
+            self.on_done(result)
+            killpoint("between-series")
+
+    def put(self, item: WriteItem) -> None:
+        if not self.is_alive():
+            raise RuntimeError("writer thread stopped") from self.error
+        self.queue.put(item)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.join()
+
+
+class LocalExecutor:
+    """Today's single-machine pipeline: adaptive loader pool, inference here, writer thread."""
+
+    name = "local"
+
+    def open(self) -> dict[str, Any]:
+        return {"name": self.name, **local_where()}
+
+    def close(self) -> None:
+        pass
+
+    def execute(self, plan: RunPlan, work: list[Work], driver: Driver) -> set[str]:
+        summary, inference, store = driver.summary, driver.inference, driver.store
+        pending = {w.ref.key: w.pending for w in work}
+        where = local_where()
+        writer = _Writer(store, driver.done)
+        writer.start()
+        batch: list[tuple[Any, Prepared, dict[str, Any], set[str] | None]] = []
+
+        def flush() -> None:
+            if batch:
+                items, seconds = infer_batch(inference, batch, store, plan.run_id, plan.head_fps, resume=not plan.overwrite)
+                summary.stages["infer"] += seconds
+                for item in items:
+                    writer.put(item)
+                batch.clear()
+
+        try:
+            with torch.inference_mode():
+                t_wait = time.perf_counter()
+                for ref, prep in _prepared_stream([w.ref for w in work], plan.preprocessing, plan.kinds, plan.workers,
+                                                  plan.batch_size, summary):
+                    summary.stages["wait_for_load"] += time.perf_counter() - t_wait
+                    summary.stages["load"] += prep.seconds
+                    killpoint("series-loaded")
+                    attrs, why = safe_attrs(ref, plan.run_id, plan.fingerprint, prep, plan.record_paths, where)
+                    why = prep.error or why
+                    if why:
+                        writer.put(WriteItem(ref.key, attrs, [], "failed", why, result_for(ref, "failed", why, prep.seconds)))
+                    else:
+                        batch.append((ref, prep, attrs, pending[ref.key]))
+                        if len(batch) >= plan.batch_size:
+                            flush()
+                    if driver.stop:
+                        break  # the series already loaded are finished below; the rest wait for resume
+                    t_wait = time.perf_counter()
+                flush()
+        finally:
+            writer.close()
+        summary.stages["write"] = writer.seconds
+        return set()
