@@ -2,8 +2,9 @@
 
 Scores are cosine similarities in the model's joint image-text space, computed against
 ``index/embedding`` without re-encoding any image. That matrix is stored as one uncompressed
-chunk, so it is memory-mapped and scored with one matrix-vector product; 100k series take
-milliseconds.
+chunk, so a local store's is memory-mapped and scored with one matrix-vector product; 100k series
+take milliseconds. Rows appended since the index was last compacted (``index/delta``) are ranked
+beside it and hide the older rows of their series. Stores on object storage are read through zarr.
 """
 
 from __future__ import annotations
@@ -84,21 +85,20 @@ def search(
         raise ValueError(f"give exactly one of text, like or report (got {', '.join(given) or 'none'})")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    root = _open_store(store_path)
+    store = _open_store(store_path)
+    root = store.root
     index = root[INDEX]
     if "embedding" not in index:
         raise ValueError(f"{store_path}: the index holds no embeddings; run the 'retrieve' head to add them")
     embeddings = index_embeddings(store_path, index["embedding"])
+    appended = _Appended.read(index)
+    base_exclude = appended.superseded(index)
 
-    exclude = None
     if like is not None:
-        keys = np.asarray(index["series_key"][...], dtype=object)
-        matches = np.flatnonzero(keys == like)
-        if len(matches) == 0:
-            raise ValueError(f"series {like!r} is not in the index of {store_path}")
-        exclude = matches
-        query = np.asarray(embeddings[matches[0]], dtype=np.float32)
+        query, exclude, appended_exclude = _like_query(index, embeddings, appended, like, store_path)
+        base_exclude = np.union1d(base_exclude, exclude)
     else:
+        appended_exclude = None
         if report is not None:
             query_text = Path(report).read_text(encoding="utf-8", errors="replace").strip()
             if not query_text:
@@ -109,12 +109,81 @@ def search(
                 raise ValueError("the text query is empty")
         query = encode_query(query_text, root.attrs.get("model") or {}, model)
 
-    idx, scores = rank(embeddings, query, k, exclude=exclude)
-    columns = zip(*(_rows(index, name, idx) for name in ("series_key", "study_uid", "description")))
-    return [
-        Hit(series_key=key, score=float(score), study_uid=study, description=desc)
-        for score, (key, study, desc) in zip(scores, columns)
-    ]
+    idx, scores = rank(embeddings, query, k, exclude=base_exclude)
+    hits = [(float(s), 0, i) for i, s in zip(idx.tolist(), scores.tolist())]
+    if appended.keys:
+        d_idx, d_scores = rank(appended.embedding, query, k, exclude=appended_exclude)
+        hits += [(float(s), 1, i) for i, s in zip(d_idx.tolist(), d_scores.tolist())]
+    hits = sorted(hits, key=lambda h: (-h[0], h[1], h[2]))[:k]
+    base_rows = np.asarray([i for _, src, i in hits if src == 0], dtype=np.int64)
+    columns = iter(list(zip(*(_rows(index, name, base_rows) for name in ("series_key", "study_uid", "description")))))
+    out = []
+    for score, src, i in hits:
+        key, study, desc = next(columns) if src == 0 else appended.row(i)
+        out.append(Hit(series_key=key, score=score, study_uid=study, description=desc))
+    return out
+
+
+def _like_query(index: zarr.Group, embeddings: np.ndarray, appended: "_Appended", like: str,
+                store_path: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The query vector of series ``like`` and the rows (compacted, appended) that are it."""
+    if like in appended.keys:
+        i = appended.keys.index(like)
+        return np.asarray(appended.embedding[i], np.float32), _base_rows_of(index, like), np.asarray([i])
+    matches = _base_rows_of(index, like)
+    if len(matches) == 0 or like in appended.dropped:
+        raise ValueError(f"series {like!r} is not in the index of {store_path}")
+    return np.asarray(embeddings[matches[0]], dtype=np.float32), matches, None
+
+
+def _base_rows_of(index: zarr.Group, key: str) -> np.ndarray:
+    if "key_hash" in index:
+        from .store import key_hashes
+
+        return np.flatnonzero(index["key_hash"][...] == key_hashes([key])[0])
+    return np.flatnonzero(np.asarray(index["series_key"][...], dtype=object) == key)
+
+
+class _Appended:
+    """Index rows appended since the last compaction: the latest row per key; searchable ones
+    carry their embedding, the others only hide older rows of their key."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.studies: list[str] = []
+        self.descriptions: list[str] = []
+        self.embedding = np.zeros((0, 0), np.float32)
+        self.hashes = np.zeros(0, dtype="<u8")  # every appended key, searchable or not
+        self.dropped: set[str] = set()
+
+    @classmethod
+    def read(cls, index: zarr.Group) -> "_Appended":
+        out = cls()
+        n = int(index.attrs.get("delta_rows") or 0)
+        if not n or "delta" not in index:
+            return out
+        delta = index["delta"]
+        cols = {name: delta[name][:n] for name in ("series_key", "key_hash", "searchable", "study_uid", "description", "embedding")}
+        latest: dict[str, int] = {}
+        for i, key in enumerate(cols["series_key"].tolist()):
+            latest[str(key)] = i
+        rows = [i for i in latest.values() if cols["searchable"][i]]
+        out.dropped = {k for k, i in latest.items() if not cols["searchable"][i]}
+        out.keys = [str(cols["series_key"][i]) for i in rows]
+        out.studies = [str(cols["study_uid"][i]) for i in rows]
+        out.descriptions = [str(cols["description"][i]) for i in rows]
+        out.embedding = np.asarray(cols["embedding"][rows], dtype=np.float32)
+        out.hashes = np.unique(cols["key_hash"])
+        return out
+
+    def superseded(self, index: zarr.Group) -> np.ndarray:
+        """Rows of the compacted table whose key has an appended row."""
+        if not len(self.hashes) or "key_hash" not in index:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(np.isin(index["key_hash"][...], self.hashes))
+
+    def row(self, i: int) -> tuple[str, str, str]:
+        return self.keys[i], self.studies[i], self.descriptions[i]
 
 
 def encode_query(text: str, store_model: dict[str, Any], model: Any = None) -> np.ndarray:
@@ -143,10 +212,15 @@ def encode_query(text: str, store_model: dict[str, Any], model: Any = None) -> n
 
 
 def index_embeddings(store_path: str | Path, array: zarr.Array) -> np.ndarray:
-    """The (N, E) embedding matrix, memory-mapped when stored as one raw little-endian chunk."""
-    mapped = _memmap_single_chunk(Path(store_path) / INDEX / "embedding", tuple(array.shape))
-    if mapped is not None:
-        return mapped
+    """The (N, E) embedding matrix, memory-mapped when the store is local and the matrix is
+    stored as one raw little-endian chunk; read through zarr (checksum verified) otherwise."""
+    from .store import is_remote
+
+    if not is_remote(store_path):
+        local = str(store_path).removeprefix("file://")
+        mapped = _memmap_single_chunk(Path(local) / INDEX / "embedding", tuple(array.shape))
+        if mapped is not None:
+            return mapped
     return np.asarray(array[...], dtype=np.float32)
 
 
@@ -200,14 +274,14 @@ def _crc32c_matches(chunk: Path, nbytes: int) -> bool:
     return int(crc32c_checksum(raw[:nbytes])) == int.from_bytes(bytes(raw[nbytes:nbytes + 4]), "little")
 
 
-def _open_store(store_path: str | Path) -> zarr.Group:
-    path = Path(store_path)
-    if not (path / "zarr.json").is_file():
-        raise FileNotFoundError(f"{store_path} is not a Zarr v3 store (no zarr.json)")
-    root = zarr.open_group(str(path), mode="r", zarr_format=3)
-    if INDEX not in root:
+def _open_store(store_path: str | Path) -> Any:
+    """The store, read-only: a local path or any URL the store opens (s3://, gs://, ...)."""
+    from .store import open_store
+
+    store = open_store(store_path, "r")
+    if INDEX not in store.root:
         raise ValueError(f"{store_path} has no index/ group; it is written at the end of a run")
-    return root
+    return store
 
 
 def _rows(index: zarr.Group, name: str, idx: np.ndarray) -> list[str]:

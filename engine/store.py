@@ -114,9 +114,11 @@ class ResultStore:
         try:
             zstore = self._open_zarr_store()
             root_meta = sync(zstore.get("zarr.json", prototype=default_buffer_prototype()))
+        except FileNotFoundError:
+            root_meta, zstore = None, None
         except (OSError, ValueError, TypeError) as exc:
             raise StoreError(f"{self.path}: cannot open the result store ({type(exc).__name__}: {exc})") from exc
-        if self.read_only and root_meta is None:
+        if self.read_only and (root_meta is None or zstore is None):
             raise FileNotFoundError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
         if root_meta is not None:
             _check_json_bytes(f"{self.path}/zarr.json", root_meta.to_bytes())
@@ -959,7 +961,9 @@ class IndexView:
         return by_status, heads
 
     def rows(self) -> int:
-        return len(self.hash) + len(self.delta)
+        """Series listed, each once."""
+        appended = np.fromiter(self.delta, dtype="<u8", count=len(self.delta))
+        return len(self.hash) + int((self._base_rows(appended) < 0).sum())
 
 
 def _check_json_bytes(name: str, raw: bytes) -> None:

@@ -20,6 +20,7 @@ from .mapping import grid_world_bounds
 from .store import DAMAGED, ResultStore
 
 _KEY = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+MAX_REPORTED = 20  # status-table disagreements named one by one; more are counted
 
 
 def _schema_errors(defn: str, instance: Any, path: str) -> list[str]:
@@ -39,8 +40,8 @@ def _slash(problems: list[str]) -> list[str]:
 
 
 def validate_store(path: str | Path, deep: bool = False) -> list[str]:
-    """Every violation found in the store at ``path`` (empty when valid)."""
-    path = Path(path)
+    """Every violation found in the store at ``path`` (a local path or a URL such as
+    ``s3://bucket/results.zarr``; empty when valid)."""
     try:
         store = ResultStore(path, mode="r")
     except StoreError as exc:
@@ -67,12 +68,16 @@ def _validate(store: ResultStore, deep: bool) -> list[str]:
     problems += _check_runs(store, run_ids)
     runs = store.runs()
     complete: set[str] = set()
+    statuses: dict[str, str] = {}
     for key, attrs in store.iter_series():
         series_problems = _check_series(store, key, attrs, run_ids, runs, deep)
         problems += series_problems
+        statuses[key] = str(attrs.get("status"))
         if attrs.get("status") == "complete":
             complete.add(key)
     problems += _check_index(store, complete, deep)
+    if not any(p.startswith("/index") for p in problems):
+        problems += _check_status_table(store, statuses)
     return problems
 
 
@@ -217,14 +222,43 @@ def _check_index_rows(index: zarr.Group, attrs: dict[str, Any], complete: set[st
     keys = [str(k) for k in arrays["series_key"][...]]
     if len(set(keys)) != len(keys):
         problems.append("/index/series_key: duplicate keys")
-    stray = sorted(set(keys) - complete)
+    if "embedding" in arrays and arrays["embedding"].shape[0] != len(keys):
+        problems.append(f"/index/embedding: {arrays['embedding'].shape[0]} rows for {len(keys)} keys")
+    searchable = _searchable_keys(index, attrs, keys)
+    stray = sorted(searchable - complete)
     if stray:
         problems.append(f"/index/series_key: {len(stray)} key(s) are not complete series, e.g. {stray[0]}")
-    if "embedding" in arrays:
-        if arrays["embedding"].shape[0] != len(keys):
-            problems.append(f"/index/embedding: {arrays['embedding'].shape[0]} rows for {len(keys)} keys")
-    elif complete - set(keys):
-        problems.append(f"/index/series_key: {len(complete - set(keys))} complete series missing from the index")
-    if attrs.get("count") != len(keys):
-        problems.append(f"/index attrs.count: {attrs.get('count')} but {len(keys)} keys")
+    if "embedding" not in arrays and complete - searchable:
+        problems.append(f"/index/series_key: {len(complete - searchable)} complete series missing from the index")
+    if attrs.get("count") != len(searchable):
+        problems.append(f"/index attrs.count: {attrs.get('count')} but {len(searchable)} keys")
     return problems
+
+
+def _searchable_keys(index: zarr.Group, attrs: dict[str, Any], keys: list[str]) -> set[str]:
+    """The keys search ranks: the compacted rows, as changed by the rows appended since."""
+    out = set(keys)
+    n = int(attrs.get("delta_rows") or 0)
+    if n and "delta" in index:
+        delta = index["delta"]
+        for key, searchable in zip(delta["series_key"][:n].tolist(), delta["searchable"][:n].tolist()):
+            (out.add if searchable else out.discard)(str(key))
+    return out
+
+
+def _check_status_table(store: ResultStore, statuses: dict[str, str]) -> list[str]:
+    """The index's status table (what resume and inspect answer from) agrees with the groups."""
+    view = store.index_view()
+    if view is None:
+        return []
+    listed = view.lookup(list(statuses))
+    problems = []
+    for key, status in statuses.items():
+        row = listed.get(key)
+        if row is None:
+            problems.append(f"/index/series: series {key} is not listed; the next run rebuilds the index")
+        elif row[0] != status and not (row[0] == "unknown" or status == DAMAGED):
+            problems.append(f"/index/series: series {key} is listed {row[0]} but its group says {status}")
+    if view.rows() > len(statuses):
+        problems.append(f"/index/series: {view.rows() - len(statuses)} row(s) for series groups that do not exist")
+    return problems[:MAX_REPORTED] + ([f"/index/series: {len(problems) - MAX_REPORTED} more"] if len(problems) > MAX_REPORTED else [])
