@@ -50,7 +50,7 @@ def fit_command(kind, data, out, archive, model, backend, name, targets, classes
                  classes=classes.split(",") if classes else None, cache_dir=cache_dir, val_fraction=val_fraction,
                  seed=seed, floor=not no_floor, steps=steps, hidden=hidden,
                  log=None if as_json else (lambda m: console.print(f"[dim]{m}[/]", highlight=False)))
-    record = result.manifest["labels"]["fit"]
+    record = result.manifest["fit"]
     if as_json:
         click.echo(json.dumps({"name": result.name, "package": str(result.package) if result.package else None,
                                "encoded": result.encoded, "seconds": result.seconds, **record}, indent=2))

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from engine.errors import UsageError
 
 from .cache import FeatureCache, random_encoder_model
-from .labels import KINDS, archive_root, match, read_labels, split_by_study
+from .labels import KINDS, archive_root, match, merge_labels, read_labels, split_by_study
 from .trainers import Fitted, Options, fit_kind
 
 
@@ -36,15 +36,15 @@ def _features(cache: FeatureCache, pairs: list, tiles: bool, log: Callable[[str]
     return [(f, lab) for f, (_, lab) in zip(feats, pairs)]
 
 
-def fit(kind: str, data: str | Path, out: str | Path | None = None, *, archive: str | Path | None = None,
+def fit(kind: str, data: str | Path | list[str | Path], out: str | Path | None = None, *, archive: str | Path | None = None,
         model: str | Path | Any | None = None, backend: str = "torch", name: str | None = None,
         targets: list[str] | None = None, classes: list[str] | None = None, cache_dir: str | Path | None = None,
         val_fraction: float = 0.25, seed: int = 0, floor: bool = True, steps: int = 0, hidden: int = 0, lr: float = 0.0,
         version: str = "0.1.0", log: Callable[[str], None] | None = None) -> FitResult:
     """Fit a ``kind`` head (classify, regress, segment, localize, ground) on the frozen encoder.
 
-    ``data``: a label table (CSV/Parquet, see :mod:`engine.fitting.labels`) or a synthetic
-    archive's root (its ground truth gives the labels). ``archive``: the images (default: the
+    ``data``: a label table (CSV/Parquet, see :mod:`engine.fitting.labels`), a synthetic
+    archive's root (its ground truth gives the labels), or a list of either. ``archive``: the images (default: the
     synthetic archive's ``dicom`` folder). Features come from the feature cache, keyed by the
     model fingerprint, so a refit never runs the encoder. Training and validation are split by
     study. With ``floor``, the same head is fit on a randomly initialised encoder of the same
@@ -58,11 +58,12 @@ def fit(kind: str, data: str | Path, out: str | Path | None = None, *, archive: 
     if kind not in KINDS:
         raise UsageError(f"unknown head kind {kind!r}; choose from {', '.join(KINDS)}")
     t0 = time.perf_counter()
-    labels = read_labels(data, kind, targets, classes)
-    archive = archive or archive_root(data)
-    if archive is None:
+    sources = list(data) if isinstance(data, (list, tuple)) else [data]
+    labels = merge_labels([read_labels(d, kind, targets, classes) for d in sources])
+    archives = [archive] if archive else [archive_root(d) for d in sources]
+    if any(a is None for a in archives):
         raise UsageError("--archive is needed: the folder, zip or files holding the labelled series")
-    refs = [r for r in scan([Path(archive)]).series]
+    refs = [r for r in scan([Path(a) for a in archives]).series]
     pairs = match(labels, refs)
     mdl = model if isinstance(model, Model) else load_model(model)
     opt = Options(steps=steps, lr=lr, hidden=hidden, seed=seed, log=log)

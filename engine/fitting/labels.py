@@ -170,6 +170,15 @@ def demo_labels(root: str | Path, kind: str) -> LabelSet:
     return LabelSet(kind, out, targets, classes, f"synthetic ground truth {manifest.path}")
 
 
+def merge_labels(sets: list[LabelSet]) -> LabelSet:
+    """One label set from several of the same kind (e.g. one per synthetic archive)."""
+    if len(sets) == 1:
+        return sets[0]
+    first = sets[0]
+    return LabelSet(first.kind, [s for ls in sets for s in ls.series], first.targets, first.classes,
+                    "; ".join(str(ls.source) for ls in sets))
+
+
 def archive_root(data: str | Path) -> Path | None:
     """The DICOM folder of a synthetic archive given its root, else None."""
     p = Path(data)

@@ -51,7 +51,7 @@ mrfm run ARCHIVE --out results.zarr --heads {name}
 ```
 
 Validation metrics (held-out studies) and the random-encoder floor are in
-`{package}/manifest.json` under `labels.fit`.
+`{package}/manifest.json` under `fit`.
 """
 
 
@@ -65,7 +65,7 @@ def manifest_for(name: str, kind: str, fitted: Fitted, model: Any, fit_record: d
         "inputs": fitted.inputs,
         "outputs": fitted.outputs,
         "weights": "weights.safetensors",
-        "labels": {"fit": {"kind": kind, "config": fitted.config, **fit_record}},
+        "fit": {"kind": kind, "config": fitted.config, **fit_record},
     }
     if fitted.parameters:
         manifest["parameters"] = fitted.parameters
@@ -73,19 +73,29 @@ def manifest_for(name: str, kind: str, fitted: Fitted, model: Any, fit_record: d
     return manifest
 
 
-def write_package(out: str | Path, name: str, kind: str, manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
-    """Write the package folder ``out``; returns the module folder. An existing package is replaced."""
+def write_module(folder: str | Path, kind: str, manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
+    """Write a head module's three files whole into ``folder`` (the head template, its manifest
+    and weights), replacing those files and leaving anything else there alone."""
     from safetensors.torch import save_file
 
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template_path(kind), folder / "__init__.py")
+    with open(folder / "manifest.json", "w") as fh:
+        json.dump(manifest, fh, indent=2)
+        fh.write("\n")
+    save_file(state, str(folder / manifest["weights"]), metadata={"fit_kind": kind})
+    return folder
+
+
+def write_package(out: str | Path, name: str, kind: str, manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
+    """Write the package folder ``out``; returns the module folder. An existing package is replaced."""
     names = names_for(name)
     out = Path(out)
     module = out / names["package"]
     if module.exists():
         shutil.rmtree(module)
-    module.mkdir(parents=True)
-    shutil.copyfile(template_path(kind), module / "__init__.py")
-    (module / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    save_file(state, str(module / "weights.safetensors"), metadata={"fit_kind": kind})
+    write_module(module, kind, manifest, state)
     (out / "pyproject.toml").write_text(PYPROJECT.format(version=manifest["version"], **names))
     (out / "README.md").write_text(README.format(kind=kind, fingerprint=manifest["encoder"]["fingerprint"], folder=out.name, **names))
     return module

@@ -19,6 +19,11 @@ from torch.nn import functional as F
 
 import engine
 
+
+def fit_record(manifest: dict) -> dict:
+    """The manifest's fit record: top-level ``fit`` (``labels.fit`` in packages written earlier)."""
+    return manifest.get("fit") or manifest["labels"]["fit"]
+
 DEFAULT_RELATIVE_THRESHOLD = 0.5
 
 
@@ -42,7 +47,7 @@ def config() -> dict:
     import json
 
     path = Path(__file__).with_name("manifest.json")
-    return json.loads(path.read_text())["labels"]["fit"]["config"] if path.is_file() else {}
+    return fit_record(json.loads(path.read_text()))["config"] if path.is_file() else {}
 
 
 def build_net(embed_dim: int = 128, cfg: dict | None = None) -> nn.Module:

@@ -19,6 +19,11 @@ from torch import nn
 
 import engine
 
+
+def fit_record(manifest: dict) -> dict:
+    """The manifest's fit record: top-level ``fit`` (``labels.fit`` in packages written earlier)."""
+    return manifest.get("fit") or manifest["labels"]["fit"]
+
 DEFAULTS = {"threshold": 0.5, "iou": 0.3, "max_boxes": 16}
 
 
@@ -39,7 +44,7 @@ def config() -> dict:
     import json
 
     path = Path(__file__).with_name("manifest.json")
-    return json.loads(path.read_text())["labels"]["fit"]["config"] if path.is_file() else {}
+    return fit_record(json.loads(path.read_text()))["config"] if path.is_file() else {}
 
 
 def build_net(embed_dim: int = 128, cfg: dict | None = None) -> nn.Module:

@@ -1,7 +1,7 @@
 """A fitted probe on the frozen encoder: LayerNorm over concat(CLS, mean patch token), an optional
 hidden layer, then one linear layer per output (class scores, or values).
 
-Written by ``mrfm fit``; the net's configuration is in ``manifest.json`` under ``labels.fit``.
+Written by ``mrfm fit``; the net's configuration is in ``manifest.json`` under ``fit``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ import torch
 from torch import nn
 
 import engine
+
+
+def fit_record(manifest: dict) -> dict:
+    """The manifest's fit record: top-level ``fit`` (``labels.fit`` in packages written earlier)."""
+    return manifest.get("fit") or manifest["labels"]["fit"]
 
 MANIFEST = Path(__file__).with_name("manifest.json")
 RESERVED = {"norm", "hidden", "training"}
@@ -50,7 +55,7 @@ class ProbeNet(nn.Module):
 
 
 def config() -> dict[str, Any]:
-    return json.loads(MANIFEST.read_text())["labels"]["fit"]["config"]
+    return fit_record(json.loads(MANIFEST.read_text()))["config"]
 
 
 def build_net(embed_dim: int, cfg: dict[str, Any] | None = None) -> ProbeNet:
@@ -79,7 +84,7 @@ class ProbeHead(engine.NetHead):
     @torch.inference_mode()
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
         x = ProbeNet.pool(self.stack(batch, "cls"), self.stack(batch, "tokens"))
-        out = {k: v.float().cpu().numpy() for k, v in decode(self.spec["labels"]["fit"]["config"], self.net(x)).items()}
+        out = {k: v.float().cpu().numpy() for k, v in decode(fit_record(self.spec)["config"], self.net(x)).items()}
         return [{name: values[i] for name, values in out.items()} for i in range(len(batch))]
 
 

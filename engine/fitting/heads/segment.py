@@ -1,7 +1,7 @@
 """A fitted segmentation decoder on the frozen encoder: a light UNETR-style 3D decoder with ResNet
 blocks over three encoder layers and the tile image, run per tile and blended by the engine.
 
-Written by ``mrfm fit``; the labels and encoder layers are in ``manifest.json`` under ``labels.fit``.
+Written by ``mrfm fit``; the labels and encoder layers are in ``manifest.json`` under ``fit``.
 With five labels and layers (1, 3, 5) the net is the contrib segment head's, parameter for parameter.
 """
 
@@ -16,6 +16,11 @@ from torch import nn
 from torch.nn import functional as F
 
 import engine
+
+
+def fit_record(manifest: dict) -> dict:
+    """The manifest's fit record: top-level ``fit`` (``labels.fit`` in packages written earlier)."""
+    return manifest.get("fit") or manifest["labels"]["fit"]
 
 MANIFEST = Path(__file__).with_name("manifest.json")
 
@@ -73,7 +78,7 @@ class SegmentNet(nn.Module):
 
 
 def config() -> dict[str, Any]:
-    return json.loads(MANIFEST.read_text())["labels"]["fit"]["config"]
+    return fit_record(json.loads(MANIFEST.read_text()))["config"]
 
 
 def build_net(embed_dim: int, cfg: dict[str, Any] | None = None) -> SegmentNet:
@@ -93,7 +98,7 @@ class SegmentHead(engine.NetHead):
 
     @torch.inference_mode()
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
-        cfg = self.spec["labels"]["fit"]["config"]
+        cfg = fit_record(self.spec)["config"]
         grid = batch[0].features.grid
         layers = [token_grid(self.stack(batch, f"layers[{i}]"), grid) for i in cfg["layers"]]
         probs = self.net(layers, self.stack(batch, "image")).softmax(dim=1).float().cpu().numpy()
