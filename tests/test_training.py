@@ -1,4 +1,5 @@
-"""The default model's training recipe and what the shipped, trained weights achieve."""
+"""The default model's recipe (pretraining, then heads fit by engine.fitting) and what the
+shipped, trained weights achieve."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from engine.default_model import build
 from engine.default_model.dataset import lesion_phrase, prepare_samples, write_training_archives
 from engine.default_model.evaluate import evaluate_archive
-from engine.default_model.train import HEAD_NAMES, Batches, TrainConfig, batch_losses, initial_nets, train
+from engine.default_model.pretrain import HEAD_NAMES, Batches, TrainConfig, batch_losses, initial_nets, train
+from engine.default_model.train import fit_heads, write_into
 from engine.model import DEFAULT_MODEL_DIR, load_model
 from engine.synthetic import write_demo_archive
 
@@ -68,6 +70,45 @@ def test_training_step_reduces_the_loss_on_a_tiny_archive(tmp_path):
     history = train(nets, tokenizer, samples, config, log=None)
     assert len(history) == config.steps and np.isfinite(history).all()
     assert loss_on_fixed_batch() < 0.9 * before
+
+
+def test_recipe_fits_heads_through_engine_fitting_and_writes_whole_modules(tmp_path):
+    """Heads of the recipe are engine.fitting packages; --write-into writes whole module files."""
+    from safetensors.torch import load_file
+
+    from engine import schemas
+    from engine.fitting.heads import TEMPLATES, template_path
+
+    model_dir = tiny_model_folder(tmp_path / "model")
+    write_demo_archive(tmp_path / "arch", studies=2, seed=4, formats=("explicit",))
+    results = fit_heads(model_dir, [tmp_path / "arch"], tmp_path / "heads", names=("classify", "ground"),
+                        cache_dir=tmp_path / "cache", steps=20, floor=False, log=None)
+    fingerprint = load_model(model_dir).fingerprint
+    (dest := tmp_path / "contrib").mkdir()
+    (dest / "classify").mkdir()
+    (dest / "classify" / "manifest.json").write_text('{"stale": true}')
+    write_into(dest, results)
+    for name, result in results.items():
+        assert (tmp_path / "heads" / name / "pyproject.toml").is_file()
+        manifest = json.loads((dest / name / "manifest.json").read_text())
+        schemas.validate("head", manifest, name)
+        assert manifest["encoder"]["fingerprint"] == fingerprint and manifest["fit"]["kind"] == name
+        assert (dest / name / "__init__.py").read_text() == template_path(name).read_text()
+        state = load_file(str(dest / name / "weights.safetensors"))
+        assert all(torch.equal(state[k], v) for k, v in result.fitted.state.items())
+    assert set(TEMPLATES) == set(HEAD_NAMES)
+
+
+def test_recipe_imports_no_contrib_head():
+    """The recipe builds its auxiliary heads from engine.fitting's templates: no contrib package
+    is imported (and so none is edited)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, engine.default_model.train as t, engine.default_model.pretrain as p; p.aux_heads(32, 16, 0); "
+            "print([m for m in sys.modules if m.startswith('contrib_heads')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
 
 
 def test_write_training_archives_never_uses_the_demo_seed(tmp_path):

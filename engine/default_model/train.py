@@ -1,377 +1,60 @@
-"""Train the embedded default model and the built-in heads on synthetic studies:
-``python -m engine.default_model.train [--seed 0] [--studies 40] [--steps 1400] [--out DIR]``.
+"""Reproduce the embedded default model and its heads from scratch, in one command:
 
-The recipe starts from the seeded initialisation of ``engine.default_model.build`` (encoder,
-tokenizer, text tower) and ``contrib_heads.init_weights`` (heads), generates training archives
-from seeds 1, 2, ... (seed 0 is the demo archive, held out), and trains everything jointly:
+    python -m engine.default_model.train --out DIR [--seed 0] [--studies 40] [--steps 1400]
+        [--fit-steps N] [--no-floor] [--write-into contrib_heads]
 
-- segmentation (cross-entropy + soft Dice) through the segment decoder on token-aligned crops,
-- body region and contrast (classify), lesion volume (regress, on log1p),
-- token lesion occupancy (localize's token MLP, BCE),
-- image-report alignment (CLIP-style symmetric InfoNCE with a learned temperature),
-- grounding: lesion phrases against the ground head's token projection (a softmax over tokens
-  whose target is the lesion's tokens, plus a match score for the phrase's own scan).
-
-The run is deterministic for a seed on the same machine (fixed data order, seeded
-augmentation, two CPU threads). Written in place (the default), it then fingerprints the model,
-keys the head manifests to it and evaluates everything on the held-out demo archive through the
-real pipeline, storing the figures in the model card.
+1. initialisation: tokenizer, text tower and encoder from a seed (:mod:`.build`);
+2. data: synthetic training archives from seeds 1, 2, ... (seed 0, the demo archive, is held out);
+3. pretraining: encoder and text tower with auxiliary head objectives (:mod:`.pretrain`),
+   written as a model folder to ``DIR/model``;
+4. heads: each one fit on the frozen pretrained encoder by :func:`engine.fitting.fit` (features
+   cached in ``DIR/features``, split by study, random-encoder floor), written as a head package
+   to ``DIR/heads/<name>``;
+5. ``--write-into FOLDER``: each head's module files (template, manifest, weights) written whole
+   into ``FOLDER/<name>/``. Nothing edits a file in place.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
-import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
-from torch import nn
 
-from engine.model import VisionTransformer3D, build_encoder, compute_fingerprint, load_encoder_weights, read_card
+from engine.model import compute_fingerprint, read_card
 
-from .dataset import Sample, prepare_samples, write_training_archives
+from .dataset import prepare_samples, write_training_archives
+from .pretrain import HEAD_NAMES, LOSS_WEIGHTS, SEG_CLASS_WEIGHTS, TrainConfig, initial_nets, save_model, train, write_card
 
-HERE = Path(__file__).resolve().parent
-HEADS_DIR = HERE.parent.parent / "contrib_heads"
-HEAD_NAMES = ("classify", "regress", "segment", "localize", "ground")
-SEG_LAYERS = (1, 3, 5)
+__all__ = ["fit_heads", "pretrain_model", "run_recipe", "write_into"]
 
 
-@dataclass
-class TrainConfig:
-    seed: int = 0
-    studies: int = 40
-    steps: int = 1400
-    batch: int = 8
-    tiles_per_batch: int = 2  # of ``batch``: sliding-window tiles, for segmentation only
-    crop_tokens: int = 4  # segmentation crops are this many tokens a side (the decoder dominates the cost)
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup: int = 30
-    tiles_per_series: int = 1
-    threads: int = 2
-
-
-class Nets(nn.Module):
-    """Everything trained together: encoder, text tower and projection, and the five head nets."""
-
-    def __init__(self, encoder: VisionTransformer3D, bert: nn.Module, text_projection: nn.Linear, heads: dict[str, nn.Module]):
-        super().__init__()
-        self.encoder = encoder
-        self.bert = bert
-        self.text_projection = text_projection
-        self.heads = nn.ModuleDict(heads)
-        self.clip_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # training only
-
-    def encode_text(self, tokenizer: Any, texts: list[str], max_length: int) -> torch.Tensor:
-        """Mean-pooled, projected, L2-normalised text embeddings, as ``engine.text.TextTower``."""
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        hidden = self.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return F.normalize(self.text_projection(pooled), dim=-1)
-
-
-def head_modules() -> dict[str, Any]:
-    import importlib
-
-    return {name: importlib.import_module(f"contrib_heads.{name}") for name in HEAD_NAMES}
-
-
-def initial_nets(model_dir: Path, head_seed: int = 0, embed_dim: int | None = None) -> tuple[Nets, Any, dict[str, Any]]:
-    """Nets loaded from an initialised model folder, heads from their seeded initialisation
-    (or freshly built for ``embed_dim`` when the encoder is not the default width)."""
-    from safetensors.torch import load_file
-    from transformers import BertModel, BertTokenizerFast
-    from transformers.utils import logging as hf_logging
-
-    from contrib_heads.init_weights import init_state
-
-    card = read_card(model_dir)
-    encoder = build_encoder(card)
-    load_encoder_weights(encoder, model_dir / card["encoder"]["weights"])
-    text_dir = model_dir / card["text"]["folder"]
-    hf_logging.set_verbosity_error()
-    tokenizer = BertTokenizerFast.from_pretrained(str(text_dir), local_files_only=True)
-    bert = BertModel.from_pretrained(str(text_dir), local_files_only=True, add_pooling_layer=False)
-    proj_state = load_file(str(model_dir / card["text"]["projection"]))
-    projection = nn.Linear(proj_state["weight"].shape[1], proj_state["weight"].shape[0])
-    projection.load_state_dict(proj_state)
-    d = card["encoder"]["embed_dim"]
-    heads = {}
-    for name, module in head_modules().items():
-        net = module.build_net(d)
-        if d == 128:
-            net.load_state_dict(init_state(name, head_seed))
-        heads[name] = net
-    return Nets(encoder, bert, projection, heads), tokenizer, card
-
-
-# --- batches ------------------------------------------------------------------------------------
-
-
-class Batches:
-    """Deterministic batches: global samples from distinct studies (so a report has one scan in
-    the batch), then tiles, each drawn from its own reshuffled pass over the data."""
-
-    def __init__(self, samples: list[Sample], n_global: int, n_tiles: int, seed: int):
-        self.globals = [s for s in samples if s.kind == "global"]
-        self.tiles = [s for s in samples if s.kind == "tile"]
-        self.n_global, self.n_tiles = n_global, n_tiles if self.tiles else 0
-        self.rng = np.random.default_rng(seed)
-        self._g: list[int] = []
-        self._t: list[int] = []
-
-    def _take(self, pool: list[Sample], queue: list[int], n: int, distinct: bool) -> list[Sample]:
-        out: list[Sample] = []
-        studies: set[int] = set()
-        skipped: list[int] = []
-        refills = 0
-        while len(out) < n:
-            if not queue:
-                if refills == 2:
-                    break  # fewer studies than the batch wants
-                queue.extend(self.rng.permutation(len(pool)).tolist())
-                refills += 1
-            i = queue.pop(0)
-            if distinct and pool[i].study in studies:
-                skipped.append(i)
-                continue
-            studies.add(pool[i].study)
-            out.append(pool[i])
-        queue[:0] = skipped
-        return out
-
-    def next(self) -> list[Sample]:
-        return self._take(self.globals, self._g, self.n_global, True) + self._take(self.tiles, self._t, self.n_tiles, False)
-
-
-def crop_offsets(labels: np.ndarray, grid: tuple[int, int, int], crop: int, patch: int, rng: np.random.Generator) -> tuple[int, int, int]:
-    """Token offsets of a crop centred near a foreground voxel: a lesion voxel 40% of the time and
-    a fluid voxel 30% of the time when the sample has them, so the two small classes are seen often."""
-    u = rng.random()
-    lesion = np.argwhere(labels == 4) if u < 0.4 else np.empty((0, 3), int)
-    fluid = np.argwhere(labels == 3) if 0.4 <= u < 0.7 else np.empty((0, 3), int)
-    fg = lesion if len(lesion) else fluid if len(fluid) else np.argwhere(labels > 0)
-    centre = fg[rng.integers(len(fg))] // patch if len(fg) else np.asarray(grid) // 2
-    return tuple(int(np.clip(c - crop // 2 + rng.integers(0, 2), 0, g - crop)) for c, g in zip(centre, grid))  # type: ignore[return-value]
-
-
-# --- losses -------------------------------------------------------------------------------------
-
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
-    """Soft Dice over the foreground classes, pooled over the batch."""
-    probs = logits.softmax(dim=1)[:, 1:]
-    onehot = F.one_hot(target, classes).permute(0, 4, 1, 2, 3)[:, 1:].float()
-    dims = (0, 2, 3, 4)
-    inter = (probs * onehot).sum(dims)
-    denom = probs.sum(dims) + onehot.sum(dims)
-    present = onehot.sum(dims) > 0
-    dice = (2 * inter + 1.0) / (denom + 1.0)
-    return (1 - dice[present]).mean() if present.any() else logits.sum() * 0
-
-
-def batch_losses(
-    nets: Nets, tokenizer: Any, batch: list[Sample], config: TrainConfig, rng: np.random.Generator,
-    gen: torch.Generator, max_length: int = 64,
-) -> dict[str, torch.Tensor]:
-    """Every loss of one batch (global samples first, then tiles)."""
-    enc = nets.encoder
-    patch = enc.config.patch_size
-    x = torch.from_numpy(np.stack([s.image for s in batch]))[:, None]
-    scale = 1 + 0.1 * (2 * torch.rand(len(batch), 1, 1, 1, 1, generator=gen) - 1)
-    shift = 0.1 * (2 * torch.rand(len(batch), 1, 1, 1, 1, generator=gen) - 1)
-    x = x * scale + shift + 0.03 * torch.randn(x.shape, generator=gen)
-    grid = tuple(s // patch for s in x.shape[2:])
-    cls, tokens, layers, joint = enc(x)
-    g = [i for i, s in enumerate(batch) if s.kind == "global"]
-    gs = [batch[i] for i in g]
-    losses: dict[str, torch.Tensor] = {}
-
-    # segmentation on token-aligned crops
-    c = min(config.crop_tokens, *grid)
-    seg_layers = {idx: [] for idx in SEG_LAYERS}
-    images, targets = [], []
-    feature_layers = list(enc.config.feature_layers)
-    for b, s in enumerate(batch):
-        o = crop_offsets(s.labels, grid, c, patch, rng)
-        tsl = tuple(slice(v, v + c) for v in o)
-        vsl = tuple(slice(v * patch, (v + c) * patch) for v in o)
-        for idx in SEG_LAYERS:
-            t = layers[b, feature_layers.index(idx)].transpose(0, 1).reshape(-1, *grid)
-            seg_layers[idx].append(t[(slice(None), *tsl)])
-        images.append(x[b][(slice(None), *vsl)])
-        targets.append(torch.from_numpy(s.labels[vsl].astype(np.int64)))
-    logits = nets.heads["segment"]({k: torch.stack(v) for k, v in seg_layers.items()}, torch.stack(images))
-    target = torch.stack(targets)
-    weight = torch.tensor(SEG_CLASS_WEIGHTS)
-    losses["seg"] = F.cross_entropy(logits, target, weight=weight) + dice_loss(logits, target, logits.shape[1])
-
-    if not gs:
-        return losses
-    gi = torch.tensor(g)
-    cls_g, tok_g, joint_g = cls[gi], tokens[gi], joint[gi]
-    out = nets.heads["classify"](cls_g, tok_g)
-    losses["region"] = F.cross_entropy(out["region"], torch.tensor([s.region for s in gs]))
-    losses["contrast"] = F.cross_entropy(out["contrast"], torch.tensor([s.contrast for s in gs]))
-    volume = nets.heads["regress"](cls_g, tok_g)
-    losses["volume"] = F.smooth_l1_loss(torch.log1p(volume), torch.log1p(torch.tensor([s.lesion_volume for s in gs])))
-    occ = torch.from_numpy(np.stack([s.token_lesion for s in gs]))
-    losses["localize"] = F.binary_cross_entropy_with_logits(nets.heads["localize"](tok_g), occ, pos_weight=torch.tensor(8.0))
-
-    # image-report alignment and grounding share one text-tower pass
-    phrases = [(j, p, m) for j, s in enumerate(gs) for p, m in zip(s.phrases, s.phrase_tokens)]
-    texts = [s.report for s in gs] + [p for _, p, _ in phrases]
-    emb = nets.encode_text(tokenizer, texts, max_length)
-    reports, phrase_emb = emb[: len(gs)], emb[len(gs) :]
-    if len(gs) > 1:
-        sim = nets.clip_scale.clamp(max=math.log(100.0)).exp() * joint_g @ reports.T
-        labels = torch.arange(len(gs))
-        losses["clip"] = (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
-    if phrases:
-        ground = nets.heads["ground"]
-        proj = ground(tok_g)  # (G, N, E)
-        gscale = ground.logit_scale.clamp(max=math.log(100.0)).exp()
-        owner = torch.tensor([j for j, _, _ in phrases])
-        sims = torch.einsum("pe,gne->pgn", phrase_emb, proj)  # every phrase against every scan's tokens
-        own = sims[torch.arange(len(phrases)), owner]  # (P, N)
-        mask = torch.from_numpy(np.stack([m for _, _, m in phrases]).astype(np.float32))
-        losses["ground"] = -(F.log_softmax(gscale * own, dim=-1) * (mask / mask.sum(-1, keepdim=True))).sum(-1).mean()
-        peak = sims.max(dim=-1).values  # (P, G)
-        match = F.one_hot(owner, len(gs)).float()
-        losses["ground_score"] = F.binary_cross_entropy_with_logits(gscale.detach() * peak + ground.score_bias, match)
-    return losses
-
-
-# Contrast and grounding learn slowest (near chance at equal weights), so they weigh more.
-LOSS_WEIGHTS = {"seg": 1.0, "region": 0.5, "contrast": 1.0, "volume": 0.5, "localize": 1.0, "clip": 0.5, "ground": 1.0, "ground_score": 0.2}
-# Cross-entropy class weights (background, body, organ, fluid, lesion): the small classes weigh
-# more, else the decoder learns to ignore them.
-SEG_CLASS_WEIGHTS = (1.0, 1.0, 1.0, 3.0, 6.0)
-
-
-def train(nets: Nets, tokenizer: Any, samples: list[Sample], config: TrainConfig, log: Any = print) -> list[float]:
-    """Train ``nets`` in place for ``config.steps`` steps; returns the total loss of every step."""
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    batches = Batches(samples, config.batch - config.tiles_per_batch, config.tiles_per_batch, config.seed)
-    nets.train()
-    opt = torch.optim.AdamW(nets.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-    def lr_at(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    history: list[float] = []
-    running: dict[str, float] = {}
-    t0 = time.perf_counter()
-    for step in range(config.steps):
-        losses = batch_losses(nets, tokenizer, batches.next(), config, rng, gen)
-        total = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        history.append(float(total.detach()))
-        for k, v in losses.items():
-            running[k] = 0.9 * running.get(k, float(v.detach())) + 0.1 * float(v.detach())
-        if log and (step % 50 == 0 or step == config.steps - 1):
-            parts = " ".join(f"{k} {v:.3f}" for k, v in running.items())
-            log(f"step {step:4d} loss {total.item():.3f} | {parts} | {time.perf_counter() - t0:.0f}s")
-    nets.eval()
-    return history
-
-
-# --- saving -------------------------------------------------------------------------------------
-
-
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float().contiguous().clone() for k, v in module.state_dict().items()}
-
-
-def save_model(nets: Nets, init_dir: Path, out: Path, card: dict[str, Any]) -> None:
-    """Write the trained model folder: the initial folder's tokenizer files, trained weights, card."""
-    out.mkdir(parents=True, exist_ok=True)
-    text_dir = out / card["text"]["folder"]
-    if text_dir.resolve() != (init_dir / card["text"]["folder"]).resolve():
-        shutil.copytree(init_dir / card["text"]["folder"], text_dir, dirs_exist_ok=True)
-    save_file(_state(nets.encoder), str(out / card["encoder"]["weights"]))
-    save_file(_state(nets.bert), str(text_dir / "model.safetensors"), metadata={"format": "pt"})
-    save_file(_state(nets.text_projection), str(out / card["text"]["projection"]))
-    write_card(out, card)
-
-
-def write_card(folder: Path, card: dict[str, Any]) -> None:
-    (folder / "model.json").write_text(json.dumps(card, indent=2) + "\n")
-
-
-def save_heads(nets: Nets, heads_dir: Path) -> None:
-    for name in HEAD_NAMES:
-        path = heads_dir / name / "weights.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(_state(nets.heads[name]), str(path), metadata={"trained_by": "engine.default_model.train"})
-
-
-_FP = re.compile(r'("encoder"\s*:\s*\{[^}]*?"fingerprint"\s*:\s*)"[^"]*"', re.S)
-
-
-def key_head_manifests(heads_dir: Path, fingerprint: str) -> None:
-    """Set each trained head's manifest encoder fingerprint (keeping the file's formatting)."""
-    for name in HEAD_NAMES:
-        path = heads_dir / name / "manifest.json"
-        text, n = _FP.subn(lambda m: f'{m.group(1)}"{fingerprint}"', path.read_text())
-        if n != 1:
-            raise ValueError(f"{path}: no encoder fingerprint field to update")
-        path.write_text(text)
-
-
-# --- the recipe ---------------------------------------------------------------------------------
-
-
-def run_recipe(config: TrainConfig, out: Path = HERE, evaluate: bool = True, log: Any = print) -> dict[str, Any]:
-    """Build the initialisation, generate data, train, save; evaluate when writing in place."""
+def pretrain_model(config: TrainConfig, model_dir: Path, archives: list[Any], log: Any = print) -> str:
+    """Build the seeded initialisation, pretrain on ``archives``, write ``model_dir``; returns its fingerprint."""
     from . import build
 
-    torch.set_num_threads(config.threads)
-    t0 = time.perf_counter()
-    in_place = Path(out).resolve() == HERE
-    with tempfile.TemporaryDirectory(prefix="mrfm-train-") as tmp:
-        tmp = Path(tmp)
-        init_dir = tmp / "init"
+    with tempfile.TemporaryDirectory(prefix="mrfm-init-") as tmp:
+        init_dir = Path(tmp) / "init"
         build.build(init_dir, seed=config.seed)
-        nets, tokenizer, card = initial_nets(init_dir, head_seed=config.seed)
-        manifests = write_training_archives(tmp / "archives", config.studies, first_seed=1)
-        samples = prepare_samples(manifests, card["preprocessing"], nets.encoder.config.patch_size, config.seed, config.tiles_per_series)
+        nets, tokenizer, card = initial_nets(init_dir, seed=config.seed)
+        samples = prepare_samples(archives, card["preprocessing"], nets.encoder.config.patch_size, config.seed, config.tiles_per_series)
         n_global = sum(s.kind == "global" for s in samples)
-        log(f"data: {config.studies} studies, {n_global} series, {len(samples) - n_global} tiles ({time.perf_counter() - t0:.0f}s)")
-        t_train = time.perf_counter()
+        log(f"data: {config.studies} studies, {n_global} series, {len(samples) - n_global} tiles")
         history = train(nets, tokenizer, samples, config, log)
-        train_seconds = time.perf_counter() - t_train
-        seeds = sorted(m.seed for m in manifests)
         card["training"] = {
             "status": "trained",
-            "recipe": f"python -m engine.default_model.train --seed {config.seed} --studies {config.studies} --steps {config.steps}",
+            "recipe": f"python -m engine.default_model.train --out DIR --seed {config.seed} --studies {config.studies} --steps {config.steps}",
             "seed": config.seed,
-            "initialisation": f"python -m engine.default_model.build --seed {config.seed}; python -m contrib_heads.init_weights --seed {config.seed}",
+            "initialisation": f"python -m engine.default_model.build --seed {config.seed}",
             "data": {
                 "generator": "engine.synthetic.write_demo_archive",
-                "archive_seeds": seeds,
+                "archive_seeds": sorted(m.seed for m in archives),
                 "studies": config.studies,
                 "series": n_global,
                 "tiles": len(samples) - n_global,
@@ -383,40 +66,71 @@ def run_recipe(config: TrainConfig, out: Path = HERE, evaluate: bool = True, log
             "losses": dict(LOSS_WEIGHTS),
             "segmentation_class_weights": list(SEG_CLASS_WEIGHTS),
             "final_loss": round(float(np.mean(history[-20:])), 4),
+            "heads": "fit afterwards on the frozen encoder by engine.fitting.fit",
         }
-        save_model(nets, init_dir, Path(out), card)
-        heads_dir = HEADS_DIR if in_place else Path(out) / "heads"
-        save_heads(nets, heads_dir)
-    fingerprint = compute_fingerprint(read_card(Path(out)), Path(out))
-    if in_place:
-        key_head_manifests(HEADS_DIR, fingerprint)
-    log(f"trained in {train_seconds:.0f}s; model {fingerprint}")
-    metrics: dict[str, Any] = {}
-    if evaluate and in_place:
-        from .evaluate import evaluate_demo
+        save_model(nets, init_dir, model_dir, card)
+    return compute_fingerprint(read_card(model_dir), model_dir)
 
-        metrics = evaluate_demo(log=log)
-        card = read_card(Path(out))
-        card["training"]["metrics"] = {"evaluated_on": "mrfm demo-archive (seed 0, 6 studies), engine.pipeline.run backend=torch", **metrics}
-        write_card(Path(out), card)
-        fingerprint = compute_fingerprint(card, Path(out))
-        key_head_manifests(HEADS_DIR, fingerprint)
-    log(f"recipe done in {time.perf_counter() - t0:.0f}s; model {fingerprint}")
-    return {"fingerprint": fingerprint, "metrics": metrics, "seconds": time.perf_counter() - t0, "config": asdict(config)}
+
+def fit_heads(model_dir: Path, archive_roots: list[Path], heads_dir: Path, *, names: tuple[str, ...] = HEAD_NAMES,
+              cache_dir: Path | None = None, steps: int = 0, floor: bool = True, seed: int = 0,
+              log: Any = print) -> dict[str, Any]:
+    """Fit each head kind on the frozen encoder of ``model_dir`` (labels: the archives' ground
+    truth) and write its package to ``heads_dir/<name>``; returns the fit results by name."""
+    from engine.fitting import fit
+    from engine.model import load_model
+
+    model = load_model(model_dir)  # loaded once, shared by every fit
+    results = {}
+    for name in names:
+        t0 = time.perf_counter()
+        results[name] = fit(name, list(archive_roots), heads_dir / name, model=model, name=name, cache_dir=cache_dir,
+                            steps=steps, floor=floor, seed=seed)
+        if log:
+            log(f"{name}: {json.dumps(results[name].metrics)} ({time.perf_counter() - t0:.0f}s)")
+    return results
+
+
+def write_into(folder: Path, results: dict[str, Any]) -> list[Path]:
+    """Write each fitted head's module (template ``__init__.py``, ``manifest.json`` by json.dump,
+    safetensors weights) whole into ``folder/<name>/``, e.g. the repository's ``contrib_heads``."""
+    from engine.fitting.package import write_module
+
+    return [write_module(Path(folder) / name, r.kind, r.manifest, r.fitted.state) for name, r in results.items()]
+
+
+def run_recipe(config: TrainConfig, out: Path, *, fit_steps: int = 0, floor: bool = True, write_to: Path | None = None,
+               log: Any = print) -> dict[str, Any]:
+    """Initialise, generate data, pretrain, fit every head; ``out/model``, ``out/heads``, ``out/features``."""
+    torch.set_num_threads(config.threads)
+    t0 = time.perf_counter()
+    out = Path(out)
+    archives = write_training_archives(out / "data", config.studies, first_seed=1)
+    fingerprint = pretrain_model(config, out / "model", archives, log)
+    log(f"pretrained in {time.perf_counter() - t0:.0f}s; model {fingerprint}")
+    results = fit_heads(out / "model", [m.root for m in archives], out / "heads", cache_dir=out / "features",
+                        steps=fit_steps, floor=floor, seed=config.seed, log=log)
+    if write_to is not None:
+        write_into(write_to, results)
+    log(f"recipe done in {time.perf_counter() - t0:.0f}s")
+    return {"fingerprint": fingerprint, "config": asdict(config), "seconds": round(time.perf_counter() - t0, 1),
+            "heads": {n: {"metrics": r.metrics, "floor": r.floor} for n, r in results.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = TrainConfig()
+    parser.add_argument("--out", type=Path, required=True, help="output folder: model/, heads/, features/, data/")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--studies", type=int, default=defaults.studies, help="training studies (seeds 1, 2, ...)")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--out", type=Path, default=HERE, help="model folder (default: the embedded one, heads in place)")
-    parser.add_argument("--no-eval", action="store_true", help="skip the demo-archive evaluation")
+    parser.add_argument("--studies", type=int, default=defaults.studies, help="training studies (archive seeds 1, 2, ...)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="pretraining steps")
+    parser.add_argument("--fit-steps", type=int, default=0, help="head fitting steps (0: each kind's default)")
+    parser.add_argument("--no-floor", action="store_true", help="skip the random-encoder floor of each head")
+    parser.add_argument("--write-into", type=Path, help="also write each head module whole into FOLDER/<name>/")
     args = parser.parse_args(argv)
     config = TrainConfig(seed=args.seed, studies=args.studies, steps=args.steps)
-    result = run_recipe(config, args.out, evaluate=not args.no_eval)
-    print(json.dumps(result["metrics"], indent=2))
+    result = run_recipe(config, args.out, fit_steps=args.fit_steps, floor=not args.no_floor, write_to=args.write_into)
+    print(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":
