@@ -813,6 +813,14 @@ class ResultStore:
                 out[key] = self.pending_heads(key, head_fingerprints, deep=verify == "deep")
         return out
 
+    def note_series(self, keys: list[str]) -> None:
+        """Owe index rows for series groups written by other store objects (other processes, Ray
+        workers): their attributes are read back, so the next :meth:`update_index` stays
+        incremental (cost: the groups named, not the store)."""
+        for key in keys:
+            attrs = self.series_attrs(key)
+            self._index_rows[key] = _Row("unknown") if attrs is None else _row_from_attrs(attrs)
+
     def _note_index(self, key: str, attrs: dict[str, Any], status: str, outputs: list[OutputArray]) -> None:
         """What this write owes index/: the series' row, with the embeddings just written, so
         the index update reads nothing back."""
