@@ -1,4 +1,5 @@
-"""Preprocessing a Volume into the views the encoder sees, with torchio.
+"""Preprocessing a Volume into the views the encoder sees: torchio's resampling (ITK anti-aliasing
+and linear interpolation), called directly on one shared ITK image per series.
 
 Views are axis-aligned RAS grids, whatever the acquisition: the same anatomy reaches the encoder
 in the same orientation from axial, sagittal, coronal, oblique or flipped series. Every view
@@ -29,7 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchio as tio
+import SimpleITK as sitk
+from torchio.data.io import get_sitk_metadata_from_ras_affine
 from scipy import ndimage
 
 from .errors import InputError
@@ -40,31 +42,104 @@ from .mapping import grid_world_bounds, inside_fov
 VIEW_KINDS = ("global", "tiles")
 MIN_SMOOTH_VOXELS = 4  # ITK's recursive Gaussian refuses axes shorter than this
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+NO_SMOOTHING_MM = 1e-6  # torchio asks ITK for sigma 1e-9 on axes it does not downsample
 
 
 class ViewError(InputError):
     """The series could not be resampled into the encoder's views."""
 
 
-def _normalised(volume: Volume, intensity: dict[str, Any]) -> tuple[tio.ScalarImage, float, float]:
-    """The volume rescaled to [0, 1] between its clip percentiles, and the z-score statistics."""
-    data = torch.from_numpy(np.ascontiguousarray(volume.data, dtype=np.float32))[None]
-    lo, hi = intensity.get("clip_percentiles", [0.5, 99.5])
-    image = tio.RescaleIntensity(out_min_max=(0.0, 1.0), percentiles=(lo, hi))(tio.ScalarImage(tensor=data, affine=volume.affine))
-    if intensity.get("normalize", "zscore") == "zscore":
-        mean, std = float(image.data.mean()), float(image.data.std())
-        return image, mean, std if std > 0 else 1.0
-    return image, 0.0, 1.0
+class _Native:
+    """The series' voxels rescaled to [0, 1] between the clip percentiles, the z-score statistics,
+    and the ITK images resampling reads from: built once per series and shared by its views,
+    so the global and tiles views convert and anti-alias the native grid once when they can."""
+
+    def __init__(self, volume: Volume, intensity: dict[str, Any]) -> None:
+        self.affine = np.asarray(volume.affine, dtype=np.float64)
+        lo, hi = intensity.get("clip_percentiles", [0.5, 99.5])
+        self.data = _rescaled(volume.data, (lo, hi))
+        tensor = torch.from_numpy(self.data)
+        self.mean, self.std = 0.0, 1.0
+        if intensity.get("normalize", "zscore") == "zscore":
+            mean, std = float(tensor.mean()), float(tensor.std())
+            self.mean, self.std = mean, std if std > 0 else 1.0
+        self.pad = float(tensor.min())  # the resampler's default value (0) is the rescaled minimum
+        self._images: dict[Any, sitk.Image] = {}
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.data.shape)  # type: ignore[return-value]
+
+    def image(self, sigmas: tuple[float, ...] | None = None, short: tuple[float, ...] | None = None) -> sitk.Image:
+        """The native grid as an ITK image: as it is, smoothed by ITK's recursive Gaussian
+        (``sigmas`` in mm), or smoothed on its long axes only (``short``: voxel sigmas)."""
+        key = ("itk", sigmas) if sigmas is not None else ("short", short)
+        if key not in self._images:
+            if short is not None:
+                data = ndimage.gaussian_filter(self.data, np.asarray(short), mode="nearest")
+                self._images[key] = _to_itk(data, self.affine)
+            elif sigmas is not None:
+                self._images[key] = _smooth(self.image(), sigmas)
+            else:
+                self._images[key] = _to_itk(self.data, self.affine)
+        return self._images[key]
 
 
-def _describe(volume: Volume, intensity: dict[str, Any], norm: tuple[tio.ScalarImage, float, float]) -> dict[str, Any]:
+def _rescaled(source: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """torchio's RescaleIntensity to [0, 1]: the same operations in the same order (in place on
+    a float32 copy, so the same float32 values); an image that is constant once clipped is left
+    as it is, as torchio leaves it."""
+    array = np.array(source, dtype=np.float32, order="C")
+    cutoff = np.percentile(array, percentiles)
+    np.clip(array, *cutoff, out=array)
+    in_min, in_max = array.min(), array.max()
+    in_range = in_max - in_min
+    if in_range == 0:
+        return np.array(source, dtype=np.float32, order="C")
+    array -= in_min
+    array /= in_range
+    array *= 1.0
+    array += 0.0
+    return array
+
+
+def _normalised(volume: Volume, intensity: dict[str, Any]) -> _Native:
+    return _Native(volume, intensity)
+
+
+def _to_itk(data: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    """An (I, J, K) array and its RAS affine as an LPS ITK image (torchio's conversion)."""
+    image = sitk.GetImageFromArray(data.transpose())
+    origin, spacing_, direction = get_sitk_metadata_from_ras_affine(affine)
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing_)
+    image.SetDirection(direction)
+    return image
+
+
+def _smooth(image: sitk.Image, sigmas: tuple[float, ...]) -> sitk.Image:
+    """ITK's recursive Gaussian (SmoothingRecursiveGaussianImageFilter's zero-order passes), one
+    axis at a time, skipping axes whose sigma is torchio's "no smoothing" placeholder: such a pass
+    leaves the values as they are and costs as much as a real one."""
+    out = image
+    for axis, sigma in enumerate(sigmas):
+        if sigma < NO_SMOOTHING_MM:
+            continue
+        gaussian = sitk.RecursiveGaussianImageFilter()
+        gaussian.SetSigma(float(sigma))
+        gaussian.SetDirection(axis)
+        gaussian.SetOrder(0)
+        gaussian.SetNormalizeAcrossScale(False)
+        out = gaussian.Execute(out)
+    return out
+
+
+def _describe(intensity: dict[str, Any], native: _Native) -> dict[str, Any]:
     """The intensity transform as heads see it; padding takes the rescaled minimum (torchio's
     default pad value), i.e. the clipped background, after the same standardisation."""
-    image, mean, std = norm
     lo, hi = intensity.get("clip_percentiles", [0.5, 99.5])
-    pad = float(image.data.min())
     return {"clip_percentiles": (float(lo), float(hi)), "normalize": intensity.get("normalize", "zscore"),
-            "padding_value": (pad - mean) / std}
+            "padding_value": (native.pad - native.mean) / native.std}
 
 
 def _valid(volume: Volume, shape: np.ndarray, affine: np.ndarray) -> torch.Tensor:
@@ -82,26 +157,44 @@ def _ras_grid(volume: Volume, spacing: np.ndarray, shape: np.ndarray) -> np.ndar
     return affine
 
 
-def _smooth_short(image: tio.ScalarImage, target_spacing: np.ndarray) -> tio.ScalarImage:
+def _short_sigmas(native: _Native, target_spacing: np.ndarray) -> tuple[float, ...]:
     """Anti-aliasing for grids with an axis shorter than MIN_SMOOTH_VOXELS: the same Gaussian as
-    torchio's (Cardoso et al. 2015, sigma from the downsampling factor) on the long axes only."""
-    native = np.asarray(spacing(image.affine))
-    factor = np.asarray(target_spacing, dtype=np.float64) / native
+    torchio's (Cardoso et al. 2015, sigma from the downsampling factor) on the long axes only,
+    in voxels, for scipy (ITK's recursive Gaussian refuses such axes)."""
+    factor = np.asarray(target_spacing, dtype=np.float64) / np.asarray(spacing(native.affine))
     sigma_vox = np.sqrt(np.clip(factor**2 - 1.0, 0.0, None)) / FWHM_PER_SIGMA
-    sigma_vox[np.asarray(image.spatial_shape) < MIN_SMOOTH_VOXELS] = 0.0
-    data = ndimage.gaussian_filter(image.data[0].numpy().astype(np.float32), sigma_vox, mode="nearest")
-    return tio.ScalarImage(tensor=torch.from_numpy(data)[None], affine=image.affine)
+    sigma_vox[np.asarray(native.shape) < MIN_SMOOTH_VOXELS] = 0.0
+    return tuple(float(s) for s in sigma_vox)
 
 
-def _resample(image: tio.ScalarImage, shape: np.ndarray, affine: np.ndarray, mean: float, std: float) -> torch.Tensor:
-    target = (tuple(int(s) for s in shape), affine)
-    short = min(image.spatial_shape) < MIN_SMOOTH_VOXELS
-    if short:
+def _itk_sigmas(native: _Native, target_spacing: np.ndarray) -> tuple[float, ...]:
+    """torchio's anti-aliasing sigmas (mm, ITK axis order): none (1e-9) where not downsampling."""
+    source = np.asarray(native.image().GetSpacing(), dtype=np.float64)
+    factor = np.asarray(target_spacing, dtype=np.float64) / source
+    factor[factor <= 1] = np.nan
+    sigma = source * np.sqrt((factor**2 - 1) * FWHM_PER_SIGMA ** (-2))
+    sigma[np.isnan(sigma)] = 1e-9
+    return tuple(float(s) for s in sigma)
+
+
+def _resample(native: _Native, shape: np.ndarray, affine: np.ndarray) -> torch.Tensor:
+    """Linear resampling of the (anti-aliased) native grid onto the view grid, z-scored."""
+    origin, target_spacing, direction = get_sitk_metadata_from_ras_affine(affine)
+    if min(native.shape) < MIN_SMOOTH_VOXELS:
         # the view grid is axis-aligned, so its spacing is the diagonal; compare per native axis
         # by the largest target spacing, as torchio does for the isotropic views used here
-        image = _smooth_short(image, np.full(3, float(np.max(np.abs(np.diag(affine)[:3])))))
-    out = tio.Resample(target, image_interpolation="linear", antialias=not short)(image)
-    return ((out.data.float() - mean) / std).contiguous()
+        image = native.image(short=_short_sigmas(native, np.full(3, float(np.max(np.abs(np.diag(affine)[:3]))))))
+    else:
+        image = native.image(sigmas=_itk_sigmas(native, np.asarray(target_spacing)))
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetOutputDirection(direction)
+    resampler.SetOutputOrigin(origin)
+    resampler.SetOutputSpacing(target_spacing)
+    resampler.SetSize(tuple(int(s) for s in shape))
+    resampled = resampler.Execute(image)  # the array view below lives only as long as this image
+    out = torch.from_numpy(np.ascontiguousarray(sitk.GetArrayViewFromImage(resampled).transpose()))
+    return out.sub_(native.mean).div_(native.std)[None]
 
 
 def _extent(volume: Volume) -> np.ndarray:
@@ -117,10 +210,9 @@ def global_view(volume: Volume, preprocessing: dict[str, Any], _norm=None) -> Vi
     spacing = np.full(3, max(target, float(np.max(_extent(volume) / size))))
     affine = _ras_grid(volume, spacing, size)
     intensity = preprocessing.get("intensity", {})
-    norm = _norm or _normalised(volume, intensity)
-    image, mean, std = norm
-    return View("global", _resample(image, size, affine, mean, std), affine, [],
-                _valid(volume, size, affine), _describe(volume, intensity, norm))
+    native = _norm or _normalised(volume, intensity)
+    return View("global", _resample(native, size, affine), affine, [],
+                _valid(volume, size, affine), _describe(intensity, native))
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:
@@ -139,8 +231,7 @@ def tiles_view(volume: Volume, preprocessing: dict[str, Any], _norm=None) -> Vie
     shape = np.maximum(np.ceil(_extent(volume) / spacing - 1e-6).astype(int), size)
     affine = _ras_grid(volume, spacing, shape)
     intensity = preprocessing.get("intensity", {})
-    norm = _norm or _normalised(volume, intensity)
-    image, mean, std = norm
+    native = _norm or _normalised(volume, intensity)
     overlap = float(preprocessing.get("tile_overlap", 0.25))
     starts = [window_starts(int(n), int(w), overlap) for n, w in zip(shape, size)]
     windows = [
@@ -149,8 +240,8 @@ def tiles_view(volume: Volume, preprocessing: dict[str, Any], _norm=None) -> Vie
         for b in starts[1]
         for c in starts[2]
     ]
-    return View("tiles", _resample(image, shape, affine, mean, std), affine, windows,
-                _valid(volume, shape, affine), _describe(volume, intensity, norm))
+    return View("tiles", _resample(native, shape, affine), affine, windows,
+                _valid(volume, shape, affine), _describe(intensity, native))
 
 
 def make_views(volume: Volume, preprocessing: dict[str, Any], kinds: tuple[str, ...] = VIEW_KINDS) -> dict[str, View]:
