@@ -135,7 +135,7 @@ def test_lesion_phrase_names_size_and_location():
 
 
 def test_trained_heads_classify_and_segment_an_unseen_archive(tmp_path):
-    manifest = write_demo_archive(tmp_path / "archive", studies=2, seed=7)
+    manifest = write_demo_archive(tmp_path / "archive", studies=2, seed=7, formats=("explicit",))
     metrics = evaluate_archive(manifest, tmp_path, heads=["classify", "segment"], retrieval=False)
     assert metrics["region_accuracy"] >= 0.75
     assert metrics["dice"]["body"] >= 0.6
