@@ -417,7 +417,8 @@ def test_siemens_xa10_multi_file_run_loads_first_time_point_like_dcm2niix():
 
 @pytest.fixture
 def header_reads(monkeypatch):
-    """Counts every header parse (pydicom.dcmread and the lean reader's read_partial), per file."""
+    """Counts every header parse (pydicom.dcmread, the lean reader's read_partial, and the
+    raw-element reader when it reads the header), per file."""
     import pydicom.filereader
 
     from engine.dicom import frames
@@ -431,7 +432,17 @@ def header_reads(monkeypatch):
             return fn(fp, *args, **kwargs)
         return wrapper
 
+    def counting_lean(fn):
+        def wrapper(fp):
+            ds = fn(fp)
+            if ds is not None:  # None: nothing kept, pydicom reads the header instead
+                name = Path(getattr(fp, "name", str(fp))).name
+                counts[name] = counts.get(name, 0) + 1
+            return ds
+        return wrapper
+
     monkeypatch.setattr(frames, "read_partial", counting(pydicom.filereader.read_partial))
+    monkeypatch.setattr(frames, "_lean_partial", counting_lean(frames._lean_partial))
     monkeypatch.setattr(pydicom, "dcmread", counting(pydicom.dcmread))
     return counts
 

@@ -211,3 +211,85 @@ def test_unreadable_folder_entries_do_not_stop_the_scan(tmp_path):
     result = scan([tmp_path])
     assert len(result.series) == 1 and "symlink to nothing" in _warning_for(result, tmp_path / "s" / "dangling")
     assert os.path.islink(tmp_path / "s" / "dangling")
+
+
+# --------------------------------------------------------------------------- cheap header reads
+
+
+def _header_files(tmp_path: Path) -> list[Path]:
+    """Classic files in explicit and implicit VR, with private and odd elements, and the
+    validation series beside the project when present."""
+    write_series(tmp_path / "explicit", shape=(8, 6, 3), slope=2.0, intercept=-5.0)
+    info = write_series(tmp_path / "implicit", shape=(8, 6, 3), iop=OBLIQUE_IOP)
+    for i, path in enumerate(info["paths"]):
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        ds.add_new(0x00091010, "LO", "private text")
+        ds.SeriesDescription = ["two", "values"] if i == 0 else "trailing \x00"
+        ds.ImagePositionPatient = [" 1.5", "2e1 ", "-.5"] if i == 1 else ds.ImagePositionPatient
+        ds.save_as(path, enforce_file_format=True)
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return sorted(p for p in tmp_path.rglob("*") if p.is_file()) + sorted(shared.rglob("*.dcm"))[:40]
+
+
+def test_lean_header_reader_equals_pydicom(tmp_path):
+    """Where the raw-element reader reads a header, it holds what pydicom's read_partial holds
+    and leaves the file where pydicom does; elsewhere it declines."""
+    from pydicom.filereader import read_partial
+
+    from engine.dicom.frames import _lean_partial, _stop
+
+    read = 0
+    for path in _header_files(tmp_path):
+        with open(path, "rb") as fh:
+            lean, lean_at = _lean_partial(fh), fh.tell()
+            fh.seek(0)
+            ds, at = read_partial(fh, stop_when=_stop), fh.tell()
+        if lean is None:
+            continue
+        read += 1
+        assert lean_at == at, path
+        assert list(lean.keys()) == list(ds.keys()) and lean.file_meta == ds.file_meta, path
+        for elem in ds:
+            assert lean[elem.tag].value == elem.value, (path, elem.tag)
+    assert read >= 6  # the six written here at least
+
+
+def test_header_values_equal_pydicom(tmp_path):
+    """Values converted from raw bytes are pydicom's, for every keyword discovery reads."""
+    from pydicom.filereader import read_partial
+
+    from engine.dicom.frames import Header, _stop, _tag_vr
+
+    keywords = ["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "PixelRepresentation",
+                "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness",
+                "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept", "InstanceNumber", "AcquisitionNumber",
+                "SeriesNumber", "EchoNumbers", "TemporalPositionIdentifier", "SeriesDescription", "Modality",
+                "Manufacturer", "BodyPartExamined", "PatientAge", "StudyInstanceUID", "SeriesInstanceUID",
+                "SOPInstanceUID", "SOPClassUID", "PhotometricInterpretation", "ImageType", "PatientID"]
+    for path in _header_files(tmp_path):
+        with open(path, "rb") as fh:
+            ds = read_partial(fh, stop_when=_stop)
+        h = Header(ds)
+        for keyword in keywords:
+            expected = ds.get(keyword, "absent")
+            got = h.get(keyword, "absent")
+            assert (keyword in h) == (_tag_vr(keyword)[0] in ds), (path, keyword)
+            if isinstance(expected, (list, tuple)) or type(expected).__name__ == "MultiValue":
+                assert list(got) == list(expected), (path, keyword)
+            elif isinstance(expected, float):  # DS: pydicom's DSfloat
+                assert isinstance(got, float) and got == expected, (path, keyword)
+            else:
+                assert got == expected and str(got) == str(expected), (path, keyword)
+
+
+def test_identifiers_are_worked_out_once_per_patient(tmp_path, monkeypatch):
+    from engine.dicom import frames
+
+    calls = []
+    real = frames.patient_identifiers
+    monkeypatch.setattr(frames, "patient_identifiers", lambda ds: calls.append(1) or real(ds))
+    frames._IDENTIFIERS.clear()
+    write_series(tmp_path / "s", shape=(8, 6, 5))
+    [ref] = scan([tmp_path]).series
+    assert len(ref.sources) == 5 and len(calls) == 1

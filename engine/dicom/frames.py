@@ -3,6 +3,7 @@ Siemens mosaic tile, each with its position, orientation and spacing."""
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import re
@@ -13,7 +14,10 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement, empty_value_for_VR
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import BaseTag
 from pydicom.filereader import read_partial
 
 from ..discover import Source
@@ -87,6 +91,86 @@ class PixelPlan:
     pixel_vr: str = "OW"
 
 
+# --------------------------------------------------------------------------- header values
+
+_MISSING = object()
+_FAST_VRS = frozenset(("US", "UL", "IS", "DS", "CS", "SH", "LO", "UI", "AS", "DA", "TM"))
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+@functools.lru_cache(maxsize=None)
+def _tag_vr(keyword: str) -> tuple[int, str]:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return tag, dictionary_VR(tag)
+
+
+class Header:
+    """The header values discovery reads, each converted once.
+
+    Plain values (numbers, UIDs, codes, single ASCII strings) are converted from the raw bytes
+    read by :func:`read_partial` as pydicom would convert them; anything else (sequences,
+    person names, other character sets, several text values, unusual VRs, big-endian data)
+    goes through pydicom. pydicom's own conversion costs several times the parse of the element.
+    """
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self._values: dict[str, Any] = {}
+
+    def __contains__(self, keyword: str) -> bool:
+        return _tag_vr(keyword)[0] in self.ds._dict
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        value = self._values.get(keyword, _MISSING)
+        if value is _MISSING:
+            value = self._values[keyword] = self._read(keyword)
+        return default if value is _MISSING else value
+
+    def raw(self, keyword: str) -> Any:
+        """The element's bytes as stored (None when converted already or absent): a cheap key."""
+        elem = self.ds._dict.get(_tag_vr(keyword)[0])
+        return elem.value if isinstance(elem, RawDataElement) else None
+
+    def _read(self, keyword: str) -> Any:
+        tag, vr = _tag_vr(keyword)
+        elem = self.ds._dict.get(tag)
+        if elem is None:
+            return _MISSING
+        if isinstance(elem, RawDataElement):
+            value = _fast_value(elem, vr)
+            if value is not _MISSING:
+                return value
+        return self.ds.get(keyword, _MISSING)
+
+
+def _fast_value(elem: RawDataElement, vr: str) -> Any:
+    """pydicom's value for a raw element when it is one of the plain cases, else _MISSING."""
+    raw = elem.value
+    if elem.VR not in (None, vr) or vr not in _FAST_VRS or not elem.is_little_endian or not raw:
+        return _MISSING
+    if vr == "US":
+        return int.from_bytes(raw, "little") if len(raw) == 2 else _MISSING
+    if vr == "UL":
+        return int.from_bytes(raw, "little") if len(raw) == 4 else _MISSING
+    if not raw.isascii() or b"\x1b" in raw:
+        return _MISSING
+    text = raw.decode("ascii")
+    if vr == "DS":
+        parts = [p.strip() for p in text.split("\\")]
+        if not all(_NUMBER.fullmatch(p) for p in parts):
+            return _MISSING
+        return float(parts[0]) if len(parts) == 1 else [float(p) for p in parts]
+    if "\\" in text:
+        return _MISSING
+    if vr == "IS":
+        text = text.strip()
+        return int(text) if _INTEGER.fullmatch(text) else _MISSING
+    return text.rstrip(" \x00")
+
+
 # --------------------------------------------------------------------------- header records
 
 
@@ -113,6 +197,92 @@ def _stop(tag: Any, vr: Any, length: Any) -> bool:
     return int(tag) in _STOP_TAGS
 
 
+# Header bytes the lean reader reads, growing: most classic MR headers fit the first read (and a
+# zip member is decompressed only as far as it is read), vendor private elements can need more;
+# a header that fits none goes to pydicom.
+LEAN_READS = (16 * 1024, 256 * 1024, 4 * 1024 * 1024)
+_ELEMENT = struct.Struct("<HH2sH")
+_IMPLICIT = struct.Struct("<HHI")
+_U32 = struct.Struct("<I")
+_LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"))
+_LEAN_SYNTAXES = frozenset(("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50",
+                            "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+                            "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90",
+                            "1.2.840.10008.1.2.4.91"))
+
+
+def _lean_partial(fh: Any) -> Dataset | None:
+    """What ``read_partial(fh, stop_when=_stop)`` returns for a plain little-endian file, without
+    pydicom's per-element overhead: the same raw elements, the file left at the element that
+    stopped the read. None (file position undefined) for anything else: a missing preamble,
+    a command set, big-endian or deflated data, undefined lengths, a VR switch, a short file."""
+    head = b""
+    for size in LEAN_READS:
+        head += fh.read(size - len(head))
+        ds = _lean_dataset(fh, head)
+        if ds is not None or len(head) < size:
+            return ds  # parsed, or the whole file was there and pydicom must read it
+    return None
+
+
+def _lean_dataset(fh: Any, head: bytes) -> Dataset | None:
+    """The dataset when its header lies within ``head`` (the file's first bytes)."""
+    if len(head) < 144 or head[128:132] != b"DICM":
+        return None
+    meta, pos = _lean_elements(head, 132, False, group=2)
+    if meta is None or 0x00020010 not in meta:
+        return None
+    file_meta = FileMetaDataset(meta)
+    file_meta.set_original_encoding(False, True, "iso8859")
+    ts = str(file_meta.get("TransferSyntaxUID", ""))
+    if ts not in _LEAN_SYNTAXES:
+        return None
+    implicit = ts == "1.2.840.10008.1.2"
+    elements, end = _lean_elements(head, pos, implicit)
+    if elements is None or end >= len(head):
+        return None  # past what was read: the caller reads more, or pydicom reads to the end
+    ds = Dataset(elements)
+    ds.file_meta = file_meta
+    ds.set_original_encoding(implicit, True, ds._character_set)
+    fh.seek(end)
+    return ds
+
+
+def _lean_elements(buf: bytes, pos: int, implicit: bool, group: int | None = None) -> tuple[dict[int, Any] | None, int]:
+    """Raw elements from ``pos`` up to a stop tag (or the first element outside ``group``, or
+    the end of ``buf``), as pydicom's data_element_generator yields them; None where it would
+    do something this reader does not."""
+    out: dict[int, Any] = {}
+    size = len(buf)
+    while pos + 8 <= size:
+        if implicit:
+            g, e, length = _IMPLICIT.unpack_from(buf, pos)
+            vr, vpos = None, pos + 8
+        else:
+            g, e, code, length = _ELEMENT.unpack_from(buf, pos)
+            if group is not None and g != group:
+                return out, pos
+            if not (b"AA" <= code <= b"ZZ"):
+                return None, pos
+            vr = code.decode("ascii")
+            vpos = pos + 8
+            if vr in _LONG_VRS:
+                if pos + 12 > size:
+                    return None, pos
+                length, vpos = _U32.unpack_from(buf, pos + 8)[0], pos + 12
+        tag = g << 16 | e
+        if group is not None and g != group:
+            return out, pos
+        if tag in _STOP_TAGS and group is None:
+            return out, pos
+        if length == 0xFFFFFFFF or g in (0x0000, 0x0002, 0xFFFE) and group is None or vpos + length > size:
+            return None, pos
+        value = buf[vpos : vpos + length] if length else empty_value_for_VR(vr, raw=True)
+        out[tag] = RawDataElement(BaseTag(tag), vr, length, value, vpos, implicit, True)
+        pos = vpos + length
+    return out, size if pos < size else pos  # pydicom reads a short last header to the end
+
+
 def read_header(source: Source) -> tuple[Dataset, PixelBytes]:
     """The dataset without pixel data, and what the file holds of its pixel data.
 
@@ -129,7 +299,10 @@ def read_file_header(source: Source) -> tuple[Dataset, PixelBytes, list[dict[str
     element as (tag, value offset, VR, declared length), None when not found.
     """
     with source.open() as fh:
-        ds = read_partial(fh, stop_when=_stop)
+        ds = _lean_partial(fh)
+        if ds is None:
+            fh.seek(0)
+            ds = read_partial(fh, stop_when=_stop)
         here = fh.tell()
         ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
         if ts is None or str(ts) == _DEFLATED:
@@ -257,7 +430,9 @@ def record_from_header(
     ``groups`` are the per-frame functional groups when :func:`read_file_header` read them
     (otherwise they are in ``ds``); ``pixel`` is the pixel data element it found.
     """
-    if "Rows" not in ds or "Columns" not in ds:
+    h = ds if isinstance(ds, Header) else Header(ds)
+    ds = h.ds
+    if "Rows" not in h or "Columns" not in h:
         sop = getattr(ds.get("SOPClassUID"), "name", None) or ds.get("SOPClassUID", "unknown")
         present = remaining.present if isinstance(remaining, PixelBytes) else remaining
         if present == 0 and "PixelData" not in ds and ("Image Storage" in str(sop) or "Rows" in ds or "Columns" in ds):
@@ -265,42 +440,42 @@ def record_from_header(
             raise ValueError(f"truncated header: the file ends before Rows/Columns and the pixel data (SOP class {sop})")
         raise ValueError(f"no image data (SOP class {sop})")
     mosaic = 0
-    if groups is not None or _is_enhanced(ds):
+    if groups is not None or _is_enhanced(h):
         kind, frames = "enhanced", _enhanced_frames(ds, source, groups)
-    elif mosaic_count(ds):
+    elif mosaic_count(h):
         mosaic = mosaic_count(ds) or 1
         kind, frames = "mosaic", _mosaic_frames(ds, source)
     else:
-        kind, frames = "classic", [_classic_frame(ds, source)]
+        kind, frames = "classic", [_classic_frame(h, source)]
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     meta = {
         "transfer_syntax": str(ts) if ts else None,
         "transfer_syntax_name": getattr(ts, "name", None),
-        "sop_class": str(ds.get("SOPClassUID", "")),
-        "series_number": as_int(ds.get("SeriesNumber")),
-        "manufacturer": str(ds.get("Manufacturer", "")),
-        "body_part": str(ds.get("BodyPartExamined", "")),
+        "sop_class": str(h.get("SOPClassUID", "")),
+        "series_number": as_int(h.get("SeriesNumber")),
+        "manufacturer": str(h.get("Manufacturer", "")),
+        "body_part": str(h.get("BodyPartExamined", "")),
         "multiframe": kind == "enhanced",
         "mosaic": kind == "mosaic",
     }
-    identifiers = patient_identifiers(ds)
+    identifiers = _patient_identifiers(h)
     for key in ("manufacturer", "body_part"):
-        meta[key] = scrub(meta[key], identifiers)
+        meta[key] = _scrub(meta[key], identifiers)
     if with_patient_age:
-        meta["patient_age"] = str(ds.get("PatientAge", ""))
+        meta["patient_age"] = str(h.get("PatientAge", ""))
     rec = DicomRecord(
         source=source,
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        series_uid=str(ds.get("SeriesInstanceUID", "")),
-        sop_uid=str(ds.get("SOPInstanceUID", "")),
-        modality=str(ds.get("Modality", "")),
-        description=scrub(str(ds.get("SeriesDescription", "")), identifiers),
+        study_uid=str(h.get("StudyInstanceUID", "")),
+        series_uid=str(h.get("SeriesInstanceUID", "")),
+        sop_uid=str(h.get("SOPInstanceUID", "")),
+        modality=str(h.get("Modality", "")),
+        description=_scrub(str(h.get("SeriesDescription", "")), identifiers),
         kind=kind,
         frames=frames,
         meta=meta,
-        pixels=pixel_plan(source, ds, pixel, remaining, mosaic),
+        pixels=pixel_plan(source, h, pixel, remaining, mosaic),
     )
-    truncated = _truncation(ds, remaining)
+    truncated = _truncation(h, remaining)
     if truncated:
         rec.problems.append(f"{source}: {truncated}")
     return rec
@@ -337,6 +512,29 @@ def patient_identifiers(ds: Dataset) -> list[str]:
     return sorted((f for f in found if len(f) >= 2), key=len, reverse=True)
 
 
+_IDENTITY = ("SpecificCharacterSet", "PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate")
+
+
+def _patient_identifiers(h: Header) -> tuple[str, ...]:
+    """:func:`patient_identifiers`, worked out once per patient: files of one patient carry the
+    same identifying elements, so their stored bytes are the key."""
+    if "OtherPatientIDsSequence" in h:
+        return tuple(patient_identifiers(h.ds))
+    key = tuple(h.raw(k) for k in _IDENTITY)
+    if any(v is None and k in h for k, v in zip(_IDENTITY, key)):  # converted already: no bytes to key on
+        return tuple(patient_identifiers(h.ds))
+    found = _IDENTIFIERS.get(key)
+    if found is None:
+        if len(_IDENTIFIERS) >= _IDENTIFIERS_MAX:
+            _IDENTIFIERS.clear()
+        found = _IDENTIFIERS[key] = tuple(patient_identifiers(h.ds))
+    return found
+
+
+_IDENTIFIERS: dict[tuple, tuple[str, ...]] = {}
+_IDENTIFIERS_MAX = 4096
+
+
 def _values(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -345,7 +543,13 @@ def _values(value: Any) -> list[Any]:
     return [value]
 
 
-def scrub(text: str, identifiers: list[str]) -> str:
+@functools.lru_cache(maxsize=4096)
+def _scrub(text: str, identifiers: tuple[str, ...]) -> str:
+    """:func:`scrub` once per distinct text and patient (a series repeats its strings per file)."""
+    return scrub(text, identifiers) if text and identifiers else text
+
+
+def scrub(text: str, identifiers: list[str] | tuple[str, ...]) -> str:
     """``text`` with every identifier replaced by "[removed]" (case-insensitive)."""
     for ident in identifiers:
         pattern = re.escape(ident)
@@ -362,7 +566,7 @@ def pixel_bytes_needed(ds: Dataset) -> int:
     """Bytes of uncompressed pixel data the header's Rows, Columns, frames, samples and
     BitsAllocated call for."""
     return (
-        int(ds.Rows) * int(ds.Columns) * (as_int(ds.get("NumberOfFrames"), 1) or 1)
+        int(ds.get("Rows")) * int(ds.get("Columns")) * (as_int(ds.get("NumberOfFrames"), 1) or 1)
         * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
     )
 
@@ -370,17 +574,17 @@ def pixel_bytes_needed(ds: Dataset) -> int:
 def pixel_size_problem(held: int, ds: Dataset) -> str:
     return (
         f"pixel data holds {held} bytes, Rows x Columns x frames x bytes/pixel "
-        f"({int(ds.Rows)} x {int(ds.Columns)} x {as_int(ds.get('NumberOfFrames'), 1) or 1} x "
+        f"({int(ds.get('Rows'))} x {int(ds.get('Columns'))} x {as_int(ds.get('NumberOfFrames'), 1) or 1} x "
         f"{(as_int(ds.get('SamplesPerPixel'), 1) or 1) * (as_int(ds.get('BitsAllocated'), 16) or 16) // 8}) "
         f"needs {pixel_bytes_needed(ds)}"
     )
 
 
-def _truncation(ds: Dataset, remaining: PixelBytes | int | None) -> str | None:
+def _truncation(ds: Dataset | Header, remaining: PixelBytes | int | None) -> str | None:
     """For uncompressed files, whether the file holds less pixel data than the header needs:
     a truncated file (the Pixel Data element declares more than the file holds) or Rows/Columns
     that are larger than the data."""
-    ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    ts = _transfer_syntax(ds)
     if remaining is None or ts is None or ts.is_compressed or "Rows" not in ds:
         return None
     held = remaining if isinstance(remaining, PixelBytes) else PixelBytes(remaining)
@@ -392,15 +596,20 @@ def _truncation(ds: Dataset, remaining: PixelBytes | int | None) -> str | None:
     return None
 
 
-def pixel_plan(source: Source, ds: Dataset, pixel: tuple | None, held: PixelBytes | int | None, mosaic: int) -> PixelPlan | None:
+def _transfer_syntax(ds: Dataset | Header) -> Any:
+    holder = ds.ds if isinstance(ds, Header) else ds
+    return getattr(holder, "file_meta", Dataset()).get("TransferSyntaxUID")
+
+
+def pixel_plan(source: Source, ds: Dataset | Header, pixel: tuple | None, held: PixelBytes | int | None, mosaic: int) -> PixelPlan | None:
     """How loading reads this file's pixels without its header; None: through pydicom."""
-    ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    ts = _transfer_syntax(ds)
     if ts is None or pixel is None or pixel[0] != 0x7FE00010 or not isinstance(held, PixelBytes):
         return None
     _, offset, vr, declared = pixel
     encapsulated = declared == 0xFFFFFFFF
     length = -1 if encapsulated else declared  # encapsulated: fragments run to the end of the file
-    module = tuple((k, _plain(ds[k].value)) for k in _PIXEL_MODULE if k in ds and ds[k].value not in (None, ""))
+    module = tuple((k, _plain(ds.get(k))) for k in _PIXEL_MODULE if k in ds and ds.get(k) not in (None, ""))
     problem = None
     if as_int(ds.get("SamplesPerPixel"), 1) != 1:
         problem = f"{source}: colour images (SamplesPerPixel > 1) are not supported"
@@ -408,13 +617,13 @@ def pixel_plan(source: Source, ds: Dataset, pixel: tuple | None, held: PixelByte
         problem = _size_problem(source, ds, min(declared, held.present) if held.declared is not None else declared)
     rescale, lut = None, None
     if "ModalityLUTSequence" in ds:
-        lut = ds.ModalityLUTSequence
+        lut = ds.get("ModalityLUTSequence")
     elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
         try:
-            rescale = (float(ds.RescaleSlope), float(ds.RescaleIntercept))
+            rescale = (float(ds.get("RescaleSlope")), float(ds.get("RescaleIntercept")))
         except (TypeError, ValueError):
             problem = problem or f"{source}: cannot decode pixel data (RescaleSlope/RescaleIntercept are not numbers)"
-    return PixelPlan(str(ts), offset, length, encapsulated, int(ds.Rows), int(ds.Columns),
+    return PixelPlan(str(ts), offset, length, encapsulated, int(ds.get("Rows")), int(ds.get("Columns")),
                      as_int(ds.get("NumberOfFrames"), 1) or 1, module, rescale, lut, mosaic, problem,
                      (vr or b"OW").decode("ascii", "replace"))
 
@@ -433,7 +642,7 @@ def _size_problem(source: Source, ds: Dataset, held: int) -> str | None:
     the grid, and a whole row or more beyond it (not just the even-length pad byte) means the
     header's dimensions are not the data's."""
     needed = pixel_bytes_needed(ds)
-    row = int(ds.Columns) * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
+    row = int(ds.get("Columns")) * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
     if held < needed or held - needed >= max(row, 2):
         return f"{source}: {pixel_size_problem(held, ds)}"
     return None
@@ -464,16 +673,16 @@ def _float(value: Any) -> float | None:
     return out if out > 0 else None
 
 
-def _is_enhanced(ds: Dataset) -> bool:
+def _is_enhanced(ds: Dataset | Header) -> bool:
     return "PerFrameFunctionalGroupsSequence" in ds or str(ds.get("SOPClassUID", "")) == ENHANCED_MR_STORAGE
 
 
-def _classic_frame(ds: Dataset, source: Source) -> Frame:
+def _classic_frame(ds: Dataset | Header, source: Source) -> Frame:
     return Frame(
         source=source,
         index=0,
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
+        rows=int(ds.get("Rows")),
+        cols=int(ds.get("Columns")),
         iop=_floats(ds.get("ImageOrientationPatient"), 6),
         ipp=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
         pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
@@ -572,7 +781,12 @@ def _csa_image_header(ds: Dataset) -> dict | None:
             return None
 
 
-def mosaic_count(ds: Dataset) -> int | None:
+def mosaic_count(ds: Dataset | Header) -> int | None:
+    if isinstance(ds, Header):
+        raw = ds.raw("ImageType")
+        if raw is not None and b"MOSAIC" not in raw.upper():
+            return None  # the common case, told from the stored bytes
+        ds = ds.ds
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "MOSAIC" not in image_type:
         return None
