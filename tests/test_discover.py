@@ -290,6 +290,10 @@ def test_identifiers_are_worked_out_once_per_patient(tmp_path, monkeypatch):
     real = frames.patient_identifiers
     monkeypatch.setattr(frames, "patient_identifiers", lambda ds: calls.append(1) or real(ds))
     frames._IDENTIFIERS.clear()
-    write_series(tmp_path / "s", shape=(8, 6, 5))
+    info = write_series(tmp_path / "s", shape=(8, 6, 5))
+    for path in info["paths"]:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.save_as(path)
     [ref] = scan([tmp_path]).series
     assert len(ref.sources) == 5 and len(calls) == 1

@@ -304,7 +304,7 @@ def read_file_header(source: Source) -> tuple[Dataset, PixelBytes, list[dict[str
             fh.seek(0)
             ds = read_partial(fh, stop_when=_stop)
         here = fh.tell()
-        ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+        ts = _transfer_syntax(ds)
         if ts is None or str(ts) == _DEFLATED:
             return _pydicom_header(source)
         fh.seek(0, 2)
@@ -342,7 +342,7 @@ def _pixel_bytes(fh, ds: Dataset) -> PixelBytes:
     head = fh.read(12)
     fh.seek(0, 2)
     remaining = fh.tell() - here
-    ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    ts = _transfer_syntax(ds)
     if ts is None or not ts.is_little_endian or len(head) < 8 or head[:4] != b"\xe0\x7f\x10\x00":
         return PixelBytes(remaining)
     if ts.is_implicit_VR:
@@ -512,17 +512,19 @@ def patient_identifiers(ds: Dataset) -> list[str]:
     return sorted((f for f in found if len(f) >= 2), key=len, reverse=True)
 
 
-_IDENTITY = ("SpecificCharacterSet", "PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate")
+_IDENTITY = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate")
 
 
 def _patient_identifiers(h: Header) -> tuple[str, ...]:
     """:func:`patient_identifiers`, worked out once per patient: files of one patient carry the
-    same identifying elements, so their stored bytes are the key."""
+    same identifying elements, so their stored bytes (and the character set that decodes
+    them) are the key."""
     if "OtherPatientIDsSequence" in h:
         return tuple(patient_identifiers(h.ds))
-    key = tuple(h.raw(k) for k in _IDENTITY)
-    if any(v is None and k in h for k, v in zip(_IDENTITY, key)):  # converted already: no bytes to key on
+    raw = tuple(h.raw(k) for k in _IDENTITY)
+    if any(v is None and k in h for k, v in zip(_IDENTITY, raw)):  # converted already: no bytes to key on
         return tuple(patient_identifiers(h.ds))
+    key = (tuple(h.ds._character_set), *raw)
     found = _IDENTIFIERS.get(key)
     if found is None:
         if len(_IDENTIFIERS) >= _IDENTIFIERS_MAX:
@@ -597,8 +599,8 @@ def _truncation(ds: Dataset | Header, remaining: PixelBytes | int | None) -> str
 
 
 def _transfer_syntax(ds: Dataset | Header) -> Any:
-    holder = ds.ds if isinstance(ds, Header) else ds
-    return getattr(holder, "file_meta", Dataset()).get("TransferSyntaxUID")
+    meta = getattr(ds.ds if isinstance(ds, Header) else ds, "file_meta", None)
+    return meta.get("TransferSyntaxUID") if meta is not None else None
 
 
 def pixel_plan(source: Source, ds: Dataset | Header, pixel: tuple | None, held: PixelBytes | int | None, mosaic: int) -> PixelPlan | None:
