@@ -169,9 +169,11 @@ def run(
     _check_exporters(exports or [])
     if exports and is_remote(out) and not export_dir:
         raise UsageError(f"--export with a store at {out}: give --export-dir (exports are written to local files)")
+    # workers rebuild the model and heads from the setup; the embedded model is each node's own
+    setup = Setup(None if model is None else str(model), backend, precision, batch_size, sorted(loaded), params, queries,
+                  budgets, default_budget)
     plan = RunPlan(run_id, str(out), fingerprint, head_fps, mdl.preprocessing, inference.view_kinds(), batch_size, workers,
-                   overwrite, record_paths, Setup(str(mdl.folder), backend, precision, batch_size, sorted(loaded), params, queries,
-                                                  budgets, default_budget))
+                   overwrite, record_paths, setup)
     stop = _StopFlag()
     executor_info = runner.open()  # before the signal handlers: a cluster client may install its own
     try:
@@ -250,6 +252,10 @@ def _update_index(store: ResultStore, remote: set[str]) -> int:
     return store.update_index()  # rebuilt only when damaged
 
 
+def _not_mr(ref: Any) -> bool:
+    return bool(ref.reader == "dicom" and ref.modality and ref.modality != "MR")
+
+
 def _reporter(refs: list[Any], summary: RunSummary, emit: Callable[[Event], None], sessions: list[Any]) -> Callable[[SeriesResult], None]:
     """What happens when a series is finished, whoever wrote it: export, summary, event."""
     lock = threading.Lock()
@@ -271,16 +277,18 @@ def _triage(refs: list[Any], store: ResultStore, plan: RunPlan, done: Callable[[
     """Resume: the series still to do, with the heads each needs. Non-MR series are recorded
     skipped here; series every selected head is done on are reported resumed (or still failed)."""
     work: list[Work] = []
+    mr = [ref for ref in refs if not _not_mr(ref)]
+    # answered from the index where it can; deep: every chunk's checksum is verified (~20 ms for
+    # a 256x256x180 mask), so a damaged chunk found by nothing else is redone by the next run
+    todo = {} if plan.overwrite else store.triage([ref.key for ref in mr], plan.head_fps, verify="deep")
     for ref in refs:
-        if ref.reader == "dicom" and ref.modality and ref.modality != "MR":
+        if _not_mr(ref):
             why = f"modality {ref.modality} is not MR; mrfm runs MR series only"
             attrs = safe_attrs(ref, plan.run_id, plan.fingerprint, None, plan.record_paths, where)[0]
             done(write_item(store, WriteItem(ref.key, attrs, [], "skipped", why, result_for(ref, "skipped", why))))
             killpoint("between-series")
             continue
-        # deep: every chunk's checksum is verified (~20 ms for a 256x256x180 mask), so a damaged
-        # chunk found by nothing else is redone by the next run
-        pending = set(plan.head_fps) if plan.overwrite else store.pending_heads(ref.key, plan.head_fps, deep=True)
+        pending = set(plan.head_fps) if plan.overwrite else todo[ref.key]
         if pending:
             work.append(Work(ref, pending))
             continue

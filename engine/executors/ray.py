@@ -1,6 +1,6 @@
 """The Ray executor: the run's stages on a Ray cluster, through Ray Data.
 
-    series to do -> dataset of SeriesRefs, one block per series
+    series to do -> dataset of SeriesRefs, one block per series (up to MAX_BLOCKS)
       -> map: load + views (CPU tasks; a decoder crash is retried, then fails that series only)
       -> map_batches: an actor pool, one actor per accelerator (or per two CPUs where there is
          none), each loading the model, backend and heads once; it encodes, runs the heads, maps
@@ -9,9 +9,9 @@
 
 Ray Data's streaming executor bounds what is in flight, so memory stays flat whatever the
 archive's size. The driver holds the store's lock and writes the run record and the index; the
-actors only write distinct series groups. An actor that dies is restarted and its batch retried;
-a batch that keeps killing its actor is retried one series at a time, and a series that still
-kills it fails alone with its reason.
+actors only write distinct series groups. A worker that dies is restarted and its task retried;
+series whose task kept killing its worker are retried one series at a time, and a series that
+still kills it fails alone with its reason.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .stages import SeriesResult, WriteItem, fingerprints, infer_batch, prepare_
 
 LOAD_RETRIES = 2  # a loader that dies this many more times fails its series
 TASK_RETRIES = 3  # an inference batch is retried this often on a restarted actor
+MAX_BLOCKS = 4096  # one series per block up to this many, so a crashing decoder costs few series
 INSTALL = "the ray executor needs Ray: pip install 'mrfm[ray]' (or pip install 'ray[data]')"
 
 
@@ -174,12 +175,13 @@ class RayExecutor:
     def execute(self, plan: RunPlan, work: list[Work], driver: Driver) -> set[str]:
         written: set[str] = set()
         ran_on: dict[str, dict[str, Any]] = {}
-        todo, batch_size, lost = list(work), plan.batch_size, []
+        todo, batch_size, lost, isolated = list(work), plan.batch_size, [], False
         while todo and not driver.stop:
             lost = self._pass(plan, todo, batch_size, driver, written, ran_on)
-            if not lost or batch_size == 1:
+            if not lost or isolated:
                 break
-            todo, batch_size = lost, 1  # a batch that kept killing its actor: one series at a time
+            # a block or batch that kept killing its worker: once more, one series at a time
+            todo, batch_size, isolated = lost, 1, True
         if not driver.stop:  # a stopped run leaves the rest to resume
             for w in lost:  # never silently lost: failed with the reason, redone by the next run
                 why = (f"the Ray worker processing this series died on every try ({LOAD_RETRIES + 1} loads, "
@@ -234,7 +236,7 @@ class RayExecutor:
         remote = {"runtime_env": {"env_vars": env}} if env else {}
         loaders = {"compute": TaskPoolStrategy(size=plan.workers)} if plan.workers else {}
         rows = [{"key": w.ref.key, "ref": pickle.dumps(w.ref, protocol=5), "pending": pickle.dumps(w.pending, protocol=5)} for w in work]
-        ds = self.ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds = self.ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
         with warnings.catch_warnings():
             # retry limits can only be given as remote args, and Ray Data's defaults retry a crash forever
             warnings.simplefilter("ignore", DeprecationWarning)
