@@ -259,3 +259,32 @@ def test_an_archive_without_series_says_so(tmp_path):
     with pytest.raises(engine.UsageError, match="no DICOM or NIfTI series found"):
         run([tmp_path / "empty"], tmp_path / "r.zarr", heads=["classify"], backend="torch", workers=0)
     assert not (tmp_path / "r.zarr").exists()  # refused before anything was written
+
+
+def test_the_ray_executor_without_ray_is_a_usage_error_saying_how_to_install(archive, tmp_path, monkeypatch):
+    import sys
+
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+
+    _, manifest, _ = archive
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an install without the ray extra sees
+    with pytest.raises(engine.UsageError, match=r"pip install 'mrfm\[ray\]'"):
+        run([manifest.dicom_root], tmp_path / "r.zarr", heads=["classify"], backend="torch", executor="ray")
+    result = CliRunner().invoke(cli, ["run", str(manifest.dicom_root), "--out", str(tmp_path / "r.zarr"), "--heads", "classify",
+                                      "--backend", "torch", "--executor", "ray"])
+    assert result.exit_code == 2 and "pip install 'mrfm[ray]'" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r.zarr").exists()  # refused before anything was written
+
+
+def test_every_series_records_what_processed_it(first_run):
+    import socket
+
+    out, summary, _ = first_run
+    store = open_store(out)
+    for _, attrs in store.iter_series():
+        assert (attrs["executor"], attrs["node"], attrs["actor"]) == ("local", socket.gethostname(), "driver")
+    record = store.runs()[summary.run_id]
+    assert record["executor"]["name"] == "local" and record["config"]["executor"] == "local"
