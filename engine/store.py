@@ -55,6 +55,7 @@ INDEX_FORMAT = 3  # 3: status table (index/series), appended rows (index/delta),
 ROW_STATUSES = ("unknown", *STATUSES)  # status table codes; unknown: a damaged group or a failed write
 DELTA_CHUNK = 1024  # rows per chunk of appended index rows: an append rewrites at most one chunk
 SMALL_INDEX = 4096  # an index this small is rewritten whole on update (cheap, and stays one chunk)
+STRING_ROWS = 1024  # rows per chunk of the index's string columns
 COMPACT_FRACTION = 8  # appended rows past 1/8 of the compacted ones: rewrite whole
 MAX_LISTED = 3  # missing chunks named one by one per array; more are counted
 _KEY_RE = re.compile(r"[^A-Za-z0-9._-]")
@@ -693,10 +694,11 @@ class ResultStore:
         index = self._fresh_index()
         keys = sorted(rows)
         search = [k for k in keys if rows[k].searchable]
-        _array(index, "series_key", np.asarray(search, dtype=str))
+        # strings in chunks of STRING_ROWS: naming the top hits decodes a few chunks, not 10^5 strings
+        _array(index, "series_key", np.asarray(search, dtype=str), chunk_rows=STRING_ROWS)
         killpoint("index-rebuild")
-        _array(index, "study_uid", np.asarray([rows[k].study for k in search], dtype=str))
-        _array(index, "description", np.asarray([rows[k].description for k in search], dtype=str))
+        _array(index, "study_uid", np.asarray([rows[k].study for k in search], dtype=str), chunk_rows=STRING_ROWS)
+        _array(index, "description", np.asarray([rows[k].description for k in search], dtype=str), chunk_rows=STRING_ROWS)
         _array(index, "key_hash", key_hashes(search))
         embeddings = [rows[k].embedding for k in search] if source else []
         if embeddings:
@@ -1160,11 +1162,14 @@ def mask_chunks(shape: tuple[int, ...], itemsize: int = 1) -> tuple[int, ...]:
     return tuple(max(1, min(MASK_CHUNK, s)) for s in shape)
 
 
-def _array(group: zarr.Group, name: str, value: np.ndarray, attributes: dict[str, Any] | None = None) -> zarr.Array:
+def _array(group: zarr.Group, name: str, value: np.ndarray, attributes: dict[str, Any] | None = None,
+           chunk_rows: int | None = None) -> zarr.Array:
     value = np.asarray(value)
     dtype = str if value.dtype.kind == "U" else value.dtype
     # one chunk per small array; zarr wants chunk sides >= 1, and "auto" for 0-d arrays
     chunks = tuple(max(1, s) for s in value.shape) if value.ndim else "auto"
+    if chunk_rows and value.ndim == 1:
+        chunks = (max(1, min(chunk_rows, value.shape[0])),)
     compress = dtype is str or value.nbytes >= SMALL_BYTES
     a = group.create_array(name, shape=value.shape, dtype=dtype, chunks=chunks, fill_value="" if dtype is str else 0,
                            compressors=_codecs(compress), config=_WRITE_ALL, attributes=attributes)
