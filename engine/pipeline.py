@@ -178,6 +178,7 @@ def run(
     executor_info = runner.open()  # before the signal handlers: a cluster client may install its own
     try:
         store = _open_for_writing(out)
+        _forget_listings(store)
         with store.lock(run_id), stop.installed():
             summary = _drive(runner, executor_info, plan, refs, found, store, inference, mdl, enc, reason, head_info, loaded,
                              warnings, skipped_files, started, t0, stop, emit, exports or [], export_dir, paths)
@@ -248,8 +249,17 @@ def _update_index(store: ResultStore, remote: set[str]) -> int:
     """Index rows of the series written now. Rows written by other processes (Ray workers) are
     unknown to this store object, so then the index is rebuilt from the groups."""
     if remote:
+        _forget_listings(store)
         return store.rebuild_index()
     return store.update_index()  # rebuilt only when damaged
+
+
+def _forget_listings(store: ResultStore) -> None:
+    """An object-store client (s3fs) caches folder listings for the life of the process, so it
+    misses groups other processes wrote since: Ray workers, or runs of other processes."""
+    fs = getattr(store.root.store, "fs", None)
+    if fs is not None and hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache()
 
 
 def _not_mr(ref: Any) -> bool:

@@ -154,3 +154,36 @@ def test_one_bad_series_exits_1_from_a_job_file(archive, tmp_path):
     assert sum(a["status"] == "complete" for a in by_desc.values()) == 2
     assert all(a["executor"] == "ray" for a in by_desc.values())
     assert validate_store(tmp_path / "r.zarr") == []
+
+
+def test_ray_workers_write_into_an_s3_bucket(archive, local_store, monkeypatch):
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        # MRFM_* settings travel to the workers; the Ray instance was started without AWS settings
+        monkeypatch.setenv("MRFM_STORAGE_OPTIONS", json.dumps({"endpoint_url": endpoint, "key": "test", "secret": "test"}))
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        import s3fs
+
+        s3fs.S3FileSystem(endpoint_url=endpoint, key="test", secret="test").mkdir("results")
+        url = "s3://results/ray.zarr"
+        summary = run([archive], url, heads=HEADS, backend="torch", executor="ray", batch_size=2)
+        assert summary.exit_code == 0 and summary.count("complete") == 2
+        assert validate_store(url, deep=True) == []
+        store, reference = open_store(url), open_store(local_store)
+        for key, attrs in store.iter_series():
+            assert attrs["executor"] == "ray"
+            assert np.array_equal(store.read_output(key, "segment", "anatomy"), reference.read_output(key, "segment", "anatomy"))
+            np.testing.assert_allclose(store.read_output(key, "retrieve", "embedding"), reference.read_output(key, "retrieve", "embedding"),
+                                       rtol=0, atol=1e-5)
+        assert run([archive], url, heads=HEADS, backend="torch", executor="ray").count("resumed") == 2
+    finally:
+        server.stop()
