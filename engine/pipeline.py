@@ -120,6 +120,7 @@ def run(
     executor: str = "local",
     ray_address: str | None = None,
     ray_actors: int | None = None,
+    force: bool = False,
     on_event: Callable[[Event], None] | None = None,
 ) -> RunSummary:
     """Run the model and heads over every series found under ``paths`` into the store ``out``.
@@ -143,6 +144,8 @@ def run(
     ``ray_address``, default: a Ray instance started here; ``ray_actors`` inference actors,
     default: one per GPU, or one per two CPUs where there is none). Either way each series
     records ``executor``, ``node`` and ``actor``, and the run record says what ran the run.
+    ``force`` runs heads named in ``heads`` although they were fit on another encoder; the run
+    record's warnings say so.
     """
     from .discover import scan
 
@@ -154,7 +157,7 @@ def run(
     queries = list(queries or [])
     runner = get_executor(executor, ray_address=ray_address, ray_actors=ray_actors)  # UsageError when not installed
 
-    mdl, enc, reason, loaded, text, warnings = _prepare_run(model, backend, precision, batch_size, heads, params, queries)
+    mdl, enc, reason, loaded, text, warnings = _prepare_run(model, backend, precision, batch_size, heads, params, queries, force)
     # each head's fingerprint covers its manifest, weights, parameters and code
     head_info, fingerprint, head_fps = fingerprints(mdl, loaded, params)
     inference = Inference(enc, loaded, text, batch_size, budgets=budgets, default_budget=default_budget, on_event=emit)
@@ -171,7 +174,7 @@ def run(
         raise UsageError(f"--export with a store at {out}: give --export-dir (exports are written to local files)")
     # workers rebuild the model and heads from the setup; the embedded model is each node's own
     setup = Setup(None if model is None else str(model), backend, precision, batch_size, sorted(loaded), params, queries,
-                  budgets, default_budget)
+                  budgets, default_budget, force)
     plan = RunPlan(run_id, str(out), fingerprint, head_fps, mdl.preprocessing, inference.view_kinds(), batch_size, workers,
                    overwrite, record_paths, setup)
     stop = _StopFlag()

@@ -35,6 +35,7 @@ class Setup:
     queries: list[str]
     budgets: dict[str, float] | None = None
     default_budget: float | None = None
+    force: bool = False
 
 
 @dataclass(frozen=True)

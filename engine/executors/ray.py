@@ -78,7 +78,7 @@ class InferenceActor:
         self.plan = plan
         params = {k: dict(v) for k, v in setup.params.items()}
         mdl, enc, _, loaded, text, _ = prepare_run(setup.model, setup.backend, setup.precision, setup.batch_size,
-                                                   setup.heads, params, list(setup.queries))
+                                                   setup.heads, params, list(setup.queries), setup.force)
         _, fingerprint, _ = fingerprints(mdl, loaded, params)
         ctx = ray.get_runtime_context()
         self.where = {"executor": "ray", "node": socket.gethostname(), "actor": ctx.get_actor_id()}

@@ -46,7 +46,8 @@ def result_for(ref: Any, status: str, why: str | None, seconds: float = 0.0) -> 
 
 # ---- set-up ------------------------------------------------------------------------------------
 def prepare_run(model: Any, backend: str, precision: str, batch_size: int, heads: list[str] | None,
-                params: dict[str, dict[str, Any]], queries: list[str]) -> tuple[Any, Any, str, dict[str, Any], TextFeatures | None, list[str]]:
+                params: dict[str, dict[str, Any]], queries: list[str], force: bool = False,
+                ) -> tuple[Any, Any, str, dict[str, Any], TextFeatures | None, list[str]]:
     """Model, backend, text and heads: everything a usage mistake can break, before any I/O."""
     from ..backends import select
     from ..model import load_model
@@ -69,7 +70,7 @@ def prepare_run(model: Any, backend: str, precision: str, batch_size: int, heads
         else:
             with torch.inference_mode():
                 text = TextFeatures(queries, tower.encode(queries))
-    loaded, head_warnings = load_heads(heads, mdl, device, params, text)
+    loaded, head_warnings = load_heads(heads, mdl, device, params, text, force=force)
     warnings.extend(head_warnings)
     if not loaded:
         raise UsageError("no head can run: " + "; ".join(warnings or ["none selected"]))
