@@ -358,7 +358,12 @@ def run_bench(studies: int = 2, archive: str | Path | None = None, heads: list[s
         }
         report["monai"] = [e2e] if baselines else [{"heads": ",".join(heads), "monai": {"status": "skipped"}}]
         if baselines and all_heads:
-            report["monai"].append(compare_end_to_end(root, folders, None, backend, batch_size, workers, repeats, work, queries))
+            every = compare_end_to_end(root, folders, None, backend, batch_size, workers, repeats, work, queries)
+            report["monai"].append(every)
+            shared = every["monai"].get("heads")
+            if every["monai"].get("left_out") and shared:
+                # the same heads on both sides: the baseline has no tiled (sliding-window) path
+                report["monai"].append(compare_end_to_end(root, folders, shared, backend, batch_size, workers, repeats, work, queries))
         if baselines:
             series = dicom if dicom is not None else validation_series()
             report["dcm2niix"] = compare_dcm2niix(series, repeats, work) if series else {"status": "no validation series found"}
