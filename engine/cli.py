@@ -54,6 +54,7 @@ class _Cli(click.Group):
         "fit": "engine.fitting.cli:fit_command",
         "evaluate": "engine.fitting.cli:evaluate_command",
         "model": "engine.fitting.cli:model_group",
+        "store": "engine.store_cli:store",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -386,10 +387,12 @@ def new_head(name, directory) -> None:
 
 # ---- store -------------------------------------------------------------------------------------
 @cli.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store")
 @click.option("--json", "as_json", is_flag=True)
-def inspect(store, as_json) -> None:
-    """Summarise a result store: runs, series by status, heads, index."""
+@click.option("--limit", default=200, show_default=True, type=click.IntRange(0), help="Series rows to list (0: all).")
+def inspect(store, as_json, limit) -> None:
+    """Summarise a result store (a path or a URL such as s3://bucket/store): runs, series by
+    status, heads, index."""
     from .store import open_store
 
     s = _open_existing(store, open_store)
@@ -400,6 +403,8 @@ def inspect(store, as_json) -> None:
     fmt, model = info.get("format") or {}, info.get("model") or {}
     console.print(f"[bold]{esc(info['path'])}[/]  format {esc(fmt.get('format_version'))}  mrfm {esc(fmt.get('version'))}")
     console.print(f"model {esc(model.get('name'))} {esc(str(model.get('fingerprint') or '')[:23])}…")
+    counts = info.get("series") or {}
+    console.print("series: " + (", ".join(f"{styled(k)} {v}" for k, v in sorted(counts.items())) or "none"))
     table = Table(title="runs")
     for col in ("run", "status", "backend", "heads", "series", "seconds"):
         table.add_column(col, overflow="fold")
@@ -412,7 +417,13 @@ def inspect(store, as_json) -> None:
     table = Table(title="series")
     for col in ("series", "description", "orientation", "shape", "status", "outputs / reason"):
         table.add_column(col, overflow="fold")
+    # the counts above come from the index; listing every group of a large store is opt-in
+    shown = 0
     for key, attrs in s.iter_series():
+        if limit and shown >= limit:
+            table.caption = f"first {limit} series listed; mrfm inspect --limit 0 lists all"
+            break
+        shown += 1
         geo = attrs.get("geometry") or {}
         heads = attrs.get("heads") or {}
         outputs = sum(len(h.get("outputs") or []) for h in heads.values() if isinstance(h, dict))
@@ -438,7 +449,7 @@ def _open_existing(path: str, opener: Any) -> Any:
 
 
 @cli.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store")
 @click.option("--deep", is_flag=True, help="Also read every chunk and verify its checksum.")
 def validate(store, deep) -> None:
     """Check a store: schema, layout, damaged or missing chunks, incomplete series, abandoned runs.
@@ -457,7 +468,7 @@ def validate(store, deep) -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store")
 @click.argument("text", required=False)
 @click.option("--like", help="Find series similar to this series key.")
 @click.option("--report", type=click.Path(exists=True, dir_okay=False), help="Find series matching a report file.")

@@ -249,12 +249,12 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
 
 
 def _update_index(store: ResultStore, remote: set[str]) -> int:
-    """Index rows of the series written now. Rows written by other processes (Ray workers) are
-    unknown to this store object, so then the index is rebuilt from the groups."""
+    """Index rows of the series written now; rows written by other processes (Ray workers) are
+    read from their groups, the rest of the index is kept (rebuilt only when damaged)."""
     if remote:
         _forget_listings(store)
-        return store.rebuild_index()
-    return store.update_index()  # rebuilt only when damaged
+        store.note_series(sorted(remote))
+    return store.update_index()
 
 
 def _forget_listings(store: ResultStore) -> None:

@@ -88,6 +88,22 @@ def test_a_store_on_s3_reads_back_like_a_local_one(written):
     assert store.triage(["s0", "new"], {h: FP for h in HEADS}, verify="index") == {"s0": set(), "new": set(HEADS)}
 
 
+def test_the_cli_reads_a_store_by_its_url(written):
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+
+    url, _ = written
+    shown = CliRunner().invoke(cli, ["inspect", url])
+    assert shown.exit_code == 0 and "complete 3" in shown.output, shown.output
+    checked = CliRunner().invoke(cli, ["validate", url, "--deep"])
+    assert checked.exit_code == 0 and "is valid" in checked.output, checked.output
+    found = CliRunner().invoke(cli, ["search", url, "--like", "s0", "-k", "2"])
+    assert found.exit_code == 0 and ("s1" in found.output or "s2" in found.output), found.output
+    missing = CliRunner().invoke(cli, ["inspect", url.replace("results.zarr", "nothing.zarr")])
+    assert missing.exit_code == 3 and "Traceback" not in missing.output, missing.output
+
+
 def test_a_second_writer_is_refused_and_a_stale_remote_lock_is_broken(written, monkeypatch):
     url, _ = written
     first = ResultStore(url, mode="a")
