@@ -389,3 +389,20 @@ def test_two_roots_with_one_name_get_distinct_labels(tmp_path):
     result = scan([tmp_path / "a" / "dicom", tmp_path / "b" / "dicom"])
     labels = {str(s) for ref in result.series for s in ref.sources}
     assert len(labels) == 4 and {label.split("#")[0] for label in labels} == {"dicom", "dicom[2]"}
+
+
+def test_an_image_without_its_matrix_size_is_a_bad_header_and_a_report_is_not_an_image(tmp_path):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    del ds.Rows, ds.Columns, ds.PixelData  # an MR image object that lost its matrix size
+    ds.save_as(tmp_path / "cut.dcm")
+    sr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    del sr.Rows, sr.Columns, sr.PixelData
+    sr.save_as(tmp_path / "report.dcm")
+    result = scan([tmp_path], record_paths=True)
+    kinds = {s.source: (s.kind, s.reason) for s in result.skipped}
+    assert kinds[str(tmp_path / "cut.dcm")][0] == "bad-header" and "incomplete image header" in kinds[str(tmp_path / "cut.dcm")][1]
+    assert kinds[str(tmp_path / "report.dcm")][0] == "not-image"

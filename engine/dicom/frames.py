@@ -433,12 +433,14 @@ def record_from_header(
     h = ds if isinstance(ds, Header) else Header(ds)
     ds = h.ds
     if "Rows" not in h or "Columns" not in h:
-        sop = getattr(ds.get("SOPClassUID"), "name", None) or ds.get("SOPClassUID", "unknown")
-        present = remaining.present if isinstance(remaining, PixelBytes) else remaining
-        if present == 0 and "PixelData" not in ds and ("Image Storage" in str(sop) or "Rows" in ds or "Columns" in ds):
-            # an image object whose file ends inside its header: a cut copy, not a report
-            raise ValueError(f"truncated header: the file ends before Rows/Columns and the pixel data (SOP class {sop})")
-        raise ValueError(f"no image data (SOP class {sop})")
+        uid = ds.get("SOPClassUID")
+        name = str(getattr(uid, "name", "") or "")
+        known = bool(name) and name != str(uid)
+        if not known or "Image Storage" in name or "Rows" in h or "Columns" in h:
+            # an image object (or one whose class is unreadable) without its matrix size: a file
+            # cut inside its header or a broken writer, not a report
+            raise ValueError(f"incomplete image header: no Rows/Columns (a truncated file or a broken writer; SOP class {name or uid or 'missing'})")
+        raise ValueError(f"no image data (SOP class {name})")
     mosaic = 0
     if groups is not None or _is_enhanced(h):
         kind, frames = "enhanced", _enhanced_frames(ds, source, groups)
