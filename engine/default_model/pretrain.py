@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from engine.fitting.trainers import dice_loss
 from engine.model import VisionTransformer3D, build_encoder, load_encoder_weights, read_card
 
 from .dataset import CONTRASTS, REGION_LIST, Sample
@@ -187,18 +188,6 @@ def crop_offsets(labels: np.ndarray, grid: tuple[int, int, int], crop: int, patc
 # --- losses -------------------------------------------------------------------------------------
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
-    """Soft Dice over the foreground classes, pooled over the batch."""
-    probs = logits.softmax(dim=1)[:, 1:]
-    onehot = F.one_hot(target, classes).permute(0, 4, 1, 2, 3)[:, 1:].float()
-    dims = (0, 2, 3, 4)
-    inter = (probs * onehot).sum(dims)
-    denom = probs.sum(dims) + onehot.sum(dims)
-    present = onehot.sum(dims) > 0
-    dice = (2 * inter + 1.0) / (denom + 1.0)
-    return (1 - dice[present]).mean() if present.any() else logits.sum() * 0
-
-
 def batch_losses(
     nets: Nets, tokenizer: Any, batch: list[Sample], config: TrainConfig, rng: np.random.Generator,
     gen: torch.Generator, max_length: int = 64,
@@ -234,7 +223,7 @@ def batch_losses(
     logits = nets.heads["segment"]([deep, mid, shallow], torch.stack(images))
     target = torch.stack(targets)
     weight = torch.tensor(SEG_CLASS_WEIGHTS)
-    losses["seg"] = F.cross_entropy(logits, target, weight=weight) + dice_loss(logits, target, logits.shape[1])
+    losses["seg"] = F.cross_entropy(logits, target, weight=weight) + dice_loss(logits, target)
 
     if not gs:
         return losses

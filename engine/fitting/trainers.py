@@ -219,7 +219,7 @@ def fit_segment(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Optio
         layers = [torch.stack([it[0][j] for it in items]) for j in range(3)]
         logits = net(layers, torch.stack([it[1] for it in items]))
         target = torch.stack([it[2] for it in items])
-        return F.cross_entropy(logits, target, weight=weight) + _dice_loss(logits, target)
+        return F.cross_entropy(logits, target, weight=weight) + dice_loss(logits, target)
 
     _optimise(net, loss, opt.steps or 400, opt.lr or 3e-3, log=opt.log, name="segment")
     dice = M.DiceCounter(classes)
@@ -234,7 +234,7 @@ def fit_segment(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Optio
     return Fitted(_state(net), cfg, mets, decl, {"view": "tiles", "image": True, "features": [f"layers[{i}]" for i in use]})
 
 
-def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Soft Dice over the foreground classes present in the batch."""
     c = logits.shape[1]
     probs = logits.softmax(dim=1)[:, 1:]
