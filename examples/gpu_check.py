@@ -1,8 +1,12 @@
 """GPU check: torch eager fp32 vs bf16 vs torch-compile (and TensorRT where installed).
 
-Measures encoder throughput (volumes/s, input already on the GPU), parity with eager fp32 and
-peak GPU memory, on the embedded default model and on a ViT-B-sized encoder (embed 768, depth
-12, heads 12, patch 16, random weights), and prints ratios to eager fp32.
+Measures encoder throughput (volumes/s, input already on the GPU), parity with eager fp32,
+peak GPU memory and model FLOPs utilisation (FLOPs counted by ``torch.utils.flop_counter`` on
+one eager forward; MFU against the chip's dense bf16 peak, ``--peak-tflops``), on the embedded
+default model and on a ViT-B-sized encoder (embed 768, depth 12, heads 12, patch 16, random
+weights), and prints ratios to eager fp32. Then the inference stage as the pipeline runs it on
+the default model: host views copied through pinned memory, encoded, and every default head
+predicting on the device, split into encode and heads time per volume.
 
     python examples/gpu_check.py [--vitb-size 128] [--iters 20] [--json results.json]
 
@@ -74,9 +78,24 @@ def parity(out: list, ref: list) -> dict[str, float]:
     return result
 
 
+# Dense bf16 tensor-core peaks (spec sheets, TFLOP/s) for the MFU column; --peak-tflops overrides.
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
+
+
+def forward_flops(model: Model, x: torch.Tensor) -> float:
+    """FLOPs of one eager forward on one volume, as torch's flop counter sees them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backend, _ = select("torch", model, precision="fp32", device=x.device, max_batch=1)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        backend.forward(x[:1])
+    return float(counter.get_total_flops())
+
+
 def check_model(label: str, model: Model, batch: int, device: torch.device, args: argparse.Namespace) -> list[dict]:
     size = model.input_size
     x = torch.randn(batch, 1, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    flops = forward_flops(model, x)
     configs = [("torch", "fp32"), ("torch", "bf16")]
     if device.type == "cuda":
         configs += [("torch-compile", "fp32"), ("torch-compile", "bf16")]
@@ -85,7 +104,7 @@ def check_model(label: str, model: Model, batch: int, device: torch.device, args
     rows, ref = [], None
     print(
         f"\n== {label}: embed {model.embed_dim}, depth {model.config.depth}, patch {model.patch_size}, "
-        f"input {size}, grid {model.grid_for(size)}, batch {batch}"
+        f"input {size}, grid {model.grid_for(size)}, batch {batch}, {flops / 1e9:.1f} GFLOP/volume"
     )
     for name, precision in configs:
         if device.type == "cuda":
@@ -115,16 +134,82 @@ def check_model(label: str, model: Model, batch: int, device: torch.device, args
             "ratio_vs_eager_fp32": rate / base,
             "peak_mib": peak,
             "setup_s": setup,
+            "tflops": rate * flops / 1e12,
+            "mfu_vs_bf16_peak": rate * flops / 1e12 / args.peak_tflops if args.peak_tflops else None,
             **parity(out, ref),
         }
         rows.append(row)
         print(
             f"  {name:<14}{precision:<6}{rate:>10.1f} vol/s {row['ratio_vs_eager_fp32']:>6.2f}x  "
-            f"peak {peak:>8.0f} MiB  max|d tokens| {row['max_abs_tokens']:.2e}  min cos {row['min_cosine_tokens']:.5f}  "
+            f"{row['tflops']:>7.1f} TFLOP/s"
+            + (f" MFU {row['mfu_vs_bf16_peak']:>6.1%}" if args.peak_tflops else "")
+            + f"  peak {peak:>8.0f} MiB  max|d tokens| {row['max_abs_tokens']:.2e}  min cos {row['min_cosine_tokens']:.5f}  "
             f"(setup {setup:.1f}s)"
         )
         del backend, out
     return rows
+
+
+def stage_check(model: Model, device: torch.device, batch: int, backend_name: str, precision: str,
+                args: argparse.Namespace) -> dict:
+    """The inference stage on the default model as the pipeline runs it: host views through
+    pinned memory, encode (features back on the host), then every default head on the device."""
+    from engine.features import HeadInput
+    from engine.inference import load_heads
+
+    backend, _ = select(backend_name, model, precision=precision, device=device, max_batch=batch, cache_dir=args.cache_dir)
+    tower = model.text_tower()
+    text = None
+    if tower is not None:
+        from engine.features import TextFeatures
+
+        queries = ["left kidney", "liver lesion", "brain"]
+        with torch.inference_mode():
+            text = TextFeatures(queries, tower.encode(queries))
+    heads, _ = load_heads(None, model, device, {}, text)
+    images = torch.randn(batch, 1, *model.input_size, generator=torch.Generator().manual_seed(1))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    per_head: dict[str, list[float]] = {name: [] for name in heads}
+
+    def once() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        feats = backend.encode(images)
+        sync()
+        t1 = time.perf_counter()
+        for name, head in heads.items():
+            th = time.perf_counter()
+            declared = head.spec["inputs"]
+            inputs = [
+                HeadInput(f"s{i}", images[i] if declared.get("image") else None, f.only(declared["features"]),
+                          text if "text" in declared["features"] else None, tuple(model.input_size),
+                          torch.ones_like(images[i], dtype=torch.bool), None)
+                for i, f in enumerate(feats)
+            ]
+            with torch.inference_mode():
+                head.predict(inputs)
+            sync()
+            per_head[name].append(time.perf_counter() - th)
+        return t1 - t0, time.perf_counter() - t1
+
+    for _ in range(args.warmup):
+        once()
+    times = [once() for _ in range(max(3, args.iters // 4))]
+    encode, head_time = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+    row = {
+        "model": "default", "stage": "inference", "backend": backend_name, "precision": precision, "batch": batch,
+        "heads": sorted(heads), "encode_ms_per_volume": 1e3 * encode / batch, "heads_ms_per_volume": 1e3 * head_time / batch,
+        "volumes_per_s": batch / (encode + head_time),
+        "head_ms_per_volume": {n: 1e3 * statistics.median(t) / batch for n, t in per_head.items()},
+    }
+    print(
+        f"\n== inference stage (default model, {backend_name} {precision}, batch {batch}, host input, "
+        f"{len(heads)} heads: {', '.join(sorted(heads))})\n"
+        f"  encode {row['encode_ms_per_volume']:.2f} ms/volume (incl. pinned H2D and features to host), "
+        f"heads {row['heads_ms_per_volume']:.2f} ms/volume, {row['volumes_per_s']:.0f} volumes/s\n  per head (ms/volume): "
+        + ", ".join(f"{n} {v:.2f}" for n, v in sorted(row["head_ms_per_volume"].items()))
+    )
+    return row
 
 
 def main() -> int:
@@ -137,6 +222,8 @@ def main() -> int:
     parser.add_argument("--no-tensorrt", action="store_true", help="skip TensorRT even where installed")
     parser.add_argument("--cache-dir", default=None, help="engine cache for TensorRT plans")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16 peak of the chip for the MFU column (default: from the device name)")
     parser.add_argument("--allow-cpu", action="store_true", help="smoke-run on the CPU with tiny sizes")
     args = parser.parse_args()
 
@@ -147,6 +234,10 @@ def main() -> int:
             f"{name} (sm {'.'.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}, "
             f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}"
         )
+        if args.peak_tflops is None:
+            args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        if args.peak_tflops:
+            print(f"MFU against a dense bf16 peak of {args.peak_tflops:g} TFLOP/s")
     elif args.allow_cpu:
         device = torch.device("cpu")
         args.batch, args.vitb_batch, args.vitb_size, args.iters, args.warmup = 2, 1, 32, 2, 1
@@ -157,6 +248,12 @@ def main() -> int:
 
     rows = check_model("default", load_model(), args.batch, device, args)
     rows += check_model("vit-b", vit_b_model(args.vitb_size), args.vitb_batch, device, args)
+    default = load_model()
+    for backend_name, precision in [("torch", "fp32"), ("torch", "bf16")]:
+        try:
+            rows.append(stage_check(default, device, args.batch, backend_name, precision, args))
+        except Exception as exc:  # report and go on, as above
+            print(f"\n== inference stage {backend_name} {precision} failed: {type(exc).__name__}: {exc}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
         print(f"\nwrote {args.json}")
