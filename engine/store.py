@@ -18,6 +18,7 @@ series group is reported as ``damaged`` and the next run redoes it.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import errno
 import hashlib
@@ -126,7 +127,7 @@ class ResultStore:
         try:
             self.root = zarr.open_group(zstore, mode=mode, zarr_format=3)
             if not self.read_only and "mrfm" not in self.root.attrs:
-                self.root.attrs.update({"mrfm": {"format_version": FORMAT_VERSION, "version": __version__, "created": now()}, "runs": []})
+                self.root.update_attributes({"mrfm": {"format_version": FORMAT_VERSION, "version": __version__, "created": now()}, "runs": []})
             if not self.read_only:
                 for name in ("runs", "series"):
                     self._require_container(name)
@@ -310,14 +311,14 @@ class ResultStore:
         """Record a run as ``running``, with the pid and hostname that tell later if it died."""
         host = {"hostname": socket.gethostname(), **(info.get("host") or {})}
         record = {**info, "host": host, "pid": info.get("pid", os.getpid()), "status": "running"}
-        self.root.require_group("runs").create_group(run_id).attrs.update(record)
+        self.root.require_group("runs").create_group(run_id).update_attributes(record)
         attrs = dict(self.root.attrs)
-        self.root.attrs.update({"runs": [*attrs.get("runs", []), run_id], "model": info.get("model", {})})
+        self.root.update_attributes({"runs": [*attrs.get("runs", []), run_id], "model": info.get("model", {})})
 
     def finish_run(self, run_id: str, info: dict[str, Any], status: str = "finished") -> None:
         if status not in RUN_ENDS:
             raise ValueError(f"a run ends {', '.join(RUN_ENDS)}, not {status!r}")
-        self.root["runs"][run_id].attrs.update({**info, "status": status})
+        self.root["runs"][run_id].update_attributes({**info, "status": status})
 
     def mark_abandoned(self, current: str | None = None) -> list[str]:
         """Mark every run still recorded ``running``, except ``current``, as abandoned.
@@ -329,7 +330,7 @@ class ResultStore:
             if run_id == current or attrs.get("status") != "running":
                 continue
             try:
-                self.root["runs"][run_id].attrs.update({"status": "abandoned", "abandoned": now(),
+                self.root["runs"][run_id].update_attributes({"status": "abandoned", "abandoned": now(),
                                                          "reason": "its process ended before the run finished"})
                 marked.append(run_id)
             except Exception:  # a damaged run record stays as it is; validate reports it
@@ -439,6 +440,13 @@ class ResultStore:
     def _verify_chunks(self, path: str, meta: dict[str, Any], chunk_keys: list[str]) -> list[str]:
         """crc32c of each chunk's stored bytes; arrays written without it are decoded instead."""
         codecs = meta.get("codecs") or []
+        if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed" and _shard_checksummed(codecs[0]):
+            problems = []
+            for key in chunk_keys:
+                why = _shard_problem(self._get(key) or b"", meta)
+                if why:
+                    problems.append(f"{key}: {why}")
+            return problems
         if not codecs or codecs[-1].get("name") != "crc32c":
             try:
                 zarr.open_array(store=self.root.store, path=path, mode="r")[...]
@@ -490,17 +498,12 @@ class ResultStore:
             heads = merged["heads"]
             geometry = merged.get("geometry") or {}
             shape = tuple(geometry.get("shape") or ())
-            head_groups: dict[str, zarr.Group] = {}
-            for out in outputs:
-                if out.head not in head_groups:
-                    head_groups[out.head] = group.require_group(out.head)
-                self._write_output(head_groups[out.head], out, shape, geometry)
-                killpoint("mid-series-write")
+            _write_outputs(group, outputs, shape, geometry)
             errors = [r["error"] for r in heads.values() if r.get("error")]
             if status == "complete" and errors:
                 status, reason = "failed", "; ".join(errors)
             # the status goes in last, in the group's second and final metadata write
-            group.attrs.update({"status": status, "reason": reason, "written": now()})
+            group.update_attributes({"status": status, "reason": reason, "written": now()})
             self._note_index(key, merged, status, outputs)
         except Exception as exc:
             why = f"could not write series group: {type(exc).__name__ if not str(exc) else exc}"
@@ -526,7 +529,7 @@ class ResultStore:
         kept = {h: r for h, r in old.get("heads", {}).items() if h not in new_heads}
         # merge: a kept group keeps its geometry when this write has none (load failed)
         merged = {**old, **attrs, "heads": {**kept, **new_heads}, "status": "incomplete", "reason": None}
-        group.attrs.update(merged)
+        group.update_attributes(merged)
         for name in list(group.group_keys()):
             if name not in kept:
                 del group[name]
@@ -541,34 +544,9 @@ class ResultStore:
             for name in new_heads:
                 if name in heads:
                     heads[name] = {**heads[name], "error": heads[name].get("error") or why}
-            group.attrs.update({"status": "failed", "reason": why, "heads": heads, "written": now()})
+            group.update_attributes({"status": "failed", "reason": why, "heads": heads, "written": now()})
         except Exception:
             pass
-
-    def _write_output(self, head_group: zarr.Group, out: OutputArray, shape: tuple[int, ...], geometry: dict[str, Any]) -> None:
-        decl, name = out.decl, out.decl["name"]
-        meta = {k: decl[k] for k in ("kind", "labels", "colors", "units", "range", "normalized", "description") if k in decl}
-        meta.update({"head": out.head, "head_version": out.head_version})
-        if decl["kind"] == "boxes":
-            v = out.value
-            n = len(v["scores"])
-            g = head_group.create_group(name, attributes={**meta, "world_units": "mm (RAS+): x0, y0, z0, x1, y1, z1",
-                                                          "voxel_units": "native voxel indices: i0, j0, k0, i1, j1, k1"})
-            _array(g, "world", np.asarray(v["world"], dtype=np.float64).reshape(n, 6))
-            _array(g, "voxel", np.asarray(v["voxel"], dtype=np.float64).reshape(n, 6))
-            _array(g, "scores", np.asarray(v["scores"], dtype=np.float32).reshape(n))
-            for extra in ("labels", "queries"):
-                if extra in v:
-                    _array(g, extra, np.asarray(v[extra], dtype=str).reshape(n))
-            return
-        arr = np.asarray(out.value)
-        if decl["kind"] == "mask":
-            meta.update({"affine": geometry.get("affine"), "dtype": str(arr.dtype)})
-            a = head_group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=mask_chunks(arr.shape, arr.dtype.itemsize),
-                                        compressors=_codecs(), fill_value=0, config=_WRITE_ALL, attributes=meta)
-            a[...] = arr
-            return
-        _array(head_group, name, arr.astype(decl["dtype"]), attributes=meta)
 
     def read_output(self, key: str, head: str, output: str) -> Any:
         """An output as numpy (a dict of arrays for boxes); a damaged chunk raises StoreError."""
@@ -714,7 +692,7 @@ class ResultStore:
         _array(table, "key_hash", hashes[order])
         _array(table, "status", np.asarray([ROW_STATUSES.index(rows[keys[i]].status) for i in order], dtype=np.uint8))
         _array(table, "heads", np.asarray([_head_set_id(head_sets, rows[keys[i]].heads) for i in order], dtype=np.int32))
-        index.attrs.update({"count": len(search), "embedding_source": source if embeddings else None, "built": now(),
+        index.update_attributes({"count": len(search), "embedding_source": source if embeddings else None, "built": now(),
                             "skipped": skipped[:100], "format": INDEX_FORMAT, "statuses": list(ROW_STATUSES),
                             "head_sets": head_sets, "base_rows": len(keys), "delta_rows": 0,
                             "runs_seen": len(self.root.attrs.get("runs") or []), "complete": True})
@@ -738,14 +716,14 @@ class ResultStore:
         if source:
             dim = int(index["embedding"].shape[1])
             columns["embedding"] = np.stack([r.embedding if r.searchable else np.zeros(dim, np.float32) for r in rows]).astype("<f4")
-        index.attrs.update({"complete": False})  # a crash mid-append leaves an index the next run rebuilds
+        index.update_attributes({"complete": False})  # a crash mid-append leaves an index the next run rebuilds
         delta = index["delta"] if "delta" in index else index.create_group("delta")
         n, m = int(attrs.get("delta_rows") or 0), len(keys)
         for name, values in columns.items():
             arr = delta[name] if name in delta else _appendable(delta, name, values)
             arr.resize((n + m, *values.shape[1:]))
             arr[n:n + m] = values
-        index.attrs.update({"count": count, "skipped": skipped[:100], "head_sets": head_sets, "delta_rows": n + m,
+        index.update_attributes({"count": count, "skipped": skipped[:100], "head_sets": head_sets, "delta_rows": n + m,
                             "updated": now(), "runs_seen": len(self.root.attrs.get("runs") or []), "complete": True})
         return count
 
@@ -833,12 +811,12 @@ class ResultStore:
     def _fresh_index(self) -> zarr.Group:
         """An empty index group marked incomplete; the old one is marked incomplete before deletion."""
         try:
-            self.root["index"].attrs.update({"complete": False})
+            self.root["index"].update_attributes({"complete": False})
         except Exception:
             pass  # absent or unreadable: deleted below either way
         self._delete_prefix("index")
         index = self.root.create_group("index")
-        index.attrs.update({"count": 0, "embedding_source": None, "complete": False})
+        index.update_attributes({"count": 0, "embedding_source": None, "complete": False})
         return index
 
     def index_attrs(self) -> dict[str, Any] | None:
@@ -1036,6 +1014,36 @@ def _chunk_keys(path: str, meta: dict[str, Any]) -> set[str]:
     return {f"{path}/{md.encode_chunk_key(coords)}" for coords in itertools.product(*grid)}
 
 
+def _shard_checksummed(codec: dict[str, Any]) -> bool:
+    """A shard whose inner chunks and index each end with a crc32c (how this store writes masks)."""
+    conf = codec.get("configuration") or {}
+    return all((conf.get(part) or [{}])[-1].get("name") == "crc32c" for part in ("codecs", "index_codecs"))
+
+
+def _shard_problem(raw: bytes, meta: dict[str, Any]) -> str | None:
+    """Why a shard's stored bytes are damaged, or None: its index is (offset, nbytes) uint64
+    pairs, one per inner chunk, then its own crc32c; each inner chunk ends with its crc32c."""
+    import google_crc32c
+
+    def damaged(blob: bytes) -> bool:
+        return len(blob) < 4 or google_crc32c.value(blob[:-4]).to_bytes(4, "little") != blob[-4:]
+
+    conf = meta["codecs"][0]["configuration"]
+    shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    n = math.prod(s // c for s, c in zip(shard, conf["chunk_shape"]))
+    size = 16 * n + 4
+    index = raw[:size] if conf.get("index_location", "end") == "start" else raw[-size:]
+    if len(raw) < size or damaged(index):
+        return "checksum mismatch (the shard's index is damaged)"
+    pairs = np.frombuffer(index[:-4], dtype="<u8").reshape(n, 2)
+    for offset, nbytes in pairs:
+        if offset == np.iinfo(np.uint64).max:  # an empty inner chunk: nothing stored
+            continue
+        if offset + nbytes > len(raw) or damaged(raw[int(offset):int(offset + nbytes)]):
+            return "checksum mismatch (the chunk's bytes are damaged)"
+    return None
+
+
 def _create_exclusive(path: Path, record: dict[str, Any]) -> bool:
     """Create ``path`` holding ``record`` unless it exists (O_CREAT|O_EXCL: atomic on local disks)."""
     try:
@@ -1162,17 +1170,77 @@ def mask_chunks(shape: tuple[int, ...], itemsize: int = 1) -> tuple[int, ...]:
     return tuple(max(1, min(MASK_CHUNK, s)) for s in shape)
 
 
-def _array(group: zarr.Group, name: str, value: np.ndarray, attributes: dict[str, Any] | None = None,
-           chunk_rows: int | None = None) -> zarr.Array:
-    value = np.asarray(value)
-    dtype = str if value.dtype.kind == "U" else value.dtype
+def _write_outputs(group: zarr.Group, outputs: list[OutputArray], shape: tuple[int, ...], geometry: dict[str, Any]) -> None:
+    """Write every output of one series in two concurrent passes: all nodes' metadata, then all
+    chunks. Node by node, each of the ~20 nodes of an all-heads series cost a blocking round
+    trip to zarr's event loop; gathered, the store sees them at once (and an object store
+    overlaps its requests)."""
+    if not outputs:
+        return
+    arrays: list[tuple[str, np.ndarray, dict[str, Any]]] = []  # (path in group, value, create kwargs)
+    groups: dict[str, dict[str, Any]] = {}  # path -> attributes; parents before children
+    for out in outputs:
+        groups.setdefault(out.head, {})
+        decl, name = out.decl, out.decl["name"]
+        meta = {k: decl[k] for k in ("kind", "labels", "colors", "units", "range", "normalized", "description") if k in decl}
+        meta.update({"head": out.head, "head_version": out.head_version})
+        path = f"{out.head}/{name}"
+        if decl["kind"] == "boxes":
+            v = out.value
+            n = len(v["scores"])
+            groups[path] = {**meta, "world_units": "mm (RAS+): x0, y0, z0, x1, y1, z1",
+                            "voxel_units": "native voxel indices: i0, j0, k0, i1, j1, k1"}
+            parts = {"world": np.asarray(v["world"], dtype=np.float64).reshape(n, 6),
+                     "voxel": np.asarray(v["voxel"], dtype=np.float64).reshape(n, 6),
+                     "scores": np.asarray(v["scores"], dtype=np.float32).reshape(n)}
+            parts.update({extra: np.asarray(v[extra], dtype=str).reshape(n) for extra in ("labels", "queries") if extra in v})
+            arrays += [(f"{path}/{part}", value, _small_array_kwargs(value, None)) for part, value in parts.items()]
+        elif decl["kind"] == "mask":
+            arr = np.asarray(out.value)
+            meta.update({"affine": geometry.get("affine"), "dtype": str(arr.dtype)})
+            chunks = mask_chunks(arr.shape, arr.dtype.itemsize)
+            # one shard per mask: its 64^3 chunks stay separately readable through the shard index,
+            # but the mask costs one file (an object) instead of one per chunk
+            shards = tuple(c * math.ceil(s / c) for s, c in zip(arr.shape, chunks))
+            arrays.append((path, arr, {"shape": arr.shape, "dtype": arr.dtype, "chunks": chunks,
+                                       "shards": shards if shards != chunks else None, "compressors": _codecs(),
+                                       "fill_value": 0, "config": _WRITE_ALL, "attributes": meta}))
+        else:
+            value = np.asarray(out.value).astype(decl["dtype"])
+            arrays.append((path, value, _small_array_kwargs(value, meta)))
+
+    async def write() -> None:
+        root = group._async_group
+        made = {}
+        for path, attrs in groups.items():  # a handful, and parents must exist before children
+            parent, _, name = path.rpartition("/")
+            made[path] = await (made[parent] if parent else root).create_group(name, attributes=attrs)
+        created = await asyncio.gather(*(
+            (made[p.rpartition("/")[0]] if "/" in p else root).create_array(p.rpartition("/")[2], **kw)
+            for p, _, kw in arrays
+        ))
+        killpoint("mid-series-write")  # nodes exist, chunks do not: a half-written group
+        await asyncio.gather(*(a.setitem(Ellipsis, value) for a, (_, value, _) in zip(created, arrays) if value.size))
+
+    sync(write())
+
+
+def _small_array_kwargs(value: np.ndarray, attributes: dict[str, Any] | None, chunk_rows: int | None = None) -> dict[str, Any]:
+    """create_array arguments of a small output or index column: one chunk, raw unless worth compressing."""
+    dtype = str if value.dtype.kind in "UT" else value.dtype
     # one chunk per small array; zarr wants chunk sides >= 1, and "auto" for 0-d arrays
-    chunks = tuple(max(1, s) for s in value.shape) if value.ndim else "auto"
+    chunks: Any = tuple(max(1, s) for s in value.shape) if value.ndim else "auto"
     if chunk_rows and value.ndim == 1:
         chunks = (max(1, min(chunk_rows, value.shape[0])),)
     compress = dtype is str or value.nbytes >= SMALL_BYTES
-    a = group.create_array(name, shape=value.shape, dtype=dtype, chunks=chunks, fill_value="" if dtype is str else 0,
-                           compressors=_codecs(compress), config=_WRITE_ALL, attributes=attributes)
+    return {"shape": value.shape, "dtype": dtype, "chunks": chunks, "fill_value": "" if dtype is str else 0,
+            "compressors": _codecs(compress), "config": _WRITE_ALL, "attributes": attributes}
+
+
+def _array(group: zarr.Group, name: str, value: np.ndarray, attributes: dict[str, Any] | None = None,
+           chunk_rows: int | None = None) -> zarr.Array:
+    value = np.asarray(value)
+    a = group.create_array(name, **_small_array_kwargs(value, attributes, chunk_rows))
     if value.size:
         a[...] = value
     return a

@@ -159,10 +159,10 @@ def test_a_flipped_byte_raises_on_read_and_is_redone(path):
 
 
 def test_a_deleted_chunk_is_found_without_reading_and_resume_redoes_it(path):
-    (path / MASK / "c/1/0/0").unlink()
-    assert f"/{MASK}/c/1/0/0: chunk missing" in validate_store(path)
+    (path / MASK / "c/0/0/0").unlink()  # the mask's one shard
+    assert f"/{MASK}/c/0/0/0: chunk missing" in validate_store(path)
     store = ResultStore(path, mode="a")
-    assert store.check_series("s1") == [f"{MASK}/c/1/0/0: chunk missing"]
+    assert store.check_series("s1") == [f"{MASK}/c/0/0/0: chunk missing"]
     assert store.pending_heads("s1", {h: FP for h in HEADS}) == set(HEADS)
     write(store, "s1")  # resume: same grid, no replace; the damaged group is rewritten whole
     assert validate_store(path, deep=True) == []
@@ -174,15 +174,44 @@ def test_an_all_zero_mask_still_writes_every_chunk(tmp_path):
     write(store, "s1", mask=np.zeros(SHAPE, np.uint8))
     chunks = sorted(p.relative_to(tmp_path / "z.zarr" / MASK / "c").as_posix()
                     for p in (tmp_path / "z.zarr" / MASK / "c").rglob("*") if p.is_file())
-    assert chunks == ["0/0/0", "1/0/0"]
+    assert chunks == ["0/0/0"]  # one shard holding both 64-voxel chunks
+    raw = (tmp_path / "z.zarr" / MASK / "c/0/0/0").read_bytes()
+    index = np.frombuffer(raw[-(2 * 16 + 4):-4], dtype="<u8").reshape(2, 2)
+    assert (index[:, 1] > 0).all() and (index[:, 0] != np.iinfo(np.uint64).max).all()  # both stored, none empty
     assert store.check_series("s1", deep=True) == []
+
+
+def test_a_mask_costs_one_file_and_its_chunks_stay_separately_readable(path):
+    files = sorted(p.relative_to(path / MASK).as_posix() for p in (path / MASK).rglob("*") if p.is_file())
+    assert files == ["c/0/0/0", "zarr.json"]
+    meta = json.loads((path / MASK / "zarr.json").read_text())
+    assert meta["codecs"][0]["name"] == "sharding_indexed"
+    assert meta["codecs"][0]["configuration"]["chunk_shape"] == [64, 20, 10]  # inner chunks, read one by one
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [128, 20, 10]  # the shard covers the grid
+    whole = ResultStore(path, mode="r").read_output("s1", "segment", "anatomy")
+    assert np.array_equal(zarr.open_array(path / MASK, mode="r")[64:, 3:7, 2], whole[64:, 3:7, 2])
+
+
+def test_a_damaged_shard_index_is_found(path):
+    f = path / MASK / "c/0/0/0"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF  # inside the index at the shard's end
+    f.write_bytes(bytes(data))
+    assert f"/{MASK}/c/0/0/0: checksum mismatch (the shard's index is damaged)" in validate_store(path, deep=True)
 
 
 def test_every_array_carries_a_crc32c_checksum(path):
     metas = [json.loads(p.read_text()) for p in path.rglob("zarr.json")]
     arrays = [m for m in metas if m["node_type"] == "array"]
     assert len(arrays) >= 9  # three outputs per series and the index columns
-    assert all(m["codecs"][-1]["name"] == "crc32c" for m in arrays)
+    def checksummed(codecs: list) -> bool:
+        if codecs[0]["name"] == "sharding_indexed":  # a sharded mask: each inner chunk and the index
+            conf = codecs[0]["configuration"]
+            return checksummed(conf["codecs"]) and checksummed(conf["index_codecs"])
+        return codecs[-1]["name"] == "crc32c"
+
+    assert all(checksummed(m["codecs"]) for m in arrays)
+    assert any(m["codecs"][0]["name"] == "sharding_indexed" for m in arrays)
 
 
 # ---- damaged metadata ------------------------------------------------------------------------
@@ -265,10 +294,16 @@ def test_a_kill_during_index_rebuild_leaves_a_store_the_next_run_repairs(path):
 
 # ---- series status ---------------------------------------------------------------------------
 def test_a_failed_write_marks_the_series_failed_with_its_reason(path, monkeypatch):
-    def disk_full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    from zarr.storage import LocalStore
 
-    monkeypatch.setattr(zarr.Array, "__setitem__", disk_full)
+    set_key = LocalStore.set
+
+    async def disk_full(self, key, value, *args, **kwargs):  # chunks fail; small metadata writes still fit
+        if "/c/" in key or key.endswith("/c"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await set_key(self, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "set", disk_full)
     store = ResultStore(path, mode="a")
     with pytest.raises(StoreError, match=r"series/s3: could not write series group: .*No space left on device"):
         write(store, "s3")
