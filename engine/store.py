@@ -41,10 +41,11 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import collect_aiterator, sync
-from zarr.storage import FsspecStore
+from zarr.storage import FsspecStore, LocalStore
 
 from .errors import StoreError, StoreLocked
 from .faults import killpoint
+from .zarr_nodes import array_documents, group_document
 
 FORMAT_VERSION = 2  # 2: checksummed chunks, store lock, run status interrupted/abandoned
 STATUSES = ("incomplete", "complete", "failed", "skipped")  # what write_series writes
@@ -1172,15 +1173,23 @@ def mask_chunks(shape: tuple[int, ...], itemsize: int = 1) -> tuple[int, ...]:
 
 def _write_outputs(group: zarr.Group, outputs: list[OutputArray], shape: tuple[int, ...], geometry: dict[str, Any]) -> None:
     """Write every output of one series in two concurrent passes: all nodes' metadata, then all
-    chunks. Node by node, each of the ~20 nodes of an all-heads series cost a blocking round
-    trip to zarr's event loop; gathered, the store sees them at once (and an object store
-    overlaps its requests)."""
+    chunks. Small outputs are encoded directly (:mod:`.zarr_nodes`); masks go through zarr's
+    sharding codec. Node by node, an all-heads series cost ~90 blocking round trips to zarr's
+    event loop and ~3 ms of set-up per array; now one pass each, overlapped by the store."""
     if not outputs:
         return
-    arrays: list[tuple[str, np.ndarray, dict[str, Any]]] = []  # (path in group, value, create kwargs)
-    groups: dict[str, dict[str, Any]] = {}  # path -> attributes; parents before children
+    meta_docs: dict[str, bytes] = {}  # key under the series group -> bytes
+    chunk_docs: dict[str, bytes] = {}
+    masks: list[tuple[str, np.ndarray, dict[str, Any]]] = []  # (path in group, value, create kwargs)
+
+    def small(path: str, value: np.ndarray, attributes: dict[str, Any] | None) -> None:
+        compress = value.dtype.kind in "UOT" or value.nbytes >= SMALL_BYTES
+        for key, raw in array_documents(path, value, _codecs(compress), attributes).items():
+            (meta_docs if key.endswith("zarr.json") else chunk_docs)[key] = raw
+
     for out in outputs:
-        groups.setdefault(out.head, {})
+        if f"{out.head}/zarr.json" not in meta_docs:
+            meta_docs[f"{out.head}/zarr.json"] = group_document({})
         decl, name = out.decl, out.decl["name"]
         meta = {k: decl[k] for k in ("kind", "labels", "colors", "units", "range", "normalized", "description") if k in decl}
         meta.update({"head": out.head, "head_version": out.head_version})
@@ -1188,13 +1197,14 @@ def _write_outputs(group: zarr.Group, outputs: list[OutputArray], shape: tuple[i
         if decl["kind"] == "boxes":
             v = out.value
             n = len(v["scores"])
-            groups[path] = {**meta, "world_units": "mm (RAS+): x0, y0, z0, x1, y1, z1",
-                            "voxel_units": "native voxel indices: i0, j0, k0, i1, j1, k1"}
-            parts = {"world": np.asarray(v["world"], dtype=np.float64).reshape(n, 6),
-                     "voxel": np.asarray(v["voxel"], dtype=np.float64).reshape(n, 6),
-                     "scores": np.asarray(v["scores"], dtype=np.float32).reshape(n)}
-            parts.update({extra: np.asarray(v[extra], dtype=str).reshape(n) for extra in ("labels", "queries") if extra in v})
-            arrays += [(f"{path}/{part}", value, _small_array_kwargs(value, None)) for part, value in parts.items()]
+            meta_docs[f"{path}/zarr.json"] = group_document({**meta, "world_units": "mm (RAS+): x0, y0, z0, x1, y1, z1",
+                                                              "voxel_units": "native voxel indices: i0, j0, k0, i1, j1, k1"})
+            small(f"{path}/world", np.asarray(v["world"], dtype=np.float64).reshape(n, 6), None)
+            small(f"{path}/voxel", np.asarray(v["voxel"], dtype=np.float64).reshape(n, 6), None)
+            small(f"{path}/scores", np.asarray(v["scores"], dtype=np.float32).reshape(n), None)
+            for extra in ("labels", "queries"):
+                if extra in v:
+                    small(f"{path}/{extra}", np.asarray(v[extra], dtype=str).reshape(n), None)
         elif decl["kind"] == "mask":
             arr = np.asarray(out.value)
             meta.update({"affine": geometry.get("affine"), "dtype": str(arr.dtype)})
@@ -1202,25 +1212,31 @@ def _write_outputs(group: zarr.Group, outputs: list[OutputArray], shape: tuple[i
             # one shard per mask: its 64^3 chunks stay separately readable through the shard index,
             # but the mask costs one file (an object) instead of one per chunk
             shards = tuple(c * math.ceil(s / c) for s, c in zip(arr.shape, chunks))
-            arrays.append((path, arr, {"shape": arr.shape, "dtype": arr.dtype, "chunks": chunks,
-                                       "shards": shards if shards != chunks else None, "compressors": _codecs(),
-                                       "fill_value": 0, "config": _WRITE_ALL, "attributes": meta}))
+            masks.append((path, arr, {"shape": arr.shape, "dtype": arr.dtype, "chunks": chunks,
+                                      "shards": shards if shards != chunks else None, "compressors": _codecs(),
+                                      "fill_value": 0, "config": _WRITE_ALL, "attributes": meta}))
         else:
-            value = np.asarray(out.value).astype(decl["dtype"])
-            arrays.append((path, value, _small_array_kwargs(value, meta)))
+            small(path, np.asarray(out.value).astype(decl["dtype"]), meta)
+
+    zstore, prefix = group.store, group.path
+    proto = default_buffer_prototype()
+    local = zstore.root / prefix if isinstance(zstore, LocalStore) else None
+
+    async def put(docs: dict[str, bytes]) -> None:
+        if local is not None:  # plain file writes beat a thread hand-off per small file
+            for key, raw in docs.items():
+                (local / key).parent.mkdir(parents=True, exist_ok=True)
+                (local / key).write_bytes(raw)
+        else:  # an object store overlaps the requests
+            await asyncio.gather(*(zstore.set(f"{prefix}/{key}", proto.buffer.from_bytes(raw)) for key, raw in docs.items()))
 
     async def write() -> None:
-        root = group._async_group
-        made = {}
-        for path, attrs in groups.items():  # a handful, and parents must exist before children
-            parent, _, name = path.rpartition("/")
-            made[path] = await (made[parent] if parent else root).create_group(name, attributes=attrs)
+        await put(meta_docs)  # head and box groups exist before the masks under them
         created = await asyncio.gather(*(
-            (made[p.rpartition("/")[0]] if "/" in p else root).create_array(p.rpartition("/")[2], **kw)
-            for p, _, kw in arrays
+            zarr.api.asynchronous.create_array(zstore, name=f"{prefix}/{p}", zarr_format=3, **kw) for p, _, kw in masks
         ))
         killpoint("mid-series-write")  # nodes exist, chunks do not: a half-written group
-        await asyncio.gather(*(a.setitem(Ellipsis, value) for a, (_, value, _) in zip(created, arrays) if value.size))
+        await asyncio.gather(put(chunk_docs), *(a.setitem(Ellipsis, value) for a, (_, value, _) in zip(created, masks)))
 
     sync(write())
 
