@@ -49,8 +49,7 @@ def _iter_prepared(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[
     series in flight are retried one per fresh process, and loading goes on.
     """
     if workers <= 0:
-        for ref in refs:
-            yield ref, prepare(ref, preprocessing, kinds)
+        yield from _prefetched((ref, prepare(ref, preprocessing, kinds)) for ref in refs)
         return
     ctx = mp.get_context("spawn")  # fork after torch initialised its threads is unsafe
 
@@ -88,6 +87,51 @@ def _iter_prepared(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[
     finally:
         # a stopped run waits only for the loads already running, not for the queued ones
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """``items`` produced by a loader thread up to ``depth`` ahead, in order. Without loader
+    processes (few cores) this still overlaps loading with inference: decoding, resampling and
+    the encoder release the GIL. A consumer that stops early stops the thread after its current
+    item."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(_Raised(exc))
+        put(done)
+
+    threading.Thread(target=produce, name="mrfm-loader", daemon=True).start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
 
 
 def _prepare_alone(new_pool: Callable[[int], ProcessPoolExecutor], ref: Any, preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> Prepared:
