@@ -71,6 +71,15 @@ def test_labels_and_split(labelled):
     assert len(val) == 2 and val <= {f"study{i}" for i in range(8)}
 
 
+def test_localize_operating_point_is_the_best_f1_of_hit_rate_and_precision():
+    from engine.fitting.trainers import choose_operating_point
+
+    scored = [(0.2, 16, 0.95, 0.30), (0.5, 16, 0.80, 0.45), (0.2, 1, 0.70, 0.65), (0.9, 1, 0.05, 1.0)]
+    assert choose_operating_point(scored) == (0.2, 1, 0.70, 0.65)  # not every box, not the one surest box
+    assert choose_operating_point([(0.3, 4, 0.5, 0.5), (0.6, 4, 0.5, 0.5)])[0] == 0.3  # a tie: the lower threshold
+    assert choose_operating_point([(0.3, 16, float("nan"), float("nan"))])[:2] == (0.3, 16)  # nothing found at all
+
+
 def test_metrics():
     assert M.auroc_binary(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
     assert M.random_recall_at(10, [1], 5) == pytest.approx(0.5)
