@@ -15,7 +15,7 @@ from engine.default_model import build
 from engine.default_model.dataset import lesion_phrase, prepare_samples, write_training_archives
 from engine.default_model.evaluate import evaluate_archive
 from engine.default_model.pretrain import HEAD_NAMES, Batches, TrainConfig, batch_losses, initial_nets, train
-from engine.default_model.train import fit_heads, write_into
+from engine.default_model.train import fit_heads, write_into, write_weights_into
 from engine.model import DEFAULT_MODEL_DIR, load_model
 from engine.synthetic import write_demo_archive
 
@@ -97,6 +97,40 @@ def test_recipe_fits_heads_through_engine_fitting_and_writes_whole_modules(tmp_p
         state = load_file(str(dest / name / "weights.safetensors"))
         assert all(torch.equal(state[k], v) for k, v in result.fitted.state.items())
     assert set(TEMPLATES) == set(HEAD_NAMES)
+
+
+def test_refit_replaces_weights_keeps_the_module_and_reorders_class_rows(tmp_path):
+    """--write-weights-into: the fitted weights in the module's layout (labels in its order), the
+    fit recorded in its manifest, the module file untouched; a net of another shape writes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from engine import schemas
+
+    model_dir = tiny_model_folder(tmp_path / "model")
+    write_demo_archive(tmp_path / "arch", studies=4, seed=4, formats=("explicit",))  # every region and contrast
+    results = fit_heads(model_dir, [tmp_path / "arch"], tmp_path / "heads", names=("classify",),
+                        cache_dir=tmp_path / "cache", steps=5, floor=False, log=None)
+    fitted = results["classify"]
+    dest = tmp_path / "contrib" / "classify"
+    shutil.copytree(HEADS_DIR / "classify", dest)
+    save_file({k: torch.zeros_like(v) for k, v in fitted.fitted.state.items()}, str(dest / "weights.safetensors"))
+    module = (dest / "__init__.py").read_text()
+    write_weights_into(tmp_path / "contrib", results)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    schemas.validate("head", manifest, "classify")
+    assert manifest["encoder"]["fingerprint"] == load_model(model_dir).fingerprint
+    assert manifest["fit"]["kind"] == "classify" and (dest / "__init__.py").read_text() == module
+    state = load_file(str(dest / "weights.safetensors"))
+    fitted_labels = {o["name"]: o["labels"] for o in fitted.manifest["outputs"]}
+    for out in manifest["outputs"]:
+        for row, label in enumerate(out["labels"]):
+            source = fitted.fitted.state[f"{out['name']}.weight"][fitted_labels[out["name"]].index(label)]
+            assert torch.equal(state[f"{out['name']}.weight"][row], source)
+    save_file({"other": torch.zeros(3)}, str(dest / "weights.safetensors"))
+    before = (dest / "manifest.json").read_text()
+    with pytest.raises(ValueError, match="does not match"):
+        write_weights_into(tmp_path / "contrib", results)
+    assert (dest / "manifest.json").read_text() == before
 
 
 def test_recipe_imports_no_contrib_head():

@@ -3,6 +3,11 @@
     python -m engine.default_model.train --out DIR [--seed 0] [--studies 40] [--steps 1400]
         [--fit-steps N] [--no-floor] [--write-into contrib_heads]
 
+or, to refit only the heads on the frozen shipped encoder (no initialisation, no pretraining):
+
+    python -m engine.default_model.train --out DIR --refit [--studies 96] [--heads classify,segment]
+        [--write-weights-into contrib_heads]
+
 1. initialisation: tokenizer, text tower and encoder from a seed (:mod:`.build`);
 2. data: synthetic training archives from seeds 1, 2, ... (seed 0, the demo archive, is held out);
 3. pretraining: encoder and text tower with auxiliary head objectives (:mod:`.pretrain`),
@@ -12,6 +17,12 @@
    to ``DIR/heads/<name>``;
 5. ``--write-into FOLDER``: each head's module files (template, manifest, weights) written whole
    into ``FOLDER/<name>/``. Nothing edits a file in place.
+
+``--refit`` skips steps 1 and 3: the heads are fit on the frozen encoder of ``--model`` (default:
+the shipped one, whose weights are never touched). ``--write-weights-into FOLDER`` then replaces
+only ``FOLDER/<name>/weights.safetensors`` and the manifest's ``fit`` record and fitted parameter
+defaults, keeping each head's own module (the contrib heads' nets share the templates' parameter
+names; class rows are put in the module's label order).
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from engine.model import compute_fingerprint, read_card
 from .dataset import prepare_samples, write_training_archives
 from .pretrain import HEAD_NAMES, LOSS_WEIGHTS, SEG_CLASS_WEIGHTS, TrainConfig, initial_nets, save_model, train, write_card
 
-__all__ = ["fit_heads", "pretrain_model", "run_recipe", "write_into"]
+__all__ = ["contrib_weights", "fit_heads", "pretrain_model", "refit_recipe", "run_recipe", "write_into", "write_weights_into"]
 
 
 def pretrain_model(config: TrainConfig, model_dir: Path, archives: list[Any], log: Any = print) -> str:
@@ -99,6 +110,77 @@ def write_into(folder: Path, results: dict[str, Any]) -> list[Path]:
     return [write_module(Path(folder) / name, r.kind, r.manifest, r.fitted.state) for name, r in results.items()]
 
 
+def contrib_weights(result: Any, manifest: dict[str, Any], shipped: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fitted head's state in the layout of an existing head module (``manifest`` and its
+    ``shipped`` weights): the same parameter names and shapes, score rows in the manifest's label
+    order. Raises ValueError when the nets differ (e.g. a probe fit with a hidden layer)."""
+    state = {k: v.clone() for k, v in result.fitted.state.items()}
+    fitted_outputs = {o["name"]: o for o in result.manifest["outputs"]}
+    for out in manifest["outputs"]:
+        fo = fitted_outputs.get(out["name"])
+        if out["kind"] == "scores" and fo is not None and fo.get("labels") != out.get("labels"):
+            if sorted(fo["labels"]) != sorted(out["labels"]):
+                raise ValueError(f"{manifest['name']}/{out['name']}: fitted labels {fo['labels']} != {out['labels']}")
+            order = [fo["labels"].index(label) for label in out["labels"]]
+            for suffix in ("weight", "bias"):
+                key = f"{out['name']}.{suffix}"
+                if key in state:
+                    state[key] = state[key][order].contiguous()
+        if out["kind"] == "mask" and fo is not None and fo.get("labels") != out.get("labels"):
+            raise ValueError(f"{manifest['name']}/{out['name']}: fitted labels {fo.get('labels')} != {out.get('labels')}")
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    want = {k: tuple(v.shape) for k, v in shipped.items()}
+    if got != want:
+        raise ValueError(f"{manifest['name']}: the fitted net does not match the module's ({sorted(set(got) ^ set(want)) or 'shapes differ'})")
+    return state
+
+
+def write_weights_into(folder: Path, results: dict[str, Any]) -> list[Path]:
+    """Replace each head's ``weights.safetensors`` in ``folder/<name>/`` with the fitted weights
+    and record the fit in its manifest (``fit``, encoder fingerprint, fitted parameter defaults),
+    keeping the module that is there. Heads whose nets differ are refused before anything is written."""
+    from safetensors.torch import load_file, save_file
+
+    from engine import schemas
+
+    staged = []
+    for name, r in results.items():
+        head_dir = Path(folder) / name
+        manifest = json.loads((head_dir / "manifest.json").read_text())
+        weights = head_dir / manifest["weights"]
+        state = contrib_weights(r, manifest, load_file(str(weights)))
+        manifest["encoder"]["fingerprint"] = r.manifest["encoder"]["fingerprint"]
+        for key, spec in r.manifest.get("parameters", {}).items():
+            if key in manifest.get("parameters", {}) and "default" in spec:
+                manifest["parameters"][key]["default"] = spec["default"]
+        manifest["fit"] = r.manifest["fit"]
+        schemas.validate("head", manifest, f"head {name!r}")
+        staged.append((head_dir, manifest, weights, state, r.kind))
+    for head_dir, manifest, weights, state, kind in staged:
+        save_file(state, str(weights), metadata={"fit_kind": kind})
+        (head_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return [s[0] for s in staged]
+
+
+def refit_recipe(out: Path, *, studies: int = 96, names: tuple[str, ...] = HEAD_NAMES, model_dir: Path | None = None,
+                 fit_steps: int = 0, floor: bool = False, seed: int = 0, threads: int = 2, write_to: Path | None = None,
+                 log: Any = print) -> dict[str, Any]:
+    """Fit ``names`` on the frozen encoder of ``model_dir`` (default: the shipped model) from
+    training archives of seeds 1, 2, ... (never 0); optionally write the weights into ``write_to``."""
+    from engine.model import DEFAULT_MODEL_DIR
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    out = Path(out)
+    archives = write_training_archives(out / "data", studies, first_seed=1)
+    results = fit_heads(Path(model_dir or DEFAULT_MODEL_DIR), [m.root for m in archives], out / "heads", names=names,
+                        cache_dir=out / "features", steps=fit_steps, floor=floor, seed=seed, log=log)
+    if write_to is not None:
+        write_weights_into(write_to, results)
+    return {"archive_seeds": sorted(m.seed for m in archives), "seconds": round(time.perf_counter() - t0, 1),
+            "heads": {n: {"metrics": r.metrics, "floor": r.floor, "seconds": r.seconds} for n, r in results.items()}}
+
+
 def run_recipe(config: TrainConfig, out: Path, *, fit_steps: int = 0, floor: bool = True, write_to: Path | None = None,
                log: Any = print) -> dict[str, Any]:
     """Initialise, generate data, pretrain, fit every head; ``out/model``, ``out/heads``, ``out/features``."""
@@ -127,7 +209,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fit-steps", type=int, default=0, help="head fitting steps (0: each kind's default)")
     parser.add_argument("--no-floor", action="store_true", help="skip the random-encoder floor of each head")
     parser.add_argument("--write-into", type=Path, help="also write each head module whole into FOLDER/<name>/")
+    parser.add_argument("--refit", action="store_true", help="no pretraining: fit the heads on the frozen encoder of --model")
+    parser.add_argument("--model", type=Path, help="with --refit: the model folder (default: the shipped model)")
+    parser.add_argument("--heads", default=",".join(HEAD_NAMES), help="with --refit: comma-separated heads to fit")
+    parser.add_argument("--write-weights-into", type=Path,
+                        help="with --refit: replace FOLDER/<name>/weights.safetensors and its manifest's fit record, keeping the module")
     args = parser.parse_args(argv)
+    if args.refit:
+        names = tuple(n for n in args.heads.split(",") if n)
+        unknown = set(names) - set(HEAD_NAMES)
+        if unknown:
+            parser.error(f"unknown heads {sorted(unknown)}; choose from {', '.join(HEAD_NAMES)}")
+        result = refit_recipe(args.out, studies=args.studies, names=names, model_dir=args.model, fit_steps=args.fit_steps,
+                              floor=not args.no_floor, seed=args.seed, write_to=args.write_weights_into)
+        print(json.dumps(result, indent=2, default=str))
+        return
     config = TrainConfig(seed=args.seed, studies=args.studies, steps=args.steps)
     result = run_recipe(config, args.out, fit_steps=args.fit_steps, floor=not args.no_floor, write_to=args.write_into)
     print(json.dumps(result, indent=2, default=str))
