@@ -67,7 +67,8 @@ class GroundHead(engine.NetHead):
 
     def __init__(self, manifest: dict[str, Any], weights: dict[str, torch.Tensor], context: engine.HeadContext):
         super().__init__(manifest, weights, context)
-        self.relative_threshold = float(context.params.get("relative_threshold", DEFAULT_RELATIVE_THRESHOLD))
+        default = manifest.get("parameters", {}).get("relative_threshold", {}).get("default", DEFAULT_RELATIVE_THRESHOLD)
+        self.relative_threshold = float(context.params.get("relative_threshold", default))
         if not 0 < self.relative_threshold <= 1:
             raise ValueError(f"ground: relative_threshold must lie in (0, 1], got {self.relative_threshold}")
 

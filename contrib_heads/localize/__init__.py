@@ -126,7 +126,8 @@ class LocalizeHead(engine.NetHead):
 
     def __init__(self, manifest: dict[str, Any], weights: dict[str, torch.Tensor], context: engine.HeadContext):
         super().__init__(manifest, weights, context)
-        params = {**DEFAULTS, **{k: v for k, v in context.params.items() if k in DEFAULTS}}
+        declared = {k: p["default"] for k, p in manifest.get("parameters", {}).items() if "default" in p}  # e.g. a fitted threshold
+        params = {**DEFAULTS, **declared, **{k: v for k, v in context.params.items() if k in DEFAULTS}}
         self.threshold, self.iou, self.max_boxes = float(params["threshold"]), float(params["iou"]), int(params["max_boxes"])
         if not (0 <= self.threshold <= 1 and 0 <= self.iou <= 1 and self.max_boxes >= 1):
             raise ValueError(f"localize: parameters out of range: {params}")
