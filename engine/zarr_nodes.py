@@ -1,5 +1,6 @@
-"""Small Zarr v3 nodes encoded directly: a group's or a one-chunk array's ``zarr.json`` and its
-chunk as bytes, ready to be written together.
+"""Zarr v3 nodes as the result store writes them: codecs, chunking, and small nodes encoded
+directly (a group's or a one-chunk array's ``zarr.json`` and its chunk as bytes, ready to be
+written together).
 
 A series holds ~20 small nodes (scores, box columns, embeddings). Through zarr's array API each
 costs ~3 ms of metadata validation, dtype matching and codec set-up, far more than its bytes;
@@ -12,6 +13,7 @@ rank and codecs (made once per kind, in memory), and its chunk is encoded by the
 from __future__ import annotations
 
 import copy
+import datetime as _dt
 import json
 from functools import lru_cache
 from typing import Any
@@ -19,8 +21,57 @@ from typing import Any
 import google_crc32c
 import numcodecs
 import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 Documents = dict[str, bytes]  # key relative to the node's parent -> bytes
+
+
+class NodeUnreadable(Exception):
+    """A node's metadata cannot be read; the message is 'path: why'."""
+
+WRITE_ALL = {"write_empty_chunks": True}  # every chunk exists: a missing one is damage, not fill
+
+
+def now() -> str:
+    """The UTC timestamp every record in a store carries."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def store_codecs(compress: bool = True) -> list[Any]:
+    """Bytes-to-bytes codecs of every array: crc32c last, so it covers the stored bytes."""
+    return [ZstdCodec(level=3), Crc32cCodec()] if compress else [Crc32cCodec()]
+
+
+SMALL_BYTES = 64 * 1024  # below this an array is stored raw: compressing it saves nothing worth a codec call
+MASK_CHUNK = 64  # mask chunk side: a 64^3 uint8 chunk is 256 KiB, partial reads stay cheap
+
+
+def mask_chunks(shape: tuple[int, ...], itemsize: int = 1) -> tuple[int, ...]:
+    """Chunks for a mask: cubes of MASK_CHUNK voxels, the grid itself along shorter axes."""
+    return tuple(max(1, min(MASK_CHUNK, s)) for s in shape)
+
+
+def small_array_kwargs(value: np.ndarray, attributes: dict[str, Any] | None, chunk_rows: int | None = None) -> dict[str, Any]:
+    """create_array arguments of a small output or index column: one chunk, raw unless worth compressing."""
+    dtype = str if value.dtype.kind in "UT" else value.dtype
+    # one chunk per small array; zarr wants chunk sides >= 1, and "auto" for 0-d arrays
+    chunks: Any = tuple(max(1, s) for s in value.shape) if value.ndim else "auto"
+    if chunk_rows and value.ndim == 1:
+        chunks = (max(1, min(chunk_rows, value.shape[0])),)
+    compress = dtype is str or value.nbytes >= SMALL_BYTES
+    return {"shape": value.shape, "dtype": dtype, "chunks": chunks, "fill_value": "" if dtype is str else 0,
+            "compressors": store_codecs(compress), "config": WRITE_ALL, "attributes": attributes}
+
+
+def write_array(group: zarr.Group, name: str, value: np.ndarray, attributes: dict[str, Any] | None = None,
+                chunk_rows: int | None = None) -> zarr.Array:
+    """A small array through zarr's API (index columns, which are appended to later)."""
+    value = np.asarray(value)
+    a = group.create_array(name, **small_array_kwargs(value, attributes, chunk_rows))
+    if value.size:
+        a[...] = value
+    return a
 
 
 def group_document(attributes: dict[str, Any]) -> bytes:
@@ -67,7 +118,6 @@ def _codec_key(codec: Any) -> str:
 @lru_cache(maxsize=64)
 def _template(kind: tuple[str, int], codec_keys: tuple[str, ...]) -> dict[str, Any]:
     """The metadata zarr writes for a one-chunk array of this dtype and rank with these codecs."""
-    import zarr
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
     from zarr.registry import get_codec_class

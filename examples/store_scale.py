@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.search import search
-from engine.store import OutputArray, ResultStore, _Row, open_store
+from engine.store import OutputArray, ResultStore, open_store
+from engine.store_index import _Row
 from engine.store_cli import store_stats
 
 FP = "sha256:" + "1" * 64

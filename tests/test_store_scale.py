@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import engine.store as store_mod
+import engine.store_index as index_mod
 from engine.search import search
 from engine.store import OutputArray, ResultStore, open_store
 from engine.store_cli import compact_store, store_stats
@@ -19,8 +19,8 @@ DECL = {"name": "embedding", "kind": "embedding", "dtype": "float32", "shape": [
 @pytest.fixture(autouse=True)
 def small_thresholds(monkeypatch):
     # appends start past 8 rows, so a dozen series exercise what 10^5 do
-    monkeypatch.setattr(store_mod, "SMALL_INDEX", 8)
-    monkeypatch.setattr(store_mod, "DELTA_CHUNK", 4)
+    monkeypatch.setattr(index_mod, "SMALL_INDEX", 8)
+    monkeypatch.setattr(index_mod, "DELTA_CHUNK", 4)
 
 
 def put(store: ResultStore, key: str, vec, status: str = "complete", fp: str = FP) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from engine.store import SMALL_BYTES, _codecs, _small_array_kwargs
+from engine.zarr_nodes import SMALL_BYTES, small_array_kwargs, store_codecs
 from engine.zarr_nodes import array_documents, group_document
 
 VALUES = {
@@ -27,7 +27,7 @@ VALUES = {
 def write(root, name: str, value: np.ndarray, attrs=None) -> None:
     value = np.asarray(value)
     compress = value.dtype.kind == "U" or value.nbytes >= SMALL_BYTES
-    for key, raw in array_documents(name, value, _codecs(compress), attrs).items():
+    for key, raw in array_documents(name, value, store_codecs(compress), attrs).items():
         path = root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(raw)
@@ -49,7 +49,7 @@ def test_an_array_reads_back_through_zarr_with_zarrs_own_metadata(tmp_path, name
     assert dict(arr.attrs) == {"kind": "scores", "labels": ["x"]}
 
     # the metadata is what zarr writes for the same array through its own API
-    ref = zarr.open_group(tmp_path / "ref.zarr", mode="w").create_array(name, **_small_array_kwargs(value, None))
+    zarr.open_group(tmp_path / "ref.zarr", mode="w").create_array(name, **small_array_kwargs(value, None))
     ours = json.loads((tmp_path / name / "zarr.json").read_bytes())
     theirs = json.loads((tmp_path / "ref.zarr" / name / "zarr.json").read_bytes())
     ours.pop("attributes"), theirs.pop("attributes")
