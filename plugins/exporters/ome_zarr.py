@@ -77,7 +77,7 @@ class OmeZarrExporter:
         root = zarr.open_group(str(path), mode="w", zarr_format=3)
         _write_array(root, data.transpose(2, 1, 0))
         lo, hi = (float(v) for v in np.percentile(data, [0.5, 99.5])) if data.size else (0.0, 1.0)
-        root.attrs.update({
+        root.update_attributes({
             "ome": {"version": NGFF_VERSION, "multiscales": _multiscales(attrs.get("description") or key, scale, translation),
                     "omero": {"channels": [{"window": {"start": lo, "end": hi, "min": float(data.min()), "max": float(data.max())},
                                             "color": "FFFFFF", "active": True, "label": "image"}], "rdefs": {"model": "greyscale"}}},
@@ -96,12 +96,12 @@ class OmeZarrExporter:
             name = f"{head}_{output}"
             g = labels_group.create_group(name)
             _write_array(g, to_ras_order(mask, affine)[0].transpose(2, 1, 0))
-            g.attrs.update({"ome": {"version": NGFF_VERSION, "multiscales": _multiscales(name, scale, translation),
+            g.update_attributes({"ome": {"version": NGFF_VERSION, "multiscales": _multiscales(name, scale, translation),
                                     "image-label": _image_label(meta)},
                             "mrfm": {"head": head, "head_version": meta.get("head_version"), "output": output}})
             names.append(name)
         if labels_group is not None:
-            labels_group.attrs.update({"ome": {"version": NGFF_VERSION, "labels": names}})
+            labels_group.update_attributes({"ome": {"version": NGFF_VERSION, "labels": names}})
         return [path]
 
 
