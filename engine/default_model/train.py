@@ -175,6 +175,12 @@ def refit_recipe(out: Path, *, studies: int = 96, names: tuple[str, ...] = HEAD_
     archives = write_training_archives(out / "data", studies, first_seed=1)
     results = fit_heads(Path(model_dir or DEFAULT_MODEL_DIR), [m.root for m in archives], out / "heads", names=names,
                         cache_dir=out / "features", steps=fit_steps, floor=floor, seed=seed, log=log)
+    seeds = sorted(m.seed for m in archives)
+    for r in results.values():  # name the data by generator and seeds, not by this machine's paths
+        r.manifest["fit"]["data"]["labels"] = "synthetic ground truth (engine.synthetic.write_demo_archive)"
+        r.manifest["fit"]["data"]["archive_seeds"] = seeds
+        r.manifest["fit"]["recipe"] = (f"python -m engine.default_model.train --out DIR --refit --studies {studies} "
+                                       f"--heads {r.name}{' --no-floor' if not floor else ''} --write-weights-into contrib_heads")
     if write_to is not None:
         write_weights_into(write_to, results)
     return {"archive_seeds": sorted(m.seed for m in archives), "seconds": round(time.perf_counter() - t0, 1),
