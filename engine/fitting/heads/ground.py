@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import engine
+from engine.token_boxes import grow_from_peak, region_boxes  # noqa: F401 (also this module's API)
 
 
 def fit_record(manifest: dict) -> dict:
@@ -53,27 +54,6 @@ def config() -> dict:
 def build_net(embed_dim: int = 128, cfg: dict | None = None) -> nn.Module:
     cfg = config() if cfg is None else cfg
     return GroundNet(embed_dim, int(cfg.get("joint_dim", 64)))
-
-
-def grow_from_peak(mask: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """The 26-connected part of ``mask`` reachable from ``seed``; both (Q, gx, gy, gz) bool."""
-    region = (seed & mask).float()[:, None]
-    allowed = mask.float()[:, None]
-    while True:
-        grown = F.max_pool3d(region, 3, stride=1, padding=1) * allowed
-        if torch.equal(grown, region):
-            return region[:, 0].bool()
-        region = grown
-
-
-def region_boxes(region: np.ndarray, image_shape: tuple[int, int, int]) -> np.ndarray:
-    """Boxes (Q, 6) in image voxel edges around each query's non-empty token region (Q, gx, gy, gz)."""
-    patch = np.asarray(image_shape, np.float64) / np.asarray(region.shape[1:])
-    boxes = np.empty((len(region), 6))
-    for q, tokens in enumerate(region):
-        coords = np.argwhere(tokens)
-        boxes[q] = np.concatenate([coords.min(axis=0) * patch - 0.5, (coords.max(axis=0) + 1) * patch - 0.5])
-    return boxes
 
 
 class GroundHead(engine.NetHead):
