@@ -6,6 +6,8 @@ from math import comb
 
 import numpy as np
 
+from engine.token_boxes import box_iou3d as box_iou  # noqa: F401 (pairwise 3D IoU, as the heads compute it)
+
 
 def accuracy(probs: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == truth)) if len(truth) else float("nan")
@@ -81,18 +83,6 @@ class DiceCounter:
 def inside(point: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
     return ((boxes[:, :3] <= point) & (point <= boxes[:, 3:])).all(axis=1)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise 3D IoU of boxes (N, 6) and (M, 6) as (lo, hi) corners -> (N, M)."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 6), np.asarray(b, np.float64).reshape(-1, 6)
-    lo = np.maximum(a[:, None, :3], b[None, :, :3])
-    hi = np.minimum(a[:, None, 3:], b[None, :, 3:])
-    inter = np.clip(hi - lo, 0, None).prod(axis=-1)
-    va = np.clip(a[:, 3:] - a[:, :3], 0, None).prod(axis=-1)
-    vb = np.clip(b[:, 3:] - b[:, :3], 0, None).prod(axis=-1)
-    union = va[:, None] + vb[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def box_volume(boxes: np.ndarray) -> np.ndarray:
