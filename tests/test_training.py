@@ -72,6 +72,24 @@ def test_training_step_reduces_the_loss_on_a_tiny_archive(tmp_path):
     assert loss_on_fixed_batch() < 0.9 * before
 
 
+def test_image_only_ablation_trains_without_report_supervision(tmp_path):
+    """The ablation arm drops exactly the report-supervised objectives: the text tower and its
+    projection never move, while the image objectives still train the encoder."""
+    nets, tokenizer, card = initial_nets(tiny_model_folder(tmp_path / "model"))
+    samples = prepare_samples(write_training_archives(tmp_path / "data", studies=2, first_seed=3), card["preprocessing"], 8, seed=0)
+    config = TrainConfig(steps=3, batch=3, tiles_per_batch=1, crop_tokens=2, lr=2e-3, warmup=1, report_supervision=False)
+    batch = Batches(samples, 2, 1, seed=5).next()
+    losses = batch_losses(nets, tokenizer, batch, config, np.random.default_rng(1), torch.Generator().manual_seed(1))
+    assert {"seg", "region", "contrast", "volume", "localize"} <= set(losses)
+    assert not set(losses) & {"clip", "ground", "ground_score"}
+    text_before = {k: v.clone() for k, v in [*nets.bert.state_dict().items(), *nets.text_projection.state_dict().items()]}
+    encoder_before = {k: v.clone() for k, v in nets.encoder.state_dict().items()}
+    train(nets, tokenizer, samples, config, log=None)
+    text_after = dict([*nets.bert.state_dict().items(), *nets.text_projection.state_dict().items()])
+    assert all(torch.equal(text_before[k], text_after[k]) for k in text_before)
+    assert any(not torch.equal(encoder_before[k], v) for k, v in nets.encoder.state_dict().items())
+
+
 def test_recipe_fits_heads_through_engine_fitting_and_writes_whole_modules(tmp_path):
     """Heads of the recipe are engine.fitting packages; --write-into writes whole module files."""
     from safetensors.torch import load_file

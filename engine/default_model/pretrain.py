@@ -53,6 +53,9 @@ class TrainConfig:
     warmup: int = 30
     tiles_per_series: int = 1
     threads: int = 2
+    # False: the image-only ablation, no report supervision (no image-report alignment, no
+    # grounding); the text tower and projection keep their seeded initialisation
+    report_supervision: bool = True
 
 
 class Nets(nn.Module):
@@ -237,6 +240,8 @@ def batch_losses(
     occ = torch.from_numpy(np.stack([s.token_lesion for s in gs]))
     losses["localize"] = F.binary_cross_entropy_with_logits(nets.heads["localize"](tok_g), occ, pos_weight=torch.tensor(8.0))
 
+    if not config.report_supervision:
+        return losses
     # image-report alignment and grounding share one text-tower pass
     phrases = [(j, p, m) for j, s in enumerate(gs) for p, m in zip(s.phrases, s.phrase_tokens)]
     texts = [s.report for s in gs] + [p for _, p, _ in phrases]
@@ -261,6 +266,8 @@ def batch_losses(
     return losses
 
 
+# What report supervision adds; the image-only ablation (TrainConfig.report_supervision=False) drops them.
+TEXT_LOSSES = ("clip", "ground", "ground_score")
 # Contrast and grounding learn slowest (near chance at equal weights), so they weigh more.
 LOSS_WEIGHTS = {"seg": 1.0, "region": 0.5, "contrast": 1.0, "volume": 0.5, "localize": 1.0, "clip": 0.5, "ground": 1.0, "ground_score": 0.2}
 # Cross-entropy class weights (background, body, organ, fluid, lesion): the small classes weigh

@@ -1,7 +1,7 @@
 """Reproduce the embedded default model and its heads from scratch, in one command:
 
     python -m engine.default_model.train --out DIR [--seed 0] [--studies 40] [--steps 1400]
-        [--fit-steps N] [--no-floor] [--write-into contrib_heads]
+        [--fit-steps N] [--no-floor] [--write-into contrib_heads] [--heads classify,...] [--image-only]
 
 or, to refit only the heads on the frozen shipped encoder (no initialisation, no pretraining):
 
@@ -41,7 +41,7 @@ import torch
 from engine.model import compute_fingerprint, read_card
 
 from .dataset import prepare_samples, write_training_archives
-from .pretrain import HEAD_NAMES, LOSS_WEIGHTS, SEG_CLASS_WEIGHTS, TrainConfig, initial_nets, save_model, train, write_card
+from .pretrain import HEAD_NAMES, LOSS_WEIGHTS, TEXT_LOSSES, SEG_CLASS_WEIGHTS, TrainConfig, initial_nets, save_model, train, write_card
 
 __all__ = ["contrib_weights", "fit_heads", "pretrain_model", "refit_recipe", "run_recipe", "write_into", "write_weights_into"]
 
@@ -60,7 +60,8 @@ def pretrain_model(config: TrainConfig, model_dir: Path, archives: list[Any], lo
         history = train(nets, tokenizer, samples, config, log)
         card["training"] = {
             "status": "trained",
-            "recipe": f"python -m engine.default_model.train --out DIR --seed {config.seed} --studies {config.studies} --steps {config.steps}",
+            "recipe": (f"python -m engine.default_model.train --out DIR --seed {config.seed} --studies {config.studies} "
+                       f"--steps {config.steps}{'' if config.report_supervision else ' --image-only'}"),
             "seed": config.seed,
             "initialisation": f"python -m engine.default_model.build --seed {config.seed}",
             "data": {
@@ -74,7 +75,7 @@ def pretrain_model(config: TrainConfig, model_dir: Path, archives: list[Any], lo
             "steps": config.steps,
             "batch": config.batch,
             "optimizer": {"name": "AdamW", "lr": config.lr, "weight_decay": config.weight_decay, "schedule": "linear warmup, cosine"},
-            "losses": dict(LOSS_WEIGHTS),
+            "losses": {k: v for k, v in LOSS_WEIGHTS.items() if config.report_supervision or k not in TEXT_LOSSES},
             "segmentation_class_weights": list(SEG_CLASS_WEIGHTS),
             "final_loss": round(float(np.mean(history[-20:])), 4),
             "heads": "fit afterwards on the frozen encoder by engine.fitting.fit",
@@ -187,8 +188,8 @@ def refit_recipe(out: Path, *, studies: int = 96, names: tuple[str, ...] = HEAD_
             "heads": {n: {"metrics": r.metrics, "floor": r.floor, "seconds": r.seconds} for n, r in results.items()}}
 
 
-def run_recipe(config: TrainConfig, out: Path, *, fit_steps: int = 0, floor: bool = True, write_to: Path | None = None,
-               log: Any = print) -> dict[str, Any]:
+def run_recipe(config: TrainConfig, out: Path, *, names: tuple[str, ...] = HEAD_NAMES, fit_steps: int = 0, floor: bool = True,
+               write_to: Path | None = None, log: Any = print) -> dict[str, Any]:
     """Initialise, generate data, pretrain, fit every head; ``out/model``, ``out/heads``, ``out/features``."""
     torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
@@ -196,7 +197,7 @@ def run_recipe(config: TrainConfig, out: Path, *, fit_steps: int = 0, floor: boo
     archives = write_training_archives(out / "data", config.studies, first_seed=1)
     fingerprint = pretrain_model(config, out / "model", archives, log)
     log(f"pretrained in {time.perf_counter() - t0:.0f}s; model {fingerprint}")
-    results = fit_heads(out / "model", [m.root for m in archives], out / "heads", cache_dir=out / "features",
+    results = fit_heads(out / "model", [m.root for m in archives], out / "heads", names=names, cache_dir=out / "features",
                         steps=fit_steps, floor=floor, seed=config.seed, log=log)
     if write_to is not None:
         write_into(write_to, results)
@@ -217,21 +218,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write-into", type=Path, help="also write each head module whole into FOLDER/<name>/")
     parser.add_argument("--refit", action="store_true", help="no pretraining: fit the heads on the frozen encoder of --model")
     parser.add_argument("--model", type=Path, help="with --refit: the model folder (default: the shipped model)")
-    parser.add_argument("--heads", default=",".join(HEAD_NAMES), help="with --refit: comma-separated heads to fit")
+    parser.add_argument("--heads", default=",".join(HEAD_NAMES), help="comma-separated heads to fit")
+    parser.add_argument("--image-only", action="store_true",
+                        help="ablation: pretrain without report supervision (no image-report alignment, no grounding)")
     parser.add_argument("--write-weights-into", type=Path,
                         help="with --refit: replace FOLDER/<name>/weights.safetensors and its manifest's fit record, keeping the module")
     args = parser.parse_args(argv)
+    names = tuple(n for n in args.heads.split(",") if n)
+    unknown = set(names) - set(HEAD_NAMES)
+    if unknown:
+        parser.error(f"unknown heads {sorted(unknown)}; choose from {', '.join(HEAD_NAMES)}")
     if args.refit:
-        names = tuple(n for n in args.heads.split(",") if n)
-        unknown = set(names) - set(HEAD_NAMES)
-        if unknown:
-            parser.error(f"unknown heads {sorted(unknown)}; choose from {', '.join(HEAD_NAMES)}")
+        if args.image_only:
+            parser.error("--image-only changes pretraining; --refit does not pretrain")
         result = refit_recipe(args.out, studies=args.studies, names=names, model_dir=args.model, fit_steps=args.fit_steps,
                               floor=not args.no_floor, seed=args.seed, write_to=args.write_weights_into)
         print(json.dumps(result, indent=2, default=str))
         return
-    config = TrainConfig(seed=args.seed, studies=args.studies, steps=args.steps)
-    result = run_recipe(config, args.out, fit_steps=args.fit_steps, floor=not args.no_floor, write_to=args.write_into)
+    config = TrainConfig(seed=args.seed, studies=args.studies, steps=args.steps, report_supervision=not args.image_only)
+    result = run_recipe(config, args.out, names=names, fit_steps=args.fit_steps, floor=not args.no_floor, write_to=args.write_into)
     print(json.dumps(result, indent=2, default=str))
 
 
