@@ -68,6 +68,12 @@ class _Cli(click.Group):
         module, attr = self.lazy[name].split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        argv = sys.argv[1:] if args is None else list(args)
+        if "--debug" not in argv:  # plugins may load while the command line is parsed
+            _plain_warnings()
+        return super().main(args, *rest, **kwargs)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -97,6 +103,17 @@ def cli(ctx, debug, disable_plugins) -> None:
         from .plugins import disable
 
         disable(disable_plugins.split(","))
+
+
+def _plain_warnings() -> None:
+    """Library warnings (a plugin that could not be loaded, ...) as one ``warning:`` line each,
+    not Python's file:line form that quotes engine source."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        err_console.print(f"[yellow]warning:[/] {esc(str(message))}", highlight=False)
+
+    warnings.showwarning = show
 
 
 # ---- run ----------------------------------------------------------------------------------------
@@ -507,10 +524,19 @@ def compile_cmd(backend, precision, max_batch, model) -> None:
 
 
 def _register_plugin_commands() -> None:
+    import warnings
+
     from .plugins import load_plugins, pm
 
-    load_plugins()
-    pm.hook.register_commands(cli=cli)
+    with warnings.catch_warnings(record=True) as caught:  # a plugin that cannot load: one plain line
+        warnings.simplefilter("always")
+        load_plugins()
+        pm.hook.register_commands(cli=cli)
+    for w in caught:
+        if "--debug" in sys.argv:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        else:
+            err_console.print(f"[yellow]warning:[/] {esc(str(w.message))}", highlight=False)
 
 
 _register_plugin_commands()

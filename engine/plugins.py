@@ -290,6 +290,9 @@ def select_heads(names: list[str] | None) -> dict[str, Registered]:
         return dict(sorted(good.items()))
     problems = [f"head {n!r} is broken ({broken[n].plugin}: {broken[n].reason})" for n in names if n in broken]
     unknown = [n for n in names if n not in good and n not in broken]
+    # an entry point named like the head that could not be loaded says why the head is missing
+    problems += [f"head {n!r} could not be loaded ({load_errors[n]})" for n in unknown if n in load_errors]
+    unknown = [n for n in unknown if n not in load_errors]
     if unknown:
         problems.append(f"unknown head(s) {', '.join(unknown)}; installed: {', '.join(sorted(good)) or 'none'}")
     if problems:

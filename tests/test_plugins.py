@@ -260,6 +260,8 @@ def test_a_broken_entry_point_is_reported_not_fatal(tmp_path, monkeypatch):
     assert "needs a library that is not installed" in plugins.load_errors["broken"]
     assert any(p["name"] == "broken" and p.get("error") for p in plugins.plugin_summaries())
     assert "classify" in plugins.get_head_classes()  # everything else still works
+    with pytest.raises(engine.UsageError, match="head 'broken' could not be loaded.*needs a library that is not installed"):
+        plugins.select_heads(["classify", "broken"])
 
 
 # ---- isolation: a broken plugin or head is listed with its reason and skipped -------------------
