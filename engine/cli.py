@@ -230,10 +230,12 @@ def _load_job(path: str | None) -> dict[str, Any]:
 @click.option("--export-dir", type=click.Path(file_okay=False), help="Where exports go (default: <out>-<format> beside the store).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), help="Where the stages run: local (default) or ray (a Ray cluster; pip install 'mrfm[ray]').")
 @click.option("--ray-address", metavar="ADDR", help="Ray cluster to run on (auto: the one `ray start` joined this machine to; default: start one here).")
+@click.option("--ray-actors", type=click.IntRange(1), metavar="N",
+              help="Inference actors on Ray (default: one per GPU, or one per two CPUs where there is none).")
 @click.option("--force", is_flag=True, help="Run heads named in --heads even if they were fit on another encoder (recorded).")
 @click.option("--log-json", is_flag=True, help="JSON-lines progress on stderr even on a terminal.")
 def run(archive, out, heads, model, backend, precision, batch_size, workers, queries, job, overwrite, record_paths,
-        head_budgets, default_head_budget, exports, export_dir, force, executor, ray_address, log_json) -> None:
+        head_budgets, default_head_budget, exports, export_dir, force, executor, ray_address, ray_actors, log_json) -> None:
     """Run the model and heads over ARCHIVE (folders, .zip files, NIfTI files) into a store.
 
     Exit status: 0 when every series completed, was resumed or skipped; 1 when any series
@@ -259,7 +261,7 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
             budgets=_budgets(head_budgets) or spec.get("budgets"), default_budget=default_head_budget or spec.get("default_budget"),
             exports=[e for es in exports for e in es.split(",") if e] or spec.get("exports"), export_dir=export_dir,
             executor=executor or spec.get("executor", "local"), ray_address=ray_address or spec.get("ray_address"),
-            force=force,
+            ray_actors=ray_actors or spec.get("ray_actors"), force=force,
             on_event=reporter,
         )
     finally:
