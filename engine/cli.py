@@ -401,7 +401,8 @@ def new_head(name, directory) -> None:
     from .templates import new_head_package
 
     folder = new_head_package(name, directory)
-    console.print(f"wrote {esc(folder)}\nnext: pip install -e '{esc(folder)}[test]' && pytest {esc(folder)}", highlight=False)
+    # plain text: a command to copy must not be wrapped or shortened
+    click.echo(f"wrote {folder}\nnext: pip install -e '{folder}[test]' && pytest {folder}")
 
 
 # ---- store -------------------------------------------------------------------------------------

@@ -171,6 +171,7 @@ def test_new_head_writes_a_valid_package_whose_tests_pass(tmp_path):
     made = CliRunner().invoke(cli, ["new-head", "demo-bright", "--dir", str(tmp_path)])
     assert made.exit_code == 0, made.output
     folder = tmp_path / "demo-bright"
+    assert f"next: pip install -e '{folder}[test]' && pytest {folder}" in made.output  # [test] brings pytest
     manifest = json.loads((folder / "mrfm_head_demo_bright" / "manifest.json").read_text())
     assert schemas.errors("head", manifest) == [] and manifest["name"] == "demo-bright"
     assert manifest["encoder"]["fingerprint"] == "any"
