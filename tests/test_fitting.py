@@ -250,3 +250,15 @@ def test_imported_model_runs_a_head_fit_on_it(labelled, tmp_path, monkeypatch):
     finally:
         plugins.pm.unregister(module)
     del summary
+
+def test_targets_pick_columns_of_a_synthetic_archive(tmp_path):
+    from engine.errors import UsageError
+    from engine.fitting.labels import read_labels
+    from engine.synthetic import write_demo_archive
+
+    write_demo_archive(tmp_path / "arch", studies=1, seed=5, formats=("explicit",))
+    region = read_labels(tmp_path / "arch", "classify", ["region"])
+    assert region.targets == ["region"] and all(set(s.values) == {"region"} for s in region.series)
+    assert read_labels(tmp_path / "arch", "classify").targets == ["region", "contrast"]
+    with pytest.raises(UsageError, match="no target.*'age'"):
+        read_labels(tmp_path / "arch", "classify", ["age"])

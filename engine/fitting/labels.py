@@ -76,7 +76,7 @@ def read_labels(path: str | Path, kind: str, targets: list[str] | None = None, c
         raise UsageError(f"unknown head kind {kind!r}; choose from {', '.join(KINDS)}")
     path = Path(path)
     if path.is_dir():
-        return demo_labels(path, kind)
+        return demo_labels(path, kind, targets)
     rows = _rows(path)
     if not rows:
         raise UsageError(f"{path}: no rows")
@@ -144,19 +144,24 @@ def visible_lesions(manifest: Any, series: Any) -> list[Any]:
     return [les for les in study.lesions if in_field_of_view(np.asarray([les.center_mm]), series.affine_array, series.shape)[0]]
 
 
-def demo_labels(root: str | Path, kind: str) -> LabelSet:
+def demo_labels(root: str | Path, kind: str, targets: list[str] | None = None) -> LabelSet:
     """Labels of a synthetic archive (``mrfm demo-archive`` / ``write_demo_archive``) from its
     ground truth: region and contrast, total visible lesion volume (mL), the anatomy label map,
     lesion boxes, and lesion phrases with their boxes."""
     from engine.synthetic import ArchiveManifest
 
+    known = {"classify": ["region", "contrast"], "regress": ["lesion_volume"]}.get(kind, [])
+    if targets and any(t not in known for t in targets):
+        raise UsageError(f"{root}: the synthetic ground truth has no target(s) {sorted(set(targets) - set(known))} "
+                         f"for {kind} (it has {', '.join(known) or 'none'})")
+    targets = list(targets or known)
     manifest = ArchiveManifest.load(Path(root))
     out = []
     for s in manifest.series:
         lab = SeriesLabels(series_uid=s.series_uid, study_uid=s.study_uid)
         lesions = visible_lesions(manifest, s)
         if kind == "classify":
-            lab.values = {"region": s.region, "contrast": s.contrast}
+            lab.values = {t: {"region": s.region, "contrast": s.contrast}[t] for t in targets}
         elif kind == "regress":
             lab.values = {"lesion_volume": float(sum(les.volume_ml for les in lesions))}
         elif kind == "segment":
@@ -166,7 +171,6 @@ def demo_labels(root: str | Path, kind: str) -> LabelSet:
             lab.texts = [lesion_phrase(les) for les in lesions]
         out.append(lab)
     classes = [manifest.label_names[k] for k in sorted(manifest.label_names)] if kind == "segment" else []
-    targets = {"classify": ["region", "contrast"], "regress": ["lesion_volume"]}.get(kind, [])
     return LabelSet(kind, out, targets, classes, f"synthetic ground truth {manifest.path}")
 
 
