@@ -14,23 +14,19 @@ Integrity: one writer at a time (the lock file); every chunk ends in a crc32c ch
 chunk of every array is written (even all-fill ones), so a damaged chunk raises on read and a
 deleted one is found by listing. Readers never trust a node's metadata blindly: an unreadable
 series group is reported as ``damaged`` and the next run redoes it.
+
+:class:`ResultStore` mixes in the lock (:mod:`.store_lock`), the damage checks (:mod:`.store_checks`)
+and the index (:mod:`.store_index`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
-import errno
-import itertools
 import json
 import math
 import os
 import re
-import secrets
 import socket
-import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,19 +37,20 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import collect_aiterator, sync
 from zarr.storage import FsspecStore, LocalStore
 
-from .errors import StoreError, StoreLocked
+from .errors import StoreError
 from .faults import killpoint
+from .store_checks import (DAMAGED, MAX_LISTED, ChecksMixin, _chunk_keys, _parse_meta, _shard_checksummed,  # noqa: F401 (re-exported)
+                           _shard_problem)
 from .store_index import ROW_STATUSES, IndexMixin, IndexView, _Row, key_hashes  # noqa: F401 (key_hashes, IndexView: public here)
+from .store_lock import (LOCK_NAME, LockMixin, _ago, _create_exclusive, _create_object_exclusive, _Heartbeat,  # noqa: F401 (re-exported)
+                         _holder_state, _locked_message, _pid_alive, _unsupported_conditional, lock_stale_seconds)
 from .zarr_nodes import (SMALL_BYTES, WRITE_ALL, NodeUnreadable, array_documents, group_document, mask_chunks, now,  # noqa: F401 (now: public here)
                          store_codecs)
 
 FORMAT_VERSION = 2  # 2: checksummed chunks, store lock, run status interrupted/abandoned
 STATUSES = ROW_STATUSES[1:]  # what write_series writes
-DAMAGED = "damaged"  # reported for an unreadable series group, never written
 RUN_STATUSES = ("running", "finished", "interrupted", "failed", "abandoned")
 RUN_ENDS = ("finished", "interrupted", "failed")
-LOCK_NAME = ".mrfm-lock"
-MAX_LISTED = 3  # missing chunks named one by one per array; more are counted
 _KEY_RE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -77,7 +74,7 @@ class OutputArray:
     value: Any  # np.ndarray, or dict of arrays/lists for boxes
 
 
-class ResultStore(IndexMixin):
+class ResultStore(IndexMixin, LockMixin, ChecksMixin):
     """A Zarr v3 result store opened for reading (``mode='r'``) or writing."""
 
     def __init__(self, path: str | Path, mode: str = "a"):
@@ -162,123 +159,7 @@ class ResultStore(IndexMixin):
         meta = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
         sync(self.root.store.set(f"{name}/zarr.json", default_buffer_prototype().buffer.from_bytes(meta)))
 
-    # ---- lock ---------------------------------------------------------------------------------
-    # Local stores: a file created with O_EXCL. Object stores: an object created with a
-    # conditional write (If-None-Match: *), which the holder refreshes with a heartbeat, since a
-    # pid on another machine cannot be checked.
-    @property
-    def lock_path(self) -> Path | str:
-        return f"{self.path}/{LOCK_NAME}" if self.remote else self.path / LOCK_NAME
-
-    def lock_holder(self) -> dict[str, Any] | None:
-        """The lock's record: None when unlocked, {} when unreadable (being written or damaged)."""
-        try:
-            raw = self._get(LOCK_NAME) if self.remote else self.lock_path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError:
-            return {}
-        if raw is None:
-            return None
-        try:
-            record = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return {}
-        return record if isinstance(record, dict) else {}
-
-    def acquire_lock(self, run_id: str) -> dict[str, Any]:
-        """Take the store's lock for ``run_id``; marks runs left ``running`` as abandoned.
-
-        A lock of a dead process on this host, or a remote lock whose heartbeat stopped, is
-        broken; any other lock raises StoreLocked.
-        """
-        if self.read_only:
-            raise StoreError(f"{self.path}: opened read-only; cannot take the lock")
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id, "started": now()}
-        if self.remote:
-            record.update({"token": secrets.token_hex(8), "heartbeat": time.time()})
-        for _ in range(5):
-            if self._create_lock(record):
-                self._lock = record
-                if self.remote:
-                    self._heartbeat = _Heartbeat(self, record)
-                self.mark_abandoned(current=run_id)
-                return record
-            holder = self.lock_holder()
-            if holder is None:
-                continue  # released in between: try again
-            state = _holder_state(holder)
-            if state != "stale":
-                raise StoreLocked(_locked_message(self.path, self.lock_path, holder, state))
-            self._break_lock(holder)
-        raise StoreLocked(f"{self.lock_path}: the lock keeps changing hands; try again")
-
-    def _create_lock(self, record: dict[str, Any]) -> bool:
-        if not self.remote:
-            return _create_exclusive(self.lock_path, record)
-        return _create_object_exclusive(self.root.store, LOCK_NAME, json.dumps(record).encode())
-
-    def release_lock(self) -> None:
-        """Remove the lock if this store object holds it (never someone else's)."""
-        mine, self._lock = self._lock, None
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
-        if not mine:
-            return
-        holder = self.lock_holder()
-        if self.remote:
-            if holder and holder.get("token") == mine.get("token"):
-                sync(self.root.store.delete(LOCK_NAME))
-        elif holder == mine:
-            self.lock_path.unlink(missing_ok=True)
-
-    @contextmanager
-    def lock(self, run_id: str) -> Iterator[dict[str, Any]]:
-        """``with store.lock(run_id):`` holds the store for one run; see acquire_lock."""
-        record = self.acquire_lock(run_id)
-        try:
-            yield record
-        finally:
-            self.release_lock()
-
-    def _break_lock(self, holder: dict[str, Any]) -> None:
-        """Remove a stale lock, unless another process replaced it since we read it."""
-        if self.remote:
-            # best effort: object stores offer no compare-and-delete, so re-read just before
-            if self.lock_holder() == holder:
-                sync(self.root.store.delete(LOCK_NAME))
-            return
-        aside = self.lock_path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}-{secrets.token_hex(3)}")
-        try:
-            os.rename(self.lock_path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            moved = json.loads(aside.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            moved = {}
-        if moved != holder:  # a live writer took the lock in between: give it back, never overwrite
-            try:
-                os.link(aside, self.lock_path)
-            except OSError:
-                pass
-        aside.unlink(missing_ok=True)
-
-    def lock_problem(self) -> str | None:
-        """'path: message' for a lock left by a dead process or unreadable; None otherwise."""
-        holder = self.lock_holder()
-        if holder is None:
-            return None
-        state = _holder_state(holder)
-        if state == "stale":
-            why = (f"no heartbeat since {_ago(holder['heartbeat'])}" if "heartbeat" in holder and holder.get("host") != socket.gethostname()
-                   else f"pid {holder.get('pid')} on {holder.get('host')} is not running")
-            return f"{LOCK_NAME}: stale lock of run {holder.get('run_id')} ({why}); the next run breaks it"
-        if state == "unknown":
-            return f"{LOCK_NAME}: unreadable lock file; if no run is writing this store, remove {self.lock_path}"
-        return None
-
+    # ---- lock: engine.store_lock; damage checks: engine.store_checks ---------------------------
     def _live_run(self) -> str | None:
         """The run id of a lock holder that may still be running (live, or on another host)."""
         holder = self.lock_holder()
@@ -360,87 +241,6 @@ class ResultStore(IndexMixin):
             attrs = self.series_attrs(name)
             if attrs is not None:
                 yield name, attrs
-
-    def check_series(self, key: str, deep: bool = False) -> list[str]:
-        """Problems that make a series' stored outputs untrustworthy, as 'path: message'.
-
-        Cheap: every node's metadata parses, every declared output exists, every chunk exists
-        (one listing). ``deep`` also reads every chunk and verifies its crc32c.
-        """
-        attrs = self.series_attrs(key)
-        if attrs is None:
-            return [f"series/{key}: missing"]
-        if attrs.get("status") == DAMAGED:
-            return [attrs["reason"]]
-        node = f"series/{key}"
-        problems, nodes = self._check_tree(node, deep)
-        for head, info in (attrs.get("heads") or {}).items():
-            if not isinstance(info, dict) or info.get("error"):
-                continue
-            for output in info.get("outputs") or []:
-                for path in (f"{node}/{head}", f"{node}/{head}/{output}"):
-                    if path not in nodes:
-                        problems.append(f"{node}/{head}/{output}: declared output missing")
-                        break
-        return problems
-
-    def check_tree(self, node: str, deep: bool = False) -> list[str]:
-        """Problems of every node under ``node`` (e.g. 'index'): metadata, chunks, checksums."""
-        return self._check_tree(node, deep)[0]
-
-    def _check_tree(self, node: str, deep: bool) -> tuple[list[str], set[str]]:
-        keys = self._list_prefix(node + "/")
-        problems: list[str] = []
-        readable: set[str] = set()
-        metas = sorted(k[: -len("/zarr.json")] for k in keys if k.endswith("/zarr.json"))
-        for path in metas:
-            try:
-                meta = _parse_meta(f"{path}/zarr.json", self._get(f"{path}/zarr.json") or b"")
-            except NodeUnreadable as exc:
-                problems.append(str(exc))
-                continue
-            readable.add(path)
-            if meta.get("node_type") == "array":
-                problems += self._check_chunks(path, meta, keys, deep)
-        return problems, readable
-
-    def _check_chunks(self, path: str, meta: dict[str, Any], keys: set[str], deep: bool) -> list[str]:
-        try:
-            expected = _chunk_keys(path, meta)
-        except Exception as exc:
-            return [f"{path}/zarr.json: array metadata not understood ({exc})"]
-        missing = sorted(expected - keys)
-        problems = [f"{k}: chunk missing" for k in missing[:MAX_LISTED]]
-        if len(missing) > MAX_LISTED:
-            problems.append(f"{path}: {len(missing)} of {len(expected)} chunks missing")
-        if deep:
-            problems += self._verify_chunks(path, meta, sorted(expected & keys))
-        return problems
-
-    def _verify_chunks(self, path: str, meta: dict[str, Any], chunk_keys: list[str]) -> list[str]:
-        """crc32c of each chunk's stored bytes; arrays written without it are decoded instead."""
-        codecs = meta.get("codecs") or []
-        if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed" and _shard_checksummed(codecs[0]):
-            problems = []
-            for key in chunk_keys:
-                why = _shard_problem(self._get(key) or b"", meta)
-                if why:
-                    problems.append(f"{key}: {why}")
-            return problems
-        if not codecs or codecs[-1].get("name") != "crc32c":
-            try:
-                zarr.open_array(store=self.root.store, path=path, mode="r")[...]
-            except Exception as exc:
-                return [f"{path}: unreadable ({type(exc).__name__}: {exc})"]
-            return []
-        import google_crc32c
-
-        problems = []
-        for key in chunk_keys:
-            raw = self._get(key) or b""
-            if len(raw) < 4 or google_crc32c.value(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
-                problems.append(f"{key}: checksum mismatch (the chunk's bytes are damaged)")
-        return problems
 
     def pending_heads(self, key: str, head_fingerprints: dict[str, str], deep: bool = False) -> set[str]:
         """Heads still to run on a series: missing, failed, or fit with another fingerprint.
@@ -595,176 +395,6 @@ def storage_options(url: str) -> dict[str, Any]:
         if endpoint:
             opts["endpoint_url"] = endpoint
     return opts
-
-
-def _parse_meta(key: str, raw: bytes) -> dict[str, Any]:
-    try:
-        meta = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        kind = "truncated JSON" if raw and not raw.rstrip().endswith(b"}") else "invalid JSON"
-        raise NodeUnreadable(f"{key}: {kind} ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
-        raise NodeUnreadable(f"{key}: not Zarr v3 metadata")
-    return meta
-
-
-def _chunk_keys(path: str, meta: dict[str, Any]) -> set[str]:
-    """Every chunk key an array's metadata implies (arrays are written whole)."""
-    from zarr.core.metadata.v3 import ArrayV3Metadata
-
-    md = ArrayV3Metadata.from_dict(dict(meta))
-    shape, chunks = md.shape, md.chunk_grid.chunk_shape
-    if 0 in shape:
-        return set()
-    grid = [range(math.ceil(s / c)) for s, c in zip(shape, chunks)]
-    return {f"{path}/{md.encode_chunk_key(coords)}" for coords in itertools.product(*grid)}
-
-
-def _shard_checksummed(codec: dict[str, Any]) -> bool:
-    """A shard whose inner chunks and index each end with a crc32c (how this store writes masks)."""
-    conf = codec.get("configuration") or {}
-    return all((conf.get(part) or [{}])[-1].get("name") == "crc32c" for part in ("codecs", "index_codecs"))
-
-
-def _shard_problem(raw: bytes, meta: dict[str, Any]) -> str | None:
-    """Why a shard's stored bytes are damaged, or None: its index is (offset, nbytes) uint64
-    pairs, one per inner chunk, then its own crc32c; each inner chunk ends with its crc32c."""
-    import google_crc32c
-
-    def damaged(blob: bytes) -> bool:
-        return len(blob) < 4 or google_crc32c.value(blob[:-4]).to_bytes(4, "little") != blob[-4:]
-
-    conf = meta["codecs"][0]["configuration"]
-    shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
-    n = math.prod(s // c for s, c in zip(shard, conf["chunk_shape"]))
-    size = 16 * n + 4
-    index = raw[:size] if conf.get("index_location", "end") == "start" else raw[-size:]
-    if len(raw) < size or damaged(index):
-        return "checksum mismatch (the shard's index is damaged)"
-    pairs = np.frombuffer(index[:-4], dtype="<u8").reshape(n, 2)
-    for offset, nbytes in pairs:
-        if offset == np.iinfo(np.uint64).max:  # an empty inner chunk: nothing stored
-            continue
-        if offset + nbytes > len(raw) or damaged(raw[int(offset):int(offset + nbytes)]):
-            return "checksum mismatch (the chunk's bytes are damaged)"
-    return None
-
-
-def _create_exclusive(path: Path, record: dict[str, Any]) -> bool:
-    """Create ``path`` holding ``record`` unless it exists (O_CREAT|O_EXCL: atomic on local disks)."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return True
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    except OSError as exc:
-        return exc.errno != errno.ESRCH
-    return True
-
-
-def _holder_state(holder: dict[str, Any]) -> str:
-    """live | stale | foreign (another host, no heartbeat: cannot tell) | unknown.
-
-    On this host the pid decides; elsewhere a heartbeat older than MRFM_LOCK_STALE_SECONDS
-    (default 600) means the holder is gone."""
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or not holder.get("host"):
-        return "unknown"
-    if holder["host"] == socket.gethostname():
-        return "live" if _pid_alive(pid) else "stale"
-    beat = holder.get("heartbeat")
-    if isinstance(beat, (int, float)):
-        return "stale" if time.time() - beat > lock_stale_seconds() else "live"
-    return "foreign"
-
-
-def lock_stale_seconds() -> float:
-    return float(os.environ.get("MRFM_LOCK_STALE_SECONDS") or 600)
-
-
-def _ago(stamp: float) -> str:
-    return _dt.datetime.fromtimestamp(stamp, _dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _locked_message(store: Path | str, path: Path | str, holder: dict[str, Any], state: str) -> str:
-    who = f"run {holder.get('run_id')} (pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')})"
-    if state == "live":
-        return f"{store} is in use by {who}; wait for it to finish or stop it"
-    if state == "foreign":
-        return (f"{store} is locked by {who}; this machine cannot tell whether that process still runs. "
-                f"If it does not, remove {path}")
-    return f"{store} is locked ({path} is unreadable: being written, or damaged). If no run writes this store, remove {path}"
-
-
-def _create_object_exclusive(zstore: Any, key: str, data: bytes) -> bool:
-    """Create object ``key`` unless it exists: a conditional PUT (If-None-Match: *) where the
-    filesystem offers one (s3fs), else write, read back and compare (best effort: two writers
-    racing within one round trip may both believe they won)."""
-    fs, path = zstore.fs, f"{zstore.path.rstrip('/')}/{key}"
-    try:
-        sync(fs._pipe_file(path, data, mode="create"))
-        return True
-    except FileExistsError:
-        return False
-    except Exception as exc:
-        if not _unsupported_conditional(exc):
-            if "PreconditionFailed" in str(exc) or "412" in str(exc):
-                return False
-            raise
-    if sync(zstore.get(key, prototype=default_buffer_prototype())) is not None:
-        return False
-    sync(zstore.set(key, default_buffer_prototype().buffer.from_bytes(data)))
-    back = sync(zstore.get(key, prototype=default_buffer_prototype()))
-    return back is not None and back.to_bytes() == data
-
-
-def _unsupported_conditional(exc: Exception) -> bool:
-    text = str(exc)
-    return isinstance(exc, (TypeError, NotImplementedError)) or "NotImplemented" in text or "not implemented" in text.lower()
-
-
-class _Heartbeat:
-    """Refreshes a remote lock's heartbeat every MRFM_LOCK_HEARTBEAT_SECONDS (default 60) while
-    it is held, so that other machines can tell a live writer from a dead one."""
-
-    def __init__(self, store: "ResultStore", record: dict[str, Any]):
-        self.store, self.record = store, record
-        self.every = float(os.environ.get("MRFM_LOCK_HEARTBEAT_SECONDS") or 60)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mrfm-lock-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            try:
-                self.beat()
-            except Exception:
-                pass  # a missed beat is retried; staleness needs many of them
-
-    def beat(self) -> None:
-        holder = self.store.lock_holder()
-        if not holder or holder.get("token") != self.record.get("token"):
-            return  # no longer ours: never overwrite another writer's lock
-        self.record["heartbeat"] = time.time()
-        raw = json.dumps(self.record).encode()
-        sync(self.store.root.store.set(LOCK_NAME, default_buffer_prototype().buffer.from_bytes(raw)))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 def _write_outputs(group: zarr.Group, outputs: list[OutputArray], shape: tuple[int, ...], geometry: dict[str, Any]) -> None:

@@ -1,0 +1,270 @@
+"""The result store's lock (one writer at a time): :class:`LockMixin`, the lock methods of
+:class:`engine.store.ResultStore`, and the helpers that create, judge and break a lock.
+
+Separate from :mod:`engine.store` because it is a protocol of its own; the mixin touches the store
+only through ``path``, ``remote``, ``read_only``, ``root``, ``_get``, ``mark_abandoned`` and the
+``_lock``/``_heartbeat`` slots that ``ResultStore.__init__`` sets.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from .errors import StoreError, StoreLocked
+from .zarr_nodes import now
+
+if TYPE_CHECKING:
+    from .store import ResultStore
+
+LOCK_NAME = ".mrfm-lock"
+
+
+class LockMixin:
+    """The lock of a result store; mixed into :class:`engine.store.ResultStore`."""
+
+    # ---- lock ---------------------------------------------------------------------------------
+    # Local stores: a file created with O_EXCL. Object stores: an object created with a
+    # conditional write (If-None-Match: *), which the holder refreshes with a heartbeat, since a
+    # pid on another machine cannot be checked.
+    @property
+    def lock_path(self) -> Path | str:
+        return f"{self.path}/{LOCK_NAME}" if self.remote else self.path / LOCK_NAME
+
+    def lock_holder(self) -> dict[str, Any] | None:
+        """The lock's record: None when unlocked, {} when unreadable (being written or damaged)."""
+        try:
+            raw = self._get(LOCK_NAME) if self.remote else self.lock_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        if raw is None:
+            return None
+        try:
+            record = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def acquire_lock(self, run_id: str) -> dict[str, Any]:
+        """Take the store's lock for ``run_id``; marks runs left ``running`` as abandoned.
+
+        A lock of a dead process on this host, or a remote lock whose heartbeat stopped, is
+        broken; any other lock raises StoreLocked.
+        """
+        if self.read_only:
+            raise StoreError(f"{self.path}: opened read-only; cannot take the lock")
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id, "started": now()}
+        if self.remote:
+            record.update({"token": secrets.token_hex(8), "heartbeat": time.time()})
+        for _ in range(5):
+            if self._create_lock(record):
+                self._lock = record
+                if self.remote:
+                    self._heartbeat = _Heartbeat(self, record)
+                self.mark_abandoned(current=run_id)
+                return record
+            holder = self.lock_holder()
+            if holder is None:
+                continue  # released in between: try again
+            state = _holder_state(holder)
+            if state != "stale":
+                raise StoreLocked(_locked_message(self.path, self.lock_path, holder, state))
+            self._break_lock(holder)
+        raise StoreLocked(f"{self.lock_path}: the lock keeps changing hands; try again")
+
+    def _create_lock(self, record: dict[str, Any]) -> bool:
+        if not self.remote:
+            return _create_exclusive(self.lock_path, record)
+        return _create_object_exclusive(self.root.store, LOCK_NAME, json.dumps(record).encode())
+
+    def release_lock(self) -> None:
+        """Remove the lock if this store object holds it (never someone else's)."""
+        mine, self._lock = self._lock, None
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        if not mine:
+            return
+        holder = self.lock_holder()
+        if self.remote:
+            if holder and holder.get("token") == mine.get("token"):
+                sync(self.root.store.delete(LOCK_NAME))
+        elif holder == mine:
+            self.lock_path.unlink(missing_ok=True)
+
+    @contextmanager
+    def lock(self, run_id: str) -> Iterator[dict[str, Any]]:
+        """``with store.lock(run_id):`` holds the store for one run; see acquire_lock."""
+        record = self.acquire_lock(run_id)
+        try:
+            yield record
+        finally:
+            self.release_lock()
+
+    def _break_lock(self, holder: dict[str, Any]) -> None:
+        """Remove a stale lock, unless another process replaced it since we read it."""
+        if self.remote:
+            # best effort: object stores offer no compare-and-delete, so re-read just before
+            if self.lock_holder() == holder:
+                sync(self.root.store.delete(LOCK_NAME))
+            return
+        aside = self.lock_path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}-{secrets.token_hex(3)}")
+        try:
+            os.rename(self.lock_path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(aside.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            moved = {}
+        if moved != holder:  # a live writer took the lock in between: give it back, never overwrite
+            try:
+                os.link(aside, self.lock_path)
+            except OSError:
+                pass
+        aside.unlink(missing_ok=True)
+
+    def lock_problem(self) -> str | None:
+        """'path: message' for a lock left by a dead process or unreadable; None otherwise."""
+        holder = self.lock_holder()
+        if holder is None:
+            return None
+        state = _holder_state(holder)
+        if state == "stale":
+            why = (f"no heartbeat since {_ago(holder['heartbeat'])}" if "heartbeat" in holder and holder.get("host") != socket.gethostname()
+                   else f"pid {holder.get('pid')} on {holder.get('host')} is not running")
+            return f"{LOCK_NAME}: stale lock of run {holder.get('run_id')} ({why}); the next run breaks it"
+        if state == "unknown":
+            return f"{LOCK_NAME}: unreadable lock file; if no run is writing this store, remove {self.lock_path}"
+        return None
+
+
+def _create_exclusive(path: Path, record: dict[str, Any]) -> bool:
+    """Create ``path`` holding ``record`` unless it exists (O_CREAT|O_EXCL: atomic on local disks)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except OSError as exc:
+        return exc.errno != errno.ESRCH
+    return True
+
+
+def _holder_state(holder: dict[str, Any]) -> str:
+    """live | stale | foreign (another host, no heartbeat: cannot tell) | unknown.
+
+    On this host the pid decides; elsewhere a heartbeat older than MRFM_LOCK_STALE_SECONDS
+    (default 600) means the holder is gone."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or not holder.get("host"):
+        return "unknown"
+    if holder["host"] == socket.gethostname():
+        return "live" if _pid_alive(pid) else "stale"
+    beat = holder.get("heartbeat")
+    if isinstance(beat, (int, float)):
+        return "stale" if time.time() - beat > lock_stale_seconds() else "live"
+    return "foreign"
+
+
+def lock_stale_seconds() -> float:
+    return float(os.environ.get("MRFM_LOCK_STALE_SECONDS") or 600)
+
+
+def _ago(stamp: float) -> str:
+    return _dt.datetime.fromtimestamp(stamp, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _locked_message(store: Path | str, path: Path | str, holder: dict[str, Any], state: str) -> str:
+    who = f"run {holder.get('run_id')} (pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')})"
+    if state == "live":
+        return f"{store} is in use by {who}; wait for it to finish or stop it"
+    if state == "foreign":
+        return (f"{store} is locked by {who}; this machine cannot tell whether that process still runs. "
+                f"If it does not, remove {path}")
+    return f"{store} is locked ({path} is unreadable: being written, or damaged). If no run writes this store, remove {path}"
+
+
+def _create_object_exclusive(zstore: Any, key: str, data: bytes) -> bool:
+    """Create object ``key`` unless it exists: a conditional PUT (If-None-Match: *) where the
+    filesystem offers one (s3fs), else write, read back and compare (best effort: two writers
+    racing within one round trip may both believe they won)."""
+    fs, path = zstore.fs, f"{zstore.path.rstrip('/')}/{key}"
+    try:
+        sync(fs._pipe_file(path, data, mode="create"))
+        return True
+    except FileExistsError:
+        return False
+    except Exception as exc:
+        if not _unsupported_conditional(exc):
+            if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                return False
+            raise
+    if sync(zstore.get(key, prototype=default_buffer_prototype())) is not None:
+        return False
+    sync(zstore.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+    back = sync(zstore.get(key, prototype=default_buffer_prototype()))
+    return back is not None and back.to_bytes() == data
+
+
+def _unsupported_conditional(exc: Exception) -> bool:
+    text = str(exc)
+    return isinstance(exc, (TypeError, NotImplementedError)) or "NotImplemented" in text or "not implemented" in text.lower()
+
+
+class _Heartbeat:
+    """Refreshes a remote lock's heartbeat every MRFM_LOCK_HEARTBEAT_SECONDS (default 60) while
+    it is held, so that other machines can tell a live writer from a dead one."""
+
+    def __init__(self, store: "ResultStore", record: dict[str, Any]):
+        self.store, self.record = store, record
+        self.every = float(os.environ.get("MRFM_LOCK_HEARTBEAT_SECONDS") or 60)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mrfm-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.beat()
+            except Exception:
+                pass  # a missed beat is retried; staleness needs many of them
+
+    def beat(self) -> None:
+        holder = self.store.lock_holder()
+        if not holder or holder.get("token") != self.record.get("token"):
+            return  # no longer ours: never overwrite another writer's lock
+        self.record["heartbeat"] = time.time()
+        raw = json.dumps(self.record).encode()
+        sync(self.store.root.store.set(LOCK_NAME, default_buffer_prototype().buffer.from_bytes(raw)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
