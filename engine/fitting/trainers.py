@@ -196,7 +196,9 @@ def fit_segment(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Optio
     cfg = {"kind": "segment", "labels": classes, "layers": use, "output": "anatomy" if labels.classes else "mask",
            "widths": [32, 16, 8]}
     d = tw[0][0].shape[-1]
-    net = segment_t.build_net(d, cfg)
+    # channels-last 3D convolutions train about twice as fast on CPU (oneDNN); the saved state is
+    # made contiguous by _state, so the weights do not depend on it
+    net = segment_t.build_net(d, cfg).to(memory_format=torch.channels_last_3d)
     counts = np.bincount(np.concatenate([w[2].ravel() for w in tw]), minlength=len(classes)).astype(float)
     freq = counts / counts.sum()
     # cross-entropy weights grow with the square root of rarity (capped): a class of a few hundred
@@ -231,7 +233,7 @@ def fit_segment(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Optio
             else:
                 items.append(crop(int(rng.integers(0, len(tw)))))
         layers = [torch.stack([it[0][j] for it in items]) for j in range(3)]
-        logits = net(layers, torch.stack([it[1] for it in items]))
+        logits = net(layers, torch.stack([it[1] for it in items]).contiguous(memory_format=torch.channels_last_3d))
         target = torch.stack([it[2] for it in items])
         return F.cross_entropy(logits, target, weight=weight) + dice_loss(logits, target)
 

