@@ -105,6 +105,10 @@ def cli(ctx, debug, disable_plugins) -> None:
         disable(disable_plugins.split(","))
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _plain_warnings() -> None:
     """Library warnings (a plugin that could not be loaded, ...) as one ``warning:`` line each,
     not Python's file:line form that quotes engine source."""
@@ -447,7 +451,7 @@ def inspect(store, as_json, limit) -> None:
         geo = attrs.get("geometry") or {}
         heads = attrs.get("heads") or {}
         outputs = sum(len(h.get("outputs") or []) for h in heads.values() if isinstance(h, dict))
-        detail = attrs.get("reason") or f"{outputs} outputs from {len(heads)} heads"
+        detail = attrs.get("reason") or f"{_plural(outputs, 'output')} from {_plural(len(heads), 'head')}"
         table.add_row(esc(short(key)), esc(attrs.get("description", "")), esc(geo.get("orientation", "")),
                       "x".join(map(str, geo.get("shape") or [])), styled(attrs.get("status")), esc(detail))
     console.print(table)
