@@ -109,6 +109,8 @@ def test_fit_a_classifier_beats_the_floor_reuses_features_and_runs_as_a_head(lab
     schemas.validate("head", manifest, "fitted manifest")
     assert manifest["encoder"]["fingerprint"].startswith("sha256:")
     assert manifest["fit"]["metrics"]["side"]["accuracy"] == acc
+    # a published head names its labels, never a path of the machine that fit it
+    assert manifest["fit"]["data"]["labels"] == "labels.csv" and str(labelled) not in json.dumps(manifest)
     assert "mrfm" in (tmp_path / "side-head" / "pyproject.toml").read_text()
 
     # a refit reads every feature from the store: the encoder is never called
@@ -260,5 +262,6 @@ def test_targets_pick_columns_of_a_synthetic_archive(tmp_path):
     region = read_labels(tmp_path / "arch", "classify", ["region"])
     assert region.targets == ["region"] and all(set(s.values) == {"region"} for s in region.series)
     assert read_labels(tmp_path / "arch", "classify").targets == ["region", "contrast"]
+    assert str(tmp_path) not in region.source and "seed 5" in region.source
     with pytest.raises(UsageError, match="no target.*'age'"):
         read_labels(tmp_path / "arch", "classify", ["age"])

@@ -94,7 +94,7 @@ def fit(kind: str, data: str | Path | list[str | Path], out: str | Path | None =
     record = {
         "metrics": fitted.metrics,
         "floor": {"random_encoder": floor_metrics, "seed": seed} if floor else None,
-        "data": {"labels": labels.source if not Path(str(labels.source)).is_absolute() else Path(labels.source).name,
+        "data": {"labels": labels.source,  # file names or generator and seed: no path of this machine
                  "series": len(pairs), "studies": len({lab.study_uid for _, lab in pairs}),
                  "train_series": len(train), "validation_series": len(val), "validation_studies": len(val_studies)},
         "split": {"by": "study", "validation_fraction": val_fraction, "seed": seed},

@@ -113,7 +113,7 @@ def read_labels(path: str | Path, kind: str, targets: list[str] | None = None, c
             s.boxes.append(np.concatenate([np.minimum(box[:3], box[3:]), np.maximum(box[:3], box[3:])]))
             if kind == "ground":
                 s.texts.append(str(row["text"]))
-    return LabelSet(kind, list(by_series.values()), list(targets or []), list(classes or []), str(path))
+    return LabelSet(kind, list(by_series.values()), list(targets or []), list(classes or []), path.name)
 
 
 # --- synthetic archives -----------------------------------------------------------------------
@@ -171,7 +171,7 @@ def demo_labels(root: str | Path, kind: str, targets: list[str] | None = None) -
             lab.texts = [lesion_phrase(les) for les in lesions]
         out.append(lab)
     classes = [manifest.label_names[k] for k in sorted(manifest.label_names)] if kind == "segment" else []
-    return LabelSet(kind, out, targets, classes, f"synthetic ground truth {manifest.path}")
+    return LabelSet(kind, out, targets, classes, f"synthetic ground truth (engine.synthetic, seed {manifest.seed})")
 
 
 def merge_labels(sets: list[LabelSet]) -> LabelSet:
