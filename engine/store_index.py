@@ -82,6 +82,13 @@ class IndexMixin:
         number of searchable rows."""
         touched, self._index_rows = self._index_rows, {}
         attrs = self.index_attrs()
+        if attrs is None and self._holds_only(touched):
+            # a store this object filled: every row is in memory, no group needs reading back
+            source = min((s for row in touched.values() for s in row.embeddings), key=_source_order, default=None)
+            skipped: list[str] = []
+            self._resolve_embeddings(touched, source, skipped)
+            self.index_skipped = skipped
+            return self._write_index(dict(touched), source, skipped)
         if self._index_unusable(attrs) or not attrs.get("base_rows"):
             return self.rebuild_index()
         source = attrs.get("embedding_source")
@@ -99,6 +106,16 @@ class IndexMixin:
             return self._append_delta(touched, attrs, source, skipped)
         except Exception:  # unreadable although its checksums passed: start again from the groups
             return self.rebuild_index()
+
+    def _holds_only(self, touched: dict[str, "_Row"]) -> bool:
+        """The store holds only this object's run, and its series groups are exactly those this
+        object wrote, each with a known status (so nothing older could hide in a group)."""
+        if not touched or any(row.status not in ROW_STATUSES[1:] for row in touched.values()):
+            return False
+        mine = (self._lock or {}).get("run_id")
+        if mine is None or any(run != mine for run in self.root.attrs.get("runs") or []):
+            return False
+        return set(self._list_dir("series")) - {"zarr.json"} == set(touched)
 
     def compact_index(self) -> dict[str, int]:
         """Rewrite index/ as one chunk per column, folding in appended rows and dropping
@@ -404,6 +421,11 @@ class IndexView:
         """Series listed, each once."""
         appended = np.fromiter(self.delta, dtype="<u8", count=len(self.delta))
         return len(self.hash) + int((self._base_rows(appended) < 0).sum())
+
+
+def _source_order(source: str) -> tuple[bool, str]:
+    """Which embedding the index uses when a series has several: retrieve's first, then by name."""
+    return (source.split("/")[0] != "retrieve", source)
 
 
 def _first_embedding(series_group: zarr.Group) -> str | None:

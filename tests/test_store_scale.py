@@ -119,3 +119,42 @@ def test_rows_written_by_another_process_are_noted_not_rebuilt(tmp_path, monkeyp
         assert driver.update_index() == 41
         driver.finish_run("r2", {"finished": "x"})
     assert "w1" in dict(search_keys(path, "s00"))
+
+
+def _index_arrays(path) -> dict[str, np.ndarray]:
+    root = open_store(path).root
+    out = {}
+
+    def walk(group, prefix):
+        for name, arr in group.arrays():
+            out[f"{prefix}{name}"] = np.asarray(arr[...])
+        for name, sub in group.groups():
+            walk(sub, f"{prefix}{name}/")
+
+    walk(root["index"], "")
+    return out
+
+
+def test_the_first_index_of_a_fresh_store_is_built_from_memory_and_equals_a_rebuild(tmp_path, monkeypatch):
+    path = tmp_path / "r.zarr"
+    writes = [(f"s{i:02d}", vec(i)) for i in range(12)] + [("bad", vec(5), "failed")]
+    with monkeypatch.context() as m:
+        m.setattr(ResultStore, "rebuild_index", lambda *a, **k: pytest.fail("a fresh store's groups were walked"))
+        run(path, "r1", writes)
+    from_memory = _index_arrays(path)
+    ResultStore(path, mode="a").rebuild_index()
+    rebuilt = _index_arrays(path)
+    assert sorted(from_memory) == sorted(rebuilt)
+    for name, arr in rebuilt.items():
+        assert np.array_equal(from_memory[name], arr), name
+    assert index_problems(path, deep=True) == []
+
+
+def test_a_store_with_groups_of_an_earlier_run_and_no_index_is_rebuilt(tmp_path):
+    path = tmp_path / "r.zarr"
+    run(path, "r1", [(f"s{i:02d}", vec(i)) for i in range(3)])
+    import shutil
+
+    shutil.rmtree(path / "index")  # the index of r1 is lost
+    run(path, "r2", [("new", vec(9))])
+    assert set(dict(search_keys(path, "new"))) == {"s00", "s01", "s02"}  # every group, not only r2's
