@@ -28,7 +28,7 @@ def test_end_to_end_and_overlap_are_sane(report):
     e = report["end_to_end"]
     assert e["series"] >= 1 and e["series_per_s"] > 0 and e["overlap_efficiency"] > 0
     assert e["slowest_stage"] in STAGES
-    assert 0 <= e["write_share"] < 1
+    assert 0 <= e["write_share"] < 1 and 0 < e["write_cost_share"] < 1
     assert report["peak_rss_mib"]["self"] > 0
 
 
