@@ -265,3 +265,25 @@ def test_targets_pick_columns_of_a_synthetic_archive(tmp_path):
     assert str(tmp_path) not in region.source and "seed 5" in region.source
     with pytest.raises(UsageError, match="no target.*'age'"):
         read_labels(tmp_path / "arch", "classify", ["age"])
+
+
+def test_a_fit_waits_for_features_another_fit_is_writing_and_reuses_them(labelled, tmp_path):
+    import threading
+
+    from engine.discover import scan
+    from engine.model import load_model
+
+    model = load_model()
+    (ref,) = [r for r in scan([labelled / "images" / "s00.nii.gz"]).series]
+    first, second = cache_mod.FeatureCache(model, tmp_path), cache_mod.FeatureCache(model, tmp_path)
+    key = cache_mod.series_key(ref)
+    got = {}
+    with first.lock(key):  # the first fit is encoding this series
+        waiter = threading.Thread(target=lambda: got.setdefault("f", second.get(ref)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive(), "the second fit must wait for the first one's features"
+        first._write(key, first._compute(ref, tiles=False))
+    waiter.join(timeout=60)
+    assert second.encoded == 0 and first.encoded == 1  # encoded once, read by both
+    np.testing.assert_array_equal(got["f"].cls, first._read(key, False).cls)

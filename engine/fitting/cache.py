@@ -9,7 +9,9 @@ Layout (Zarr v3)::
 
 The model key is derived from the model fingerprint, so a changed encoder, card or preprocessing
 never reuses stale features; the series key carries a digest of the source files, so a changed
-series is encoded again. ``complete`` is written last: an interrupted write is redone.
+series is encoded again. ``complete`` is written last: an interrupted write is redone. Fits
+that share the store encode a series under a file lock (``locks/``), so they never write one
+series at once.
 Refits read everything from here and never touch the encoder.
 """
 
@@ -85,7 +87,8 @@ class FeatureCache:
         self.root = Path(root) if root is not None else default_cache_dir()
         self.root.mkdir(parents=True, exist_ok=True)
         self.group = zarr.open_group(str(self.root / "features.zarr"), mode="a").require_group(model_key(self.fingerprint))
-        self.group.attrs.update({"fingerprint": self.fingerprint, "model": model.name})
+        if dict(self.group.attrs) != {"fingerprint": self.fingerprint, "model": model.name}:
+            self.group.update_attributes({"fingerprint": self.fingerprint, "model": model.name})
         self.backend_name = backend
         self.batch_size = batch_size
         self._backend = None
@@ -171,13 +174,25 @@ class FeatureCache:
         )
 
     def get(self, ref: Any, tiles: bool = False) -> SeriesFeatures:
-        """The series' features, encoding it only when the store lacks them."""
+        """The series' features, encoding it only when the store lacks them. Fits sharing the
+        store take a lock per series to encode it: the second waits and reads the first's."""
         key = series_key(ref)
         found = self._read(key, tiles)
         if found is None:
-            self._write(key, self._compute(ref, tiles))
-            found = self._read(key, tiles)
+            with self.lock(key):
+                found = self._read(key, tiles)  # written while this one waited
+                if found is None:
+                    self._write(key, self._compute(ref, tiles))
+                    found = self._read(key, tiles)
         return found  # type: ignore[return-value]
+
+    def lock(self, key: str) -> Any:
+        """The file lock that one series' features are written under."""
+        from filelock import FileLock
+
+        locks = self.root / "locks"
+        locks.mkdir(exist_ok=True)
+        return FileLock(str(locks / f"{model_key(self.fingerprint)}-{key}.lock"))
 
     def get_many(self, refs: list[Any], tiles: bool = False, log: Any = None) -> list[SeriesFeatures]:
         out = []
