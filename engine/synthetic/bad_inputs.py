@@ -83,15 +83,11 @@ File system
 
 from __future__ import annotations
 
-import gzip
-import os
 import shutil
-import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -216,55 +212,6 @@ def _place(ds: Dataset, position: np.ndarray) -> None:
     iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
     ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
     ds.SliceLocation = f"{float(position @ np.cross(iop[:3], iop[3:])):.6f}"
-
-
-def _zip(path: Path, members: dict[str, bytes]) -> Path:
-    """A zip with fixed timestamps (deterministic bytes) and member names kept exactly as given."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            zf.writestr(zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
-    return path
-
-
-def _series_bytes(corpus: _Corpus, case: str, scratch: Path) -> list[tuple[str, bytes]]:
-    """A valid series of ``case`` as (file name, bytes), written through a scratch folder."""
-    paths = corpus.series(case, scratch)
-    out = [(p.name, p.read_bytes()) for p in paths]
-    shutil.rmtree(scratch)
-    return out
-
-
-def _nifti_header(case: str, shape: tuple[int, ...], dtype=np.float32) -> nib.Nifti1Header:
-    hdr = nib.Nifti1Header()
-    hdr.set_data_shape(shape)
-    hdr.set_data_dtype(dtype)
-    hdr["descrip"] = f"BAD {case.upper()}".encode()
-    hdr.set_xyzt_units("mm")
-    return hdr
-
-
-def _write_raw_nifti(path: Path, hdr: nib.Nifti1Header, data: np.ndarray) -> Path:
-    """Single-file NIfTI-1 written byte by byte, so nibabel cannot repair what must stay broken."""
-    hdr["vox_offset"] = 352
-    hdr["magic"] = b"n+1"
-    raw = hdr.binaryblock + b"\0" * 4 + np.asarray(data, dtype=hdr.get_data_dtype()).tobytes(order="F")
-    if path.name.endswith(".gz"):
-        raw = gzip.compress(raw, mtime=0)
-    path.write_bytes(raw)
-    return path
-
-
-def _sform_nifti(corpus: _Corpus, case: str, shape: tuple[int, ...], affine: np.ndarray,
-                 data: np.ndarray | None = None) -> Path:
-    hdr = _nifti_header(case, shape)
-    hdr.set_sform(affine, code="scanner")
-    hdr.set_qform(None, code="unknown")
-    data = corpus.volume(shape).astype(np.float32) if data is None else data
-    return _write_raw_nifti(corpus.folder(case) / f"bad_{case}.nii", hdr, data).parent
-
-
-def _grid_affine() -> np.ndarray:
-    return make_grid("axial", (0.0, 0.0, 0.0), shape=BAD_SHAPE, spacing=SPACING)[1]
 
 
 # ---- DICOM content ------------------------------------------------------------------------------
@@ -508,156 +455,12 @@ def _bare_dataset(c: _Corpus, case: str, sop_class: str, modality: str) -> Datas
     return ds
 
 
-# ---- NIfTI --------------------------------------------------------------------------------------
+# The NIfTI and archive-level builders (bad_nifti, bad_archive) register with ``_case`` on import;
+# imported last and in this order so the corpus keeps the case order documented above (the cases
+# share one random generator: the order fixes the bytes).
+# isort: off
+from . import bad_nifti  # noqa: E402
+from . import bad_archive  # noqa: E402
+# isort: on
 
-
-@_case("nifti_nan_affine", "failed")
-def _nifti_nan_affine(c: _Corpus) -> Path:
-    hdr = _nifti_header("nifti_nan_affine", BAD_SHAPE)
-    hdr["sform_code"], hdr["qform_code"] = 1, 1
-    for name in ("srow_x", "srow_y", "srow_z"):
-        hdr[name] = np.nan
-    for name in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z"):
-        hdr[name] = np.nan
-    path = c.folder("nifti_nan_affine") / "bad_nifti_nan_affine.nii"
-    return _write_raw_nifti(path, hdr, c.volume().astype(np.float32)).parent
-
-
-@_case("nifti_singular_affine", "failed")
-def _nifti_singular_affine(c: _Corpus) -> Path:
-    affine = _grid_affine()
-    affine[:3, 2] = 0.0
-    return _sform_nifti(c, "nifti_singular_affine", BAD_SHAPE, affine)
-
-
-@_case("nifti_zero_pixdim", "failed")
-def _nifti_zero_pixdim(c: _Corpus) -> Path:
-    hdr = _nifti_header("nifti_zero_pixdim", BAD_SHAPE)
-    hdr["qform_code"], hdr["sform_code"] = 1, 0
-    hdr["quatern_b"] = hdr["quatern_c"] = hdr["quatern_d"] = 0.0
-    hdr["pixdim"][1:4] = 0.0
-    path = c.folder("nifti_zero_pixdim") / "bad_nifti_zero_pixdim.nii"
-    return _write_raw_nifti(path, hdr, c.volume().astype(np.float32)).parent
-
-
-@_case("nifti_2d", "complete")
-def _nifti_2d(c: _Corpus) -> Path:
-    return _sform_nifti(c, "nifti_2d", BAD_SHAPE[:2], _grid_affine())
-
-
-@_case("nifti_5d", "failed")
-def _nifti_5d(c: _Corpus) -> Path:
-    shape = (*BAD_SHAPE, 1, 3)
-    return _sform_nifti(c, "nifti_5d", shape, _grid_affine(), c.volume(shape).astype(np.float32))
-
-
-@_case("nifti_gz_truncated", "failed or skipped file")
-def _nifti_gz_truncated(c: _Corpus) -> Path:
-    hdr = _nifti_header("nifti_gz_truncated", BAD_SHAPE)
-    hdr.set_sform(_grid_affine(), code="scanner")
-    path = _write_raw_nifti(c.folder("nifti_gz_truncated") / "bad_nifti_gz_truncated.nii.gz", hdr,
-                            c.volume().astype(np.float32))
-    raw = path.read_bytes()
-    path.write_bytes(raw[: len(raw) // 2])
-    return path.parent
-
-
-@_case("nifti_nan_voxels", "complete or failed")
-def _nifti_nan_voxels(c: _Corpus) -> Path:
-    data = c.volume().astype(np.float32)
-    data[4:12, 4:12, 2:5] = np.nan
-    return _sform_nifti(c, "nifti_nan_voxels", BAD_SHAPE, _grid_affine(), data)
-
-
-# ---- zip archives -------------------------------------------------------------------------------
-
-
-@_case("zip_traversal", "skipped file")
-def _zip_traversal(c: _Corpus) -> Path:
-    folder = c.folder("zip_traversal")
-    files = _series_bytes(c, "zip_traversal", folder / "scratch")
-    _zip(folder / "bad_zip_traversal.zip", {f"../../escaped/{name}": data for name, data in files})
-    return folder
-
-
-@_case("zip_absolute", "skipped file")
-def _zip_absolute(c: _Corpus) -> Path:
-    folder = c.folder("zip_absolute")
-    files = _series_bytes(c, "zip_absolute", folder / "scratch")
-    _zip(folder / "bad_zip_absolute.zip", {f"/tmp/mrfm-escaped/{name}": data for name, data in files})
-    return folder
-
-
-@_case("nested_zip", "skipped file")
-def _nested_zip(c: _Corpus) -> Path:
-    folder = c.folder("nested_zip")
-    inner = _zip(folder / "inner.zip", dict(_series_bytes(c, "nested_zip", folder / "scratch")))
-    _zip(folder / "bad_nested_zip.zip", {"inner.zip": inner.read_bytes()})
-    inner.unlink()
-    return folder
-
-
-@_case("zip_bomb", "skipped file")
-def _zip_bomb(c: _Corpus) -> Path:
-    folder = c.folder("zip_bomb")
-    info = zipfile.ZipInfo("IM0001.dcm", date_time=(2024, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_DEFLATED
-    chunk = bytes(1 << 20)
-    with zipfile.ZipFile(folder / "bad_zip_bomb.zip", "w") as zf, zf.open(info, "w", force_zip64=True) as fh:
-        for _ in range(BOMB_BYTES // len(chunk)):  # streamed: never 150 MB in memory
-            fh.write(chunk)
-    return folder
-
-
-@_case("corrupt_zip", "skipped file")
-def _corrupt_zip(c: _Corpus) -> Path:
-    folder = c.folder("corrupt_zip")
-    path = _zip(folder / "bad_corrupt_zip.zip", dict(_series_bytes(c, "corrupt_zip", folder / "scratch")))
-    raw = bytearray(path.read_bytes())
-    central = raw.find(b"PK\x01\x02")
-    raw[central : central + 46] = b"\xff" * 46  # the first central-directory record, signature and all
-    path.write_bytes(bytes(raw))
-    return folder
-
-
-# ---- file system --------------------------------------------------------------------------------
-
-
-@_case("symlink_outside", "skipped file")
-def _symlink_outside(c: _Corpus) -> Path:
-    outside = c.out_dir.parent / f"{c.out_dir.name}-outside"
-    c.series("symlink_outside", outside / "series")
-    folder = c.folder("symlink_outside")
-    _symlink(folder / "elsewhere", Path("..", "..", outside.name, "series"))
-    return folder
-
-
-@_case("symlink_loop", "skipped file")
-def _symlink_loop(c: _Corpus) -> Path:
-    folder = c.folder("symlink_loop")
-    _symlink(folder / "again", Path(".."))
-    _symlink(folder / "A.dcm", Path("B.dcm"))
-    _symlink(folder / "B.dcm", Path("A.dcm"))
-    return folder
-
-
-@_case("broken_symlink", "skipped file")
-def _broken_symlink(c: _Corpus) -> Path:
-    folder = c.folder("broken_symlink")
-    _symlink(folder / "IM0001.dcm", Path("no-such-file.dcm"))
-    return folder
-
-
-@_case("unreadable", "failed or complete")
-def _unreadable(c: _Corpus) -> Path:
-    for old in c.folder("unreadable").iterdir():  # a previous corpus' file may be mode 000
-        old.chmod(0o644)
-    paths = c.series("unreadable")
-    paths[3].chmod(0)
-    return paths[0].parent
-
-
-def _symlink(link: Path, target: Path) -> None:
-    if link.is_symlink():
-        link.unlink()
-    os.symlink(target, link)
+_CASE_MODULES = (bad_nifti, bad_archive)
