@@ -105,8 +105,8 @@ def cli(ctx, debug, disable_plugins) -> None:
         disable(disable_plugins.split(","))
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
 def _plain_warnings() -> None:
@@ -324,10 +324,12 @@ def demo_archive(directory, studies, seed) -> None:
 
     t = time.perf_counter()
     manifest = write_demo_archive(Path(directory), studies=studies, seed=seed)
-    console.print(
-        f"wrote {len(manifest.studies)} studies ({len(manifest.series)} series) in {time.perf_counter() - t:.1f} s: "
-        f"DICOM in {manifest.dicom_root}, ground truth in {manifest.path.parent}\n"
-        f"next: mrfm run {manifest.dicom_root} --out results.zarr", highlight=False)
+    # plain text: paths may hold brackets, and a command to copy must not be wrapped
+    import shlex
+
+    click.echo(f"wrote {_plural(len(manifest.studies), 'study', 'studies')} ({len(manifest.series)} series) in {time.perf_counter() - t:.1f} s: "
+               f"DICOM in {manifest.dicom_root}, ground truth in {manifest.path.parent}\n"
+               f"next: mrfm run {shlex.quote(str(manifest.dicom_root))} --out results.zarr")
 
 
 # ---- plugins and heads -------------------------------------------------------------------------
