@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator
 
@@ -42,26 +42,36 @@ def workers_for(load_seconds: float, infer_seconds: float, cores: int | None = N
     return max(1, min(cores - 1, need))
 
 
+LOADER_THREADS = 2  # without loader processes: prepare() on this many threads
+
+
 def _iter_prepared(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int) -> Iterator[tuple[Any, Prepared]]:
-    """Prepared series in input order, with at most ~2 per worker in flight.
+    """Prepared series in input order, with at most two per loader in flight.
 
-    A loader process that dies (a decoder crash) costs only the series that killed it: the
-    series in flight are retried one per fresh process, and loading goes on.
+    ``workers`` loader processes; with none (few cores), LOADER_THREADS threads, which still
+    overlap loading with inference and with each other: decoding, resampling and the encoder
+    release the GIL (two threads prepare about 1.6x as fast as one on two cores). A loader
+    process that dies (a decoder crash) costs only the series that killed it: the series in
+    flight are retried one per fresh process, and loading goes on.
     """
-    if workers <= 0:
-        yield from _threaded(refs, preprocessing, kinds)
-        return
-    ctx = mp.get_context("spawn")  # fork after torch initialised its threads is unsafe
+    if workers > 0:
+        ctx = mp.get_context("spawn")  # fork after torch initialised its threads is unsafe
+        n = workers
 
-    def new_pool(n: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=init_worker)
+        def new_pool(k: int) -> Executor:
+            return ProcessPoolExecutor(max_workers=k, mp_context=ctx, initializer=init_worker)
+    else:
+        n = max(1, min(LOADER_THREADS, os.cpu_count() or 1))
 
-    pool = new_pool(workers)
+        def new_pool(k: int) -> Executor:
+            return ThreadPoolExecutor(max_workers=k, thread_name_prefix="mrfm-loader")
+
+    pool = new_pool(n)
     it = iter(refs)
     pending: deque[tuple[Any, Future]] = deque()
 
     def top_up() -> None:
-        while len(pending) < 2 * workers:
+        while len(pending) < 2 * n:
             nxt = next(it, None)
             if nxt is None:
                 return
@@ -79,7 +89,7 @@ def _iter_prepared(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[
                 pool.shutdown(wait=False, cancel_futures=True)
                 for r in in_flight:
                     yield r, _prepare_alone(new_pool, r, preprocessing, kinds)
-                pool = new_pool(workers)
+                pool = new_pool(n)
                 top_up()
                 continue
             top_up()
@@ -89,42 +99,7 @@ def _iter_prepared(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-LOADER_THREADS = 2  # without loader processes: prepare() on this many threads
-
-
-def _threaded(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[str, ...],
-              threads: int | None = None) -> Iterator[tuple[Any, Prepared]]:
-    """Prepared series in input order from loader threads, at most two per thread in flight.
-
-    Without loader processes (few cores) threads still overlap loading with inference and with
-    each other: decoding, resampling and the encoder release the GIL (two threads prepare about
-    1.6x as fast as one on two cores). A consumer that stops early waits only for the series
-    being prepared.
-    """
-    n = threads or max(1, min(LOADER_THREADS, os.cpu_count() or 1))
-    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="mrfm-loader")
-    it = iter(refs)
-    pending: deque[tuple[Any, Future]] = deque()
-
-    def top_up() -> None:
-        while len(pending) < 2 * n:
-            nxt = next(it, None)
-            if nxt is None:
-                return
-            pending.append((nxt, pool.submit(prepare, nxt, preprocessing, kinds)))
-
-    try:
-        top_up()
-        while pending:
-            ref, fut = pending.popleft()
-            prep = fut.result()
-            top_up()
-            yield ref, prep
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _prepare_alone(new_pool: Callable[[int], ProcessPoolExecutor], ref: Any, preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> Prepared:
+def _prepare_alone(new_pool: Callable[[int], Executor], ref: Any, preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> Prepared:
     """Load one series in a process of its own; its death fails this series only."""
     pool = new_pool(1)
     try:
