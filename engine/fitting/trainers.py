@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.geometry import apply_affine, world_to_voxel
+from engine.geometry import LPS_TO_RAS, apply_affine, world_to_voxel
 
 from . import metrics as M
 from .cache import SeriesFeatures
@@ -155,16 +156,40 @@ def _name(column: str) -> str:
 
 # --- segmentation ---------------------------------------------------------------------------------
 
-def labels_on_grid(label_path: Any, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """A label map resampled (nearest neighbour) onto a grid through the two affines; 0 outside."""
-    import nibabel as nib
-    from scipy import ndimage
+def read_label_map(path: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A label map and its voxel -> RAS affine: a NIfTI image, or a DICOM Segmentation whose
+    segment numbers are the labels (highdicom; frames placed by their own plane positions)."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        is_dicom = fh.read(132)[128:] == b"DICM"
+    if is_dicom:
+        import highdicom as hd
 
-    img = nib.load(str(label_path))
-    data = np.asarray(img.dataobj).astype(np.int64)
-    m = np.linalg.inv(img.affine) @ affine  # target voxel -> world -> label voxel
-    return ndimage.affine_transform(data, m[:3, :3], offset=m[:3, 3], output_shape=tuple(int(s) for s in shape),
-                                    order=0, mode="constant", cval=0).astype(np.int64)
+        volume = hd.seg.segread(str(path)).get_volume(combine_segments=True)
+        return np.asarray(volume.array).astype(np.int64), LPS_TO_RAS @ np.asarray(volume.affine, dtype=np.float64)
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj).astype(np.int64), np.asarray(img.affine, dtype=np.float64)
+
+
+def labels_on_grid(label_path: Any, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A label map (:func:`read_label_map`) on a grid: each grid voxel takes the label voxel
+    nearest its centre, 0 outside the map. Rounded, not truncated, so a centre that lands a
+    rounding error past the last label voxel (DICOM positions are decimal strings) still finds it."""
+    data, label_affine = read_label_map(label_path)
+    m = np.linalg.inv(label_affine) @ np.asarray(affine, dtype=np.float64)  # grid voxel -> label voxel
+    shape = tuple(int(n) for n in shape[:3])
+    out = np.zeros(shape, dtype=np.int64)
+    ij = np.stack(np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij"), -1).reshape(-1, 2)
+    for k in range(shape[2]):  # a plane at a time keeps memory to one plane of coordinates
+        grid = np.column_stack([ij, np.full(len(ij), k)])
+        idx = np.rint(grid @ m[:3, :3].T + m[:3, 3]).astype(np.int64)
+        inside = ((idx >= 0) & (idx < np.asarray(data.shape[:3]))).all(axis=1)
+        plane = np.zeros(len(ij), dtype=np.int64)
+        plane[inside] = data[tuple(idx[inside].T)]
+        out[:, :, k] = plane.reshape(shape[:2])
+    return out
 
 
 def _seg_layers(feature_layers: list[int]) -> list[int]:
