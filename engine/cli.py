@@ -14,8 +14,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, MrfmError
+from ._version import __version__
+from .errors import EXIT_INTERRUPTED, MrfmError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -508,6 +508,8 @@ def search(store, text, like, report, k, model) -> None:
         raise click.UsageError("give exactly one of TEXT, --like or --report")
     try:
         hits = run_search(store, text=text, like=like, report=report, k=k, model=model)
+    except MrfmError:
+        raise  # usage (2) and store (3) errors keep their exit codes
     except (KeyError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     table = Table(title=f"top {len(hits)}")

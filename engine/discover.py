@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
-from .errors import InputError
+from .errors import InputError, LoadError, one_line  # noqa: F401 (LoadError: re-exported for readers)
 from .geometry import Volume
+from .series_ref import SeriesRef, sanitise_key  # noqa: F401 (re-exported: the old home of both)
 
 HEAD_BYTES = 132  # DICOM preamble (128) + "DICM"
 # The digest covers the first 16 KiB: enough for a DICOM header's SOP Instance UID or a NIfTI
@@ -54,11 +55,6 @@ ZIP_MEMBER_MAX_BYTES = 2 * 1024**3
 ZIP_MAX_RATIO = 400
 ZIP_RATIO_MIN_BYTES = 32 * 1024**2
 _ZIP_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, ValueError)
-
-
-class LoadError(InputError):
-    """A series (or one of its files) cannot be turned into a volume; the message says which
-    file and why."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +89,7 @@ class Source:
             return open(self.path, "rb")
         zf = _open_zip(self.path, self.path.stat().st_mtime_ns, os.getpid())
         info = zf.getinfo(self.member)
-        return _ZipMember(zf.open(info), info.file_size, str(self))  # type: ignore[return-value]
+        return _ZipMember(zf.open(info), info.file_size, str(self))  # type: ignore[arg-type,return-value]
 
     @property
     def name(self) -> str:
@@ -164,31 +160,6 @@ class _ZipMember(io.RawIOBase):
         super().close()
 
 
-@dataclass
-class SeriesRef:
-    """A series found by ``scan``: what it is, where its files are, and what looked wrong.
-
-    ``dims`` is the shape of the volume ``load`` returns: (columns, rows, slices) for DICOM,
-    i.e. (I, J, K) in the engine's convention, and the image shape for NIfTI.
-    """
-
-    key: str
-    reader: str
-    study_uid: str
-    series_uid: str
-    modality: str
-    description: str
-    sources: list[Source]
-    dims: tuple[int, ...]
-    n_slices: int
-    orientation: str
-    problems: list[str] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-    # reader-private: what loading needs from the scan (DICOM: per-file frames and pixel plans),
-    # so a worker reads pixel data without parsing headers again
-    plan: Any = field(default=None, repr=False, compare=False)
-
-
 @dataclass(frozen=True)
 class Skipped:
     """A file (or a folder not entered) that no series uses. ``source`` is its label; ``kind`` is
@@ -243,14 +214,6 @@ class ScanResult:
         return dict(sorted(Counter(s.kind for s in self.skipped).items()))
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def sanitise_key(text: str) -> str:
-    """Reduce a UID or file name to characters that are safe in store paths."""
-    return _UNSAFE.sub("_", text).strip("_") or "series"
-
-
 def _hidden(name: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in re.split(r"[\\/]", name) if part)
 
@@ -285,8 +248,7 @@ def _scrub(text: str, source: Source | None, extra: Iterable[str] = ()) -> str:
 
 
 def _reason(exc: BaseException, source: Source | None = None) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return _scrub(text.splitlines()[0][:300], source)
+    return _scrub(one_line(exc), source)
 
 
 class _Inventory:

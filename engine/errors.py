@@ -8,11 +8,22 @@ it cannot finish; the CLI maps each type to an exit code and shows no traceback 
     MrfmError                 base of every expected error
       UsageError              bad options, unknown head/backend, nothing to run       exit 2
       InputError              a file or series cannot be read                         (series fails)
+        LoadError             a reader could not turn a series into a volume          (series fails)
+        ViewError             the volume could not be resampled into the views        (series fails)
         GeometryError         its geometry is not a valid 3D grid                     (series fails)
+          StackError          the frames of a DICOM series do not stack               (series fails)
       BackendUnavailable      the requested backend cannot run here                   exit 2
       HeadError               a head failed or broke its declaration                  (series fails)
+        HeadOutputError       an output does not match the head's manifest            (series fails)
+        HeadBudgetExceeded    a head's predict call ran past its time budget          (series fails)
       StoreError              the result store is unusable                            exit 3
         StoreLocked           another run holds the store                             exit 3
+        NodeUnreadable        one node's metadata cannot be read                      exit 3
+      SkipSeries              an exporter has nothing to export for a series          (series skipped)
+
+An interrupted run is not an exception: it finishes the series in flight and returns its summary
+with ``interrupted`` set, whose exit code is ``EXIT_INTERRUPTED``. :func:`one_line` turns any
+exception into the one-line reason recorded on a series, a skipped file or a plugin.
 """
 
 from __future__ import annotations
@@ -61,14 +72,66 @@ class StoreLocked(StoreError):
     """Another run holds the store's lock; the message names its host, pid and run."""
 
 
-class Interrupted(MrfmError):
-    """The run was stopped by SIGINT/SIGTERM after finishing the series in flight."""
+class LoadError(InputError):
+    """A series (or one of its files) cannot be turned into a volume; the message says which
+    file and why."""
 
-    exit_code = EXIT_INTERRUPTED
+
+class ViewError(InputError):
+    """The series could not be resampled into the encoder's views."""
+
+
+class StackError(GeometryError, ValueError):
+    """The frames of a series do not form one regular 3D grid."""
+
+
+class HeadOutputError(HeadError, ValueError):
+    """A head returned something its manifest does not declare."""
+
+    def __init__(self, head: str, output: str, reason: str):
+        super().__init__(f"head {head!r} output {output!r}: {reason}")
+        self.head, self.output, self.reason = head, output, reason
+
+
+class HeadBudgetExceeded(HeadError):
+    """A head's predict call ran past its time budget."""
+
+
+class NodeUnreadable(StoreError):
+    """A store node's metadata cannot be read; the message is 'path: why'."""
+
+
+class SkipSeries(MrfmError):
+    """Raised by an exporter when a series has nothing it can export (e.g. a NIfTI source for DICOM SEG)."""
+
+
+class HeadRunError(AssertionError):
+    """``engine.testing``: the head could not be run or failed on the volume; the message says why.
+    An AssertionError, so pytest reports it as a failed check of the head under test."""
+
+
+class GroupsError(ValueError):
+    """``engine.dicom.groups``: the bytes are not what the fast functional-group walker reads; the
+    caller reads the file with pydicom instead (never reaches a user)."""
+
+
+def one_line(exc: BaseException, *, named: bool = False, limit: int = 300, fold: bool = False,
+             message: str | None = None) -> str:
+    """The one-line reason for ``exc``: the first line of its message (``fold``: the whole message
+    with its white space folded), at most ``limit`` characters; ``named`` puts the type's name in
+    front. An empty message gives the type's name alone. ``message`` replaces ``str(exc)`` when
+    the caller has cleaned it (as views do with ITK's)."""
+    raw = str(exc) if message is None else message
+    text = " ".join(raw.split()) if fold else (raw.strip().splitlines() or [""])[0]
+    text = text[:limit]
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if named else text
 
 
 __all__ = [
     "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SERIES_FAILED", "EXIT_STORE", "EXIT_USAGE",
-    "BackendUnavailable", "GeometryError", "HeadError", "InputError", "Interrupted", "MrfmError",
-    "StoreError", "StoreLocked", "UsageError",
+    "BackendUnavailable", "GeometryError", "GroupsError", "HeadBudgetExceeded", "HeadError", "HeadOutputError", "HeadRunError",
+    "InputError", "LoadError", "MrfmError", "NodeUnreadable", "SkipSeries", "StackError", "StoreError",
+    "StoreLocked", "UsageError", "ViewError", "one_line",
 ]

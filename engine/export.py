@@ -13,7 +13,6 @@ labels only, as in the store.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -24,7 +23,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkabl
 import click
 import numpy as np
 
-from .errors import StoreError, UsageError
+from .errors import SkipSeries, StoreError, UsageError, one_line
+from .fingerprint import json_digest
 
 MANIFEST = "mrfm-export.json"
 MANIFEST_VERSION = 1
@@ -46,10 +46,6 @@ class Exporter(Protocol):
     version: str
 
     def export_series(self, ctx: "ExportContext", key: str) -> list[Path]: ...
-
-
-class SkipSeries(Exception):
-    """Raised by an exporter when a series has nothing it can export (e.g. a NIfTI source for DICOM SEG)."""
 
 
 @dataclass
@@ -223,7 +219,7 @@ def export_fingerprint(exporter: Exporter, ctx: ExportContext, key: str) -> str:
              if isinstance(r, dict) and (ctx.heads is None or h in ctx.heads)}
     basis = {"format": exporter.name, "version": getattr(exporter, "version", "0"), "series": attrs.get("fingerprint"),
              "written": attrs.get("written"), "heads": heads, "options": ctx.options}
-    return "sha256:" + hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
+    return "sha256:" + json_digest(basis)
 
 
 def _up_to_date(record: dict[str, Any] | None, fp: str, out_dir: Path) -> bool:
@@ -302,7 +298,7 @@ class ExportSession:
         except Exception as exc:  # one series' failure never stops the export
             self._records.pop(key, None)
             _write_manifest(self.out_dir, self.manifest)
-            return SeriesExport(key, "failed", reason=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            return SeriesExport(key, "failed", reason=one_line(exc, named=True))
         self._records[key] = {"fingerprint": fp, "files": files, "exported": _now()}
         _write_manifest(self.out_dir, self.manifest)
         return SeriesExport(key, "exported" if files else "skipped", files=files,

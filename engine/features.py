@@ -54,7 +54,7 @@ class View:
             view_shape=self.shape,
             origin=tuple(int(s.start) for s in window),  # type: ignore[arg-type]
             spacing=tuple(float(v) for v in sizes),  # type: ignore[arg-type]
-            directions=tuple(tuple(float(v) for v in directions[:, a]) for a in range(3)),  # type: ignore[arg-type]
+            directions=tuple(tuple(float(v) for v in directions[:, a]) for a in range(3)),  # type: ignore[arg-type,misc]
             world_origin=tuple(float(v) for v in affine[:3, 3]),  # type: ignore[arg-type]
             clip_percentiles=(float(clip[0]), float(clip[1])),
             normalize=str(self.intensity.get("normalize", "zscore")),

@@ -9,11 +9,17 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Mapping
 
 
 def canonical_json(value: Any) -> bytes:
+    """The one byte form every digest of a JSON-like value hashes: sorted keys, no spaces."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def json_digest(value: Any) -> str:
+    """sha256 (hex) of ``value``'s canonical JSON: fingerprints, export and engine-cache keys."""
+    return hashlib.sha256(canonical_json(value)).hexdigest()
 
 
 def file_digest(path: Path | None) -> str | None:
@@ -33,7 +39,7 @@ def run_fingerprint(model_fingerprint: str, heads: list[dict[str, Any]], preproc
     (:func:`head_code_digest`; :func:`head_record` builds such dicts).
     """
     payload = {"model": model_fingerprint, "heads": sorted(heads, key=lambda h: h["name"]), "preprocessing": preprocessing, "params": params}
-    return "sha256:" + hashlib.sha256(canonical_json(payload)).hexdigest()
+    return "sha256:" + json_digest(payload)
 
 
 def head_fingerprints(model_fingerprint: str, heads: list[dict[str, Any]], preprocessing: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
@@ -54,7 +60,7 @@ def head_code_digest(head_cls: type) -> str:
     module = sys.modules.get(head_cls.__module__)
     path = getattr(module, "__file__", None)
     if module is None or path is None:
-        return "sha256:" + hashlib.sha256(canonical_json({"module": head_cls.__module__, "class": head_cls.__qualname__})).hexdigest()
+        return "sha256:" + json_digest({"module": head_cls.__module__, "class": head_cls.__qualname__})
     path = Path(path).resolve()
     dist = _distribution_of(head_cls.__module__, path)
     if dist is not None:
@@ -62,7 +68,7 @@ def head_code_digest(head_cls: type) -> str:
     return _sources_digest(_source_files(module, path))
 
 
-def head_record(name: str, head_cls: type, plugin: str | None = None) -> dict[str, Any]:
+def head_record(name: str, head_cls: Any, plugin: str | None = None) -> dict[str, Any]:
     """What a run records about a head and fingerprints: name, version, plugin, manifest,
     weights and code digests (the ``head_info`` entries of :func:`head_fingerprints`)."""
     manifest = head_cls.manifest()
@@ -101,7 +107,7 @@ def _is_editable(dist: metadata.Distribution) -> bool:
 
 
 @lru_cache(maxsize=None)
-def _providers() -> dict[str, list[str]]:
+def _providers() -> Mapping[str, list[str]]:
     """Top-level import name -> distributions that install it (read once per process)."""
     return metadata.packages_distributions()
 
@@ -115,7 +121,7 @@ def _distribution_of(module_name: str, path: Path) -> metadata.Distribution | No
             continue
         if _is_editable(dist) or not any(f.hash for f in dist.files or []):
             continue
-        if any(f.suffix == ".py" and Path(dist.locate_file(f)).resolve() == path for f in dist.files or []):
+        if any(f.suffix == ".py" and Path(str(dist.locate_file(f))).resolve() == path for f in dist.files or []):
             return dist
     return None
 

@@ -51,6 +51,7 @@ class Volume:
         return orientation_name(self.affine)
 
     def world_bounds(self) -> np.ndarray:
+        """See :func:`world_bounds`."""
         return world_bounds(self.shape, self.affine)
 
 
@@ -107,7 +108,16 @@ def corners(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def world_bounds(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """Axis-aligned RAS box (x0, y0, z0, x1, y1, z1) around the voxel centres of a grid."""
+    """The grid's world bounds, the one convention for a field of view: the axis-aligned RAS box
+    (x0, y0, z0, x1, y1, z1) around its voxels including their half-voxel extent. Stored boxes
+    are clipped to it and views are centred in it."""
+    pts = apply_affine(affine, corners(tuple(s + 1 for s in shape[:3])) - 0.5)
+    return np.concatenate([pts.min(axis=0), pts.max(axis=0)])
+
+
+def voxel_centre_bounds(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """The axis-aligned RAS box around the outermost voxel centres (half a voxel inside
+    :func:`world_bounds` on every side)."""
     pts = apply_affine(affine, corners(shape))
     return np.concatenate([pts.min(axis=0), pts.max(axis=0)])
 

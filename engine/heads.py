@@ -12,16 +12,8 @@ import numpy as np
 import torch
 
 from . import schemas
-from .errors import HeadError
+from .errors import HeadOutputError, UsageError
 from .features import HeadInput, TextFeatures
-
-
-class HeadOutputError(HeadError, ValueError):
-    """A head returned something its manifest does not declare."""
-
-    def __init__(self, head: str, output: str, reason: str):
-        super().__init__(f"head {head!r} output {output!r}: {reason}")
-        self.head, self.output, self.reason = head, output, reason
 
 
 @dataclass
@@ -104,7 +96,7 @@ class NetHead(Head):
         super().__init__(manifest, weights, context)
         embed_dim = manifest["encoder"].get("embed_dim", context.embed_dim)
         if context.embed_dim != embed_dim:
-            raise ValueError(f"{manifest['name']} expects embed_dim {embed_dim}, the encoder gives {context.embed_dim}")
+            raise UsageError(f"{manifest['name']} expects embed_dim {embed_dim}, the encoder gives {context.embed_dim}")
         self.net = type(self).build_net(embed_dim)
         self.net.load_state_dict(weights)
         self.net.to(context.device).eval()
@@ -113,7 +105,7 @@ class NetHead(Head):
         """One declared input (``image``, ``cls``, ``tokens``, ``joint``, ``layers[n]``) over the
         batch, as float32 on the head's device."""
         items = [item.image if name == "image" else item.features.get(name) for item in batch]
-        return torch.stack(items).to(self.context.device, torch.float32)
+        return torch.stack(items).to(self.context.device, torch.float32)  # type: ignore[arg-type]  # declared inputs are present
 
 
 def load_weights(head_cls: type[Head], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

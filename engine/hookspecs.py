@@ -34,7 +34,7 @@ def register_encoders(register: Callable[[object], None]) -> None:
 
 @hookspec
 def register_exporters(register: Callable[[object], None]) -> None:
-    """Register result exporters (store -> DICOM SEG/SR, NIfTI, OME-Zarr, Parquet ...) with ``register(exporter)``."""
+    """Register result exporters (objects implementing ``engine.Exporter``: store -> DICOM SEG/SR, NIfTI, OME-Zarr, Parquet ...) with ``register(exporter)``."""
 
 
 @hookspec

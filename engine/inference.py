@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import HeadError
+from .enums import VIEW_KINDS
+from .errors import HeadBudgetExceeded, HeadError, one_line
 from .features import Features, HeadInput, TextFeatures
 from .heads import Head, HeadOutputError, check_output, mask_mode, stored_declaration
 from .mapping import blend_windows, boxes_to_native, mask_to_native
@@ -36,10 +37,6 @@ class SeriesOutputs:
     key: str
     outputs: list[OutputArray] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
-
-
-class HeadBudgetExceeded(HeadError):
-    """A head's predict call ran past its time budget."""
 
 
 def _chunks(items: list, size: int):
@@ -79,8 +76,7 @@ def _failure_reason(name: str, exc: BaseException) -> str:
     """One line naming the head: engine head errors already do, anything else is wrapped."""
     if isinstance(exc, HeadError):
         return str(exc)
-    text = " ".join(str(exc).split())[:300]
-    return f"head {name!r} raised {type(exc).__name__}" + (f": {text}" if text else "")
+    return f"head {name!r} raised {one_line(exc, named=True, fold=True)}"
 
 
 def _check_results(name: str, results: Any, n: int) -> list[dict[str, Any]]:
@@ -130,7 +126,7 @@ class Inference:
 
     def view_kinds(self) -> tuple[str, ...]:
         kinds = {h.spec["inputs"]["view"] for h in self.heads.values()}
-        return tuple(k for k in ("global", "tiles") if k in kinds)
+        return tuple(k for k in VIEW_KINDS if k in kinds)
 
     def close(self) -> None:
         """Let the heads' worker threads end once their current call returns."""

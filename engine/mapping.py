@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .geometry import apply_affine, corners, world_to_voxel
+from .geometry import apply_affine, world_bounds, world_to_voxel
 
 
 def gaussian_importance(shape: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
@@ -44,7 +44,7 @@ EDGE_TOLERANCE = 1e-4  # voxels: a centre this close outside an edge still count
 
 
 def inside_fov(
-    shape: tuple[int, int, int], affine: np.ndarray, fov_shape: tuple[int, ...], fov_affine: np.ndarray
+    shape: tuple[int, ...], affine: np.ndarray, fov_shape: tuple[int, ...], fov_affine: np.ndarray
 ) -> np.ndarray:
     """Which voxels of the grid (``shape``, ``affine``) have their centre inside the field of
     view of the grid (``fov_shape``, ``fov_affine``), edges included.
@@ -105,12 +105,6 @@ def mask_to_native(
     return (fg[0] if mode == "sigmoid" else fg).astype(dtype)
 
 
-def grid_world_bounds(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """Axis-aligned RAS box around a grid's voxels including their half-voxel extent."""
-    pts = apply_affine(affine, corners(tuple(s + 1 for s in shape[:3])) - 0.5)
-    return np.concatenate([pts.min(axis=0), pts.max(axis=0)])
-
-
 def _box_corners(box: np.ndarray) -> np.ndarray:
     lo, hi = box[:3], box[3:]
     return np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
@@ -124,7 +118,7 @@ def boxes_to_native(
     Returns (world (M, 6), voxel (M, 6), keep (M,) indices of the input boxes that overlap the
     series); world boxes lie inside the series' world bounds.
     """
-    series_world = grid_world_bounds(native_shape, native_affine)
+    series_world = world_bounds(native_shape, native_affine)
     vox_lo, vox_hi = np.full(3, -0.5), np.asarray(native_shape[:3], dtype=np.float64) - 0.5
     world_out, voxel_out, keep = [], [], []
     for n, box in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 6)):

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import schemas
+from .errors import UsageError
 from .features import Features
+from .fingerprint import canonical_json
 
 if TYPE_CHECKING:
     from .text import TextTower
@@ -46,10 +48,10 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise UsageError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         bad = [i for i in self.feature_layers if not 0 <= i < self.depth]
         if bad:
-            raise ValueError(f"feature_layers {bad} lie outside the {self.depth} blocks (0..{self.depth - 1})")
+            raise UsageError(f"feature_layers {bad} lie outside the {self.depth} blocks (0..{self.depth - 1})")
 
 
 class Fp32LayerNorm(nn.LayerNorm):
@@ -222,7 +224,7 @@ def weight_files(card: dict[str, Any], folder: Path) -> list[Path]:
 def compute_fingerprint(card: dict[str, Any], folder: Path) -> str:
     """sha256 over the canonical JSON of the card, then each weight file's relative path and bytes."""
     h = hashlib.sha256()
-    h.update(json.dumps(card, sort_keys=True, separators=(",", ":")).encode())
+    h.update(canonical_json(card))
     for path in weight_files(card, folder):
         h.update(b"\0" + path.relative_to(folder).as_posix().encode() + b"\0")
         with open(path, "rb") as fh:
@@ -235,28 +237,28 @@ def read_card(folder: Path) -> dict[str, Any]:
     """Read and validate ``model.json``; errors name the file and every violation."""
     path = folder / CARD_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a model folder: {CARD_NAME} is missing")
+        raise UsageError(f"{folder} is not a model folder: {CARD_NAME} is missing")
     try:
         card = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"model card {path} is not valid JSON: {exc}") from None
+        raise UsageError(f"model card {path} is not valid JSON: {exc}") from None
     schemas.validate("model", card, f"model card {path}")
     enc = card["encoder"]
     if any(s % enc["patch_size"] for s in card["preprocessing"]["input_size"]):
-        raise ValueError(
+        raise UsageError(
             f"model card {path}: preprocessing.input_size {card['preprocessing']['input_size']} "
             f"is not a multiple of encoder.patch_size {enc['patch_size']}"
         )
     if enc["embed_dim"] % enc["num_heads"]:
-        raise ValueError(
+        raise UsageError(
             f"model card {path}: encoder.embed_dim {enc['embed_dim']} is not divisible by num_heads {enc['num_heads']}"
         )
     bad = [i for i in enc["feature_layers"] if i >= enc["depth"]]
     if bad:
-        raise ValueError(f"model card {path}: encoder.feature_layers {bad} exceed depth {enc['depth']}")
+        raise UsageError(f"model card {path}: encoder.feature_layers {bad} exceed depth {enc['depth']}")
     missing = [str(p.relative_to(folder)) for p in weight_files(card, folder)[:2] if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"model folder {folder} lacks files named by its card: {', '.join(missing)}")
+        raise UsageError(f"model folder {folder} lacks files named by its card: {', '.join(missing)}")
     return card
 
 
@@ -274,7 +276,7 @@ def load_encoder_weights(encoder: VisionTransformer3D, path: Path) -> None:
         if k in state and state[k].shape != v.shape
     ]
     if missing or extra or shapes:
-        raise ValueError(
+        raise UsageError(
             f"encoder weights {path} do not match the model card's architecture: "
             f"missing {missing[:5]}, unexpected {extra[:5]}, shape mismatches {shapes[:5]}"
         )
@@ -356,8 +358,7 @@ def build_encoder(card: dict[str, Any]) -> VisionTransformer3D:
     """Build the encoder the card names (``encoder.architecture``, default ``vit3d``) through the
     ``register_encoders`` hook. The module must expose ``config`` (an :class:`EncoderConfig`) and
     return :data:`EncoderOutputs`; unknown architectures are a usage error naming the known ones."""
-    from .errors import UsageError
-    from .plugins import get_encoders
+    from .plugins import get_encoders  # the plugin manager loads plugin modules, which import this one
 
     name = card["encoder"].get("architecture", DEFAULT_ARCHITECTURE)
     registry = get_encoders()

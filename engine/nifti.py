@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from .discover import LoadError, SeriesRef, Source, sanitise_key
-from .errors import GeometryError
+from .discover import Source
+from .errors import GeometryError, LoadError
+from .series_ref import SeriesRef, sanitise_key
 from .geometry import Volume, affine_problem, orientation_name
 
 SUFFIXES = (".nii", ".nii.gz")

@@ -23,13 +23,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from . import __version__
+from ._version import __version__
+from .enums import DONE_STATUSES, RESULT_STATUSES
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SERIES_FAILED, MrfmError, StoreError, UsageError
 from .executors import Driver, RunPlan, Setup, Work, get_executor, local_where
 from .executors.local import default_workers, workers_for
 from .executors.stages import SeriesResult, WriteItem, fingerprints, result_for, safe_attrs, write_item
 from .executors.stages import prepare_run as _prepare_run
-from .executors.stages import series_attrs as _series_attrs
+from .executors.stages import series_attrs as _series_attrs  # noqa: F401 (engine.bench reads it here)
 from .faults import killpoint
 from .inference import Inference
 from .store import ResultStore, is_remote, now
@@ -188,7 +189,7 @@ def run(
     finally:
         runner.close()
     emit({"event": "done", "run_id": run_id, "seconds": round(summary.seconds, 3), "interrupted": summary.interrupted,
-          **{s: summary.count(s) for s in ("complete", "failed", "skipped", "resumed")}})
+          **{s: summary.count(s) for s in RESULT_STATUSES}})
     return summary
 
 
@@ -239,7 +240,7 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
         "finished": now(),
         # load is summed over loader processes; wait_for_load is what inference spent waiting for it
         "timings": {"seconds": round(summary.seconds, 3), **{k: round(v, 3) for k, v in summary.stages.items()}},
-        "counts": {s: summary.count(s) for s in ("complete", "failed", "skipped", "resumed")} | {"files_skipped": skipped_files},
+        "counts": {s: summary.count(s) for s in RESULT_STATUSES} | {"files_skipped": skipped_files},
         "warnings": summary.warnings,
         "index_rows": n_index,
         "workers": summary.workers,
@@ -275,7 +276,7 @@ def _reporter(refs: list[Any], summary: RunSummary, emit: Callable[[Event], None
     by_key = {ref.key: ref for ref in refs}
 
     def done(result: SeriesResult) -> None:
-        if sessions and result.status in ("complete", "resumed"):
+        if sessions and result.status in DONE_STATUSES:
             _export_one(sessions, result.key, by_key.get(result.key), summary, emit)
         with lock:
             summary.results.append(result)

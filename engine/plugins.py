@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 import pluggy
 
 from . import hookspecs
+from .errors import UsageError, one_line
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.readers",
@@ -93,8 +94,7 @@ def _record_error(name: str, reason: str) -> None:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+    return one_line(exc, named=True)
 
 
 def _one_line(text: str) -> str:
@@ -200,7 +200,7 @@ def _collect(hook_name: str, key: Callable[[Any], str]) -> dict[str, Registered]
     def register(obj: Any, plugin: str) -> None:
         name = key(obj)
         if name in found and found[name].obj is not obj:
-            raise ValueError(f"{hook_name}: {name!r} from plugin {plugin!r} is already registered by {found[name].plugin!r}")
+            raise UsageError(f"{hook_name}: {name!r} from plugin {plugin!r} is already registered by {found[name].plugin!r}")
         found[name] = Registered(obj, plugin)
 
     _call_hook(hook_name, register)
@@ -283,7 +283,6 @@ def select_heads(names: list[str] | None) -> dict[str, Registered]:
 
     Raises :class:`~engine.errors.UsageError` for a broken head (with its reason) or an unknown one.
     """
-    from .errors import UsageError
 
     good, broken = _head_registry()
     if names is None:

@@ -10,6 +10,8 @@ from typing import Any
 
 import jsonschema
 
+from .errors import UsageError
+
 
 def schema_dir() -> Path:
     here = Path(__file__).resolve().parent.parent / "schemas"
@@ -35,7 +37,8 @@ def errors(name: str, instance: Any) -> list[str]:
 
 
 def validate(name: str, instance: Any, what: str) -> None:
-    """Raise ValueError naming ``what`` and every violation if ``instance`` breaks the schema."""
+    """Raise UsageError naming ``what`` and every violation if ``instance`` (a model card, head
+    manifest or job file someone wrote) breaks the schema."""
     errs = errors(name, instance)
     if errs:
-        raise ValueError(f"{what} does not match schemas/{name}.schema.json:\n  " + "\n  ".join(errs))
+        raise UsageError(f"{what} does not match schemas/{name}.schema.json:\n  " + "\n  ".join(errs))

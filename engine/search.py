@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
+from .errors import StoreError, UsageError
+
 INDEX = "index"
 
 
@@ -43,10 +45,10 @@ def rank(
     emb = np.asarray(embeddings)
     q = np.asarray(query, dtype=np.float32).reshape(-1)
     if emb.ndim != 2 or emb.shape[1] != q.size:
-        raise ValueError(f"query has {q.size} dimensions, the index embeddings are {emb.shape}")
+        raise UsageError(f"query has {q.size} dimensions, the index embeddings are {emb.shape}")
     norm = float(np.linalg.norm(q))
     if not np.isfinite(norm) or norm == 0.0:
-        raise ValueError("the query embedding is zero or not finite")
+        raise UsageError("the query embedding is zero or not finite")
     scores = np.asarray(emb @ (q / norm), dtype=np.float32)
     valid = np.isfinite(scores)
     if exclude is not None:
@@ -82,14 +84,14 @@ def search(
     """
     given = [name for name, value in (("text", text), ("like", like), ("report", report)) if value is not None]
     if len(given) != 1:
-        raise ValueError(f"give exactly one of text, like or report (got {', '.join(given) or 'none'})")
+        raise UsageError(f"give exactly one of text, like or report (got {', '.join(given) or 'none'})")
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise UsageError(f"k must be at least 1, got {k}")
     store = _open_store(store_path)
     root = store.root
     index = root[INDEX]
     if "embedding" not in index:
-        raise ValueError(f"{store_path}: the index holds no embeddings; run the 'retrieve' head to add them")
+        raise UsageError(f"{store_path}: the index holds no embeddings; run the 'retrieve' head to add them")
     embeddings = index_embeddings(store_path, index["embedding"])
     appended = _Appended.read(index)
     base_exclude = appended.superseded(index)
@@ -102,11 +104,11 @@ def search(
         if report is not None:
             query_text = Path(report).read_text(encoding="utf-8", errors="replace").strip()
             if not query_text:
-                raise ValueError(f"report {report} is empty")
+                raise UsageError(f"report {report} is empty")
         else:
             query_text = str(text).strip()
             if not query_text:
-                raise ValueError("the text query is empty")
+                raise UsageError("the text query is empty")
         query = encode_query(query_text, root.attrs.get("model") or {}, model)
 
     idx, scores = rank(embeddings, query, k, exclude=base_exclude)
@@ -132,7 +134,7 @@ def _like_query(index: zarr.Group, embeddings: np.ndarray, appended: "_Appended"
         return np.asarray(appended.embedding[i], np.float32), _base_rows_of(index, like), np.asarray([i])
     matches = _base_rows_of(index, like)
     if len(matches) == 0 or like in appended.dropped:
-        raise ValueError(f"series {like!r} is not in the index of {store_path}")
+        raise UsageError(f"series {like!r} is not in the index of {store_path}")
     return np.asarray(embeddings[matches[0]], dtype=np.float32), matches, None
 
 
@@ -198,13 +200,13 @@ def encode_query(text: str, store_model: dict[str, Any], model: Any = None) -> n
         model = load_model(path)
     have = getattr(model, "fingerprint", None)
     if wanted and have and have != wanted:
-        raise ValueError(
+        raise UsageError(
             f"the store was embedded by model {wanted[:19]}..., not {have[:19]}...; "
             "pass the model folder that wrote the store"
         )
     tower = model.text_tower()
     if tower is None:
-        raise ValueError("the model has no text tower, so text and report search are unavailable")
+        raise UsageError("the model has no text tower, so text and report search are unavailable")
     encoded = tower.encode([text])
     if hasattr(encoded, "detach"):
         encoded = encoded.detach().float().cpu().numpy()
@@ -278,9 +280,12 @@ def _open_store(store_path: str | Path) -> Any:
     """The store, read-only: a local path or any URL the store opens (s3://, gs://, ...)."""
     from .store import open_store
 
-    store = open_store(store_path, "r")
+    try:
+        store = open_store(store_path, "r")
+    except FileNotFoundError as exc:
+        raise StoreError(str(exc)) from exc
     if INDEX not in store.root:
-        raise ValueError(f"{store_path} has no index/ group; it is written at the end of a run")
+        raise StoreError(f"{store_path} has no index/ group; it is written at the end of a run")
     return store
 
 

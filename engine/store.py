@@ -25,7 +25,6 @@ import asyncio
 import json
 import math
 import os
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import collect_aiterator, sync
 from zarr.storage import FsspecStore, LocalStore
 
+from ._version import __version__
+from .enums import FINAL_STATUSES, RUN_ENDS, RUN_STATUSES, SERIES_STATUSES  # noqa: F401 (RUN_STATUSES: public here)
 from .errors import StoreError
 from .faults import killpoint
 from .store_checks import (DAMAGED, MAX_LISTED, ChecksMixin, _chunk_keys, _parse_meta, _shard_checksummed,  # noqa: F401 (re-exported)
@@ -48,16 +49,7 @@ from .zarr_nodes import (SMALL_BYTES, WRITE_ALL, NodeUnreadable, array_documents
                          store_codecs)
 
 FORMAT_VERSION = 2  # 2: checksummed chunks, store lock, run status interrupted/abandoned
-STATUSES = ROW_STATUSES[1:]  # what write_series writes
-RUN_STATUSES = ("running", "finished", "interrupted", "failed", "abandoned")
-RUN_ENDS = ("finished", "interrupted", "failed")
-_KEY_RE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def series_key(uid: str) -> str:
-    """A group name derived from a SeriesInstanceUID (or any id), safe on every filesystem."""
-    key = _KEY_RE.sub("_", uid.strip()) or "unnamed"
-    return key[:128]
+STATUSES = SERIES_STATUSES  # what write_series writes
 
 
 def _damaged(reason: str) -> dict[str, Any]:
@@ -78,8 +70,6 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
     """A Zarr v3 result store opened for reading (``mode='r'``) or writing."""
 
     def __init__(self, path: str | Path, mode: str = "a"):
-        from . import __version__
-
         self.url = str(path)
         self.remote = is_remote(self.url)
         # local stores keep a Path (lock file, memory-mapped index); remote ones their URL
@@ -250,7 +240,7 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
         resume may skip the series.
         """
         attrs = self.series_attrs(key)
-        if not attrs or attrs.get("status") not in ("complete", "failed"):
+        if not attrs or attrs.get("status") not in FINAL_STATUSES:
             return set(head_fingerprints)
         if self.check_series(key, deep=deep):
             return set(head_fingerprints)
@@ -297,7 +287,7 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
         series = self.root.require_group("series")
         old = self.series_attrs(key)
         same_grid = old is not None and ("geometry" not in attrs or old.get("geometry") == attrs["geometry"])
-        keep = (old is not None and same_grid and not replace and old.get("status") in ("complete", "failed")
+        keep = (old is not None and same_grid and not replace and old.get("status") in FINAL_STATUSES
                 and not self.check_series(key))
         if not keep:
             if old is not None:

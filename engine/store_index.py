@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
+from .enums import ROW_STATUSES
 from .faults import killpoint
 from .zarr_nodes import WRITE_ALL, NodeUnreadable, now, store_codecs, write_array
 
@@ -25,7 +26,6 @@ DELTA_CHUNK = 1024  # rows per chunk of appended index rows: an append rewrites 
 SMALL_INDEX = 4096  # an index this small is rewritten whole on update (cheap, and stays one chunk)
 STRING_ROWS = 1024  # rows per chunk of the index's string columns
 COMPACT_FRACTION = 8  # appended rows past 1/8 of the compacted ones: rewrite whole
-ROW_STATUSES = ("unknown", "incomplete", "complete", "failed", "skipped")  # unknown: a damaged group or a failed write
 
 
 class IndexMixin:

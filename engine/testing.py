@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .errors import HeadRunError, UsageError
 from .geometry import Volume, apply_affine
 from .hookspecs import hookimpl
 
@@ -50,10 +51,6 @@ BODY_RADII_MM = (60.0, 70.0, 55.0)
 BRIGHT_CENTER_MM = (25.0, 10.0, 5.0)
 BRIGHT_RADIUS_MM = 25.0  # > 0.5 % of the field of view, so intensity clipping keeps it bright
 BODY_INTENSITY, BRIGHT_INTENSITY, NOISE = 100.0, 300.0, 5.0
-
-
-class HeadRunError(AssertionError):
-    """The head could not be run or failed on the volume; the message says why."""
 
 
 @dataclass
@@ -105,7 +102,7 @@ def _axes(kind: str) -> np.ndarray:
         return np.eye(3)
     if kind == "las":
         return np.diag([-1.0, 1.0, 1.0])
-    raise ValueError(f"unknown synthetic volume {kind!r}; expected one of {', '.join(SYNTHETIC_KINDS)}")
+    raise UsageError(f"unknown synthetic volume {kind!r}; expected one of {', '.join(SYNTHETIC_KINDS)}")
 
 
 def _affine(kind: str, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
@@ -159,7 +156,7 @@ def load_volume(source: Volume | str | Path, *, series: str | None = None) -> Vo
         return synthetic_volume(source)
     path = Path(source)
     if not path.exists():
-        raise ValueError(f"{source!s}: neither a synthetic volume ({', '.join(SYNTHETIC_KINDS)}) nor an existing path")
+        raise UsageError(f"{source!s}: neither a synthetic volume ({', '.join(SYNTHETIC_KINDS)}) nor an existing path")
     from .discover import load, scan
 
     refs = list(scan([path]).series)
@@ -167,7 +164,7 @@ def load_volume(source: Volume | str | Path, *, series: str | None = None) -> Vo
         refs = [r for r in refs if series in (r.key, r.series_uid)]
     if len(refs) != 1:
         keys = ", ".join(r.key for r in refs) or "none"
-        raise ValueError(f"{path}: expected one series, found {len(refs)} ({keys}); pick one with series=")
+        raise UsageError(f"{path}: expected one series, found {len(refs)} ({keys}); pick one with series=")
     volume = load(refs[0])
     volume.meta.setdefault("series_key", refs[0].key)
     return volume

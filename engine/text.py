@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UsageError
 from .features import TextFeatures
 
 POOLINGS = ("mean", "cls")
@@ -26,7 +27,7 @@ class TextTower:
         self, tokenizer: Any, bert: nn.Module, projection: nn.Linear, pooling: str = "mean", max_length: int = 64
     ):
         if pooling not in POOLINGS:
-            raise ValueError(f"text pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise UsageError(f"text pooling must be one of {POOLINGS}, got {pooling!r}")
         self.tokenizer = tokenizer
         self.bert = bert.eval().requires_grad_(False)
         self.projection = projection.eval().requires_grad_(False)
@@ -60,7 +61,7 @@ class TextTower:
         state = load_file(str(Path(folder) / text_card["projection"]))
         hidden = bert.config.hidden_size
         if tuple(state["weight"].shape) != (joint_dim, hidden):
-            raise ValueError(
+            raise UsageError(
                 f"text projection {text_card['projection']} has shape {tuple(state['weight'].shape)}, "
                 f"expected (joint_dim={joint_dim}, hidden={hidden})"
             )

@@ -15,8 +15,9 @@ import numpy as np
 import zarr
 
 from . import schemas
+from .enums import FINAL_STATUSES
 from .errors import StoreError
-from .mapping import grid_world_bounds
+from .geometry import world_bounds
 from .store import DAMAGED, ResultStore
 
 _KEY = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -114,7 +115,7 @@ def _check_series(store: ResultStore, key: str, attrs: dict[str, Any], run_ids: 
         problems.append(f"{where} attrs.run_id: run {run_id!r} is not in the store")
     if status == "incomplete" and (runs.get(run_id) or {}).get("status") != "running":
         problems.append(f"{where}: left incomplete by run {run_id}, which is not running; the next run redoes it")
-    if status in ("complete", "failed"):
+    if status in FINAL_STATUSES:
         problems += _slash(store.check_series(key, deep=deep))
         try:
             group = store.root["series"][key]
@@ -129,7 +130,7 @@ def _check_outputs(group: zarr.Group, attrs: dict[str, Any], where: str) -> list
     problems: list[str] = []
     geometry = attrs.get("geometry") or {}
     shape = tuple(geometry.get("shape") or ())
-    bounds = grid_world_bounds(shape, np.asarray(geometry["affine"])) if shape and "affine" in geometry else None
+    bounds = world_bounds(shape, np.asarray(geometry["affine"])) if shape and "affine" in geometry else None
     for head, info in (attrs.get("heads") or {}).items():
         if info.get("error"):
             continue

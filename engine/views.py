@@ -34,19 +34,15 @@ import SimpleITK as sitk
 from torchio.data.io import get_sitk_metadata_from_ras_affine
 from scipy import ndimage
 
-from .errors import InputError
+from .enums import VIEW_KINDS
+from .errors import ViewError, one_line  # noqa: F401 (re-exported: raised here, caught by prepare)
 from .features import View
-from .geometry import Volume, spacing
-from .mapping import grid_world_bounds, inside_fov
+from .geometry import Volume, spacing, world_bounds
+from .mapping import inside_fov
 
-VIEW_KINDS = ("global", "tiles")
 MIN_SMOOTH_VOXELS = 4  # ITK's recursive Gaussian refuses axes shorter than this
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 NO_SMOOTHING_MM = 1e-6  # torchio asks ITK for sigma 1e-9 on axes it does not downsample
-
-
-class ViewError(InputError):
-    """The series could not be resampled into the encoder's views."""
 
 
 class _Native:
@@ -150,7 +146,7 @@ def _valid(volume: Volume, shape: np.ndarray, affine: np.ndarray) -> torch.Tenso
 
 def _ras_grid(volume: Volume, spacing: np.ndarray, shape: np.ndarray) -> np.ndarray:
     """Affine of an axis-aligned RAS grid of ``shape`` centred on the series' field of view."""
-    bounds = grid_world_bounds(volume.shape, volume.affine)
+    bounds = world_bounds(volume.shape, volume.affine)
     centre = (bounds[:3] + bounds[3:]) / 2.0
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = centre - spacing * (shape - 1) / 2.0
@@ -198,7 +194,7 @@ def _resample(native: _Native, shape: np.ndarray, affine: np.ndarray) -> torch.T
 
 
 def _extent(volume: Volume) -> np.ndarray:
-    bounds = grid_world_bounds(volume.shape, volume.affine)
+    bounds = world_bounds(volume.shape, volume.affine)
     return bounds[3:] - bounds[:3]
 
 
@@ -269,5 +265,4 @@ def plain_reason(exc: BaseException) -> str:
     if "ITK" in text:
         cleaned = _ITK_NOISE.sub("", text)
         text = cleaned if cleaned != text else "the ITK resampler rejected the grid"
-    line = " ".join(text.split())[:200]
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return one_line(exc, named=True, limit=200, fold=True, message=text)

@@ -24,11 +24,10 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from .errors import NodeUnreadable  # noqa: F401 (re-exported: the store modules catch it from here)
+
 Documents = dict[str, bytes]  # key relative to the node's parent -> bytes
 
-
-class NodeUnreadable(Exception):
-    """A node's metadata cannot be read; the message is 'path: why'."""
 
 WRITE_ALL = {"write_empty_chunks": True}  # every chunk exists: a missing one is damage, not fill
 

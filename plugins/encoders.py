@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import engine
-from engine.model import VisionTransformer3D, config_from_card
+from engine import VisionTransformer3D, config_from_card
 
 
 class ViT3D:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import engine
-from engine.dicom import DicomReader
-from engine.nifti import NiftiReader
+from engine import DicomReader, NiftiReader
 
 
 @engine.hookimpl

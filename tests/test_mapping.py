@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from engine.geometry import Volume, apply_affine, world_bounds
-from engine.mapping import blend_windows, boxes_to_native, grid_world_bounds, inside_fov, mask_to_native
+from engine.geometry import Volume, apply_affine, voxel_centre_bounds, world_bounds
+from engine.mapping import blend_windows, boxes_to_native, inside_fov, mask_to_native
 from engine.views import make_views, window_starts
 
 PRE = {"orientation": "RAS", "spacing": [3.0, 3.0, 3.0], "input_size": [64, 64, 64],
@@ -70,13 +70,13 @@ def test_view_mask_maps_back_to_the_structure_on_the_native_grid(name):
 def test_views_are_axis_aligned_ras_and_cover_the_series(name):
     shape, affine = grid(name)
     views = make_views(Volume(np.random.default_rng(0).random(shape, dtype=np.float32), affine), PRE)
-    native_box = world_bounds(shape, affine)
+    native_box = voxel_centre_bounds(shape, affine)
     for view in views.values():
         if view.kind == "tiles":
             np.testing.assert_allclose(np.linalg.norm(view.affine[:3, :3], axis=0), 3.0, rtol=1e-6)
         lin = view.affine[:3, :3]
         assert np.allclose(lin, np.diag(np.diag(lin))) and (np.diag(lin) > 0).all(), "views are axis-aligned RAS grids"
-        view_box = grid_world_bounds(view.shape, view.affine)
+        view_box = world_bounds(view.shape, view.affine)
         assert (view_box[:3] <= native_box[:3] + 1e-6).all() and (view_box[3:] >= native_box[3:] - 1e-6).all()
         image = view.image.numpy()
         assert np.isfinite(image).all() and image.std() > 0.5
@@ -124,7 +124,7 @@ def test_boxes_map_to_world_and_native_voxels_inside_the_series(name):
     hi = np.ceil(apply_affine(np.linalg.inv(view.affine), [CENTER + RADII])[0])
     world, voxel, keep = boxes_to_native(np.concatenate([lo, hi])[None], view.affine, shape, affine)
     assert keep.tolist() == [0]
-    series = grid_world_bounds(shape, affine)
+    series = world_bounds(shape, affine)
     assert (world[0, :3] >= series[:3] - 1e-6).all() and (world[0, 3:] <= series[3:] + 1e-6).all()
     # the structure's centre is inside both the world box and (mapped) the voxel box
     assert (world[0, :3] <= CENTER).all() and (CENTER <= world[0, 3:]).all()

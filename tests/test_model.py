@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import Features, schemas
+from engine.errors import UsageError
 from engine.model import DEFAULT_MODEL_DIR, EncoderConfig, VisionTransformer3D, load_model, split_features
 
 COMMON_PREPROCESSING = {
@@ -145,14 +146,14 @@ def test_fingerprint_changes_when_the_card_changes(tmp_path, model):
 def test_card_errors_name_the_file_and_the_field(tmp_path):
     folder = copy_model(tmp_path / "m")
     edit_card(folder, lambda c: c["encoder"].pop("depth"))
-    with pytest.raises(ValueError, match=r"model card .*model\.json.*\n.*encoder: 'depth' is a required property"):
+    with pytest.raises(UsageError, match=r"model card .*model\.json.*\n.*encoder: 'depth' is a required property"):
         load_model(folder)
 
 
 def test_card_with_a_wrong_type_is_rejected(tmp_path):
     folder = copy_model(tmp_path / "m")
     edit_card(folder, lambda c: c["preprocessing"].update(input_size=[64, 64]))
-    with pytest.raises(ValueError, match="preprocessing/input_size"):
+    with pytest.raises(UsageError, match="preprocessing/input_size"):
         load_model(folder)
 
 
@@ -167,28 +168,28 @@ def test_card_with_a_wrong_type_is_rejected(tmp_path):
 def test_inconsistent_cards_are_rejected(tmp_path, change, message):
     folder = copy_model(tmp_path / "m")
     edit_card(folder, change)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UsageError, match=message):
         load_model(folder)
 
 
 def test_weights_that_do_not_match_the_card_are_rejected(tmp_path):
     folder = copy_model(tmp_path / "m")
     edit_card(folder, lambda c: c["encoder"].update(depth=5, feature_layers=[1, 3]))
-    with pytest.raises(ValueError, match=r"do not match the model card's architecture: .*unexpected \['blocks\.5\."):
+    with pytest.raises(UsageError, match=r"do not match the model card's architecture: .*unexpected \['blocks\.5\."):
         load_model(folder)
 
 
 def test_missing_files_are_reported(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.json is missing"):
+    with pytest.raises(UsageError, match="model.json is missing"):
         load_model(tmp_path)
     folder = copy_model(tmp_path / "m")
     (folder / "encoder.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="encoder.safetensors"):
+    with pytest.raises(UsageError, match="encoder.safetensors"):
         load_model(folder)
 
 
 def test_encoder_config_rejects_layers_outside_the_blocks():
-    with pytest.raises(ValueError, match="outside the 2 blocks"):
+    with pytest.raises(UsageError, match="outside the 2 blocks"):
         EncoderConfig(depth=2, feature_layers=(2,))
 
 

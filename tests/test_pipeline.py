@@ -70,9 +70,9 @@ def test_every_demo_series_is_complete_with_every_declared_output(archive, first
         grounded.update(queries)
         for head, output in (("localize", "lesions"), ("ground", "regions")):
             boxes = store.read_output(key, head, output)
-            from engine.mapping import grid_world_bounds
+            from engine.geometry import world_bounds
 
-            bounds = grid_world_bounds(tuple(geo["shape"]), np.asarray(geo["affine"]))
+            bounds = world_bounds(tuple(geo["shape"]), np.asarray(geo["affine"]))
             assert (boxes["world"][:, :3] >= bounds[:3] - 1e-6).all() and (boxes["world"][:, 3:] <= bounds[3:] + 1e-6).all()
         assert store.read_output(key, "regress", "lesion_volume").shape == ()
     assert summary.count("complete") == len(manifest.series)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
+from engine.errors import StoreError, UsageError
 from engine.search import Hit, index_embeddings, rank, search
 
 FINGERPRINT = "sha256:" + "ab" * 32
@@ -164,16 +165,16 @@ def test_compressed_embeddings_give_the_same_ranking(store, tmp_path):
 
 
 def test_search_refuses_ambiguous_or_unknown_requests(store, tmp_path):
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(UsageError, match="exactly one"):
         search(store)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(UsageError, match="exactly one"):
         search(store, text="brain", like="s0")
-    with pytest.raises(ValueError, match="not in the index"):
+    with pytest.raises(UsageError, match="not in the index"):
         search(store, like="nope")
     bare = write_store(tmp_path / "bare.zarr", ["a"], None)
-    with pytest.raises(ValueError, match="retrieve"):
+    with pytest.raises(UsageError, match="retrieve"):
         search(bare, like="a")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(StoreError):
         search(tmp_path / "missing.zarr", like="a")
 
 

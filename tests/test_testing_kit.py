@@ -16,7 +16,7 @@ import engine
 import engine.testing as kit
 from engine import plugins, schemas
 from engine.cli import cli
-from engine.geometry import world_bounds
+from engine.geometry import voxel_centre_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "mrfm-head-brightness"
@@ -134,7 +134,7 @@ def check_well_formed(decl: dict, value, volume) -> None:
     elif kind == "boxes":
         n = len(value["scores"])
         assert value["world"].shape == (n, 6) and value["voxel"].shape == (n, 6)
-        lo, hi = world_bounds(volume.shape, volume.affine)[:3], world_bounds(volume.shape, volume.affine)[3:]
+        lo, hi = voxel_centre_bounds(volume.shape, volume.affine)[:3], voxel_centre_bounds(volume.shape, volume.affine)[3:]
         assert (value["world"][:, :3] >= lo - 0.5 * max(volume.spacing)).all()
         assert (value["world"][:, 3:] <= hi + 0.5 * max(volume.spacing)).all()
         assert (value["world"][:, 3:] >= value["world"][:, :3]).all()

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import engine
-from engine.token_boxes import grow_from_peak, region_boxes  # noqa: F401 (also this module's API)
+from engine import grow_from_peak, region_boxes  # noqa: F401 (also this module's API)
 
 DEFAULT_RELATIVE_THRESHOLD = 0.5
 

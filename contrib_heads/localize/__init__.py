@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import engine
-from engine.token_boxes import basin_boxes, basins, box_iou3d, nms3d  # noqa: F401 (also this module's API)
+from engine import basin_boxes, basins, box_iou3d, nms3d  # noqa: F401 (also this module's API)
 
 LABEL = "lesion"
 DEFAULTS = {"threshold": 0.5, "iou": 0.3, "max_boxes": 16}

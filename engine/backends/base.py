@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..features import Features
 from ..model import EncoderOutputs, split_features
 
@@ -110,11 +111,11 @@ class Backend:
         shapes: ShapeRange | None = None,
     ):
         if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose from {sorted(PRECISIONS)}")
+            raise UsageError(f"unknown precision {precision!r}; choose from {sorted(PRECISIONS)}")
         if precision not in self.precisions:
-            raise ValueError(f"backend {self.name!r} supports precisions {list(self.precisions)}, not {precision!r}")
+            raise UsageError(f"backend {self.name!r} supports precisions {list(self.precisions)}, not {precision!r}")
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise UsageError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
         self.precision = precision
         self.dtype = PRECISIONS[precision]

@@ -10,7 +10,6 @@ is treated as corrupt and rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 from filelock import FileLock
+
+from ..fingerprint import json_digest
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,7 @@ def cache_key(
         "versions": versions,
         "device": device,
     }
-    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return json_digest(parts)[:32]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from ..errors import GroupsError
+
 PER_FRAME_GROUPS = 0x52009230
 PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # float, double float, integer pixel data
 ITEM, ITEM_END, SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -41,10 +43,6 @@ MACROS: dict[int, tuple[str, dict[int, tuple[str, str]]]] = {
 _HEAD = struct.Struct("<HHI")  # group, element, 32-bit length (implicit VR)
 _EXPLICIT = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
 _U32 = struct.Struct("<I")
-
-
-class GroupsError(ValueError):
-    """The bytes are not what this walker reads; use pydicom instead."""
 
 
 def _value(buf: Any, raw: tuple[int, int, bytes | None], vr: str) -> Any:

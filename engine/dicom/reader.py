@@ -14,7 +14,9 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import apply_rescale, pixel_array
 from pydicom.uid import UID
 
-from ..discover import LoadError, SeriesRef, Source, sanitise_key
+from ..discover import Source
+from ..errors import LoadError, one_line
+from ..series_ref import SeriesRef, sanitise_key
 from ..geometry import LPS_TO_RAS, Volume, affine_problem, check_affine, orientation_name
 from .frames import (
     VOLUME_RULE,
@@ -158,7 +160,7 @@ def _read_records(ref: SeriesRef) -> list[DicomRecord]:
         try:
             records.append(record_from_header(source, *read_file_header(source)))
         except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError) as exc:
-            raise LoadError(f"{source}: unreadable DICOM header ({_reason(exc)})") from exc
+            raise LoadError(f"{source}: unreadable DICOM header ({one_line(exc)})") from exc
     return _unique_instances(records)[0]
 
 
@@ -193,7 +195,7 @@ def _decode(rec: DicomRecord, indices: list[int]) -> dict[tuple[Source, int], np
     except LoadError:
         raise
     except Exception as exc:  # truncated data, unsupported codec, corrupt fragments ...
-        raise LoadError(f"{source}: cannot decode pixel data ({_reason(exc)})") from exc
+        raise LoadError(f"{source}: cannot decode pixel data ({one_line(exc)})") from exc
     if rec.kind == "classic":
         if plan.frames > 1:
             raise LoadError(f"{source}: multi-frame image without functional groups is not supported")
@@ -296,7 +298,7 @@ def _decode_with_header(source: Source, kind: str, indices: list[int]) -> dict[t
     except LoadError:
         raise
     except Exception as exc:  # truncated data, unsupported codec, corrupt fragments ...
-        raise LoadError(f"{source}: cannot decode pixel data ({_reason(exc)})") from exc
+        raise LoadError(f"{source}: cannot decode pixel data ({one_line(exc)})") from exc
     if kind == "classic":
         if image.ndim != 2:
             raise LoadError(f"{source}: multi-frame image without functional groups is not supported")
@@ -313,11 +315,6 @@ def _check_pixel_size(source: Source, ds: pydicom.Dataset) -> None:
     row = int(ds.Columns) * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
     if held < needed or held - needed >= max(row, 2):
         raise LoadError(f"{source}: {pixel_size_problem(held, ds)}")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 class DicomReader:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import GeometryError
+from ..errors import StackError
 from ..geometry import LPS_TO_RAS
 from .frames import ORIENTATION_TOL, POSITION_TOL_MM, Frame
 
@@ -65,10 +65,6 @@ class Stack:
     @property
     def n_slices(self) -> int:
         return len(self.resample) if self.resample is not None else len(self.frames)
-
-
-class StackError(GeometryError, ValueError):
-    """The frames of a series do not form one regular 3D grid."""
 
 
 # --------------------------------------------------------------------------- stack geometry

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import MrfmError, StoreError, UsageError
+from ..errors import MrfmError, StoreError, UsageError, one_line
 from ..features import TextFeatures
 from ..geometry import axis_codes, orientation_name, spacing
 from ..inference import Inference, SeriesOutputs, load_heads
@@ -146,7 +146,7 @@ def safe_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None, r
         attrs, why = series_attrs(ref, run_id, fingerprint, prep, record_paths), None
     except Exception as exc:
         where_from = ref.sources[0] if getattr(ref, "sources", None) else ref.key
-        why = f"{where_from}: cannot describe the series geometry ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        why = f"{where_from}: cannot describe the series geometry ({one_line(exc, named=True)})"
         attrs = series_attrs(ref, run_id, fingerprint, None, record_paths)
     return attrs | (where or {}), why
 
@@ -193,7 +193,7 @@ def run_isolated(inference: Inference, preps: list[Prepared], only: list[set[str
         return list(inference.run(preps, only))
     except Exception as exc:
         if len(preps) == 1:
-            return [f"{preps[0].key}: the encoder failed on this series ({type(exc).__name__}: {first_line(exc)})"]
+            return [f"{preps[0].key}: the encoder failed on this series ({one_line(exc, named=True)})"]
     return [r for p, o in zip(preps, only) for r in run_isolated(inference, [p], [o])]
 
 
@@ -207,8 +207,3 @@ def write_item(store: Any, item: WriteItem) -> SeriesResult:
         # the store marks the group failed with this reason where it still can
         result.status, result.reason = "failed", str(exc) if isinstance(exc, StoreError) else f"could not write series group: {exc}"
     return result
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..enums import GLOBAL, VIEW_KINDS
+from ..series_ref import sanitise_key
 
 
 def default_cache_dir() -> Path:
@@ -39,12 +41,12 @@ def default_cache_dir() -> Path:
 
 
 def model_key(fingerprint: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]", "_", fingerprint.split(":", 1)[-1])[:32]
+    return sanitise_key(fingerprint.split(":", 1)[-1])[:32]
 
 
 def series_key(ref: Any) -> str:
     digest = hashlib.sha1("|".join(f"{s.label}:{s.digest}" for s in ref.sources).encode()).hexdigest()[:12]
-    return re.sub(r"[^A-Za-z0-9._-]", "_", str(ref.key))[:80] + "-" + digest
+    return sanitise_key(str(ref.key))[:80] + "-" + digest
 
 
 @dataclass
@@ -115,7 +117,7 @@ class FeatureCache:
         from engine.views import make_views
 
         volume = load(ref)
-        kinds = ("global", "tiles") if tiles else ("global",)
+        kinds = VIEW_KINDS if tiles else (GLOBAL,)
         views = make_views(volume, self.model.preprocessing, kinds)
         g = views["global"]
         (f,) = self._encode(g.image[None])

@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
-from engine.backends import Backend, cache_key, device_identity
-from engine.backends.export import INPUT_NAME, check_onnx, export_onnx, export_versions
-from engine.model import EncoderOutputs
+import engine
+from engine import INPUT_NAME, Backend, EncoderOutputs, cache_key, check_onnx, device_identity, export_onnx, export_versions
 
 
 def _providers(device: torch.device) -> list[str]:
@@ -48,7 +47,7 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"onnxruntime runs on cpu or cuda, not {self.device}")
+            raise engine.BackendUnavailable(f"onnxruntime runs on cpu or cuda, not {self.device}")
         self._ort = ort
         self.key_parts = {
             "fingerprint": model.fingerprint,

@@ -20,10 +20,9 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from engine.backends import Backend, cache_key, device_identity
-from engine.backends.cache import atomic_write_bytes
-from engine.backends.export import INPUT_NAME, OUTPUT_NAMES, check_onnx, export_onnx, export_versions
-from engine.model import EncoderOutputs
+import engine
+from engine import (INPUT_NAME, OUTPUT_NAMES, Backend, EncoderOutputs, atomic_write_bytes, cache_key, check_onnx, device_identity,
+                    export_onnx, export_versions)
 
 WORKSPACE_BYTES = 4 << 30
 
@@ -74,7 +73,7 @@ class TensorRTBackend(Backend):
     def __init__(self, model: Any, **kw: Any):
         super().__init__(model, **kw)
         if self.device.type != "cuda":
-            raise ValueError(f"tensorrt runs on CUDA devices, not {self.device}")
+            raise engine.BackendUnavailable(f"tensorrt runs on CUDA devices, not {self.device}")
         trt = _trt()
         self._trt_mod = trt
         self._logger = trt.Logger(trt.Logger.WARNING)

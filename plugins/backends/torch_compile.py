@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from engine.backends import Backend
-from engine.model import EncoderOutputs
+import engine
+from engine import Backend, EncoderOutputs
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -45,10 +45,10 @@ class TorchCompileBackend(Backend):
     def __init__(self, model: Any, *, mode: str | None = None, dynamic: bool | None = None, **kw: Any):
         super().__init__(model, **kw)
         if self.device.type != "cuda":
-            raise ValueError(f"torch-compile runs on CUDA devices, not {self.device}")
+            raise engine.BackendUnavailable(f"torch-compile runs on CUDA devices, not {self.device}")
         self.mode = mode or os.environ.get("MRFM_TORCH_COMPILE_MODE", "default")
         if self.mode not in MODES:
-            raise ValueError(f"unknown torch.compile mode {self.mode!r}; choose from {MODES}")
+            raise engine.UsageError(f"unknown torch.compile mode {self.mode!r}; choose from {MODES}")
         encoder = copy.deepcopy(model.encoder).to(self.device).eval()
         dtype, autocast = self.dtype, self.precision != "fp32"
 

@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from engine.backends import Backend
-from engine.model import EncoderOutputs
+from engine import Backend, EncoderOutputs
 
 
 class TorchBackend(Backend):

@@ -9,7 +9,8 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from engine.export import ExportContext, SkipSeries
+import engine
+from engine import ExportContext, SkipSeries
 
 LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS: flip x and y (its own inverse)
 MANUFACTURER = "mrfm"
@@ -64,7 +65,7 @@ def frames_of(ds: Any) -> list[Frame]:
     frames = []
     for i, per in enumerate(ds.PerFrameFunctionalGroupsSequence[:n]):
         def pick(name: str) -> Any:
-            return _item(per, name) or _item(shared, name)
+            return _item(per, name) or _item(shared, name)  # noqa: B023 (called within this iteration)
         pos, ori, meas = pick("PlanePositionSequence"), pick("PlaneOrientationSequence"), pick("PixelMeasuresSequence")
         iop = np.asarray(ori.ImageOrientationPatient, float)
         frames.append(Frame(ds, i + 1, np.asarray(pos.ImagePositionPatient, float), iop[:3], iop[3:],
@@ -97,8 +98,6 @@ def uid(*parts: Any) -> str:
 
 def identity(ctx: ExportContext, key: str) -> dict[str, str]:
     """Equipment identification from the model and mrfm versions."""
-    import engine
-
     model = ctx.model(key)
     fp = str(model.get("fingerprint") or "")
     return {"manufacturer": MANUFACTURER, "model_name": str(model.get("name") or "mrfm model")[:64],

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.export import ExportContext, affine_of, hex_rgb
+from engine import ExportContext, InputError, affine_of, hex_rgb
 
 from ._dicom import Frame, frames_of, identity, read_headers, sample_plane, uid
 
@@ -57,7 +57,7 @@ def source_frames(headers: list[Any], mask: np.ndarray, affine: np.ndarray) -> t
         frames = [f for ds in images for f in frames_of(ds)]
         if multi:
             seen: set[tuple[float, ...]] = set()
-            frames = [f for f in frames if not (p := tuple(np.round(f.position, 3))) in seen and not seen.add(p)]
+            frames = [f for f in frames if (p := tuple(np.round(f.position, 3))) not in seen and not seen.add(p)]
         planes, ok = [], True
         for frame in frames:
             plane, err, inside = sample_plane(mask, affine, frame)
@@ -67,7 +67,7 @@ def source_frames(headers: list[Any], mask: np.ndarray, affine: np.ndarray) -> t
             planes.append(plane)
         if ok:
             return images, frames, planes
-    raise ValueError(f"the source frames do not lie on the stored grid (max {worst[0]:.2f} voxel off, "
+    raise InputError(f"the source frames do not lie on the stored grid (max {worst[0]:.2f} voxel off, "
                      f"inside: {worst[1]}); the series was resampled at load, so a SEG cannot reference its frames")
 
 
@@ -94,7 +94,7 @@ def _shared_groups(ds: Any) -> Any:
     for name in missing:
         values = {repr(per[name].value) for per in ds.PerFrameFunctionalGroupsSequence if name in per}
         if len(values) != 1:
-            raise ValueError(f"the source's {name} differs between frames; one SEG cannot hold them")
+            raise InputError(f"the source's {name} differs between frames; one SEG cannot hold them")
         setattr(shared, name, ds.PerFrameFunctionalGroupsSequence[0][name].value)
         for per in ds.PerFrameFunctionalGroupsSequence:
             if name in per:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from engine.export import ExportContext, SkipSeries, affine_of
+from engine import ExportContext, SkipSeries, affine_of
 
 from ._dicom import LPS, identity, read_headers, uid
 

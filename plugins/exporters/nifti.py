@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from engine.export import ExportContext, affine_of
+from engine import ExportContext, affine_of
 
 
 class NiftiExporter:

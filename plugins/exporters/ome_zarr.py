@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import zarr
 
-from engine.export import ExportContext, affine_of, hex_rgb
+from engine import ExportContext, InputError, affine_of, hex_rgb
 
 NGFF_VERSION = "0.5"
 _AXES = [{"name": n, "type": "space", "unit": "millimeter"} for n in ("z", "y", "x")]
@@ -68,7 +68,7 @@ class OmeZarrExporter:
         volume = ctx.volume(key)
         image = np.asarray(volume.data, dtype=np.float32)
         if image.shape != shape:
-            raise ValueError(f"the source volume's shape {image.shape} differs from the stored grid {shape}")
+            raise InputError(f"the source volume's shape {image.shape} differs from the stored grid {shape}")
         data, ras_affine = to_ras_order(image, affine)
         scale, translation, error = ngff_placement(ras_affine, data.shape)
         path = ctx.out_dir / f"{key}.ome.zarr"

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.export import ExportContext
+from engine import ExportContext
 
 KINDS = ("scores", "values", "boxes", "embeddings")
 _OUTPUT_KIND = {"scores": "scores", "value": "values", "boxes": "boxes", "embedding": "embeddings"}
