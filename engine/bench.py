@@ -287,12 +287,12 @@ def compare_dcm2niix(series: list[tuple[str, list[Path]]], repeats: int, workdir
             shutil.copy(f, folder / f.name)
 
         def ours() -> None:
-            for ref in scan([folder]).series:
+            for ref in scan([folder]).series:  # noqa: B023 (called within this iteration)
                 load(ref)
 
         def theirs() -> None:
             out = Path(tempfile.mkdtemp(dir=workdir))
-            subprocess.run([exe, "-z", "n", "-o", str(out), str(folder)], check=True, capture_output=True)
+            subprocess.run([exe, "-z", "n", "-o", str(out), str(folder)], check=True, capture_output=True)  # noqa: B023 (as above)
             shutil.rmtree(out)
 
         ours(), theirs()  # warm file cache and imports for both

@@ -3,7 +3,6 @@ tells the truth, and the next run makes it equal to an uninterrupted one."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

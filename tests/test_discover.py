@@ -15,7 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from engine.errors import InputError
-from engine.discover import LoadError, ScanResult, SeriesRef, Source, load, scan
+from engine.discover import ScanResult, SeriesRef, Source, load, scan
 from engine.plugins import get_readers
 
 # The synthetic series builder lives with the loading tests (tests/ is on sys.path under pytest).

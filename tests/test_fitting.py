@@ -7,7 +7,6 @@ import importlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

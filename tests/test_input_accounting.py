@@ -4,7 +4,6 @@ root reaches a label, warning or reason unless ``record_paths`` asks for it."""
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import time
@@ -19,7 +18,7 @@ from pydicom.data import get_testdata_file
 
 import engine.discover as discover
 from engine.errors import InputError
-from engine.discover import LoadError, ScanResult, Source, load, scan
+from engine.discover import ScanResult, Source, load, scan
 
 from test_dicom_loading import write_series
 

@@ -41,7 +41,7 @@ import torch
 from engine.model import compute_fingerprint, read_card
 
 from .dataset import prepare_samples, write_training_archives
-from .pretrain import HEAD_NAMES, LOSS_WEIGHTS, TEXT_LOSSES, SEG_CLASS_WEIGHTS, TrainConfig, initial_nets, save_model, train, write_card
+from .pretrain import HEAD_NAMES, LOSS_WEIGHTS, TEXT_LOSSES, SEG_CLASS_WEIGHTS, TrainConfig, initial_nets, save_model, train
 
 __all__ = ["contrib_weights", "fit_heads", "pretrain_model", "refit_recipe", "run_recipe", "write_into", "write_weights_into"]
 
