@@ -13,7 +13,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from .bad_inputs import BOMB_BYTES, _case, _Corpus
+from .bad_corpus import BOMB_BYTES, case, Corpus
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -27,7 +27,7 @@ def _zip(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
-def _series_bytes(corpus: _Corpus, case: str, scratch: Path) -> list[tuple[str, bytes]]:
+def _series_bytes(corpus: Corpus, case: str, scratch: Path) -> list[tuple[str, bytes]]:
     """A valid series of ``case`` as (file name, bytes), written through a scratch folder."""
     paths = corpus.series(case, scratch)
     out = [(p.name, p.read_bytes()) for p in paths]
@@ -38,24 +38,24 @@ def _series_bytes(corpus: _Corpus, case: str, scratch: Path) -> list[tuple[str, 
 # ---- zip archives -------------------------------------------------------------------------------
 
 
-@_case("zip_traversal", "skipped file")
-def _zip_traversal(c: _Corpus) -> Path:
+@case("zip_traversal", "skipped file")
+def _zip_traversal(c: Corpus) -> Path:
     folder = c.folder("zip_traversal")
     files = _series_bytes(c, "zip_traversal", folder / "scratch")
     _zip(folder / "bad_zip_traversal.zip", {f"../../escaped/{name}": data for name, data in files})
     return folder
 
 
-@_case("zip_absolute", "skipped file")
-def _zip_absolute(c: _Corpus) -> Path:
+@case("zip_absolute", "skipped file")
+def _zip_absolute(c: Corpus) -> Path:
     folder = c.folder("zip_absolute")
     files = _series_bytes(c, "zip_absolute", folder / "scratch")
     _zip(folder / "bad_zip_absolute.zip", {f"/tmp/mrfm-escaped/{name}": data for name, data in files})
     return folder
 
 
-@_case("nested_zip", "skipped file")
-def _nested_zip(c: _Corpus) -> Path:
+@case("nested_zip", "skipped file")
+def _nested_zip(c: Corpus) -> Path:
     folder = c.folder("nested_zip")
     inner = _zip(folder / "inner.zip", dict(_series_bytes(c, "nested_zip", folder / "scratch")))
     _zip(folder / "bad_nested_zip.zip", {"inner.zip": inner.read_bytes()})
@@ -63,8 +63,8 @@ def _nested_zip(c: _Corpus) -> Path:
     return folder
 
 
-@_case("zip_bomb", "skipped file")
-def _zip_bomb(c: _Corpus) -> Path:
+@case("zip_bomb", "skipped file")
+def _zip_bomb(c: Corpus) -> Path:
     folder = c.folder("zip_bomb")
     info = zipfile.ZipInfo("IM0001.dcm", date_time=(2024, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_DEFLATED
@@ -75,8 +75,8 @@ def _zip_bomb(c: _Corpus) -> Path:
     return folder
 
 
-@_case("corrupt_zip", "skipped file")
-def _corrupt_zip(c: _Corpus) -> Path:
+@case("corrupt_zip", "skipped file")
+def _corrupt_zip(c: Corpus) -> Path:
     folder = c.folder("corrupt_zip")
     path = _zip(folder / "bad_corrupt_zip.zip", dict(_series_bytes(c, "corrupt_zip", folder / "scratch")))
     raw = bytearray(path.read_bytes())
@@ -89,8 +89,8 @@ def _corrupt_zip(c: _Corpus) -> Path:
 # ---- file system --------------------------------------------------------------------------------
 
 
-@_case("symlink_outside", "skipped file")
-def _symlink_outside(c: _Corpus) -> Path:
+@case("symlink_outside", "skipped file")
+def _symlink_outside(c: Corpus) -> Path:
     outside = c.out_dir.parent / f"{c.out_dir.name}-outside"
     c.series("symlink_outside", outside / "series")
     folder = c.folder("symlink_outside")
@@ -98,8 +98,8 @@ def _symlink_outside(c: _Corpus) -> Path:
     return folder
 
 
-@_case("symlink_loop", "skipped file")
-def _symlink_loop(c: _Corpus) -> Path:
+@case("symlink_loop", "skipped file")
+def _symlink_loop(c: Corpus) -> Path:
     folder = c.folder("symlink_loop")
     _symlink(folder / "again", Path(".."))
     _symlink(folder / "A.dcm", Path("B.dcm"))
@@ -107,15 +107,15 @@ def _symlink_loop(c: _Corpus) -> Path:
     return folder
 
 
-@_case("broken_symlink", "skipped file")
-def _broken_symlink(c: _Corpus) -> Path:
+@case("broken_symlink", "skipped file")
+def _broken_symlink(c: Corpus) -> Path:
     folder = c.folder("broken_symlink")
     _symlink(folder / "IM0001.dcm", Path("no-such-file.dcm"))
     return folder
 
 
-@_case("unreadable", "failed or complete")
-def _unreadable(c: _Corpus) -> Path:
+@case("unreadable", "failed or complete")
+def _unreadable(c: Corpus) -> Path:
     for old in c.folder("unreadable").iterdir():  # a previous corpus' file may be mode 000
         old.chmod(0o644)
     paths = c.series("unreadable")

@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -93,35 +92,19 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
-from .acquisition import make_grid
-from .dicom_writer import Patient, derive_uid, write_dicom_series
+from .bad_corpus import (  # noqa: F401 (the corpus' constants are also this module's API)
+    BAD_SHAPE, BOMB_BYTES, EXPECTED, PATIENT, PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME, SPACING,
+)
+from .bad_corpus import WRITERS as _WRITERS
+from .bad_corpus import Corpus as _Corpus
+from .bad_corpus import case as _case
+from .dicom_writer import derive_uid
 
-BAD_SHAPE = (32, 32, 8)
-SPACING = (4.0, 4.0, 4.0)
-PATIENT_NAME = "DOE^JANE"
-PATIENT_ID = "PID-424242"
-PATIENT_BIRTH_DATE = "19700101"
-PATIENT = Patient(name=PATIENT_NAME, id=PATIENT_ID, sex="F", birth_date=PATIENT_BIRTH_DATE)
-BOMB_BYTES = 150 * 1024 * 1024
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
 # One of each common kind (not DICOM, truncated, a gap, mixed matrix, not MR): a quick subset
 # for tests that count outcomes while the full corpus exercises the hardening.
 BASIC_CASES = ("not_dicom", "truncated", "missing_slice", "mixed_size", "ct")
-
-# Case name -> the status a hardened pipeline should give it ("skipped file" = reported in the
-# run's warnings, never a series; "a or b" where either is right, as the module text says).
-EXPECTED: dict[str, str] = {}
-_WRITERS: dict[str, Callable[[_Corpus], Path]] = {}
-
-
-def _case(name: str, expected: str):
-    def register(fn: Callable[[_Corpus], Path]) -> Callable[[_Corpus], Path]:
-        EXPECTED[name] = expected
-        _WRITERS[name] = fn
-        return fn
-
-    return register
 
 
 def write_bad_inputs(out_dir: Path, seed: int = 0, cases: Iterable[str] | None = None) -> dict[str, Path]:
@@ -134,49 +117,6 @@ def write_bad_inputs(out_dir: Path, seed: int = 0, cases: Iterable[str] | None =
     corpus = _Corpus(Path(out_dir), seed)
     corpus.out_dir.mkdir(parents=True, exist_ok=True)
     return {name: _WRITERS[name](corpus) for name in names}
-
-
-@dataclass
-class _Corpus:
-    out_dir: Path
-    seed: int
-    rng: np.random.Generator = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.rng = np.random.default_rng([self.seed, 9999])
-
-    def folder(self, case: str) -> Path:
-        path = self.out_dir / f"bad_{case}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def study_uid(self) -> str:
-        return derive_uid(self.seed, "bad", "study")
-
-    def series_uid(self, case: str) -> str:
-        return derive_uid(self.seed, "bad", case)
-
-    def volume(self, shape=BAD_SHAPE) -> np.ndarray:
-        """A bright block on a noisy background: an image, not pure noise."""
-        data = 300.0 + 200.0 * self.rng.random(shape)
-        i, j = shape[0] // 4, shape[1] // 4
-        data[i : 3 * i, j : 3 * j] += 600.0
-        return data
-
-    def series(self, case: str, folder: Path | None = None, *, shape=BAD_SHAPE, orientation="axial",
-               spacing=SPACING, description: str | None = None, **kw) -> list[Path]:
-        """A valid series of ``case`` (its own series UID) written into ``folder``."""
-        _, affine = make_grid(orientation, (0.0, 0.0, 0.0), shape=shape, spacing=spacing)
-        return write_dicom_series(
-            folder or self.folder(case),
-            self.volume(shape),
-            affine,
-            study_uid=self.study_uid(),
-            series_uid=self.series_uid(case),
-            description=description or f"BAD {case.upper()}",
-            patient=PATIENT,
-            **kw,
-        )
 
 
 # ---- helpers ------------------------------------------------------------------------------------

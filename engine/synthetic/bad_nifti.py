@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 
 from .acquisition import make_grid
-from .bad_inputs import BAD_SHAPE, SPACING, _case, _Corpus
+from .bad_corpus import BAD_SHAPE, SPACING, case, Corpus
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ def _write_raw_nifti(path: Path, hdr: nib.Nifti1Header, data: np.ndarray) -> Pat
     return path
 
 
-def _sform_nifti(corpus: _Corpus, case: str, shape: tuple[int, ...], affine: np.ndarray,
+def _sform_nifti(corpus: Corpus, case: str, shape: tuple[int, ...], affine: np.ndarray,
                  data: np.ndarray | None = None) -> Path:
     hdr = _nifti_header(case, shape)
     hdr.set_sform(affine, code="scanner")
@@ -56,8 +56,8 @@ def _grid_affine() -> np.ndarray:
 # ---- NIfTI --------------------------------------------------------------------------------------
 
 
-@_case("nifti_nan_affine", "failed")
-def _nifti_nan_affine(c: _Corpus) -> Path:
+@case("nifti_nan_affine", "failed")
+def _nifti_nan_affine(c: Corpus) -> Path:
     hdr = _nifti_header("nifti_nan_affine", BAD_SHAPE)
     hdr["sform_code"], hdr["qform_code"] = 1, 1
     for name in ("srow_x", "srow_y", "srow_z"):
@@ -68,15 +68,15 @@ def _nifti_nan_affine(c: _Corpus) -> Path:
     return _write_raw_nifti(path, hdr, c.volume().astype(np.float32)).parent
 
 
-@_case("nifti_singular_affine", "failed")
-def _nifti_singular_affine(c: _Corpus) -> Path:
+@case("nifti_singular_affine", "failed")
+def _nifti_singular_affine(c: Corpus) -> Path:
     affine = _grid_affine()
     affine[:3, 2] = 0.0
     return _sform_nifti(c, "nifti_singular_affine", BAD_SHAPE, affine)
 
 
-@_case("nifti_zero_pixdim", "failed")
-def _nifti_zero_pixdim(c: _Corpus) -> Path:
+@case("nifti_zero_pixdim", "failed")
+def _nifti_zero_pixdim(c: Corpus) -> Path:
     hdr = _nifti_header("nifti_zero_pixdim", BAD_SHAPE)
     hdr["qform_code"], hdr["sform_code"] = 1, 0
     hdr["quatern_b"] = hdr["quatern_c"] = hdr["quatern_d"] = 0.0
@@ -85,19 +85,19 @@ def _nifti_zero_pixdim(c: _Corpus) -> Path:
     return _write_raw_nifti(path, hdr, c.volume().astype(np.float32)).parent
 
 
-@_case("nifti_2d", "complete")
-def _nifti_2d(c: _Corpus) -> Path:
+@case("nifti_2d", "complete")
+def _nifti_2d(c: Corpus) -> Path:
     return _sform_nifti(c, "nifti_2d", BAD_SHAPE[:2], _grid_affine())
 
 
-@_case("nifti_5d", "failed")
-def _nifti_5d(c: _Corpus) -> Path:
+@case("nifti_5d", "failed")
+def _nifti_5d(c: Corpus) -> Path:
     shape = (*BAD_SHAPE, 1, 3)
     return _sform_nifti(c, "nifti_5d", shape, _grid_affine(), c.volume(shape).astype(np.float32))
 
 
-@_case("nifti_gz_truncated", "failed or skipped file")
-def _nifti_gz_truncated(c: _Corpus) -> Path:
+@case("nifti_gz_truncated", "failed or skipped file")
+def _nifti_gz_truncated(c: Corpus) -> Path:
     hdr = _nifti_header("nifti_gz_truncated", BAD_SHAPE)
     hdr.set_sform(_grid_affine(), code="scanner")
     path = _write_raw_nifti(c.folder("nifti_gz_truncated") / "bad_nifti_gz_truncated.nii.gz", hdr,
@@ -107,8 +107,8 @@ def _nifti_gz_truncated(c: _Corpus) -> Path:
     return path.parent
 
 
-@_case("nifti_nan_voxels", "complete or failed")
-def _nifti_nan_voxels(c: _Corpus) -> Path:
+@case("nifti_nan_voxels", "complete or failed")
+def _nifti_nan_voxels(c: Corpus) -> Path:
     data = c.volume().astype(np.float32)
     data[4:12, 4:12, 2:5] = np.nan
     return _sform_nifti(c, "nifti_nan_voxels", BAD_SHAPE, _grid_affine(), data)
