@@ -75,7 +75,7 @@ class _Clock:
 
 def _setup(heads: list[str] | None, backend: str, batch_size: int, queries: list[str]) -> tuple[Any, Any, dict[str, Any], Any]:
     """Model, encoder backend, loaded heads and text features, as a run sets them up."""
-    from .pipeline import _prepare_run
+    from .pipeline import _prepare_run  # bench is a tool beside the run path; it loads what each measurement needs
 
     mdl, enc, _, loaded, text, _ = _prepare_run(None, backend, "fp32", batch_size, heads, {}, queries)
     return mdl, enc, loaded, text
@@ -84,12 +84,12 @@ def _setup(heads: list[str] | None, backend: str, batch_size: int, queries: list
 def _archive(studies: int, archive: str | Path | None, workdir: Path) -> tuple[Path, list[Path]]:
     """The DICOM root to run on and one folder per series (for the per-series baselines)."""
     if archive is not None:
-        from .discover import scan
+        from .discover import scan  # bench is a tool beside the run path; it loads what each measurement needs
 
         root = Path(archive)
         folders = sorted({ref.sources[0].path.parent for ref in scan([root]).series if ref.sources and ref.sources[0].member is None})
         return root, folders
-    from .synthetic import write_demo_archive
+    from .synthetic import write_demo_archive  # bench is a tool beside the run path; it loads what each measurement needs
 
     manifest = write_demo_archive(workdir / "archive", studies=studies, seed=0)
     return manifest.dicom_root, [manifest.root / s.dicom_dir for s in manifest.series]
@@ -100,12 +100,12 @@ def _archive(studies: int, archive: str | Path | None, workdir: Path) -> tuple[P
 
 def time_stages(root: Path, heads: list[str] | None, backend: str, batch_size: int, queries: list[str], workdir: Path) -> dict[str, Any]:
     """Each stage on its own, serially, over every MR series under ``root``."""
-    from .discover import load, scan
-    from .inference import Inference
-    from .pipeline import _series_attrs
-    from .prepare import Prepared
-    from .store import ResultStore
-    from .views import make_views
+    from .discover import load, scan  # bench is a tool beside the run path; it loads what each measurement needs
+    from .inference import Inference  # bench is a tool beside the run path; it loads what each measurement needs
+    from .pipeline import _series_attrs  # bench is a tool beside the run path; it loads what each measurement needs
+    from .prepare import Prepared  # bench is a tool beside the run path; it loads what each measurement needs
+    from .store import ResultStore  # bench is a tool beside the run path; it loads what each measurement needs
+    from .views import make_views  # bench is a tool beside the run path; it loads what each measurement needs
 
     mdl, enc, loaded, text = _setup(heads, backend, batch_size, queries)
     clock = _Clock()
@@ -153,7 +153,7 @@ def _index(store: Any) -> None:
 
 
 def run_mrfm(root: Path, out: Path, heads: list[str] | None, backend: str, batch_size: int, workers: int | None, queries: list[str]) -> dict[str, Any]:
-    from .pipeline import run
+    from .pipeline import run  # bench is a tool beside the run path; it loads what each measurement needs
 
     t = time.perf_counter()
     summary = run([root], out, heads=heads, backend=backend, batch_size=batch_size, workers=workers, overwrite=True, queries=queries)
@@ -177,9 +177,9 @@ def run_monai(folders: list[Path], heads: list[str] | None, backend: str, batch_
 
     Timed like ``mrfm run``: from nothing loaded (model, heads, text features) to the last
     prediction, unless ``setup`` hands them in."""
-    import torch
-    from monai.data import DataLoader, Dataset
-    from monai.transforms import (Compose, EnsureChannelFirst, LoadImage, NormalizeIntensity, Orientation,
+    import torch  # optional: MONAI is the comparison baseline, installed with the bench extra
+    from monai.data import DataLoader, Dataset  # optional: MONAI is the comparison baseline, installed with the bench extra
+    from monai.transforms import (Compose, EnsureChannelFirst, LoadImage, NormalizeIntensity, Orientation,  # optional: MONAI is the comparison baseline, installed with the bench extra
                                   ResizeWithPadOrCrop, ScaleIntensityRangePercentiles, Spacing)
 
     t = time.perf_counter()
@@ -211,7 +211,7 @@ def run_monai(folders: list[Path], heads: list[str] | None, backend: str, batch_
 
 def _head_input(head: Any, key: str, image: Any, features: Any, text: Any) -> Any:
     """What a head declares, built by hand as a MONAI user would (no valid region or view info)."""
-    from .features import HeadInput
+    from .features import HeadInput  # bench is a tool beside the run path; it loads what each measurement needs
 
     inputs = head.spec["inputs"]
     return HeadInput(key, image if inputs.get("image") else None, features.only(inputs["features"]),
@@ -277,7 +277,7 @@ def compare_dcm2niix(series: list[tuple[str, list[Path]]], repeats: int, workdir
     exe = dcm2niix_binary()
     if exe is None:
         return {"status": "not installed"}
-    from .discover import load, scan
+    from .discover import load, scan  # bench is a tool beside the run path; it loads what each measurement needs
 
     rows = []
     for name, files in series:

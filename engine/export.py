@@ -165,7 +165,7 @@ class ExportContext:
         refs = self._refs = self._refs or {}
         known = (attrs.get("series_uid") or key) in refs or key in refs
         if not known and not self._scanned:  # one header-only scan per session
-            from .discover import scan
+            from .discover import scan  # exports load the store and readers when they run; plugins import this module for its types
 
             self._scanned = True
             roots = [r for r in self.archive_roots() if r.exists()]
@@ -181,14 +181,14 @@ class ExportContext:
 
     def volume(self, key: str) -> Any:
         """The source series loaded as an engine Volume (image data and affine)."""
-        from .discover import load
+        from .discover import load  # exports load the store and readers when they run; plugins import this module for its types
 
         return load(self.source(key))
 
 
 # ---- driver ----------------------------------------------------------------------------------
 def get_exporter(fmt: str) -> Exporter:
-    from .plugins import get_exporters
+    from .plugins import get_exporters  # the plugin manager loads exporter plugins, which import engine
 
     found = get_exporters()
     if fmt not in found:
@@ -240,7 +240,7 @@ class ExportSession:
     def __init__(self, store: Any, fmt: str, out_dir: str | Path, *, heads: Iterable[str] | None = None,
                  archive: Iterable[str | Path] | None = None, options: dict[str, Any] | None = None,
                  on_event: Callable[[SeriesExport], None] | None = None):
-        from .store import ResultStore, open_store
+        from .store import ResultStore, open_store  # exports load the store and readers when they run; plugins import this module for its types
 
         self.store = store if isinstance(store, ResultStore) else open_store(store, "r")
         self.exporter = get_exporter(fmt)
@@ -344,7 +344,7 @@ def export_series(store: Any, key: str, format: str, out_dir: str | Path, **kwar
 
 
 def _now() -> str:
-    from .store import now
+    from .store import now  # exports load the store and readers when they run; plugins import this module for its types
 
     return now()
 

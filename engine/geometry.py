@@ -146,6 +146,6 @@ def orientation_name(affine: np.ndarray, oblique_tolerance_deg: float = 10.0) ->
 
 def axis_codes(affine: np.ndarray) -> str:
     """nibabel's closest axis codes, e.g. 'RAS' or 'LPI'."""
-    import nibabel as nib
+    import nibabel as nib  # heavy: only this conversion needs it; geometry stays numpy-only
 
     return "".join(nib.aff2axcodes(affine))

@@ -113,7 +113,7 @@ def load_weights(head_cls: type[Head], device: torch.device | str = "cpu") -> di
     path = head_cls.weights_path()
     if path is None:
         return {}
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # only heads with weights read them
 
     return load_file(str(path), device=str(device))
 

@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 
 from .enums import VIEW_KINDS
-from .errors import HeadBudgetExceeded, HeadError, one_line
+from .errors import HeadBudgetExceeded, HeadError, UsageError, one_line
 from .features import Features, HeadInput, TextFeatures
-from .heads import Head, HeadOutputError, check_output, mask_mode, stored_declaration
+from .heads import Head, HeadContext, HeadOutputError, check_output, load_weights, mask_mode, stored_declaration
 from .mapping import blend_windows, boxes_to_native, mask_to_native
 from .prepare import Prepared
 from .store import OutputArray
@@ -310,9 +310,7 @@ def load_heads(names: list[str] | None, model: Any, device: torch.device, params
     and refused with a :class:`~engine.errors.UsageError` when it was; ``force`` runs it anyway
     (only where the feature width matches) and says so in a warning the run records.
     """
-    from .errors import UsageError
-    from .heads import HeadContext, load_weights
-    from .plugins import select_heads
+    from .plugins import select_heads  # the plugin manager loads head plugins, which import engine
 
     registry = select_heads(names or None)  # UsageError for an unknown or broken head, with the reason
     heads: dict[str, Head] = {}

@@ -264,7 +264,7 @@ def read_card(folder: Path) -> dict[str, Any]:
 
 def load_encoder_weights(encoder: VisionTransformer3D, path: Path) -> None:
     """Load safetensors weights strictly: a missing, extra or mis-shaped tensor is an error."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # loaded with the weights, not with the module
 
     state = load_file(str(path))
     expected = encoder.state_dict()
@@ -335,7 +335,7 @@ class Model:
     def text_tower(self) -> TextTower | None:
         """The text tower, loaded on first use; None when the card declares none."""
         if self._text is None and self.card.get("text"):
-            from .text import TextTower
+            from .text import TextTower  # the text tower (transformers) loads only when a query needs it
 
             self._text = TextTower.from_card(self.folder, self.card["text"], self.joint_dim)
         return self._text

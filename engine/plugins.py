@@ -222,7 +222,7 @@ def _head_label(obj: Any) -> str:
 def head_problem(obj: Any) -> str | None:
     """Why ``obj`` cannot be used as a head (None when it can): not a Head subclass, no
     ``predict``, a manifest that is missing or breaks schemas/head.schema.json, missing weights."""
-    from .heads import Head
+    from .heads import Head  # the manager stays free of torch: discovery imports it for readers
 
     if not (isinstance(obj, type) and issubclass(obj, Head)):
         return f"{obj!r} is not a subclass of engine.Head"

@@ -4,14 +4,18 @@ returns plain picklable data and never raises for bad input (the error travels b
 from __future__ import annotations
 
 import os
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
+from .errors import InputError
 from .features import View
+from .geometry import check_affine
 
 
 @dataclass
@@ -30,10 +34,6 @@ class Prepared:
 def init_worker() -> None:
     """One thread per worker: parallelism comes from the processes. Ctrl-C reaches the whole
     process group; only the run's own process decides how to stop, so workers ignore it."""
-    import signal
-
-    import torch
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     torch.set_num_threads(1)
@@ -46,10 +46,8 @@ def prepare(ref: Any, preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> 
     A Prepared that carries an affine always carries a finite, invertible one (the pipeline
     derives orientation and axis codes from it); every error names the file and the rule.
     """
-    from .discover import load
-    from .errors import InputError
-    from .geometry import check_affine
-    from .views import ViewError, make_views
+    from .discover import load  # readers and ITK load in the worker, not where Prepared is imported
+    from .views import ViewError, make_views  # (as above)
 
     start = time.perf_counter()
     where = str(ref.sources[0]) if getattr(ref, "sources", None) else str(ref.key)

@@ -140,7 +140,7 @@ def _like_query(index: zarr.Group, embeddings: np.ndarray, appended: "_Appended"
 
 def _base_rows_of(index: zarr.Group, key: str) -> np.ndarray:
     if "key_hash" in index:
-        from .store import key_hashes
+        from .store import key_hashes  # the store (zarr writer side) loads only when a store is searched
 
         return np.flatnonzero(index["key_hash"][...] == key_hashes([key])[0])
     return np.flatnonzero(np.asarray(index["series_key"][...], dtype=object) == key)
@@ -192,7 +192,7 @@ def encode_query(text: str, store_model: dict[str, Any], model: Any = None) -> n
     """Encode ``text`` with the text tower of ``model`` (default: the store's model) -> (E,)."""
     wanted = store_model.get("fingerprint")
     if model is None or isinstance(model, (str, Path)):
-        from .model import load_model
+        from .model import load_model  # the model loads only for text and report queries
 
         path = model if model is not None else store_model.get("path")
         if model is None and path is not None and not Path(path).is_dir():
@@ -216,7 +216,7 @@ def encode_query(text: str, store_model: dict[str, Any], model: Any = None) -> n
 def index_embeddings(store_path: str | Path, array: zarr.Array) -> np.ndarray:
     """The (N, E) embedding matrix, memory-mapped when the store is local and the matrix is
     stored as one raw little-endian chunk; read through zarr (checksum verified) otherwise."""
-    from .store import is_remote
+    from .store import is_remote  # the store (zarr writer side) loads only when a store is searched
 
     if not is_remote(store_path):
         local = str(store_path).removeprefix("file://")
@@ -270,7 +270,7 @@ def _memmap_single_chunk(array_dir: Path, shape: tuple[int, ...]) -> np.ndarray 
 def _crc32c_matches(chunk: Path, nbytes: int) -> bool:
     """The chunk's CRC32C trailer (Zarr's crc32c codec: little-endian, after the data) matches.
     Search reads every row anyway, so verifying costs one more pass over page-cached bytes."""
-    from numcodecs.checksum32 import crc32c_checksum
+    from numcodecs.checksum32 import crc32c_checksum  # only an unchecksummed index is read through numcodecs
 
     raw = np.memmap(chunk, dtype=np.uint8, mode="r")
     return int(crc32c_checksum(raw[:nbytes])) == int.from_bytes(bytes(raw[nbytes:nbytes + 4]), "little")
@@ -278,7 +278,7 @@ def _crc32c_matches(chunk: Path, nbytes: int) -> bool:
 
 def _open_store(store_path: str | Path) -> Any:
     """The store, read-only: a local path or any URL the store opens (s3://, gs://, ...)."""
-    from .store import open_store
+    from .store import open_store  # the store (zarr writer side) loads only when a store is searched
 
     try:
         store = open_store(store_path, "r")

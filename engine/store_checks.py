@@ -97,7 +97,7 @@ class ChecksMixin:
             except Exception as exc:
                 return [f"{path}: unreadable ({type(exc).__name__}: {exc})"]
             return []
-        import google_crc32c
+        import google_crc32c  # only checks that read chunk bytes need it
 
         problems = []
         for key in chunk_keys:
@@ -120,7 +120,7 @@ def _parse_meta(key: str, raw: bytes) -> dict[str, Any]:
 
 def _chunk_keys(path: str, meta: dict[str, Any]) -> set[str]:
     """Every chunk key an array's metadata implies (arrays are written whole)."""
-    from zarr.core.metadata.v3 import ArrayV3Metadata
+    from zarr.core.metadata.v3 import ArrayV3Metadata  # only checks that read chunk bytes need it
 
     md = ArrayV3Metadata.from_dict(dict(meta))
     shape, chunks = md.shape, md.chunk_grid.chunk_shape
@@ -139,7 +139,7 @@ def _shard_checksummed(codec: dict[str, Any]) -> bool:
 def _shard_problem(raw: bytes, meta: dict[str, Any]) -> str | None:
     """Why a shard's stored bytes are damaged, or None: its index is (offset, nbytes) uint64
     pairs, one per inner chunk, then its own crc32c; each inner chunk ends with its crc32c."""
-    import google_crc32c
+    import google_crc32c  # only checks that read chunk bytes need it
 
     def damaged(blob: bytes) -> bool:
         return len(blob) < 4 or google_crc32c.value(blob[:-4]).to_bytes(4, "little") != blob[-4:]

@@ -52,7 +52,7 @@ def store_stats(url: str, sample: int = SAMPLE, seed: int = 0) -> dict[str, Any]
 
 
 def _tree_size(store: ResultStore, prefix: str) -> tuple[int, int]:
-    from zarr.core.sync import sync
+    from zarr.core.sync import sync  # zarr internals for one command
 
     keys = store._list_prefix(prefix)
     return len(keys), sum(sync(store.root.store.getsize(k)) for k in keys)

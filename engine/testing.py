@@ -89,8 +89,8 @@ class HeadResult:
 # ---- volumes --------------------------------------------------------------------------------------
 def _axes(kind: str) -> np.ndarray:
     """3x3 matrix whose columns are the array axes' unit directions in RAS."""
-    from .synthetic.acquisition import plane_axes
-    from .synthetic.spatial import rotation
+    from .synthetic.acquisition import plane_axes  # generated volumes only for the synthetic kinds
+    from .synthetic.spatial import rotation  # generated volumes only for the synthetic kinds
 
     if kind in ("axial", "sagittal", "coronal", "oblique"):
         return plane_axes(kind)
@@ -157,7 +157,7 @@ def load_volume(source: Volume | str | Path, *, series: str | None = None) -> Vo
     path = Path(source)
     if not path.exists():
         raise UsageError(f"{source!s}: neither a synthetic volume ({', '.join(SYNTHETIC_KINDS)}) nor an existing path")
-    from .discover import load, scan
+    from .discover import load, scan  # the head kit loads the run path when a test runs a head, not when it is imported
 
     refs = list(scan([path]).series)
     if series is not None:
@@ -173,14 +173,14 @@ def load_volume(source: Volume | str | Path, *, series: str | None = None) -> Vo
 # ---- model, backend, heads ------------------------------------------------------------------------
 @lru_cache(maxsize=4)
 def _model(path: str | None) -> Any:
-    from .model import load_model
+    from .model import load_model  # the head kit loads the run path when a test runs a head, not when it is imported
 
     return load_model(path)
 
 
 @lru_cache(maxsize=8)
 def _backend(path: str | None, name: str, device: str | None) -> Any:
-    from .backends import select
+    from .backends import select  # the head kit loads the run path when a test runs a head, not when it is imported
 
     return select(name, _model(path), **({"device": device} if device else {}))[0]
 
@@ -188,7 +188,7 @@ def _backend(path: str | None, name: str, device: str | None) -> Any:
 def _text(model: Any, queries: list[str] | None) -> Any:
     if not queries:
         return None
-    from .features import TextFeatures
+    from .features import TextFeatures  # the head kit loads the run path when a test runs a head, not when it is imported
 
     tower = model.text_tower()
     if tower is None:
@@ -222,7 +222,7 @@ class _KitPlugin:
 @contextlib.contextmanager
 def _registered(head: type | str) -> Iterator[str]:
     """The head's name, with the class registered with the plugin manager while in use."""
-    from .plugins import get_broken_heads, get_head_classes, head_problem, pm
+    from .plugins import get_broken_heads, get_head_classes, head_problem, pm  # the head kit loads the run path when a test runs a head, not when it is imported
 
     if isinstance(head, str):
         broken = get_broken_heads()
@@ -253,7 +253,7 @@ def _registered(head: type | str) -> Iterator[str]:
 
 def _inference(backend: Any, heads: dict[str, Any], text: Any, batch_size: int, budget: float | None,
                events: list[dict[str, Any]]) -> Any:
-    from .inference import Inference
+    from .inference import Inference  # the head kit loads the run path when a test runs a head, not when it is imported
 
     accepted = inspect.signature(Inference).parameters
     options: dict[str, Any] = {}
@@ -292,9 +292,9 @@ def run_head(head: type | str, volume: Volume | str | Path = "axial", *, params:
     With ``check`` (default), a head that fails raises :class:`HeadRunError` with the reason;
     otherwise the reason is in ``result.errors``.
     """
-    from .inference import load_heads
-    from .prepare import Prepared
-    from .views import make_views
+    from .inference import load_heads  # the head kit loads the run path when a test runs a head, not when it is imported
+    from .prepare import Prepared  # the head kit loads the run path when a test runs a head, not when it is imported
+    from .views import make_views  # the head kit loads the run path when a test runs a head, not when it is imported
 
     vol = load_volume(volume, series=series)
     key = str(vol.meta.get("series_key", "volume"))
@@ -330,7 +330,7 @@ def run_head(head: type | str, volume: Volume | str | Path = "axial", *, params:
 
 def _write_and_read(path: str | Path, prep: Any, name: str, head: Any, outputs: list[Any], result: HeadResult) -> None:
     """Write the series as a run would (geometry, head record, outputs, status last) and read it back."""
-    from .store import ResultStore
+    from .store import ResultStore  # the head kit loads the run path when a test runs a head, not when it is imported
 
     store = ResultStore(path, mode="a")
     geometry = {"shape": list(prep.shape), "affine": np.asarray(prep.affine).tolist(),

@@ -26,7 +26,7 @@ MAX_REPORTED = 20  # status-table disagreements named one by one; more are count
 
 def _schema_errors(defn: str, instance: Any, path: str) -> list[str]:
     schema = {"$ref": f"#/$defs/{defn}", "$defs": schemas.load_schema("store")["$defs"]}
-    import jsonschema
+    import jsonschema  # only validate reads schemas
 
     out = []
     for err in jsonschema.Draft202012Validator(schema).iter_errors(instance):

@@ -117,10 +117,10 @@ def _codec_key(codec: Any) -> str:
 @lru_cache(maxsize=64)
 def _template(kind: tuple[str, int], codec_keys: tuple[str, ...]) -> dict[str, Any]:
     """The metadata zarr writes for a one-chunk array of this dtype and rank with these codecs."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-    from zarr.registry import get_codec_class
-    from zarr.storage import MemoryStore
+    from zarr.core.buffer import default_buffer_prototype  # zarr internals for decoding one in-memory document
+    from zarr.core.sync import sync  # zarr internals for decoding one in-memory document
+    from zarr.registry import get_codec_class  # zarr internals for decoding one in-memory document
+    from zarr.storage import MemoryStore  # zarr internals for decoding one in-memory document
 
     dtype, ndim = kind
     codecs = [get_codec_class(d["name"]).from_dict(d) for d in map(json.loads, codec_keys)]

@@ -40,7 +40,7 @@ __all__ = [
 
 def backend_classes() -> dict[str, type[Backend]]:
     """Registered backend name -> class, from every plugin."""
-    from ..plugins import get_backends
+    from ..plugins import get_backends  # the plugin manager loads backend plugins, which import this package
 
     return {name: reg.obj for name, reg in get_backends().items()}
 

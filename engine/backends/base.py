@@ -142,7 +142,7 @@ class Backend:
 
     def engine_cache(self):
         """The artifact cache: ``<cache_dir>/engines`` when a cache dir was given, else the default."""
-        from .cache import EngineCache
+        from .cache import EngineCache  # the engine cache (filelock, platformdirs) only for backends that compile
 
         return EngineCache(self.cache_dir / "engines" if self.cache_dir is not None else None)
 

@@ -36,7 +36,7 @@ def default_cache_dir() -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    import platformdirs
+    import platformdirs  # only when no cache dir is configured
 
     return Path(platformdirs.user_cache_dir("mrfm"))
 

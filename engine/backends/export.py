@@ -50,7 +50,7 @@ def _quiet_exporter():
 
 def export_onnx(model: Model, path: Path, precision: str = "fp32") -> None:
     """Export the model's encoder to ``path`` (a single self-contained .onnx file)."""
-    from torch.export import Dim
+    from torch.export import Dim  # heavy: only exporting an ONNX graph needs it
 
     module = CastEncoder(model.encoder, PRECISIONS[precision]).eval()
     p = model.patch_size
@@ -74,7 +74,7 @@ def export_onnx(model: Model, path: Path, precision: str = "fp32") -> None:
 
 def check_onnx(path: Path) -> None:
     """Raise when ``path`` is not a complete, valid encoder graph."""
-    import onnx
+    import onnx  # heavy: only exporting an ONNX graph needs it
 
     onnx.checker.check_model(str(path), full_check=False)
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -86,8 +86,8 @@ def check_onnx(path: Path) -> None:
 
 def export_versions() -> dict[str, str]:
     """Library versions an exported graph depends on (part of every ONNX-based cache key)."""
-    import onnx
-    import onnxscript
+    import onnx  # heavy: only exporting an ONNX graph needs it
+    import onnxscript  # heavy: only exporting an ONNX graph needs it
 
     return {
         "torch": torch.__version__,

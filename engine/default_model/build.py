@@ -310,7 +310,7 @@ def corpus(seed: int = 0, n_reports: int = 4000) -> Iterator[str]:
 
 def word_counts(texts: list[str]) -> dict[str, int]:
     """Lower-cased words as BERT's normaliser and pre-tokenizer split them, with counts."""
-    from tokenizers import normalizers, pre_tokenizers
+    from tokenizers import normalizers, pre_tokenizers  # heavy: only building or training the default model needs it
 
     norm = normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True, strip_accents=None)
     pre = pre_tokenizers.BertPreTokenizer()
@@ -378,7 +378,7 @@ def build_tokenizer(text_dir: Path, seed: int, vocab_size: int = VOCAB_SIZE) -> 
 
     Returns the vocabulary size.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors  # heavy: only building or training the default model needs it
 
     vocab = learn_wordpiece(word_counts(list(corpus(seed))), vocab_size)
     ids = {t: i for i, t in enumerate(vocab)}
@@ -423,7 +423,7 @@ def _init_(module: nn.Module, generator: torch.Generator, std: float = 0.02) -> 
 
 def build_text_tower(folder: Path, text_dir: Path, vocab_size: int, seed: int) -> None:
     """Write config.json and model.safetensors (BertModel, no pooler) and the text projection."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel  # heavy: only building or training the default model needs it
 
     config = {**BERT_CONFIG, "vocab_size": vocab_size}
     _write_json(text_dir / "config.json", config)
@@ -440,7 +440,7 @@ def build_text_tower(folder: Path, text_dir: Path, vocab_size: int, seed: int) -
 
 
 def build_encoder(folder: Path, card: dict[str, Any], seed: int) -> None:
-    from engine.model import build_encoder as make
+    from engine.model import build_encoder as make  # the recipe loads the run path and fitting only when it runs
 
     encoder = make(card)
     encoder.init_weights(torch.Generator().manual_seed(seed))
@@ -479,7 +479,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def build(out: Path = HERE, seed: int = 0) -> str:
     """Write the model folder to ``out``; return its fingerprint."""
-    from engine.model import load_model
+    from engine.model import load_model  # the recipe loads the run path and fitting only when it runs
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

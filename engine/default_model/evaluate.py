@@ -27,9 +27,9 @@ def _inside(point: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 def evaluate_archive(manifest: ArchiveManifest, work: Path, heads: list[str] | None = None, retrieval: bool = True) -> dict[str, Any]:
     """Run the pipeline (backend torch) over ``manifest``'s archive and score every head."""
-    from engine.pipeline import run
-    from engine.search import search
-    from engine.store import open_store
+    from engine.pipeline import run  # the recipe loads the run path and fitting only when it runs
+    from engine.search import search  # the recipe loads the run path and fitting only when it runs
+    from engine.store import open_store  # the recipe loads the run path and fitting only when it runs
 
     queries = sorted({lesion_phrase(les) for st in manifest.studies for les in st.lesions})
     out = work / "eval.zarr"

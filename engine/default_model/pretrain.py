@@ -99,7 +99,7 @@ def head_seed(name: str, seed: int) -> int:
 def aux_heads(embed_dim: int, joint_dim: int, seed: int) -> dict[str, nn.Module]:
     """The head nets trained jointly with the encoder as auxiliary objectives: the nets of
     engine.fitting's head templates (the shipped heads' parameter layout), seeded per head."""
-    from engine.fitting.heads import ground, localize, probe, segment
+    from engine.fitting.heads import ground, localize, probe, segment  # the recipe loads the run path and fitting only when it runs
 
     builders = {
         "classify": lambda: probe.build_net(embed_dim, {"hidden": 0, "outputs": [
@@ -120,9 +120,9 @@ def aux_heads(embed_dim: int, joint_dim: int, seed: int) -> dict[str, nn.Module]
 
 def initial_nets(model_dir: Path, seed: int = 0) -> tuple[Nets, Any, dict[str, Any]]:
     """Nets loaded from an initialised model folder (``build.build``), auxiliary heads seeded."""
-    from safetensors.torch import load_file
-    from transformers import BertModel, BertTokenizerFast
-    from transformers.utils import logging as hf_logging
+    from safetensors.torch import load_file  # heavy: only building or training the default model needs it
+    from transformers import BertModel, BertTokenizerFast  # heavy: only building or training the default model needs it
+    from transformers.utils import logging as hf_logging  # heavy: only building or training the default model needs it
 
     card = read_card(model_dir)
     encoder = build_encoder(card)

@@ -48,7 +48,7 @@ __all__ = ["contrib_weights", "fit_heads", "pretrain_model", "refit_recipe", "ru
 
 def pretrain_model(config: TrainConfig, model_dir: Path, archives: list[Any], log: Any = print) -> str:
     """Build the seeded initialisation, pretrain on ``archives``, write ``model_dir``; returns its fingerprint."""
-    from . import build
+    from . import build  # the recipe loads the run path and fitting only when it runs
 
     with tempfile.TemporaryDirectory(prefix="mrfm-init-") as tmp:
         init_dir = Path(tmp) / "init"
@@ -89,8 +89,8 @@ def fit_heads(model_dir: Path, archive_roots: list[Path], heads_dir: Path, *, na
               log: Any = print) -> dict[str, Any]:
     """Fit each head kind on the frozen encoder of ``model_dir`` (labels: the archives' ground
     truth) and write its package to ``heads_dir/<name>``; returns the fit results by name."""
-    from engine.fitting import fit
-    from engine.model import load_model
+    from engine.fitting import fit  # the recipe loads the run path and fitting only when it runs
+    from engine.model import load_model  # the recipe loads the run path and fitting only when it runs
 
     model = load_model(model_dir)  # loaded once, shared by every fit
     results = {}
@@ -106,7 +106,7 @@ def fit_heads(model_dir: Path, archive_roots: list[Path], heads_dir: Path, *, na
 def write_into(folder: Path, results: dict[str, Any]) -> list[Path]:
     """Write each fitted head's module (template ``__init__.py``, ``manifest.json`` by json.dump,
     safetensors weights) whole into ``folder/<name>/``, e.g. the repository's ``contrib_heads``."""
-    from engine.fitting.package import write_module
+    from engine.fitting.package import write_module  # the recipe loads the run path and fitting only when it runs
 
     return [write_module(Path(folder) / name, r.kind, r.manifest, r.fitted.state) for name, r in results.items()]
 
@@ -140,9 +140,9 @@ def write_weights_into(folder: Path, results: dict[str, Any]) -> list[Path]:
     """Replace each head's ``weights.safetensors`` in ``folder/<name>/`` with the fitted weights
     and record the fit in its manifest (``fit``, encoder fingerprint, fitted parameter defaults),
     keeping the module that is there. Heads whose nets differ are refused before anything is written."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save_file  # heavy: only building or training the default model needs it
 
-    from engine import schemas
+    from engine import schemas  # the recipe loads the run path and fitting only when it runs
 
     staged = []
     for name, r in results.items():
@@ -168,7 +168,7 @@ def refit_recipe(out: Path, *, studies: int = 96, names: tuple[str, ...] = HEAD_
                  log: Any = print) -> dict[str, Any]:
     """Fit ``names`` on the frozen encoder of ``model_dir`` (default: the shipped model) from
     training archives of seeds 1, 2, ... (never 0); optionally write the weights into ``write_to``."""
-    from engine.model import DEFAULT_MODEL_DIR
+    from engine.model import DEFAULT_MODEL_DIR  # the recipe loads the run path and fitting only when it runs
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()

@@ -600,7 +600,7 @@ def _frame_rescale(ds: Dataset, pvt: Any) -> tuple[float, float]:
 def _csa_image_header(ds: Dataset) -> dict | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nibabel.nicom warns that its readers are experimental
-        from nibabel.nicom import csareader
+        from nibabel.nicom import csareader  # only Siemens mosaics carry a CSA header
 
         try:
             return csareader.get_csa_header(ds, "image")
@@ -621,7 +621,7 @@ def mosaic_count(ds: Dataset | Header) -> int | None:
     if not n:
         csa = _csa_image_header(ds)
         if csa is not None:
-            from nibabel.nicom import csareader
+            from nibabel.nicom import csareader  # only Siemens mosaics carry a CSA header
 
             n = as_int(csareader.get_n_mosaic(csa))
     return n or None
@@ -649,7 +649,7 @@ def _mosaic_frames(ds: Dataset, source: Source) -> list[Frame]:
         normal = np.cross(row_cos, col_cos)
         csa = _csa_image_header(ds)
         if csa is not None:
-            from nibabel.nicom import csareader
+            from nibabel.nicom import csareader  # only Siemens mosaics carry a CSA header
 
             csa_normal = csareader.get_slice_normal(csa)
             if csa_normal is not None:

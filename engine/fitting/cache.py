@@ -17,6 +17,7 @@ Refits read everything from here and never touch the encoder.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ def default_cache_dir() -> Path:
     env = os.environ.get("MRFM_FEATURE_CACHE")
     if env:
         return Path(env).expanduser()
-    from platformdirs import user_cache_dir
+    from platformdirs import user_cache_dir  # heavy: loaded only by the code path that reads or writes that format
 
     return Path(user_cache_dir("mrfm")) / "features"
 
@@ -82,7 +83,7 @@ class FeatureCache:
 
     def __init__(self, model: Any, root: str | Path | None = None, *, backend: str = "torch", batch_size: int = 4,
                  fingerprint: str | None = None):
-        import zarr
+        import zarr  # heavy: loaded only by the code path that reads or writes that format
 
         self.model = model
         self.fingerprint = fingerprint or model.fingerprint
@@ -102,7 +103,7 @@ class FeatureCache:
             if self.backend_name == "torch":
                 self._backend = self.model  # eager fp32, the reference
             else:
-                from engine.backends import select
+                from engine.backends import select  # fitting reaches the run path only when it runs, never at import
 
                 self._backend, _ = select(self.backend_name, self.model)
         feats = []
@@ -113,8 +114,8 @@ class FeatureCache:
         return feats
 
     def _compute(self, ref: Any, tiles: bool) -> dict[str, Any]:
-        from engine.discover import load
-        from engine.views import make_views
+        from engine.discover import load  # fitting reaches the run path only when it runs, never at import
+        from engine.views import make_views  # fitting reaches the run path only when it runs, never at import
 
         volume = load(ref)
         kinds = VIEW_KINDS if tiles else (GLOBAL,)
@@ -190,7 +191,7 @@ class FeatureCache:
 
     def lock(self, key: str) -> Any:
         """The file lock that one series' features are written under."""
-        from filelock import FileLock
+        from filelock import FileLock  # heavy: loaded only by the code path that reads or writes that format
 
         locks = self.root / "locks"
         locks.mkdir(exist_ok=True)
@@ -208,9 +209,8 @@ class FeatureCache:
 def random_encoder_model(model: Any, seed: int = 0) -> Any:
     """The same architecture and preprocessing with seeded random weights: the floor every fitted
     head is compared with. Its fingerprint names the base model and the seed."""
-    import copy
 
-    from engine.model import Model, build_encoder
+    from engine.model import Model, build_encoder  # fitting reaches the run path only when it runs, never at import
 
     encoder = build_encoder(model.card)
     encoder.init_weights(torch.Generator().manual_seed(seed))

@@ -44,7 +44,7 @@ def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
 def fit_command(kind, data, out, archive, model, backend, name, targets, classes, cache_dir, val_fraction, seed, steps,
                 hidden, no_floor, as_json) -> None:
     """Fit a KIND head on the frozen encoder's cached features and write it as a head package."""
-    from .fitter import fit
+    from .fitter import fit  # each command loads its own part of fitting
 
     result = fit(kind, data, out, archive=archive, model=model, backend=backend, name=name, targets=list(targets) or None,
                  classes=classes.split(",") if classes else None, cache_dir=cache_dir, val_fraction=val_fraction,
@@ -79,7 +79,7 @@ def fit_command(kind, data, out, archive, model, backend, name, targets, classes
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False), help="Write the table as Markdown.")
 def evaluate_command(archive, store, model, heads, backend, no_run, overwrite, json_path, md_path) -> None:
     """Score heads on a labelled synthetic ARCHIVE (mrfm demo-archive), each metric beside its floor."""
-    from .evaluation import evaluate, write_reports
+    from .evaluation import evaluate, write_reports  # each command loads its own part of fitting
 
     names = [n for h in heads for n in h.split(",") if n] or None
     result = evaluate(archive, store=store, model=model, heads=names, backend=backend, run=not no_run, overwrite=overwrite)
@@ -107,7 +107,7 @@ def model_group() -> None:
 @click.option("--name", help="Model name (default: the checkpoint's file name).")
 def model_import(checkpoint, fmt, out, num_heads, spacing, feature_layers, name) -> None:
     """Write a model folder (model.json, encoder.safetensors, the default text tower) from CHECKPOINT."""
-    from .importing import import_checkpoint
+    from .importing import import_checkpoint  # each command loads its own part of fitting
 
     layers = [int(x) for x in feature_layers.split(",")] if feature_layers else None
     fp = import_checkpoint(checkpoint, fmt, out, num_heads=num_heads, spacing=spacing, feature_layers=layers, name=name)

@@ -42,7 +42,7 @@ def _row(head: str, kind: str, metric: str, value: Any, floor: Any, n: int, note
 
 def score_store(store_path: str | Path, manifest: Any, manifests: dict[str, dict[str, Any]], model: Any = None) -> list[dict[str, Any]]:
     """Metric rows for every head in ``manifests`` (name -> head manifest) found in the store."""
-    from engine.store import open_store
+    from engine.store import open_store  # fitting reaches the run path only when it runs, never at import
 
     store = open_store(store_path)
     label_ids = {v: k for k, v in manifest.label_names.items()}
@@ -79,7 +79,7 @@ def score_store(store_path: str | Path, manifest: Any, manifests: dict[str, dict
                 elif kind == "mask":
                     if not set(labels[1:]) & set(label_ids):
                         continue
-                    from .trainers import labels_on_grid
+                    from .trainers import labels_on_grid  # fitting reaches the run path only when it runs, never at import
 
                     gt = labels_on_grid(manifest.root / truth.label_map, affine, shape)
                     pred = np.zeros(shape, np.int64)
@@ -144,7 +144,7 @@ def score_store(store_path: str | Path, manifest: Any, manifests: dict[str, dict
 
 
 def _retrieval_rows(head: str, emb: list[tuple[str, np.ndarray]], manifest: Any, model: Any) -> list[dict[str, Any]]:
-    from engine.model import load_model
+    from engine.model import load_model  # fitting reaches the run path only when it runs, never at import
 
     mdl = model if model is not None and not isinstance(model, (str, Path)) else load_model(model)
     tower = mdl.text_tower()
@@ -181,8 +181,8 @@ def evaluate(archive: str | Path, *, store: str | Path | None = None, model: str
     ``run`` is False, then scores it. Returns ``{"archive", "series", "studies", "model", "rows",
     "floors"}``; rows are dicts with head, kind, metric, value, floor, n.
     """
-    from engine.plugins import select_heads
-    from engine.synthetic import ArchiveManifest
+    from engine.plugins import select_heads  # fitting reaches the run path only when it runs, never at import
+    from engine.synthetic import ArchiveManifest  # the generated-archive manifest is read only for generated archives
 
     root = Path(archive)
     manifest = ArchiveManifest.load(root)
@@ -191,12 +191,12 @@ def evaluate(archive: str | Path, *, store: str | Path | None = None, model: str
     manifests = {name: reg.obj.manifest() for name, reg in registry.items()}
     summary = None
     if run:
-        from engine.pipeline import run as run_pipeline
+        from engine.pipeline import run as run_pipeline  # fitting reaches the run path only when it runs, never at import
 
         queries = sorted({lesion_phrase(les) for st in manifest.studies for les in st.lesions})
         summary = run_pipeline([manifest.dicom_root], store, heads=list(manifests), model=model, backend=backend,
                                queries=queries, workers=0, overwrite=overwrite)
-    from engine.store import open_store
+    from engine.store import open_store  # fitting reaches the run path only when it runs, never at import
 
     attrs = open_store(store).root.attrs.get("model", {})
     rows = score_store(store, manifest, manifests, model)

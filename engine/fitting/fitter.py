@@ -50,10 +50,10 @@ def fit(kind: str, data: str | Path | list[str | Path], out: str | Path | None =
     study. With ``floor``, the same head is fit on a randomly initialised encoder of the same
     architecture and measured on the same split. With ``out``, a head package is written there.
     """
-    from engine.discover import scan
-    from engine.model import Model, load_model
+    from engine.discover import scan  # fitting reaches the run path only when it runs, never at import
+    from engine.model import Model, load_model  # fitting reaches the run path only when it runs, never at import
 
-    from .package import manifest_for, write_package
+    from .package import manifest_for, write_package  # fitting reaches the run path only when it runs, never at import
 
     if kind not in KINDS:
         raise UsageError(f"unknown head kind {kind!r}; choose from {', '.join(KINDS)}")

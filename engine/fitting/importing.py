@@ -28,7 +28,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     code runs); a nested ``state_dict``/``model`` entry is unwrapped."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # heavy: loaded only by the code path that reads or writes that format
 
         return load_file(str(path))
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -44,9 +44,9 @@ def import_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, num_
                       spacing: float | None = None, feature_layers: list[int] | None = None, name: str | None = None,
                       seed: int = 0, base_model: str | Path | None = None) -> str:
     """Write a model folder at ``out`` from ``checkpoint``; returns the model's fingerprint."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # heavy: loaded only by the code path that reads or writes that format
 
-    from engine.model import DEFAULT_MODEL_DIR, build_encoder, load_encoder_weights, load_model, read_card
+    from engine.model import DEFAULT_MODEL_DIR, build_encoder, load_encoder_weights, load_model, read_card  # fitting reaches the run path only when it runs, never at import
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown checkpoint format {fmt!r}; choose from {', '.join(FORMATS)}")

@@ -54,11 +54,11 @@ class LabelSet:
 
 def _rows(path: Path) -> list[dict[str, Any]]:
     if path.suffix.lower() in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy: loaded only by the code path that reads or writes that format
 
         return pq.read_table(str(path)).to_pylist()
     if path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        import pyarrow.csv as pcsv
+        import pyarrow.csv as pcsv  # heavy: loaded only by the code path that reads or writes that format
 
         opts = pcsv.ParseOptions(delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         conv = pcsv.ConvertOptions(strings_can_be_null=True, column_types={"series_uid": "string", "study_uid": "string"})
@@ -132,7 +132,7 @@ def lesion_box(lesion: Any) -> np.ndarray:
 
 def in_field_of_view(points: np.ndarray, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Which world points lie within a grid's voxels (half-voxel margins included)."""
-    from engine.geometry import world_to_voxel
+    from engine.geometry import world_to_voxel  # fitting reaches the run path only when it runs, never at import
 
     vox = world_to_voxel(affine, np.asarray(points, dtype=np.float64).reshape(-1, 3))
     return ((vox >= -0.5) & (vox <= np.asarray(shape[:3]) - 0.5)).all(axis=1)
@@ -148,7 +148,7 @@ def demo_labels(root: str | Path, kind: str, targets: list[str] | None = None) -
     """Labels of a synthetic archive (``mrfm demo-archive`` / ``write_demo_archive``) from its
     ground truth: region and contrast, total visible lesion volume (mL), the anatomy label map,
     lesion boxes, and lesion phrases with their boxes."""
-    from engine.synthetic import ArchiveManifest
+    from engine.synthetic import ArchiveManifest  # the generated-archive manifest is read only for generated archives
 
     known = {"classify": ["region", "contrast"], "regress": ["lesion_volume"]}.get(kind, [])
     if targets and any(t not in known for t in targets):

@@ -15,7 +15,7 @@ def accuracy(probs: np.ndarray, truth: np.ndarray) -> float:
 
 def auroc_binary(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve by the rank-sum (Mann-Whitney) statistic, ties averaged."""
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # heavy: loaded only by the code path that reads or writes that format
 
     positive = np.asarray(positive, bool)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())

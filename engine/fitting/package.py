@@ -76,7 +76,7 @@ def manifest_for(name: str, kind: str, fitted: Fitted, model: Any, fit_record: d
 def write_module(folder: str | Path, kind: str, manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
     """Write a head module's three files whole into ``folder`` (the head template, its manifest
     and weights), replacing those files and leaving anything else there alone."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # heavy: loaded only by the code path that reads or writes that format
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ the validation metrics, and the manifest outputs/parameters. Runs are seeded and
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -148,7 +149,6 @@ def fit_probe(kind: str, labels: LabelSet, train: list[Pair], val: list[Pair], o
 
 
 def _name(column: str) -> str:
-    import re
 
     name = re.sub(r"[^a-z0-9_]", "_", column.lower()).strip("_") or "value"
     return name if name[0].isalpha() and name not in probe_t.RESERVED else "out_" + name
@@ -163,11 +163,11 @@ def read_label_map(path: Any) -> tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as fh:
         is_dicom = fh.read(132)[128:] == b"DICM"
     if is_dicom:
-        import highdicom as hd
+        import highdicom as hd  # heavy: loaded only by the code path that reads or writes that format
 
         volume = hd.seg.segread(str(path)).get_volume(combine_segments=True)
         return np.asarray(volume.array).astype(np.int64), LPS_TO_RAS @ np.asarray(volume.affine, dtype=np.float64)
-    import nibabel as nib
+    import nibabel as nib  # heavy: loaded only by the code path that reads or writes that format
 
     img = nib.load(str(path))
     return np.asarray(img.dataobj).astype(np.int64), np.asarray(img.affine, dtype=np.float64)

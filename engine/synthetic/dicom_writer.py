@@ -73,7 +73,7 @@ def encoder_available(name: str) -> bool:
     uid = TRANSFER_SYNTAXES[name]
     if not uid.is_compressed:
         return True
-    from pydicom.pixels import get_encoder
+    from pydicom.pixels import get_encoder  # only compressed transfer syntaxes need an encoder
 
     try:
         return bool(get_encoder(uid).is_available)

@@ -30,7 +30,7 @@ class OnnxRuntimeBackend(Backend):
     def available(cls, device: str | torch.device | None = None) -> tuple[bool, str]:
         try:
             import onnx  # noqa: F401
-            import onnxruntime as ort
+            import onnxruntime as ort  # optional: the backend reports itself unavailable without it
             import onnxscript  # noqa: F401
         except ImportError as exc:
             return False, f"{exc.name} is not installed"
@@ -44,7 +44,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, model: Any, **kw: Any):
         super().__init__(model, **kw)
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional: the backend reports itself unavailable without it
 
         if self.device.type not in ("cpu", "cuda"):
             raise engine.BackendUnavailable(f"onnxruntime runs on cpu or cuda, not {self.device}")

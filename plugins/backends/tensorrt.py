@@ -28,7 +28,7 @@ WORKSPACE_BYTES = 4 << 30
 
 
 def _trt() -> Any:
-    import tensorrt as trt
+    import tensorrt as trt  # optional: the backend reports itself unavailable without it
 
     return trt
 

@@ -12,6 +12,7 @@ floating mask (probabilities) becomes one FRACTIONAL segment.
 from __future__ import annotations
 
 import re
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,6 @@ def _shared_groups(ds: Any) -> Any:
     per frame. Identical per-frame values are moved to the shared group of an in-memory copy (the
     file and its UIDs are untouched); differing ones cannot be one SEG and fail the series.
     """
-    from copy import deepcopy
 
     shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
     missing = [n for n in ("PixelMeasuresSequence", "PlaneOrientationSequence") if shared is None or n not in shared]
@@ -86,8 +86,8 @@ def _shared_groups(ds: Any) -> Any:
         return ds
     ds = deepcopy(ds)
     if shared is None:
-        from pydicom.dataset import Dataset
-        from pydicom.sequence import Sequence
+        from pydicom.dataset import Dataset  # heavy: loaded when a DICOM export runs, not when exporters register
+        from pydicom.sequence import Sequence  # heavy: loaded when a DICOM export runs, not when exporters register
 
         ds.SharedFunctionalGroupsSequence = Sequence([Dataset()])
     shared = ds.SharedFunctionalGroupsSequence[0]
@@ -104,8 +104,8 @@ def _shared_groups(ds: Any) -> Any:
 
 def build_segmentation(ctx: ExportContext, key: str, headers: list[Any], head: str, output: str,
                        meta: dict[str, Any], index: int = 0) -> Any:
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
+    import highdicom as hd  # heavy: loaded when a DICOM export runs, not when exporters register
+    from pydicom.sr.codedict import codes  # heavy: loaded when a DICOM export runs, not when exporters register
 
     attrs = ctx.attrs(key)
     mask = np.asarray(ctx.read(key, head, output))

@@ -44,15 +44,15 @@ def box_faces(box_ras: np.ndarray) -> list[np.ndarray]:
 
 
 def _concept(meaning: str, *parts: Any) -> Any:
-    from highdicom.sr import CodedConcept
+    from highdicom.sr import CodedConcept  # heavy: loaded when a DICOM export runs, not when exporters register
 
     code = "MRFM" + hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:10].upper()
     return CodedConcept(value=code, scheme_designator=SCHEME, meaning=str(meaning)[:64])
 
 
 def _unit(units: str | None) -> Any:
-    from highdicom.sr import CodedConcept
-    from pydicom.sr.codedict import codes
+    from highdicom.sr import CodedConcept  # heavy: loaded when a DICOM export runs, not when exporters register
+    from pydicom.sr.codedict import codes  # heavy: loaded when a DICOM export runs, not when exporters register
 
     u = _UCUM.get(str(units or "").strip())
     return CodedConcept(value=u, scheme_designator="UCUM", meaning=u) if u else codes.UCUM.NoUnits
@@ -77,8 +77,8 @@ class DicomSrExporter:
 
 def build_report(ctx: ExportContext, key: str, headers: list[Any], items: list[tuple[str, str, dict[str, Any]]],
                  segs: list[Any]) -> Any:
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
+    import highdicom as hd  # heavy: loaded when a DICOM export runs, not when exporters register
+    from pydicom.sr.codedict import codes  # heavy: loaded when a DICOM export runs, not when exporters register
 
     attrs = ctx.attrs(key)
     ident = identity(ctx, key)
@@ -142,8 +142,8 @@ def build_report(ctx: ExportContext, key: str, headers: list[Any], items: list[t
 
 def _segment_groups(ctx: ExportContext, key: str, seg: Any, tracking: Any) -> list[Any]:
     """A volumetric ROI group per segment of an exported SEG, with its volume from the stored mask."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
+    import highdicom as hd  # heavy: loaded when a DICOM export runs, not when exporters register
+    from pydicom.sr.codedict import codes  # heavy: loaded when a DICOM export runs, not when exporters register
 
     head, output = _seg_output(seg)
     if head is None:

@@ -8,6 +8,7 @@ covers the connected tokens around the peak whose heat reaches a fraction of the
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,6 @@ class GroundNet(nn.Module):
 
 def config() -> dict:
     """The net's configuration from the package's manifest (empty outside a package)."""
-    import json
 
     path = Path(__file__).with_name("manifest.json")
     return fit_record(json.loads(path.read_text()))["config"] if path.is_file() else {}

@@ -9,6 +9,7 @@ non-maximum suppression removes duplicates.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,6 @@ class LocalizeNet(nn.Module):
 
 def config() -> dict:
     """The net's configuration from the package's manifest (empty outside a package)."""
-    import json
 
     path = Path(__file__).with_name("manifest.json")
     return fit_record(json.loads(path.read_text()))["config"] if path.is_file() else {}
