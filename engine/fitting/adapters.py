@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ..errors import UsageError
+
 FORMATS = ("monai-vit", "timm-vit3d")
 PREFIXES = ("module.", "model.", "vit.", "encoder.", "backbone.")
 
@@ -40,7 +42,7 @@ def strip_prefix(state: dict[str, torch.Tensor], marker: str) -> dict[str, torch
 def _depth(state: dict[str, torch.Tensor]) -> int:
     ids = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not ids or ids != set(range(len(ids))):
-        raise ValueError("checkpoint has no consecutive transformer blocks (blocks.0 ...)")
+        raise UsageError("checkpoint has no consecutive transformer blocks (blocks.0 ...)")
     return len(ids)
 
 
@@ -54,16 +56,16 @@ def from_monai_vit(state: dict[str, torch.Tensor], num_heads: int) -> tuple[dict
     """MONAI ViT weights -> (vit3d state, card encoder fields, token grid)."""
     state = strip_prefix(state, "patch_embedding.patch_embeddings.weight")
     if "cls_token" not in state:
-        raise ValueError("MONAI ViT without a CLS token (classification=False) cannot be mapped onto vit3d exactly")
+        raise UsageError("MONAI ViT without a CLS token (classification=False) cannot be mapped onto vit3d exactly")
     w = state["patch_embedding.patch_embeddings.weight"]
     if w.ndim != 5 or w.shape[1] != 1 or len(set(w.shape[2:])) != 1:
-        raise ValueError(f"need a single-channel conv patch embedding with cubic patches, got {tuple(w.shape)}")
+        raise UsageError(f"need a single-channel conv patch embedding with cubic patches, got {tuple(w.shape)}")
     d, patch = int(w.shape[0]), int(w.shape[2])
     pos = state["patch_embedding.position_embeddings"]
     n = int(pos.shape[1])
     side = round(n ** (1 / 3))
     if side ** 3 != n:
-        raise ValueError(f"{n} position embeddings do not form a cubic grid")
+        raise UsageError(f"{n} position embeddings do not form a cubic grid")
     depth = _depth(state)
     out = {
         "patch_embed.weight": w, "patch_embed.bias": state["patch_embedding.patch_embeddings.bias"],
@@ -91,13 +93,13 @@ def from_timm_vit3d(state: dict[str, torch.Tensor], num_heads: int, eps: float =
     state = strip_prefix(state, "patch_embed.proj.weight")
     w = state["patch_embed.proj.weight"]
     if w.ndim != 5 or w.shape[1] != 1:
-        raise ValueError(f"need a single-channel Conv3d patch embedding, got {tuple(w.shape)}")
+        raise UsageError(f"need a single-channel Conv3d patch embedding, got {tuple(w.shape)}")
     d, patch = int(w.shape[0]), int(w.shape[2])
     pos = state["pos_embed"]
     n = int(pos.shape[1]) - 1
     side = round(n ** (1 / 3))
     if side ** 3 != n or "cls_token" not in state:
-        raise ValueError("need a CLS token and 1 + g^3 position embeddings")
+        raise UsageError("need a CLS token and 1 + g^3 position embeddings")
     depth = _depth(state)
     out = {"patch_embed.weight": w, "patch_embed.bias": state["patch_embed.proj.bias"], "cls_token": state["cls_token"],
            "pos_embed": pos, "norm.weight": state["norm.weight"], "norm.bias": state["norm.bias"]}
@@ -120,4 +122,4 @@ def convert(state: dict[str, torch.Tensor], fmt: str, num_heads: int) -> tuple[d
         return from_monai_vit(state, num_heads)
     if fmt == "timm-vit3d":
         return from_timm_vit3d(state, num_heads)
-    raise ValueError(f"unknown checkpoint format {fmt!r}; choose from {', '.join(FORMATS)}")
+    raise UsageError(f"unknown checkpoint format {fmt!r}; choose from {', '.join(FORMATS)}")
