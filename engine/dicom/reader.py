@@ -15,6 +15,7 @@ from pydicom.pixels import apply_rescale, pixel_array
 from pydicom.uid import UID
 
 from ..discover import LoadError, SeriesRef, Source, sanitise_key
+from ..errors import InputError
 from ..geometry import LPS_TO_RAS, Volume, affine_problem, check_affine, orientation_name
 from .frames import (
     VOLUME_RULE,
@@ -27,6 +28,8 @@ from .frames import (
     read_file_header,
     record_from_header,
 )
+from .deflated import DEFLATED, read_deflated
+from .frames import _stored_syntax
 from .stack import Stack, StackError, frame_names, plan_stack
 
 # --------------------------------------------------------------------------- grouping and loading
@@ -84,6 +87,8 @@ def group_records(records: list[DicomRecord]) -> list[SeriesRef]:
                 meta=meta,
                 # what loading needs, so it reads pixel data and never a header again
                 plan=[dataclasses.replace(r, meta={}) for r in recs],
+                # every file's declared pixel data plus the float32 volume it becomes
+                needs_bytes=sum(r.declared_bytes for r in recs) + 4 * math.prod(dims),
             )
         )
     return refs
@@ -274,8 +279,7 @@ def _pixel_dataset(source: Source, plan: PixelPlan) -> pydicom.Dataset:
 def _decode_with_header(source: Source, kind: str, indices: list[int]) -> dict[tuple[Source, int], np.ndarray]:
     """The whole file through pydicom, for files whose pixel data the scan could not locate."""
     try:
-        with source.open() as fh:
-            ds = pydicom.dcmread(fh)
+        ds = _read_whole(source)
         if as_int(ds.get("SamplesPerPixel"), 1) != 1:
             raise LoadError(f"{source}: colour images (SamplesPerPixel > 1) are not supported")
         _check_pixel_size(source, ds)
@@ -293,7 +297,7 @@ def _decode_with_header(source: Source, kind: str, indices: list[int]) -> dict[t
                 out[(source, i)] = plane.astype(np.float32) * np.float32(slope) + np.float32(intercept)
             return out
         image = np.asarray(apply_rescale(ds.pixel_array, ds), dtype=np.float32)
-    except LoadError:
+    except InputError:  # LoadError, OverBudget: already say what and why
         raise
     except Exception as exc:  # truncated data, unsupported codec, corrupt fragments ...
         raise LoadError(f"{source}: cannot decode pixel data ({_reason(exc)})") from exc
@@ -302,6 +306,16 @@ def _decode_with_header(source: Source, kind: str, indices: list[int]) -> dict[t
             raise LoadError(f"{source}: multi-frame image without functional groups is not supported")
         return {(source, 0): image}
     return _tiles(source, image, mosaic_count(ds) or 1, indices)
+
+
+def _read_whole(source: Source) -> pydicom.Dataset:
+    """The whole file through pydicom; a Deflated one inflated within the budget."""
+    with source.open() as fh:
+        deflated = _stored_syntax(fh) == DEFLATED
+        if not deflated:
+            fh.seek(0)
+            return pydicom.dcmread(fh)
+    return read_deflated(source, stop_before_pixels=False)[0]
 
 
 def _check_pixel_size(source: Source, ds: pydicom.Dataset) -> None:
