@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
+from .bounded_read import read_text_file
+
 INDEX = "index"
 
 
@@ -85,6 +87,8 @@ def search(
         raise ValueError(f"give exactly one of text, like or report (got {', '.join(given) or 'none'})")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    # a regular file under a size cap, read before anything else is opened
+    report_text = read_text_file(report, what="report").strip() if report is not None else None
     store = _open_store(store_path)
     root = store.root
     index = root[INDEX]
@@ -100,7 +104,7 @@ def search(
     else:
         appended_exclude = None
         if report is not None:
-            query_text = Path(report).read_text(encoding="utf-8", errors="replace").strip()
+            query_text = report_text
             if not query_text:
                 raise ValueError(f"report {report} is empty")
         else:
