@@ -230,3 +230,42 @@ def test_job_file_max_series_bytes_is_validated(tmp_path):
     job.write_text(json.dumps({"archives": [str(tmp_path)], "out": str(tmp_path / "o.zarr"), "max_series_bytes": "1KiB"}))
     done = _cli("run", "--job", str(job))
     assert done.returncode == 2 and "at least 1 MiB" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_file_declaring_a_billion_frames_is_scanned_without_listing_them(tmp_path):
+    import pydicom
+
+    folder = write_bad_inputs(tmp_path, seed=0, cases=["uncompressed_declares_huge"])["uncompressed_declares_huge"]
+    first = sorted(folder.iterdir())[0]
+    ds = pydicom.dcmread(first)
+    ds.NumberOfFrames, ds.Rows, ds.Columns = 10**9, 512, 512
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR
+    ds.save_as(first)
+    for other in sorted(folder.iterdir())[1:]:
+        other.unlink()
+    [ref] = scan([folder]).series
+    assert ref.needs_bytes > 10**9 * 512 * 512 * 2
+    with pytest.raises(OverBudget, match="needs"):
+        load(ref)
+
+
+def test_a_codestream_declaring_more_than_the_header_is_refused_before_decoding(tmp_path):
+    folder = write_bad_inputs(tmp_path, seed=0, cases=["j2k_codestream_lies"])["j2k_codestream_lies"]
+    [ref] = scan([folder]).series
+    tracemalloc.start()
+    with pytest.raises(Exception, match=r"declares 4096 x 4096 x 1 samples, the header 32 x 32 x 1"):
+        load(ref)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 8 * MIB  # a decode would have filled 32 MiB
+
+
+def test_codestream_sizes_are_read_from_jpeg_and_jpeg2000_headers():
+    from engine.dicom.codestream import codestream_size
+
+    siz = b"\xff\x4f\xff\x51\x00\x29\x00\x00" + (640).to_bytes(4, "big") + (480).to_bytes(4, "big") + bytes(16)
+    siz += bytes(8) + (1).to_bytes(2, "big")  # XTsiz, YTsiz, XTOsiz, YTOsiz, then Csiz
+    assert codestream_size(siz) == (480, 640, 1)
+    sof = b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + b"\xff\xc3\x00\x0b\x10" + (300).to_bytes(2, "big") + (200).to_bytes(2, "big") + b"\x01"
+    assert codestream_size(sof) == (300, 200, 1)
+    assert codestream_size(b"\x02\x00\x00\x00") is None

@@ -18,7 +18,7 @@ from engine.synthetic.bad_inputs import write_bad_inputs
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_MIB = 64
 DECLARED = ("j2k_declares_huge", "rle_declares_huge", "uncompressed_declares_huge", "nifti_huge_dims")
-CASES = (*DECLARED, "deflated_bomb", "deflated_valid", "nifti_gz_bomb")
+CASES = (*DECLARED, "j2k_codestream_lies", "deflated_bomb", "deflated_valid", "nifti_gz_bomb")
 
 # runs a command and reports its exit code, output and the peak RSS of its process tree (KiB)
 _PEAK = ("import json, resource, subprocess, sys\n"
@@ -73,6 +73,7 @@ def test_each_case_is_failed_or_skipped_with_its_reason(runs):
         assert status == "failed" and re.search(r"needs [0-9.e+]+ GiB.*, budget 0.0625 GiB", reason), (case, reason)
     # 0.75 GiB declared: over this budget; within a larger one the ratio cap stops the inflate
     assert outcome["nifti_gz_bomb"][0] == "failed" and re.search(r"needs 0.75 GiB|decompression bomb", outcome["nifti_gz_bomb"][1])
+    assert outcome["j2k_codestream_lies"][0] == "failed" and "declares 4096 x 4096" in outcome["j2k_codestream_lies"][1]
     assert outcome["deflated_valid"][0] == "complete"
     bomb = [w for w in warnings if _case_of(w.split(":")[0], locations) == "deflated_bomb"]
     assert bomb and "decompression bomb" in bomb[0]

@@ -17,6 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
 
+from .. import memory_budget
 from ..bounded_read import ratio_problem
 from ..discover import Source
 from .deflated import read_deflated
@@ -287,8 +288,12 @@ def record_from_header(
             raise ValueError(f"incomplete image header: no Rows/Columns (a truncated file or a broken writer; SOP class {name or uid or 'missing'})")
         raise ValueError(f"no image data (SOP class {name})")
     mosaic = 0
+    declared = _declared_bytes(h)
+    # a file that declares more than the budget never loads: its frames are not listed one by one
+    # (NumberOfFrames can say 10^9); the series fails on its need
+    max_frames = 1 if declared > memory_budget.current() else None
     if groups is not None or _is_enhanced(h):
-        kind, frames = "enhanced", _enhanced_frames(ds, source, groups)
+        kind, frames = "enhanced", _enhanced_frames(ds, source, groups, max_frames)
     elif mosaic_count(h):
         mosaic = mosaic_count(ds) or 1
         kind, frames = "mosaic", _mosaic_frames(ds, source)
@@ -322,7 +327,7 @@ def record_from_header(
         meta=meta,
         pixels=pixel_plan(source, h, pixel, remaining, mosaic),
     )
-    rec.declared_bytes = _declared_bytes(h)
+    rec.declared_bytes = declared
     truncated = _truncation(h, remaining) or _expansion(h, remaining, rec.declared_bytes)
     if truncated:
         rec.problems.append(f"{source}: {truncated}")
@@ -588,8 +593,9 @@ def _group_item(frame_item: Any, shared: Any, sequence: str) -> Any:
     return None
 
 
-def _enhanced_frames(ds: Dataset, source: Source, groups: list[dict[str, Any]] | None = None) -> list[Frame]:
-    n = as_int(ds.get("NumberOfFrames"), 1) or 1
+def _enhanced_frames(ds: Dataset, source: Source, groups: list[dict[str, Any]] | None = None,
+                     max_frames: int | None = None) -> list[Frame]:
+    n = min(as_int(ds.get("NumberOfFrames"), 1) or 1, max_frames or 2**63)
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared = shared_seq[0] if shared_seq else None
     per_frame = groups if groups is not None else list(ds.get("PerFrameFunctionalGroupsSequence", []))
@@ -676,6 +682,8 @@ def _mosaic_frames(ds: Dataset, source: Source) -> list[Frame]:
     SliceNormalVector, one SpacingBetweenSlices (else SliceThickness) apart.
     """
     n = mosaic_count(ds) or 1
+    if n > int(ds.Rows) * int(ds.Columns):  # a hostile count must not list millions of tiles
+        raise ValueError(f"mosaic declares {n} tiles in a {int(ds.Rows)} x {int(ds.Columns)} image")
     per_side = math.ceil(math.sqrt(n))
     rows, cols = int(ds.Rows) // per_side, int(ds.Columns) // per_side
     iop = _floats(ds.get("ImageOrientationPatient"), 6)

@@ -28,6 +28,7 @@ from .frames import (
     read_file_header,
     record_from_header,
 )
+from .codestream import check_fragments
 from .deflated import DEFLATED, read_deflated
 from .frames import _stored_syntax
 from .stack import Stack, StackError, frame_names, plan_stack
@@ -270,6 +271,8 @@ def _pixel_dataset(source: Source, plan: PixelPlan) -> pydicom.Dataset:
         setattr(ds, key, value)
     if plan.encapsulated and raw[-8:] == b"\xfe\xff\xdd\xe0\x00\x00\x00\x00":
         raw = raw[:-8]  # the sequence delimiter is not part of the value
+    if plan.encapsulated:
+        check_fragments(source, raw, plan.rows, plan.cols, as_int(dict(plan.module).get("SamplesPerPixel"), 1) or 1)
     ds.PixelData = raw
     ds["PixelData"].VR = "OB" if plan.encapsulated else plan.pixel_vr
     ds["PixelData"].is_undefined_length = plan.encapsulated
@@ -282,6 +285,8 @@ def _decode_with_header(source: Source, kind: str, indices: list[int]) -> dict[t
         ds = _read_whole(source)
         if as_int(ds.get("SamplesPerPixel"), 1) != 1:
             raise LoadError(f"{source}: colour images (SamplesPerPixel > 1) are not supported")
+        if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+            check_fragments(source, ds.PixelData, int(ds.Rows), int(ds.Columns), 1)
         _check_pixel_size(source, ds)
         if kind == "enhanced":
             rec = record_from_header(source, ds)

@@ -5,6 +5,8 @@ asks for gigabytes.
 
 - ``j2k_declares_huge``: three JPEG 2000 files of ~1 KB, each declaring 16384 x 16384 16-bit
   -> failed ("needs N GiB, budget M GiB"), nothing decoded.
+- ``j2k_codestream_lies``: headers say 32 x 32, each frame's JPEG 2000 codestream says 4096 x
+  4096 -> failed (the codestream declares more than the header), never decoded.
 - ``rle_declares_huge``: the same with RLE Lossless -> failed (needs ... budget).
 - ``uncompressed_declares_huge``: Explicit VR files declaring 16384 x 16384 with 2 KB of pixel
   data -> failed (needs ... budget, or the pixel data is too short), nothing allocated.
@@ -37,6 +39,7 @@ from .bad_nifti import _grid_affine, _nifti_header, _write_raw_nifti
 
 HUGE_SIDE = 16384
 HUGE_FILES = 3
+LIE_SIDE = 4096
 NIFTI_BOMB_SHAPE = (1024, 1024, 128)
 NIFTI_HUGE_SHAPE = (32767, 32767, 32767)
 _CHUNK = 4 * 1024 * 1024
@@ -62,6 +65,29 @@ def _j2k_declares_huge(c: _Corpus) -> Path:
     # a JPEG 2000 codestream start (SOC, SIZ) whose SIZ says 16384 x 16384, then padding
     siz = b"\xff\x4f\xff\x51\x00\x29\x00\x00" + (HUGE_SIDE).to_bytes(4, "big") * 2 + bytes(8)
     return _declare_huge(c, "j2k_declares_huge", JPEG2000Lossless, siz + bytes(600), True)
+
+
+@_case("j2k_codestream_lies", "failed")
+def _j2k_codestream_lies(c: _Corpus) -> Path:
+    """Headers say 32 x 32; each frame is a real JPEG 2000 codestream of 4096 x 4096 zeros (a few
+    hundred bytes), which a decoder would expand to 32 MiB before noticing the mismatch."""
+    holder = pydicom.Dataset()
+    holder.file_meta = pydicom.dataset.FileMetaDataset()
+    holder.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    holder.Rows = holder.Columns = LIE_SIDE
+    holder.SamplesPerPixel, holder.PhotometricInterpretation = 1, "MONOCHROME2"
+    holder.BitsAllocated, holder.BitsStored, holder.HighBit, holder.PixelRepresentation = 16, 16, 15, 0
+    holder.compress(JPEG2000Lossless, np.zeros((LIE_SIDE, LIE_SIDE), np.uint16))
+    paths = c.series("j2k_codestream_lies", shape=(32, 32, HUGE_FILES))
+
+    def change(ds) -> None:
+        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        ds.PixelData = holder.PixelData
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+
+    _edit(paths, change)
+    return paths[0].parent
 
 
 @_case("rle_declares_huge", "failed")

@@ -81,7 +81,8 @@ File system
   fails with a gap; a process running as root can read it, and the series completes.
 
 Decoding (``bad_decoding``): files declaring 16384 x 16384 in a kilobyte (JPEG 2000, RLE,
-uncompressed) -> failed ("needs N GiB, budget M GiB"); a Deflated DICOM bomb -> skipped file;
+uncompressed) -> failed ("needs N GiB, budget M GiB"); JPEG 2000 frames whose codestream declares
+more than the header -> failed; a Deflated DICOM bomb -> skipped file;
 a valid Deflated series -> complete; a ``.nii.gz`` bomb and a NIfTI header declaring 32767^3
 -> failed. Nothing is decoded or inflated past the memory budget.
 """
