@@ -177,6 +177,19 @@ def _checked_geometry(source: Source, img: nib.Nifti1Image | nib.Nifti2Image) ->
     return np.asarray(img.affine, dtype=np.float64)
 
 
+def _first_volume(img: nib.Nifti1Image | nib.Nifti2Image) -> np.ndarray:
+    """The first 3D volume as float32, converted slice by slice: nibabel scales a whole array in
+    float64, which would hold twice the float32 volume besides it."""
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 2:
+        return np.asarray(img.dataobj, dtype=np.float32)[:, :, None]
+    out = np.empty(shape[:3], dtype=np.float32)
+    rest = (0,) * (len(shape) - 3)  # 4D (or 5D+ with singleton trailing axes): first volume only
+    for k in range(shape[2]):
+        out[:, :, k] = np.asarray(img.dataobj[(slice(None), slice(None), k, *rest)], dtype=np.float32)
+    return out
+
+
 class NiftiReader:
     """The built-in NIfTI reader (registered by ``plugins.readers``)."""
 
@@ -221,7 +234,7 @@ class NiftiReader:
                     orientation="unknown" if rec.problem else orientation_name(rec.affine),
                     problems=problems,
                     meta=meta,
-                    needs_bytes=rec.stored_bytes + 4 * math.prod(shape3),  # stored + float32
+                    needs_bytes=memory_budget.series_need(rec.stored_bytes, math.prod(shape3)),
                 )
             )
         return refs
@@ -235,7 +248,8 @@ class NiftiReader:
         shape = tuple(int(s) for s in img.shape)
         _check_ndim(source, shape)
         affine = _checked_geometry(source, img)
-        memory_budget.check(f"series {ref.key}", volume_bytes(img) + 4 * math.prod(shape[:3]), memory_budget.current())
+        memory_budget.check(f"series {ref.key}", memory_budget.series_need(volume_bytes(img), math.prod(shape[:3])),
+                            memory_budget.current())
         try:
             img = voxel_image(source, img)
         except memory_budget.OverBudget:
@@ -243,12 +257,7 @@ class NiftiReader:
         except Exception as exc:
             raise LoadError(f"{source}: cannot read NIfTI voxel data ({exc})") from exc
         try:
-            if len(img.shape) == 2:
-                data = np.asarray(img.dataobj, dtype=np.float32)[:, :, None]
-            elif len(img.shape) == 3:
-                data = np.asarray(img.dataobj, dtype=np.float32)
-            else:  # 4D (or 5D+ with singleton trailing axes): first volume only
-                data = np.asarray(img.dataobj[:, :, :, 0], dtype=np.float32).reshape(shape[:3])
+            data = _first_volume(img)
         except Exception as exc:
             raise LoadError(f"{source}: cannot read NIfTI voxel data ({exc})") from exc
         meta = dict(ref.meta)

@@ -16,6 +16,7 @@ from pydicom.uid import UID
 
 from ..discover import LoadError, SeriesRef, Source, sanitise_key
 from ..errors import InputError
+from ..memory_budget import series_need
 from ..geometry import LPS_TO_RAS, Volume, affine_problem, check_affine, orientation_name
 from .frames import (
     VOLUME_RULE,
@@ -88,8 +89,8 @@ def group_records(records: list[DicomRecord]) -> list[SeriesRef]:
                 meta=meta,
                 # what loading needs, so it reads pixel data and never a header again
                 plan=[dataclasses.replace(r, meta={}) for r in recs],
-                # every file's declared pixel data plus the float32 volume it becomes
-                needs_bytes=sum(r.declared_bytes for r in recs) + 4 * math.prod(dims),
+                # every file's declared pixel data plus the float32 copies of the volume
+                needs_bytes=series_need(sum(r.declared_bytes for r in recs), math.prod(dims)),
             )
         )
     return refs
@@ -146,10 +147,13 @@ def load_series(ref: SeriesRef) -> Volume:
     wanted: dict[Source, list[int]] = defaultdict(list)
     for f in stack.frames:
         wanted[f.source].append(f.index)
-    planes: dict[tuple[Source, int], np.ndarray] = {}
-    for source, indices in wanted.items():
-        planes.update(_decode(by_source[source], indices))
-    data = _assemble([planes[(f.source, f.index)] for f in stack.frames], stack)
+    if stack.resample is None:
+        data = _assemble_in_place(stack, wanted, by_source)
+    else:
+        planes: dict[tuple[Source, int], np.ndarray] = {}
+        for source, indices in wanted.items():
+            planes.update(_decode(by_source[source], indices))
+        data = _assemble([planes[(f.source, f.index)] for f in stack.frames], stack)
     meta = dict(ref.meta)
     meta.update(series_key=ref.key, reader="dicom")
     meta.update(stack.notes)
@@ -166,6 +170,23 @@ def _read_records(ref: SeriesRef) -> list[DicomRecord]:
         except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError) as exc:
             raise LoadError(f"{source}: unreadable DICOM header ({_reason(exc)})") from exc
     return _unique_instances(records)[0]
+
+
+def _assemble_in_place(stack: Stack, wanted: dict[Source, list[int]], by_source: dict[Source, DicomRecord]) -> np.ndarray:
+    """The (I, J, K) float32 array, each file's planes copied in as it is decoded: the volume
+    and one file's planes are held at once, never every plane and the volume besides."""
+    f0 = stack.frames[0]
+    data = np.empty((f0.cols, f0.rows, len(stack.frames)), dtype=np.float32)
+    slots: dict[tuple[Source, int], list[int]] = defaultdict(list)
+    for k, f in enumerate(stack.frames):
+        slots[(f.source, f.index)].append(k)
+    for source, indices in wanted.items():
+        for key, plane in _decode(by_source[source], indices).items():
+            for k in slots.pop(key, ()):
+                data[:, :, k] = plane.T
+    if slots:  # every slot is written, or the volume would hold uninitialised memory
+        raise LoadError(f"{frame_names(stack.frames)}: {len(slots)} frame(s) were not decoded")
+    return data
 
 
 def _assemble(slices: list[np.ndarray], stack: Stack) -> np.ndarray:
