@@ -199,13 +199,19 @@ def _budgets(items: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+MAX_SERIES_BYTES_HELP = ("Memory budget for decoding one series, e.g. 2GiB or 512MiB (default: min(2 GiB, a quarter of RAM)); "
+                         "a series whose headers declare more fails, a file that inflates past it is skipped.")
+
+
 def _load_job(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
     from .schemas import validate
 
+    from .bounded_read import read_text_file
+
     try:
-        job = json.loads(Path(path).read_text())
+        job = json.loads(read_text_file(path, what="job file"))  # a regular file under a size cap
         validate("job", job, f"job file {path}")
     except ValueError as exc:  # JSONDecodeError is a ValueError too
         raise click.BadParameter(str(exc), param_hint="--job") from exc
@@ -237,9 +243,11 @@ def _load_job(path: str | None) -> dict[str, Any]:
 @click.option("--ray-actors", type=click.IntRange(1), metavar="N",
               help="Inference actors on Ray (default: one per GPU, or one per two CPUs where there is none).")
 @click.option("--force", is_flag=True, help="Run heads named in --heads even if they were fit on another encoder (recorded).")
+@click.option("--max-series-bytes", metavar="SIZE", help=MAX_SERIES_BYTES_HELP)
 @click.option("--log-json", is_flag=True, help="JSON-lines progress on stderr even on a terminal.")
 def run(archive, out, heads, model, backend, precision, batch_size, workers, queries, job, overwrite, record_paths,
-        head_budgets, default_head_budget, exports, export_dir, force, executor, ray_address, ray_actors, log_json) -> None:
+        head_budgets, default_head_budget, exports, export_dir, force, executor, ray_address, ray_actors, max_series_bytes,
+        log_json) -> None:
     """Run the model and heads over ARCHIVE (folders, .zip files, NIfTI files) into a store.
 
     Exit status: 0 when every series completed, was resumed or skipped; 1 when any series
@@ -266,6 +274,7 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
             exports=[e for es in exports for e in es.split(",") if e] or spec.get("exports"), export_dir=export_dir,
             executor=executor or spec.get("executor", "local"), ray_address=ray_address or spec.get("ray_address"),
             ray_actors=ray_actors or spec.get("ray_actors"), force=force,
+            max_series_bytes=max_series_bytes or spec.get("max_series_bytes"),
             on_event=reporter,
         )
     finally:
@@ -286,11 +295,12 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
 @click.argument("archive", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--record-paths", is_flag=True, help="Name files by their paths instead of archive and index.")
-def scan(archive, as_json, record_paths) -> None:
+@click.option("--max-series-bytes", metavar="SIZE", help=MAX_SERIES_BYTES_HELP)
+def scan(archive, as_json, record_paths, max_series_bytes) -> None:
     """List the studies and series found in ARCHIVE, reading headers only."""
     from .discover import scan as scan_archive
 
-    result = scan_archive(list(archive), **({"record_paths": True} if record_paths else {}))
+    result = scan_archive(list(archive), max_series_bytes=max_series_bytes, **({"record_paths": True} if record_paths else {}))
     skipped = [{"source": k.source, "kind": k.kind, "reason": k.reason} for k in getattr(result, "skipped", [])]
     if as_json:
         click.echo(json.dumps({"series": [_ref_dict(r) for r in result.series], "skipped": skipped, "warnings": result.warnings}, indent=2, default=str))

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
+from . import memory_budget
+from .bounded_read import MAX_RATIO, RATIO_MIN_BYTES, ZIP_MEMBER_MAX_BYTES, ratio_problem
 from .errors import InputError, LoadError, one_line  # noqa: F401 (LoadError: re-exported for readers)
 from .geometry import Volume
 from .series_ref import SeriesRef, sanitise_key  # noqa: F401 (re-exported: the old home of both)
@@ -47,13 +49,8 @@ HEAD_BYTES = 132  # DICOM preamble (128) + "DICM"
 # The digest covers the first 16 KiB: enough for a DICOM header's SOP Instance UID or a NIfTI
 # header and its first voxels, so it tells files apart without reading whole files twice.
 DIGEST_BYTES = 16 * 1024
-# No MRI file we load is near 2 GiB (a 1000-frame 512x512 16-bit Enhanced MR is 0.5 GB), and the
-# NIfTI reader holds a zip member in memory: a larger declared size is refused unread.
-ZIP_MEMBER_MAX_BYTES = 2 * 1024**3
-# Deflate cannot beat ~1032:1; image data (even zero-padded masks) stays far below 400:1 at sizes
-# past 32 MiB, while runs of zeros built to exhaust memory sit near the maximum.
-ZIP_MAX_RATIO = 400
-ZIP_RATIO_MIN_BYTES = 32 * 1024**2
+# the caps every compressed input shares live in bounded_read (zip members, Deflated DICOM, .gz)
+ZIP_MAX_RATIO, ZIP_RATIO_MIN_BYTES = MAX_RATIO, RATIO_MIN_BYTES
 _ZIP_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, ValueError)
 
 
@@ -182,7 +179,8 @@ SKIP_KINDS = {
     "corrupt-zip": "a zip archive whose directory cannot be read",
     "zip-traversal": "a zip member named with '..' or an absolute path",
     "encrypted": "an encrypted zip member",
-    "too-large": f"a zip member declared larger than ZIP_MEMBER_MAX_BYTES ({ZIP_MEMBER_MAX_BYTES} bytes)",
+    "too-large": f"a zip member declared larger than ZIP_MEMBER_MAX_BYTES ({ZIP_MEMBER_MAX_BYTES} bytes), or a file "
+                 "whose header cannot be read within the memory budget (a Deflated DICOM or .gz bomb)",
     "zip-bomb": f"a zip member past {ZIP_RATIO_MIN_BYTES} bytes compressed more than {ZIP_MAX_RATIO}:1",
     "nested-zip": "a zip archive inside a zip archive (not scanned)",
     "empty": "an empty file",
@@ -370,8 +368,8 @@ def _member_problem(info: zipfile.ZipInfo, earlier: set[str]) -> tuple[str, str]
         return "encrypted", "encrypted zip member; not opened"
     if info.file_size > ZIP_MEMBER_MAX_BYTES:
         return "too-large", f"zip member declares {info.file_size} bytes (limit {ZIP_MEMBER_MAX_BYTES}); not opened"
-    ratio = info.file_size / max(info.compress_size, 1)
-    if info.file_size >= ZIP_RATIO_MIN_BYTES and ratio > ZIP_MAX_RATIO:
+    if ratio_problem(info.file_size, info.compress_size):
+        ratio = info.file_size / max(info.compress_size, 1)
         return "zip-bomb", f"zip member compressed {ratio:.0f}:1 (limit {ZIP_MAX_RATIO}:1); not opened"
     return None
 
@@ -460,14 +458,29 @@ def _readers() -> dict[str, Any]:
     return {name: reg.obj for name, reg in sorted(get_readers().items())}
 
 
-def scan(paths: Iterable[str | Path], *, with_patient_age: bool = False, record_paths: bool = False) -> ScanResult:
+def scan(paths: Iterable[str | Path], *, with_patient_age: bool = False, record_paths: bool = False,
+         max_series_bytes: int | str | None = None) -> ScanResult:
     """Find every DICOM/NIfTI series under ``paths`` (files, folders, zip archives).
 
     Never raises on bad input: every file that no series uses is in ``skipped`` (and a line in
     ``warnings``), and series that will not load cleanly carry ``problems``. Files are named by
     label unless ``record_paths``. Patient age is recorded in ``meta`` only when
-    ``with_patient_age`` is set.
+    ``with_patient_age`` is set. ``max_series_bytes`` is the per-series memory budget
+    (:mod:`engine.memory_budget`; default min(2 GiB, a quarter of RAM)): a file whose header
+    cannot be read within it is skipped (``too-large``), a series that needs more is listed with
+    that problem and fails at load.
     """
+    budget = memory_budget.resolve(max_series_bytes)
+    with memory_budget.scoped(budget):
+        result = _scan(paths, with_patient_age, record_paths)
+    for ref in result.series:
+        ref.max_bytes = budget
+        if ref.needs_bytes is not None and ref.needs_bytes > budget:
+            ref.problems.append(str(memory_budget.over_budget(f"series {ref.key}", ref.needs_bytes, budget)))
+    return result
+
+
+def _scan(paths: Iterable[str | Path], with_patient_age: bool, record_paths: bool) -> ScanResult:
     readers = _readers()
     inv = _Inventory(record_paths)
     records: dict[str, list[Any]] = {name: [] for name in readers}
@@ -485,6 +498,7 @@ def scan(paths: Iterable[str | Path], *, with_patient_age: bool = False, record_
         except Exception as exc:  # one bad file must not stop the scan
             reason = _reason(exc, source)
             kind = "not-image" if reason.startswith("no image data") else "bad-header"
+            kind = "too-large" if isinstance(exc, memory_budget.OverBudget) else kind
             inv.skip(str(source), kind, f"skipped {reader.name} file ({reason})", counted=False)
             continue
         if record is None:
@@ -527,13 +541,19 @@ def _dedupe_keys(series: list[SeriesRef]) -> None:
 def load(ref: SeriesRef) -> Volume:
     """Load a series as a :class:`Volume` with the reader that found it.
 
-    Raises :class:`LoadError` (naming the file by label and the reason) for every bad input.
+    Raises :class:`LoadError` (naming the file by label and the reason) for every bad input,
+    and :class:`~engine.memory_budget.OverBudget` before decoding a series whose headers declare
+    more than the budget it was scanned under (``ref.max_bytes``).
     """
     readers = _readers()
     if ref.reader not in readers:
         raise LoadError(f"series {ref.key}: no reader named {ref.reader!r} is installed")
+    budget = memory_budget.resolve(ref.max_bytes)
+    if ref.needs_bytes is not None:  # before any pixel data is decoded or inflated
+        memory_budget.check(f"series {ref.key}", ref.needs_bytes, budget)
     try:
-        return readers[ref.reader].load(ref)
+        with memory_budget.scoped(budget):
+            return readers[ref.reader].load(ref)
     except InputError as exc:  # LoadError, GeometryError ...: keep the type, scrub the text
         clean = _scrub_all(str(exc), ref.sources)
         if clean == str(exc):

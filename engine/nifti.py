@@ -21,11 +21,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 
+from . import memory_budget
+from .bounded_read import inflate
 from .discover import Source
 from .errors import GeometryError, LoadError
 from .series_ref import SeriesRef, sanitise_key
@@ -41,6 +44,7 @@ class NiftiRecord:
     affine: np.ndarray
     digest: str = ""
     problem: str | None = None  # why the geometry is unusable, found at scan time
+    stored_bytes: int = 0  # the loaded volume's voxels as stored (header dims x datatype size)
 
 
 def _is_nifti_name(name: str) -> bool:
@@ -66,17 +70,61 @@ def content_key(source: Source, header: bytes) -> str:
     return sanitise_key("nifti-" + digest.hexdigest()[:12])
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+HEADER_READ_MAX = 1024**2  # header and extensions read for a scan of a zip member (kilobytes in practice)
+
+
 def read_image(source: Source) -> nib.Nifti1Image | nib.Nifti2Image:
-    """Open a NIfTI image lazily (paths) or from memory (zip members)."""
+    """Open a NIfTI image lazily (paths) or from memory (zip members), for its header.
+
+    A zip member is read only as far as its header and extensions: the voxels of a large or
+    hostile member are never inflated at scan time."""
     if source.member is None:
         return nib.load(str(source.path))
-    data = source.read_bytes()
-    if source.member.lower().endswith(".gz"):
-        data = gzip.decompress(data)
+    with source.open() as fh:
+        head = fh.read(2)
+        stream = gzip.GzipFile(fileobj=fh) if head == GZIP_MAGIC else fh
+        fh.seek(0)
+        return _from_bytes(stream.read(HEADER_READ_MAX))
+
+
+def _from_bytes(data: bytes) -> nib.Nifti1Image | nib.Nifti2Image:
     try:
         return nib.Nifti1Image.from_bytes(data)
     except Exception:
         return nib.Nifti2Image.from_bytes(data)
+
+
+def voxel_image(source: Source, img: nib.Nifti1Image | nib.Nifti2Image) -> nib.Nifti1Image | nib.Nifti2Image:
+    """An image whose voxels can be read, holding at least the first volume: a plain file on
+    disk as nibabel maps it; anything compressed, or a zip member, inflated into memory within
+    the budget and the ratio cap (:func:`engine.bounded_read.inflate`), only as far as the
+    first volume."""
+    with source.open() as fh:
+        head = fh.read(2)
+        if source.member is None and head != GZIP_MAGIC:
+            return img
+        hdr = raw_header(source)  # as stored: an image's own header copy forgets the data offset
+        offset = int(img.dataobj.offset)
+        want = offset + volume_bytes(img)
+        limit = memory_budget.current()
+        if head == GZIP_MAGIC:
+            data = inflate(fh, limit=limit, what=str(source), prefix=head, want=want)
+        else:
+            fh.seek(0)
+            data = fh.read(want)
+    if len(data) < want:
+        raise LoadError(f"{source}: truncated NIfTI file ({len(data)} bytes where the header needs {want})")
+    first = hdr.copy()  # the bytes hold the first volume: say so, or nibabel wants the rest
+    first.set_data_shape(tuple(int(s) for s in hdr.get_data_shape())[:3])
+    block = first.binaryblock
+    return _from_bytes(block + data[len(block):])
+
+
+def volume_bytes(img: nib.Nifti1Image | nib.Nifti2Image) -> int:
+    """Stored bytes of the volume mrfm loads (the first of a 4D image), from the header."""
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    return math.prod(shape[:3]) * img.header.get_data_dtype().itemsize
 
 
 def _check_ndim(source: Source, shape: tuple[int, ...]) -> None:
@@ -130,6 +178,19 @@ def _checked_geometry(source: Source, img: nib.Nifti1Image | nib.Nifti2Image) ->
     return np.asarray(img.affine, dtype=np.float64)
 
 
+def _first_volume(img: nib.Nifti1Image | nib.Nifti2Image) -> np.ndarray:
+    """The first 3D volume as float32, converted slice by slice: nibabel scales a whole array in
+    float64, which would hold twice the float32 volume besides it."""
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 2:
+        return np.asarray(img.dataobj, dtype=np.float32)[:, :, None]
+    out = np.empty(shape[:3], dtype=np.float32)
+    rest = (0,) * (len(shape) - 3)  # 4D (or 5D+ with singleton trailing axes): first volume only
+    for k in range(shape[2]):
+        out[:, :, k] = np.asarray(img.dataobj[(slice(None), slice(None), k, *rest)], dtype=np.float32)
+    return out
+
+
 class NiftiReader:
     """The built-in NIfTI reader (registered by ``plugins.readers``)."""
 
@@ -144,7 +205,7 @@ class NiftiReader:
         problem = geometry_problem(img, hdr)
         affine = np.eye(4) if problem else np.asarray(img.affine, dtype=np.float64)
         digest = content_key(source, hdr.binaryblock)
-        return NiftiRecord(source, tuple(int(s) for s in img.shape), affine, digest, problem)
+        return NiftiRecord(source, tuple(int(s) for s in img.shape), affine, digest, problem, volume_bytes(img))
 
     def group(self, records: list[NiftiRecord]) -> list[SeriesRef]:
         refs = []
@@ -174,6 +235,7 @@ class NiftiReader:
                     orientation="unknown" if rec.problem else orientation_name(rec.affine),
                     problems=problems,
                     meta=meta,
+                    needs_bytes=memory_budget.series_need(rec.stored_bytes, math.prod(shape3)),
                 )
             )
         return refs
@@ -187,13 +249,16 @@ class NiftiReader:
         shape = tuple(int(s) for s in img.shape)
         _check_ndim(source, shape)
         affine = _checked_geometry(source, img)
+        memory_budget.check(f"series {ref.key}", memory_budget.series_need(volume_bytes(img), math.prod(shape[:3])),
+                            memory_budget.current())
         try:
-            if len(shape) == 2:
-                data = np.asarray(img.dataobj, dtype=np.float32)[:, :, None]
-            elif len(shape) == 3:
-                data = np.asarray(img.dataobj, dtype=np.float32)
-            else:  # 4D (or 5D+ with singleton trailing axes): first volume only
-                data = np.asarray(img.dataobj[:, :, :, 0], dtype=np.float32).reshape(shape[:3])
+            img = voxel_image(source, img)
+        except memory_budget.OverBudget:
+            raise
+        except Exception as exc:
+            raise LoadError(f"{source}: cannot read NIfTI voxel data ({exc})") from exc
+        try:
+            data = _first_volume(img)
         except Exception as exc:
             raise LoadError(f"{source}: cannot read NIfTI voxel data ({exc})") from exc
         meta = dict(ref.meta)

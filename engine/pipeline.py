@@ -122,6 +122,7 @@ def run(
     ray_address: str | None = None,
     ray_actors: int | None = None,
     force: bool = False,
+    max_series_bytes: int | str | None = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> RunSummary:
     """Run the model and heads over every series found under ``paths`` into the store ``out``.
@@ -146,9 +147,15 @@ def run(
     default: one per GPU, or one per two CPUs where there is none). Either way each series
     records ``executor``, ``node`` and ``actor``, and the run record says what ran the run.
     ``force`` runs heads named in ``heads`` although they were fit on another encoder; the run
-    record's warnings say so.
+    record's warnings say so. ``max_series_bytes`` (bytes, or a size such as ``"2GiB"``) is
+    the per-series memory budget (:mod:`engine.memory_budget`; default min(2 GiB, a quarter of
+    RAM)), checked against each series' declared size before decoding: a series over it fails
+    with "needs N GiB, budget M GiB".
     """
     from .discover import scan
+    from .memory_budget import resolve
+
+    max_series_bytes = resolve(max_series_bytes)  # a bad size is a UsageError before anything starts
 
     emit = on_event or (lambda e: None)
     paths = [Path(p) for p in paths]
@@ -163,7 +170,7 @@ def run(
     head_info, fingerprint, head_fps = fingerprints(mdl, loaded, params)
     inference = Inference(enc, loaded, text, batch_size, budgets=budgets, default_budget=default_budget, on_event=emit)
 
-    found = scan(paths, **({"record_paths": True} if record_paths else {}))
+    found = scan(paths, max_series_bytes=max_series_bytes, **({"record_paths": True} if record_paths else {}))
     refs = list(found.series)
     skipped_files = len(getattr(found, "skipped", []) or [])
     if not refs:
@@ -177,7 +184,7 @@ def run(
     setup = Setup(None if model is None else str(model), backend, precision, batch_size, sorted(loaded), params, queries,
                   budgets, default_budget, force)
     plan = RunPlan(run_id, str(out), fingerprint, head_fps, mdl.preprocessing, inference.view_kinds(), batch_size, workers,
-                   overwrite, record_paths, setup)
+                   overwrite, record_paths, setup, max_series_bytes)
     stop = _StopFlag()
     executor_info = runner.open()  # before the signal handlers: a cluster client may install its own
     try:
@@ -203,7 +210,8 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
         "started": started,
         "config": {"paths": [str(p) for p in paths], "heads": sorted(loaded), "backend": setup.backend, "precision": setup.precision,
                    "batch_size": plan.batch_size, "workers": plan.workers, "overwrite": plan.overwrite, "queries": setup.queries,
-                   "params": setup.params, "record_paths": plan.record_paths, "executor": runner.name},
+                   "params": setup.params, "record_paths": plan.record_paths, "executor": runner.name,
+                   "max_series_bytes": plan.max_series_bytes},
         "model": {"name": mdl.card.get("name"), "path": str(mdl.folder), "fingerprint": mdl.fingerprint},
         "heads": {h["name"]: {"version": h["version"], "plugin": h["plugin"], "weights_sha256": h["weights_sha256"],
                               "code_sha256": h["code_sha256"], "budget_seconds": inference.budgets.get(h["name"])} for h in head_info},

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
+from .bounded_read import read_text_file
 from .errors import StoreError, UsageError
 
 INDEX = "index"
@@ -87,6 +88,8 @@ def search(
         raise UsageError(f"give exactly one of text, like or report (got {', '.join(given) or 'none'})")
     if k < 1:
         raise UsageError(f"k must be at least 1, got {k}")
+    # a regular file under a size cap, read before anything else is opened
+    report_text = read_text_file(report, what="report").strip() if report is not None else None
     store = _open_store(store_path)
     root = store.root
     index = root[INDEX]
@@ -102,7 +105,7 @@ def search(
     else:
         appended_exclude = None
         if report is not None:
-            query_text = Path(report).read_text(encoding="utf-8", errors="replace").strip()
+            query_text = report_text
             if not query_text:
                 raise UsageError(f"report {report} is empty")
         else:

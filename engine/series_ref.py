@@ -38,6 +38,10 @@ class SeriesRef:
     # reader-private: what loading needs from the scan (DICOM: per-file frames and pixel plans),
     # so a worker reads pixel data without parsing headers again
     plan: Any = field(default=None, repr=False, compare=False)
+    # bytes decoding needs by what the headers declare (None: the reader does not say), and the
+    # budget the series was scanned under: ``load`` refuses before decoding when need > budget
+    needs_bytes: int | None = field(default=None, compare=False)
+    max_bytes: int | None = field(default=None, compare=False)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

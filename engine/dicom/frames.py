@@ -15,9 +15,12 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_partial
+from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
 
+from .. import memory_budget
+from ..bounded_read import ratio_problem
 from ..discover import Source
+from .deflated import read_deflated
 from .groups import PER_FRAME_GROUPS, PIXEL_TAGS, GroupsError, find_pixel_data, read_frame_groups
 from .raw_header import Header, _lean_partial, _stop, _tag_vr  # noqa: F401  (_tag_vr: re-exported for tests)
 
@@ -61,6 +64,7 @@ class DicomRecord:
     meta: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     pixels: PixelPlan | None = None
+    declared_bytes: int = 0  # Rows x Columns x frames x samples x BitsAllocated/8, as the header says
 
 
 @dataclass(frozen=True)
@@ -124,11 +128,13 @@ def read_file_header(source: Source) -> tuple[Dataset, PixelBytes, list[dict[str
     with source.open() as fh:
         ds = _lean_partial(fh)
         if ds is None:
+            if _stored_syntax(fh) == _DEFLATED:  # pydicom would inflate it whole, unbounded
+                return _deflated_header(source)
             fh.seek(0)
             ds = read_partial(fh, stop_when=_stop)
         here = fh.tell()
         ts = _transfer_syntax(ds)
-        if ts is None or str(ts) == _DEFLATED:
+        if ts is None:
             return _pydicom_header(source)
         fh.seek(0, 2)
         size = fh.tell()
@@ -150,6 +156,23 @@ def read_file_header(source: Source) -> tuple[Dataset, PixelBytes, list[dict[str
                 if isinstance(head, mmap.mmap):
                     head.close()
     return ds, _held(pixel, here, size, ts), groups, pixel
+
+
+def _stored_syntax(fh: Any) -> str | None:
+    """The transfer syntax the file meta names (None when unreadable)."""
+    fh.seek(0)
+    try:
+        read_preamble(fh, False)
+        return str(_read_file_meta_info(fh).get("TransferSyntaxUID", "")) or None
+    except Exception:  # pydicom's own read reports what is wrong
+        return None
+
+
+def _deflated_header(source: Source) -> tuple[Dataset, PixelBytes, None, None]:
+    """A Deflated file's header, inflated within the budget, and its pixel data's size as the
+    inflated dataset holds it."""
+    ds, buf = read_deflated(source, stop_before_pixels=True)
+    return ds, _pixel_bytes(buf, ds), None, None
 
 
 def _pydicom_header(source: Source) -> tuple[Dataset, PixelBytes, None, None]:
@@ -265,8 +288,12 @@ def record_from_header(
             raise ValueError(f"incomplete image header: no Rows/Columns (a truncated file or a broken writer; SOP class {name or uid or 'missing'})")
         raise ValueError(f"no image data (SOP class {name})")
     mosaic = 0
+    declared = _declared_bytes(h)
+    # a file that declares more than the budget never loads: its frames are not listed one by one
+    # (NumberOfFrames can say 10^9); the series fails on its need
+    max_frames = 1 if declared > memory_budget.current() else None
     if groups is not None or _is_enhanced(h):
-        kind, frames = "enhanced", _enhanced_frames(ds, source, groups)
+        kind, frames = "enhanced", _enhanced_frames(ds, source, groups, max_frames)
     elif mosaic_count(h):
         mosaic = mosaic_count(ds) or 1
         kind, frames = "mosaic", _mosaic_frames(ds, source)
@@ -300,10 +327,29 @@ def record_from_header(
         meta=meta,
         pixels=pixel_plan(source, h, pixel, remaining, mosaic),
     )
-    truncated = _truncation(h, remaining)
+    rec.declared_bytes = declared
+    truncated = _truncation(h, remaining) or _expansion(h, remaining, rec.declared_bytes)
     if truncated:
         rec.problems.append(f"{source}: {truncated}")
     return rec
+
+
+def _declared_bytes(h: Header) -> int:
+    try:
+        return max(0, pixel_bytes_needed(h))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _expansion(ds: Dataset | Header, remaining: PixelBytes | int | None, declared: int) -> str | None:
+    """Compressed pixel data that would decode to more than the ratio cap allows of the bytes
+    the file holds (a 978-byte JPEG 2000 declaring 16384 x 16384): refused before decoding."""
+    ts = _transfer_syntax(ds)
+    if remaining is None or ts is None or not ts.is_compressed:
+        return None
+    held = remaining.present if isinstance(remaining, PixelBytes) else remaining
+    problem = ratio_problem(declared, held)
+    return f"pixel data declares {declared} bytes decoded from {held} bytes held, {problem}" if problem else None
 
 
 # --------------------------------------------------------------------------- identifiers in free text
@@ -547,8 +593,9 @@ def _group_item(frame_item: Any, shared: Any, sequence: str) -> Any:
     return None
 
 
-def _enhanced_frames(ds: Dataset, source: Source, groups: list[dict[str, Any]] | None = None) -> list[Frame]:
-    n = as_int(ds.get("NumberOfFrames"), 1) or 1
+def _enhanced_frames(ds: Dataset, source: Source, groups: list[dict[str, Any]] | None = None,
+                     max_frames: int | None = None) -> list[Frame]:
+    n = min(as_int(ds.get("NumberOfFrames"), 1) or 1, max_frames or 2**63)
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared = shared_seq[0] if shared_seq else None
     per_frame = groups if groups is not None else list(ds.get("PerFrameFunctionalGroupsSequence", []))
@@ -635,6 +682,8 @@ def _mosaic_frames(ds: Dataset, source: Source) -> list[Frame]:
     SliceNormalVector, one SpacingBetweenSlices (else SliceThickness) apart.
     """
     n = mosaic_count(ds) or 1
+    if n > int(ds.Rows) * int(ds.Columns):  # a hostile count must not list millions of tiles
+        raise ValueError(f"mosaic declares {n} tiles in a {int(ds.Rows)} x {int(ds.Columns)} image")
     per_side = math.ceil(math.sqrt(n))
     rows, cols = int(ds.Rows) // per_side, int(ds.Columns) // per_side
     iop = _floats(ds.get("ImageOrientationPatient"), 6)

@@ -15,7 +15,8 @@ from pydicom.pixels import apply_rescale, pixel_array
 from pydicom.uid import UID
 
 from ..discover import Source
-from ..errors import LoadError, one_line
+from ..errors import InputError, LoadError, one_line
+from ..memory_budget import series_need
 from ..series_ref import SeriesRef, sanitise_key
 from ..geometry import LPS_TO_RAS, Volume, affine_problem, check_affine, orientation_name
 from .frames import (
@@ -29,6 +30,9 @@ from .frames import (
     read_file_header,
     record_from_header,
 )
+from .codestream import check_fragments
+from .deflated import DEFLATED, read_deflated
+from .frames import _stored_syntax
 from .stack import Stack, StackError, frame_names, plan_stack
 
 # --------------------------------------------------------------------------- grouping and loading
@@ -86,6 +90,8 @@ def group_records(records: list[DicomRecord]) -> list[SeriesRef]:
                 meta=meta,
                 # what loading needs, so it reads pixel data and never a header again
                 plan=[dataclasses.replace(r, meta={}) for r in recs],
+                # every file's declared pixel data plus the float32 copies of the volume
+                needs_bytes=series_need(sum(r.declared_bytes for r in recs), math.prod(dims)),
             )
         )
     return refs
@@ -142,10 +148,13 @@ def load_series(ref: SeriesRef) -> Volume:
     wanted: dict[Source, list[int]] = defaultdict(list)
     for f in stack.frames:
         wanted[f.source].append(f.index)
-    planes: dict[tuple[Source, int], np.ndarray] = {}
-    for source, indices in wanted.items():
-        planes.update(_decode(by_source[source], indices))
-    data = _assemble([planes[(f.source, f.index)] for f in stack.frames], stack)
+    if stack.resample is None:
+        data = _assemble_in_place(stack, wanted, by_source)
+    else:
+        planes: dict[tuple[Source, int], np.ndarray] = {}
+        for source, indices in wanted.items():
+            planes.update(_decode(by_source[source], indices))
+        data = _assemble([planes[(f.source, f.index)] for f in stack.frames], stack)
     meta = dict(ref.meta)
     meta.update(series_key=ref.key, reader="dicom")
     meta.update(stack.notes)
@@ -162,6 +171,23 @@ def _read_records(ref: SeriesRef) -> list[DicomRecord]:
         except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError) as exc:
             raise LoadError(f"{source}: unreadable DICOM header ({one_line(exc)})") from exc
     return _unique_instances(records)[0]
+
+
+def _assemble_in_place(stack: Stack, wanted: dict[Source, list[int]], by_source: dict[Source, DicomRecord]) -> np.ndarray:
+    """The (I, J, K) float32 array, each file's planes copied in as it is decoded: the volume
+    and one file's planes are held at once, never every plane and the volume besides."""
+    f0 = stack.frames[0]
+    data = np.empty((f0.cols, f0.rows, len(stack.frames)), dtype=np.float32)
+    slots: dict[tuple[Source, int], list[int]] = defaultdict(list)
+    for k, f in enumerate(stack.frames):
+        slots[(f.source, f.index)].append(k)
+    for source, indices in wanted.items():
+        for key, plane in _decode(by_source[source], indices).items():
+            for k in slots.pop(key, ()):
+                data[:, :, k] = plane.T
+    if slots:  # every slot is written, or the volume would hold uninitialised memory
+        raise LoadError(f"{frame_names(stack.frames)}: {len(slots)} frame(s) were not decoded")
+    return data
 
 
 def _assemble(slices: list[np.ndarray], stack: Stack) -> np.ndarray:
@@ -267,6 +293,8 @@ def _pixel_dataset(source: Source, plan: PixelPlan) -> pydicom.Dataset:
         setattr(ds, key, value)
     if plan.encapsulated and raw[-8:] == b"\xfe\xff\xdd\xe0\x00\x00\x00\x00":
         raw = raw[:-8]  # the sequence delimiter is not part of the value
+    if plan.encapsulated:
+        check_fragments(source, raw, plan.rows, plan.cols, as_int(dict(plan.module).get("SamplesPerPixel"), 1) or 1)
     ds.PixelData = raw
     ds["PixelData"].VR = "OB" if plan.encapsulated else plan.pixel_vr
     ds["PixelData"].is_undefined_length = plan.encapsulated
@@ -276,10 +304,11 @@ def _pixel_dataset(source: Source, plan: PixelPlan) -> pydicom.Dataset:
 def _decode_with_header(source: Source, kind: str, indices: list[int]) -> dict[tuple[Source, int], np.ndarray]:
     """The whole file through pydicom, for files whose pixel data the scan could not locate."""
     try:
-        with source.open() as fh:
-            ds = pydicom.dcmread(fh)
+        ds = _read_whole(source)
         if as_int(ds.get("SamplesPerPixel"), 1) != 1:
             raise LoadError(f"{source}: colour images (SamplesPerPixel > 1) are not supported")
+        if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+            check_fragments(source, ds.PixelData, int(ds.Rows), int(ds.Columns), 1)
         _check_pixel_size(source, ds)
         if kind == "enhanced":
             rec = record_from_header(source, ds)
@@ -295,7 +324,7 @@ def _decode_with_header(source: Source, kind: str, indices: list[int]) -> dict[t
                 out[(source, i)] = plane.astype(np.float32) * np.float32(slope) + np.float32(intercept)
             return out
         image = np.asarray(apply_rescale(ds.pixel_array, ds), dtype=np.float32)
-    except LoadError:
+    except InputError:  # LoadError, OverBudget: already say what and why
         raise
     except Exception as exc:  # truncated data, unsupported codec, corrupt fragments ...
         raise LoadError(f"{source}: cannot decode pixel data ({one_line(exc)})") from exc
@@ -304,6 +333,16 @@ def _decode_with_header(source: Source, kind: str, indices: list[int]) -> dict[t
             raise LoadError(f"{source}: multi-frame image without functional groups is not supported")
         return {(source, 0): image}
     return _tiles(source, image, mosaic_count(ds) or 1, indices)
+
+
+def _read_whole(source: Source) -> pydicom.Dataset:
+    """The whole file through pydicom; a Deflated one inflated within the budget."""
+    with source.open() as fh:
+        deflated = _stored_syntax(fh) == DEFLATED
+        if not deflated:
+            fh.seek(0)
+            return pydicom.dcmread(fh)
+    return read_deflated(source, stop_before_pixels=False)[0]
 
 
 def _check_pixel_size(source: Source, ds: pydicom.Dataset) -> None:

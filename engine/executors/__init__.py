@@ -53,6 +53,7 @@ class RunPlan:
     overwrite: bool
     record_paths: bool
     setup: Setup
+    max_series_bytes: int | None = None  # the per-series memory budget; each SeriesRef carries it to its loader
 
 
 @dataclass

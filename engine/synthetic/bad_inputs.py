@@ -79,6 +79,12 @@ File system
 - ``broken_symlink``: a ``.dcm`` link to a missing file -> skipped file (unreadable).
 - ``unreadable``: the middle file of a series with mode 000 -> skipped file and the series
   fails with a gap; a process running as root can read it, and the series completes.
+
+Decoding (``bad_decoding``): files declaring 16384 x 16384 in a kilobyte (JPEG 2000, RLE,
+uncompressed) -> failed ("needs N GiB, budget M GiB"); JPEG 2000 frames whose codestream declares
+more than the header -> failed; a Deflated DICOM bomb -> skipped file;
+a valid Deflated series -> complete; a ``.nii.gz`` bomb and a NIfTI header declaring 32767^3
+-> failed. Nothing is decoded or inflated past the memory budget.
 """
 
 from __future__ import annotations
@@ -401,6 +407,7 @@ def _bare_dataset(c: _Corpus, case: str, sop_class: str, modality: str) -> Datas
 # isort: off
 from . import bad_nifti  # noqa: E402
 from . import bad_archive  # noqa: E402
+from . import bad_decoding  # noqa: E402
 # isort: on
 
-_CASE_MODULES = (bad_nifti, bad_archive)
+_CASE_MODULES = (bad_nifti, bad_archive, bad_decoding)
