@@ -303,6 +303,9 @@ def scan(archive, as_json, record_paths) -> None:
         problems = "; ".join(r.problems)
         table.add_row(esc(short(r.study_uid, 10)), esc(short(r.key)), esc(r.modality), esc(r.description), dims, str(r.n_slices),
                       esc(r.orientation), f"[red]{esc(problems)}[/]" if problems else "")
+    from .dicom.frames import PHI_RULE
+
+    table.caption = f"descriptions: {esc(PHI_RULE)}"
     console.print(table)
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {esc(w)}", highlight=False)
