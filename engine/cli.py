@@ -55,6 +55,8 @@ class _Cli(click.Group):
         "evaluate": "engine.fitting.cli:evaluate_command",
         "model": "engine.fitting.cli:model_group",
         "store": "engine.store_cli:store",
+        "show": "engine.show:show_command",
+        "report": "engine.report_cli:report_command",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -238,8 +240,9 @@ def _load_job(path: str | None) -> dict[str, Any]:
               help="Inference actors on Ray (default: one per GPU, or one per two CPUs where there is none).")
 @click.option("--force", is_flag=True, help="Run heads named in --heads even if they were fit on another encoder (recorded).")
 @click.option("--log-json", is_flag=True, help="JSON-lines progress on stderr even on a terminal.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Keep an HTML report of the store in this folder, updated as series complete.")
 def run(archive, out, heads, model, backend, precision, batch_size, workers, queries, job, overwrite, record_paths,
-        head_budgets, default_head_budget, exports, export_dir, force, executor, ray_address, ray_actors, log_json) -> None:
+        head_budgets, default_head_budget, exports, export_dir, force, executor, ray_address, ray_actors, log_json, report_dir) -> None:
     """Run the model and heads over ARCHIVE (folders, .zip files, NIfTI files) into a store.
 
     Exit status: 0 when every series completed, was resumed or skipped; 1 when any series
@@ -256,6 +259,11 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
         raise click.UsageError("give at least one ARCHIVE and --out (or a --job file with 'archives' and 'out')")
     head_names = [h.strip() for hs in heads for h in hs.split(",") if h.strip()] or spec.get("heads") or None
     reporter = _Reporter(log_json or not sys.stderr.isatty())
+    live = None
+    if report_dir:
+        from .report import LiveReport
+
+        live = LiveReport(str(out), report_dir)
     try:
         summary = run_pipeline(
             paths, out, heads=head_names, model=model or spec.get("model"), backend=backend if backend != "auto" else spec.get("backend", "auto"),
@@ -266,10 +274,14 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
             exports=[e for es in exports for e in es.split(",") if e] or spec.get("exports"), export_dir=export_dir,
             executor=executor or spec.get("executor", "local"), ray_address=ray_address or spec.get("ray_address"),
             ray_actors=ray_actors or spec.get("ray_actors"), force=force,
-            on_event=reporter,
+            on_event=reporter if live is None else (lambda e: (reporter(e), live(e))),
         )
     finally:
         reporter.close()
+        if live is not None and live.writer is not None:
+            live.close()
+            for problem in live.errors[:5]:
+                err_console.print(f"[yellow]warning:[/] {esc(problem)}", highlight=False)
     console.print(_summary_table(summary))
     counts = {s: summary.count(s) for s in ("complete", "resumed", "skipped", "failed")}
     line = " ".join(f"[{STATUS_STYLE[s]}]{s} {n}[/]" for s, n in counts.items())
