@@ -55,6 +55,8 @@ class _Cli(click.Group):
         "evaluate": "engine.fitting.cli:evaluate_command",
         "model": "engine.fitting.cli:model_group",
         "store": "engine.store_cli:store",
+        "show": "engine.show:show_command",
+        "report": "engine.report_cli:report_command",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -245,9 +247,10 @@ def _load_job(path: str | None) -> dict[str, Any]:
 @click.option("--force", is_flag=True, help="Run heads named in --heads even if they were fit on another encoder (recorded).")
 @click.option("--max-series-bytes", metavar="SIZE", help=MAX_SERIES_BYTES_HELP)
 @click.option("--log-json", is_flag=True, help="JSON-lines progress on stderr even on a terminal.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Keep an HTML report of the store in this folder, updated as series complete.")
 def run(archive, out, heads, model, backend, precision, batch_size, workers, queries, job, overwrite, record_paths,
         head_budgets, default_head_budget, exports, export_dir, force, executor, ray_address, ray_actors, max_series_bytes,
-        log_json) -> None:
+        log_json, report_dir) -> None:
     """Run the model and heads over ARCHIVE (folders, .zip files, NIfTI files) into a store.
 
     Exit status: 0 when every series completed, was resumed or skipped; 1 when any series
@@ -264,6 +267,11 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
         raise click.UsageError("give at least one ARCHIVE and --out (or a --job file with 'archives' and 'out')")
     head_names = [h.strip() for hs in heads for h in hs.split(",") if h.strip()] or spec.get("heads") or None
     reporter = _Reporter(log_json or not sys.stderr.isatty())
+    live = None
+    if report_dir:
+        from .report import LiveReport
+
+        live = LiveReport(str(out), report_dir)
     try:
         summary = run_pipeline(
             paths, out, heads=head_names, model=model or spec.get("model"), backend=backend if backend != "auto" else spec.get("backend", "auto"),
@@ -275,10 +283,14 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
             executor=executor or spec.get("executor", "local"), ray_address=ray_address or spec.get("ray_address"),
             ray_actors=ray_actors or spec.get("ray_actors"), force=force,
             max_series_bytes=max_series_bytes or spec.get("max_series_bytes"),
-            on_event=reporter,
+            on_event=reporter if live is None else (lambda e: (reporter(e), live(e))),
         )
     finally:
         reporter.close()
+        if live is not None and live.writer is not None:
+            live.close()
+            for problem in live.errors[:5]:
+                err_console.print(f"[yellow]warning:[/] {esc(problem)}", highlight=False)
     console.print(_summary_table(summary))
     counts = {s: summary.count(s) for s in ("complete", "resumed", "skipped", "failed")}
     line = " ".join(f"[{STATUS_STYLE[s]}]{s} {n}[/]" for s, n in counts.items())
@@ -313,6 +325,9 @@ def scan(archive, as_json, record_paths, max_series_bytes) -> None:
         problems = "; ".join(r.problems)
         table.add_row(esc(short(r.study_uid, 10)), esc(short(r.key)), esc(r.modality), esc(r.description), dims, str(r.n_slices),
                       esc(r.orientation), f"[red]{esc(problems)}[/]" if problems else "")
+    from .dicom.frames import PHI_RULE
+
+    table.caption = f"descriptions: {esc(PHI_RULE)}"
     console.print(table)
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {esc(w)}", highlight=False)

@@ -221,8 +221,68 @@ def weight_files(card: dict[str, Any], folder: Path) -> list[Path]:
     return files
 
 
+# card fields that describe a model but do not change what it computes: provenance, names, and
+# the file names its weights are stored under
+_DESCRIPTIVE = ("name", "version", "description", "license", "training")
+_FILE_NAMES = {"encoder": ("weights",), "text": ("folder", "projection")}
+
+
+def fingerprint_config(card: dict[str, Any]) -> dict[str, Any]:
+    """The part of a model card the fingerprint covers: everything but descriptive fields and
+    weight file names (so a checkpoint imported from .pt or from .safetensors, under any name,
+    gets the fingerprint of its tensors and configuration)."""
+    config = {k: v for k, v in card.items() if k not in _DESCRIPTIVE}
+    for section, names in _FILE_NAMES.items():
+        if isinstance(config.get(section), dict):
+            config[section] = {k: v for k, v in config[section].items() if k not in names}
+    return config
+
+
 def compute_fingerprint(card: dict[str, Any], folder: Path) -> str:
-    """sha256 over the canonical JSON of the card, then each weight file's relative path and bytes."""
+    """sha256 of what the model computes: the configuration part of its card
+    (:func:`fingerprint_config`), then each tensor of its safetensors files (by name: dtype,
+    shape and values, whatever the file's layout) and the bytes of its other files (tokenizer,
+    text config; JSON canonicalised), in a fixed order."""
+    h = hashlib.sha256()
+    h.update(json.dumps(fingerprint_config(card), sort_keys=True, separators=(",", ":")).encode())
+    for role, path in _weight_roles(card, folder):
+        h.update(b"\0" + role.encode() + b"\0")
+        if path.suffix == ".safetensors":
+            _hash_tensors(h, path)
+        elif path.suffix == ".json":
+            try:
+                h.update(json.dumps(json.loads(path.read_text(encoding="utf-8")), sort_keys=True, separators=(",", ":")).encode())
+            except ValueError:
+                h.update(path.read_bytes())
+        else:
+            h.update(path.read_bytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _weight_roles(card: dict[str, Any], folder: Path) -> list[tuple[str, Path]]:
+    """(role, file) of each weight file: the encoder and text projection by role, not file name;
+    the text folder's files by their name inside it."""
+    files = weight_files(card, folder)
+    roles = ["encoder", "text_projection"][: min(len(files), 2 if card.get("text") else 1)]
+    text_dir = folder / card["text"]["folder"] if card.get("text") else None
+    out = list(zip(roles, files))
+    out += [(f"text/{p.relative_to(text_dir).as_posix()}", p) for p in files[len(roles):]] if text_dir else []
+    return out
+
+
+def _hash_tensors(h: Any, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"\0{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def legacy_fingerprint(card: dict[str, Any], folder: Path) -> str:
+    """The fingerprint before it was made format-independent (the whole card, then each weight
+    file's relative path and bytes): what heads fit before then record."""
     h = hashlib.sha256()
     h.update(canonical_json(card))
     for path in weight_files(card, folder):

@@ -19,6 +19,7 @@ import zarr
 
 from .bounded_read import read_text_file
 from .errors import StoreError, UsageError
+from .zarr_text import decode_text, is_text, read_text
 
 INDEX = "index"
 
@@ -146,7 +147,7 @@ def _base_rows_of(index: zarr.Group, key: str) -> np.ndarray:
         from .store import key_hashes  # the store (zarr writer side) loads only when a store is searched
 
         return np.flatnonzero(index["key_hash"][...] == key_hashes([key])[0])
-    return np.flatnonzero(np.asarray(index["series_key"][...], dtype=object) == key)
+    return np.flatnonzero(read_text(index["series_key"]) == key)
 
 
 class _Appended:
@@ -168,7 +169,8 @@ class _Appended:
         if not n or "delta" not in index:
             return out
         delta = index["delta"]
-        cols = {name: delta[name][:n] for name in ("series_key", "key_hash", "searchable", "study_uid", "description", "embedding")}
+        cols = {name: read_text(delta[name], slice(0, n)) if name in ("series_key", "study_uid", "description") else delta[name][:n]
+                for name in ("series_key", "key_hash", "searchable", "study_uid", "description", "embedding")}
         latest: dict[str, int] = {}
         for i, key in enumerate(cols["series_key"].tolist()):
             latest[str(key)] = i
@@ -296,4 +298,5 @@ def _rows(index: zarr.Group, name: str, idx: np.ndarray) -> list[str]:
     """Strings of column ``name`` at rows ``idx`` (empty strings when the column is absent)."""
     if name not in index or len(idx) == 0:
         return [""] * len(idx)
-    return [str(v) for v in index[name].oindex[np.asarray(idx, dtype=np.int64)]]
+    rows = index[name].oindex[np.asarray(idx, dtype=np.int64)]
+    return [str(v) for v in (decode_text(rows) if is_text(index[name]) else rows)]

@@ -47,6 +47,7 @@ from .store_lock import (LOCK_NAME, LockMixin, _ago, _create_exclusive, _create_
                          _holder_state, _locked_message, _pid_alive, _unsupported_conditional, lock_stale_seconds)
 from .zarr_nodes import (SMALL_BYTES, WRITE_ALL, NodeUnreadable, array_documents, group_document, mask_chunks, now,  # noqa: F401 (now: public here)
                          store_codecs)
+from .zarr_text import TEXT_ATTR, encode_text, is_text, read_text
 
 FORMAT_VERSION = 2  # 2: checksummed chunks, store lock, run status interrupted/abandoned
 STATUSES = SERIES_STATUSES  # what write_series writes
@@ -323,7 +324,7 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
         try:
             node = self.root["series"][key][head][output]
             if isinstance(node, zarr.Group):
-                return {name: arr[...] for name, arr in node.arrays()} | {"attrs": dict(node.attrs)}
+                return {name: read_text(arr) if is_text(arr) else arr[...] for name, arr in node.arrays()} | {"attrs": dict(node.attrs)}
             return node[...]
         except KeyError:
             raise
@@ -420,7 +421,8 @@ def _write_outputs(group: zarr.Group, outputs: list[OutputArray], shape: tuple[i
             small(f"{path}/scores", np.asarray(v["scores"], dtype=np.float32).reshape(n), None)
             for extra in ("labels", "queries"):
                 if extra in v:
-                    small(f"{path}/{extra}", np.asarray(v[extra], dtype=str).reshape(n), None)
+                    # text as a core data type (engine.zarr_text): every Zarr v3 reader decodes it
+                    small(f"{path}/{extra}", encode_text(np.asarray(v[extra], dtype=str).reshape(n)), dict(TEXT_ATTR))
         elif decl["kind"] == "mask":
             arr = np.asarray(out.value)
             meta.update({"affine": geometry.get("affine"), "dtype": str(arr.dtype)})

@@ -17,14 +17,18 @@ import zarr
 from .enums import ROW_STATUSES
 from .faults import killpoint
 from .zarr_nodes import WRITE_ALL, NodeUnreadable, now, store_codecs, write_array
+from .zarr_text import TEXT_ATTR, encode_text, read_text
 
 if TYPE_CHECKING:
     from .store import OutputArray, ResultStore
 
-INDEX_FORMAT = 3  # 3: status table (index/series), appended rows (index/delta), key hashes
+INDEX_FORMAT = 4  # 3: status table (index/series), appended rows (index/delta), key hashes; 4: text as UTF-8 uint8
 DELTA_CHUNK = 1024  # rows per chunk of appended index rows: an append rewrites at most one chunk
 SMALL_INDEX = 4096  # an index this small is rewritten whole on update (cheap, and stays one chunk)
 STRING_ROWS = 1024  # rows per chunk of the index's string columns
+# widths (UTF-8 bytes) of appended text columns: keys are at most 128 characters, UIDs 64, and a
+# DICOM description 64 characters; a longer value makes the next update rewrite the index whole
+DELTA_TEXT_WIDTH = {"series_key": 128, "study_uid": 128, "description": 256}
 COMPACT_FRACTION = 8  # appended rows past 1/8 of the compacted ones: rewrite whole
 
 
@@ -161,10 +165,11 @@ class IndexMixin:
         keys = sorted(rows)
         search = [k for k in keys if rows[k].searchable]
         # strings in chunks of STRING_ROWS: naming the top hits decodes a few chunks, not 10^5 strings
-        write_array(index, "series_key", np.asarray(search, dtype=str), chunk_rows=STRING_ROWS)
+        # text as zero-padded UTF-8 in uint8 (engine.zarr_text): a core data type every Zarr v3 reader decodes
+        write_array(index, "series_key", encode_text(search), dict(TEXT_ATTR), chunk_rows=STRING_ROWS)
         killpoint("index-rebuild")
-        write_array(index, "study_uid", np.asarray([rows[k].study for k in search], dtype=str), chunk_rows=STRING_ROWS)
-        write_array(index, "description", np.asarray([rows[k].description for k in search], dtype=str), chunk_rows=STRING_ROWS)
+        write_array(index, "study_uid", encode_text([rows[k].study for k in search]), dict(TEXT_ATTR), chunk_rows=STRING_ROWS)
+        write_array(index, "description", encode_text([rows[k].description for k in search]), dict(TEXT_ATTR), chunk_rows=STRING_ROWS)
         write_array(index, "key_hash", key_hashes(search))
         embeddings = [rows[k].embedding for k in search] if source else []
         if embeddings:
@@ -176,7 +181,7 @@ class IndexMixin:
         hashes = key_hashes(keys)
         order = np.argsort(hashes, kind="stable")
         table = index.create_group("series")
-        write_array(table, "series_key", np.asarray([keys[i] for i in order], dtype=str))
+        write_array(table, "series_key", encode_text([keys[i] for i in order]), dict(TEXT_ATTR))
         write_array(table, "key_hash", hashes[order])
         write_array(table, "status", np.asarray([ROW_STATUSES.index(rows[keys[i]].status) for i in order], dtype=np.uint8))
         write_array(table, "heads", np.asarray([_head_set_id(head_sets, rows[keys[i]].heads) for i in order], dtype=np.int32))
@@ -193,13 +198,13 @@ class IndexMixin:
         head_sets = list(attrs.get("head_sets") or [])
         keys = sorted(touched)
         rows = [touched[k] for k in keys]
-        columns: dict[str, np.ndarray] = {
-            "series_key": np.asarray(keys, dtype=str), "key_hash": key_hashes(keys),
+        columns: dict[str, Any] = {
+            "series_key": keys, "key_hash": key_hashes(keys),
             "status": np.asarray([ROW_STATUSES.index(r.status) for r in rows], dtype=np.uint8),
             "heads": np.asarray([_head_set_id(head_sets, r.heads) for r in rows], dtype=np.int32),
             "searchable": np.asarray([r.searchable for r in rows], dtype=np.uint8),
-            "study_uid": np.asarray([r.study for r in rows], dtype=str),
-            "description": np.asarray([r.description for r in rows], dtype=str),
+            "study_uid": [r.study for r in rows],
+            "description": [r.description for r in rows],
         }
         if source:
             dim = int(index["embedding"].shape[1])
@@ -208,6 +213,11 @@ class IndexMixin:
         delta = index["delta"] if "delta" in index else index.create_group("delta")
         n, m = int(attrs.get("delta_rows") or 0), len(keys)
         for name, values in columns.items():
+            if name in DELTA_TEXT_WIDTH:  # fixed width; a longer value raises and the caller rewrites the index
+                width = int(delta[name].shape[1]) if name in delta and len(delta[name].shape) == 2 else DELTA_TEXT_WIDTH[name]
+                values = encode_text(values, width)
+            else:
+                values = np.asarray(values)
             arr = delta[name] if name in delta else _appendable(delta, name, values)
             arr.resize((n + m, *values.shape[1:]))
             arr[n:n + m] = values
@@ -221,8 +231,8 @@ class IndexMixin:
         head_sets = attrs.get("head_sets") or []
         table = index["series"]
         rows = {str(k): _Row(ROW_STATUSES[int(s)], heads=dict(head_sets[int(h)]))
-                for k, s, h in zip(table["series_key"][...], table["status"][...], table["heads"][...])}
-        columns = [[str(v) for v in index[name][...]] for name in ("series_key", "study_uid", "description")]
+                for k, s, h in zip(read_text(table["series_key"]), table["status"][...], table["heads"][...])}
+        columns = [[str(v) for v in read_text(index[name])] for name in ("series_key", "study_uid", "description")]
         matrix = np.asarray(index["embedding"][...], dtype=np.float32) if attrs.get("embedding_source") else None
         if len({len(c) for c in columns}) != 1 or (matrix is not None and len(matrix) != len(columns[0])):
             raise ValueError("index columns of different lengths")
@@ -233,7 +243,7 @@ class IndexMixin:
         n = int(attrs.get("delta_rows") or 0)
         if n:
             delta = index["delta"]
-            cols = {name: delta[name][:n] for name in delta.array_keys()}
+            cols = {name: read_text(delta[name], slice(0, n)) if name in DELTA_TEXT_WIDTH else delta[name][:n] for name in delta.array_keys()}
             for i in range(n):
                 rows[str(cols["series_key"][i])] = _Row(
                     ROW_STATUSES[int(cols["status"][i])], str(cols["study_uid"][i]), str(cols["description"][i]),
@@ -354,9 +364,9 @@ def key_hashes(keys: list[str]) -> np.ndarray:
 
 
 def _appendable(group: zarr.Group, name: str, values: np.ndarray) -> zarr.Array:
-    dtype = str if values.dtype.kind == "U" else values.dtype
-    return group.create_array(name, shape=(0, *values.shape[1:]), chunks=(DELTA_CHUNK, *values.shape[1:]), dtype=dtype,
-                              fill_value="" if dtype is str else 0, compressors=store_codecs(dtype is str), config=WRITE_ALL)
+    text = name in DELTA_TEXT_WIDTH
+    return group.create_array(name, shape=(0, *values.shape[1:]), chunks=(DELTA_CHUNK, *values.shape[1:]), dtype=values.dtype,
+                              fill_value=0, compressors=store_codecs(text), config=WRITE_ALL, attributes=dict(TEXT_ATTR) if text else None)
 
 
 class IndexView:

@@ -19,6 +19,7 @@ from .enums import FINAL_STATUSES
 from .errors import StoreError
 from .geometry import world_bounds
 from .store import DAMAGED, ResultStore
+from .zarr_text import is_text, read_text
 
 _KEY = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_REPORTED = 20  # status-table disagreements named one by one; more are counted
@@ -185,6 +186,8 @@ def _check_boxes(node: Any, p: str, bounds: np.ndarray | None) -> list[str]:
     problems = []
     for name, arr in arrays.items():
         want = (n, 6) if name in ("world", "voxel") else (n,)
+        if is_text(arr) and tuple(arr.shape[:1]) == (n,):  # a text column: (n, width) UTF-8 bytes
+            continue
         if tuple(arr.shape) != want:
             problems.append(f"{p}/{name}: shape {tuple(arr.shape)}, expected {want}")
     if problems or not n:
@@ -220,7 +223,7 @@ def _check_index_rows(index: zarr.Group, attrs: dict[str, Any], complete: set[st
     arrays = dict(index.arrays())
     if "series_key" not in arrays:
         return ["/index/series_key: missing"]
-    keys = [str(k) for k in arrays["series_key"][...]]
+    keys = [str(k) for k in read_text(arrays["series_key"])]
     if len(set(keys)) != len(keys):
         problems.append("/index/series_key: duplicate keys")
     if "embedding" in arrays and arrays["embedding"].shape[0] != len(keys):
@@ -242,7 +245,7 @@ def _searchable_keys(index: zarr.Group, attrs: dict[str, Any], keys: list[str]) 
     n = int(attrs.get("delta_rows") or 0)
     if n and "delta" in index:
         delta = index["delta"]
-        for key, searchable in zip(delta["series_key"][:n].tolist(), delta["searchable"][:n].tolist()):
+        for key, searchable in zip(read_text(delta["series_key"], slice(0, n)).tolist(), delta["searchable"][:n].tolist()):
             (out.add if searchable else out.discard)(str(key))
     return out
 

@@ -56,9 +56,9 @@ def small_array_kwargs(value: np.ndarray, attributes: dict[str, Any] | None, chu
     dtype = str if value.dtype.kind in "UT" else value.dtype
     # one chunk per small array; zarr wants chunk sides >= 1, and "auto" for 0-d arrays
     chunks: Any = tuple(max(1, s) for s in value.shape) if value.ndim else "auto"
-    if chunk_rows and value.ndim == 1:
-        chunks = (max(1, min(chunk_rows, value.shape[0])),)
-    compress = dtype is str or value.nbytes >= SMALL_BYTES
+    if chunk_rows and value.ndim in (1, 2):
+        chunks = (max(1, min(chunk_rows, value.shape[0])), *value.shape[1:])
+    compress = dtype is str or value.nbytes >= SMALL_BYTES or bool((attributes or {}).get("text"))
     return {"shape": value.shape, "dtype": dtype, "chunks": chunks, "fill_value": "" if dtype is str else 0,
             "compressors": store_codecs(compress), "config": WRITE_ALL, "attributes": attributes}
 

@@ -286,3 +286,26 @@ def test_a_fit_waits_for_features_another_fit_is_writing_and_reuses_them(labelle
     waiter.join(timeout=60)
     assert second.encoded == 0 and first.encoded == 1  # encoded once, read by both
     np.testing.assert_array_equal(got["f"].cls, first._read(key, False).cls)
+
+
+def test_the_fit_hint_installs_the_package_by_its_path(tmp_path, monkeypatch):
+    """'pip install region-head' would ask the package index; the hint names the folder."""
+    import shlex
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from engine.fitting import fitter
+    from engine.fitting.cli import fit_command
+
+    package = tmp_path / "my heads" / "region-head" / "region_head"
+    fake = SimpleNamespace(name="region", package=package, encoded=0, seconds={"features": 0.0, "fit": 0.0}, metrics={"accuracy": 1.0},
+                           floor=None, manifest={"fit": {"data": {"validation_series": 1}}})
+    monkeypatch.setattr(fitter, "fit", lambda *a, **k: fake)
+    (tmp_path / "my heads").mkdir()
+    monkeypatch.chdir(tmp_path / "my heads")  # --out relative, in a folder whose name needs quoting
+    res = CliRunner().invoke(fit_command, ["classify", "--data", str(tmp_path), "--out", "region-head"])
+    assert res.exit_code == 0, res.output
+    line = next(line for line in res.output.splitlines() if "pip install" in line)
+    target = shlex.split(line.split("pip install", 1)[1])
+    assert target == [str(package.parent.resolve())]

@@ -82,3 +82,36 @@ def test_record_paths_is_the_explicit_opt_in(archive, tmp_path):
     result = CliRunner().invoke(cli, ["run", str(archive), "--out", str(out), "--record-paths", *RUN])
     assert result.exit_code in (0, 1), result.output
     assert any("secret-ward" in t for t in _texts(out))
+
+
+@pytest.mark.parametrize("description, name, expected", [
+    ("Product EPI Sag Ascending", "SAG^JOHN", "Product EPI Sag Ascending"),  # a short name part alone is a word
+    ("T1 John Sag Ax", "SAG^JOHN", "T1 [removed] Ax"),  # beside the full name it goes too
+    ("John Sag; Sag T2", "SAG^JOHN", "[removed]; [removed] T2"),
+    ("Sagittal John", "SAG^JOHN", "Sagittal [removed]"),  # a longer part: as a whole word
+    ("Johnson protocol", "SAG^JOHN", "Johnson protocol"),  # never inside another word
+    ("T1 Li", "LI", "T1 [removed]"),  # a one-part name is the full name
+])
+def test_name_parts_are_removed_as_whole_words_and_short_ones_only_beside_the_full_name(description, name, expected):
+    from pydicom import Dataset
+
+    from engine.dicom.frames import patient_identifiers, scrub
+
+    ds = Dataset()
+    ds.PatientName, ds.PatientID = name, "ID-77"
+    assert scrub(description, patient_identifiers(ds)) == expected
+
+
+def test_scan_shows_the_description_rule(tmp_path):
+    from engine.dicom.frames import PHI_RULE
+
+    folder = tmp_path / "a"
+    _, affine = make_grid("axial", (0.0, 0.0, 0.0), shape=(8, 8, 3), spacing=(4.0, 4.0, 4.0))
+    write_dicom_series(folder, np.ones((8, 8, 3), np.float32), affine, study_uid=derive_uid(3, "rule", "study"),
+                       series_uid=derive_uid(3, "rule", "s"), description="Product EPI Sag Ascending",
+                       patient=Patient(name="SAG^JOHN", id="X1", birth_date="19800101"))
+    res = CliRunner().invoke(cli, ["scan", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert " ".join(PHI_RULE.split()[:6]) in " ".join(res.output.split())
+    listed = json.loads(CliRunner().invoke(cli, ["scan", str(folder), "--json"]).output)
+    assert [s["description"] for s in listed["series"]] == ["Product EPI Sag Ascending"]

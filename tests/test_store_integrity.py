@@ -252,9 +252,9 @@ def test_a_truncated_root_raises_store_error_naming_the_file(path):
 
 # ---- index -----------------------------------------------------------------------------------
 def test_a_garbage_index_chunk_is_reported_and_rebuilt(path):
-    (path / "index/series_key/c/0").write_bytes(os.urandom(64))
+    (path / "index/series_key/c/0/0").write_bytes(os.urandom(64))  # text columns are (rows, width)
     assert any(p.startswith("/index") for p in validate_store(path))
-    assert any(p.startswith("/index/series_key/c/0: checksum mismatch") for p in validate_store(path, deep=True))
+    assert any(p.startswith("/index/series_key/c/0/0: checksum mismatch") for p in validate_store(path, deep=True))
     store = ResultStore(path, mode="a")
     assert store.rebuild_index() == 2
     assert validate_store(path, deep=True) == []

@@ -5,6 +5,7 @@ group (``model import``). Each calls a library function; the main CLI adds them 
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any
 
 import click
@@ -64,7 +65,9 @@ def fit_command(kind, data, out, archive, model, backend, name, targets, classes
     console.print(table)
     console.print(f"features {result.seconds['features']}s ({result.encoded} views encoded), fit {result.seconds['fit']}s")
     if result.package:
-        console.print(f"wrote {result.package.parent} — pip install {result.package.parent}")
+        # a path pip cannot take for a package name ("pip install region-head" asks the index)
+        folder = result.package.parent.resolve()
+        click.echo(f"wrote {folder}\ninstall it with: pip install {shlex.quote(str(folder))}")
 
 
 @click.command("evaluate")

@@ -3,6 +3,11 @@
 Each series writes its rows to ``parts/<key>/<kind>.parquet`` (so a resumed export redoes only
 changed series); ``finish`` concatenates the parts of every exported series. Rows are keyed by
 study and series UID and carry the run id, head and head version, and the model fingerprint.
+
+``finish`` also writes ``series.parquet``/``.csv``: one row per series group of the store, failed
+and skipped ones too (description, orientation, shape, spacing, status, reason, run id, model
+fingerprint, distribution flag), so every other table joins it on ``series_uid`` without losing
+a row. A series whose source has no UIDs (NIfTI) has its series key as ``series_uid``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ class TableExporter:
         model_fp = ctx.model(key).get("fingerprint")
         for head, output, meta in ctx.outputs(key, list(_OUTPUT_KIND)):
             record = (attrs.get("heads") or {}).get(head, {})
-            base = {"study_uid": attrs.get("study_uid") or "", "series_uid": attrs.get("series_uid") or "",
+            # a source without UIDs (NIfTI) is keyed by its series key, so joins on series_uid stay one-to-one
+            base = {"study_uid": attrs.get("study_uid") or "", "series_uid": attrs.get("series_uid") or key,
                     "series_key": key, "run_id": record.get("run_id") or attrs.get("run_id"), "head": head,
                     "head_version": meta.get("head_version") or record.get("version"), "output": output,
                     "model_fingerprint": model_fp}
@@ -70,7 +76,53 @@ class TableExporter:
                 table = table.set_column(table.schema.get_field_index("embedding"), "embedding", pa.array(vec))
             pcsv.write_csv(table, ctx.out_dir / f"{kind}.csv")
             written += [ctx.out_dir / f"{kind}.parquet", ctx.out_dir / f"{kind}.csv"]
-        return written
+        return written + _series_table(ctx)
+
+
+SERIES_COLUMNS = ("series_uid", "study_uid", "series_key", "description", "modality", "orientation", "shape", "spacing",
+                  "status", "reason", "run_id", "model_fingerprint", "distribution_score", "distribution_threshold",
+                  "out_of_distribution")
+
+
+def _series_table(ctx: ExportContext) -> list[Path]:
+    """series.parquet and series.csv: every series group of the store (shape and spacing are
+    lists in Parquet, 'x'-joined text in CSV)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    rows = []
+    for key, attrs in ctx.store.iter_series():
+        geo = attrs.get("geometry") or {}
+        dist = attrs.get("distribution") if isinstance(attrs.get("distribution"), dict) else {}
+        ood = dist.get("out_of_distribution")
+        rows.append({
+            "series_uid": attrs.get("series_uid") or key, "study_uid": attrs.get("study_uid") or "", "series_key": key,
+            "description": attrs.get("description") or "", "modality": attrs.get("modality"),
+            "orientation": geo.get("orientation"), "shape": [int(x) for x in geo.get("shape") or []] or None,
+            "spacing": [float(x) for x in geo.get("spacing") or []] or None, "status": attrs.get("status"),
+            "reason": attrs.get("reason"), "run_id": attrs.get("run_id"),
+            "model_fingerprint": (ctx.model(key) or {}).get("fingerprint") if attrs.get("run_id") else None,
+            "distribution_score": _float(dist.get("score")), "distribution_threshold": _float(dist.get("threshold")),
+            "out_of_distribution": None if ood is None else bool(ood),
+        })
+    schema = pa.schema([(c, pa.list_(pa.int64()) if c == "shape" else pa.list_(pa.float64()) if c == "spacing"
+                         else pa.float64() if c.startswith("distribution_") else pa.bool_() if c == "out_of_distribution"
+                         else pa.string()) for c in SERIES_COLUMNS])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, ctx.out_dir / "series.parquet")
+    for name in ("shape", "spacing"):
+        text = ["x".join(f"{x:g}" for x in v) if v else None for v in table.column(name).to_pylist()]
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(text, pa.string()))
+    pcsv.write_csv(table, ctx.out_dir / "series.csv")
+    return [ctx.out_dir / "series.parquet", ctx.out_dir / "series.csv"]
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _rows(kind: str, value: Any, meta: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
