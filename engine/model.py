@@ -220,9 +220,12 @@ def weight_files(card: dict[str, Any], folder: Path) -> list[Path]:
 
 
 def compute_fingerprint(card: dict[str, Any], folder: Path) -> str:
-    """sha256 over the canonical JSON of the card, then each weight file's relative path and bytes."""
+    """sha256 over the canonical JSON of the card, then each weight file's relative path and bytes.
+    The card's ``distribution`` section is left out: it changes no feature, so calibrating a model
+    keeps every head fit on it."""
     h = hashlib.sha256()
-    h.update(json.dumps(card, sort_keys=True, separators=(",", ":")).encode())
+    hashed = {k: v for k, v in card.items() if k != "distribution"}
+    h.update(json.dumps(hashed, sort_keys=True, separators=(",", ":")).encode())
     for path in weight_files(card, folder):
         h.update(b"\0" + path.relative_to(folder).as_posix().encode() + b"\0")
         with open(path, "rb") as fh:
