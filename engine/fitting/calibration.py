@@ -116,7 +116,7 @@ def calibrate(model_dir: str | Path | None, archives: list[str | Path], *, keep:
     section: dict[str, Any] = {
         "statistics": STATISTICS_FILE, "pooling": POOLING, "score": "mahalanobis", "threshold": round(stats.threshold, 4),
         "keep_fraction": keep, "shrinkage": round(info["shrinkage"], 6),
-        "fit": {"archives": [Path(a).name for a in archives], "series": len(refs), "studies": len(studies),
+        "fit": {"archives": ["/".join(Path(a).resolve().parts[-2:]) for a in archives], "series": len(refs), "studies": len(studies),
                 "train_series": int((~held).sum()), "heldout_series": int(held.sum()), "heldout_studies": len(held_studies),
                 "split_seed": seed, "heldout_kept": round(info["heldout_kept"], 4),
                 "heldout_scores": {k: round(v, 4) if isinstance(v, float) else v for k, v in info["heldout_scores"].items()},
