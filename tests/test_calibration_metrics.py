@@ -46,3 +46,22 @@ def test_otsu_matches_scikit_image_and_the_head_mask_fills_and_keeps_one_compone
     vol[2:4, 2:4, 2:4] = 100  # a bright speck outside the head
     mask = head_mask(vol)
     assert dice(mask, head) > 0.99 and not mask[2:4, 2:4, 2:4].any()
+
+
+def test_the_real_set_lists_what_it_found_and_what_is_missing(tmp_path):
+    import json
+    from pathlib import Path
+
+    from engine.fitting.real_set import SET_FILE, build_real_set
+
+    bare = build_real_set(tmp_path / "none")
+    assert {"dcm_qa_ts", "dcm_qa_enh", "MNI152 (nilearn wheel)", "Colin27 (mricron-data)"} <= set(bare["missing"])
+    here = Path(__file__).resolve()
+    shared = next((p / "shared" / "data" for p in (here.parents[2], here.parents[3]) if (p / "shared" / "data").is_dir()), here.parents[2] / "shared" / "data")
+    if not (shared / "dcm_qa_ts").is_dir():
+        pytest.skip(f"dcm2niix's validation sets are not at {shared}")
+    found = build_real_set(tmp_path / "real", shared=shared)
+    sources = [e["source"] for e in found["series"]]
+    assert any("dcm_qa_ts" in s for s in sources) and any("dcm_qa_enh" in s for s in sources)
+    assert all(e["region"] == "brain" and e["healthy"] for e in found["series"])
+    assert json.loads((tmp_path / "real" / SET_FILE).read_text()) == found
