@@ -64,8 +64,10 @@ def calibrate_head(head_dir: str | Path, data: str | Path, *, archive: str | Pat
         raw = {k: v.numpy() for k, v in net(x).items()}
     record: dict[str, Any] = {"data": labels.source, "series": len(pairs), "studies": len({lab.study_uid for _, lab in pairs}),
                               "method": "temperature scaling (NLL), ECE over 10 equal-width confidence bins"}
+    declared = {d["name"]: d.get("labels") for d in manifest.get("outputs", [])}
     for o in outputs:
-        idx = {c: i for i, c in enumerate(o["labels"])}
+        # the net's rows follow the declared labels (the contrib head reorders them), else the fit's
+        idx = {c: i for i, c in enumerate(declared.get(o["name"]) or o["labels"])}
         y = np.asarray([idx.get(lab.values.get(o["column"]), -1) for _, lab in pairs])
         ok = y >= 0
         logits = raw[o["name"]][ok]
