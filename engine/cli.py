@@ -434,6 +434,9 @@ def inspect(store, as_json, limit) -> None:
     console.print(f"model {esc(model.get('name'))} {esc(str(model.get('fingerprint') or '')[:23])}…")
     counts = info.get("series") or {}
     console.print("series: " + (", ".join(f"{styled(k)} {v}" for k, v in sorted(counts.items())) or "none"))
+    flagged = {r: n for r, n in (info.get("out_of_distribution") or {}).items() if n}
+    if flagged:
+        console.print("[magenta]" + "; ".join(f"out of distribution {n} (run {esc(r)})" for r, n in flagged.items()) + "[/]")
     table = Table(title="runs")
     for col in ("run", "status", "backend", "heads", "series", "seconds"):
         table.add_column(col, overflow="fold")
