@@ -52,6 +52,7 @@ class _Cli(click.Group):
         "export": "engine.export:export_command",
         "bench": "engine.bench:bench",
         "fit": "engine.fitting.cli:fit_command",
+        "fit-temperature": "engine.fitting.cli:fit_temperature_command",
         "evaluate": "engine.fitting.cli:evaluate_command",
         "model": "engine.fitting.cli:model_group",
         "store": "engine.store_cli:store",
@@ -296,6 +297,8 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
     line = " ".join(f"[{STATUS_STYLE[s]}]{s} {n}[/]" for s, n in counts.items())
     if summary.skipped_files:
         line += f"  [yellow]files skipped {summary.skipped_files}[/] (reasons in the warnings above and in the run record)"
+    if summary.out_of_distribution:
+        line += f"  [magenta]out of distribution {summary.out_of_distribution}[/] (outputs written; unlike the model's training data)"
     if summary.interrupted:
         line += "  [yellow]interrupted[/]: rerun the same command to resume"
     console.print(line)
@@ -456,12 +459,17 @@ def inspect(store, as_json, limit) -> None:
     console.print(f"model {esc(model.get('name'))} {esc(str(model.get('fingerprint') or '')[:23])}…")
     counts = info.get("series") or {}
     console.print("series: " + (", ".join(f"{styled(k)} {v}" for k, v in sorted(counts.items())) or "none"))
+    flagged = {r: n for r, n in (info.get("out_of_distribution") or {}).items() if n}
+    if flagged:
+        console.print("[magenta]" + "; ".join(f"out of distribution {n} (run {esc(r)})" for r, n in flagged.items()) + "[/]")
     table = Table(title="runs")
     for col in ("run", "status", "backend", "heads", "series", "seconds"):
         table.add_column(col, overflow="fold")
     for run_id, attrs in s.runs().items():
         c = attrs.get("counts") or {}
         counts = " ".join(f"[{STATUS_STYLE[k]}]{k} {c[k]}[/]" for k in STATUS_STYLE if isinstance(c.get(k), int) and c.get(k))
+        if c.get("out_of_distribution"):
+            counts += f" [magenta]out of distribution {c['out_of_distribution']}[/]"
         table.add_row(esc(run_id), styled(attrs.get("status", "")), esc((attrs.get("backend") or {}).get("name", "")),
                       esc(", ".join(attrs.get("heads") or {})), counts, esc((attrs.get("timings") or {}).get("seconds", "")))
     console.print(table)
@@ -479,6 +487,8 @@ def inspect(store, as_json, limit) -> None:
         heads = attrs.get("heads") or {}
         outputs = sum(len(h.get("outputs") or []) for h in heads.values() if isinstance(h, dict))
         detail = attrs.get("reason") or f"{_plural(outputs, 'output')} from {_plural(len(heads), 'head')}"
+        if (attrs.get("distribution") or {}).get("out_of_distribution"):
+            detail += f" (out of distribution: score {attrs['distribution']['score']} > {attrs['distribution']['threshold']})"
         table.add_row(esc(short(key)), esc(attrs.get("description", "")), esc(geo.get("orientation", "")),
                       "x".join(map(str, geo.get("shape") or [])), styled(attrs.get("status")), esc(detail))
     console.print(table)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from .distribution import UNSCORED, DistributionModel, pooled_features
 from .enums import VIEW_KINDS
 from .errors import HeadBudgetExceeded, HeadError, UsageError, one_line
 from .features import Features, HeadInput, TextFeatures
@@ -37,6 +38,7 @@ class SeriesOutputs:
     key: str
     outputs: list[OutputArray] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    distribution: dict[str, Any] = field(default_factory=lambda: dict(UNSCORED))
 
 
 def _chunks(items: list, size: int):
@@ -106,8 +108,10 @@ class Inference:
 
     def __init__(self, backend: Any, heads: dict[str, Head], text: TextFeatures | None, batch_size: int = 4, *,
                  budgets: dict[str, float | None] | None = None, default_budget: float | None = None,
-                 max_overruns: int = MAX_OVERRUNS, on_event: Callable[[dict[str, Any]], None] | None = None):
+                 max_overruns: int = MAX_OVERRUNS, on_event: Callable[[dict[str, Any]], None] | None = None,
+                 distribution: DistributionModel | None = None):
         self.backend = backend
+        self.distribution = distribution
         self.heads = heads
         self.text = text
         self.batch_size = max(1, int(batch_size))
@@ -126,6 +130,8 @@ class Inference:
 
     def view_kinds(self) -> tuple[str, ...]:
         kinds = {h.spec["inputs"]["view"] for h in self.heads.values()}
+        if self.distribution is not None:
+            kinds.add("global")  # the distribution score pools the global view's features
         return tuple(k for k in VIEW_KINDS if k in kinds)
 
     def close(self) -> None:
@@ -155,6 +161,10 @@ class Inference:
         feats = dict(zip(slots, self._encode(images))) if images else {}
 
         results = [SeriesOutputs(p.key) for p in batch]
+        if self.distribution is not None:
+            for s, res in enumerate(results):
+                window_feats = [f for slot, f in feats.items() if slot[0] == s and slot[1] == "global"]
+                res.distribution = self.distribution.judge(pooled_features(window_feats) if window_feats else None)
         for name, head in self.heads.items():
             kind = head.spec["inputs"]["view"]
             items = [slot for slot in slots if slot[1] == kind and (only is None or only[slot[0]] is None or name in only[slot[0]])]

@@ -223,7 +223,9 @@ def weight_files(card: dict[str, Any], folder: Path) -> list[Path]:
 
 # card fields that describe a model but do not change what it computes: provenance, names, and
 # the file names its weights are stored under
-_DESCRIPTIVE = ("name", "version", "description", "license", "training")
+# (and the out-of-distribution statistics: calibrating a model changes no feature, so it keeps
+# every head fit on it)
+_DESCRIPTIVE = ("name", "version", "description", "license", "training", "distribution")
 _FILE_NAMES = {"encoder": ("weights",), "text": ("folder", "projection")}
 
 
@@ -284,7 +286,7 @@ def legacy_fingerprint(card: dict[str, Any], folder: Path) -> str:
     """The fingerprint before it was made format-independent (the whole card, then each weight
     file's relative path and bytes): what heads fit before then record."""
     h = hashlib.sha256()
-    h.update(canonical_json(card))
+    h.update(canonical_json({k: v for k, v in card.items() if k != "distribution"}))
     for path in weight_files(card, folder):
         h.update(b"\0" + path.relative_to(folder).as_posix().encode() + b"\0")
         with open(path, "rb") as fh:

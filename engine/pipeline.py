@@ -33,6 +33,7 @@ from .executors.stages import prepare_run as _prepare_run
 from .executors.stages import series_attrs as _series_attrs  # noqa: F401 (engine.bench reads it here)
 from .faults import killpoint
 from .inference import Inference
+from .distribution import distribution_for
 from .store import ResultStore, is_remote, now
 
 Event = dict[str, Any]
@@ -56,6 +57,11 @@ class RunSummary:
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
+
+    @property
+    def out_of_distribution(self) -> int:
+        """Series this run scored as unlike the model's training data (their outputs are written)."""
+        return sum(r.out_of_distribution is True for r in self.results)
 
     @property
     def exit_code(self) -> int:
@@ -168,7 +174,10 @@ def run(
     mdl, enc, reason, loaded, text, warnings = _prepare_run(model, backend, precision, batch_size, heads, params, queries, force)
     # each head's fingerprint covers its manifest, weights, parameters and code
     head_info, fingerprint, head_fps = fingerprints(mdl, loaded, params)
-    inference = Inference(enc, loaded, text, batch_size, budgets=budgets, default_budget=default_budget, on_event=emit)
+    distribution, unscored = distribution_for(mdl)
+    warnings.extend(unscored)
+    inference = Inference(enc, loaded, text, batch_size, budgets=budgets, default_budget=default_budget, on_event=emit,
+                          distribution=distribution)
 
     found = scan(paths, max_series_bytes=max_series_bytes, **({"record_paths": True} if record_paths else {}))
     refs = list(found.series)
@@ -196,7 +205,7 @@ def run(
     finally:
         runner.close()
     emit({"event": "done", "run_id": run_id, "seconds": round(summary.seconds, 3), "interrupted": summary.interrupted,
-          **{s: summary.count(s) for s in RESULT_STATUSES}})
+          **{s: summary.count(s) for s in RESULT_STATUSES}, "out_of_distribution": summary.out_of_distribution})
     return summary
 
 
@@ -212,7 +221,8 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
                    "batch_size": plan.batch_size, "workers": plan.workers, "overwrite": plan.overwrite, "queries": setup.queries,
                    "params": setup.params, "record_paths": plan.record_paths, "executor": runner.name,
                    "max_series_bytes": plan.max_series_bytes},
-        "model": {"name": mdl.card.get("name"), "path": str(mdl.folder), "fingerprint": mdl.fingerprint},
+        "model": {"name": mdl.card.get("name"), "path": str(mdl.folder), "fingerprint": mdl.fingerprint,
+                  "distribution": {k: v for k, v in (mdl.card.get("distribution") or {}).items() if k in ("threshold", "statistics_sha256")} or None},
         "heads": {h["name"]: {"version": h["version"], "plugin": h["plugin"], "weights_sha256": h["weights_sha256"],
                               "code_sha256": h["code_sha256"], "budget_seconds": inference.budgets.get(h["name"])} for h in head_info},
         "backend": {"name": enc.name, "reason": reason, **enc.describe()},
@@ -248,7 +258,8 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
         "finished": now(),
         # load is summed over loader processes; wait_for_load is what inference spent waiting for it
         "timings": {"seconds": round(summary.seconds, 3), **{k: round(v, 3) for k, v in summary.stages.items()}},
-        "counts": {s: summary.count(s) for s in RESULT_STATUSES} | {"files_skipped": skipped_files},
+        "counts": {s: summary.count(s) for s in RESULT_STATUSES} | {"files_skipped": skipped_files,
+                                                                   "out_of_distribution": summary.out_of_distribution},
         "warnings": summary.warnings,
         "index_rows": n_index,
         "workers": summary.workers,
@@ -289,7 +300,7 @@ def _reporter(refs: list[Any], summary: RunSummary, emit: Callable[[Event], None
         with lock:
             summary.results.append(result)
         emit({"event": "series", "key": result.key, "study": result.study_uid, "status": result.status,
-              "reason": result.reason, "seconds": round(result.seconds, 3)})
+              "reason": result.reason, "seconds": round(result.seconds, 3), "out_of_distribution": result.out_of_distribution})
 
     return done
 

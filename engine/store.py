@@ -65,6 +65,7 @@ class OutputArray:
     head_version: str
     decl: dict[str, Any]
     value: Any  # np.ndarray, or dict of arrays/lists for boxes
+    distribution: dict[str, Any] | None = None  # the series' distribution record, when scored
 
 
 class ResultStore(IndexMixin, LockMixin, ChecksMixin):
@@ -344,10 +345,11 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
                 counts[status] = counts.get(status, 0) + 1
                 for h in attrs.get("heads") or {}:
                     heads[h] = heads.get(h, 0) + 1
-        root = dict(self.root.attrs)
+        root, runs = dict(self.root.attrs), self.runs()
         return {"path": str(self.path), "format": root.get("mrfm", {}), "runs": root.get("runs", []),
-                "run_status": {r: a.get("status") for r, a in self.runs().items()}, "lock": self.lock_holder(),
+                "run_status": {r: a.get("status") for r, a in runs.items()}, "lock": self.lock_holder(),
                 "model": root.get("model", {}), "series": counts, "heads": heads, "index": self.index_attrs(),
+                "out_of_distribution": {r: (a.get("counts") or {}).get("out_of_distribution") for r, a in runs.items()},
                 "source": "index" if view is not None else "groups"}
 
 
@@ -410,6 +412,8 @@ def _write_outputs(group: zarr.Group, outputs: list[OutputArray], shape: tuple[i
         decl, name = out.decl, out.decl["name"]
         meta = {k: decl[k] for k in ("kind", "labels", "colors", "units", "range", "normalized", "description") if k in decl}
         meta.update({"head": out.head, "head_version": out.head_version})
+        if out.distribution is not None:
+            meta["out_of_distribution"] = out.distribution.get("out_of_distribution")
         path = f"{out.head}/{name}"
         if decl["kind"] == "boxes":
             v = out.value

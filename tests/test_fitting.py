@@ -108,6 +108,10 @@ def test_fit_a_classifier_beats_the_floor_reuses_features_and_runs_as_a_head(lab
     schemas.validate("head", manifest, "fitted manifest")
     assert manifest["encoder"]["fingerprint"].startswith("sha256:")
     assert manifest["fit"]["metrics"]["side"]["accuracy"] == acc
+    # temperature scaling fit on the validation studies, stored where the head applies it
+    temp = manifest["fit"]["config"]["outputs"][0]["temperature"]
+    assert temp > 0 and manifest["fit"]["metrics"]["side"]["temperature"] == temp
+    assert manifest["fit"]["metrics"]["side"]["ece"] is not None and manifest["fit"]["metrics"]["side"]["ece_uncalibrated"] is not None
     # a published head names its labels, never a path of the machine that fit it
     assert manifest["fit"]["data"]["labels"] == "labels.csv" and str(labelled) not in json.dumps(manifest)
     assert "mrfm" in (tmp_path / "side-head" / "pyproject.toml").read_text()
@@ -151,6 +155,13 @@ def test_evaluate_scores_a_store(tmp_path):
     assert all(set(r) == {"head", "kind", "metric", "value", "floor", "n", "note"} for r in result["rows"])
     assert rows[("classify", "region accuracy")]["value"] >= 0.5
     assert "| classify | classification | region accuracy |" in to_markdown(result)
+    # calibration beside accuracy: ECE from the reliability table, which sums to the series scored
+    ece = rows[("classify", "region ECE")]
+    table = result["reliability"]["classify region"]
+    assert sum(b["n"] for b in table) == ece["n"] == rows[("classify", "region accuracy")]["n"]
+    assert ece["value"] == pytest.approx(sum(b["n"] * abs(b["accuracy"] - b["confidence"]) for b in table) / ece["n"], abs=1e-4)
+    assert "Reliability, classify region" in to_markdown(result)
+    assert rows[("model", "not flagged")]["n"] == result["series"]  # the shipped default carries statistics
 
 
 

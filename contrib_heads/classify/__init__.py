@@ -41,7 +41,9 @@ class ClassifyHead(engine.NetHead):
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
         cls = self.stack(batch, "cls")
         tokens = self.stack(batch, "tokens")
-        probs = {name: logits.softmax(dim=-1).cpu().numpy() for name, logits in self.net(cls, tokens).items()}
+        # calibrated: each output's logits over the temperature fit on validation studies (manifest fit.config)
+        temps = {o["name"]: float(o.get("temperature", 1.0)) for o in ((self.spec.get("fit") or {}).get("config") or {}).get("outputs", [])}
+        probs = {name: (logits / temps.get(name, 1.0)).softmax(dim=-1).cpu().numpy() for name, logits in self.net(cls, tokens).items()}
         return [{name: p[i] for name, p in probs.items()} for i in range(len(batch))]
 
 

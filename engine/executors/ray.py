@@ -71,6 +71,7 @@ class InferenceActor:
     def __init__(self, plan: RunPlan):
         import ray
 
+        from ..distribution import distribution_for
         from ..inference import Inference
         from ..store import ResultStore
 
@@ -87,7 +88,8 @@ class InferenceActor:
         self.mismatch = None if fingerprint == plan.fingerprint else (
             f"node {self.where['node']} runs a model or heads other than the driver's (fingerprint {fingerprint[:19]}…, "
             f"driver {plan.fingerprint[:19]}…); install the same mrfm, heads and weights on every node")
-        self.inference = Inference(enc, loaded, text, plan.batch_size, budgets=setup.budgets, default_budget=setup.default_budget)
+        self.inference = Inference(enc, loaded, text, plan.batch_size, budgets=setup.budgets, default_budget=setup.default_budget,
+                                   distribution=distribution_for(mdl)[0])
         self.store = ResultStore(plan.out, mode="a")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -124,6 +126,7 @@ class InferenceActor:
             "description": np.array([r.description for r, _ in rows]),
             "status": np.array([r.status for r, _ in rows]),
             "reason": np.array([r.reason or "" for r, _ in rows]),
+            "out_of_distribution": np.array([{True: 1, False: 0}.get(r.out_of_distribution, -1) for r, _ in rows], dtype=np.int8),
             "seconds": np.array([r.seconds for r, _ in rows], dtype=np.float64),
             "write": np.array([w for _, w in rows], dtype=np.float64),
             "load": np.full(len(rows), load / max(len(rows), 1)),
@@ -217,7 +220,8 @@ class RayExecutor:
                     "backend": str(row["backend"]), "series": 0})
                 actor["series"] += 1
                 driver.done(SeriesResult(key, str(row["study_uid"]), str(row["description"]), str(row["status"]),
-                                         str(row["reason"]) or None, float(row["seconds"])))
+                                         str(row["reason"]) or None, float(row["seconds"]),
+                                         {1: True, 0: False}.get(int(row.get("out_of_distribution", -1)))))
                 if driver.stop:
                     break  # groups written so far are complete; the ones in flight are redone by resume
         except MrfmError:

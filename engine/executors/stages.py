@@ -25,6 +25,7 @@ class SeriesResult:
     status: str  # complete | failed | skipped | resumed
     reason: str | None = None
     seconds: float = 0.0
+    out_of_distribution: bool | None = None  # None: not scored in this run
 
 
 @dataclass
@@ -175,14 +176,21 @@ def infer_batch(inference: Inference, batch: list[tuple[Any, Prepared, dict[str,
             items.append(WriteItem(ref.key, attrs, [], "failed", res, result_for(ref, "failed", res, prep.seconds + per)))
             continue
         written_heads = {o.head for o in res.outputs}
+        # heads still answer on a flagged series; the series, each head's record and each output carry the flag
+        flag = res.distribution.get("out_of_distribution")
+        attrs["distribution"] = dict(res.distribution)
+        for out in res.outputs:
+            out.distribution = attrs["distribution"]
         attrs["heads"] = {
             name: {"version": h.spec["version"], "outputs": [d["name"] for d in h.spec["outputs"]] if name in written_heads else [],
-                   "error": res.errors.get(name), "fingerprint": head_fps[name], "run_id": run_id}
+                   "error": res.errors.get(name), "fingerprint": head_fps[name], "run_id": run_id, "out_of_distribution": flag}
             for name, h in inference.heads.items() if ran is None or name in ran
         }
         status = "failed" if res.errors else "complete"
         reason = "; ".join(res.errors.values()) if res.errors else None
-        items.append(WriteItem(ref.key, attrs, res.outputs, status, reason, result_for(ref, status, reason, prep.seconds + per), ran is None))
+        result = result_for(ref, status, reason, prep.seconds + per)
+        result.out_of_distribution = flag
+        items.append(WriteItem(ref.key, attrs, res.outputs, status, reason, result, ran is None))
     return items, seconds
 
 

@@ -93,11 +93,41 @@ def evaluate_command(archive, store, model, heads, backend, no_run, overwrite, j
     for r in result["rows"]:
         table.add_row(r["head"], r["kind"], r["metric"], _fmt(r["value"]), _fmt(r["floor"]), str(r["n"]))
     console.print(table)
+    for name, bins in (result.get("reliability") or {}).items():
+        rel = Table(title=f"reliability, {name}")
+        for col in ("confidence bin", "n", "mean confidence", "accuracy"):
+            rel.add_column(col)
+        for b in bins:
+            rel.add_row(f"{b['low']:.1f}–{b['high']:.1f}", str(b["n"]), _fmt(b["confidence"]), _fmt(b["accuracy"]))
+        console.print(rel)
+
+
+@click.command("fit-temperature")
+@click.argument("head_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True), help="Labelled validation studies: a label table or a synthetic archive's root.")
+@click.option("--archive", type=click.Path(exists=True), help="Images of the labelled series (default: the synthetic archive's dicom/).")
+@click.option("--model", type=click.Path(exists=True, file_okay=False), help="Model folder the head was fit on (default: the embedded model).")
+@click.option("--backend", default="torch", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False))
+def fit_temperature_command(head_dir, data, archive, model, backend, cache_dir) -> None:
+    """Calibrate the classification head in HEAD_DIR (its manifest.json and weights): fit one
+    temperature per output on --data and store it in the manifest, which the head applies."""
+    from .temperature import calibrate_head
+
+    record = calibrate_head(head_dir, data, archive=archive, model=model, cache_dir=cache_dir, backend=backend,
+                            log=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
+    table = Table(title=f"temperature scaling on {record['series']} series, {record['studies']} studies")
+    for col in ("output", "temperature", "ECE before", "ECE after", "accuracy", "n"):
+        table.add_column(col)
+    for name, r in record.items():
+        if isinstance(r, dict):
+            table.add_row(name, _fmt(r["temperature"]), _fmt(r["ece_before"]), _fmt(r["ece_after"]), _fmt(r["accuracy"]), str(r["n"]))
+    console.print(table)
 
 
 @click.group("model")
 def model_group() -> None:
-    """Model folders: import third-party checkpoints."""
+    """Model folders: import third-party checkpoints, calibrate the out-of-distribution flag."""
 
 
 @model_group.command("import")
@@ -117,4 +147,30 @@ def model_import(checkpoint, fmt, out, num_heads, spacing, feature_layers, name)
     console.print(f"wrote {out} ({fp}); run it with: mrfm run ARCHIVE --model {out}")
 
 
-COMMANDS = (fit_command, evaluate_command, model_group)
+@model_group.command("calibrate")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.argument("archives", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--keep", default=0.98, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Fraction of held-out in-distribution series the threshold must keep unflagged.")
+@click.option("--val-fraction", default=0.25, show_default=True, type=click.FloatRange(0.05, 0.9), help="Studies held out to choose the threshold.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Study split seed.")
+@click.option("--backend", default="torch", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Feature store folder (default: $MRFM_FEATURE_CACHE or the user cache).")
+@click.option("--json", "as_json", is_flag=True, help="Print the card's distribution section as JSON.")
+def model_calibrate(model, archives, keep, val_fraction, seed, backend, cache_dir, as_json) -> None:
+    """Compute MODEL's distribution statistics from in-distribution ARCHIVES (split by study) and
+    write them into the model folder; every later run flags series beyond the threshold."""
+    from .calibration import calibrate
+
+    section = calibrate(model, list(archives), keep=keep, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir,
+                        backend=backend, log=None if as_json else (lambda m: console.print(f"[dim]{m}[/]", highlight=False)))
+    if as_json:
+        click.echo(json.dumps(section, indent=2))
+        return
+    fit = section["fit"]
+    console.print(f"{model}: threshold {section['threshold']} keeps {fit['heldout_kept']:.3f} of {fit['heldout_series']} held-out "
+                  f"series ({fit['train_series']} training series, shrinkage {section['shrinkage']:.3f}); "
+                  f"wrote {section['statistics']} and the card's distribution section", highlight=False)
+
+
+COMMANDS = (fit_command, evaluate_command, model_group, fit_temperature_command)

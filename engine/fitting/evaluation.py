@@ -40,14 +40,17 @@ def _row(head: str, kind: str, metric: str, value: Any, floor: Any, n: int, note
     return {"head": head, "kind": kind, "metric": metric, "value": M.r4(value), "floor": M.r4(floor), "n": n, "note": note}
 
 
-def score_store(store_path: str | Path, manifest: Any, manifests: dict[str, dict[str, Any]], model: Any = None) -> list[dict[str, Any]]:
-    """Metric rows for every head in ``manifests`` (name -> head manifest) found in the store."""
+def score_store(store_path: str | Path, manifest: Any, manifests: dict[str, dict[str, Any]], model: Any = None,
+                tables: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Metric rows for every head in ``manifests`` (name -> head manifest) found in the store;
+    ``tables``, when given, receives each classification output's reliability table."""
     from engine.store import open_store  # fitting reaches the run path only when it runs, never at import
 
     store = open_store(store_path)
     label_ids = {v: k for k, v in manifest.label_names.items()}
     acc: dict[str, dict[str, Any]] = {}
     series = [(k, a) for k, a in store.iter_series() if a.get("status") == "complete"]
+    flags = [(attrs.get("distribution") or {}).get("out_of_distribution") for _, attrs in series]
     for key, attrs in series:
         truth = manifest.series_by_uid(attrs["series_uid"])
         shape = tuple(attrs["geometry"]["shape"])
@@ -120,6 +123,10 @@ def score_store(store_path: str | Path, manifest: Any, manifests: dict[str, dict
             p, t = np.stack(a["probs"]), np.asarray(a["truth"])
             rows.append(_row(head, "classification", f"{a['what']} accuracy", M.accuracy(p, t), M.majority_rate(t), len(t)))
             rows.append(_row(head, "classification", f"{a['what']} AUROC", M.auroc(p, t), 0.5, len(t)))
+            rows.append(_row(head, "classification", f"{a['what']} ECE", M.ece(p, t), None, len(t),
+                             "expected calibration error, 10 confidence bins; lower is better"))
+            if tables is not None:
+                tables[f"{head} {a['what']}"] = M.reliability(p, t)
         if "pred" in a:
             t = np.asarray(a["truth"])
             rows.append(_row(head, "regression", f"{a['out']['name']} MAE ({a['out'].get('units', '')})", M.mae(np.asarray(a["pred"]), t), M.median_mae(t), len(t)))
@@ -140,7 +147,18 @@ def score_store(store_path: str | Path, manifest: Any, manifests: dict[str, dict
             rows.append(_row(head, "grounding", "hit rate", np.mean(a["ground"]), np.mean(a["ground_floor"]), len(a["ground"])))
         if "emb" in a:
             rows.extend(_retrieval_rows(head, a["emb"], manifest, model))
+    rows.extend(distribution_rows(flags))
     return rows
+
+
+def distribution_rows(flags: list[bool | None]) -> list[dict[str, Any]]:
+    """The share of complete series the model did not flag out of distribution (scored ones only)."""
+    scored = [f for f in flags if f is not None]
+    if not flags:
+        return []
+    if not scored:
+        return [_row("model", "distribution", "not flagged", None, None, 0, "the model has no distribution statistics")]
+    return [_row("model", "distribution", "not flagged", 1 - float(np.mean(scored)), None, len(scored))]
 
 
 def _retrieval_rows(head: str, emb: list[tuple[str, np.ndarray]], manifest: Any, model: Any) -> list[dict[str, Any]]:
@@ -199,9 +217,10 @@ def evaluate(archive: str | Path, *, store: str | Path | None = None, model: str
     from engine.store import open_store  # fitting reaches the run path only when it runs, never at import
 
     attrs = open_store(store).root.attrs.get("model", {})
-    rows = score_store(store, manifest, manifests, model)
+    tables: dict[str, Any] = {}
+    rows = score_store(store, manifest, manifests, model, tables)
     return {"archive": str(root), "series": len(manifest.series), "studies": len(manifest.studies),
-            "model": attrs.get("fingerprint"), "rows": rows, "floors": FLOORS,
+            "model": attrs.get("fingerprint"), "rows": rows, "floors": FLOORS, "reliability": tables,
             "run": None if summary is None else str(getattr(summary, "status", ""))}
 
 
@@ -211,6 +230,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {r['head']} | {r['kind']} | {r['metric']} | {fmt(r['value'])} | {fmt(r['floor'])} | {r['n']} |")
+    for name, table in (result.get("reliability") or {}).items():
+        lines += ["", f"Reliability, {name}: series binned by top-class confidence", "",
+                  "| confidence bin | n | mean confidence | accuracy |", "|---|---|---|---|"]
+        lines += [f"| {b['low']:.1f}–{b['high']:.1f} | {b['n']} | {b['confidence']:.3f} | {b['accuracy']:.3f} |" for b in table]
     return "\n".join(lines) + "\n"
 
 

@@ -106,3 +106,46 @@ def random_recall_at(n_items: int, n_relevant: list[int], k: int) -> float:
 
 def r4(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and np.isnan(x)) else round(float(x), 4)
+
+
+def reliability(probs: np.ndarray, truth: np.ndarray, bins: int = 10) -> list[dict[str, float | int]]:
+    """Reliability table: series binned by top-class confidence into ``bins`` equal-width bins,
+    each with its count, mean confidence and accuracy (empty bins left out)."""
+    probs, truth = np.asarray(probs, float), np.asarray(truth, int)
+    conf, right = probs.max(axis=1), probs.argmax(axis=1) == truth
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        inb = which == b
+        if inb.any():
+            rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(inb.sum()),
+                         "confidence": float(conf[inb].mean()), "accuracy": float(right[inb].mean())})
+    return rows
+
+
+def ece(probs: np.ndarray, truth: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: the count-weighted mean |accuracy - confidence| over the
+    reliability table's bins (Guo et al. 2017, equal-width top-class confidence bins)."""
+    table = reliability(probs, truth, bins)
+    n = sum(r["n"] for r in table)
+    return float(sum(r["n"] * abs(r["accuracy"] - r["confidence"]) for r in table) / n) if n else float("nan")
+
+
+def fit_temperature(logits: np.ndarray, truth: np.ndarray) -> float:
+    """The temperature T > 0 minimising the negative log-likelihood of softmax(logits / T) on
+    held-out rows (Guo et al. 2017): a 1-D convex problem in log T, solved by bounded search."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    logits, truth = np.asarray(logits, float), np.asarray(truth, int)
+    ok = truth >= 0
+    logits, truth = logits[ok], truth[ok]
+    if not len(truth):
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(truth)), truth].mean())
+
+    best = minimize_scalar(nll, bounds=(np.log(0.05), np.log(50.0)), method="bounded")
+    return float(np.exp(best.x))

@@ -122,6 +122,14 @@ def fit_probe(kind: str, labels: LabelSet, train: list[Pair], val: list[Pair], o
         return total
 
     _optimise(net, loss, opt.steps or 300, opt.lr or 1e-2, wd=5e-2, log=opt.log, name=kind)
+    uncalibrated: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        raw_val = {k: v.numpy() for k, v in net(xv).items()} if val else {}
+    for o in outs:
+        if o["task"] == "classification" and val:
+            # temperature scaling on the validation studies: the head divides its logits by it
+            uncalibrated[o["name"]] = torch.from_numpy(raw_val[o["name"]]).softmax(dim=-1).numpy()
+            o["temperature"] = round(M.fit_temperature(raw_val[o["name"]], yv[o["name"]]), 4)
     with torch.no_grad():
         pred = {k: v.numpy() for k, v in probe_t.decode(cfg, net(xv)).items()} if val else {}
     mets: dict[str, Any] = {}
@@ -133,7 +141,9 @@ def fit_probe(kind: str, labels: LabelSet, train: list[Pair], val: list[Pair], o
             ok = y >= 0
             mets[o["name"]] = {"accuracy": M.r4(M.accuracy(pred[o["name"]][ok], y[ok])),
                                "auroc": M.r4(M.auroc(pred[o["name"]][ok], y[ok])),
-                               "chance_accuracy": M.r4(M.majority_rate(y[ok]))}
+                               "chance_accuracy": M.r4(M.majority_rate(y[ok])),
+                               "ece_uncalibrated": M.r4(M.ece(uncalibrated[o["name"]][ok], y[ok])),
+                               "ece": M.r4(M.ece(pred[o["name"]][ok], y[ok])), "temperature": o["temperature"]}
         else:
             ok = ~np.isnan(y)
             mets[o["name"]] = {"mae": M.r4(M.mae(pred[o["name"]][ok], y[ok])), "chance_mae": M.r4(M.median_mae(y[ok]))}

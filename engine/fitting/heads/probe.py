@@ -70,7 +70,8 @@ def decode(cfg: dict[str, Any], raw: dict[str, torch.Tensor]) -> dict[str, torch
     for o in cfg["outputs"]:
         r = raw[o["name"]]
         if o["task"] == "classification":
-            out[o["name"]] = r.softmax(dim=-1)
+            # calibrated: logits over the temperature fit on the validation studies (1 if none)
+            out[o["name"]] = (r / float(o.get("temperature", 1.0))).softmax(dim=-1)
         else:
             v = r[:, 0] * o["std"] + o["mean"]
             out[o["name"]] = torch.expm1(v).clamp_min(0) if o.get("transform") == "log1p" else v
