@@ -5,7 +5,7 @@ Plugin authors import only what is exported here (``import engine`` / ``@engine.
 
 from __future__ import annotations
 
-from . import errors
+from . import errors, head_nets, token_boxes
 from .backends.base import Backend
 from .errors import (
     BackendUnavailable, GeometryError, HeadError, InputError, MrfmError, StoreError, StoreLocked, UsageError,
@@ -50,6 +50,8 @@ __all__ = [
     "StoreLocked",
     "UsageError",
     "errors",
+    "head_nets",
+    "token_boxes",
     "Backend",
     "Features",
     "Head",
