@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import errors
+from . import errors, head_nets, token_boxes
 from ._version import __version__
 from .backends.base import Backend
 from .errors import (
@@ -87,6 +87,8 @@ __all__ = [
     # errors
     "BackendUnavailable", "GeometryError", "HeadError", "HeadOutputError", "InputError", "LoadError", "MrfmError",
     "SkipSeries", "StoreError", "StoreLocked", "UsageError", "errors",
+    # modules heads build on
+    "head_nets", "token_boxes",
     # running: what the command line calls
     "open_store", "run", "scan", "__version__",
     # the plugin contract and its types

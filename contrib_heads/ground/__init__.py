@@ -22,19 +22,7 @@ from engine import grow_from_peak, region_boxes  # noqa: F401 (also this module'
 DEFAULT_RELATIVE_THRESHOLD = 0.5
 
 
-class GroundNet(nn.Module):
-    """Token projection into the joint space, a similarity temperature and a score bias."""
-
-    def __init__(self, embed_dim: int = 128, joint_dim: int = 64):
-        super().__init__()
-        self.norm = nn.LayerNorm(embed_dim)
-        self.proj = nn.Linear(embed_dim, joint_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.score_bias = nn.Parameter(torch.tensor(-5.0))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, N, D) -> unit vectors in the joint space (B, N, E)."""
-        return F.normalize(self.proj(self.norm(tokens)), dim=-1)
+GroundNet = engine.head_nets.GroundNet
 
 
 def build_net(embed_dim: int = 128) -> nn.Module:

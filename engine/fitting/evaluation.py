@@ -4,9 +4,12 @@ what ``mrfm run`` stored against the archive's ground truth, each metric beside 
 Heads are scored by what they declare, so fitted packages and the contrib heads alike:
 scores over region or contrast labels -> accuracy and AUROC; a value -> MAE against the visible
 lesion volume (mL); a mask whose labels name ground-truth labels -> Dice per label; boxes with
-labels -> lesion localization (hit rate: a lesion's centre inside a box; box precision: boxes
-holding a lesion centre; mean best IoU with the lesions' boxes); boxes with queries -> grounding
-hit rate (each lesion phrase's box holds that lesion's centre); a normalised embedding ->
+labels -> lesion detection (recall at IoU >= 0.3 and 0.5, false boxes per series, FROC points,
+AP@0.3, mean best IoU, lesion-free series with no box; see :mod:`.detection_metrics`), beside the
+old, gameable "centre-in-box rate" (a lesion's centre inside any box, which a box the size of the
+volume always wins) and "centre box precision"; boxes with queries -> grounding hit rate at IoU
+>= 0.3 and 0.5 and the pointing game (the box centre inside the lesion), beside the gameable
+centre-in-box rate; a normalised embedding ->
 report->scan and scan->report recall@1/5/10 with the model's text tower.
 
 Floors are chance, computed exactly from the ground truth (documented in ``FLOORS``); ``fit``
@@ -22,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import metrics as M
+from .detection_metrics import FROC_RATES, IOU_LEVELS, DetectionCounter, GroundingCounter, inside_ellipsoid
 from .labels import lesion_box, lesion_phrase, visible_lesions
 
 REGIONS = ("brain", "knee", "spine", "abdomen")
@@ -98,20 +102,20 @@ def score_store(store_path: str | Path, manifest: Any, manifests: dict[str, dict
                         by_q = dict(zip([str(q) for q in value["queries"]], world))
                         for les in lesions:
                             box = by_q.get(lesion_phrase(les))
+                            a.setdefault("grounding", GroundingCounter()).add(
+                                box, lesion_box(les), lambda p, les=les: inside_ellipsoid(p, les.center_mm, les.radii_mm, les.axes))
                             a.setdefault("ground", []).append(box is not None and bool(M.inside(np.asarray(les.center_mm), box).any()))
                             a.setdefault("ground_floor", []).append(min(1.0, float(M.box_volume(box).sum()) / fov) if box is not None else 0.0)
                     else:
                         centres = [np.asarray(les.center_mm) for les in lesions]
+                        scores = np.asarray(value.get("scores", np.ones(len(world))), np.float64).reshape(-1)
+                        a.setdefault("detection", DetectionCounter()).add(
+                            world, scores, np.stack([lesion_box(les) for les in lesions]) if lesions else np.zeros((0, 6)))
                         a.setdefault("hits", []).extend(bool(M.inside(c, world).any()) for c in centres)
                         a.setdefault("true", []).extend(any(M.inside(c, b[None]).any() for c in centres) for b in world)
                         if centres:
                             a.setdefault("hit_floor", []).extend([min(1.0, float(M.box_volume(world).sum()) / fov)] * len(centres))
                             a.setdefault("prec_floor", []).append(min(1.0, len(centres) * float(np.mean([M.box_volume(lesion_box(les)) for les in lesions])) / fov))
-                            if len(world):
-                                iou = M.box_iou(np.stack([lesion_box(les) for les in lesions]), world)
-                                a.setdefault("iou", []).extend(iou.max(axis=1).tolist())
-                            else:
-                                a.setdefault("iou", []).extend([0.0] * len(centres))
                         else:
                             a.setdefault("clean", []).append(len(world) == 0)
                 elif kind == "embedding" and out.get("normalized"):
@@ -137,14 +141,18 @@ def score_store(store_path: str | Path, manifest: Any, manifests: dict[str, dict
                     rows.append(_row(head, "segmentation", f"Dice {label}", d[label], f[label], len(series)))
         if "hits" in a or "clean" in a:
             n = len(a.get("hits", []))
-            rows.append(_row(head, "localization", "hit rate", np.mean(a["hits"]) if n else None, np.mean(a.get("hit_floor", [0])), n))
-            rows.append(_row(head, "localization", "box precision", np.mean(a["true"]) if a.get("true") else None,
+            rows.extend(_detection_rows(head, a["detection"]))
+            rows.append(_row(head, "localization", "centre-in-box rate (gameable)", np.mean(a["hits"]) if n else None,
+                             np.mean(a.get("hit_floor", [0])), n, "a lesion centre inside any box; a volume-sized box always wins"))
+            rows.append(_row(head, "localization", "centre box precision (gameable)", np.mean(a["true"]) if a.get("true") else None,
                              np.mean(a.get("prec_floor", [0])), len(a.get("true", []))))
-            rows.append(_row(head, "localization", "mean best box IoU", np.mean(a["iou"]) if a.get("iou") else None, None, n))
-            if a.get("clean"):
-                rows.append(_row(head, "localization", "no box where no lesion", np.mean(a["clean"]), None, len(a["clean"])))
         if "ground" in a:
-            rows.append(_row(head, "grounding", "hit rate", np.mean(a["ground"]), np.mean(a["ground_floor"]), len(a["ground"])))
+            g = a["grounding"]
+            for t in IOU_LEVELS:
+                rows.append(_row(head, "grounding", f"hit rate IoU>={t}", np.mean(g.hits[t]), None, len(g)))
+            rows.append(_row(head, "grounding", "pointing game", np.mean(g.pointing), None, len(g), "box centre inside the lesion"))
+            rows.append(_row(head, "grounding", "centre-in-box rate (gameable)", np.mean(a["ground"]), np.mean(a["ground_floor"]), len(a["ground"]),
+                             "the lesion centre inside the query's box"))
         if "emb" in a:
             rows.extend(_retrieval_rows(head, a["emb"], manifest, model))
     rows.extend(distribution_rows(flags))
@@ -159,6 +167,22 @@ def distribution_rows(flags: list[bool | None]) -> list[dict[str, Any]]:
     if not scored:
         return [_row("model", "distribution", "not flagged", None, None, 0, "the model has no distribution statistics")]
     return [_row("model", "distribution", "not flagged", 1 - float(np.mean(scored)), None, len(scored))]
+
+
+def _detection_rows(head: str, det: DetectionCounter) -> list[dict[str, Any]]:
+    """Detection rows: matched at IoU, so a box must fit its lesion to count."""
+    n, rows = det.n_truth, []
+    for t in IOU_LEVELS:
+        rows.append(_row(head, "localization", f"recall IoU>={t}", det.recall(t), None, n))
+    rows.append(_row(head, "localization", "false boxes per series IoU<0.3", det.false_per_series(0.3), None, det.n_series))
+    for rate, value in det.froc(0.3, FROC_RATES).items():
+        rows.append(_row(head, "localization", f"FROC recall at {rate:g} false/series IoU>=0.3", value, None, n))
+    rows.append(_row(head, "localization", "AP IoU>=0.3", det.average_precision(0.3), None, n))
+    rows.append(_row(head, "localization", "mean best IoU", det.mean_best_iou(), None, n))
+    clean, n_clean = det.clean_fraction()
+    if n_clean:
+        rows.append(_row(head, "localization", "lesion-free series with no box", clean, None, n_clean))
+    return rows
 
 
 def _retrieval_rows(head: str, emb: list[tuple[str, np.ndarray]], manifest: Any, model: Any) -> list[dict[str, Any]]:

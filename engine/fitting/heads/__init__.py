@@ -4,8 +4,8 @@ Each file here is a complete, self-contained head module (it imports only ``engi
 numpy): :mod:`engine.fitting.package` copies it as the ``__init__.py`` of the package it writes,
 and the fitting code imports the same file to build and train the net, so what is trained is
 exactly what runs. A module reads its net's configuration from its manifest
-(``fit.config``); the nets keep the contrib heads' parameter names, so weights fitted
-here load into the contrib heads too.
+(``fit.config``); the nets themselves live once in :mod:`engine.head_nets`, shared with the
+contrib heads, so weights fitted here load into the contrib heads too.
 """
 
 from __future__ import annotations

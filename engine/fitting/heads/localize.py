@@ -28,16 +28,7 @@ def fit_record(manifest: dict) -> dict:
 DEFAULTS = {"threshold": 0.5, "iou": 0.3, "max_boxes": 16}
 
 
-class LocalizeNet(nn.Module):
-    """Per-token lesion logit: LayerNorm -> Linear -> GELU -> Linear."""
-
-    def __init__(self, embed_dim: int = 128, hidden: int = 64):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, N, D) -> logits (B, N)."""
-        return self.mlp(tokens).squeeze(-1)
+LocalizeNet = engine.head_nets.LocalizeNet
 
 
 def config() -> dict:
