@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import MrfmError, UsageError
-from .series_outputs import box_captions, distribution_flag, flag_text, series_outputs
+from .series_outputs import distribution_flag, flag_text, series_outputs
 
 IMG_DIR = "img"
 MATCHES = 3  # closest series listed per series
