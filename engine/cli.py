@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ._version import __version__
 from .errors import EXIT_INTERRUPTED, MrfmError
+from .terminal import printable
 
 console = Console()
 err_console = Console(stderr=True)
@@ -26,8 +27,9 @@ STATUS_STYLE = {"complete": "green", "resumed": "cyan", "skipped": "yellow", "fa
 
 def esc(value: Any) -> str:
     """Data from archives and stores (descriptions, reasons, names) printed literally: rich
-    markup in a SeriesDescription such as ``[/]`` must neither crash nor style the output."""
-    return escape("" if value is None else str(value))
+    markup in a SeriesDescription such as ``[/]`` must neither crash nor style the output, and
+    control characters (ANSI/OSC escapes, BEL) are shown escaped, never sent to the terminal."""
+    return escape(printable(value))
 
 
 def styled(status: Any) -> str:

@@ -385,11 +385,14 @@ def export_command(store: Path, fmt: str, out_dir: Path | None, series: tuple[st
     out = out_dir or store.parent / f"{store.name.removesuffix('.zarr')}-{fmt}"
     wanted = [h.strip() for h in heads.split(",") if h.strip()] if heads else None
 
+    from .terminal import printable
+
     def show(r: SeriesExport) -> None:
-        tail = f" ({r.reason})" if r.reason else ""
-        click.echo(f"{r.status:>10}  {r.key}  {len(r.files)} file(s){tail}", err=True)
+        # keys and reasons come from the store: escapes in them must not reach the terminal
+        tail = f" ({printable(r.reason)})" if r.reason else ""
+        click.echo(f"{r.status:>10}  {printable(r.key)}  {len(r.files)} file(s){tail}", err=True)
 
     summary = export(store, fmt, out, series=series or None, heads=wanted, archive=archive or None, on_event=show)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "no series"
-    click.echo(f"{summary.format}: {counts} in {summary.seconds:.1f}s -> {summary.out_dir}")
+    click.echo(f"{printable(summary.format)}: {counts} in {summary.seconds:.1f}s -> {printable(summary.out_dir)}")
     raise SystemExit(summary.exit_code)

@@ -96,6 +96,8 @@ def search(
     index = root[INDEX]
     if "embedding" not in index:
         raise UsageError(f"{store_path}: the index holds no embeddings; run the 'retrieve' head to add them")
+    for column in ("embedding", "key_hash", "series_key"):
+        _check_declared(store, f"{INDEX}/{column}")
     embeddings = index_embeddings(store_path, index["embedding"])
     appended = _Appended.read(index)
     base_exclude = appended.superseded(index)
@@ -279,6 +281,29 @@ def _crc32c_matches(chunk: Path, nbytes: int) -> bool:
 
     raw = np.memmap(chunk, dtype=np.uint8, mode="r")
     return int(crc32c_checksum(raw[:nbytes])) == int.from_bytes(bytes(raw[nbytes:nbytes + 4]), "little")
+
+
+def _check_declared(store: Any, node: str) -> None:
+    """Raise StoreError naming ``node`` when its declared shape is not believable (a tampered
+    index must not make search allocate what its metadata claims)."""
+    from .errors import StoreError
+    from .store_bounds import array_problem
+    from .zarr_nodes import NodeUnreadable
+
+    try:
+        meta = store._node_meta(node)
+    except NodeUnreadable as exc:
+        if str(exc).endswith(": missing"):
+            return
+        raise StoreError(f"{exc}; the next run rebuilds the index") from None
+    if meta.get("node_type") != "array":
+        return
+    from zarr.core.sync import sync
+
+    stored = sum(sync(store.root.store.getsize(k)) for k in store._list_prefix(f"{node}/c"))
+    problem = array_problem(node, meta, stored_bytes=stored)
+    if problem:
+        raise StoreError(f"{problem}; the next run rebuilds the index")
 
 
 def _open_store(store_path: str | Path) -> Any:

@@ -40,6 +40,7 @@ from ._version import __version__
 from .enums import FINAL_STATUSES, RUN_ENDS, RUN_STATUSES, SERIES_STATUSES  # noqa: F401 (RUN_STATUSES: public here)
 from .errors import StoreError
 from .faults import killpoint
+from .store_bounds import MAX_META_BYTES
 from .store_checks import (DAMAGED, MAX_LISTED, ChecksMixin, _chunk_keys, _parse_meta, _shard_checksummed,  # noqa: F401 (re-exported)
                            _shard_problem)
 from .store_index import ROW_STATUSES, IndexMixin, IndexView, _Row, key_hashes  # noqa: F401 (key_hashes, IndexView: public here)
@@ -87,7 +88,11 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
             root_meta = sync(zstore.get("zarr.json", prototype=default_buffer_prototype()))
         except FileNotFoundError:
             root_meta, zstore = None, None
-        except (OSError, ValueError, TypeError) as exc:
+        except Exception as exc:
+            if _unreachable(exc):  # not "no zarr.json": the store may be fine, the way to it is not
+                raise StoreError(f"cannot reach {self.url} ({type(exc).__name__}: {exc})") from exc
+            if not isinstance(exc, (OSError, ValueError, TypeError)):
+                raise
             raise StoreError(f"{self.path}: cannot open the result store ({type(exc).__name__}: {exc})") from exc
         if self.read_only and (root_meta is None or zstore is None):
             raise FileNotFoundError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
@@ -121,13 +126,20 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
         buf = sync(self.root.store.get(key, prototype=default_buffer_prototype()))
         return None if buf is None else buf.to_bytes()
 
+    def _get_head(self, key: str, nbytes: int) -> bytes | None:
+        """At most the first ``nbytes`` of ``key``."""
+        from zarr.abc.store import RangeByteRequest
+
+        buf = sync(self.root.store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(0, nbytes)))
+        return None if buf is None else buf.to_bytes()
+
     def _delete_prefix(self, prefix: str) -> None:
         sync(self.root.store.delete_dir(prefix))
 
     def _node_meta(self, node: str) -> dict[str, Any]:
         """The parsed zarr.json of ``node``; raises NodeUnreadable naming the file."""
         key = f"{node}/zarr.json"
-        raw = self._get(key)
+        raw = self._get_head(key, MAX_META_BYTES + 1)  # an oversized one is refused unread
         if raw is None:
             raise NodeUnreadable(f"{key}: missing")
         return _parse_meta(key, raw)
@@ -359,6 +371,19 @@ def _check_json_bytes(name: str, raw: bytes) -> None:
         _parse_meta(name, raw)
     except NodeUnreadable as exc:
         raise StoreError(f"{exc}; the store's root metadata is damaged") from None
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The error (or one it came from) is a failed connection: refused, timed out, no route, no
+    such host. Object-store clients raise their own types (botocore's EndpointConnectionError,
+    aiohttp's ClientConnectorError), so they are recognised by name too."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)) or "Connect" in type(exc).__name__:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def is_remote(location: str | Path) -> bool:

@@ -8,13 +8,13 @@ store's raw access (``root``, ``_get``, ``_list_prefix``) and ``series_attrs``, 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from typing import Any
 
 import numpy as np
 import zarr
 
+from .store_bounds import MAX_META_BYTES, array_problem, parse_metadata
 from .zarr_nodes import NodeUnreadable
 
 DAMAGED = "damaged"  # reported for an unreadable series group, never written
@@ -59,7 +59,7 @@ class ChecksMixin:
         metas = sorted(k[: -len("/zarr.json")] for k in keys if k.endswith("/zarr.json"))
         for path in metas:
             try:
-                meta = _parse_meta(f"{path}/zarr.json", self._get(f"{path}/zarr.json") or b"")
+                meta = _parse_meta(f"{path}/zarr.json", self._get_head(f"{path}/zarr.json", MAX_META_BYTES + 1) or b"")
             except NodeUnreadable as exc:
                 problems.append(str(exc))
                 continue
@@ -69,6 +69,9 @@ class ChecksMixin:
         return problems, readable
 
     def _check_chunks(self, path: str, meta: dict[str, Any], keys: set[str], deep: bool) -> list[str]:
+        unbelievable = array_problem(path, meta)  # before the chunk grid is enumerated
+        if unbelievable:
+            return [unbelievable]
         try:
             expected = _chunk_keys(path, meta)
         except Exception as exc:
@@ -108,14 +111,8 @@ class ChecksMixin:
 
 
 def _parse_meta(key: str, raw: bytes) -> dict[str, Any]:
-    try:
-        meta = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        kind = "truncated JSON" if raw and not raw.rstrip().endswith(b"}") else "invalid JSON"
-        raise NodeUnreadable(f"{key}: {kind} ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
-        raise NodeUnreadable(f"{key}: not Zarr v3 metadata")
-    return meta
+    """A node's metadata, within the limits of :mod:`engine.store_bounds` (raises NodeUnreadable)."""
+    return parse_metadata(key, raw)
 
 
 def _chunk_keys(path: str, meta: dict[str, Any]) -> set[str]:

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from .store import ResultStore, open_store
+from .terminal import printable
 
 SAMPLE = 50  # series groups measured for files and bytes per series (listing every one is what the index avoids)
 
@@ -105,9 +106,10 @@ def stats_cmd(url: str, sample: int, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     idx, per = report["index"], report["per_series"]
-    click.echo(f"{report['store']}: {report['series_groups']} series groups; "
-               + ", ".join(f"{k} {v}" for k, v in sorted(report["series"].items())) + f" (from the {report['source']})")
-    click.echo(f"runs: {report['runs']} (" + ", ".join(f"{k} {v}" for k, v in sorted(report["run_status"].items())) + ")")
+    # statuses are read from the store: printed through printable, like every stored string
+    click.echo(f"{printable(report['store'])}: {report['series_groups']} series groups; "
+               + ", ".join(f"{printable(k)} {v}" for k, v in sorted(report["series"].items())) + f" (from the {report['source']})")
+    click.echo(f"runs: {report['runs']} (" + ", ".join(f"{printable(k)} {v}" for k, v in sorted(report["run_status"].items())) + ")")
     click.echo(f"index: {idx['rows']} rows, {idx['searchable']} searchable, {idx['compacted_rows']} compacted + "
                f"{idx['appended_rows']} appended, {idx['files']} files, {idx['bytes']} bytes"
                + ("" if idx["current"] else " (not current: the next run rebuilds it)"))

@@ -117,7 +117,10 @@ def _check_series(store: ResultStore, key: str, attrs: dict[str, Any], run_ids: 
     if status == "incomplete" and (runs.get(run_id) or {}).get("status") != "running":
         problems.append(f"{where}: left incomplete by run {run_id}, which is not running; the next run redoes it")
     if status in FINAL_STATUSES:
-        problems += _slash(store.check_series(key, deep=deep))
+        damage = _slash(store.check_series(key, deep=deep))
+        problems += damage
+        if damage:  # its outputs are not read: damaged metadata may declare anything
+            return problems
         try:
             group = store.root["series"][key]
             if status == "complete":
@@ -161,7 +164,8 @@ def _check_output(node: Any, p: str, shape: tuple[int, ...], bounds: np.ndarray 
         multilabel = bool(node.attrs.get("multilabel"))
         want = (len(labels), *shape) if multilabel else shape
         if tuple(node.shape) != want:
-            problems.append(f"{p}: mask shape {tuple(node.shape)} differs from {'(labels, *grid)' if multilabel else 'the series grid'} {want}")
+            # its values are not read: a declared shape that is wrong may also be huge
+            return problems + [f"{p}: mask shape {_shape_text(node.shape)} differs from {'(labels, *grid)' if multilabel else 'the series grid'} {want}"]
         if not np.issubdtype(node.dtype, np.integer):
             problems.append(f"{p}: mask dtype {node.dtype} is not an integer label type")
         elif node.size and int(np.max(node[...])) >= (2 if multilabel else len(labels)):
@@ -173,6 +177,11 @@ def _check_output(node: Any, p: str, shape: tuple[int, ...], bounds: np.ndarray 
         if abs(norm - 1) > 1e-3:
             problems.append(f"{p}: declared normalized but L2 norm is {norm:.4f}")
     return problems
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    text = str(tuple(shape))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _check_boxes(node: Any, p: str, bounds: np.ndarray | None) -> list[str]:

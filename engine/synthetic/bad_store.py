@@ -1,0 +1,134 @@
+"""Tampered-store corpus: a small valid result store, and each case a copy of it with one part
+rewritten the way a damaged or hostile store could hold it.
+
+``write_small_store(path)`` writes the valid store (one finished run, two complete series with a
+mask, scores and an embedding, an index) through the store's own API, in a second.
+``write_tampered_stores(out_dir)`` writes one store per case (``out_dir/<case>.zarr``) and returns
+them; ``CASES`` maps each case to what mrfm must do with it. Every case is a node that names
+itself: the readers (inspect, validate, search, export, the next run) must report it by that
+name, never crash, allocate what it declares, or print its text raw to the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+SHAPE = (70, 20, 10)
+FP = "sha256:" + "0" * 64
+KEYS = ("s1", "s2")
+MASK = "series/s1/segment/anatomy"
+ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x9b0m\x07"  # window title, clear screen, colour, C1 CSI, bell
+
+CASES: dict[str, str] = {
+    "huge_mask_shape": "mask zarr.json declares shape 10^63: reported, never allocated; the next run redoes the series",
+    "huge_index_embedding": "index embedding declares 10^9 x 64: search exits 3 naming index/embedding",
+    "huge_attribute": "a 50 MB attribute in a series' zarr.json: reported over the limit, not parsed",
+    "deep_json": "a series' zarr.json nested 100,000 deep: reported, no RecursionError",
+    "terminal_escapes": "ANSI/OSC/BEL in a description, a reason and a run id: printed escaped",
+    "huge_chunk_grid": "an index column of 10^12 one-row chunks: reported, the grid is never listed",
+}
+
+
+def write_small_store(path: Path, description: str = "T1 axial") -> Path:
+    """A valid store of two complete series (mask, scores, embedding) and an index."""
+    from engine.store import OutputArray, ResultStore, now
+
+    store = ResultStore(path, mode="a")
+    heads = {"segment": "anatomy", "retrieve": "embedding", "classify": "region"}
+    info = {"started": now(), "config": {"paths": [], "heads": sorted(heads)}, "model": {"name": "tiny", "fingerprint": FP},
+            "heads": {h: {"version": "1"} for h in heads}, "backend": {"name": "torch", "reason": "corpus"},
+            "fingerprint": FP, "host": {"hostname": socket.gethostname(), "python": "3", "torch": "0"}}
+    with store.lock("r1"):
+        store.begin_run("r1", info)
+        for i, key in enumerate(KEYS):
+            rng = np.random.default_rng(i)
+            emb = rng.normal(size=8).astype(np.float32)
+            attrs = {"series_key": key, "study_uid": "1.2", "series_uid": key, "description": description, "reader": "dicom",
+                     "source": {"first": "a#1", "count": 10}, "run_id": "r1", "fingerprint": FP,
+                     "geometry": {"shape": list(SHAPE), "affine": np.diag([1.0, 1.0, 2.0, 1.0]).tolist(),
+                                  "spacing": [1.0, 1.0, 2.0], "orientation": "axial"},
+                     "heads": {h: {"version": "1", "outputs": [o], "error": None, "fingerprint": FP, "run_id": "r1"}
+                               for h, o in heads.items()}}
+            outputs = [
+                OutputArray("segment", "1", {"name": "anatomy", "kind": "mask", "labels": ["bg", "a", "b"]},
+                            rng.integers(0, 3, SHAPE).astype(np.uint8)),
+                OutputArray("retrieve", "1", {"name": "embedding", "kind": "embedding", "dtype": "float32", "normalized": True},
+                            emb / np.linalg.norm(emb)),
+                OutputArray("classify", "1", {"name": "region", "kind": "scores", "dtype": "float32", "labels": ["x", "y"]},
+                            np.array([0.2, 0.8])),
+            ]
+            store.write_series(key, attrs, outputs, "complete")
+        store.rebuild_index()
+        store.finish_run("r1", {"finished": now()})
+    return path
+
+
+def _edit_meta(store: Path, node: str, change: Callable[[dict], dict | bytes]) -> None:
+    file = store / node / "zarr.json"
+    out = change(json.loads(file.read_text()))
+    file.write_bytes(out if isinstance(out, bytes) else json.dumps(out).encode())
+
+
+def _huge_mask_shape(store: Path) -> None:
+    _edit_meta(store, MASK, lambda m: {**m, "shape": [10**63, 20, 10]})
+
+
+def _huge_index_embedding(store: Path) -> None:
+    def grow(m: dict) -> dict:
+        m["shape"] = [10**9, 64]
+        m["chunk_grid"]["configuration"]["chunk_shape"] = [10**9, 64]
+        return m
+    _edit_meta(store, "index/embedding", grow)
+
+
+def _huge_attribute(store: Path) -> None:
+    _edit_meta(store, "series/s2", lambda m: {**m, "attributes": {**m["attributes"], "notes": "x" * (50 * 2**20)}})
+
+
+def _deep_json(store: Path) -> None:
+    depth = 100_000
+    _edit_meta(store, "series/s2", lambda m: json.dumps(m)[:-1].encode() + b', "deep": ' + b"[" * depth + b"]" * depth + b"}")
+
+
+def _terminal_escapes(store: Path) -> None:
+    _edit_meta(store, "series/s1", lambda m: {**m, "attributes": {**m["attributes"], "description": f"T1 {ESCAPES}"}})
+    _edit_meta(store, "series/s2", lambda m: {**m, "attributes": {**m["attributes"], "status": "failed",
+                                                                 "reason": f"bad {ESCAPES}"}})
+
+
+def _huge_chunk_grid(store: Path) -> None:
+    def grow(m: dict) -> dict:
+        m["shape"] = [10**12]
+        m["chunk_grid"]["configuration"]["chunk_shape"] = [1]
+        return m
+    _edit_meta(store, "index/key_hash", grow)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "huge_mask_shape": _huge_mask_shape, "huge_index_embedding": _huge_index_embedding, "huge_attribute": _huge_attribute,
+    "deep_json": _deep_json, "terminal_escapes": _terminal_escapes, "huge_chunk_grid": _huge_chunk_grid,
+}
+
+
+def write_tampered_stores(out_dir: Path, cases: list[str] | None = None) -> dict[str, Path]:
+    """One tampered copy of a small valid store per case: ``out_dir/<case>.zarr``."""
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir / "clean.zarr", ignore_errors=True)  # written afresh: the corpus is regenerated, not resumed
+    clean = write_small_store(out_dir / "clean.zarr")
+    made = {}
+    for case in cases or list(CASES):
+        target = out_dir / f"{case}.zarr"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(clean, target)
+        BUILDERS[case](target)
+        made[case] = target
+    return made
+
+
+__all__ = ["CASES", "ESCAPES", "write_small_store", "write_tampered_stores"]
