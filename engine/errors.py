@@ -13,6 +13,7 @@ it cannot finish; the CLI maps each type to an exit code and shows no traceback 
       HeadError               a head failed or broke its declaration                  (series fails)
       StoreError              the result store is unusable                            exit 3
         StoreLocked           another run holds the store                             exit 3
+        DiskFull              no space (or quota) left where the store is written     exit 3
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class StoreLocked(StoreError):
     """Another run holds the store's lock; the message names its host, pid and run."""
 
 
+class DiskFull(StoreError):
+    """ENOSPC or EDQUOT while writing a store or an export; the message names the folder. What
+    was written stays consistent (the series in flight reads ``incomplete``); a rerun after
+    freeing space resumes."""
+
+
 class Interrupted(MrfmError):
     """The run was stopped by SIGINT/SIGTERM after finishing the series in flight."""
 
@@ -69,6 +76,6 @@ class Interrupted(MrfmError):
 
 __all__ = [
     "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SERIES_FAILED", "EXIT_STORE", "EXIT_USAGE",
-    "BackendUnavailable", "GeometryError", "HeadError", "InputError", "Interrupted", "MrfmError",
+    "BackendUnavailable", "DiskFull", "GeometryError", "HeadError", "InputError", "Interrupted", "MrfmError",
     "StoreError", "StoreLocked", "UsageError",
 ]

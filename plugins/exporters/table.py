@@ -39,7 +39,7 @@ class TableExporter:
                     "model_fingerprint": model_fp}
             kind = _OUTPUT_KIND[meta["kind"]]
             rows[kind] += _rows(kind, ctx.read(key, head, output), meta, base)
-        out = ctx.out_dir / "parts" / key
+        out = ctx.path("parts", key)
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
@@ -58,18 +58,19 @@ class TableExporter:
 
         written = []
         for kind in KINDS:
-            parts = [p for k in keys if (p := ctx.out_dir / "parts" / k / f"{kind}.parquet").exists()]
-            for old in (ctx.out_dir / f"{kind}.parquet", ctx.out_dir / f"{kind}.csv"):
+            parts = [p for k in keys if (p := ctx.path("parts", k, f"{kind}.parquet")).exists()]
+            parquet, csv = ctx.path(f"{kind}.parquet"), ctx.path(f"{kind}.csv")
+            for old in (parquet, csv):
                 old.unlink(missing_ok=True)
             if not parts:
                 continue
             table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
-            pq.write_table(table, ctx.out_dir / f"{kind}.parquet")
+            pq.write_table(table, parquet)
             if kind == "embeddings":  # CSV has no list type: one space-separated text column
                 vec = [" ".join(f"{x:.7g}" for x in v) for v in table.column("embedding").to_pylist()]
                 table = table.set_column(table.schema.get_field_index("embedding"), "embedding", pa.array(vec))
-            pcsv.write_csv(table, ctx.out_dir / f"{kind}.csv")
-            written += [ctx.out_dir / f"{kind}.parquet", ctx.out_dir / f"{kind}.csv"]
+            pcsv.write_csv(table, csv)
+            written += [parquet, csv]
         return written
 
 
