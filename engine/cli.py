@@ -77,7 +77,10 @@ class _Cli(click.Group):
         argv = sys.argv[1:] if args is None else list(args)
         if "--debug" not in argv:  # plugins may load while the command line is parsed
             _plain_warnings()
-        return super().main(args, *rest, **kwargs)
+        from .termination import TERM
+
+        with TERM:  # SIGTERM ends as documented (130, or the run's own code once it has ended)
+            return super().main(args, *rest, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -208,6 +211,31 @@ MAX_SERIES_BYTES_HELP = ("Memory budget for decoding one series, e.g. 2GiB or 51
                          "a series whose headers declare more fails, a file that inflates past it is skipped.")
 
 
+def _utf8(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Text arguments must be UTF-8: other bytes reach Python as lone surrogates, which no
+    tokenizer, store or terminal can take. One line and exit 2, not a traceback."""
+    from .errors import UsageError
+
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError(f"{param.opts[0] if param.opts else param.name}: {ascii(item)} is not UTF-8 text") from None
+    return value
+
+
+def _head_names(heads: tuple[str, ...]) -> list[str] | None:
+    """Names from repeatable, comma-separated ``--heads``; None when not given; an empty
+    ``--heads ''`` is a usage error, not 'every head'."""
+    from .errors import UsageError
+
+    names = [h.strip() for hs in heads for h in hs.split(",") if h.strip()]
+    if heads and not names:
+        raise UsageError("--heads names no head; give head names (comma-separated), or leave --heads out to run every installed head")
+    return names or None
+
+
 def _load_job(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
@@ -226,13 +254,13 @@ def _load_job(path: str | None) -> dict[str, Any]:
 @cli.command()
 @click.argument("archive", nargs=-1, type=click.Path(exists=True))
 @click.option("--out", "-o", type=click.Path(), help="Result store (Zarr v3 folder).")
-@click.option("--heads", "heads", multiple=True, help="Heads to run (repeatable or comma-separated; default: all installed).")
+@click.option("--heads", "heads", multiple=True, callback=_utf8, help="Heads to run (repeatable or comma-separated; default: all installed).")
 @click.option("--model", type=click.Path(exists=True, file_okay=False), help="Model folder (default: the embedded model).")
 @click.option("--backend", default="auto", show_default=True, help="auto, torch, onnxruntime, torch-compile, tensorrt or a plugin's backend.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
 @click.option("--workers", type=click.IntRange(0), help="Loader processes (0 loads in-process; default: measured on the first batch, as many as keep the encoder fed, up to cores - 1; none on two cores or fewer).")
-@click.option("--query", "queries", multiple=True, help="Text query for grounding heads (repeatable).")
+@click.option("--query", "queries", multiple=True, callback=_utf8, help="Text query for grounding heads (repeatable).")
 @click.option("--job", type=click.Path(exists=True, dir_okay=False), help="Job file (schemas/job.schema.json); options given here override it.")
 @click.option("--overwrite", is_flag=True, help="Redo every series instead of resuming.")
 @click.option("--record-paths", is_flag=True, help="Record source file paths in the store (off: files are named by archive and index).")
@@ -268,13 +296,22 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
     out = out or spec.get("out")
     if not paths or not out:
         raise click.UsageError("give at least one ARCHIVE and --out (or a --job file with 'archives' and 'out')")
-    head_names = [h.strip() for hs in heads for h in hs.split(",") if h.strip()] or spec.get("heads") or None
+    head_names = _head_names(heads) or spec.get("heads") or None
     reporter = _Reporter(log_json or not sys.stderr.isatty())
     live = None
     if report_dir:
         from .report import LiveReport
 
         live = LiveReport(str(out), report_dir)
+
+    from .termination import TERM
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "scan":  # the run has begun: the pipeline's own handler takes over
+            TERM.begun()
+        reporter(event)
+        if live is not None:
+            live(event)
     try:
         summary = run_pipeline(
             paths, out, heads=head_names, model=model or spec.get("model"), backend=backend if backend != "auto" else spec.get("backend", "auto"),
@@ -286,7 +323,7 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
             executor=executor or spec.get("executor", "local"), ray_address=ray_address or spec.get("ray_address"),
             ray_actors=ray_actors or spec.get("ray_actors"), force=force,
             max_series_bytes=max_series_bytes or spec.get("max_series_bytes"),
-            on_event=reporter if live is None else (lambda e: (reporter(e), live(e))),
+            on_event=on_event,
         )
     finally:
         reporter.close()
@@ -532,8 +569,8 @@ def validate(store, deep) -> None:
 
 @cli.command()
 @click.argument("store")
-@click.argument("text", required=False)
-@click.option("--like", help="Find series similar to this series key.")
+@click.argument("text", required=False, callback=_utf8)
+@click.option("--like", callback=_utf8, help="Find series similar to this series key.")
 @click.option("--report", type=click.Path(exists=True, dir_okay=False), help="Find series matching a report file.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--model", type=click.Path(exists=True, file_okay=False), help="Model folder for encoding text (default: the store's).")

@@ -19,6 +19,7 @@ it cannot finish; the CLI maps each type to an exit code and shows no traceback 
       StoreError              the result store is unusable                            exit 3
         StoreLocked           another run holds the store                             exit 3
         NodeUnreadable        one node's metadata cannot be read                      exit 3
+        DiskFull              no space (or quota) left where the store is written     exit 3
       SkipSeries              an exporter has nothing to export for a series          (series skipped)
 
 An interrupted run is not an exception: it finishes the series in flight and returns its summary
@@ -70,6 +71,13 @@ class StoreError(MrfmError):
 
 class StoreLocked(StoreError):
     """Another run holds the store's lock; the message names its host, pid and run."""
+
+
+class DiskFull(StoreError):
+    """ENOSPC or EDQUOT while writing a store or an export; the message names the folder. What
+    was written stays consistent (the series in flight reads ``incomplete``); a rerun after
+    freeing space resumes."""
+
 
 
 class LoadError(InputError):
@@ -131,7 +139,7 @@ def one_line(exc: BaseException, *, named: bool = False, limit: int = 300, fold:
 
 __all__ = [
     "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SERIES_FAILED", "EXIT_STORE", "EXIT_USAGE",
-    "BackendUnavailable", "GeometryError", "GroupsError", "HeadBudgetExceeded", "HeadError", "HeadOutputError", "HeadRunError",
+    "BackendUnavailable", "DiskFull", "GeometryError", "GroupsError", "HeadBudgetExceeded", "HeadError", "HeadOutputError", "HeadRunError",
     "InputError", "LoadError", "MrfmError", "NodeUnreadable", "SkipSeries", "StackError", "StoreError",
     "StoreLocked", "UsageError", "ViewError", "one_line",
 ]

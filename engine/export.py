@@ -23,8 +23,13 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkabl
 import click
 import numpy as np
 
-from .errors import SkipSeries, StoreError, UsageError, one_line
+from .disk_full import disk_full_is_store_error
+from .errors import DiskFull, SkipSeries, StoreError, UsageError, one_line
+from .export_paths import source_roots
+from .faults import killpoint
 from .fingerprint import json_digest
+from .out_folders import check_export_folder
+from .safe_paths import check_under, inside, is_safe_name, safe_name
 
 MANIFEST = "mrfm-export.json"
 MANIFEST_VERSION = 1
@@ -99,7 +104,8 @@ class ExportContext:
         self.manifest = manifest if manifest is not None else {}
         self._attrs: dict[str, dict[str, Any]] = {}
         self._refs: dict[str, Any] | None = None
-        self._scanned = False
+        self._scanned: set[Path] = set()
+        self.refused_roots: list[str] = []
 
     # ---- store -----------------------------------------------------------------------------
     def attrs(self, key: str) -> dict[str, Any]:
@@ -114,7 +120,10 @@ class ExportContext:
         for head, info in sorted((self.attrs(key).get("heads") or {}).items()):
             if (self.heads and head not in self.heads) or not isinstance(info, dict) or info.get("error"):
                 continue
+            # names become file names: checked before anything is read or written
+            safe_name(head, f"series/{key}: head name")
             for name in info.get("outputs") or []:
+                safe_name(name, f"series/{key}/{head}: output name")
                 try:
                     node_attrs = dict(group[head][name].attrs)
                 except KeyError:
@@ -132,24 +141,37 @@ class ExportContext:
         return self.run(self.attrs(key).get("run_id")).get("model") or dict(self.store.root.attrs).get("model") or {}
 
     def series_dir(self, key: str) -> Path:
-        d = self.out_dir / key
+        """``out_dir/key``, created; the key is checked as a plain name and the folder (even one
+        a symlink stands for) to lie under ``out_dir``."""
+        d = inside(self.out_dir, key, what="series key")
         d.mkdir(parents=True, exist_ok=True)
-        return d
+        return check_under(self.out_dir, d)
+
+    def path(self, *names: str) -> Path:
+        """A file or folder under ``out_dir``: each name plain, the resolved path inside ``out_dir``.
+        Exporters build every path they write through this (or series_dir)."""
+        return inside(self.out_dir, *names, what="export file name")
+
+    def series_file(self, key: str, name: str) -> Path:
+        """A file in the series' folder: ``name`` plain, the path (a symlink already there too)
+        inside ``out_dir``."""
+        return inside(self.series_dir(key), name, what="export file name")
 
     def exported(self, fmt: str, key: str) -> list[Path]:
-        """Files another format wrote for ``key`` into this out folder (e.g. the SR finds the SEG)."""
+        """Files another format wrote for ``key`` into this out folder (e.g. the SR finds the SEG);
+        the manifest is read from the folder, so its names are checked to stay inside it."""
         record = (self.manifest.get("formats", {}).get(fmt, {}).get("series", {})).get(key) or {}
-        return [self.out_dir / f for f in record.get("files", []) if (self.out_dir / f).exists()]
+        files = record.get("files", []) if isinstance(record, dict) else []
+        return [self.out_dir / f for f in files if _within(self.out_dir, f) and (self.out_dir / f).is_file()]
 
     # ---- sources ---------------------------------------------------------------------------
     def archive_roots(self) -> list[Path]:
+        """Where sources are looked for: ``archive`` as given, else the roots recorded in the
+        store's runs that exist and are folders or archive files, never a file-system root."""
         if self.archive:
-            return self.archive
-        roots: list[Path] = []
-        for attrs in self.store.runs().values():
-            for p in (attrs.get("config") or {}).get("paths") or []:
-                if Path(p) not in roots:
-                    roots.append(Path(p))
+            return source_roots(self.archive, recorded=False)[0]
+        recorded = [p for attrs in self.store.runs().values() for p in (attrs.get("config") or {}).get("paths") or []]
+        roots, self.refused_roots = source_roots(recorded, recorded=True)
         return roots
 
     def add_source(self, key: str, ref: Any) -> None:
@@ -163,20 +185,24 @@ class ExportContext:
         """The SeriesRef (engine.discover) of a stored series, found in the archive by its UID."""
         attrs = self.attrs(key)
         refs = self._refs = self._refs or {}
-        known = (attrs.get("series_uid") or key) in refs or key in refs
-        if not known and not self._scanned:  # one header-only scan per session
+        uid = attrs.get("series_uid") or key
+        # roots are scanned (headers only, once each) in order, only until the series is found
+        for root in self.archive_roots():
+            if uid in refs or key in refs:
+                break
+            if root in self._scanned:
+                continue
             from .discover import scan  # exports load the store and readers when they run; plugins import this module for its types
 
-            self._scanned = True
-            roots = [r for r in self.archive_roots() if r.exists()]
-            if roots:
-                for ref in scan(roots).series:
-                    self._refs.setdefault(ref.series_uid or ref.key, ref)
-                    self._refs.setdefault(ref.key, ref)
-        ref = self._refs.get(attrs.get("series_uid") or "") or self._refs.get(key)
+            self._scanned.add(root)
+            for ref in scan([root]).series:
+                refs.setdefault(ref.series_uid or ref.key, ref)
+                refs.setdefault(ref.key, ref)
+        ref = refs.get(uid) or refs.get(key)
         if ref is None:
             where = "--archive" if self.archive else "the archive roots recorded in the store's runs"
-            raise UsageError(f"series {key}: its source files are not under {where}; pass --archive")
+            refused = f" (not searched: {'; '.join(self.refused_roots)})" if self.refused_roots and not self.archive else ""
+            raise UsageError(f"series {key}: its source files are not under {where}{refused}; pass --archive")
         return ref
 
     def volume(self, key: str) -> Any:
@@ -205,10 +231,16 @@ def _read_manifest(out_dir: Path) -> dict[str, Any]:
 
 
 def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    # write-then-rename: an interrupted export never leaves a half-written manifest
+    # write-then-rename: an interrupted export never leaves a half-written manifest, and a failed
+    # write (a full disk) leaves no temporary file
     tmp = out_dir / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, out_dir / MANIFEST)
+    try:
+        with disk_full_is_store_error(out_dir):
+            killpoint("export-write")
+            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, out_dir / MANIFEST)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def export_fingerprint(exporter: Exporter, ctx: ExportContext, key: str) -> str:
@@ -223,7 +255,19 @@ def export_fingerprint(exporter: Exporter, ctx: ExportContext, key: str) -> str:
 
 
 def _up_to_date(record: dict[str, Any] | None, fp: str, out_dir: Path) -> bool:
-    return bool(record) and record.get("fingerprint") == fp and all((out_dir / f).exists() for f in record.get("files", []))
+    return (isinstance(record, dict) and record.get("fingerprint") == fp
+            and all(_within(out_dir, f) and (out_dir / f).exists() for f in record.get("files", [])))
+
+
+def _within(out_dir: Path, name: Any) -> bool:
+    """Whether a file name read from the manifest is relative and resolves inside ``out_dir``."""
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        return False
+    try:
+        check_under(out_dir, out_dir / name)
+    except StoreError:
+        return False
+    return True
 
 
 def _relative(paths: Iterable[Path], out_dir: Path) -> list[str]:
@@ -245,11 +289,17 @@ class ExportSession:
         self.store = store if isinstance(store, ResultStore) else open_store(store, "r")
         self.exporter = get_exporter(fmt)
         self.out_dir = Path(out_dir)
+        check_export_folder(self.out_dir, MANIFEST)  # never write among a user's own files
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with disk_full_is_store_error(self.out_dir):
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+        except DiskFull:
+            raise
         except OSError as exc:
             raise UsageError(f"--out {self.out_dir}: cannot create the export folder ({exc.strerror})") from exc
         self.manifest = _read_manifest(self.out_dir)
+        if not (self.out_dir / MANIFEST).exists():  # claimed at once: a later export knows the folder is mrfm's
+            _write_manifest(self.out_dir, self.manifest)
         self.ctx = ExportContext(self.store, self.out_dir, fmt, heads=heads, archive=archive, options=options,
                                  manifest=self.manifest)
         self.on_event = on_event
@@ -288,8 +338,10 @@ class ExportSession:
 
     def _export(self, key: str, fp: str) -> SeriesExport:
         try:
-            files = _relative(self.exporter.export_series(self.ctx, key), self.out_dir)
-        except KeyboardInterrupt:
+            with disk_full_is_store_error(self.out_dir):  # a full disk ends the export (exit 3), not one series
+                killpoint("export-write")
+                files = _relative(self.exporter.export_series(self.ctx, key), self.out_dir)
+        except (KeyboardInterrupt, DiskFull):
             raise
         except SkipSeries as exc:
             self._records[key] = {"fingerprint": fp, "files": [], "exported": _now(), "skipped": str(exc)}
@@ -308,8 +360,10 @@ class ExportSession:
         finish = getattr(self.exporter, "finish", None)
         files: list[str] = []
         if finish is not None:
-            done = [k for k, r in self._records.items() if self.store.series_attrs(k) is not None]
-            files = _relative(finish(self.ctx, sorted(done)), self.out_dir)
+            # keys come from the manifest in the out folder: only plain names reach the store or a path
+            done = [k for k in self._records if is_safe_name(k) and self.store.series_attrs(k) is not None]
+            with disk_full_is_store_error(self.out_dir):
+                files = _relative(finish(self.ctx, sorted(done)), self.out_dir)
             self.manifest["formats"][self.exporter.name]["finished"] = {"files": files, "at": _now()}
             _write_manifest(self.out_dir, self.manifest)
         return ExportSummary(self.exporter.name, self.out_dir, self.results, files, time.perf_counter() - self._t0)
@@ -383,7 +437,9 @@ def export_command(store: Path, fmt: str, out_dir: Path | None, series: tuple[st
                    archive: tuple[Path, ...]) -> None:
     """Export a result store's series in FORMAT; resumes, and a failed series never stops the rest."""
     out = out_dir or store.parent / f"{store.name.removesuffix('.zarr')}-{fmt}"
-    wanted = [h.strip() for h in heads.split(",") if h.strip()] if heads else None
+    wanted = [h.strip() for h in heads.split(",") if h.strip()] if heads is not None else None
+    if heads is not None and not wanted:
+        raise UsageError("--heads names no head; give head names (comma-separated), or leave --heads out to export every head")
 
     from .terminal import printable
 

@@ -30,6 +30,7 @@ from .executors import Driver, RunPlan, Setup, Work, get_executor, local_where
 from .executors.local import default_workers, workers_for
 from .executors.stages import SeriesResult, WriteItem, fingerprints, result_for, safe_attrs, write_item
 from .executors.stages import prepare_run as _prepare_run
+from .disk_full import disk_full, disk_full_is_store_error, no_space
 from .executors.stages import series_attrs as _series_attrs  # noqa: F401 (engine.bench reads it here)
 from .faults import killpoint
 from .inference import Inference
@@ -179,6 +180,7 @@ def run(
     inference = Inference(enc, loaded, text, batch_size, budgets=budgets, default_budget=default_budget, on_event=emit,
                           distribution=distribution)
 
+    killpoint("start-up")
     found = scan(paths, max_series_bytes=max_series_bytes, **({"record_paths": True} if record_paths else {}))
     refs = list(found.series)
     skipped_files = len(getattr(found, "skipped", []) or [])
@@ -197,13 +199,21 @@ def run(
     stop = _StopFlag()
     executor_info = runner.open()  # before the signal handlers: a cluster client may install its own
     try:
-        store = _open_for_writing(out)
-        _forget_listings(store)
-        with store.lock(run_id), stop.installed():
-            summary = _drive(runner, executor_info, plan, refs, found, store, inference, mdl, enc, reason, head_info, loaded,
-                             warnings, skipped_files, started, t0, stop, emit, exports or [], export_dir, paths)
+        with disk_full_is_store_error(out):  # ENOSPC/EDQUOT anywhere below: DiskFull, exit 3
+            store = _open_for_writing(out)
+            _forget_listings(store)
+            with store.lock(run_id), stop.installed():
+                warnings += store.lock_notes  # a lock broken on the way in is reported
+                try:
+                    summary = _drive(runner, executor_info, plan, refs, found, store, inference, mdl, enc, reason, head_info, loaded,
+                                     warnings, skipped_files, started, t0, stop, emit, exports or [], export_dir, paths)
+                except Exception as exc:
+                    if no_space(exc) is not None:
+                        _end_interrupted(store, run_id, str(disk_full(out, exc)))
+                    raise
     finally:
         runner.close()
+    killpoint("run-ended")
     emit({"event": "done", "run_id": run_id, "seconds": round(summary.seconds, 3), "interrupted": summary.interrupted,
           **{s: summary.count(s) for s in RESULT_STATUSES}, "out_of_distribution": summary.out_of_distribution})
     return summary
@@ -217,7 +227,7 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
     run_id, setup = plan.run_id, plan.setup
     store.begin_run(run_id, {
         "started": started,
-        "config": {"paths": [str(p) for p in paths], "heads": sorted(loaded), "backend": setup.backend, "precision": setup.precision,
+        "config": {"paths": [recorded_root(p) for p in paths], "heads": sorted(loaded), "backend": setup.backend, "precision": setup.precision,
                    "batch_size": plan.batch_size, "workers": plan.workers, "overwrite": plan.overwrite, "queries": setup.queries,
                    "params": setup.params, "record_paths": plan.record_paths, "executor": runner.name,
                    "max_series_bytes": plan.max_series_bytes},
@@ -266,6 +276,26 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
         "executor": summary.executor,
     }, status="interrupted" if summary.interrupted else "finished")
     return summary
+
+
+def recorded_root(path: str | Path) -> str:
+    """An archive root as the run record keeps it: absolute, so ``mrfm export`` finds the sources
+    from any working folder; only the root the user gave, never a path below it."""
+    return os.path.abspath(path)
+
+
+def _end_interrupted(store: ResultStore, run_id: str, why: str) -> None:
+    """Best effort, after a full disk: the run record says ``interrupted`` where that small write
+    still fits (else a later reader finds the run abandoned); a record the run could not finish
+    beginning is removed."""
+    try:
+        record = store.recorded_runs().get(run_id)
+        if record is not None and record.get("status") != "running":
+            store.discard_run(run_id)
+        elif record is not None:
+            store.finish_run(run_id, {"finished": now(), "reason": why}, status="interrupted")
+    except Exception:
+        pass
 
 
 def _update_index(store: ResultStore, remote: set[str]) -> int:

@@ -48,5 +48,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def sanitise_key(text: str) -> str:
-    """Reduce a UID or file name to characters that are safe in store paths."""
-    return _UNSAFE.sub("_", text).strip("_") or "series"
+    """Reduce a UID or file name to characters that are safe in store paths (never '.', '..' or a
+    hidden name; room left under 128 characters for a duplicate's suffix)."""
+    return _UNSAFE.sub("_", text).strip("_").lstrip(".")[:120] or "series"

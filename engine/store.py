@@ -39,7 +39,10 @@ from zarr.storage import FsspecStore, LocalStore
 from ._version import __version__
 from .enums import FINAL_STATUSES, RUN_ENDS, RUN_STATUSES, SERIES_STATUSES  # noqa: F401 (RUN_STATUSES: public here)
 from .errors import StoreError
+from .disk_full import disk_full, no_space
 from .faults import killpoint
+from .out_folders import check_store_folder, local_entries
+from .safe_paths import safe_name
 from .store_bounds import MAX_META_BYTES
 from .store_checks import (DAMAGED, MAX_LISTED, ChecksMixin, _chunk_keys, _parse_meta, _shard_checksummed,  # noqa: F401 (re-exported)
                            _shard_problem)
@@ -98,6 +101,13 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
             raise FileNotFoundError(f"{self.path} is not a Zarr v3 store (no zarr.json)")
         if root_meta is not None:
             _check_json_bytes(f"{self.path}/zarr.json", root_meta.to_bytes())
+        if not self.read_only:  # never take over a folder that holds anything but an mrfm store
+            try:
+                entries = (local_entries(self.path) if not self.remote or zstore is None
+                           else collect_aiterator(zstore.list_dir("")))
+            except OSError as exc:
+                raise StoreError(f"{self.path}: cannot list the store's folder ({type(exc).__name__}: {exc})") from exc
+            check_store_folder(str(self.path), entries, None if root_meta is None else root_meta.to_bytes())
         try:
             self.root = zarr.open_group(zstore, mode=mode, zarr_format=3)
             if not self.read_only and "mrfm" not in self.root.attrs:
@@ -176,13 +186,20 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
         """Record a run as ``running``, with the pid and hostname that tell later if it died."""
         host = {"hostname": socket.gethostname(), **(info.get("host") or {})}
         record = {**info, "host": host, "pid": info.get("pid", os.getpid()), "status": "running"}
+        killpoint("run-record")
         self.root.require_group("runs").create_group(run_id).update_attributes(record)
         attrs = dict(self.root.attrs)
         self.root.update_attributes({"runs": [*attrs.get("runs", []), run_id], "model": info.get("model", {})})
 
+    def discard_run(self, run_id: str) -> None:
+        """Remove the partial record of a run whose begin_run failed (a full disk), so that no
+        record without its required attributes is left; called with the lock held."""
+        self._delete_prefix(f"runs/{run_id}")
+
     def finish_run(self, run_id: str, info: dict[str, Any], status: str = "finished") -> None:
         if status not in RUN_ENDS:
             raise ValueError(f"a run ends {', '.join(RUN_ENDS)}, not {status!r}")
+        killpoint("run-end")
         self.root["runs"][run_id].update_attributes({**info, "status": status})
 
     def mark_abandoned(self, current: str | None = None) -> list[str]:
@@ -275,6 +292,7 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
         """
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
+        safe_name(key, "series key")  # a key such as '..' would name the store's own folder
         new_heads = attrs.get("heads", {})
         group = None
         try:
@@ -290,8 +308,10 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
             group.update_attributes({"status": status, "reason": reason, "written": now()})
             self._note_index(key, merged, status, outputs)
         except Exception as exc:
-            why = f"could not write series group: {type(exc).__name__ if not str(exc) else exc}"
             self._index_rows[key] = _Row("unknown")  # the group may hold anything now: resume asks it
+            if no_space(exc) is not None:  # the group stays incomplete; the run stops (exit 3)
+                raise disk_full(self.path, exc) from exc
+            why = f"could not write series group: {type(exc).__name__ if not str(exc) else exc}"
             self._mark_write_failed(group, new_heads, why)
             raise StoreError(f"series/{key}: {why}") from exc
 

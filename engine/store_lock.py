@@ -24,16 +24,23 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .errors import StoreError, StoreLocked
+from .faults import killpoint
 from .zarr_nodes import now
 
 if TYPE_CHECKING:
     from .store import ResultStore
 
 LOCK_NAME = ".mrfm-lock"
+# an empty or unreadable lock this old is a leftover (a lock is linked into place whole, and older
+# versions wrote one in microseconds): broken like a stale one, and reported
+UNREADABLE_GRACE_SECONDS = 5.0
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
 class LockMixin:
     """The lock of a result store; mixed into :class:`engine.store.ResultStore`."""
+
+    lock_notes: list[str] = []  # what acquire_lock broke on its way in (set per call)
 
     # ---- lock ---------------------------------------------------------------------------------
     # Local stores: a file created with O_EXCL. Object stores: an object created with a
@@ -67,10 +74,12 @@ class LockMixin:
         """
         if self.read_only:
             raise StoreError(f"{self.path}: opened read-only; cannot take the lock")
+        self.lock_notes = []
         record = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id, "started": now()}
         if self.remote:
             record.update({"token": secrets.token_hex(8), "heartbeat": time.time()})
         for _ in range(5):
+            self._refuse_linked_lock()
             if self._create_lock(record):
                 self._lock = record
                 if self.remote:
@@ -81,10 +90,41 @@ class LockMixin:
             if holder is None:
                 continue  # released in between: try again
             state = _holder_state(holder)
-            if state != "stale":
+            age = self._unreadable_lock_age(state)
+            if state != "stale" and age is None:
                 raise StoreLocked(_locked_message(self.path, self.lock_path, holder, state))
             self._break_lock(holder)
+            self.lock_notes.append(f"{LOCK_NAME}: broke " + (
+                f"an unreadable lock file left {age:.0f} s ago by a run that never finished writing it" if age is not None
+                else f"the stale lock of run {holder.get('run_id')} ({self._stale_why(holder)})"))
         raise StoreLocked(f"{self.lock_path}: the lock keeps changing hands; try again")
+
+    def _unreadable_lock_age(self, state: str) -> float | None:
+        """Seconds since a local lock that cannot be read was last written, when that is longer
+        than UNREADABLE_GRACE_SECONDS (a leftover, no live holder); None otherwise."""
+        if state != "unknown" or self.remote:
+            return None
+        try:
+            age = time.time() - os.lstat(self.lock_path).st_mtime
+        except OSError:
+            return None
+        grace = float(os.environ.get("MRFM_LOCK_UNREADABLE_SECONDS") or UNREADABLE_GRACE_SECONDS)
+        return age if age > grace else None
+
+    def _refuse_linked_lock(self) -> None:
+        """A symbolic link where the lock belongs is not mrfm's (it never makes one): say what it
+        is and leave it alone, rather than read through it or report the lock as changing hands."""
+        if self.remote or not os.path.islink(self.lock_path):
+            return
+        target = os.readlink(self.lock_path)
+        dangling = "" if os.path.exists(self.lock_path) else ", which does not exist"
+        raise StoreError(f"{self.lock_path} is a symbolic link to {target!r}{dangling}; mrfm never makes its lock a link "
+                         f"and leaves it alone. If no run writes {self.path}, remove the link")
+
+    def _stale_why(self, holder: dict[str, Any]) -> str:
+        if "heartbeat" in holder and holder.get("host") != socket.gethostname():
+            return f"no heartbeat since {_ago(holder['heartbeat'])}"
+        return f"pid {holder.get('pid')} on {holder.get('host')} is not running"
 
     def _create_lock(self, record: dict[str, Any]) -> bool:
         if not self.remote:
@@ -140,30 +180,59 @@ class LockMixin:
 
     def lock_problem(self) -> str | None:
         """'path: message' for a lock left by a dead process or unreadable; None otherwise."""
+        if not self.remote and os.path.islink(self.lock_path):
+            return f"{LOCK_NAME}: a symbolic link to {os.readlink(self.lock_path)!r}, not a lock mrfm made; remove it"
         holder = self.lock_holder()
         if holder is None:
             return None
         state = _holder_state(holder)
         if state == "stale":
-            why = (f"no heartbeat since {_ago(holder['heartbeat'])}" if "heartbeat" in holder and holder.get("host") != socket.gethostname()
-                   else f"pid {holder.get('pid')} on {holder.get('host')} is not running")
-            return f"{LOCK_NAME}: stale lock of run {holder.get('run_id')} ({why}); the next run breaks it"
+            return f"{LOCK_NAME}: stale lock of run {holder.get('run_id')} ({self._stale_why(holder)}); the next run breaks it"
+        if state == "unknown" and self._unreadable_lock_age(state) is not None:
+            return f"{LOCK_NAME}: unreadable lock file left by a run that never finished writing it; the next run breaks it"
         if state == "unknown":
             return f"{LOCK_NAME}: unreadable lock file; if no run is writing this store, remove {self.lock_path}"
         return None
 
 
 def _create_exclusive(path: Path, record: dict[str, Any]) -> bool:
-    """Create ``path`` holding ``record`` unless it exists (O_CREAT|O_EXCL: atomic on local disks)."""
+    """Create ``path`` holding ``record`` unless it exists. The record is written to a private file
+    first and hard-linked into place (link(2) fails when the name exists), so the lock is never
+    seen empty or half-written, and a write that fails (a full disk) leaves no lock behind."""
+    data = json.dumps(record).encode()
+    tmp = path.with_name(f"{LOCK_NAME}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        _write_new(tmp, data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    # a filesystem without hard links: O_EXCL creates the name, and a failed write removes it again
+    try:
+        _write_new(path, data)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
     return True
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (O_CREAT|O_EXCL) holding ``data``, synced; removed again when writing fails."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            killpoint("lock-write")
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _pid_alive(pid: int) -> bool:

@@ -142,20 +142,30 @@ class _Writer(threading.Thread):
             item = self.queue.get()
             if item is None:
                 return
+            if self.error is not None:
+                continue  # after a store error (a full disk) nothing more is written: drain, stay unblocking
             t = time.perf_counter()
-            result = write_item(self.store, item)
-            self.seconds += time.perf_counter() - t
-            self.on_done(result)
-            killpoint("between-series")
+            try:
+                result = write_item(self.store, item)
+                self.seconds += time.perf_counter() - t
+                self.on_done(result)
+                killpoint("between-series")
+            except BaseException as exc:  # write_item lets only run-ending errors through
+                self.error = exc
 
     def put(self, item: WriteItem) -> None:
+        if self.error is not None:
+            raise self.error
         if not self.is_alive():
-            raise RuntimeError("writer thread stopped") from self.error
+            raise RuntimeError("writer thread stopped")
         self.queue.put(item)
 
     def close(self) -> None:
+        """Wait for the queued writes; raise the error that stopped the writer, if any."""
         self.queue.put(None)
         self.join()
+        if self.error is not None:
+            raise self.error
 
 
 class LocalExecutor:

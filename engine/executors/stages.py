@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import MrfmError, StoreError, UsageError, one_line
+from ..errors import DiskFull, MrfmError, StoreError, UsageError, one_line
 from ..features import TextFeatures
 from ..geometry import axis_codes, orientation_name, spacing
 from ..inference import Inference, SeriesOutputs, load_heads
@@ -207,10 +207,13 @@ def run_isolated(inference: Inference, preps: list[Prepared], only: list[set[str
 
 def write_item(store: Any, item: WriteItem) -> SeriesResult:
     """Write one series group (its status last, so it is never read half-written as complete).
-    A write failure is that series' failure, not the run's."""
+    A write failure is that series' failure, not the run's, except a full disk (DiskFull), which
+    would fail every series after it: that one stops the run."""
     result = item.result
     try:
         store.write_series(item.key, item.attrs, item.outputs, item.status, item.reason, replace=item.replace)
+    except DiskFull:
+        raise
     except Exception as exc:
         # the store marks the group failed with this reason where it still can
         result.status, result.reason = "failed", str(exc) if isinstance(exc, StoreError) else f"could not write series group: {exc}"

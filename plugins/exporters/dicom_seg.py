@@ -39,7 +39,7 @@ class DicomSegExporter:
         files = []
         for n, (head, output, meta) in enumerate(masks):
             seg = build_segmentation(ctx, key, headers, head, output, meta, n)
-            path = ctx.series_dir(key) / f"seg_{head}_{output}.dcm"
+            path = ctx.series_file(key, f"seg_{head}_{output}.dcm")
             seg.save_as(path)
             files.append(path)
         return files

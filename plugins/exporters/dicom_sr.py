@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 
 from engine import ExportContext, SkipSeries, affine_of
+from engine.export import is_safe_name
 
 from ._dicom import LPS, identity, read_headers, uid
 
@@ -70,7 +71,7 @@ class DicomSrExporter:
             raise SkipSeries("no scores, values, boxes or exported SEG")
         headers = read_headers(ctx, key)
         sr = build_report(ctx, key, headers, items, segs)
-        path = ctx.series_dir(key) / "sr_measurements.dcm"
+        path = ctx.series_file(key, "sr_measurements.dcm")
         sr.save_as(path)
         return [path]
 
@@ -177,4 +178,6 @@ def _seg_output(seg: Any) -> tuple[str | None, str | None]:
     if not text.startswith("mrfm ") or "/" not in text:
         return None, None
     head, _, rest = text[5:].partition("/")
-    return head, rest.split(" ")[0]
+    output = rest.split(" ")[0]
+    # read from a file in the out folder: only plain names are looked up in the store
+    return (head, output) if is_safe_name(head) and is_safe_name(output) else (None, None)

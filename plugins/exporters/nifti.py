@@ -25,8 +25,8 @@ class NiftiExporter:
             img.set_sform(affine, code=1)  # scanner: the affine is the scanner's RAS+ frame
             img.set_qform(affine, code=1)
             img.header.set_xyzt_units("mm")
-            base = ctx.series_dir(key) / f"{head}_{output}"
-            nib.save(img, f"{base}.nii.gz")
+            image, sidecar_path = ctx.series_file(key, f"{head}_{output}.nii.gz"), ctx.series_file(key, f"{head}_{output}.json")
+            nib.save(img, image)
             labels = meta.get("labels") or []
             colors = meta.get("colors") or []
             sidecar = {
@@ -38,6 +38,6 @@ class NiftiExporter:
                 "description": meta.get("description"),
                 "frame": "RAS+ mm; the sform maps voxel (i, j, k) to world (nibabel convention)",
             }
-            Path(f"{base}.json").write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
-            files += [Path(f"{base}.nii.gz"), Path(f"{base}.json")]
+            sidecar_path.write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
+            files += [image, sidecar_path]
         return files

@@ -71,7 +71,7 @@ class OmeZarrExporter:
             raise InputError(f"the source volume's shape {image.shape} differs from the stored grid {shape}")
         data, ras_affine = to_ras_order(image, affine)
         scale, translation, error = ngff_placement(ras_affine, data.shape)
-        path = ctx.out_dir / f"{key}.ome.zarr"
+        path = ctx.path(f"{key}.ome.zarr")
         if path.exists():
             shutil.rmtree(path)
         root = zarr.open_group(str(path), mode="w", zarr_format=3)

@@ -45,7 +45,7 @@ class TableExporter:
                     "model_fingerprint": model_fp}
             kind = _OUTPUT_KIND[meta["kind"]]
             rows[kind] += _rows(kind, ctx.read(key, head, output), meta, base)
-        out = ctx.out_dir / "parts" / key
+        out = ctx.path("parts", key)
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
@@ -64,18 +64,19 @@ class TableExporter:
 
         written = []
         for kind in KINDS:
-            parts = [p for k in keys if (p := ctx.out_dir / "parts" / k / f"{kind}.parquet").exists()]
-            for old in (ctx.out_dir / f"{kind}.parquet", ctx.out_dir / f"{kind}.csv"):
+            parts = [p for k in keys if (p := ctx.path("parts", k, f"{kind}.parquet")).exists()]
+            parquet, csv = ctx.path(f"{kind}.parquet"), ctx.path(f"{kind}.csv")
+            for old in (parquet, csv):
                 old.unlink(missing_ok=True)
             if not parts:
                 continue
             table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
-            pq.write_table(table, ctx.out_dir / f"{kind}.parquet")
+            pq.write_table(table, parquet)
             if kind == "embeddings":  # CSV has no list type: one space-separated text column
                 vec = [" ".join(f"{x:.7g}" for x in v) for v in table.column("embedding").to_pylist()]
                 table = table.set_column(table.schema.get_field_index("embedding"), "embedding", pa.array(vec))
-            pcsv.write_csv(table, ctx.out_dir / f"{kind}.csv")
-            written += [ctx.out_dir / f"{kind}.parquet", ctx.out_dir / f"{kind}.csv"]
+            pcsv.write_csv(table, csv)
+            written += [parquet, csv]
         return written + _series_table(ctx)
 
 
@@ -110,12 +111,12 @@ def _series_table(ctx: ExportContext) -> list[Path]:
                          else pa.float64() if c.startswith("distribution_") else pa.bool_() if c == "out_of_distribution"
                          else pa.string()) for c in SERIES_COLUMNS])
     table = pa.Table.from_pylist(rows, schema=schema)
-    pq.write_table(table, ctx.out_dir / "series.parquet")
+    pq.write_table(table, ctx.path("series.parquet"))
     for name in ("shape", "spacing"):
         text = ["x".join(f"{x:g}" for x in v) if v else None for v in table.column(name).to_pylist()]
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(text, pa.string()))
-    pcsv.write_csv(table, ctx.out_dir / "series.csv")
-    return [ctx.out_dir / "series.parquet", ctx.out_dir / "series.csv"]
+    pcsv.write_csv(table, ctx.path("series.csv"))
+    return [ctx.path("series.parquet"), ctx.path("series.csv")]
 
 
 def _float(value: Any) -> float | None:
