@@ -8,12 +8,16 @@ from __future__ import annotations
 from . import errors
 from .backends.base import Backend
 from .errors import (
-    BackendUnavailable, GeometryError, HeadError, InputError, MrfmError, StoreError, StoreLocked, UsageError,
+    BackendUnavailable, GeometryError, HeadError, InputError, MrfmError, SourceError, StoreError, StoreLocked, UsageError,
 )
 from .features import Features, HeadInput, TextFeatures, View, ViewInfo
 from .geometry import Volume
 from .heads import Head, HeadContext, HeadOutputError, NetHead
 from .hookspecs import hookimpl
+from .discover import ScanResult, SeriesRef, sanitise_key
+from .sources import (
+    PACS_READER, PacsReader, RemoteRef, Source, SourceOptions, http_session, instances_digest, is_url, public_url,
+)
 
 __version__ = "0.1.0"
 
@@ -46,6 +50,7 @@ __all__ = [
     "HeadError",
     "InputError",
     "MrfmError",
+    "SourceError",
     "StoreError",
     "StoreLocked",
     "UsageError",
@@ -62,6 +67,18 @@ __all__ = [
     "ViewInfo",
     "Volume",
     "hookimpl",
+    "PACS_READER",
+    "PacsReader",
+    "RemoteRef",
+    "ScanResult",
+    "SeriesRef",
+    "Source",
+    "SourceOptions",
+    "http_session",
+    "instances_digest",
+    "is_url",
+    "public_url",
+    "sanitise_key",
     "open_store",
     "run",
     "scan",

@@ -13,6 +13,7 @@ it cannot finish; the CLI maps each type to an exit code and shows no traceback 
       HeadError               a head failed or broke its declaration                  (series fails)
       StoreError              the result store is unusable                            exit 3
         StoreLocked           another run holds the store                             exit 3
+      SourceError             a PACS cannot be reached, refused or failed a request   exit 2
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ class StoreLocked(StoreError):
     """Another run holds the store's lock; the message names its host, pid and run."""
 
 
+class SourceError(MrfmError):
+    """A PACS source cannot be reached, refused the association or failed a query; during a
+    run, a series whose fetch fails is that series' failure (the run goes on)."""
+
+    exit_code = EXIT_USAGE
+
+
 class Interrupted(MrfmError):
     """The run was stopped by SIGINT/SIGTERM after finishing the series in flight."""
 
@@ -70,5 +78,5 @@ class Interrupted(MrfmError):
 __all__ = [
     "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SERIES_FAILED", "EXIT_STORE", "EXIT_USAGE",
     "BackendUnavailable", "GeometryError", "HeadError", "InputError", "Interrupted", "MrfmError",
-    "StoreError", "StoreLocked", "UsageError",
+    "SourceError", "StoreError", "StoreLocked", "UsageError",
 ]

@@ -10,6 +10,7 @@ inference and writing overlap.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 import secrets
@@ -32,6 +33,8 @@ from .executors.stages import prepare_run as _prepare_run
 from .executors.stages import series_attrs as _series_attrs
 from .faults import killpoint
 from .inference import Inference
+from .sources import archive_labels as _archive_labels
+from .sources import changed_at_source
 from .store import ResultStore, is_remote, now
 
 Event = dict[str, Any]
@@ -122,6 +125,8 @@ def run(
     ray_actors: int | None = None,
     force: bool = False,
     on_event: Callable[[Event], None] | None = None,
+    sources: Any = None,
+    export_to: str | None = None,
 ) -> RunSummary:
     """Run the model and heads over every series found under ``paths`` into the store ``out``.
 
@@ -146,11 +151,16 @@ def run(
     records ``executor``, ``node`` and ``actor``, and the run record says what ran the run.
     ``force`` runs heads named in ``heads`` although they were fit on another encoder; the run
     record's warnings say so.
+
+    An archive may be a PACS URL (``dicomweb+http(s)://``, ``dimse://``; see engine.sources):
+    ``sources`` (:class:`~engine.sources.SourceOptions`) carries the query (``where``) and DIMSE
+    options; each series is fetched when its loader reaches it. ``export_to`` sends each export
+    (SEG, SR) to a PACS URL as the series completes.
     """
-    from .discover import scan
+    from .sources import SourceOptions, archive_labels, find, is_url
 
     emit = on_event or (lambda e: None)
-    paths = [Path(p) for p in paths]
+    paths = [str(p) if is_url(p) else Path(p) for p in paths]  # type: ignore[misc]
     started, t0 = now(), time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
     params = {k: dict(v) for k, v in (params or {}).items()}
@@ -162,14 +172,19 @@ def run(
     head_info, fingerprint, head_fps = fingerprints(mdl, loaded, params)
     inference = Inference(enc, loaded, text, batch_size, budgets=budgets, default_budget=default_budget, on_event=emit)
 
-    found = scan(paths, **({"record_paths": True} if record_paths else {}))
+    options = dataclasses.replace(sources or SourceOptions(), record_paths=record_paths)
+    found = find(paths, options)
+    if workers is None and any(is_url(p) for p in paths):
+        workers = 0  # fetching is network-bound: loader threads, and one C-MOVE listener per process
     refs = list(found.series)
     skipped_files = len(getattr(found, "skipped", []) or [])
     if not refs:
         detail = f"; {skipped_files} file(s) skipped: " + "; ".join(found.warnings[:5]) if found.warnings else ""
-        raise UsageError(f"no DICOM or NIfTI series found under {', '.join(map(str, paths))}{detail}")
+        raise UsageError(f"no DICOM or NIfTI series found under {', '.join(archive_labels(paths))}{detail}")
 
     _check_exporters(exports or [])
+    if export_to and not exports:
+        raise UsageError(f"--to {export_to}: name what to send with --export dicom-seg or --export dicom-sr")
     if exports and is_remote(out) and not export_dir:
         raise UsageError(f"--export with a store at {out}: give --export-dir (exports are written to local files)")
     # workers rebuild the model and heads from the setup; the embedded model is each node's own
@@ -184,7 +199,7 @@ def run(
         _forget_listings(store)
         with store.lock(run_id), stop.installed():
             summary = _drive(runner, executor_info, plan, refs, found, store, inference, mdl, enc, reason, head_info, loaded,
-                             warnings, skipped_files, started, t0, stop, emit, exports or [], export_dir, paths)
+                             warnings, skipped_files, started, t0, stop, emit, exports or [], export_dir, paths, export_to)
     finally:
         runner.close()
     emit({"event": "done", "run_id": run_id, "seconds": round(summary.seconds, 3), "interrupted": summary.interrupted,
@@ -195,12 +210,12 @@ def run(
 def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list[Any], found: Any, store: ResultStore,
            inference: Inference, mdl: Any, enc: Any, reason: str, head_info: list[dict[str, Any]], loaded: dict[str, Any],
            warnings: list[str], skipped_files: int, started: str, t0: float, stop: "_StopFlag", emit: Callable[[Event], None],
-           exports: list[str], export_dir: str | Path | None, paths: list[Path]) -> RunSummary:
+           exports: list[str], export_dir: str | Path | None, paths: list[Path], export_to: str | None = None) -> RunSummary:
     """The run with the store's lock held: run record, triage, the executor, index, run end."""
     run_id, setup = plan.run_id, plan.setup
     store.begin_run(run_id, {
         "started": started,
-        "config": {"paths": [str(p) for p in paths], "heads": sorted(loaded), "backend": setup.backend, "precision": setup.precision,
+        "config": {"paths": _archive_labels(paths), "heads": sorted(loaded), "backend": setup.backend, "precision": setup.precision,
                    "batch_size": plan.batch_size, "workers": plan.workers, "overwrite": plan.overwrite, "queries": setup.queries,
                    "params": setup.params, "record_paths": plan.record_paths, "executor": runner.name},
         "model": {"name": mdl.card.get("name"), "path": str(mdl.folder), "fingerprint": mdl.fingerprint},
@@ -219,7 +234,7 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
         emit({"event": "warning", "message": w})
     emit({"event": "scan", "series": len(refs), "studies": len({r.study_uid for r in refs}), "skipped_files": skipped_files,
           "backend": enc.name, "backend_reason": reason, "run_id": run_id})
-    sessions = _export_sessions(store, plan.out, exports, export_dir)
+    sessions = _export_sessions(store, plan.out, exports, export_dir, export_to)
     remote: set[str] = set()
     try:
         done = _reporter(refs, summary, emit, sessions)
@@ -294,6 +309,7 @@ def _triage(refs: list[Any], store: ResultStore, plan: RunPlan, done: Callable[[
     # answered from the index where it can; deep: every chunk's checksum is verified (~20 ms for
     # a 256x256x180 mask), so a damaged chunk found by nothing else is redone by the next run
     todo = {} if plan.overwrite else store.triage([ref.key for ref in mr], plan.head_fps, verify="deep")
+    todo = todo if plan.overwrite else changed_at_source(mr, store, todo, plan.head_fps)
     for ref in refs:
         if _not_mr(ref):
             why = f"modality {ref.modality} is not MR; mrfm runs MR series only"
@@ -328,11 +344,12 @@ def _check_exporters(names: list[str]) -> None:
         raise UsageError(f"unknown export format(s) {', '.join(unknown)}; installed: {', '.join(sorted(known)) or 'none'}")
 
 
-def _export_sessions(store: ResultStore, out: str | Path, names: list[str], export_dir: str | Path | None) -> list[Any]:
+def _export_sessions(store: ResultStore, out: str | Path, names: list[str], export_dir: str | Path | None,
+                     to: str | None = None) -> list[Any]:
     from .export import ExportSession
 
     base = _local(out)
-    return [ExportSession(store, name, Path(export_dir) / name if export_dir else base.with_name(f"{base.name}-{name}"))
+    return [ExportSession(store, name, Path(export_dir) / name if export_dir else base.with_name(f"{base.name}-{name}"), to=to)
             for name in names]
 
 
