@@ -18,7 +18,7 @@ from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, MrfmError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
 
 STATUS_STYLE = {"complete": "green", "resumed": "cyan", "skipped": "yellow", "failed": "red",
                 "incomplete": "magenta", "damaged": "red", "interrupted": "yellow", "abandoned": "red"}

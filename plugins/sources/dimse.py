@@ -6,6 +6,7 @@ results back. pynetdicom speaks the protocol; every failure becomes one line nam
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import urllib.parse
 from typing import Any, Callable, Iterator
@@ -18,6 +19,14 @@ TIMEOUT_S = float(os.environ.get("MRFM_PACS_TIMEOUT", "60"))
 # matching keys that live on the series level of the Study Root model; the rest match studies
 SERIES_KEYS = {"Modality", "SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "BodyPartExamined",
                "ProtocolName", "SeriesDate", "SeriesTime"}
+
+# what a PACS may hold MR images in; pydicom + pylibjpeg decode each
+FETCH_SYNTAXES = [
+    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",  # LE, implicit, deflate, BE
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",  # JPEG
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",  # JPEG-LS, J2K
+    "1.2.840.10008.1.2.5",  # RLE
+]
 
 
 def peer(url: str) -> tuple[str, str, int]:
@@ -63,9 +72,11 @@ def associate(url: str, calling: str, contexts: list[tuple[str, list[str] | None
     if assoc.is_rejected:
         raise engine.SourceError(f"{where}: the association was rejected (is {calling} known to {called}, "
                                  f"and is {called} its AE title?)")
-    if assoc.is_aborted:
-        raise engine.SourceError(f"{where}: the peer aborted the association")
-    raise engine.SourceError(f"{where}: cannot connect (connection refused, host unknown or no answer)")
+    try:  # pynetdicom reports a refused TCP connection as an abort: tell the two apart
+        socket.create_connection((host, port), timeout=min(TIMEOUT_S, 15)).close()
+    except OSError as exc:
+        raise engine.SourceError(f"{where}: cannot connect ({exc.strerror or type(exc).__name__})") from None
+    raise engine.SourceError(f"{where}: the peer aborted the association request")
 
 
 def _status_ok(status: Any) -> bool:
@@ -144,12 +155,14 @@ class DimseSource:
     def fetch(self, ref: engine.RemoteRef, spool: Any) -> None:
         if ref.options.move:
             return _move(ref, spool)
-        from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role, evt
+        from pynetdicom import build_role, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
         errors: list[str] = []
-        classes = storage_classes()
-        contexts = [(StudyRootQueryRetrieveInformationModelGet, None)] + [(c, ALL_TRANSFER_SYNTAXES) for c in classes]
+        classes = storage_classes()[:4]  # the MR image classes
+        # one context per transfer syntax: the PACS then sends each file as stored, never
+        # transcoding (it may not decode JPEG 2000, say) into the one syntax it would pick
+        contexts = [(StudyRootQueryRetrieveInformationModelGet, None)] + [(c, [ts]) for c in classes for ts in FETCH_SYNTAXES]
         roles = [build_role(c, scp_role=True) for c in classes]
         assoc = associate(ref.url, ref.options.ae_title, contexts, roles=roles,
                           handlers=[(evt.EVT_C_STORE, _store_into(spool, errors))])
