@@ -94,11 +94,14 @@ class _Spool:
 
 
 def _server(port: int, ae_title: str, spool: _Spool, summary: ListenSummary) -> Any:
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=ae_title)
-    ae.supported_contexts = AllStoragePresentationContexts[:127]
+    # every storage class in every transfer syntax: a sender never has to transcode (it may not
+    # be able to, e.g. JPEG 2000) and never finds its class missing
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
 
     def handle(event: Any) -> int:
