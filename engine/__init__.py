@@ -16,7 +16,7 @@ from . import errors, head_nets, token_boxes
 from ._version import __version__
 from .backends.base import Backend
 from .errors import (
-    BackendUnavailable, GeometryError, HeadError, InputError, LoadError, MrfmError, SkipSeries, StoreError,
+    BackendUnavailable, GeometryError, HeadError, InputError, LoadError, MrfmError, SkipSeries, SourceError, StoreError,
     StoreLocked, UsageError,
 )
 from .export import ExportContext, affine_of, hex_rgb
@@ -24,8 +24,12 @@ from .features import Features, HeadInput, TextFeatures, View, ViewInfo
 from .geometry import Volume
 from .heads import Head, HeadContext, HeadOutputError, NetHead
 from .hookspecs import hookimpl
-from .protocols import EncoderOutputs, Exporter, Reader, Source
-from .series_ref import SeriesRef
+from .protocols import EncoderOutputs, Exporter, Reader
+from .discover import ScanResult
+from .series_ref import SeriesRef, sanitise_key
+from .sources import (
+    PACS_READER, PacsReader, RemoteRef, Source, SourceOptions, http_session, instances_digest, is_url, public_url,
+)
 
 if TYPE_CHECKING:
     from .backends.cache import atomic_write_bytes, cache_key, device_identity
@@ -86,13 +90,15 @@ def open_store(*args, **kwargs):
 __all__ = [
     # errors
     "BackendUnavailable", "GeometryError", "HeadError", "HeadOutputError", "InputError", "LoadError", "MrfmError",
-    "SkipSeries", "StoreError", "StoreLocked", "UsageError", "errors",
+    "SkipSeries", "SourceError", "StoreError", "StoreLocked", "UsageError", "errors",
     # modules heads build on
     "head_nets", "token_boxes",
     # running: what the command line calls
     "open_store", "run", "scan", "__version__",
     # the plugin contract and its types
     "hookimpl", "Backend", "EncoderOutputs", "Exporter", "Reader", "Source", "SeriesRef",
+    "PACS_READER", "PacsReader", "RemoteRef", "ScanResult", "SourceOptions", "http_session", "instances_digest", "is_url",
+    "public_url", "sanitise_key",
     "Features", "Head", "HeadContext", "HeadInput", "NetHead", "TextFeatures", "View", "ViewInfo", "Volume",
     # helpers the built-in plugins use (exporters, backends, encoders, readers, heads)
     "ExportContext", "affine_of", "hex_rgb",

@@ -19,7 +19,7 @@ from .errors import EXIT_INTERRUPTED, MrfmError
 from .terminal import printable
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
 
 STATUS_STYLE = {"complete": "green", "resumed": "cyan", "skipped": "yellow", "failed": "red",
                 "incomplete": "magenta", "damaged": "red", "interrupted": "yellow", "abandoned": "red"}
@@ -60,6 +60,7 @@ class _Cli(click.Group):
         "store": "engine.store_cli:store",
         "show": "engine.show:show_command",
         "report": "engine.report_cli:report_command",
+        "listen": "engine.listen:listen_command",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -251,8 +252,17 @@ def _load_job(path: str | None) -> dict[str, Any]:
     return job
 
 
+class _Archive(click.ParamType):
+    """A path that exists, or a PACS URL (checked by the source that claims it)."""
+
+    name = "archive"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        return value if "://" in str(value) else click.Path(exists=True).convert(value, param, ctx)
+
+
 @cli.command()
-@click.argument("archive", nargs=-1, type=click.Path(exists=True))
+@click.argument("archive", nargs=-1, type=_Archive())
 @click.option("--out", "-o", type=click.Path(), help="Result store (Zarr v3 folder).")
 @click.option("--heads", "heads", multiple=True, callback=_utf8, help="Heads to run (repeatable or comma-separated; default: all installed).")
 @click.option("--model", type=click.Path(exists=True, file_okay=False), help="Model folder (default: the embedded model).")
@@ -278,10 +288,18 @@ def _load_job(path: str | None) -> dict[str, Any]:
 @click.option("--force", is_flag=True, help="Run heads named in --heads even if they were fit on another encoder (recorded).")
 @click.option("--max-series-bytes", metavar="SIZE", help=MAX_SERIES_BYTES_HELP)
 @click.option("--log-json", is_flag=True, help="JSON-lines progress on stderr even on a terminal.")
+@click.option("--where", "where", multiple=True, metavar="KEYWORD=VALUE",
+              help="PACS query key (repeatable), e.g. Modality=MR, StudyDate=20240101-20241231, StudyInstanceUID=...")
+@click.option("--ae-title", default="MRFM", show_default=True, help="Calling AE title for dimse:// sources and --to.")
+@click.option("--move", is_flag=True, help="dimse://: fetch with C-MOVE to mrfm's own storage SCP instead of C-GET.")
+@click.option("--move-port", default=11113, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of that storage SCP (the PACS must know --ae-title at this host and port).")
+@click.option("--to", "export_to", metavar="URL",
+              help="Send each --export (dicom-seg, dicom-sr) to a PACS as its series completes: dicomweb+http(s)://... or dimse://AE@host:port.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Keep an HTML report of the store in this folder, updated as series complete.")
 def run(archive, out, heads, model, backend, precision, batch_size, workers, queries, job, overwrite, record_paths,
         head_budgets, default_head_budget, exports, export_dir, force, executor, ray_address, ray_actors, max_series_bytes,
-        log_json, report_dir) -> None:
+        log_json, report_dir, where, ae_title, move, move_port, export_to) -> None:
     """Run the model and heads over ARCHIVE (folders, .zip files, NIfTI files) into a store.
 
     Exit status: 0 when every series completed, was resumed or skipped; 1 when any series
@@ -290,6 +308,7 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
     interrupted (the series in flight are finished first; rerun to resume).
     """
     from .pipeline import run as run_pipeline
+    from .sources import SourceOptions, parse_where
 
     spec = _load_job(job)
     paths = list(archive) or spec.get("archives", [])
@@ -323,7 +342,8 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
             executor=executor or spec.get("executor", "local"), ray_address=ray_address or spec.get("ray_address"),
             ray_actors=ray_actors or spec.get("ray_actors"), force=force,
             max_series_bytes=max_series_bytes or spec.get("max_series_bytes"),
-            on_event=on_event,
+            on_event=on_event, export_to=export_to,
+            sources=SourceOptions(where=parse_where(where), ae_title=ae_title, move=move, move_port=move_port),
         )
     finally:
         reporter.close()

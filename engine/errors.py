@@ -20,6 +20,7 @@ it cannot finish; the CLI maps each type to an exit code and shows no traceback 
         StoreLocked           another run holds the store                             exit 3
         NodeUnreadable        one node's metadata cannot be read                      exit 3
         DiskFull              no space (or quota) left where the store is written     exit 3
+      SourceError             a PACS cannot be reached, refused or failed a request   exit 2
       SkipSeries              an exporter has nothing to export for a series          (series skipped)
 
 An interrupted run is not an exception: it finishes the series in flight and returns its summary
@@ -77,6 +78,14 @@ class DiskFull(StoreError):
     """ENOSPC or EDQUOT while writing a store or an export; the message names the folder. What
     was written stays consistent (the series in flight reads ``incomplete``); a rerun after
     freeing space resumes."""
+
+
+class SourceError(MrfmError):
+    """A PACS source cannot be reached, refused the association or failed a query; during a
+    run, a series whose fetch fails is that series' failure (the run goes on)."""
+
+    exit_code = EXIT_USAGE
+
 
 
 
@@ -140,6 +149,6 @@ def one_line(exc: BaseException, *, named: bool = False, limit: int = 300, fold:
 __all__ = [
     "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SERIES_FAILED", "EXIT_STORE", "EXIT_USAGE",
     "BackendUnavailable", "DiskFull", "GeometryError", "GroupsError", "HeadBudgetExceeded", "HeadError", "HeadOutputError", "HeadRunError",
-    "InputError", "LoadError", "MrfmError", "NodeUnreadable", "SkipSeries", "StackError", "StoreError",
+    "InputError", "LoadError", "MrfmError", "NodeUnreadable", "SkipSeries", "SourceError", "StackError", "StoreError",
     "StoreLocked", "UsageError", "ViewError", "one_line",
 ]

@@ -106,6 +106,7 @@ class ExportContext:
         self._refs: dict[str, Any] | None = None
         self._scanned: set[Path] = set()
         self.refused_roots: list[str] = []
+        self._spools: list[Any] = []  # PACS sources fetched for their headers, released with the context
 
     # ---- store -----------------------------------------------------------------------------
     def attrs(self, key: str) -> dict[str, Any]:
@@ -199,6 +200,14 @@ class ExportContext:
                 refs.setdefault(ref.series_uid or ref.key, ref)
                 refs.setdefault(ref.key, ref)
         ref = refs.get(uid) or refs.get(key)
+        if ref is None and (attrs.get("source") or {}).get("url"):
+            from .sources import ref_from_attrs
+
+            ref = ref_from_attrs(attrs)
+        if ref is not None and getattr(ref, "url", None):  # a PACS series: fetched once, for its headers
+            from .sources import materialise
+
+            ref = self._refs[key] = self._refs[attrs.get("series_uid") or key] = materialise(ref, self._spools)
         if ref is None:
             where = "--archive" if self.archive else "the archive roots recorded in the store's runs"
             refused = f" (not searched: {'; '.join(self.refused_roots)})" if self.refused_roots and not self.archive else ""
@@ -283,11 +292,16 @@ class ExportSession:
 
     def __init__(self, store: Any, fmt: str, out_dir: str | Path, *, heads: Iterable[str] | None = None,
                  archive: Iterable[str | Path] | None = None, options: dict[str, Any] | None = None,
-                 on_event: Callable[[SeriesExport], None] | None = None):
+                 on_event: Callable[[SeriesExport], None] | None = None, to: str | None = None):
         from .store import ResultStore, open_store  # exports load the store and readers when they run; plugins import this module for its types
 
         self.store = store if isinstance(store, ResultStore) else open_store(store, "r")
         self.exporter = get_exporter(fmt)
+        self.sender = None
+        if to:  # checked before anything is written: an unknown scheme is a usage error
+            from .export_send import Sender
+
+            self.sender = Sender(to)
         self.out_dir = Path(out_dir)
         check_export_folder(self.out_dir, MANIFEST)  # never write among a user's own files
         try:
@@ -330,6 +344,8 @@ class ExportSession:
                 result = SeriesExport(key, "up-to-date", files=list(record["files"]), reason=record.get("skipped"))
             else:
                 result = self._export(key, fp)
+            if self.sender is not None and result.status in ("exported", "up-to-date") and result.files:
+                self._send(key, result)
         result.seconds = time.perf_counter() - t0
         self.results.append(result)
         if self.on_event:
@@ -356,7 +372,19 @@ class ExportSession:
         return SeriesExport(key, "exported" if files else "skipped", files=files,
                             reason=None if files else "no output of this kind")
 
+    def _send(self, key: str, result: SeriesExport) -> None:
+        """Send the series' files to the ``to`` URL, each at most once (the manifest says which)."""
+        from .export_send import send_pending
+
+        n, failure = send_pending(self.sender, self._records[key], self.out_dir, lambda: _write_manifest(self.out_dir, self.manifest))
+        if failure:
+            result.status, result.reason = "failed", failure
+        elif n:
+            result.status, result.reason = "sent", f"{n} file(s) to {self.sender.label}"
+
     def close(self) -> ExportSummary:
+        for spool in self.ctx._spools:
+            spool.close()
         finish = getattr(self.exporter, "finish", None)
         files: list[str] = []
         if finish is not None:
@@ -371,14 +399,15 @@ class ExportSession:
 
 def export(store_path: str | Path, format: str, out_dir: str | Path, *, series: Iterable[str] | None = None,
            heads: Iterable[str] | None = None, archive: Iterable[str | Path] | None = None,
-           on_event: Callable[[SeriesExport], None] | None = None, options: dict[str, Any] | None = None) -> ExportSummary:
+           on_event: Callable[[SeriesExport], None] | None = None, options: dict[str, Any] | None = None,
+           to: str | None = None) -> ExportSummary:
     """Export the complete series of a store (or ``series`` keys) in ``format`` into ``out_dir``.
 
     Resumable: a series whose files the manifest records with the same fingerprint is skipped.
     A series that fails is reported with its reason and never stops the others. Raises
     UsageError for an unknown format or series key, StoreError when the store cannot be read.
     """
-    session = ExportSession(store_path, format, out_dir, heads=heads, archive=archive, options=options, on_event=on_event)
+    session = ExportSession(store_path, format, out_dir, heads=heads, archive=archive, options=options, on_event=on_event, to=to)
     present = [k for k, _ in session.store.iter_series()]
     if series:
         unknown = [k for k in series if k not in present]
@@ -433,8 +462,10 @@ def affine_of(attrs: dict[str, Any], node_attrs: dict[str, Any] | None = None) -
 @click.option("--heads", default=None, help="Comma-separated heads whose outputs to export (default: all).")
 @click.option("--archive", multiple=True, type=click.Path(path_type=Path),
               help="Where the source files are (default: the archive roots recorded in the store's runs).")
+@click.option("--to", "to", metavar="URL", default=None,
+              help="Also send the DICOM files to a PACS: dicomweb+http(s)://HOST:PORT/ROOT (STOW-RS) or dimse://AE@HOST:PORT (C-STORE); each once.")
 def export_command(store: Path, fmt: str, out_dir: Path | None, series: tuple[str, ...], heads: str | None,
-                   archive: tuple[Path, ...]) -> None:
+                   archive: tuple[Path, ...], to: str | None) -> None:
     """Export a result store's series in FORMAT; resumes, and a failed series never stops the rest."""
     out = out_dir or store.parent / f"{store.name.removesuffix('.zarr')}-{fmt}"
     wanted = [h.strip() for h in heads.split(",") if h.strip()] if heads is not None else None
@@ -448,7 +479,7 @@ def export_command(store: Path, fmt: str, out_dir: Path | None, series: tuple[st
         tail = f" ({printable(r.reason)})" if r.reason else ""
         click.echo(f"{r.status:>10}  {printable(r.key)}  {len(r.files)} file(s){tail}", err=True)
 
-    summary = export(store, fmt, out, series=series or None, heads=wanted, archive=archive or None, on_event=show)
+    summary = export(store, fmt, out, series=series or None, heads=wanted, archive=archive or None, on_event=show, to=to)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "no series"
     click.echo(f"{printable(summary.format)}: {counts} in {summary.seconds:.1f}s -> {printable(summary.out_dir)}")
     raise SystemExit(summary.exit_code)

@@ -38,5 +38,10 @@ def register_exporters(register: Callable[[object], None]) -> None:
 
 
 @hookspec
+def register_sources(register: Callable[[object], None]) -> None:
+    """Register archive sources (objects implementing ``engine.Source``: folders, DICOMweb, DIMSE ...) with ``register(source)``."""
+
+
+@hookspec
 def register_commands(cli: click.Group) -> None:
     """Add click commands or groups to the ``mrfm`` command line."""

@@ -10,6 +10,7 @@ inference and writing overlap.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 import secrets
@@ -35,6 +36,8 @@ from .executors.stages import series_attrs as _series_attrs  # noqa: F401 (engin
 from .faults import killpoint
 from .inference import Inference
 from .distribution import distribution_for
+from .sources import archive_labels as _archive_labels
+from .sources import changed_at_source
 from .store import ResultStore, is_remote, now
 
 Event = dict[str, Any]
@@ -131,6 +134,8 @@ def run(
     force: bool = False,
     max_series_bytes: int | str | None = None,
     on_event: Callable[[Event], None] | None = None,
+    sources: Any = None,
+    export_to: str | None = None,
 ) -> RunSummary:
     """Run the model and heads over every series found under ``paths`` into the store ``out``.
 
@@ -158,14 +163,19 @@ def run(
     the per-series memory budget (:mod:`engine.memory_budget`; default min(2 GiB, a quarter of
     RAM)), checked against each series' declared size before decoding: a series over it fails
     with "needs N GiB, budget M GiB".
+
+    An archive may be a PACS URL (``dicomweb+http(s)://``, ``dimse://``; see engine.sources):
+    ``sources`` (:class:`~engine.sources.SourceOptions`) carries the query (``where``) and DIMSE
+    options; each series is fetched when its loader reaches it. ``export_to`` sends each export
+    (SEG, SR) to a PACS URL as the series completes.
     """
-    from .discover import scan
+    from .sources import SourceOptions, find, is_url
     from .memory_budget import resolve
 
     max_series_bytes = resolve(max_series_bytes)  # a bad size is a UsageError before anything starts
 
     emit = on_event or (lambda e: None)
-    paths = [Path(p) for p in paths]
+    paths = [str(p) if is_url(p) else Path(p) for p in paths]  # type: ignore[misc]
     started, t0 = now(), time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
     params = {k: dict(v) for k, v in (params or {}).items()}
@@ -181,14 +191,19 @@ def run(
                           distribution=distribution)
 
     killpoint("start-up")
-    found = scan(paths, max_series_bytes=max_series_bytes, **({"record_paths": True} if record_paths else {}))
+    options = dataclasses.replace(sources or SourceOptions(), record_paths=record_paths, max_series_bytes=max_series_bytes)
+    found = find(paths, options)
+    if workers is None and any(is_url(p) for p in paths):
+        workers = 0  # fetching is network-bound: loader threads, and one C-MOVE listener per process
     refs = list(found.series)
     skipped_files = len(getattr(found, "skipped", []) or [])
     if not refs:
         detail = f"; {skipped_files} file(s) skipped: " + "; ".join(found.warnings[:5]) if found.warnings else ""
-        raise UsageError(f"no DICOM or NIfTI series found under {', '.join(map(str, paths))}{detail}")
+        raise UsageError(f"no DICOM or NIfTI series found under {', '.join(_archive_labels(paths))}{detail}")
 
     _check_exporters(exports or [])
+    if export_to and not exports:
+        raise UsageError(f"--to {export_to}: name what to send with --export dicom-seg or --export dicom-sr")
     if exports and is_remote(out) and not export_dir:
         raise UsageError(f"--export with a store at {out}: give --export-dir (exports are written to local files)")
     # workers rebuild the model and heads from the setup; the embedded model is each node's own
@@ -206,7 +221,7 @@ def run(
                 warnings += store.lock_notes  # a lock broken on the way in is reported
                 try:
                     summary = _drive(runner, executor_info, plan, refs, found, store, inference, mdl, enc, reason, head_info, loaded,
-                                     warnings, skipped_files, started, t0, stop, emit, exports or [], export_dir, paths)
+                                     warnings, skipped_files, started, t0, stop, emit, exports or [], export_dir, paths, export_to)
                 except Exception as exc:
                     if no_space(exc) is not None:
                         _end_interrupted(store, run_id, str(disk_full(out, exc)))
@@ -222,12 +237,12 @@ def run(
 def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list[Any], found: Any, store: ResultStore,
            inference: Inference, mdl: Any, enc: Any, reason: str, head_info: list[dict[str, Any]], loaded: dict[str, Any],
            warnings: list[str], skipped_files: int, started: str, t0: float, stop: "_StopFlag", emit: Callable[[Event], None],
-           exports: list[str], export_dir: str | Path | None, paths: list[Path]) -> RunSummary:
+           exports: list[str], export_dir: str | Path | None, paths: list[Path], export_to: str | None = None) -> RunSummary:
     """The run with the store's lock held: run record, triage, the executor, index, run end."""
     run_id, setup = plan.run_id, plan.setup
     store.begin_run(run_id, {
         "started": started,
-        "config": {"paths": [recorded_root(p) for p in paths], "heads": sorted(loaded), "backend": setup.backend, "precision": setup.precision,
+        "config": {"paths": _archive_labels(paths), "heads": sorted(loaded), "backend": setup.backend, "precision": setup.precision,
                    "batch_size": plan.batch_size, "workers": plan.workers, "overwrite": plan.overwrite, "queries": setup.queries,
                    "params": setup.params, "record_paths": plan.record_paths, "executor": runner.name,
                    "max_series_bytes": plan.max_series_bytes},
@@ -248,7 +263,7 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
         emit({"event": "warning", "message": w})
     emit({"event": "scan", "series": len(refs), "studies": len({r.study_uid for r in refs}), "skipped_files": skipped_files,
           "backend": enc.name, "backend_reason": reason, "run_id": run_id})
-    sessions = _export_sessions(store, plan.out, exports, export_dir)
+    sessions = _export_sessions(store, plan.out, exports, export_dir, export_to)
     remote: set[str] = set()
     try:
         done = _reporter(refs, summary, emit, sessions)
@@ -344,6 +359,7 @@ def _triage(refs: list[Any], store: ResultStore, plan: RunPlan, done: Callable[[
     # answered from the index where it can; deep: every chunk's checksum is verified (~20 ms for
     # a 256x256x180 mask), so a damaged chunk found by nothing else is redone by the next run
     todo = {} if plan.overwrite else store.triage([ref.key for ref in mr], plan.head_fps, verify="deep")
+    todo = todo if plan.overwrite else changed_at_source(mr, store, todo, plan.head_fps)
     for ref in refs:
         if _not_mr(ref):
             why = f"modality {ref.modality} is not MR; mrfm runs MR series only"
@@ -378,11 +394,12 @@ def _check_exporters(names: list[str]) -> None:
         raise UsageError(f"unknown export format(s) {', '.join(unknown)}; installed: {', '.join(sorted(known)) or 'none'}")
 
 
-def _export_sessions(store: ResultStore, out: str | Path, names: list[str], export_dir: str | Path | None) -> list[Any]:
+def _export_sessions(store: ResultStore, out: str | Path, names: list[str], export_dir: str | Path | None,
+                     to: str | None = None) -> list[Any]:
     from .export import ExportSession
 
     base = _local(out)
-    return [ExportSession(store, name, Path(export_dir) / name if export_dir else base.with_name(f"{base.name}-{name}"))
+    return [ExportSession(store, name, Path(export_dir) / name if export_dir else base.with_name(f"{base.name}-{name}"), to=to)
             for name in names]
 
 

@@ -28,6 +28,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.backends",
     "plugins.encoders",
     "plugins.exporters",
+    "plugins.sources",
     "contrib_heads.classify",
     "contrib_heads.regress",
     "contrib_heads.segment",
@@ -318,6 +319,11 @@ def get_encoders() -> dict[str, Registered]:
 def get_exporters() -> dict[str, Registered]:
     """Exporter name -> registered exporter."""
     return _collect("register_exporters", lambda e: e.name)
+
+
+def get_sources() -> dict[str, Registered]:
+    """Source name -> registered archive source (folders, DICOMweb, DIMSE ...)."""
+    return _collect("register_sources", lambda s: s.name)
 
 
 # ---- listing ---------------------------------------------------------------------------------------

@@ -91,6 +91,8 @@ def fingerprints(mdl: Any, loaded: dict[str, Any], params: dict[str, dict[str, A
 def _source_record(ref: Any, record_paths: bool) -> dict[str, Any]:
     """How a series' files are identified in the store: by label (archive name and index) and
     content digest, never by a path below the archive root unless ``record_paths`` is set."""
+    if hasattr(ref, "source_record"):  # a PACS series: its URL (no credentials, no query) and count
+        return ref.source_record()
     sources = list(ref.sources)
     first = sources[0] if sources else None
     rec: dict[str, Any] = {"count": len(sources), "first": str(first) if first is not None else None}

@@ -39,7 +39,7 @@ class Frame:
 def read_headers(ctx: ExportContext, key: str) -> list[Any]:
     """The source series' datasets without pixel data, in InstanceNumber order."""
     reader = ctx.attrs(key).get("reader")
-    if reader and reader != "dicom":
+    if reader and reader not in ("dicom", engine.PACS_READER):  # a PACS series is DICOM, fetched again here
         raise SkipSeries(f"a {reader} series: DICOM exports need DICOM sources")
     ref = ctx.source(key)
     out = []
