@@ -52,6 +52,7 @@ _LAZY = {
     # the built-in readers, registered by plugins.readers
     "DicomReader": "engine.dicom", "NiftiReader": "engine.nifti",
     # heads: boxes from token-grid probabilities (view space)
+    "is_safe_name": "engine.safe_paths",
     "basin_boxes": "engine.token_boxes", "basins": "engine.token_boxes", "box_iou3d": "engine.token_boxes",
     "grow_from_peak": "engine.token_boxes", "nms3d": "engine.token_boxes", "region_boxes": "engine.token_boxes",
 }
@@ -101,7 +102,7 @@ __all__ = [
     "public_url", "sanitise_key",
     "Features", "Head", "HeadContext", "HeadInput", "NetHead", "TextFeatures", "View", "ViewInfo", "Volume",
     # helpers the built-in plugins use (exporters, backends, encoders, readers, heads)
-    "ExportContext", "affine_of", "hex_rgb",
+    "ExportContext", "affine_of", "hex_rgb", "is_safe_name",
     "atomic_write_bytes", "cache_key", "device_identity",
     "INPUT_NAME", "OUTPUT_NAMES", "check_onnx", "export_onnx", "export_versions",
     "VisionTransformer3D", "config_from_card", "DicomReader", "NiftiReader",

@@ -80,6 +80,11 @@ class DiskFull(StoreError):
     freeing space resumes."""
 
 
+class OverBudget(InputError):
+    """A series (or a file) needs more memory to decode than the budget allows
+    (:mod:`engine.memory_budget`)."""
+
+
 class SourceError(MrfmError):
     """A PACS source cannot be reached, refused the association or failed a query; during a
     run, a series whose fetch fails is that series' failure (the run goes on)."""
@@ -149,6 +154,6 @@ def one_line(exc: BaseException, *, named: bool = False, limit: int = 300, fold:
 __all__ = [
     "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SERIES_FAILED", "EXIT_STORE", "EXIT_USAGE",
     "BackendUnavailable", "DiskFull", "GeometryError", "GroupsError", "HeadBudgetExceeded", "HeadError", "HeadOutputError", "HeadRunError",
-    "InputError", "LoadError", "MrfmError", "NodeUnreadable", "SkipSeries", "SourceError", "StackError", "StoreError",
+    "InputError", "LoadError", "MrfmError", "NodeUnreadable", "OverBudget", "SkipSeries", "SourceError", "StackError", "StoreError",
     "StoreLocked", "UsageError", "ViewError", "one_line",
 ]

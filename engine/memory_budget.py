@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from .errors import InputError, UsageError
+from .errors import InputError, OverBudget, UsageError  # noqa: F401 (OverBudget: its old home)
 
 GIB = 1024**3
 MIB = 1024**2
@@ -38,8 +38,6 @@ _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": MIB, "mb": 100
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
 
 
-class OverBudget(InputError):
-    """A series (or a file) needs more memory to decode than the budget allows."""
 
 
 def available_memory() -> int | None:

@@ -117,10 +117,7 @@ def _check_series(store: ResultStore, key: str, attrs: dict[str, Any], run_ids: 
     if status == "incomplete" and (runs.get(run_id) or {}).get("status") != "running":
         problems.append(f"{where}: left incomplete by run {run_id}, which is not running; the next run redoes it")
     if status in FINAL_STATUSES:
-        damage = _slash(store.check_series(key, deep=deep))
-        problems += damage
-        if damage:  # its outputs are not read: damaged metadata may declare anything
-            return problems
+        problems += _slash(store.check_series(key, deep=deep))
         try:
             group = store.root["series"][key]
             if status == "complete":

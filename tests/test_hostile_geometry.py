@@ -352,7 +352,7 @@ def test_identifiers_are_scrubbed_from_descriptions_and_meta_has_no_paths(tmp_pa
     patient = Patient(name="Doe^Johnathan", id="PID48213", birth_date="19800115")
     description = "doe johnathan BRAIN 15.01.1980 pid48213 1980-01-15 AX T1 Johnathan"
     write(tmp_path / "s", ramp(), oblique_affine(), patient=patient, description=description,
-          extra_tags={"BodyPartExamined": "HEAD DOE"})
+          extra_tags={"BodyPartExamined": "HEAD DOE JOHNATHAN"})
     ref = only([tmp_path / "s"])
     assert ref.description == "[removed] BRAIN [removed] [removed] [removed] AX T1 [removed]"
     vol = load(ref)
@@ -363,6 +363,10 @@ def test_identifiers_are_scrubbed_from_descriptions_and_meta_has_no_paths(tmp_pa
 
 
 def test_short_name_parts_are_removed_only_as_whole_words(tmp_path):
+    """A name part of three letters or fewer is removed only where the full name appears too:
+    alone it is more likely a word of the protocol than the patient."""
     patient = Patient(name="Li^Al", id="77", birth_date="")
     write(tmp_path / "s", ramp(), oblique_affine(), patient=patient, description="OBLIQUE li AX T2 al 770")
-    assert only([tmp_path / "s"]).description == "OBLIQUE [removed] AX T2 [removed] 770"
+    assert only([tmp_path / "s"]).description == "OBLIQUE li AX T2 al 770"
+    write(tmp_path / "t", ramp(), oblique_affine(), patient=patient, description="Li Al OBLIQUE li AX T2 al 770")
+    assert only([tmp_path / "t"]).description == "[removed] OBLIQUE [removed] AX T2 [removed] 770"

@@ -63,6 +63,7 @@ def import_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, num_
     depth = enc["depth"]
     enc["feature_layers"] = feature_layers or sorted({max(0, depth // 4 - 1), max(0, depth // 2 - 1), depth - 1})
     card = copy.deepcopy(base)
+    card.pop("distribution", None)  # the base encoder's statistics say nothing of this one: calibrate it anew
     card["name"] = name or Path(checkpoint).stem.replace(" ", "-")[:64] or "imported"
     card["version"] = "0.1.0"
     card["description"] = f"{fmt} checkpoint {Path(checkpoint).name} mapped onto vit3d; text tower from {base['name']}."

@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from engine import ExportContext, SkipSeries, affine_of
-from engine.export import is_safe_name
+from engine import ExportContext, SkipSeries, affine_of, is_safe_name
 
 from ._dicom import LPS, identity, read_headers, uid
 
