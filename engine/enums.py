@@ -2,7 +2,8 @@
 output kinds. Plain strings, because they are written as such into stores, run records and
 JSON logs; the tuples keep their documented order (stores index statuses by position).
 
-Label vocabularies (regions, contrasts, tissues) live with the heads that use them, not here.
+Label vocabularies (regions, contrasts, tissues, location words) live beside them, in
+``engine/vocabulary.py``.
 """
 
 from __future__ import annotations

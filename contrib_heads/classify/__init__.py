@@ -10,8 +10,8 @@ from torch import nn
 
 import engine
 
-REGIONS = ("brain", "knee", "spine", "abdomen")
-CONTRASTS = ("T1", "T2", "FLAIR", "PD")
+REGIONS = engine.vocabulary.REGIONS
+CONTRASTS = engine.vocabulary.CONTRASTS
 
 
 class ClassifyNet(nn.Module):

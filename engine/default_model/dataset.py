@@ -22,10 +22,10 @@ from scipy import ndimage
 from engine.discover import load, scan
 from engine.features import View
 from engine.geometry import apply_affine, world_to_voxel
-from engine.synthetic import REGIONS, ArchiveManifest, LesionTruth, write_demo_archive
+from engine.synthetic import ArchiveManifest, LesionTruth, write_demo_archive
+from engine.vocabulary import CONTRASTS, REGIONS
 from engine.views import make_views
 
-CONTRASTS = ("T1", "T2", "FLAIR", "PD")
 REGION_LIST = tuple(REGIONS)
 STUDIES_PER_ARCHIVE = 8  # a multiple of the four regions, so every archive is balanced
 

@@ -24,12 +24,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..vocabulary import CONTRASTS, REGIONS
 from . import metrics as M
 from .detection_metrics import FROC_RATES, IOU_LEVELS, DetectionCounter, GroundingCounter, inside_ellipsoid
 from .labels import lesion_box, lesion_phrase, visible_lesions
 
-REGIONS = ("brain", "knee", "spine", "abdomen")
-CONTRASTS = ("T1", "T2", "FLAIR", "PD")
 FLOORS = {
     "accuracy": "always the most frequent class",
     "auroc": "0.5 (random scores)",

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..vocabulary import CONTRASTS, LABEL_NAMES, REGIONS
 from .spatial import grid_axis_terms
 
-LABEL_NAMES: dict[int, str] = {0: "background", 1: "body", 2: "organ", 3: "fluid", 4: "lesion"}
-REGIONS: tuple[str, ...] = ("brain", "knee", "spine", "abdomen")
-CONTRASTS: tuple[str, ...] = ("T1", "T2", "FLAIR", "PD")
+__all__ = ["CONTRASTS", "LABEL_NAMES", "REGIONS", "Lesion", "Phantom", "Structure", "block_points"]
+
 
 # Relative signal per tissue and contrast (arbitrary units, background 0). The ordering follows
 # spin-echo physics: fluid dark on T1 and FLAIR and bright on T2, fat bright on T1, lesions
