@@ -3,8 +3,11 @@
 - MNI152 2009c T1 and its GM/WM probability maps: in nilearn's wheel under
   ``nilearn/datasets/data/`` (nilearn is BSD-3-Clause; the ICBM 2009c templates carry the
   McConnell Brain Imaging Centre's permissive copyright notice).
-- Colin27 (``ch2``, ``ch2bet``) and the AAL and JHU atlases: Debian's ``mricron-data`` package
-  (MRIcron's templates; AAL's licence forbids redistribution for commercial use).
+- Colin27 (``ch2``, ``ch2bet``) and the AAL, Harvard-Oxford and JHU atlases: Debian's
+  ``mricron-data`` package (MRIcron's templates; AAL's licence forbids redistribution for
+  commercial use, Harvard-Oxford and JHU come with FSL's non-commercial licence). The
+  anatomy-based generator (``engine.synthetic.anatomy_archive``) reads these: tissue classes from
+  the MNI152 probability maps and Colin27, lobe names from AAL.
 
 Neither goes into the repository: only weights trained on them do. ``fetch(DIR)`` downloads
 and unpacks both with their ordinary clients (``pip download``, ``apt-get download`` +
@@ -31,6 +34,9 @@ FILES = {
     "colin": f"{MRICRON_TEMPLATES}/ch2.nii.gz",
     "colin_brain": f"{MRICRON_TEMPLATES}/ch2bet.nii.gz",
     "aal": f"{MRICRON_TEMPLATES}/aal.nii.gz",
+    "aal_names": f"{MRICRON_TEMPLATES}/aal.nii.txt",
+    "harvard_oxford": f"{MRICRON_TEMPLATES}/HarvardOxford-cort-maxprob-thr0-1mm.nii.gz",
+    "jhu": f"{MRICRON_TEMPLATES}/JHU-WhiteMatter-labels-1mm.nii.gz",
 }
 
 
