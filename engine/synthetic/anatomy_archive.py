@@ -35,7 +35,7 @@ def study_regions(studies: int, brain_share: float = 0.25) -> list[str]:
     others = [r for r in REGIONS if r != "brain"]
     out, n_brain = [], 0
     for s in range(studies):
-        if n_brain < round(brain_share * (s + 1)):
+        if n_brain < brain_share * (s + 1):
             out.append("brain")
             n_brain += 1
         else:
