@@ -81,9 +81,17 @@ def fit_command(kind, data, out, archive, model, backend, name, targets, classes
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False), help="Write the table as Markdown.")
 def evaluate_command(archive, store, model, heads, backend, no_run, overwrite, json_path, md_path) -> None:
-    """Score heads on a labelled synthetic ARCHIVE (mrfm demo-archive), each metric beside its floor."""
+    """Score heads on a labelled synthetic ARCHIVE (mrfm demo-archive), each metric beside its floor,
+    or on a real set (a folder holding real_set.json: python -m engine.fitting.real_set OUT)."""
     from .evaluation import evaluate, write_reports  # each command loads its own part of fitting
+    from .real_set import evaluate_real_set, is_real_set  # each command loads its own part of fitting
 
+    if is_real_set(archive):
+        from .real_set_report import print_real_set  # each command loads its own part of fitting
+
+        real = evaluate_real_set(archive, store=store, model=model, backend=backend, run=not no_run, overwrite=overwrite)
+        print_real_set(real, console, json_path, md_path)
+        return
     names = [n for h in heads for n in h.split(",") if n] or None
     result = evaluate(archive, store=store, model=model, heads=names, backend=backend, run=not no_run, overwrite=overwrite)
     write_reports(result, json_path, md_path)
