@@ -164,7 +164,7 @@ class Inference:
         if self.distribution is not None:
             for s, res in enumerate(results):
                 window_feats = [f for slot, f in feats.items() if slot[0] == s and slot[1] == "global"]
-                res.distribution = self.distribution.judge(pooled_features(window_feats) if window_feats else None)
+                res.distribution = self.distribution.judge(pooled_features(window_feats, self.distribution.pooling) if window_feats else None)
         for name, head in self.heads.items():
             kind = head.spec["inputs"]["view"]
             items = [slot for slot in slots if slot[1] == kind and (only is None or only[slot[0]] is None or name in only[slot[0]])]

@@ -1,7 +1,8 @@
 """``mrfm model calibrate``: the statistics behind each series' out-of-distribution flag.
 
 For any model folder (the embedded default, one brought in with ``mrfm model import``), encode an
-archive of in-distribution series, pool each series' global-view features (engine.distribution),
+archive of in-distribution series, pool each series' global-view features (engine.distribution;
+by default CLS, token mean and spread, and each exported layer's mean and spread),
 fit their mean and a Ledoit-Wolf shrunk covariance on the training studies, and choose the
 threshold on the held-out studies so that at least ``keep`` of them are not flagged. Writes
 ``distribution.safetensors`` beside the card and the card's ``distribution`` section; the model
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..distribution import POOLING, DistributionModel, pooled
+from ..distribution import LAYER_POOLING, POOLINGS, DistributionModel, pooled
 from ..errors import UsageError
 
 STATISTICS_FILE = "distribution.safetensors"
@@ -66,7 +67,7 @@ def fit_statistics(train: np.ndarray, heldout: np.ndarray, keep: float = 0.98) -
 
 
 def pooled_rows(model: Any, refs: list[Any], cache_dir: str | Path | None = None, backend: str = "torch",
-                log: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[Any]]:
+                log: Callable[[str], None] | None = None, pooling: str = LAYER_POOLING) -> tuple[np.ndarray, list[Any]]:
     """Pooled global-view features of each series (through the feature cache), and the refs kept;
     a series that cannot be loaded is left out with a log line."""
     from .cache import FeatureCache
@@ -80,7 +81,7 @@ def pooled_rows(model: Any, refs: list[Any], cache_dir: str | Path | None = None
             if log:
                 log(f"left out {ref.key}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             continue
-        rows.append(pooled(f.cls, f.tokens))
+        rows.append(pooled(f.cls, f.tokens, dict(zip(f.feature_layers, f.layers)), pooling))
         kept.append(ref)
         if log and (i + 1) % 25 == 0:
             log(f"features: {i + 1}/{len(refs)} series")
@@ -89,7 +90,7 @@ def pooled_rows(model: Any, refs: list[Any], cache_dir: str | Path | None = None
 
 def calibrate(model_dir: str | Path | None, archives: list[str | Path], *, keep: float = 0.98, val_fraction: float = 0.25,
               seed: int = 0, cache_dir: str | Path | None = None, backend: str = "torch", write: bool = True,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, pooling: str = LAYER_POOLING) -> dict[str, Any]:
     """Compute and (``write``) store a model's distribution statistics from ``archives``.
 
     Training and held-out series are split by study (``val_fraction``, ``seed``). Returns the
@@ -99,6 +100,8 @@ def calibrate(model_dir: str | Path | None, archives: list[str | Path], *, keep:
     from ..model import CARD_NAME, load_model
     from .labels import split_by_study
 
+    if pooling not in POOLINGS:
+        raise UsageError(f"--pooling {pooling}: choose from {', '.join(POOLINGS)}")
     if not 0 < keep <= 1:
         raise UsageError(f"--keep {keep}: give a fraction in (0, 1]")
     model = load_model(model_dir)
@@ -106,15 +109,16 @@ def calibrate(model_dir: str | Path | None, archives: list[str | Path], *, keep:
     refs = [r for r in found.series if (r.modality or "MR") == "MR"]
     if not refs:
         raise UsageError(f"no MR series found under {', '.join(map(str, archives))}")
-    rows, refs = pooled_rows(model, refs, cache_dir, backend, log)
+    rows, refs = pooled_rows(model, refs, cache_dir, backend, log, pooling)
     studies = sorted({r.study_uid for r in refs})
     if len(studies) < 2:
         raise UsageError(f"calibration splits by study and needs at least 2 studies; {', '.join(map(str, archives))} holds {len(studies)}")
     held_studies = split_by_study(studies, val_fraction, seed)
     held = np.array([r.study_uid in held_studies for r in refs])
     stats, info = fit_statistics(rows[~held], rows[held], keep)
+    stats = DistributionModel(stats.mean, stats.precision, stats.threshold, pooling)
     section: dict[str, Any] = {
-        "statistics": STATISTICS_FILE, "pooling": POOLING, "score": "mahalanobis", "threshold": round(stats.threshold, 4),
+        "statistics": STATISTICS_FILE, "pooling": pooling, "score": "mahalanobis", "threshold": round(stats.threshold, 4),
         "keep_fraction": keep, "shrinkage": round(info["shrinkage"], 6),
         "fit": {"archives": ["/".join(Path(a).resolve().parts[-2:]) for a in archives], "series": len(refs), "studies": len(studies),
                 "train_series": int((~held).sum()), "heldout_series": int(held.sum()), "heldout_studies": len(held_studies),

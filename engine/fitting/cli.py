@@ -164,14 +164,17 @@ def model_import(checkpoint, fmt, out, num_heads, spacing, feature_layers, name)
 @click.option("--seed", default=0, show_default=True, type=int, help="Study split seed.")
 @click.option("--backend", default="torch", show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Feature store folder (default: $MRFM_FEATURE_CACHE or the user cache).")
+@click.option("--pooling", default="cls+token_mean_std+layer_mean_std", show_default=True,
+              type=click.Choice(["cls+token_mean_std+layer_mean_std", "cls+mean_token"]),
+              help="Pooled features the statistics describe (the first adds token and layer spreads).")
 @click.option("--json", "as_json", is_flag=True, help="Print the card's distribution section as JSON.")
-def model_calibrate(model, archives, keep, val_fraction, seed, backend, cache_dir, as_json) -> None:
+def model_calibrate(model, archives, keep, val_fraction, seed, backend, cache_dir, pooling, as_json) -> None:
     """Compute MODEL's distribution statistics from in-distribution ARCHIVES (split by study) and
     write them into the model folder; every later run flags series beyond the threshold."""
     from .calibration import calibrate
 
     section = calibrate(model, list(archives), keep=keep, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir,
-                        backend=backend, log=None if as_json else (lambda m: console.print(f"[dim]{m}[/]", highlight=False)))
+                        backend=backend, pooling=pooling, log=None if as_json else (lambda m: console.print(f"[dim]{m}[/]", highlight=False)))
     if as_json:
         click.echo(json.dumps(section, indent=2))
         return
