@@ -165,22 +165,33 @@ def write_weights_into(folder: Path, results: dict[str, Any]) -> list[Path]:
 
 def refit_recipe(out: Path, *, studies: int = 96, names: tuple[str, ...] = HEAD_NAMES, model_dir: Path | None = None,
                  fit_steps: int = 0, floor: bool = False, seed: int = 0, threads: int = 2, write_to: Path | None = None,
-                 log: Any = print) -> dict[str, Any]:
+                 anatomy_studies: int = 0, assets: Path | None = None, log: Any = print) -> dict[str, Any]:
     """Fit ``names`` on the frozen encoder of ``model_dir`` (default: the shipped model) from
-    training archives of seeds 1, 2, ... (never 0); optionally write the weights into ``write_to``."""
+    training archives of seeds 1, 2, ... (never 0), plus ``anatomy_studies`` studies from real
+    anatomy (seeds 101, ...; needs ``assets``); optionally write the weights into ``write_to``."""
+    from engine.default_model.assets import require  # the recipe loads the run path and fitting only when it runs
     from engine.model import DEFAULT_MODEL_DIR  # the recipe loads the run path and fitting only when it runs
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     out = Path(out)
+    if anatomy_studies:
+        require(assets)  # before any archive is written
     archives = write_training_archives(out / "data", studies, first_seed=1)
+    if anatomy_studies:
+        from .anatomy_data import write_anatomy_training_archives  # needs nibabel and the assets: only this recipe
+
+        archives += write_anatomy_training_archives(out / "data", anatomy_studies, assets)  # type: ignore[arg-type]
     results = fit_heads(Path(model_dir or DEFAULT_MODEL_DIR), [m.root for m in archives], out / "heads", names=names,
                         cache_dir=out / "features", steps=fit_steps, floor=floor, seed=seed, log=log)
     seeds = sorted(m.seed for m in archives)
+    generators = "engine.synthetic.write_demo_archive" + (
+        " (seeds < 100) and engine.synthetic.anatomy_archive.write_anatomy_archive (seeds >= 101)" if anatomy_studies else "")
     for r in results.values():  # name the data by generator and seeds, not by this machine's paths
-        r.manifest["fit"]["data"]["labels"] = "synthetic ground truth (engine.synthetic.write_demo_archive)"
+        r.manifest["fit"]["data"]["labels"] = f"synthetic ground truth ({generators})"
         r.manifest["fit"]["data"]["archive_seeds"] = seeds
-        r.manifest["fit"]["recipe"] = (f"python -m engine.default_model.train --out DIR --refit --studies {studies} "
+        anatomy = f" --anatomy-studies {anatomy_studies} --assets ASSETS" if anatomy_studies else ""
+        r.manifest["fit"]["recipe"] = (f"python -m engine.default_model.train --out DIR --refit --studies {studies}{anatomy} "
                                        f"--heads {r.name}{' --no-floor' if not floor else ''} --write-weights-into contrib_heads")
     if write_to is not None:
         write_weights_into(write_to, results)
@@ -221,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", default=",".join(HEAD_NAMES), help="comma-separated heads to fit")
     parser.add_argument("--image-only", action="store_true",
                         help="ablation: pretrain without report supervision (no image-report alignment, no grounding)")
+    parser.add_argument("--anatomy-studies", type=int, default=0,
+                        help="with --refit: also this many studies from real anatomy (engine.synthetic.anatomy_archive; needs --assets)")
+    parser.add_argument("--assets", type=Path, help="anatomy assets folder (python -m engine.default_model.assets fetch DIR)")
     parser.add_argument("--write-weights-into", type=Path,
                         help="with --refit: replace FOLDER/<name>/weights.safetensors and its manifest's fit record, keeping the module")
     args = parser.parse_args(argv)
@@ -232,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.image_only:
             parser.error("--image-only changes pretraining; --refit does not pretrain")
         result = refit_recipe(args.out, studies=args.studies, names=names, model_dir=args.model, fit_steps=args.fit_steps,
-                              floor=not args.no_floor, seed=args.seed, write_to=args.write_weights_into)
+                              floor=not args.no_floor, seed=args.seed, write_to=args.write_weights_into,
+                              anatomy_studies=args.anatomy_studies, assets=args.assets)
         print(json.dumps(result, indent=2, default=str))
         return
     config = TrainConfig(seed=args.seed, studies=args.studies, steps=args.steps, report_supervision=not args.image_only)
