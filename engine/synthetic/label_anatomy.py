@@ -185,7 +185,7 @@ def mni152(assets: str) -> LabelAnatomy:
 
     nilearn's copy of the T1 is skull-stripped, so the head around it is Colin27's (both sit in
     MNI space), widened where the brain would otherwise touch it."""
-    from ..default_model.assets import require
+    from ..default_model.assets import require  # the asset list lives with the recipe that fetches it
 
     files = require(assets)
     t1, affine = _load(files["mni_t1"])
@@ -204,7 +204,7 @@ def mni152(assets: str) -> LabelAnatomy:
 @lru_cache(maxsize=4)
 def colin27(assets: str) -> LabelAnatomy:
     """Colin27's classes: ch2bet is the brain; inside it CSF / GM / WM by a three-class k-means of its T1."""
-    from ..default_model.assets import require
+    from ..default_model.assets import require  # the asset list lives with the recipe that fetches it
 
     files = require(assets)
     t1, affine = _load(files["colin"])
