@@ -210,3 +210,37 @@ def test_a_query_that_stops_midway_runs_what_it_listed_and_a_rerun_completes(ort
     second = engine.run([orthanc.dicomweb], out, heads=HEADS, backend="torch")
     assert second.exit_code == 0 and second.count("resumed") == 2
     assert second.count("complete") == len(series_files) - 2
+
+
+@pytest.mark.slow
+def test_ray_workers_fetch_pacs_series_themselves(orthanc, series_files, tmp_path, monkeypatch):
+    """RemoteRefs travel pickled to Ray's loader tasks, which fetch over DICOMweb there: the
+    driver's own fetch is broken on purpose, and the store equals a local run's."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mrfm[ray]')")
+    import pickle
+
+    import engine
+    import plugins.sources.dicomweb as web
+    from test_pacs import assert_same_results
+
+    ref = next(iter(engine.sources.find([orthanc.dicomweb]).series))
+    assert pickle.loads(pickle.dumps(ref)) == ref
+
+    local = tmp_path / "local.zarr"
+    assert engine.run([orthanc.dicomweb], local, heads=HEADS, backend="torch").exit_code == 0
+
+    def not_here(self, ref, spool):
+        raise AssertionError("the driver fetched a series")
+
+    monkeypatch.setattr(web.DicomwebSource, "fetch", not_here)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        out = tmp_path / "ray.zarr"
+        summary = engine.run([orthanc.dicomweb], out, heads=HEADS, backend="torch", executor="ray", ray_actors=1)
+    finally:
+        ray.shutdown()
+    assert summary.exit_code == 0 and summary.count("complete") == len(series_files), [r.reason for r in summary.results]
+    assert_same_results(local, out)
+    for _, group in zarr.open_group(out, mode="r")["series"].groups():
+        assert group.attrs["executor"] == "ray" and group.attrs["actor"]
+        assert group.attrs["source"]["url"] == orthanc.dicomweb
