@@ -274,7 +274,7 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
         work = _triage(refs, store, plan, done, local_where() | {"executor": runner.name})
         driver = Driver(store, inference, summary, done, emit, stop)
         remote = runner.execute(plan, work, driver) if work else set()
-        if streamed:
+        if isinstance(refs, SeriesStream):
             summary.query_incomplete = refs.stopped_early
             for w in refs.late_warnings():
                 summary.warnings.append(w)
