@@ -364,6 +364,8 @@ def _triage(refs: Any, store: ResultStore, plan: RunPlan, done: Callable[[Series
     """The work of :func:`_triage_page` over all series; over a PACS query's stream, lazily, page by
     page as the query answers, so the first series is fetched before the query ends."""
     if isinstance(refs, SeriesStream):
+        # the writer thread writes while later pages are triaged here: the group they share exists first
+        store.root.require_group("series")
         return (w for page in refs.pages() for w in _triage_page(page, store, plan, done, where))
     return _triage_page(refs, store, plan, done, where)
 
