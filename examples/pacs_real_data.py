@@ -12,7 +12,7 @@
 4. Failures through the command line: server unreachable, association refused, server gone in the
    middle of a run; exit code, the lines printed, any traceback, what the store kept, the rerun.
 
-Usage: python examples/pacs_real_data.py [--shared ../shared/data] [--workdir DIR]
+Usage: python examples/pacs_real_data.py [--shared ../shared/data] [--workdir DIR] [--failures-only]
 """
 
 from __future__ import annotations
@@ -169,6 +169,9 @@ def export_back(server: Orthanc, disk: Path, work: Path) -> None:
                         for i in server.get(f"/series/{inst['ID']}/instances"):
                             origins.add(server.get(f"/instances/{i['ID']}/metadata/Origin").decode())
             print(f"{route:<10} {modality:<10} {res.returncode:<5} {sent:<6} {len(listed)}/{len(studies):<30} {', '.join(sorted(origins))}")
+            for line in (res.stdout + res.stderr).splitlines():
+                if line.strip().startswith("failed"):
+                    print(f"{'':<10} {'':<10} not exported: {' '.join(line.split()[1:])[:160]}")
         for modality in ("SEG", "SR"):  # so the next route shows its own
             for s in server.qido(f"/series?Modality={modality}"):
                 for found in server.request("POST", "/tools/lookup", s["0020000E"]["Value"][0].encode(), "text/plain"):
@@ -182,9 +185,8 @@ def _manifests(folder: Path) -> list[dict]:
             data = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
-        for rec in (data.get("series") or {}).values() if isinstance(data, dict) else []:
-            if isinstance(rec, dict):
-                out.append(rec)
+        for fmt in (data.get("formats") or {}).values() if isinstance(data, dict) else []:
+            out += [rec for rec in (fmt.get("series") or {}).values() if isinstance(rec, dict)]
     return out
 
 
@@ -238,8 +240,9 @@ def failures(work: Path) -> None:
         out = work / f"unreach-{len(url)}.zarr"
         code, lines, tb = cli_run(["run", url, "--out", str(out), "--heads", "classify", "--backend", "torch"])
         print(f"{case:<34} {code:<5} {len(lines):<6} {str(tb):<10} {lines[0] if lines else ''} (store written: {out.exists()})")
-    # the middle-of-run case needs more series than the loaders fetch ahead (four): a demo archive
-    archive = write_demo_archive(work / "demo", studies=3, seed=7).dicom_root
+    # the middle-of-run case needs more series than the loaders fetch ahead (four, and one batch):
+    # a demo archive, run one series a batch
+    archive = write_demo_archive(work / "demo", studies=4, seed=7).dicom_root
     server = Orthanc.start(work / "orthanc-b")
     try:
         server.upload(sorted(archive.rglob("*.dcm")))
@@ -253,7 +256,7 @@ def failures(work: Path) -> None:
         for name, url_of in (("DICOMweb", lambda: server.dicomweb), ("DIMSE", lambda: server.dimse)):
             out = work / f"midrun-{name}.zarr"
             proc = subprocess.Popen([*MRFM, "run", url_of(), "--out", str(out), "--heads", "classify", "--backend", "torch",
-                                     "--log-json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     "--batch-size", "1", "--log-json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             err_lines = []
             for line in proc.stderr:
                 err_lines.append(line)
@@ -270,10 +273,10 @@ def failures(work: Path) -> None:
             code2, lines2, tb2 = cli_run(["run", url_of(), "--out", str(out), "--heads", "classify", "--backend", "torch"])
             same = all(r["equal"] for r in compare(disk, out).values() if r["status"][0] == "complete")
             print(f"{name + ' server gone mid-run':<34} {proc.returncode:<5} {'-':<6} {str(tb):<10} "
-                  f"complete {done.get('complete')}, failed {done.get('failed')}: {(failed or ['-'])[0][:110]}")
+                  f"complete {done.get('complete')}, failed {done.get('failed')}: …{(failed or ['-'])[0][-120:]}")
             print(f"{'  … store after it':<34} {code_v:<5} {'':<6} {'':<10} mrfm validate exit {code_v}")
             print(f"{'  … rerun, server back':<34} {code2:<5} {len(lines2):<6} {str(tb2):<10} "
-                  f"{next((ln for ln in lines2 if 'complete' in ln or 'resumed' in ln), lines2[-1] if lines2 else '')[:110]}; "
+                  f"{next((ln for ln in lines2 if ln.startswith('complete ')), lines2[-1] if lines2 else '')[:110]}; "
                   f"equal to the disk run: {same}")
     finally:
         server.stop()
@@ -285,6 +288,7 @@ def main() -> None:
     ap.add_argument("--shared", default=str(ROOT.parent.parent / "shared" / "data"),
                     help="folder holding dcm_qa_ts and dcm_qa_enh")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--failures-only", action="store_true", help="only part 4")
     ARGS = ap.parse_args()
     if not (Path(ARGS.shared) / "dcm_qa_ts").is_dir():
         sys.exit(f"{ARGS.shared}: no dcm_qa_ts here; give --shared")
@@ -292,6 +296,8 @@ def main() -> None:
     port = free_port()
     server = Orthanc.start(work / "orthanc", modalities={"mrfm": ("MRFM", port)})
     try:
+        if ARGS.failures_only:
+            return failures(work)
         disk, _ = equality(server, work)
         export_back(server, disk, work)
         listener(server, port, disk, work)
