@@ -27,6 +27,7 @@ from .hookspecs import hookimpl
 from .protocols import EncoderOutputs, Exporter, Reader
 from .discover import ScanResult
 from .series_ref import SeriesRef, sanitise_key
+from .series_stream import SeriesStream, background_pages
 from .sources import (
     PACS_READER, PacsReader, RemoteRef, Source, SourceOptions, http_session, instances_digest, is_url, public_url,
 )
@@ -98,7 +99,7 @@ __all__ = [
     "open_store", "run", "scan", "__version__",
     # the plugin contract and its types
     "hookimpl", "Backend", "EncoderOutputs", "Exporter", "Reader", "Source", "SeriesRef",
-    "PACS_READER", "PacsReader", "RemoteRef", "ScanResult", "SourceOptions", "http_session", "instances_digest", "is_url",
+    "PACS_READER", "PacsReader", "RemoteRef", "ScanResult", "SeriesStream", "background_pages", "SourceOptions", "http_session", "instances_digest", "is_url",
     "public_url", "sanitise_key",
     "Features", "Head", "HeadContext", "HeadInput", "NetHead", "TextFeatures", "View", "ViewInfo", "Volume",
     # helpers the built-in plugins use (exporters, backends, encoders, readers, heads)

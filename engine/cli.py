@@ -152,8 +152,9 @@ class _Reporter:
             err_console.print(f"[yellow]warning:[/] {esc(event['message'])}", highlight=False)
         elif kind == "scan":
             skipped = f", {event['skipped_files']} file(s) skipped (see warnings)" if event.get("skipped_files") else ""
-            err_console.print(f"found {event['series']} series in {event['studies']} studies{skipped}; backend [bold]{esc(event['backend'])}[/] ({esc(event['backend_reason'])})", highlight=False)
-            self.study_total = event["studies"]
+            found = "listing series as the PACS answers" if event["series"] is None else f"found {event['series']} series in {event['studies']} studies"
+            err_console.print(f"{found}{skipped}; backend [bold]{esc(event['backend'])}[/] ({esc(event['backend_reason'])})", highlight=False)
+            self.study_total = "?" if event["studies"] is None else event["studies"]
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("studies {task.fields[studies]}"), TextColumn("{task.fields[rate]} vol/s"),

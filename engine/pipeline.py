@@ -38,6 +38,7 @@ from .inference import Inference
 from .distribution import distribution_for
 from .sources import archive_labels as _archive_labels
 from .sources import changed_at_source
+from .series_stream import SeriesStream
 from .store import ResultStore, is_remote, now
 
 Event = dict[str, Any]
@@ -58,6 +59,7 @@ class RunSummary:
     seconds: float = 0.0
     executor: dict[str, Any] = field(default_factory=dict)  # what ran the stages: name, nodes, actors
     stages: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "wait_for_load": 0.0, "infer": 0.0, "write": 0.0})
+    query_incomplete: bool = False  # a PACS query stopped before its end: the series not listed wait for a rerun
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -72,7 +74,7 @@ class RunSummary:
         """130 when interrupted, 1 when any series failed, else 0 (documented in the README)."""
         if self.interrupted:
             return EXIT_INTERRUPTED
-        return EXIT_SERIES_FAILED if self.count("failed") else EXIT_OK
+        return EXIT_SERIES_FAILED if self.count("failed") or self.query_incomplete else EXIT_OK
 
 
 class _StopFlag:
@@ -195,7 +197,7 @@ def run(
     found = find(paths, options)
     if workers is None and any(is_url(p) for p in paths):
         workers = 0  # fetching is network-bound: loader threads, and one C-MOVE listener per process
-    refs = list(found.series)
+    refs = found.series if isinstance(found.series, SeriesStream) else list(found.series)  # a PACS query streams
     skipped_files = len(getattr(found, "skipped", []) or [])
     if not refs:
         detail = f"; {skipped_files} file(s) skipped: " + "; ".join(found.warnings[:5]) if found.warnings else ""
@@ -261,7 +263,9 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
                          executor=dict(executor_info))
     for w in summary.warnings:
         emit({"event": "warning", "message": w})
-    emit({"event": "scan", "series": len(refs), "studies": len({r.study_uid for r in refs}), "skipped_files": skipped_files,
+    streamed = isinstance(refs, SeriesStream)  # counts unknown until the query ends: None
+    emit({"event": "scan", "series": None if streamed else len(refs), "studies": None if streamed else len({r.study_uid for r in refs}),
+          "skipped_files": skipped_files,
           "backend": enc.name, "backend_reason": reason, "run_id": run_id})
     sessions = _export_sessions(store, plan.out, exports, export_dir, export_to)
     remote: set[str] = set()
@@ -270,6 +274,11 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
         work = _triage(refs, store, plan, done, local_where() | {"executor": runner.name})
         driver = Driver(store, inference, summary, done, emit, stop)
         remote = runner.execute(plan, work, driver) if work else set()
+        if isinstance(refs, SeriesStream):
+            summary.query_incomplete = refs.stopped_early
+            for w in refs.late_warnings():
+                summary.warnings.append(w)
+                emit({"event": "warning", "message": w})
     finally:
         inference.close()
         for session in sessions:
@@ -337,7 +346,7 @@ def _not_mr(ref: Any) -> bool:
 def _reporter(refs: list[Any], summary: RunSummary, emit: Callable[[Event], None], sessions: list[Any]) -> Callable[[SeriesResult], None]:
     """What happens when a series is finished, whoever wrote it: export, summary, event."""
     lock = threading.Lock()
-    by_key = {ref.key: ref for ref in refs}
+    by_key = refs.by_key if isinstance(refs, SeriesStream) else {ref.key: ref for ref in refs}  # a stream fills it as it goes
 
     def done(result: SeriesResult) -> None:
         if sessions and result.status in DONE_STATUSES:
@@ -350,8 +359,19 @@ def _reporter(refs: list[Any], summary: RunSummary, emit: Callable[[Event], None
     return done
 
 
-def _triage(refs: list[Any], store: ResultStore, plan: RunPlan, done: Callable[[SeriesResult], None],
-            where: dict[str, Any]) -> list[Work]:
+def _triage(refs: Any, store: ResultStore, plan: RunPlan, done: Callable[[SeriesResult], None],
+            where: dict[str, Any]) -> Any:
+    """The work of :func:`_triage_page` over all series; over a PACS query's stream, lazily, page by
+    page as the query answers, so the first series is fetched before the query ends."""
+    if isinstance(refs, SeriesStream):
+        # the writer thread writes while later pages are triaged here: the group they share exists first
+        store.root.require_group("series")
+        return (w for page in refs.pages() for w in _triage_page(page, store, plan, done, where))
+    return _triage_page(refs, store, plan, done, where)
+
+
+def _triage_page(refs: list[Any], store: ResultStore, plan: RunPlan, done: Callable[[SeriesResult], None],
+                 where: dict[str, Any]) -> list[Work]:
     """Resume: the series still to do, with the heads each needs. Non-MR series are recorded
     skipped here; series every selected head is done on are reported resumed (or still failed)."""
     work: list[Work] = []

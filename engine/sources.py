@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 
 from .discover import LoadError, ScanResult, SeriesRef
 from .errors import SourceError, UsageError
+from .series_stream import SeriesStream
 
 # A series larger than this is refused while it is fetched (not after): the spool stays bounded.
 SPOOL_MAX_BYTES = int(os.environ.get("MRFM_SPOOL_MAX_BYTES", str(8 * 1024**3)))
@@ -151,6 +152,7 @@ def find(archives: Iterable[str | Path], options: SourceOptions | None = None) -
     if options.where and not any(is_url(a) for a in archives):
         raise UsageError("--where filters PACS queries (dicomweb+http(s)://, dimse://); it does not apply to folders")
     merged = ScanResult([], [])
+    streams: list[Any] = []  # PACS queries still paging: run as they arrive
     local = [a for a in archives if not is_url(a)]
     if local:  # one scan over all paths keeps today's labels (archive name and position)
         _merge(merged, source_for(local[0]).find(local, options))  # type: ignore[arg-type]
@@ -159,12 +161,17 @@ def find(archives: Iterable[str | Path], options: SourceOptions | None = None) -
             if urllib.parse.urlsplit(archive).password or (urllib.parse.urlsplit(archive).username and not archive.startswith("dimse://")):
                 raise UsageError(f"{public_url(archive)}: credentials never go on the command line; "
                                  "set MRFM_DICOMWEB_TOKEN, MRFM_DICOMWEB_USER/MRFM_DICOMWEB_PASSWORD or a netrc file")
-            _merge(merged, source_for(archive).find(archive, options))
+            _merge(merged, source_for(archive).find(archive, options), streams)
+    if streams:
+        merged.series = SeriesStream.chain([merged.series, *streams])  # type: ignore[assignment]
     return merged
 
 
-def _merge(into: ScanResult, found: ScanResult) -> None:
-    into.series.extend(found.series)
+def _merge(into: ScanResult, found: ScanResult, streams: list[Any] | None = None) -> None:
+    if isinstance(found.series, SeriesStream) and streams is not None:
+        streams.append(found.series)
+    else:
+        into.series.extend(found.series)
     into.warnings.extend(found.warnings)
     into.skipped.extend(found.skipped)
     into.files_seen += found.files_seen
@@ -198,10 +205,13 @@ def changed_at_source(refs: list[Any], store: Any, todo: dict[str, set[str]], he
 
 # ---- fetching --------------------------------------------------------------------------------
 class Spool:
-    """A temporary folder one series is fetched into; ``add`` refuses bytes past the bound."""
+    """A temporary folder one series is fetched into; ``add`` refuses bytes past the bound, and
+    past the series budget (``budget``, with ``where`` naming the series for its message)."""
 
-    def __init__(self, folder: Path, max_bytes: int = SPOOL_MAX_BYTES) -> None:
+    def __init__(self, folder: Path, max_bytes: int = SPOOL_MAX_BYTES, budget: int | None = None, where: str = "") -> None:
         self.folder, self.max_bytes, self.bytes, self.sop_uids = folder, max_bytes, 0, []
+        self.budget, self.where = budget, where
+        self.over: Exception | None = None  # the budget error, kept: a protocol library may wrap what add raises
 
     def add(self, dataset: Any) -> Path:
         """Write one pydicom dataset (with file meta) as ``<SOPInstanceUID>.dcm``."""
@@ -220,6 +230,11 @@ class Spool:
         pydicom.dcmwrite(path, dataset, enforce_file_format=True)
         self.bytes += path.stat().st_size
         self.sop_uids.append(uid)
+        if self.budget is not None and self.bytes > self.budget:
+            from .memory_budget import over_budget
+
+            self.over = over_budget(self.where, self.bytes, self.budget, f"{len(self.sop_uids)} instance(s) fetched so far")
+            raise self.over
         if self.bytes > self.max_bytes:
             raise SourceError(f"series larger than the spool bound MRFM_SPOOL_MAX_BYTES ({self.max_bytes} bytes)")
         return path
@@ -244,23 +259,75 @@ def fetch_local(ref: RemoteRef, folder: Path) -> tuple[SeriesRef, str]:
     src = get_sources().get(ref.source)
     if src is None:
         raise LoadError(f"{where}: no installed source named {ref.source!r}")
-    spool = Spool(folder)
+    from .memory_budget import resolve
+
+    budget = resolve(ref.options.max_series_bytes)
+    check_declared_size(src, ref, where, budget)
+    spool = Spool(folder, budget=budget, where=where)
     try:
         src.fetch(ref, spool)
-    except (SourceError, LoadError) as exc:
-        raise LoadError(f"{where}: fetch failed ({exc})") from exc
-    except Exception as exc:  # a protocol library's own error types: one reason, never a crash
-        raise LoadError(f"{where}: fetch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+    except Exception as exc:
+        if spool.over is not None:  # over budget while fetching, however the library reported it
+            raise spool.over from None
+        _fetch_failed(where, exc)
     if not spool.sop_uids:
         raise LoadError(f"{where}: fetch returned no instances")
     if ref.n_instances and len(set(spool.sop_uids)) < ref.n_instances:
         raise LoadError(f"{where}: partial fetch ({len(set(spool.sop_uids))} of {ref.n_instances} instances)")
-    found = [r for r in scan([folder]).series if r.series_uid == ref.series_uid]
+    found = [r for r in scan([folder], max_series_bytes=budget).series if r.series_uid == ref.series_uid]
     if not found:
         raise LoadError(f"{where}: the fetched instances hold no loadable series")
     local = found[0]
     local.key = ref.key
     return local, instances_digest(spool.sop_uids)
+
+
+def _fetch_failed(where: str, exc: Exception) -> None:
+    if isinstance(exc, (SourceError, LoadError)):
+        raise LoadError(f"{where}: fetch failed ({exc})") from exc
+    # a protocol library's own error types: one reason, never a crash
+    raise LoadError(f"{where}: fetch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+
+
+def declared_bytes(instances: list[dict[str, Any]]) -> tuple[int, str] | None:
+    """Bytes loading a series needs by what the PACS declares of each instance (Rows, Columns,
+    NumberOfFrames, BitsAllocated), and a description; None when it declares no sizes."""
+    from .memory_budget import series_need
+
+    voxels = stored = 0
+    shapes = set()
+    for inst in instances:
+        try:
+            rows, cols = int(inst.get("Rows") or 0), int(inst.get("Columns") or 0)
+            frames, bits = max(1, int(inst.get("NumberOfFrames") or 1)), int(inst.get("BitsAllocated") or 16)
+        except (TypeError, ValueError):
+            return None
+        if not rows or not cols:
+            return None
+        voxels += rows * cols * frames
+        stored += rows * cols * frames * max(1, (bits + 7) // 8)
+        shapes.add(f"{rows}x{cols}x{frames} {bits}-bit")
+    if not instances:
+        return None
+    return series_need(stored, voxels), f"{len(instances)} instance(s) of {', '.join(sorted(shapes)[:3])} as the PACS declares them"
+
+
+def check_declared_size(src: Any, ref: RemoteRef, where: str, budget: int) -> None:
+    """Refuse a series over the budget before fetching a byte of it: the source lists each
+    instance's size attributes (QIDO-RS / C-FIND at instance level). A PACS that does not answer
+    them leaves the check to the bytes fetched (:class:`Spool`)."""
+    from .memory_budget import check
+
+    listing = getattr(src, "image_attributes", None)
+    if listing is None:
+        return
+    try:
+        instances = listing(ref)
+    except Exception:  # the fetch that follows reports an unreachable server with its reason
+        return
+    declared = declared_bytes(instances)
+    if declared is not None:
+        check(where, declared[0], budget, declared[1])
 
 
 class PacsReader:

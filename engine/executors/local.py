@@ -115,7 +115,7 @@ def _prepared_stream(todo: list[Any], preprocessing: dict[str, Any], kinds: tupl
                      batch_size: int, summary: Any) -> Iterator[tuple[Any, Prepared]]:
     """Prepared series; with ``workers=None`` the first batch is loaded in-process to measure
     load and inference time per series, and the rest by as many loaders as keep up."""
-    if workers is not None or len(todo) <= batch_size or (os.cpu_count() or 1) <= 2:
+    if workers is not None or not isinstance(todo, list) or len(todo) <= batch_size or (os.cpu_count() or 1) <= 2:
         summary.workers = workers if workers is not None else default_workers()
         yield from _iter_prepared(todo, preprocessing, kinds, summary.workers)
         return
@@ -181,7 +181,14 @@ class LocalExecutor:
 
     def execute(self, plan: RunPlan, work: list[Work], driver: Driver) -> set[str]:
         summary, inference, store = driver.summary, driver.inference, driver.store
-        pending = {w.ref.key: w.pending for w in work}
+        pending: dict[str, set[str]] = {}
+
+        def refs_of(items: Any) -> Iterator[Any]:  # work may be a PACS query's stream: taken as it arrives
+            for w in items:
+                pending[w.ref.key] = w.pending
+                yield w.ref
+
+        todo = list(refs_of(work)) if isinstance(work, list) else refs_of(work)
         where = local_where()
         writer = _Writer(store, driver.done)
         writer.start()
@@ -198,7 +205,7 @@ class LocalExecutor:
         try:
             with torch.inference_mode():
                 t_wait = time.perf_counter()
-                for ref, prep in _prepared_stream([w.ref for w in work], plan.preprocessing, plan.kinds, plan.workers,
+                for ref, prep in _prepared_stream(todo, plan.preprocessing, plan.kinds, plan.workers,
                                                   plan.batch_size, summary):
                     summary.stages["wait_for_load"] += time.perf_counter() - t_wait
                     summary.stages["load"] += prep.seconds

@@ -5,6 +5,7 @@ speaks the protocol; credentials and TLS come from ``engine.http_session``."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any, Iterator
 
@@ -16,6 +17,8 @@ PAGE_SIZE = int(os.environ.get("MRFM_QIDO_PAGE_SIZE", "100"))
 TIMEOUT_S = float(os.environ.get("MRFM_PACS_TIMEOUT", "60"))
 SERIES_FIELDS = ["StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesDescription", "SeriesNumber",
                  "NumberOfSeriesRelatedInstances"]
+
+SIZE_FIELDS = ["Rows", "Columns", "NumberOfFrames", "BitsAllocated"]
 
 
 def http_url(url: str) -> str:
@@ -73,11 +76,20 @@ class DicomwebSource:
         return archive.startswith(("dicomweb+http://", "dicomweb+https://"))
 
     def find(self, archive: str, options: engine.SourceOptions) -> Any:
-        refs = [self._ref(archive, item, options) for item in self.series(archive, dict(options.where))]
-        return engine.ScanResult(refs, [])
+        """The first QIDO-RS page now (an unreachable server fails the run before it begins), the
+        rest as the run asks for them."""
+        pages = self.pages(archive, dict(options.where))
+        first = next(pages)
+        refs = ([self._ref(archive, item, options) for item in page] for page in itertools.chain([first], pages))
+        return engine.ScanResult(engine.SeriesStream(refs), [])
 
     def series(self, archive: str, where: dict[str, str]) -> Iterator[dict[str, Any]]:
-        """Every series matching ``where``, one QIDO-RS page at a time."""
+        """Every series matching ``where``."""
+        for page in self.pages(archive, where):
+            yield from page
+
+    def pages(self, archive: str, where: dict[str, str]) -> Iterator[list[dict[str, Any]]]:
+        """The series matching ``where``, one QIDO-RS page at a time."""
         web = client(archive)
         offset = 0
         while True:
@@ -86,7 +98,7 @@ class DicomwebSource:
                                              limit=PAGE_SIZE, offset=offset)
             except Exception as exc:
                 raise engine.SourceError(f"QIDO-RS series query failed: {explain(archive, exc)}") from exc
-            yield from page
+            yield page
             if len(page) < PAGE_SIZE or not page:
                 return
             offset += len(page)
@@ -108,6 +120,16 @@ class DicomwebSource:
             uids += [str(_value(i, "SOPInstanceUID")) for i in page]
             if len(page) < PAGE_SIZE or not page:
                 return uids
+
+    def image_attributes(self, ref: engine.RemoteRef) -> list[dict[str, Any]]:
+        """Each instance's size attributes, for the budget check before the fetch."""
+        web = client(ref.url)
+        out: list[dict[str, Any]] = []
+        while True:
+            page = web.search_for_instances(ref.study_uid, ref.series_uid, fields=SIZE_FIELDS, limit=PAGE_SIZE, offset=len(out))
+            out += [{k: _value(i, k, None) for k in SIZE_FIELDS} for i in page]
+            if len(page) < PAGE_SIZE or not page:
+                return out
 
     def fetch(self, ref: engine.RemoteRef, spool: Any) -> None:
         web = client(ref.url)

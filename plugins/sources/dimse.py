@@ -93,7 +93,7 @@ def c_find(assoc: Any, url: str, level: str, keys: dict[str, str], returned: lis
     query = Dataset()
     query.QueryRetrieveLevel = level
     for kw in returned:
-        setattr(query, kw, "")
+        setattr(query, kw, None)  # an empty return key of any VR (a number's VR refuses "")
     for kw, value in keys.items():
         setattr(query, kw, value)
     for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
@@ -125,27 +125,44 @@ class DimseSource:
         study_keys = {k: v for k, v in where.items() if k not in SERIES_KEYS}
         series_keys = {k: v for k, v in where.items() if k in SERIES_KEYS}
         assoc = associate(archive, options.ae_title, find_contexts())
-        refs = []
-        try:
+        try:  # the study level now: a peer that refuses the query fails the run before it begins
             studies = [str(s.StudyInstanceUID) for s in c_find(assoc, archive, "STUDY", study_keys, ["StudyInstanceUID"])]
-            for study in studies:
-                for s in c_find(assoc, archive, "SERIES", {**series_keys, "StudyInstanceUID": study},
-                                ["SeriesInstanceUID", "Modality", "SeriesDescription", "NumberOfSeriesRelatedInstances"]):
-                    uid = str(s.get("SeriesInstanceUID", ""))
-                    refs.append(engine.RemoteRef(
-                        key=engine.sanitise_key(uid), reader=engine.PACS_READER, study_uid=study, series_uid=uid,
-                        modality=str(s.get("Modality", "")), description=str(s.get("SeriesDescription", "")), sources=[],
-                        dims=(), n_slices=0, orientation="", url=archive, source=self.name, options=options,
-                        n_instances=int(s.get("NumberOfSeriesRelatedInstances") or 0)))
-        finally:
+        except BaseException:
             assoc.release()
-        return engine.ScanResult(refs, [])
+            raise
+
+        def produce(put: Callable[[Any], None]) -> None:
+            """Each series as its C-FIND response arrives, study after study, on one association."""
+            try:
+                for study in studies:
+                    for s in c_find(assoc, archive, "SERIES", {**series_keys, "StudyInstanceUID": study},
+                                    ["SeriesInstanceUID", "Modality", "SeriesDescription", "NumberOfSeriesRelatedInstances"]):
+                        uid = str(s.get("SeriesInstanceUID", ""))
+                        put(engine.RemoteRef(
+                            key=engine.sanitise_key(uid), reader=engine.PACS_READER, study_uid=study, series_uid=uid,
+                            modality=str(s.get("Modality", "")), description=str(s.get("SeriesDescription", "")), sources=[],
+                            dims=(), n_slices=0, orientation="", url=archive, source=self.name, options=options,
+                            n_instances=int(s.get("NumberOfSeriesRelatedInstances") or 0)))
+            finally:
+                assoc.release()
+
+        return engine.ScanResult(engine.SeriesStream(engine.background_pages(produce, "mrfm-c-find")), [])
 
     def instance_uids(self, ref: engine.RemoteRef) -> list[str]:
         assoc = associate(ref.url, ref.options.ae_title, find_contexts())
         try:
             keys = {"StudyInstanceUID": ref.study_uid, "SeriesInstanceUID": ref.series_uid}
             return [str(i.SOPInstanceUID) for i in c_find(assoc, ref.url, "IMAGE", keys, ["SOPInstanceUID"])]
+        finally:
+            assoc.release()
+
+    def image_attributes(self, ref: engine.RemoteRef) -> list[dict[str, Any]]:
+        """Each instance's size attributes (C-FIND at image level), for the budget check."""
+        fields = ["Rows", "Columns", "NumberOfFrames", "BitsAllocated"]
+        assoc = associate(ref.url, ref.options.ae_title, find_contexts())
+        try:
+            keys = {"StudyInstanceUID": ref.study_uid, "SeriesInstanceUID": ref.series_uid}
+            return [{k: i.get(k) for k in fields} for i in c_find(assoc, ref.url, "IMAGE", keys, ["SOPInstanceUID", *fields])]
         finally:
             assoc.release()
 
