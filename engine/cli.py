@@ -195,19 +195,6 @@ def _summary_table(summary: Any) -> Table:
     return table
 
 
-def _budgets(items: tuple[str, ...]) -> dict[str, float]:
-    out = {}
-    for item in items:
-        name, _, seconds = item.partition("=")
-        try:
-            out[name.strip()] = float(seconds)
-        except ValueError:
-            raise click.BadParameter(f"{item!r} is not HEAD=SECONDS", param_hint="--head-budget") from None
-        if not name.strip() or out[name.strip()] <= 0:
-            raise click.BadParameter(f"{item!r} is not HEAD=SECONDS with SECONDS > 0", param_hint="--head-budget")
-    return out
-
-
 MAX_SERIES_BYTES_HELP = ("Memory budget for decoding one series, e.g. 2GiB or 512MiB (default: min(2 GiB, a quarter of RAM)); "
                          "a series whose headers declare more fails, a file that inflates past it is skipped.")
 
@@ -224,32 +211,6 @@ def _utf8(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
             except UnicodeEncodeError:
                 raise UsageError(f"{param.opts[0] if param.opts else param.name}: {ascii(item)} is not UTF-8 text") from None
     return value
-
-
-def _head_names(heads: tuple[str, ...]) -> list[str] | None:
-    """Names from repeatable, comma-separated ``--heads``; None when not given; an empty
-    ``--heads ''`` is a usage error, not 'every head'."""
-    from .errors import UsageError
-
-    names = [h.strip() for hs in heads for h in hs.split(",") if h.strip()]
-    if heads and not names:
-        raise UsageError("--heads names no head; give head names (comma-separated), or leave --heads out to run every installed head")
-    return names or None
-
-
-def _load_job(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    from .schemas import validate
-
-    from .bounded_read import read_text_file
-
-    try:
-        job = json.loads(read_text_file(path, what="job file"))  # a regular file under a size cap
-        validate("job", job, f"job file {path}")
-    except ValueError as exc:  # JSONDecodeError is a ValueError too
-        raise click.BadParameter(str(exc), param_hint="--job") from exc
-    return job
 
 
 class _Archive(click.ParamType):
@@ -297,9 +258,7 @@ class _Archive(click.ParamType):
 @click.option("--to", "export_to", metavar="URL",
               help="Send each --export (dicom-seg, dicom-sr) to a PACS as its series completes: dicomweb+http(s)://... or dimse://AE@host:port.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Keep an HTML report of the store in this folder, updated as series complete.")
-def run(archive, out, heads, model, backend, precision, batch_size, workers, queries, job, overwrite, record_paths,
-        head_budgets, default_head_budget, exports, export_dir, force, executor, ray_address, ray_actors, max_series_bytes,
-        log_json, report_dir, where, ae_title, move, move_port, export_to) -> None:
+def run(log_json, report_dir, **flags) -> None:
     """Run the model and heads over ARCHIVE (folders, .zip files, NIfTI files) into a store.
 
     Exit status: 0 when every series completed, was resumed or skipped; 1 when any series
@@ -307,15 +266,15 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
     archive with no series; 3 when the store is locked by another run or unusable; 130 when
     interrupted (the series in flight are finished first; rerun to resume).
     """
-    from .pipeline import run as run_pipeline
-    from .sources import SourceOptions, parse_where
+    from click.core import ParameterSource
 
-    spec = _load_job(job)
-    paths = list(archive) or spec.get("archives", [])
-    out = out or spec.get("out")
-    if not paths or not out:
-        raise click.UsageError("give at least one ARCHIVE and --out (or a --job file with 'archives' and 'out')")
-    head_names = _head_names(heads) or spec.get("heads") or None
+    from .pipeline import execute_plan
+    from .run_plan import plan_from_flags
+
+    ctx = click.get_current_context()
+    # only the flags given here: a job file's value stands where a flag is left out
+    plan = plan_from_flags({k: v for k, v in flags.items() if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)})
+    out = plan.out
     reporter = _Reporter(log_json or not sys.stderr.isatty())
     live = None
     if report_dir:
@@ -332,19 +291,7 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
         if live is not None:
             live(event)
     try:
-        summary = run_pipeline(
-            paths, out, heads=head_names, model=model or spec.get("model"), backend=backend if backend != "auto" else spec.get("backend", "auto"),
-            precision=precision, batch_size=batch_size, workers=workers if workers is not None else spec.get("workers"),
-            overwrite=overwrite or spec.get("overwrite", False), queries=list(queries) or spec.get("queries", []),
-            params=spec.get("params"), record_paths=record_paths or spec.get("record_paths", False),
-            budgets=_budgets(head_budgets) or spec.get("budgets"), default_budget=default_head_budget or spec.get("default_budget"),
-            exports=[e for es in exports for e in es.split(",") if e] or spec.get("exports"), export_dir=export_dir,
-            executor=executor or spec.get("executor", "local"), ray_address=ray_address or spec.get("ray_address"),
-            ray_actors=ray_actors or spec.get("ray_actors"), force=force,
-            max_series_bytes=max_series_bytes or spec.get("max_series_bytes"),
-            on_event=on_event, export_to=export_to,
-            sources=SourceOptions(where=parse_where(where), ae_title=ae_title, move=move, move_port=move_port),
-        )
+        summary = execute_plan(plan, on_event=on_event)
     finally:
         reporter.close()
         if live is not None and live.writer is not None:

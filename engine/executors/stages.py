@@ -15,6 +15,7 @@ from ..features import TextFeatures
 from ..geometry import axis_codes, orientation_name, spacing
 from ..inference import Inference, SeriesOutputs, load_heads
 from ..prepare import Prepared
+from ..series_ref import SeriesRef
 
 
 @dataclass
@@ -39,6 +40,25 @@ class WriteItem:
     reason: str | None
     result: SeriesResult
     replace: bool = False
+
+
+@dataclass
+class Loaded:
+    """A series as its loader hands it on: the reference and its decoded views (or the error)."""
+
+    ref: SeriesRef
+    prep: Prepared
+
+
+@dataclass
+class ReadySeries:
+    """A loaded series described for the store, waiting for inference with the heads it needs
+    (``pending``: those resume found missing; None: every head)."""
+
+    ref: SeriesRef
+    prep: Prepared
+    attrs: dict[str, Any]
+    pending: set[str] | None
 
 
 def result_for(ref: Any, status: str, why: str | None, seconds: float = 0.0) -> SeriesResult:
@@ -155,25 +175,26 @@ def safe_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None, r
 
 
 # ---- inference and writing ---------------------------------------------------------------------
-def infer_batch(inference: Inference, batch: list[tuple[Any, Prepared, dict[str, Any], set[str] | None]], store: Any,
+def infer_batch(inference: Inference, batch: list[ReadySeries], store: Any,
                 run_id: str, head_fps: dict[str, str], resume: bool) -> tuple[list[WriteItem], float]:
     """Run the heads each series still needs; returns what to write and the inference seconds.
 
-    Each batch entry is (ref, prepared, attrs, pending): ``pending`` holds the heads resume found
-    missing (ignored when ``resume`` is false, i.e. --overwrite); a series whose grid changed
-    since it was stored runs every head and replaces the group.
+    Each series' ``pending`` heads are those resume found missing (ignored when ``resume`` is
+    false, i.e. --overwrite); a series whose grid changed since it was stored runs every head and
+    replaces the group.
     """
     only: list[set[str] | None] = []
-    for ref, _, attrs, pending in batch:
-        stored = store.series_attrs(ref.key) if resume else None
-        same_grid = stored is not None and stored.get("geometry") == attrs.get("geometry")
-        only.append(pending if resume and same_grid else None)
+    for s in batch:
+        stored = store.series_attrs(s.ref.key) if resume else None
+        same_grid = stored is not None and stored.get("geometry") == s.attrs.get("geometry")
+        only.append(s.pending if resume and same_grid else None)
     t = time.perf_counter()
-    results = run_isolated(inference, [p for _, p, _, _ in batch], only)
+    results = run_isolated(inference, [s.prep for s in batch], only)
     seconds = time.perf_counter() - t
     per = seconds / len(batch)
     items = []
-    for (ref, prep, attrs, _), res, ran in zip(batch, results, only):
+    for s, res, ran in zip(batch, results, only):
+        ref, prep, attrs = s.ref, s.prep, s.attrs
         if isinstance(res, str):  # the encoder itself failed on this series
             items.append(WriteItem(ref.key, attrs, [], "failed", res, result_for(ref, "failed", res, prep.seconds + per)))
             continue
