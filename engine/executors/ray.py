@@ -32,6 +32,7 @@ from .stages import ReadySeries, SeriesResult, WriteItem, fingerprints, infer_ba
 LOAD_RETRIES = 2  # a loader that dies this many more times fails its series
 TASK_RETRIES = 3  # an inference batch is retried this often on a restarted actor
 MAX_BLOCKS = 4096  # one series per block up to this many, so a crashing decoder costs few series
+OOD_CODES: dict[bool | None, int] = {True: 1, False: 0}  # the out-of-distribution flag in an int8 column (-1: not scored)
 INSTALL = "the ray executor needs Ray: pip install 'mrfm[ray]' (or pip install 'ray[data]')"
 
 
@@ -126,7 +127,7 @@ class InferenceActor:
             "description": np.array([r.description for r, _ in rows]),
             "status": np.array([r.status for r, _ in rows]),
             "reason": np.array([r.reason or "" for r, _ in rows]),
-            "out_of_distribution": np.array([{True: 1, False: 0}.get(r.out_of_distribution, -1) for r, _ in rows], dtype=np.int8),
+            "out_of_distribution": np.array([OOD_CODES.get(r.out_of_distribution, -1) for r, _ in rows], dtype=np.int8),
             "seconds": np.array([r.seconds for r, _ in rows], dtype=np.float64),
             "write": np.array([w for _, w in rows], dtype=np.float64),
             "load": np.full(len(rows), load / max(len(rows), 1)),
@@ -213,8 +214,8 @@ class RayExecutor:
                 key = str(row["key"])
                 seen.add(key)
                 written.add(key)
-                for stage in ("load", "infer", "write"):
-                    stages[stage] += float(row[stage])
+                for name in ("load", "infer", "write"):
+                    stages[name] += float(row[name])
                 # one entry per actor process: a restarted actor keeps its id and gets a new pid
                 actor = ran_on.setdefault(f"{row['actor']}/{row['pid']}", {
                     "node": str(row["node"]), "node_id": str(row["node_id"]), "actor": str(row["actor"]), "pid": int(row["pid"]),

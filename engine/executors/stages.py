@@ -147,6 +147,7 @@ def series_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None,
         "fingerprint": fingerprint,
     }
     if prep is not None and prep.affine is not None:
+        assert prep.shape is not None  # a Prepared with an affine has its shape
         attrs["geometry"] = {
             "shape": list(prep.shape),
             "affine": prep.affine.tolist(),
