@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ._version import __version__
-from .errors import EXIT_INTERRUPTED, MrfmError
+from .errors import EXIT_INTERRUPTED, MrfmError, StoreError, UsageError
+from .plugins import disable, get_broken_heads, get_head_classes, load_plugins, plugin_summaries, pm
 from .terminal import printable
+from .termination import TERM
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
@@ -69,8 +75,6 @@ class _Cli(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.commands or name not in self.lazy:
             return super().get_command(ctx, name)
-        import importlib
-
         module, attr = self.lazy[name].split(":")
         return getattr(importlib.import_module(module), attr)
 
@@ -78,8 +82,6 @@ class _Cli(click.Group):
         argv = sys.argv[1:] if args is None else list(args)
         if "--debug" not in argv:  # plugins may load while the command line is parsed
             _plain_warnings()
-        from .termination import TERM
-
         with TERM:  # SIGTERM ends as documented (130, or the run's own code once it has ended)
             return super().main(args, *rest, **kwargs)
 
@@ -109,8 +111,6 @@ def cli(ctx, debug, disable_plugins) -> None:
     """
     ctx.meta["mrfm.debug"] = debug
     if disable_plugins:
-        from .plugins import disable
-
         disable(disable_plugins.split(","))
 
 
@@ -121,8 +121,6 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
 def _plain_warnings() -> None:
     """Library warnings (a plugin that could not be loaded, ...) as one ``warning:`` line each,
     not Python's file:line form that quotes engine source."""
-    import warnings
-
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         err_console.print(f"[yellow]warning:[/] {esc(str(message))}", highlight=False)
 
@@ -202,8 +200,6 @@ MAX_SERIES_BYTES_HELP = ("Memory budget for decoding one series, e.g. 2GiB or 51
 def _utf8(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """Text arguments must be UTF-8: other bytes reach Python as lone surrogates, which no
     tokenizer, store or terminal can take. One line and exit 2, not a traceback."""
-    from .errors import UsageError
-
     for item in value if isinstance(value, (tuple, list)) else (value,):
         if isinstance(item, str):
             try:
@@ -266,10 +262,8 @@ def run(log_json, report_dir, **flags) -> None:
     archive with no series; 3 when the store is locked by another run or unusable; 130 when
     interrupted (the series in flight are finished first; rerun to resume).
     """
-    from click.core import ParameterSource
-
-    from .pipeline import execute_plan
-    from .run_plan import plan_from_flags
+    from .pipeline import execute_plan  # loaded when the command runs (start-up time)
+    from .run_plan import plan_from_flags  # loaded when the command runs (start-up time)
 
     ctx = click.get_current_context()
     # only the flags given here: a job file's value stands where a flag is left out
@@ -278,11 +272,9 @@ def run(log_json, report_dir, **flags) -> None:
     reporter = _Reporter(log_json or not sys.stderr.isatty())
     live = None
     if report_dir:
-        from .report import LiveReport
+        from .report import LiveReport  # loaded when the command runs (start-up time)
 
         live = LiveReport(str(out), report_dir)
-
-    from .termination import TERM
 
     def on_event(event: dict[str, Any]) -> None:
         if event.get("event") == "scan":  # the run has begun: the pipeline's own handler takes over
@@ -319,7 +311,7 @@ def run(log_json, report_dir, **flags) -> None:
 @click.option("--max-series-bytes", metavar="SIZE", help=MAX_SERIES_BYTES_HELP)
 def scan(archive, as_json, record_paths, max_series_bytes) -> None:
     """List the studies and series found in ARCHIVE, reading headers only."""
-    from .discover import scan as scan_archive
+    from .discover import scan as scan_archive  # loaded when the command runs (start-up time)
 
     result = scan_archive(list(archive), max_series_bytes=max_series_bytes, **({"record_paths": True} if record_paths else {}))
     skipped = [{"source": k.source, "kind": k.kind, "reason": k.reason} for k in getattr(result, "skipped", [])]
@@ -334,7 +326,7 @@ def scan(archive, as_json, record_paths, max_series_bytes) -> None:
         problems = "; ".join(r.problems)
         table.add_row(esc(short(r.study_uid, 10)), esc(short(r.key)), esc(r.modality), esc(r.description), dims, str(r.n_slices),
                       esc(r.orientation), f"[red]{esc(problems)}[/]" if problems else "")
-    from .dicom.frames import PHI_RULE
+    from .dicom.frames import PHI_RULE  # loaded when the command runs (start-up time)
 
     table.caption = f"descriptions: {esc(PHI_RULE)}"
     console.print(table)
@@ -354,13 +346,11 @@ def _ref_dict(ref: Any) -> dict[str, Any]:
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo_archive(directory, studies, seed) -> None:
     """Write a synthetic multi-study MRI archive (DICOM) with ground truth beside it."""
-    from .synthetic import write_demo_archive
+    from .synthetic import write_demo_archive  # loaded when the command runs (start-up time)
 
     t = time.perf_counter()
     manifest = write_demo_archive(Path(directory), studies=studies, seed=seed)
     # plain text: paths may hold brackets, and a command to copy must not be wrapped
-    import shlex
-
     click.echo(f"wrote {_plural(len(manifest.studies), 'study', 'studies')} ({len(manifest.series)} series) in {time.perf_counter() - t:.1f} s: "
                f"DICOM in {manifest.dicom_root}, ground truth in {manifest.path.parent}\n"
                f"next: mrfm run {shlex.quote(str(manifest.dicom_root))} --out results.zarr")
@@ -371,8 +361,6 @@ def demo_archive(directory, studies, seed) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def plugins(as_json) -> None:
     """List plugins, the hooks each implements, versions, and what is broken or disabled."""
-    from .plugins import plugin_summaries
-
     rows = plugin_summaries()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -400,8 +388,6 @@ def heads(ctx) -> None:
     """List installed heads, broken ones with the reason (``mrfm heads show NAME`` for one)."""
     if ctx.invoked_subcommand:
         return
-    from .plugins import get_broken_heads, get_head_classes
-
     table = Table(title="heads")
     for col in ("name", "version", "view", "features", "outputs", "plugin"):
         table.add_column(col, overflow="fold")
@@ -419,8 +405,6 @@ def heads(ctx) -> None:
 @click.argument("name")
 def heads_show(name) -> None:
     """Print a head's manifest (or why it is broken)."""
-    from .plugins import get_broken_heads, get_head_classes
-
     registry = get_head_classes()
     broken = get_broken_heads()
     if name in broken:
@@ -438,7 +422,7 @@ def heads_show(name) -> None:
               help="Folder to create the package folder NAME in.")
 def new_head(name, directory) -> None:
     """Write a ready head package: pyproject with the entry point, manifest, head, README, test."""
-    from .templates import new_head_package
+    from .templates import new_head_package  # loaded when the command runs (start-up time)
 
     folder = new_head_package(name, directory)
     # plain text: a command to copy must not be wrapped or shortened
@@ -453,7 +437,7 @@ def new_head(name, directory) -> None:
 def inspect(store, as_json, limit) -> None:
     """Summarise a result store (a path or a URL such as s3://bucket/store): runs, series by
     status, heads, index."""
-    from .store import open_store
+    from .store import open_store  # loaded when the command runs (start-up time)
 
     s = _open_existing(store, open_store)
     info = s.summary()
@@ -505,8 +489,6 @@ def inspect(store, as_json, limit) -> None:
 
 def _open_existing(path: str, opener: Any) -> Any:
     """Open a store for reading; one that cannot be read is a store error (exit 3), not a crash."""
-    from .errors import StoreError
-
     try:
         return opener(path)
     except StoreError:
@@ -523,7 +505,7 @@ def validate(store, deep) -> None:
 
     Exit status 0 when valid, 1 when problems were found (one line each, with its path).
     """
-    from .validate import validate_store
+    from .validate import validate_store  # loaded when the command runs (start-up time)
 
     problems = validate_store(store, deep=deep)
     for p in problems:
@@ -543,7 +525,7 @@ def validate(store, deep) -> None:
 @click.option("--model", type=click.Path(exists=True, file_okay=False), help="Model folder for encoding text (default: the store's).")
 def search(store, text, like, report, k, model) -> None:
     """Rank the store's series by similarity to TEXT, --like SERIES or --report FILE."""
-    from .search import search as run_search
+    from .search import search as run_search  # loaded when the command runs (start-up time)
 
     if sum(x is not None for x in (text, like, report)) != 1:
         raise click.UsageError("give exactly one of TEXT, --like or --report")
@@ -568,18 +550,14 @@ def search(store, text, like, report, k, model) -> None:
 @click.option("--model", type=click.Path(exists=True, file_okay=False))
 def compile_cmd(backend, precision, max_batch, model) -> None:
     """Build the compiled encoder ahead of time and print what was built and where."""
-    from .backends import compile_backend
-    from .model import load_model
+    from .backends import compile_backend  # loaded when the command runs (start-up time)
+    from .model import load_model  # loaded when the command runs (start-up time)
 
     info = compile_backend(load_model(model), backend=backend, precision=precision, max_batch=max_batch)
     console.print_json(json.dumps(info, default=str))
 
 
 def _register_plugin_commands() -> None:
-    import warnings
-
-    from .plugins import load_plugins, pm
-
     with warnings.catch_warnings(record=True) as caught:  # a plugin that cannot load: one plain line
         warnings.simplefilter("always")
         load_plugins()

@@ -33,6 +33,7 @@ from .executors.stages import SeriesResult, WriteItem, fingerprints, prepare_run
 from .disk_full import disk_full, disk_full_is_store_error, no_space
 from .faults import killpoint
 from .inference import Inference
+from .plugins import get_exporters
 from .distribution import distribution_for
 from .run_plan import RunPlan, make_plan
 from .series_ref import SeriesRef
@@ -405,7 +406,6 @@ def _triage(refs: list[SeriesRef], store: ResultStore, stage: StagePlan, done: C
 def _check_exporters(names: list[str]) -> None:
     if not names:
         return
-    from .plugins import get_exporters
 
     known = get_exporters()
     unknown = [n for n in names if n not in known]
@@ -415,7 +415,7 @@ def _check_exporters(names: list[str]) -> None:
 
 def _export_sessions(store: ResultStore, out: str | Path, names: list[str], export_dir: str | Path | None,
                      to: str | None = None) -> list[Any]:
-    from .export import ExportSession
+    from .export import ExportSession  # export loads only when a run exports
 
     base = _local(out)
     return [ExportSession(store, name, Path(export_dir) / name if export_dir else base.with_name(f"{base.name}-{name}"), to=to)

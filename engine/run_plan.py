@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .bounded_read import read_text_file
 from .errors import UsageError
+from .memory_budget import resolve
+from .schemas import validate
 from .sources import SourceOptions, parse_where
+from .store import is_remote
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 EXECUTORS = ("local", "ray")
@@ -63,8 +67,6 @@ def make_plan(job: Mapping[str, Any] | str | Path | None = None, **options: Any)
     takes the job file's value, then the default. Raises UsageError for anything a run cannot
     start with.
     """
-    from .memory_budget import resolve
-
     unknown = sorted(set(options) - OPTION_NAMES)
     if unknown:
         raise TypeError(f"make_plan() got unknown option(s) {', '.join(unknown)}")
@@ -96,7 +98,7 @@ def make_plan(job: Mapping[str, Any] | str | Path | None = None, **options: Any)
     export_to, export_dir = given.get("export_to"), given.get("export_dir")
     if export_to and not exports:
         raise UsageError(f"--to {export_to}: name what to send with --export dicom-seg or --export dicom-sr")
-    if exports and "://" in str(out) and not str(out).startswith("file://") and not export_dir:
+    if exports and is_remote(out) and not export_dir:
         raise UsageError(f"--export with a store at {out}: give --export-dir (exports are written to local files)")
     sources = given.get("sources") or SourceOptions()
     where = given.get("where")
@@ -146,8 +148,6 @@ def _where_pairs(where: Any) -> tuple[tuple[str, str], ...]:
 
 def load_job(path: str | Path) -> dict[str, Any]:
     """A job file's content, checked against ``schemas/job.schema.json``."""
-    from .bounded_read import read_text_file
-    from .schemas import validate
 
     try:
         job = json.loads(read_text_file(path, what="job file"))  # a regular file under a size cap

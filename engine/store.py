@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import zarr
+from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import collect_aiterator, sync
 from zarr.storage import FsspecStore, LocalStore
@@ -138,8 +139,6 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
 
     def _get_head(self, key: str, nbytes: int) -> bytes | None:
         """At most the first ``nbytes`` of ``key``."""
-        from zarr.abc.store import RangeByteRequest
-
         buf = sync(self.root.store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(0, nbytes)))
         return None if buf is None else buf.to_bytes()
 

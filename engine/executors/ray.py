@@ -19,13 +19,19 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import time
 import warnings
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..distribution import distribution_for
 from ..errors import MrfmError, UsageError
 from ..faults import killpoint
+from ..inference import Inference
+from ..prepare import init_worker, prepare
+from ..store import ResultStore
 from .contract import Driver, StagePlan, Work
 from .stages import ReadySeries, SeriesResult, WriteItem, fingerprints, infer_batch, prepare_run, result_for, safe_attrs, write_item
 
@@ -38,7 +44,7 @@ INSTALL = "the ray executor needs Ray: pip install 'mrfm[ray]' (or pip install '
 
 def _ray() -> Any:
     try:
-        import ray
+        import ray  # Ray is an optional dependency
         import ray.data  # noqa: F401  (Ray without its data extra cannot run the pipeline)
     except ImportError as exc:
         raise UsageError(f"--executor ray: {INSTALL} ({exc})") from None
@@ -57,7 +63,6 @@ _loader_ready = False
 def _load(row: dict[str, Any], preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> dict[str, Any]:
     """Load one series and make its views; errors travel in the Prepared, never as exceptions."""
     global _loader_ready
-    from ..prepare import init_worker, prepare
 
     if not _loader_ready:
         init_worker()
@@ -70,11 +75,7 @@ class InferenceActor:
     """One per accelerator (or CPU slot): the model, backend and heads, loaded once."""
 
     def __init__(self, stage: StagePlan):
-        import ray
-
-        from ..distribution import distribution_for
-        from ..inference import Inference
-        from ..store import ResultStore
+        import ray  # Ray is an optional dependency
 
         plan = stage.plan
         self.stage = stage
@@ -94,9 +95,6 @@ class InferenceActor:
         self.store = ResultStore(plan.out, mode="a")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import time
-
-        import torch
 
         stage, plan = self.stage, self.stage.plan
         items: list[WriteItem] = []
@@ -201,7 +199,7 @@ class RayExecutor:
     def _pass(self, stage: StagePlan, work: list[Work], batch_size: int, driver: Driver, written: set[str],
               ran_on: dict[str, dict[str, Any]]) -> list[Work]:
         """One pass of the dataset over ``work``; returns the series no worker reported back."""
-        from ray.data import DataContext
+        from ray.data import DataContext  # Ray is an optional dependency
 
         ctx = DataContext.get_current()
         saved = ctx.max_errored_blocks, ctx.enable_progress_bars
@@ -236,7 +234,7 @@ class RayExecutor:
 
     def _dataset(self, stage: StagePlan, work: list[Work], batch_size: int) -> Any:
         """SeriesRefs -> load + views (tasks) -> inference and writing (actor pool)."""
-        from ray.data import ActorPoolStrategy, TaskPoolStrategy
+        from ray.data import ActorPoolStrategy, TaskPoolStrategy  # Ray is an optional dependency
 
         env = forwarded_env()
         remote = {"runtime_env": {"env_vars": env}} if env else {}

@@ -10,10 +10,13 @@ from typing import Any
 
 import torch
 
+from ..backends import select
 from ..errors import DiskFull, MrfmError, StoreError, UsageError, one_line
 from ..features import TextFeatures
+from ..fingerprint import head_fingerprints, head_record, run_fingerprint
 from ..geometry import axis_codes, orientation_name, spacing
 from ..inference import Inference, SeriesOutputs, load_heads
+from ..model import load_model
 from ..prepare import Prepared
 from ..series_ref import SeriesRef
 
@@ -70,8 +73,6 @@ def prepare_run(model: Any, backend: str, precision: str, batch_size: int, heads
                 params: dict[str, dict[str, Any]], queries: list[str], force: bool = False,
                 ) -> tuple[Any, Any, str, dict[str, Any], TextFeatures | None, list[str]]:
     """Model, backend, text and heads: everything a usage mistake can break, before any I/O."""
-    from ..backends import select
-    from ..model import load_model
 
     try:
         mdl = load_model(model)
@@ -100,8 +101,6 @@ def prepare_run(model: Any, backend: str, precision: str, batch_size: int, heads
 
 def fingerprints(mdl: Any, loaded: dict[str, Any], params: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], str, dict[str, str]]:
     """Head records, the run's fingerprint and each head's: manifest, weights, parameters, code."""
-    from ..fingerprint import head_fingerprints, head_record, run_fingerprint
-
     head_info = [head_record(n, type(h)) | {"manifest": h.spec} for n, h in loaded.items()]
     return (head_info, run_fingerprint(mdl.fingerprint, head_info, mdl.preprocessing, params),
             head_fingerprints(mdl.fingerprint, head_info, mdl.preprocessing, params))
