@@ -95,7 +95,6 @@ class InferenceActor:
         self.store = ResultStore(plan.out, mode="a")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-
         stage, plan = self.stage, self.stage.plan
         items: list[WriteItem] = []
         todo = []
