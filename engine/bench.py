@@ -75,9 +75,9 @@ class _Clock:
 
 def _setup(heads: list[str] | None, backend: str, batch_size: int, queries: list[str]) -> tuple[Any, Any, dict[str, Any], Any]:
     """Model, encoder backend, loaded heads and text features, as a run sets them up."""
-    from .pipeline import _prepare_run  # bench is a tool beside the run path; it loads what each measurement needs
+    from .executors.stages import prepare_run  # bench is a tool beside the run path; it loads what each measurement needs
 
-    mdl, enc, _, loaded, text, _ = _prepare_run(None, backend, "fp32", batch_size, heads, {}, queries)
+    mdl, enc, _, loaded, text, _ = prepare_run(None, backend, "fp32", batch_size, heads, {}, queries)
     return mdl, enc, loaded, text
 
 
@@ -102,7 +102,7 @@ def time_stages(root: Path, heads: list[str] | None, backend: str, batch_size: i
     """Each stage on its own, serially, over every MR series under ``root``."""
     from .discover import load, scan  # bench is a tool beside the run path; it loads what each measurement needs
     from .inference import Inference  # bench is a tool beside the run path; it loads what each measurement needs
-    from .pipeline import _series_attrs  # bench is a tool beside the run path; it loads what each measurement needs
+    from .executors.stages import series_attrs  # bench is a tool beside the run path; it loads what each measurement needs
     from .prepare import Prepared  # bench is a tool beside the run path; it loads what each measurement needs
     from .store import ResultStore  # bench is a tool beside the run path; it loads what each measurement needs
     from .views import make_views  # bench is a tool beside the run path; it loads what each measurement needs
@@ -131,7 +131,7 @@ def time_stages(root: Path, heads: list[str] | None, backend: str, batch_size: i
     getattr(inference, "close", lambda: None)()
     store = ResultStore(workdir / "stages.zarr", mode="a")
     for (ref, prep), res in results:
-        attrs = _series_attrs(ref, "bench", "bench", prep)
+        attrs = series_attrs(ref, "bench", "bench", prep)
         attrs["heads"] = {name: {"version": h.spec["version"], "outputs": [d["name"] for d in h.spec["outputs"]], "error": res.errors.get(name),
                                  "fingerprint": "bench", "run_id": "bench"} for name, h in loaded.items()}
         with clock.stage("write"):

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ._version import __version__
-from .errors import EXIT_INTERRUPTED, MrfmError
+from .errors import EXIT_INTERRUPTED, MrfmError, StoreError, UsageError
+from .plugins import disable, get_broken_heads, get_head_classes, load_plugins, plugin_summaries, pm
 from .terminal import printable
+from .termination import TERM
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
@@ -69,8 +75,6 @@ class _Cli(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.commands or name not in self.lazy:
             return super().get_command(ctx, name)
-        import importlib
-
         module, attr = self.lazy[name].split(":")
         return getattr(importlib.import_module(module), attr)
 
@@ -78,8 +82,6 @@ class _Cli(click.Group):
         argv = sys.argv[1:] if args is None else list(args)
         if "--debug" not in argv:  # plugins may load while the command line is parsed
             _plain_warnings()
-        from .termination import TERM
-
         with TERM:  # SIGTERM ends as documented (130, or the run's own code once it has ended)
             return super().main(args, *rest, **kwargs)
 
@@ -109,8 +111,6 @@ def cli(ctx, debug, disable_plugins) -> None:
     """
     ctx.meta["mrfm.debug"] = debug
     if disable_plugins:
-        from .plugins import disable
-
         disable(disable_plugins.split(","))
 
 
@@ -121,8 +121,6 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
 def _plain_warnings() -> None:
     """Library warnings (a plugin that could not be loaded, ...) as one ``warning:`` line each,
     not Python's file:line form that quotes engine source."""
-    import warnings
-
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         err_console.print(f"[yellow]warning:[/] {esc(str(message))}", highlight=False)
 
@@ -196,19 +194,6 @@ def _summary_table(summary: Any) -> Table:
     return table
 
 
-def _budgets(items: tuple[str, ...]) -> dict[str, float]:
-    out = {}
-    for item in items:
-        name, _, seconds = item.partition("=")
-        try:
-            out[name.strip()] = float(seconds)
-        except ValueError:
-            raise click.BadParameter(f"{item!r} is not HEAD=SECONDS", param_hint="--head-budget") from None
-        if not name.strip() or out[name.strip()] <= 0:
-            raise click.BadParameter(f"{item!r} is not HEAD=SECONDS with SECONDS > 0", param_hint="--head-budget")
-    return out
-
-
 MAX_SERIES_BYTES_HELP = ("Memory budget for decoding one series, e.g. 2GiB or 512MiB (default: min(2 GiB, a quarter of RAM)); "
                          "a series whose headers declare more fails, a file that inflates past it is skipped.")
 
@@ -216,8 +201,6 @@ MAX_SERIES_BYTES_HELP = ("Memory budget for decoding one series, e.g. 2GiB or 51
 def _utf8(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """Text arguments must be UTF-8: other bytes reach Python as lone surrogates, which no
     tokenizer, store or terminal can take. One line and exit 2, not a traceback."""
-    from .errors import UsageError
-
     for item in value if isinstance(value, (tuple, list)) else (value,):
         if isinstance(item, str):
             try:
@@ -225,32 +208,6 @@ def _utf8(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
             except UnicodeEncodeError:
                 raise UsageError(f"{param.opts[0] if param.opts else param.name}: {ascii(item)} is not UTF-8 text") from None
     return value
-
-
-def _head_names(heads: tuple[str, ...]) -> list[str] | None:
-    """Names from repeatable, comma-separated ``--heads``; None when not given; an empty
-    ``--heads ''`` is a usage error, not 'every head'."""
-    from .errors import UsageError
-
-    names = [h.strip() for hs in heads for h in hs.split(",") if h.strip()]
-    if heads and not names:
-        raise UsageError("--heads names no head; give head names (comma-separated), or leave --heads out to run every installed head")
-    return names or None
-
-
-def _load_job(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    from .schemas import validate
-
-    from .bounded_read import read_text_file
-
-    try:
-        job = json.loads(read_text_file(path, what="job file"))  # a regular file under a size cap
-        validate("job", job, f"job file {path}")
-    except ValueError as exc:  # JSONDecodeError is a ValueError too
-        raise click.BadParameter(str(exc), param_hint="--job") from exc
-    return job
 
 
 class _Archive(click.ParamType):
@@ -298,9 +255,7 @@ class _Archive(click.ParamType):
 @click.option("--to", "export_to", metavar="URL",
               help="Send each --export (dicom-seg, dicom-sr) to a PACS as its series completes: dicomweb+http(s)://... or dimse://AE@host:port.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Keep an HTML report of the store in this folder, updated as series complete.")
-def run(archive, out, heads, model, backend, precision, batch_size, workers, queries, job, overwrite, record_paths,
-        head_budgets, default_head_budget, exports, export_dir, force, executor, ray_address, ray_actors, max_series_bytes,
-        log_json, report_dir, where, ae_title, move, move_port, export_to) -> None:
+def run(log_json, report_dir, **flags) -> None:
     """Run the model and heads over ARCHIVE (folders, .zip files, NIfTI files) into a store.
 
     Exit status: 0 when every series completed, was resumed or skipped; 1 when any series
@@ -308,23 +263,19 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
     archive with no series; 3 when the store is locked by another run or unusable; 130 when
     interrupted (the series in flight are finished first; rerun to resume).
     """
-    from .pipeline import run as run_pipeline
-    from .sources import SourceOptions, parse_where
+    from .pipeline import execute_plan  # loaded when the command runs (start-up time)
+    from .run_plan import plan_from_flags  # loaded when the command runs (start-up time)
 
-    spec = _load_job(job)
-    paths = list(archive) or spec.get("archives", [])
-    out = out or spec.get("out")
-    if not paths or not out:
-        raise click.UsageError("give at least one ARCHIVE and --out (or a --job file with 'archives' and 'out')")
-    head_names = _head_names(heads) or spec.get("heads") or None
+    ctx = click.get_current_context()
+    # only the flags given here: a job file's value stands where a flag is left out
+    plan = plan_from_flags({k: v for k, v in flags.items() if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)})
+    out = plan.out
     reporter = _Reporter(log_json or not sys.stderr.isatty())
     live = None
     if report_dir:
-        from .report import LiveReport
+        from .report import LiveReport  # loaded when the command runs (start-up time)
 
         live = LiveReport(str(out), report_dir)
-
-    from .termination import TERM
 
     def on_event(event: dict[str, Any]) -> None:
         if event.get("event") == "scan":  # the run has begun: the pipeline's own handler takes over
@@ -333,19 +284,7 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
         if live is not None:
             live(event)
     try:
-        summary = run_pipeline(
-            paths, out, heads=head_names, model=model or spec.get("model"), backend=backend if backend != "auto" else spec.get("backend", "auto"),
-            precision=precision, batch_size=batch_size, workers=workers if workers is not None else spec.get("workers"),
-            overwrite=overwrite or spec.get("overwrite", False), queries=list(queries) or spec.get("queries", []),
-            params=spec.get("params"), record_paths=record_paths or spec.get("record_paths", False),
-            budgets=_budgets(head_budgets) or spec.get("budgets"), default_budget=default_head_budget or spec.get("default_budget"),
-            exports=[e for es in exports for e in es.split(",") if e] or spec.get("exports"), export_dir=export_dir,
-            executor=executor or spec.get("executor", "local"), ray_address=ray_address or spec.get("ray_address"),
-            ray_actors=ray_actors or spec.get("ray_actors"), force=force,
-            max_series_bytes=max_series_bytes or spec.get("max_series_bytes"),
-            on_event=on_event, export_to=export_to,
-            sources=SourceOptions(where=parse_where(where), ae_title=ae_title, move=move, move_port=move_port),
-        )
+        summary = execute_plan(plan, on_event=on_event)
     finally:
         reporter.close()
         if live is not None and live.writer is not None:
@@ -373,7 +312,7 @@ def run(archive, out, heads, model, backend, precision, batch_size, workers, que
 @click.option("--max-series-bytes", metavar="SIZE", help=MAX_SERIES_BYTES_HELP)
 def scan(archive, as_json, record_paths, max_series_bytes) -> None:
     """List the studies and series found in ARCHIVE, reading headers only."""
-    from .discover import scan as scan_archive
+    from .discover import scan as scan_archive  # loaded when the command runs (start-up time)
 
     result = scan_archive(list(archive), max_series_bytes=max_series_bytes, **({"record_paths": True} if record_paths else {}))
     skipped = [{"source": k.source, "kind": k.kind, "reason": k.reason} for k in getattr(result, "skipped", [])]
@@ -388,7 +327,7 @@ def scan(archive, as_json, record_paths, max_series_bytes) -> None:
         problems = "; ".join(r.problems)
         table.add_row(esc(short(r.study_uid, 10)), esc(short(r.key)), esc(r.modality), esc(r.description), dims, str(r.n_slices),
                       esc(r.orientation), f"[red]{esc(problems)}[/]" if problems else "")
-    from .dicom.frames import PHI_RULE
+    from .dicom.frames import PHI_RULE  # loaded when the command runs (start-up time)
 
     table.caption = f"descriptions: {esc(PHI_RULE)}"
     console.print(table)
@@ -408,13 +347,11 @@ def _ref_dict(ref: Any) -> dict[str, Any]:
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo_archive(directory, studies, seed) -> None:
     """Write a synthetic multi-study MRI archive (DICOM) with ground truth beside it."""
-    from .synthetic import write_demo_archive
+    from .synthetic import write_demo_archive  # loaded when the command runs (start-up time)
 
     t = time.perf_counter()
     manifest = write_demo_archive(Path(directory), studies=studies, seed=seed)
     # plain text: paths may hold brackets, and a command to copy must not be wrapped
-    import shlex
-
     click.echo(f"wrote {_plural(len(manifest.studies), 'study', 'studies')} ({len(manifest.series)} series) in {time.perf_counter() - t:.1f} s: "
                f"DICOM in {manifest.dicom_root}, ground truth in {manifest.path.parent}\n"
                f"next: mrfm run {shlex.quote(str(manifest.dicom_root))} --out results.zarr")
@@ -425,8 +362,6 @@ def demo_archive(directory, studies, seed) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def plugins(as_json) -> None:
     """List plugins, the hooks each implements, versions, and what is broken or disabled."""
-    from .plugins import plugin_summaries
-
     rows = plugin_summaries()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -454,8 +389,6 @@ def heads(ctx) -> None:
     """List installed heads, broken ones with the reason (``mrfm heads show NAME`` for one)."""
     if ctx.invoked_subcommand:
         return
-    from .plugins import get_broken_heads, get_head_classes
-
     table = Table(title="heads")
     for col in ("name", "version", "view", "features", "outputs", "plugin"):
         table.add_column(col, overflow="fold")
@@ -473,8 +406,6 @@ def heads(ctx) -> None:
 @click.argument("name")
 def heads_show(name) -> None:
     """Print a head's manifest (or why it is broken)."""
-    from .plugins import get_broken_heads, get_head_classes
-
     registry = get_head_classes()
     broken = get_broken_heads()
     if name in broken:
@@ -492,7 +423,7 @@ def heads_show(name) -> None:
               help="Folder to create the package folder NAME in.")
 def new_head(name, directory) -> None:
     """Write a ready head package: pyproject with the entry point, manifest, head, README, test."""
-    from .templates import new_head_package
+    from .templates import new_head_package  # loaded when the command runs (start-up time)
 
     folder = new_head_package(name, directory)
     # plain text: a command to copy must not be wrapped or shortened
@@ -507,7 +438,7 @@ def new_head(name, directory) -> None:
 def inspect(store, as_json, limit) -> None:
     """Summarise a result store (a path or a URL such as s3://bucket/store): runs, series by
     status, heads, index."""
-    from .store import open_store
+    from .store import open_store  # loaded when the command runs (start-up time)
 
     s = _open_existing(store, open_store)
     info = s.summary()
@@ -559,8 +490,6 @@ def inspect(store, as_json, limit) -> None:
 
 def _open_existing(path: str, opener: Any) -> Any:
     """Open a store for reading; one that cannot be read is a store error (exit 3), not a crash."""
-    from .errors import StoreError
-
     try:
         return opener(path)
     except StoreError:
@@ -577,7 +506,7 @@ def validate(store, deep) -> None:
 
     Exit status 0 when valid, 1 when problems were found (one line each, with its path).
     """
-    from .validate import validate_store
+    from .validate import validate_store  # loaded when the command runs (start-up time)
 
     problems = validate_store(store, deep=deep)
     for p in problems:
@@ -597,7 +526,7 @@ def validate(store, deep) -> None:
 @click.option("--model", type=click.Path(exists=True, file_okay=False), help="Model folder for encoding text (default: the store's).")
 def search(store, text, like, report, k, model) -> None:
     """Rank the store's series by similarity to TEXT, --like SERIES or --report FILE."""
-    from .search import search as run_search
+    from .search import search as run_search  # loaded when the command runs (start-up time)
 
     if sum(x is not None for x in (text, like, report)) != 1:
         raise click.UsageError("give exactly one of TEXT, --like or --report")
@@ -622,18 +551,14 @@ def search(store, text, like, report, k, model) -> None:
 @click.option("--model", type=click.Path(exists=True, file_okay=False))
 def compile_cmd(backend, precision, max_batch, model) -> None:
     """Build the compiled encoder ahead of time and print what was built and where."""
-    from .backends import compile_backend
-    from .model import load_model
+    from .backends import compile_backend  # loaded when the command runs (start-up time)
+    from .model import load_model  # loaded when the command runs (start-up time)
 
     info = compile_backend(load_model(model), backend=backend, precision=precision, max_batch=max_batch)
     console.print_json(json.dumps(info, default=str))
 
 
 def _register_plugin_commands() -> None:
-    import warnings
-
-    from .plugins import load_plugins, pm
-
     with warnings.catch_warnings(record=True) as caught:  # a plugin that cannot load: one plain line
         warnings.simplefilter("always")
         load_plugins()

@@ -27,22 +27,22 @@ import torch
 from ._version import __version__
 from .enums import DONE_STATUSES, RESULT_STATUSES
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SERIES_FAILED, MrfmError, StoreError, UsageError
-from .executors import Driver, RunPlan, Setup, Work, get_executor, local_where
+from .executors import Driver, Executor, StagePlan, Work, get_executor, local_where
 from .executors.local import default_workers, workers_for
-from .executors.stages import SeriesResult, WriteItem, fingerprints, result_for, safe_attrs, write_item
-from .executors.stages import prepare_run as _prepare_run
+from .executors.stages import SeriesResult, WriteItem, fingerprints, prepare_run, result_for, safe_attrs, write_item
 from .disk_full import disk_full, disk_full_is_store_error, no_space
-from .executors.stages import series_attrs as _series_attrs  # noqa: F401 (engine.bench reads it here)
 from .faults import killpoint
 from .inference import Inference
+from .plugins import get_exporters
 from .distribution import distribution_for
-from .sources import archive_labels as _archive_labels
-from .sources import changed_at_source
+from .run_plan import RunPlan, make_plan
+from .series_ref import SeriesRef
 from .series_stream import SeriesStream
+from .sources import archive_labels, changed_at_source, find, is_url
 from .store import ResultStore, is_remote, now
 
 Event = dict[str, Any]
-__all__ = ["RunSummary", "SeriesResult", "default_workers", "run", "workers_for"]
+__all__ = ["RunPlan", "RunSummary", "SeriesResult", "default_workers", "execute_plan", "make_plan", "run", "workers_for"]
 
 
 @dataclass
@@ -171,50 +171,77 @@ def run(
     options; each series is fetched when its loader reaches it. ``export_to`` sends each export
     (SEG, SR) to a PACS URL as the series completes.
     """
-    from .sources import SourceOptions, find, is_url
-    from .memory_budget import resolve
+    options = {k: v for k, v in locals().items() if k not in ("paths", "out", "on_event")}
+    return execute_plan(make_plan(archives=[str(p) for p in paths], out=str(out), **options), on_event=on_event)
 
-    max_series_bytes = resolve(max_series_bytes)  # a bad size is a UsageError before anything starts
 
+@dataclass
+class _Run:
+    """One run while the store's lock is held: what set-up built, and what the run found."""
+
+    stage: StagePlan
+    runner: Executor
+    executor_info: dict[str, Any]
+    found: Any  # the ScanResult
+    store: ResultStore
+    inference: Inference
+    mdl: Any
+    enc: Any
+    reason: str  # why this backend
+    head_info: list[dict[str, Any]]
+    params: dict[str, dict[str, Any]]  # as the heads took them (loading adds what they read, such as queries)
+    warnings: list[str]
+    started: str
+    t0: float
+    stop: "_StopFlag"
+    emit: Callable[[Event], None]
+
+    @property
+    def refs(self) -> list[SeriesRef] | SeriesStream:
+        series = self.found.series
+        return series if isinstance(series, SeriesStream) else list(series)  # a PACS query streams
+
+    @property
+    def skipped_files(self) -> int:
+        return len(getattr(self.found, "skipped", []) or [])
+
+
+def execute_plan(plan: RunPlan, on_event: Callable[[Event], None] | None = None) -> RunSummary:
+    """Run a :class:`~engine.run_plan.RunPlan` (what :func:`run` does with its arguments)."""
     emit = on_event or (lambda e: None)
-    paths = [str(p) if is_url(p) else Path(p) for p in paths]  # type: ignore[misc]
+    paths: list[str | Path] = [p if is_url(p) else Path(p) for p in plan.archives]
     started, t0 = now(), time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
-    params = {k: dict(v) for k, v in (params or {}).items()}
-    queries = list(queries or [])
-    runner = get_executor(executor, ray_address=ray_address, ray_actors=ray_actors)  # UsageError when not installed
+    runner = get_executor(plan.executor, ray_address=plan.ray_address, ray_actors=plan.ray_actors)  # UsageError when not installed
 
-    mdl, enc, reason, loaded, text, warnings = _prepare_run(model, backend, precision, batch_size, heads, params, queries, force)
+    params = {k: dict(v) for k, v in plan.params.items()}
+    mdl, enc, reason, loaded, text, warnings = prepare_run(plan.model, plan.backend, plan.precision, plan.batch_size,
+                                                           None if plan.heads is None else list(plan.heads), params,
+                                                           list(plan.queries), plan.force)
     # each head's fingerprint covers its manifest, weights, parameters and code
     head_info, fingerprint, head_fps = fingerprints(mdl, loaded, params)
     distribution, unscored = distribution_for(mdl)
     warnings.extend(unscored)
-    inference = Inference(enc, loaded, text, batch_size, budgets=budgets, default_budget=default_budget, on_event=emit,
-                          distribution=distribution)
+    inference = Inference(enc, loaded, text, plan.batch_size, budgets=dict(plan.budgets) if plan.budgets else None,
+                          default_budget=plan.default_budget, on_event=emit, distribution=distribution)
 
     killpoint("start-up")
-    options = dataclasses.replace(sources or SourceOptions(), record_paths=record_paths, max_series_bytes=max_series_bytes)
+    options = dataclasses.replace(plan.sources, record_paths=plan.record_paths, max_series_bytes=plan.max_series_bytes)
     found = find(paths, options)
-    if workers is None and any(is_url(p) for p in paths):
-        workers = 0  # fetching is network-bound: loader threads, and one C-MOVE listener per process
-    refs = found.series if isinstance(found.series, SeriesStream) else list(found.series)  # a PACS query streams
-    skipped_files = len(getattr(found, "skipped", []) or [])
-    if not refs:
+    if plan.workers is None and any(is_url(p) for p in paths):
+        # fetching is network-bound: loader threads, and one C-MOVE listener per process
+        plan = dataclasses.replace(plan, workers=0)
+    if not found.series:  # a PACS query's stream: whether its first page lists any
+        skipped_files = len(getattr(found, "skipped", []) or [])
         detail = f"; {skipped_files} file(s) skipped: " + "; ".join(found.warnings[:5]) if found.warnings else ""
-        raise UsageError(f"no DICOM or NIfTI series found under {', '.join(_archive_labels(paths))}{detail}")
+        raise UsageError(f"no DICOM or NIfTI series found under {', '.join(archive_labels(paths))}{detail}")
 
-    _check_exporters(exports or [])
-    if export_to and not exports:
-        raise UsageError(f"--to {export_to}: name what to send with --export dicom-seg or --export dicom-sr")
-    if exports and is_remote(out) and not export_dir:
-        raise UsageError(f"--export with a store at {out}: give --export-dir (exports are written to local files)")
-    # workers rebuild the model and heads from the setup; the embedded model is each node's own
-    setup = Setup(None if model is None else str(model), backend, precision, batch_size, sorted(loaded), params, queries,
-                  budgets, default_budget, force)
-    plan = RunPlan(run_id, str(out), fingerprint, head_fps, mdl.preprocessing, inference.view_kinds(), batch_size, workers,
-                   overwrite, record_paths, setup, max_series_bytes)
+    _check_exporters(list(plan.exports))
+    # workers rebuild the model and heads from the plan; the embedded model is each node's own
+    stage = StagePlan(plan, run_id, fingerprint, head_fps, mdl.preprocessing, inference.view_kinds(), tuple(sorted(loaded)))
     stop = _StopFlag()
     executor_info = runner.open()  # before the signal handlers: a cluster client may install its own
+    out = plan.out
     try:
         with disk_full_is_store_error(out):  # ENOSPC/EDQUOT anywhere below: DiskFull, exit 3
             store = _open_for_writing(out)
@@ -222,8 +249,8 @@ def run(
             with store.lock(run_id), stop.installed():
                 warnings += store.lock_notes  # a lock broken on the way in is reported
                 try:
-                    summary = _drive(runner, executor_info, plan, refs, found, store, inference, mdl, enc, reason, head_info, loaded,
-                                     warnings, skipped_files, started, t0, stop, emit, exports or [], export_dir, paths, export_to)
+                    summary = _drive(_Run(stage, runner, executor_info, found, store, inference, mdl, enc, reason, head_info,
+                                          params, warnings, started, t0, stop, emit))
                 except Exception as exc:
                     if no_space(exc) is not None:
                         _end_interrupted(store, run_id, str(disk_full(out, exc)))
@@ -236,58 +263,57 @@ def run(
     return summary
 
 
-def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list[Any], found: Any, store: ResultStore,
-           inference: Inference, mdl: Any, enc: Any, reason: str, head_info: list[dict[str, Any]], loaded: dict[str, Any],
-           warnings: list[str], skipped_files: int, started: str, t0: float, stop: "_StopFlag", emit: Callable[[Event], None],
-           exports: list[str], export_dir: str | Path | None, paths: list[Path], export_to: str | None = None) -> RunSummary:
+def _drive(r: _Run) -> RunSummary:
     """The run with the store's lock held: run record, triage, the executor, index, run end."""
-    run_id, setup = plan.run_id, plan.setup
+    stage, store, emit = r.stage, r.store, r.emit
+    plan, run_id, refs, skipped_files = stage.plan, stage.run_id, r.refs, r.skipped_files
+    paths = [p if is_url(p) else Path(p) for p in plan.archives]
     store.begin_run(run_id, {
-        "started": started,
-        "config": {"paths": _archive_labels(paths), "heads": sorted(loaded), "backend": setup.backend, "precision": setup.precision,
-                   "batch_size": plan.batch_size, "workers": plan.workers, "overwrite": plan.overwrite, "queries": setup.queries,
-                   "params": setup.params, "record_paths": plan.record_paths, "executor": runner.name,
+        "started": r.started,
+        "config": {"paths": archive_labels(paths), "heads": list(stage.heads), "backend": plan.backend, "precision": plan.precision,
+                   "batch_size": plan.batch_size, "workers": plan.workers, "overwrite": plan.overwrite, "queries": list(plan.queries),
+                   "params": r.params, "record_paths": plan.record_paths, "executor": r.runner.name,
                    "max_series_bytes": plan.max_series_bytes},
-        "model": {"name": mdl.card.get("name"), "path": str(mdl.folder), "fingerprint": mdl.fingerprint,
-                  "distribution": {k: v for k, v in (mdl.card.get("distribution") or {}).items() if k in ("threshold", "statistics_sha256")} or None},
+        "model": {"name": r.mdl.card.get("name"), "path": str(r.mdl.folder), "fingerprint": r.mdl.fingerprint,
+                  "distribution": {k: v for k, v in (r.mdl.card.get("distribution") or {}).items() if k in ("threshold", "statistics_sha256")} or None},
         "heads": {h["name"]: {"version": h["version"], "plugin": h["plugin"], "weights_sha256": h["weights_sha256"],
-                              "code_sha256": h["code_sha256"], "budget_seconds": inference.budgets.get(h["name"])} for h in head_info},
-        "backend": {"name": enc.name, "reason": reason, **enc.describe()},
-        "executor": executor_info,
-        "fingerprint": plan.fingerprint,
+                              "code_sha256": h["code_sha256"], "budget_seconds": r.inference.budgets.get(h["name"])} for h in r.head_info},
+        "backend": {"name": r.enc.name, "reason": r.reason, **r.enc.describe()},
+        "executor": r.executor_info,
+        "fingerprint": stage.fingerprint,
         "host": {"hostname": socket.gethostname(), "pid": os.getpid(), "platform": platform.platform(), "python": platform.python_version(),
                  "torch": torch.__version__, "mrfm": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
     })
     killpoint("after-discovery")
-    summary = RunSummary(run_id, plan.out, enc.name, reason, warnings=[*warnings, *found.warnings], skipped_files=skipped_files,
-                         executor=dict(executor_info))
+    summary = RunSummary(run_id, plan.out, r.enc.name, r.reason, warnings=[*r.warnings, *r.found.warnings], skipped_files=skipped_files,
+                         executor=dict(r.executor_info))
     for w in summary.warnings:
         emit({"event": "warning", "message": w})
-    streamed = isinstance(refs, SeriesStream)  # counts unknown until the query ends: None
-    emit({"event": "scan", "series": None if streamed else len(refs), "studies": None if streamed else len({r.study_uid for r in refs}),
-          "skipped_files": skipped_files,
-          "backend": enc.name, "backend_reason": reason, "run_id": run_id})
-    sessions = _export_sessions(store, plan.out, exports, export_dir, export_to)
+    listed = None if isinstance(refs, SeriesStream) else refs  # a stream's counts are unknown until the query ends
+    emit({"event": "scan", "series": None if listed is None else len(listed),
+          "studies": None if listed is None else len({ref.study_uid for ref in listed}), "skipped_files": skipped_files,
+          "backend": r.enc.name, "backend_reason": r.reason, "run_id": run_id})
+    sessions = _export_sessions(store, plan.out, list(plan.exports), plan.export_dir, plan.export_to)
     remote: set[str] = set()
     try:
         done = _reporter(refs, summary, emit, sessions)
-        work = _triage(refs, store, plan, done, local_where() | {"executor": runner.name})
-        driver = Driver(store, inference, summary, done, emit, stop)
-        remote = runner.execute(plan, work, driver) if work else set()
+        work = _triage(refs, store, stage, done, local_where() | {"executor": r.runner.name})
+        driver = Driver(store, r.inference, summary, done, emit, r.stop)
+        remote = r.runner.execute(stage, work, driver) if work else set()
         if isinstance(refs, SeriesStream):
             summary.query_incomplete = refs.stopped_early
             for w in refs.late_warnings():
                 summary.warnings.append(w)
                 emit({"event": "warning", "message": w})
     finally:
-        inference.close()
+        r.inference.close()
         for session in sessions:
             _close_export(session, summary, emit)
-    summary.interrupted = bool(stop)
+    summary.interrupted = bool(r.stop)
     if summary.interrupted:
-        summary.warnings.append(f"interrupted by signal {stop.signal}: the series in flight were finished; rerun to resume")
+        summary.warnings.append(f"interrupted by signal {r.stop.signal}: the series in flight were finished; rerun to resume")
     n_index = _update_index(store, remote)
-    summary.seconds = time.perf_counter() - t0
+    summary.seconds = time.perf_counter() - r.t0
     store.finish_run(run_id, {
         "finished": now(),
         # load is summed over loader processes; wait_for_load is what inference spent waiting for it
@@ -300,12 +326,6 @@ def _drive(runner: Any, executor_info: dict[str, Any], plan: RunPlan, refs: list
         "executor": summary.executor,
     }, status="interrupted" if summary.interrupted else "finished")
     return summary
-
-
-def recorded_root(path: str | Path) -> str:
-    """An archive root as the run record keeps it: absolute, so ``mrfm export`` finds the sources
-    from any working folder; only the root the user gave, never a path below it."""
-    return os.path.abspath(path)
 
 
 def _end_interrupted(store: ResultStore, run_id: str, why: str) -> None:
@@ -339,11 +359,11 @@ def _forget_listings(store: ResultStore) -> None:
         fs.invalidate_cache()
 
 
-def _not_mr(ref: Any) -> bool:
+def _not_mr(ref: SeriesRef) -> bool:
     return bool(ref.reader == "dicom" and ref.modality and ref.modality != "MR")
 
 
-def _reporter(refs: list[Any], summary: RunSummary, emit: Callable[[Event], None], sessions: list[Any]) -> Callable[[SeriesResult], None]:
+def _reporter(refs: list[SeriesRef] | SeriesStream, summary: RunSummary, emit: Callable[[Event], None], sessions: list[Any]) -> Callable[[SeriesResult], None]:
     """What happens when a series is finished, whoever wrote it: export, summary, event."""
     lock = threading.Lock()
     by_key = refs.by_key if isinstance(refs, SeriesStream) else {ref.key: ref for ref in refs}  # a stream fills it as it goes
@@ -359,35 +379,36 @@ def _reporter(refs: list[Any], summary: RunSummary, emit: Callable[[Event], None
     return done
 
 
-def _triage(refs: Any, store: ResultStore, plan: RunPlan, done: Callable[[SeriesResult], None],
+def _triage(refs: Any, store: ResultStore, stage: StagePlan, done: Callable[[SeriesResult], None],
             where: dict[str, Any]) -> Any:
     """The work of :func:`_triage_page` over all series; over a PACS query's stream, lazily, page by
     page as the query answers, so the first series is fetched before the query ends."""
     if isinstance(refs, SeriesStream):
         # the writer thread writes while later pages are triaged here: the group they share exists first
         store.root.require_group("series")
-        return (w for page in refs.pages() for w in _triage_page(page, store, plan, done, where))
-    return _triage_page(refs, store, plan, done, where)
+        return (w for page in refs.pages() for w in _triage_page(page, store, stage, done, where))
+    return _triage_page(refs, store, stage, done, where)
 
 
-def _triage_page(refs: list[Any], store: ResultStore, plan: RunPlan, done: Callable[[SeriesResult], None],
+def _triage_page(refs: list[SeriesRef], store: ResultStore, stage: StagePlan, done: Callable[[SeriesResult], None],
                  where: dict[str, Any]) -> list[Work]:
     """Resume: the series still to do, with the heads each needs. Non-MR series are recorded
     skipped here; series every selected head is done on are reported resumed (or still failed)."""
     work: list[Work] = []
+    overwrite, head_fps = stage.plan.overwrite, stage.head_fps
     mr = [ref for ref in refs if not _not_mr(ref)]
     # answered from the index where it can; deep: every chunk's checksum is verified (~20 ms for
     # a 256x256x180 mask), so a damaged chunk found by nothing else is redone by the next run
-    todo = {} if plan.overwrite else store.triage([ref.key for ref in mr], plan.head_fps, verify="deep")
-    todo = todo if plan.overwrite else changed_at_source(mr, store, todo, plan.head_fps)
+    todo = {} if overwrite else store.triage([ref.key for ref in mr], head_fps, verify="deep")
+    todo = todo if overwrite else changed_at_source(mr, store, todo, head_fps)
     for ref in refs:
         if _not_mr(ref):
             why = f"modality {ref.modality} is not MR; mrfm runs MR series only"
-            attrs = safe_attrs(ref, plan.run_id, plan.fingerprint, None, plan.record_paths, where)[0]
+            attrs = safe_attrs(ref, stage.run_id, stage.fingerprint, None, stage.plan.record_paths, where)[0]
             done(write_item(store, WriteItem(ref.key, attrs, [], "skipped", why, result_for(ref, "skipped", why))))
             killpoint("between-series")
             continue
-        pending = set(plan.head_fps) if plan.overwrite else todo[ref.key]
+        pending = set(head_fps) if overwrite else todo[ref.key]
         if pending:
             work.append(Work(ref, pending))
             continue
@@ -395,7 +416,7 @@ def _triage_page(refs: list[Any], store: ResultStore, plan: RunPlan, done: Calla
         if stored.get("status") == "failed":
             # the heads selected now are done, but a head outside this run's selection failed:
             # the series is still failed, and the run says so
-            failed = sorted(h for h, r in (stored.get("heads") or {}).items() if r.get("error") and h not in plan.head_fps)
+            failed = sorted(h for h, r in (stored.get("heads") or {}).items() if r.get("error") and h not in head_fps)
             scope = f" (head(s) {', '.join(failed)} not selected in this run)" if failed else ""
             done(result_for(ref, "failed", f"still failed{scope}: {stored.get('reason')}"))
         else:
@@ -406,7 +427,6 @@ def _triage_page(refs: list[Any], store: ResultStore, plan: RunPlan, done: Calla
 def _check_exporters(names: list[str]) -> None:
     if not names:
         return
-    from .plugins import get_exporters
 
     known = get_exporters()
     unknown = [n for n in names if n not in known]
@@ -416,7 +436,7 @@ def _check_exporters(names: list[str]) -> None:
 
 def _export_sessions(store: ResultStore, out: str | Path, names: list[str], export_dir: str | Path | None,
                      to: str | None = None) -> list[Any]:
-    from .export import ExportSession
+    from .export import ExportSession  # export loads only when a run exports
 
     base = _local(out)
     return [ExportSession(store, name, Path(export_dir) / name if export_dir else base.with_name(f"{base.name}-{name}"), to=to)

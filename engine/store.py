@@ -15,8 +15,8 @@ chunk of every array is written (even all-fill ones), so a damaged chunk raises 
 deleted one is found by listing. Readers never trust a node's metadata blindly: an unreadable
 series group is reported as ``damaged`` and the next run redoes it.
 
-:class:`ResultStore` mixes in the lock (:mod:`.store_lock`), the damage checks (:mod:`.store_checks`)
-and the index (:mod:`.store_index`).
+:class:`ResultStore` holds its lock as a collaborator (:class:`.store_lock.StoreLock`) and mixes in
+the damage checks (:mod:`.store_checks`) and the index (:mod:`.store_index`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ import json
 import math
 import os
 import socket
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import zarr
+from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import collect_aiterator, sync
 from zarr.storage import FsspecStore, LocalStore
@@ -47,7 +49,7 @@ from .store_bounds import MAX_META_BYTES
 from .store_checks import (DAMAGED, MAX_LISTED, ChecksMixin, _chunk_keys, _parse_meta, _shard_checksummed,  # noqa: F401 (re-exported)
                            _shard_problem)
 from .store_index import ROW_STATUSES, IndexMixin, IndexView, _Row, key_hashes  # noqa: F401 (key_hashes, IndexView: public here)
-from .store_lock import (LOCK_NAME, LockMixin, _ago, _create_exclusive, _create_object_exclusive, _Heartbeat,  # noqa: F401 (re-exported)
+from .store_lock import (LOCK_NAME, StoreLock, _ago, _create_exclusive, _create_object_exclusive, _Heartbeat,  # noqa: F401 (re-exported)
                          _holder_state, _locked_message, _pid_alive, _unsupported_conditional, lock_stale_seconds)
 from .zarr_nodes import (SMALL_BYTES, WRITE_ALL, NodeUnreadable, array_documents, group_document, mask_chunks, now,  # noqa: F401 (now: public here)
                          store_codecs)
@@ -72,7 +74,7 @@ class OutputArray:
     distribution: dict[str, Any] | None = None  # the series' distribution record, when scored
 
 
-class ResultStore(IndexMixin, LockMixin, ChecksMixin):
+class ResultStore(IndexMixin, ChecksMixin):
     """A Zarr v3 result store opened for reading (``mode='r'``) or writing."""
 
     def __init__(self, path: str | Path, mode: str = "a"):
@@ -81,8 +83,7 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
         # local stores keep a Path (lock file, memory-mapped index); remote ones their URL
         self.path: Path | str = self.url.rstrip("/") if self.remote else _local_path(path)
         self.read_only = mode == "r"
-        self._lock: dict[str, Any] | None = None
-        self._heartbeat: _Heartbeat | None = None
+        self.locking = StoreLock(self)
         self.index_skipped: list[str] = []
         # index rows owed by this store object's writes: key -> _Row
         self._index_rows: dict[str, _Row] = {}
@@ -138,8 +139,6 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
 
     def _get_head(self, key: str, nbytes: int) -> bytes | None:
         """At most the first ``nbytes`` of ``key``."""
-        from zarr.abc.store import RangeByteRequest
-
         buf = sync(self.root.store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(0, nbytes)))
         return None if buf is None else buf.to_bytes()
 
@@ -174,6 +173,35 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
         sync(self.root.store.set(f"{name}/zarr.json", default_buffer_prototype().buffer.from_bytes(meta)))
 
     # ---- lock: engine.store_lock; damage checks: engine.store_checks ---------------------------
+    @property
+    def lock_path(self) -> Path | str:
+        return self.locking.lock_path
+
+    @property
+    def lock_notes(self) -> list[str]:
+        """What the last acquire_lock broke on its way in (a stale or unreadable lock)."""
+        return self.locking.lock_notes
+
+    def lock_holder(self) -> dict[str, Any] | None:
+        """The lock's record: None when unlocked, {} when unreadable (being written or damaged)."""
+        return self.locking.lock_holder()
+
+    def acquire_lock(self, run_id: str) -> dict[str, Any]:
+        """Take the store's lock for ``run_id`` (see :meth:`StoreLock.acquire_lock`)."""
+        return self.locking.acquire_lock(run_id)
+
+    def release_lock(self) -> None:
+        """Remove the lock if this store object holds it (never someone else's)."""
+        self.locking.release_lock()
+
+    def lock(self, run_id: str) -> AbstractContextManager[dict[str, Any]]:
+        """``with store.lock(run_id):`` holds the store for one run."""
+        return self.locking.lock(run_id)
+
+    def lock_problem(self) -> str | None:
+        """'path: message' for a lock left by a dead process or unreadable; None otherwise."""
+        return self.locking.lock_problem()
+
     def _live_run(self) -> str | None:
         """The run id of a lock holder that may still be running (live, or on another host)."""
         holder = self.lock_holder()

@@ -116,7 +116,7 @@ class IndexMixin:
         object wrote, each with a known status (so nothing older could hide in a group)."""
         if not touched or any(row.status not in ROW_STATUSES[1:] for row in touched.values()):
             return False
-        mine = (self._lock or {}).get("run_id")
+        mine = (self.locking.held or {}).get("run_id")
         if mine is None or any(run != mine for run in self.root.attrs.get("runs") or []):
             return False
         return set(self._list_dir("series")) - {"zarr.json"} == set(touched)
@@ -144,7 +144,7 @@ class IndexMixin:
         seen = attrs.get("runs_seen")
         if not isinstance(seen, int) or seen > len(runs):
             return False
-        mine = (self._lock or {}).get("run_id")
+        mine = (self.locking.held or {}).get("run_id")
         return all(run == mine for run in runs[seen:])
 
     def _resolve_embeddings(self, touched: dict[str, "_Row"], source: str | None, skipped: list[str]) -> None:

@@ -1,9 +1,9 @@
-"""The result store's lock (one writer at a time): :class:`LockMixin`, the lock methods of
-:class:`engine.store.ResultStore`, and the helpers that create, judge and break a lock.
+"""The result store's lock (one writer at a time): :class:`StoreLock`, which a
+:class:`engine.store.ResultStore` holds and its lock methods hand to, and the helpers that create,
+judge and break a lock.
 
-Separate from :mod:`engine.store` because it is a protocol of its own; the mixin touches the store
-only through ``path``, ``remote``, ``read_only``, ``root``, ``_get``, ``mark_abandoned`` and the
-``_lock``/``_heartbeat`` slots that ``ResultStore.__init__`` sets.
+Separate from :mod:`engine.store` because it is a protocol of its own; it touches the store only
+through ``path``, ``remote``, ``read_only``, ``root``, ``_get`` and ``mark_abandoned``.
 """
 
 from __future__ import annotations
@@ -37,10 +37,14 @@ UNREADABLE_GRACE_SECONDS = 5.0
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
-class LockMixin:
-    """The lock of a result store; mixed into :class:`engine.store.ResultStore`."""
+class StoreLock:
+    """The lock of a result store, a collaborator the store holds (``ResultStore.locking``)."""
 
-    lock_notes: list[str] = []  # what acquire_lock broke on its way in (set per call)
+    def __init__(self, store: "ResultStore"):
+        self.store = store
+        self.held: dict[str, Any] | None = None  # the record of the lock this store object holds
+        self._heartbeat: _Heartbeat | None = None
+        self.lock_notes: list[str] = []  # what acquire_lock broke on its way in (set per call)
 
     # ---- lock ---------------------------------------------------------------------------------
     # Local stores: a file created with O_EXCL. Object stores: an object created with a
@@ -48,12 +52,12 @@ class LockMixin:
     # pid on another machine cannot be checked.
     @property
     def lock_path(self) -> Path | str:
-        return f"{self.path}/{LOCK_NAME}" if self.remote else self.path / LOCK_NAME
+        return f"{self.store.path}/{LOCK_NAME}" if self.store.remote else Path(self.store.path) / LOCK_NAME
 
     def lock_holder(self) -> dict[str, Any] | None:
         """The lock's record: None when unlocked, {} when unreadable (being written or damaged)."""
         try:
-            raw = self._get(LOCK_NAME) if self.remote else self.lock_path.read_bytes()
+            raw = self.store._get(LOCK_NAME) if self.store.remote else self.lock_path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError:
@@ -72,19 +76,19 @@ class LockMixin:
         A lock of a dead process on this host, or a remote lock whose heartbeat stopped, is
         broken; any other lock raises StoreLocked.
         """
-        if self.read_only:
-            raise StoreError(f"{self.path}: opened read-only; cannot take the lock")
+        if self.store.read_only:
+            raise StoreError(f"{self.store.path}: opened read-only; cannot take the lock")
         self.lock_notes = []
         record = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id, "started": now()}
-        if self.remote:
+        if self.store.remote:
             record.update({"token": secrets.token_hex(8), "heartbeat": time.time()})
         for _ in range(5):
             self._refuse_linked_lock()
             if self._create_lock(record):
-                self._lock = record
-                if self.remote:
+                self.held = record
+                if self.store.remote:
                     self._heartbeat = _Heartbeat(self, record)
-                self.mark_abandoned(current=run_id)
+                self.store.mark_abandoned(current=run_id)
                 return record
             holder = self.lock_holder()
             if holder is None:
@@ -92,7 +96,7 @@ class LockMixin:
             state = _holder_state(holder)
             age = self._unreadable_lock_age(state)
             if state != "stale" and age is None:
-                raise StoreLocked(_locked_message(self.path, self.lock_path, holder, state))
+                raise StoreLocked(_locked_message(self.store.path, self.lock_path, holder, state))
             self._break_lock(holder)
             self.lock_notes.append(f"{LOCK_NAME}: broke " + (
                 f"an unreadable lock file left {age:.0f} s ago by a run that never finished writing it" if age is not None
@@ -102,7 +106,7 @@ class LockMixin:
     def _unreadable_lock_age(self, state: str) -> float | None:
         """Seconds since a local lock that cannot be read was last written, when that is longer
         than UNREADABLE_GRACE_SECONDS (a leftover, no live holder); None otherwise."""
-        if state != "unknown" or self.remote:
+        if state != "unknown" or self.store.remote:
             return None
         try:
             age = time.time() - os.lstat(self.lock_path).st_mtime
@@ -114,12 +118,12 @@ class LockMixin:
     def _refuse_linked_lock(self) -> None:
         """A symbolic link where the lock belongs is not mrfm's (it never makes one): say what it
         is and leave it alone, rather than read through it or report the lock as changing hands."""
-        if self.remote or not os.path.islink(self.lock_path):
+        if self.store.remote or not os.path.islink(self.lock_path):
             return
         target = os.readlink(self.lock_path)
         dangling = "" if os.path.exists(self.lock_path) else ", which does not exist"
         raise StoreError(f"{self.lock_path} is a symbolic link to {target!r}{dangling}; mrfm never makes its lock a link "
-                         f"and leaves it alone. If no run writes {self.path}, remove the link")
+                         f"and leaves it alone. If no run writes {self.store.path}, remove the link")
 
     def _stale_why(self, holder: dict[str, Any]) -> str:
         if "heartbeat" in holder and holder.get("host") != socket.gethostname():
@@ -127,22 +131,22 @@ class LockMixin:
         return f"pid {holder.get('pid')} on {holder.get('host')} is not running"
 
     def _create_lock(self, record: dict[str, Any]) -> bool:
-        if not self.remote:
+        if not self.store.remote:
             return _create_exclusive(self.lock_path, record)
-        return _create_object_exclusive(self.root.store, LOCK_NAME, json.dumps(record).encode())
+        return _create_object_exclusive(self.store.root.store, LOCK_NAME, json.dumps(record).encode())
 
     def release_lock(self) -> None:
         """Remove the lock if this store object holds it (never someone else's)."""
-        mine, self._lock = self._lock, None
+        mine, self.held = self.held, None
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
         if not mine:
             return
         holder = self.lock_holder()
-        if self.remote:
+        if self.store.remote:
             if holder and holder.get("token") == mine.get("token"):
-                sync(self.root.store.delete(LOCK_NAME))
+                sync(self.store.root.store.delete(LOCK_NAME))
         elif holder == mine:
             self.lock_path.unlink(missing_ok=True)
 
@@ -157,10 +161,10 @@ class LockMixin:
 
     def _break_lock(self, holder: dict[str, Any]) -> None:
         """Remove a stale lock, unless another process replaced it since we read it."""
-        if self.remote:
+        if self.store.remote:
             # best effort: object stores offer no compare-and-delete, so re-read just before
             if self.lock_holder() == holder:
-                sync(self.root.store.delete(LOCK_NAME))
+                sync(self.store.root.store.delete(LOCK_NAME))
             return
         aside = self.lock_path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}-{secrets.token_hex(3)}")
         try:
@@ -180,7 +184,7 @@ class LockMixin:
 
     def lock_problem(self) -> str | None:
         """'path: message' for a lock left by a dead process or unreadable; None otherwise."""
-        if not self.remote and os.path.islink(self.lock_path):
+        if not self.store.remote and os.path.islink(self.lock_path):
             return f"{LOCK_NAME}: a symbolic link to {os.readlink(self.lock_path)!r}, not a lock mrfm made; remove it"
         holder = self.lock_holder()
         if holder is None:
@@ -312,8 +316,8 @@ class _Heartbeat:
     """Refreshes a remote lock's heartbeat every MRFM_LOCK_HEARTBEAT_SECONDS (default 60) while
     it is held, so that other machines can tell a live writer from a dead one."""
 
-    def __init__(self, store: "ResultStore", record: dict[str, Any]):
-        self.store, self.record = store, record
+    def __init__(self, lock: StoreLock, record: dict[str, Any]):
+        self.lock, self.record = lock, record
         self.every = float(os.environ.get("MRFM_LOCK_HEARTBEAT_SECONDS") or 60)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mrfm-lock-heartbeat", daemon=True)
@@ -327,12 +331,12 @@ class _Heartbeat:
                 pass  # a missed beat is retried; staleness needs many of them
 
     def beat(self) -> None:
-        holder = self.store.lock_holder()
+        holder = self.lock.lock_holder()
         if not holder or holder.get("token") != self.record.get("token"):
             return  # no longer ours: never overwrite another writer's lock
         self.record["heartbeat"] = time.time()
         raw = json.dumps(self.record).encode()
-        sync(self.store.root.store.set(LOCK_NAME, default_buffer_prototype().buffer.from_bytes(raw)))
+        sync(self.lock.store.root.store.set(LOCK_NAME, default_buffer_prototype().buffer.from_bytes(raw)))
 
     def stop(self) -> None:
         self._stop.set()

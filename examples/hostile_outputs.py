@@ -56,15 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_archive(folder: Path) -> Path:
-    from engine.synthetic import derive_uid, make_grid, write_dicom_series
+    from engine.synthetic.small_archive import write_small_archive
 
-    if not folder.exists():
-        for n in range(2):
-            _, affine = make_grid("axial", (0.0, 0.0, 10.0 * n), shape=(24, 24, 6), spacing=(4.0, 4.0, 4.0))
-            data = 300.0 + 400.0 * np.random.default_rng(n).random((24, 24, 6))
-            write_dicom_series(folder / f"s{n}", data, affine, study_uid=derive_uid(7, "out", "study"),
-                               series_uid=derive_uid(7, "out", n), description=f"T1 {n}")
-    return folder
+    return folder if folder.exists() else write_small_archive(folder, seed=7, name="out", series=2)
 
 
 def mrfm(box: Path, *args: str | bytes, env: dict[str, str] | None = None, term_at: str | None = None) -> tuple[int, str, float]:

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -19,7 +18,7 @@ import engine.faults
 from engine.cli import cli
 from engine.export import MANIFEST, export
 from engine.store import LOCK_NAME, open_store
-from engine.synthetic import derive_uid, make_grid, write_dicom_series
+from engine.synthetic.small_archive import write_small_archive
 from engine.validate import validate_store
 from test_crash_safety import assert_same_store
 
@@ -29,13 +28,7 @@ RUN = ["--heads", "classify,segment", "--backend", "torch", "--workers", "0", "-
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     """Two small series (the fault can hit the second while the first is written)."""
-    folder = tmp_path_factory.mktemp("full") / "archive"
-    for n in range(2):
-        _, affine = make_grid("axial", (0.0, 0.0, 10.0 * n), shape=(24, 24, 6), spacing=(4.0, 4.0, 4.0))
-        data = 300.0 + 400.0 * np.random.default_rng(n).random((24, 24, 6))
-        write_dicom_series(folder / f"s{n}", data, affine, study_uid=derive_uid(4, "full", "study"),
-                           series_uid=derive_uid(4, "full", n), description=f"T1 {n}")
-    return folder
+    return write_small_archive(tmp_path_factory.mktemp("full") / "archive", seed=4, name="full", series=2)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from engine.cli import cli
 from engine.errors import StoreError
 from engine.store import LOCK_NAME, ResultStore, open_store
-from engine.synthetic import derive_uid, make_grid, write_dicom_series
+from engine.synthetic.small_archive import write_small_archive
 
 RUN = ["--heads", "classify", "--backend", "torch", "--workers", "0"]
 BAD_TEXT = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")  # what Python makes of latin-1 argv bytes
@@ -25,12 +24,7 @@ BAD_TEXT = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")  # what Python mak
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("small") / "archive"
-    _, affine = make_grid("axial", (0.0, 0.0, 0.0), shape=(24, 24, 6), spacing=(4.0, 4.0, 4.0))
-    data = 300.0 + 400.0 * np.random.default_rng(5).random((24, 24, 6))
-    write_dicom_series(folder / "s", data, affine, study_uid=derive_uid(5, "small", "study"),
-                       series_uid=derive_uid(5, "small", "series"), description="T1")
-    return folder
+    return write_small_archive(tmp_path_factory.mktemp("small") / "archive", seed=5, name="small")
 
 
 def one_line_exit(result, code: int, needle: str) -> None:

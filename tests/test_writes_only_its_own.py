@@ -8,7 +8,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -18,19 +17,14 @@ from engine.export import MANIFEST, ExportContext, export
 from engine.export_paths import source_roots
 from engine.safe_paths import inside, is_safe_name
 from engine.store import ResultStore, open_store
-from engine.synthetic import derive_uid, make_grid, write_dicom_series
+from engine.synthetic.small_archive import write_small_archive
 
 RUN = ["--heads", "segment,classify", "--backend", "torch", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("own") / "archive"
-    _, affine = make_grid("axial", (0.0, 0.0, 0.0), shape=(24, 24, 6), spacing=(4.0, 4.0, 4.0))
-    data = 300.0 + 400.0 * np.random.default_rng(3).random((24, 24, 6))
-    write_dicom_series(folder / "s", data, affine, study_uid=derive_uid(3, "own", "study"),
-                       series_uid=derive_uid(3, "own", "series"), description="T1")
-    return folder
+    return write_small_archive(tmp_path_factory.mktemp("own") / "archive", seed=3, name="own")
 
 
 @pytest.fixture(scope="module")

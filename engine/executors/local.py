@@ -19,8 +19,9 @@ import torch
 
 from ..faults import killpoint
 from ..prepare import Prepared, init_worker, prepare
-from . import Driver, RunPlan, Work, local_where
-from .stages import SeriesResult, WriteItem, infer_batch, result_for, safe_attrs, write_item
+from ..series_ref import SeriesRef
+from .contract import Driver, StagePlan, Work, local_where
+from .stages import Loaded, ReadySeries, SeriesResult, WriteItem, infer_batch, result_for, safe_attrs, write_item
 
 
 def default_workers() -> int:
@@ -45,7 +46,7 @@ def workers_for(load_seconds: float, infer_seconds: float, cores: int | None = N
 LOADER_THREADS = 2  # without loader processes: prepare() on this many threads
 
 
-def _iter_prepared(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int) -> Iterator[tuple[Any, Prepared]]:
+def _iter_prepared(refs: list[SeriesRef], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int) -> Iterator[Loaded]:
     """Prepared series in input order, with at most two per loader in flight.
 
     ``workers`` loader processes; with none (few cores), LOADER_THREADS threads, which still
@@ -68,7 +69,7 @@ def _iter_prepared(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[
 
     pool = new_pool(n)
     it = iter(refs)
-    pending: deque[tuple[Any, Future]] = deque()
+    pending: deque[tuple[SeriesRef, Future]] = deque()
 
     def top_up() -> None:
         while len(pending) < 2 * n:
@@ -88,18 +89,18 @@ def _iter_prepared(refs: list[Any], preprocessing: dict[str, Any], kinds: tuple[
                 pending.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
                 for r in in_flight:
-                    yield r, _prepare_alone(new_pool, r, preprocessing, kinds)
+                    yield Loaded(r, _prepare_alone(new_pool, r, preprocessing, kinds))
                 pool = new_pool(n)
                 top_up()
                 continue
             top_up()
-            yield ref, prep
+            yield Loaded(ref, prep)
     finally:
         # a stopped run waits only for the loads already running, not for the queued ones
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _prepare_alone(new_pool: Callable[[int], Executor], ref: Any, preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> Prepared:
+def _prepare_alone(new_pool: Callable[[int], Executor], ref: SeriesRef, preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> Prepared:
     """Load one series in a process of its own; its death fails this series only."""
     pool = new_pool(1)
     try:
@@ -111,8 +112,8 @@ def _prepare_alone(new_pool: Callable[[int], Executor], ref: Any, preprocessing:
         pool.shutdown(wait=True)
 
 
-def _prepared_stream(todo: list[Any], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int | None,
-                     batch_size: int, summary: Any) -> Iterator[tuple[Any, Prepared]]:
+def _prepared_stream(todo: list[SeriesRef], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int | None,
+                     batch_size: int, summary: Any) -> Iterator[Loaded]:
     """Prepared series; with ``workers=None`` the first batch is loaded in-process to measure
     load and inference time per series, and the rest by as many loaders as keep up."""
     if workers is not None or not isinstance(todo, list) or len(todo) <= batch_size or (os.cpu_count() or 1) <= 2:
@@ -179,7 +180,7 @@ class LocalExecutor:
     def close(self) -> None:
         pass
 
-    def execute(self, plan: RunPlan, work: list[Work], driver: Driver) -> set[str]:
+    def execute(self, stage: StagePlan, work: list[Work], driver: Driver) -> set[str]:
         summary, inference, store = driver.summary, driver.inference, driver.store
         pending: dict[str, set[str]] = {}
 
@@ -192,11 +193,12 @@ class LocalExecutor:
         where = local_where()
         writer = _Writer(store, driver.done)
         writer.start()
-        batch: list[tuple[Any, Prepared, dict[str, Any], set[str] | None]] = []
+        plan = stage.plan
+        batch: list[ReadySeries] = []
 
         def flush() -> None:
             if batch:
-                items, seconds = infer_batch(inference, batch, store, plan.run_id, plan.head_fps, resume=not plan.overwrite)
+                items, seconds = infer_batch(inference, batch, store, stage.run_id, stage.head_fps, resume=not plan.overwrite)
                 summary.stages["infer"] += seconds
                 for item in items:
                     writer.put(item)
@@ -205,17 +207,18 @@ class LocalExecutor:
         try:
             with torch.inference_mode():
                 t_wait = time.perf_counter()
-                for ref, prep in _prepared_stream(todo, plan.preprocessing, plan.kinds, plan.workers,
-                                                  plan.batch_size, summary):
+                for loaded in _prepared_stream(todo, stage.preprocessing, stage.kinds, plan.workers,
+                                               plan.batch_size, summary):
+                    ref, prep = loaded.ref, loaded.prep
                     summary.stages["wait_for_load"] += time.perf_counter() - t_wait
                     summary.stages["load"] += prep.seconds
                     killpoint("series-loaded")
-                    attrs, why = safe_attrs(ref, plan.run_id, plan.fingerprint, prep, plan.record_paths, where)
+                    attrs, why = safe_attrs(ref, stage.run_id, stage.fingerprint, prep, plan.record_paths, where)
                     why = prep.error or why
                     if why:
                         writer.put(WriteItem(ref.key, attrs, [], "failed", why, result_for(ref, "failed", why, prep.seconds)))
                     else:
-                        batch.append((ref, prep, attrs, pending[ref.key]))
+                        batch.append(ReadySeries(ref, prep, attrs, pending[ref.key]))
                         if len(batch) >= plan.batch_size:
                             flush()
                     if driver.stop:

@@ -19,25 +19,32 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import time
 import warnings
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..distribution import distribution_for
 from ..errors import MrfmError, UsageError
 from ..faults import killpoint
-from . import Driver, RunPlan, Work
-from .stages import SeriesResult, WriteItem, fingerprints, infer_batch, prepare_run, result_for, safe_attrs, write_item
+from ..inference import Inference
+from ..prepare import init_worker, prepare
+from ..store import ResultStore
+from .contract import Driver, StagePlan, Work
+from .stages import ReadySeries, SeriesResult, WriteItem, fingerprints, infer_batch, prepare_run, result_for, safe_attrs, write_item
 
 LOAD_RETRIES = 2  # a loader that dies this many more times fails its series
 TASK_RETRIES = 3  # an inference batch is retried this often on a restarted actor
 MAX_BLOCKS = 4096  # one series per block up to this many, so a crashing decoder costs few series
+OOD_CODES: dict[bool | None, int] = {True: 1, False: 0}  # the out-of-distribution flag in an int8 column (-1: not scored)
 INSTALL = "the ray executor needs Ray: pip install 'mrfm[ray]' (or pip install 'ray[data]')"
 
 
 def _ray() -> Any:
     try:
-        import ray
+        import ray  # Ray is an optional dependency
         import ray.data  # noqa: F401  (Ray without its data extra cannot run the pipeline)
     except ImportError as exc:
         raise UsageError(f"--executor ray: {INSTALL} ({exc})") from None
@@ -56,7 +63,6 @@ _loader_ready = False
 def _load(row: dict[str, Any], preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> dict[str, Any]:
     """Load one series and make its views; errors travel in the Prepared, never as exceptions."""
     global _loader_ready
-    from ..prepare import init_worker, prepare
 
     if not _loader_ready:
         init_worker()
@@ -68,51 +74,43 @@ def _load(row: dict[str, Any], preprocessing: dict[str, Any], kinds: tuple[str, 
 class InferenceActor:
     """One per accelerator (or CPU slot): the model, backend and heads, loaded once."""
 
-    def __init__(self, plan: RunPlan):
-        import ray
+    def __init__(self, stage: StagePlan):
+        import ray  # Ray is an optional dependency
 
-        from ..distribution import distribution_for
-        from ..inference import Inference
-        from ..store import ResultStore
-
-        setup = self.setup = plan.setup
-        self.plan = plan
-        params = {k: dict(v) for k, v in setup.params.items()}
-        mdl, enc, _, loaded, text, _ = prepare_run(setup.model, setup.backend, setup.precision, setup.batch_size,
-                                                   setup.heads, params, list(setup.queries), setup.force)
+        plan = stage.plan
+        self.stage = stage
+        params = {k: dict(v) for k, v in plan.params.items()}
+        mdl, enc, _, loaded, text, _ = prepare_run(plan.model, plan.backend, plan.precision, plan.batch_size,
+                                                   list(stage.heads), params, list(plan.queries), plan.force)
         _, fingerprint, _ = fingerprints(mdl, loaded, params)
         ctx = ray.get_runtime_context()
         self.where = {"executor": "ray", "node": socket.gethostname(), "actor": ctx.get_actor_id()}
         self.node_id, self.backend = ctx.get_node_id(), enc.name
         # a node with other model or head code would write results the fingerprints misdescribe
-        self.mismatch = None if fingerprint == plan.fingerprint else (
+        self.mismatch = None if fingerprint == stage.fingerprint else (
             f"node {self.where['node']} runs a model or heads other than the driver's (fingerprint {fingerprint[:19]}…, "
-            f"driver {plan.fingerprint[:19]}…); install the same mrfm, heads and weights on every node")
-        self.inference = Inference(enc, loaded, text, plan.batch_size, budgets=setup.budgets, default_budget=setup.default_budget,
+            f"driver {stage.fingerprint[:19]}…); install the same mrfm, heads and weights on every node")
+        self.inference = Inference(enc, loaded, text, plan.batch_size, budgets=dict(plan.budgets or {}) or None, default_budget=plan.default_budget,
                                    distribution=distribution_for(mdl)[0])
         self.store = ResultStore(plan.out, mode="a")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import time
-
-        import torch
-
-        plan = self.plan
+        stage, plan = self.stage, self.stage.plan
         items: list[WriteItem] = []
         todo = []
         load = infer = 0.0
         for ref_b, pending_b, prep_b in zip(batch["ref"], batch["pending"], batch["prep"]):
             ref, pending, prep = pickle.loads(ref_b), pickle.loads(pending_b), pickle.loads(prep_b)
             load += prep.seconds
-            attrs, why = safe_attrs(ref, plan.run_id, plan.fingerprint, prep, plan.record_paths, self.where)
+            attrs, why = safe_attrs(ref, stage.run_id, stage.fingerprint, prep, plan.record_paths, self.where)
             why = prep.error or why or self.mismatch
             if why:
                 items.append(WriteItem(ref.key, attrs, [], "failed", why, result_for(ref, "failed", why, prep.seconds)))
             else:
-                todo.append((ref, prep, attrs, pending))
+                todo.append(ReadySeries(ref, prep, attrs, pending))
         if todo:
             with torch.inference_mode():
-                done, infer = infer_batch(self.inference, todo, self.store, plan.run_id, plan.head_fps, resume=not plan.overwrite)
+                done, infer = infer_batch(self.inference, todo, self.store, stage.run_id, stage.head_fps, resume=not plan.overwrite)
             items.extend(done)
         rows: list[tuple[SeriesResult, float]] = []
         for item in items:
@@ -126,7 +124,7 @@ class InferenceActor:
             "description": np.array([r.description for r, _ in rows]),
             "status": np.array([r.status for r, _ in rows]),
             "reason": np.array([r.reason or "" for r, _ in rows]),
-            "out_of_distribution": np.array([{True: 1, False: 0}.get(r.out_of_distribution, -1) for r, _ in rows], dtype=np.int8),
+            "out_of_distribution": np.array([OOD_CODES.get(r.out_of_distribution, -1) for r, _ in rows], dtype=np.int8),
             "seconds": np.array([r.seconds for r, _ in rows], dtype=np.float64),
             "write": np.array([w for _, w in rows], dtype=np.float64),
             "load": np.full(len(rows), load / max(len(rows), 1)),
@@ -175,12 +173,13 @@ class RayExecutor:
             self.ray.shutdown()
             self._started = False
 
-    def execute(self, plan: RunPlan, work: list[Work], driver: Driver) -> set[str]:
+    def execute(self, stage: StagePlan, work: list[Work], driver: Driver) -> set[str]:
         written: set[str] = set()
         ran_on: dict[str, dict[str, Any]] = {}
+        plan = stage.plan
         todo, batch_size, lost, isolated = list(work), plan.batch_size, [], False
         while todo and not driver.stop:
-            lost = self._pass(plan, todo, batch_size, driver, written, ran_on)
+            lost = self._pass(stage, todo, batch_size, driver, written, ran_on)
             if not lost or isolated:
                 break
             # a block or batch that kept killing its worker: once more, one series at a time
@@ -189,17 +188,17 @@ class RayExecutor:
             for w in lost:  # never silently lost: failed with the reason, redone by the next run
                 why = (f"the Ray worker processing this series died on every try ({LOAD_RETRIES + 1} loads, "
                        f"{TASK_RETRIES + 1} inference attempts): a decoder or encoder crash")
-                attrs = safe_attrs(w.ref, plan.run_id, plan.fingerprint, None, plan.record_paths,
+                attrs = safe_attrs(w.ref, stage.run_id, stage.fingerprint, None, plan.record_paths,
                                    {"executor": self.name, "node": socket.gethostname(), "actor": "driver"})[0]
                 driver.done(write_item(driver.store, WriteItem(w.ref.key, attrs, [], "failed", why, result_for(w.ref, "failed", why))))
         driver.summary.workers = plan.workers or 0
         driver.summary.executor["ran_on"] = sorted(ran_on.values(), key=lambda r: (r["node"], r["actor"], r["pid"]))
         return written
 
-    def _pass(self, plan: RunPlan, work: list[Work], batch_size: int, driver: Driver, written: set[str],
+    def _pass(self, stage: StagePlan, work: list[Work], batch_size: int, driver: Driver, written: set[str],
               ran_on: dict[str, dict[str, Any]]) -> list[Work]:
         """One pass of the dataset over ``work``; returns the series no worker reported back."""
-        from ray.data import DataContext
+        from ray.data import DataContext  # Ray is an optional dependency
 
         ctx = DataContext.get_current()
         saved = ctx.max_errored_blocks, ctx.enable_progress_bars
@@ -208,12 +207,12 @@ class RayExecutor:
         seen: set[str] = set()
         stages = driver.summary.stages
         try:
-            for row in self._dataset(plan, work, batch_size).iter_rows():
+            for row in self._dataset(stage, work, batch_size).iter_rows():
                 key = str(row["key"])
                 seen.add(key)
                 written.add(key)
-                for stage in ("load", "infer", "write"):
-                    stages[stage] += float(row[stage])
+                for name in ("load", "infer", "write"):
+                    stages[name] += float(row[name])
                 # one entry per actor process: a restarted actor keeps its id and gets a new pid
                 actor = ran_on.setdefault(f"{row['actor']}/{row['pid']}", {
                     "node": str(row["node"]), "node_id": str(row["node_id"]), "actor": str(row["actor"]), "pid": int(row["pid"]),
@@ -232,20 +231,21 @@ class RayExecutor:
             ctx.max_errored_blocks, ctx.enable_progress_bars = saved
         return [w for w in work if w.ref.key not in seen]
 
-    def _dataset(self, plan: RunPlan, work: list[Work], batch_size: int) -> Any:
+    def _dataset(self, stage: StagePlan, work: list[Work], batch_size: int) -> Any:
         """SeriesRefs -> load + views (tasks) -> inference and writing (actor pool)."""
-        from ray.data import ActorPoolStrategy, TaskPoolStrategy
+        from ray.data import ActorPoolStrategy, TaskPoolStrategy  # Ray is an optional dependency
 
         env = forwarded_env()
         remote = {"runtime_env": {"env_vars": env}} if env else {}
-        loaders = {"compute": TaskPoolStrategy(size=plan.workers)} if plan.workers else {}
+        workers = stage.plan.workers
+        loaders = {"compute": TaskPoolStrategy(size=workers)} if workers else {}
         rows = [{"key": w.ref.key, "ref": pickle.dumps(w.ref, protocol=5), "pending": pickle.dumps(w.pending, protocol=5)} for w in work]
         ds = self.ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
         with warnings.catch_warnings():
             # retry limits can only be given as remote args, and Ray Data's defaults retry a crash forever
             warnings.simplefilter("ignore", DeprecationWarning)
-            ds = ds.map(_load, fn_kwargs={"preprocessing": plan.preprocessing, "kinds": list(plan.kinds)},
+            ds = ds.map(_load, fn_kwargs={"preprocessing": stage.preprocessing, "kinds": list(stage.kinds)},
                         num_cpus=self.loader_cpus, max_retries=LOAD_RETRIES, **loaders, **remote)
-            return ds.map_batches(InferenceActor, fn_constructor_kwargs={"plan": plan}, batch_size=batch_size, batch_format="numpy",
+            return ds.map_batches(InferenceActor, fn_constructor_kwargs={"stage": stage}, batch_size=batch_size, batch_format="numpy",
                                   compute=ActorPoolStrategy(size=self.n_actors), num_cpus=self.actor_cpus,
                                   num_gpus=self.actor_gpus or None, max_restarts=-1, max_task_retries=TASK_RETRIES, **remote)

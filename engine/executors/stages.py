@@ -10,11 +10,15 @@ from typing import Any
 
 import torch
 
+from ..backends import select
 from ..errors import DiskFull, MrfmError, StoreError, UsageError, one_line
 from ..features import TextFeatures
+from ..fingerprint import head_fingerprints, head_record, run_fingerprint
 from ..geometry import axis_codes, orientation_name, spacing
 from ..inference import Inference, SeriesOutputs, load_heads
+from ..model import load_model
 from ..prepare import Prepared
+from ..series_ref import SeriesRef
 
 
 @dataclass
@@ -41,6 +45,25 @@ class WriteItem:
     replace: bool = False
 
 
+@dataclass
+class Loaded:
+    """A series as its loader hands it on: the reference and its decoded views (or the error)."""
+
+    ref: SeriesRef
+    prep: Prepared
+
+
+@dataclass
+class ReadySeries:
+    """A loaded series described for the store, waiting for inference with the heads it needs
+    (``pending``: those resume found missing; None: every head)."""
+
+    ref: SeriesRef
+    prep: Prepared
+    attrs: dict[str, Any]
+    pending: set[str] | None
+
+
 def result_for(ref: Any, status: str, why: str | None, seconds: float = 0.0) -> SeriesResult:
     return SeriesResult(ref.key, ref.study_uid, ref.description or "", status, why, seconds)
 
@@ -50,8 +73,6 @@ def prepare_run(model: Any, backend: str, precision: str, batch_size: int, heads
                 params: dict[str, dict[str, Any]], queries: list[str], force: bool = False,
                 ) -> tuple[Any, Any, str, dict[str, Any], TextFeatures | None, list[str]]:
     """Model, backend, text and heads: everything a usage mistake can break, before any I/O."""
-    from ..backends import select
-    from ..model import load_model
 
     try:
         mdl = load_model(model)
@@ -80,8 +101,6 @@ def prepare_run(model: Any, backend: str, precision: str, batch_size: int, heads
 
 def fingerprints(mdl: Any, loaded: dict[str, Any], params: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], str, dict[str, str]]:
     """Head records, the run's fingerprint and each head's: manifest, weights, parameters, code."""
-    from ..fingerprint import head_fingerprints, head_record, run_fingerprint
-
     head_info = [head_record(n, type(h)) | {"manifest": h.spec} for n, h in loaded.items()]
     return (head_info, run_fingerprint(mdl.fingerprint, head_info, mdl.preprocessing, params),
             head_fingerprints(mdl.fingerprint, head_info, mdl.preprocessing, params))
@@ -127,6 +146,7 @@ def series_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None,
         "fingerprint": fingerprint,
     }
     if prep is not None and prep.affine is not None:
+        assert prep.shape is not None  # a Prepared with an affine has its shape
         attrs["geometry"] = {
             "shape": list(prep.shape),
             "affine": prep.affine.tolist(),
@@ -155,25 +175,26 @@ def safe_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None, r
 
 
 # ---- inference and writing ---------------------------------------------------------------------
-def infer_batch(inference: Inference, batch: list[tuple[Any, Prepared, dict[str, Any], set[str] | None]], store: Any,
+def infer_batch(inference: Inference, batch: list[ReadySeries], store: Any,
                 run_id: str, head_fps: dict[str, str], resume: bool) -> tuple[list[WriteItem], float]:
     """Run the heads each series still needs; returns what to write and the inference seconds.
 
-    Each batch entry is (ref, prepared, attrs, pending): ``pending`` holds the heads resume found
-    missing (ignored when ``resume`` is false, i.e. --overwrite); a series whose grid changed
-    since it was stored runs every head and replaces the group.
+    Each series' ``pending`` heads are those resume found missing (ignored when ``resume`` is
+    false, i.e. --overwrite); a series whose grid changed since it was stored runs every head and
+    replaces the group.
     """
     only: list[set[str] | None] = []
-    for ref, _, attrs, pending in batch:
-        stored = store.series_attrs(ref.key) if resume else None
-        same_grid = stored is not None and stored.get("geometry") == attrs.get("geometry")
-        only.append(pending if resume and same_grid else None)
+    for s in batch:
+        stored = store.series_attrs(s.ref.key) if resume else None
+        same_grid = stored is not None and stored.get("geometry") == s.attrs.get("geometry")
+        only.append(s.pending if resume and same_grid else None)
     t = time.perf_counter()
-    results = run_isolated(inference, [p for _, p, _, _ in batch], only)
+    results = run_isolated(inference, [s.prep for s in batch], only)
     seconds = time.perf_counter() - t
     per = seconds / len(batch)
     items = []
-    for (ref, prep, attrs, _), res, ran in zip(batch, results, only):
+    for s, res, ran in zip(batch, results, only):
+        ref, prep, attrs = s.ref, s.prep, s.attrs
         if isinstance(res, str):  # the encoder itself failed on this series
             items.append(WriteItem(ref.key, attrs, [], "failed", res, result_for(ref, "failed", res, prep.seconds + per)))
             continue

@@ -8,11 +8,13 @@ one random generator, so the order fixes the bytes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
 
 from .acquisition import make_grid
 from .dicom_writer import Patient, derive_uid, write_dicom_series
@@ -81,3 +83,11 @@ class Corpus:
             patient=PATIENT,
             **kw,
         )
+
+
+def edit(paths: Iterable[Path], change: Callable[[Dataset], None]) -> None:
+    """Rewrite DICOM files after ``change`` (no validation: the point is to break them)."""
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        change(ds)
+        ds.save_as(path)

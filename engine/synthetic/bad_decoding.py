@@ -20,8 +20,8 @@ asks for gigabytes.
 - ``nifti_huge_dims``: an uncompressed ``.nii`` whose header declares 32767^3 float32 with 4 KB
   of data -> failed (needs ... budget).
 
-The builders register with ``bad_inputs`` (which imports this module); ``write_bad_inputs``
-writes them.
+The builders register in ``bad_corpus``'s case table when ``bad_inputs`` imports this module;
+``write_bad_inputs`` writes them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ import pydicom
 from pydicom.encaps import encapsulate
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from .bad_inputs import BOMB_BYTES, _case, _Corpus, _edit
+from .bad_corpus import BOMB_BYTES
+from .bad_corpus import Corpus as _Corpus
+from .bad_corpus import case as _case
+from .bad_corpus import edit as _edit
 from .bad_nifti import _grid_affine, _nifti_header, _write_raw_nifti
 
 HUGE_SIDE = 16384

@@ -90,7 +90,7 @@ a valid Deflated series -> complete; a ``.nii.gz`` bomb and a NIfTI header decla
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +104,7 @@ from .bad_corpus import (  # noqa: F401 (the corpus' constants are also this mod
 from .bad_corpus import WRITERS as _WRITERS
 from .bad_corpus import Corpus as _Corpus
 from .bad_corpus import case as _case
+from .bad_corpus import edit as _edit
 from .dicom_writer import derive_uid
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -126,14 +127,6 @@ def write_bad_inputs(out_dir: Path, seed: int = 0, cases: Iterable[str] | None =
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-
-def _edit(paths: Iterable[Path], change: Callable[[Dataset], None]) -> None:
-    """Rewrite DICOM files after ``change`` (no validation: the point is to break them)."""
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        change(ds)
-        ds.save_as(path)
 
 
 def _splice(corpus: _Corpus, case: str, **second) -> Path:
