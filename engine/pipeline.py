@@ -39,6 +39,7 @@ from .distribution import distribution_for
 from .sources import archive_labels as _archive_labels
 from .sources import changed_at_source
 from .store import ResultStore, is_remote, now
+from .user_text import utf8_text
 
 Event = dict[str, Any]
 __all__ = ["RunSummary", "SeriesResult", "default_workers", "run", "workers_for"]
@@ -179,7 +180,7 @@ def run(
     started, t0 = now(), time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
     params = {k: dict(v) for k, v in (params or {}).items()}
-    queries = list(queries or [])
+    queries = [utf8_text(q, "query") for q in queries or []]
     runner = get_executor(executor, ray_address=ray_address, ray_actors=ray_actors)  # UsageError when not installed
 
     mdl, enc, reason, loaded, text, warnings = _prepare_run(model, backend, precision, batch_size, heads, params, queries, force)

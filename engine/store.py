@@ -88,7 +88,10 @@ class ResultStore(IndexMixin, LockMixin, ChecksMixin):
         self._index_rows: dict[str, _Row] = {}
         try:
             zstore = self._open_zarr_store()
-            root_meta = sync(zstore.get("zarr.json", prototype=default_buffer_prototype()))
+            from zarr.abc.store import RangeByteRequest  # an oversized root zarr.json is refused unread
+
+            root_meta = sync(zstore.get("zarr.json", prototype=default_buffer_prototype(),
+                                        byte_range=RangeByteRequest(0, MAX_META_BYTES + 1)))
         except FileNotFoundError:
             root_meta, zstore = None, None
         except Exception as exc:

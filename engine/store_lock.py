@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .store import ResultStore
 
 LOCK_NAME = ".mrfm-lock"
+LOCK_MAX_BYTES = 4096  # a lock record is ~150 bytes: a larger lock file is damaged, and is never read whole
 # an empty or unreadable lock this old is a leftover (a lock is linked into place whole, and older
 # versions wrote one in microseconds): broken like a stale one, and reported
 UNREADABLE_GRACE_SECONDS = 5.0
@@ -53,13 +54,15 @@ class LockMixin:
     def lock_holder(self) -> dict[str, Any] | None:
         """The lock's record: None when unlocked, {} when unreadable (being written or damaged)."""
         try:
-            raw = self._get(LOCK_NAME) if self.remote else self.lock_path.read_bytes()
+            raw = self._get_head(LOCK_NAME, LOCK_MAX_BYTES + 1) if self.remote else _read_head(self.lock_path, LOCK_MAX_BYTES + 1)
         except FileNotFoundError:
             return None
         except OSError:
             return {}
         if raw is None:
             return None
+        if len(raw) > LOCK_MAX_BYTES:
+            return {}
         try:
             record = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -168,7 +171,7 @@ class LockMixin:
         except FileNotFoundError:
             return
         try:
-            moved = json.loads(aside.read_text(encoding="utf-8"))
+            moved = json.loads(_read_head(aside, LOCK_MAX_BYTES + 1))
         except (OSError, ValueError):
             moved = {}
         if moved != holder:  # a live writer took the lock in between: give it back, never overwrite
@@ -337,3 +340,9 @@ class _Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _read_head(path: Path, nbytes: int) -> bytes:
+    """At most the first ``nbytes`` of the file at ``path``."""
+    with open(path, "rb") as fh:
+        return fh.read(nbytes)

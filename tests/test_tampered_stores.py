@@ -126,3 +126,54 @@ def test_the_corpus_names_each_case_and_tampers_only_its_node(corpus):
     assert CliRunner().invoke(cli, ["validate", str(clean)]).exit_code == 0
     assert set(stores) == set(CASES)
     assert (stores["huge_attribute"] / "series" / "s2" / "zarr.json").stat().st_size > 50 * 2**20
+
+
+# ---- bounded reads of the store's own files -----------------------------------------------------
+def test_a_huge_lock_file_is_read_no_further_than_a_lock_record(tmp_path):
+    from engine.store import LOCK_NAME, ResultStore
+
+    store = write_small_store_copy(tmp_path)
+    with open(store / LOCK_NAME, "wb") as fh:
+        fh.truncate(4 * 2**30)  # sparse: 4 GiB declared, nothing on disk
+    holder, grew = peak_mib(lambda: ResultStore(store, mode="r").lock_holder())
+    assert holder == {} and grew < 64, grew  # unreadable as a record; never read whole
+
+
+def test_a_huge_root_zarr_json_is_refused_unread(tmp_path):
+    from engine.errors import StoreError
+    from engine.store import ResultStore
+
+    store = write_small_store_copy(tmp_path)
+    with open(store / "zarr.json", "r+b") as fh:
+        fh.truncate(4 * 2**30)
+
+    def open_it():
+        with pytest.raises(StoreError, match="over the 8 MiB limit"):
+            ResultStore(store, mode="r")
+    _, grew = peak_mib(open_it)
+    assert grew < 64, grew
+    result = CliRunner().invoke(cli, ["inspect", str(store)])
+    assert result.exit_code == 3 and "zarr.json" in result.output and result.exception.__class__ is SystemExit, result.output
+
+
+def write_small_store_copy(tmp_path: Path) -> Path:
+    from engine.synthetic.bad_store import write_small_store
+
+    return write_small_store(tmp_path / "r.zarr")
+
+
+def test_text_that_is_not_utf8_is_a_usage_error_in_the_python_api(tmp_path):
+    from engine.errors import UsageError
+    from engine.pipeline import run
+    from engine.search import search
+
+    store = write_small_store_copy(tmp_path)
+    for text in (b"caf\xe9", "caf\udce9"):  # raw bytes, and what os.fsdecode makes of them
+        with pytest.raises(UsageError, match="not UTF-8 text"):
+            search(store, text=text)
+        with pytest.raises(UsageError, match="not UTF-8 text"):
+            search(store, like=text)
+        with pytest.raises(UsageError, match="not UTF-8 text"):
+            run([tmp_path], tmp_path / "out.zarr", queries=["fine", text], heads=["classify"], backend="torch", workers=0)
+    assert not (tmp_path / "out.zarr").exists()
+    assert [h.series_key for h in search(store, like=b"s1", k=1)] == ["s2"]  # UTF-8 bytes are text
