@@ -35,6 +35,10 @@ LOCK_MAX_BYTES = 4096  # a lock record is ~150 bytes: a larger lock file is dama
 # an empty or unreadable lock this old is a leftover (a lock is linked into place whole, and older
 # versions wrote one in microseconds): broken like a stale one, and reported
 UNREADABLE_GRACE_SECONDS = 5.0
+# space held beside the lock while a run writes: freed when the disk fills, so that the small
+# write marking the run interrupted still fits (a rewritten run record is a few KiB)
+RESERVE_NAME = f"{LOCK_NAME}.reserve"
+RESERVE_BYTES = 16 * 1024
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
@@ -87,6 +91,8 @@ class LockMixin:
                 self._lock = record
                 if self.remote:
                     self._heartbeat = _Heartbeat(self, record)
+                else:
+                    self._hold_reserve()
                 self.mark_abandoned(current=run_id)
                 return record
             holder = self.lock_holder()
@@ -134,8 +140,29 @@ class LockMixin:
             return _create_exclusive(self.lock_path, record)
         return _create_object_exclusive(self.root.store, LOCK_NAME, json.dumps(record).encode())
 
+    def _hold_reserve(self) -> None:
+        """Best effort: a disk already too full for the reserve simply has none."""
+        reserve = self.path / RESERVE_NAME
+        try:
+            with open(reserve, "wb") as fh:
+                fh.write(b"\0" * RESERVE_BYTES)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            reserve.unlink(missing_ok=True)
+
+    def free_reserve(self) -> None:
+        """Give back the space held beside the lock (a full disk, or the end of the run)."""
+        if not self.remote:
+            try:
+                (self.path / RESERVE_NAME).unlink(missing_ok=True)
+            except OSError:
+                pass
+
     def release_lock(self) -> None:
         """Remove the lock if this store object holds it (never someone else's)."""
+        if self._lock:
+            self.free_reserve()
         mine, self._lock = self._lock, None
         if self._heartbeat is not None:
             self._heartbeat.stop()
