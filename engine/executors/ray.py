@@ -16,6 +16,7 @@ still kills it fails alone with its reason.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import socket
@@ -228,7 +229,8 @@ class RayExecutor:
                     "backend": str(row["backend"]), "series": 0})
                 actor["series"] += 1
                 if str(row.get("disk_full") or ""):  # a full disk stops the run as the local executor's does: exit 3
-                    raise DiskFull(str(row["disk_full"]))
+                    why = str(row["disk_full"])
+                    raise DiskFull(why) from OSError(errno.ENOSPC, why)  # the driver marks the run interrupted
                 driver.done(SeriesResult(key, str(row["study_uid"]), str(row["description"]), str(row["status"]),
                                          str(row["reason"]) or None, float(row["seconds"]),
                                          {1: True, 0: False}.get(int(row.get("out_of_distribution", -1)))))
