@@ -21,23 +21,11 @@ from click.testing import CliRunner
 
 from engine.cli import cli
 from engine.synthetic import derive_uid, make_grid, write_dicom_series
-from engine.synthetic.bad_store import CASES, MASK, victim, write_tampered_stores
+from engine.synthetic.bad_store import CASES, MASK, READERS, expected_exit, reader_args, victim, write_tampered_stores
 
 RAW_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # what may drive a terminal: C0 but \t \n \r, DEL, C1
 READER_MIB = 256  # a reader of this kilobyte-sized store needs far less; the attacks reached 2.5-17.5 GB
 RUN_MIB = 1024  # the run also loads the model and decodes a series
-COMMANDS = ("validate", "validate --deep", "inspect", "search", "show", "show s1", "report",
-            "export nifti", "export dicom-seg", "export table", "run")
-
-# the exit code each command ends with on each case, where it is not the usual one
-USUAL = {"validate": 1, "validate --deep": 1, "export dicom-seg": 1}  # dicom-seg: the corpus has no source files
-EXIT = {
-    ("huge_index_embedding", "search"): 3, ("huge_chunk_grid", "search"): 3,
-    ("huge_mask_shape", "export nifti"): 1,
-    ("escaped_key", "export nifti"): 1, ("escaped_key", "export table"): 1,
-    ("head_as_path", "export nifti"): 1, ("head_as_path", "export table"): 1,
-    ("root_slash", "validate"): 0, ("root_slash", "validate --deep"): 0,
-}
 # what names the tampered node (or the refusal) in the command's output, where it fails
 SAID = {
     "huge_mask_shape": MASK, "huge_index_embedding": "index/embedding", "huge_attribute": "series/s2/zarr.json",
@@ -47,18 +35,6 @@ SAID = {
 SAID_BY = {("root_slash", "export dicom-seg"): "not searched: /: a file-system root",
            ("head_as_path", "export dicom-seg"): "is not a plain name", ("escaped_key", "export dicom-seg"): SAID["escaped_key"]}
 NO_SOURCES = "source files are not under the archive roots"  # the corpus's series have no files to find
-
-
-def args_for(command: str, store: Path, out: Path, archive: Path) -> list[str]:
-    s = str(store)
-    if command.startswith("validate"):
-        return ["validate", *command.split()[1:], s]
-    if command.startswith("export"):
-        return ["export", s, "--format", command.split()[1], "--out", str(out)]
-    return {"inspect": ["inspect", s], "search": ["search", s, "--like", "s1", "-k", "2"], "show": ["show", s],
-            "show s1": ["show", s, "s1"], "report": ["report", s, "--out", str(out)],
-            "run": ["run", str(archive), "--out", s, "--heads", "classify,segment", "--backend", "torch", "--workers", "0"],
-            }[command]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +69,7 @@ def peak_mib(call):
     return result, status("VmHWM") - base
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", READERS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_reader_of_a_tampered_store_ends_as_documented(corpus, tmp_path, case, command):
     stores, archive = corpus
@@ -104,9 +80,9 @@ def test_each_reader_of_a_tampered_store_ends_as_documented(corpus, tmp_path, ca
         shutil.copytree(stores[case], store)
     out = tmp_path / "out"
     before = state(store.parent, store)  # the corpus folder: the other stores, the archive and where victim* would be
-    result, grew = peak_mib(lambda: CliRunner().invoke(cli, args_for(command, store, out, archive)))
+    result, grew = peak_mib(lambda: CliRunner().invoke(cli, reader_args(command, store, out, archive)))
     text = result.output
-    want = EXIT.get((case, command), USUAL.get(command, 0))
+    want = expected_exit(case, command)
     assert result.exit_code == want, text
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in text
