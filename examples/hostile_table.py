@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     box.mkdir(parents=True, exist_ok=True)
     budget = default_max_series_bytes() / 2**20
     obox = box / "outputs"  # the output-folder cases list this folder before and after, archive included
-    obox.mkdir(exist_ok=True)
+    (obox / "tmp").mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(obox / "tmp")  # mrfm's temporary files: inside a listed folder
     archive = outputs.write_archive(obox / "archive")
     clean = obox / "clean.zarr"
     shutil.rmtree(clean, ignore_errors=True)
@@ -87,11 +89,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tmp_entries() -> set[str]:
-    """/tmp's top level (anything mrfm wrote there by a literal path)."""
+    """/tmp's top level (anything mrfm wrote there by a literal path; its temporary files go to
+    TMPDIR, set inside the sandbox, where the sandbox listing sees them)."""
     try:
         return set(os.listdir("/tmp"))
     except OSError:
         return set()
+
+
+def new_in_tmp(before: set[str]) -> list[str]:
+    """Entries of /tmp that appeared since ``before`` and are still there a moment later: other
+    programs on a shared machine make and remove temporary folders all the time."""
+    time.sleep(1.0)
+    return [f"/tmp/{n}" for n in sorted(tmp_entries() - before) if os.path.lexists(f"/tmp/{n}")]
 
 
 def decoding_rows(box: Path, archive: Path, clean: Path):
@@ -116,7 +126,7 @@ def decoding_rows(box: Path, archive: Path, clean: Path):
 
 def _bomb_row(case: str, command: str, row: dict, want: tuple[int, ...], tmp_before: set[str], after: str) -> dict:
     outside = [] if row["outside"] == "none" else [row["outside"]]
-    outside += [f"/tmp/{n}" for n in sorted(tmp_entries() - tmp_before)]
+    outside += new_in_tmp(tmp_before)
     rss = float(row["rss"]) if row["rss"] != "?" else None
     return {"case": case, "command": command, "exit": row["rc"], "want": want, "traceback": row["traceback"], "rss": rss,
             "outside": outside, "after": after}
@@ -133,7 +143,7 @@ def tampered_rows(box: Path, archive: Path, clean: Path):
             yield {"case": case, "command": "(child)", "exit": done.returncode, "want": (0,), "traceback": "Traceback" in done.stderr,
                    "rss": None, "outside": [], "after": bombs.last_line(done.stderr)}
             continue
-        new_tmp = [f"/tmp/{n}" for n in sorted(tmp_entries() - before)]
+        new_tmp = new_in_tmp(before)
         for i, got in enumerate(lines):
             yield {"case": case, "command": got["command"], "exit": got["exit"], "want": (expected_exit(case, got["command"]),),
                    "traceback": got["traceback"] or got["raw"], "rss": got["rss"], "outside": got["outside"] + (new_tmp if i == 0 else []),
@@ -179,7 +189,7 @@ def output_rows(box: Path, archive: Path, clean: Path):
     for case in outputs.CASES:
         before = tmp_entries()
         name, code, want, tb, rss, moved, after = case(clean.parent, archive, clean)
-        moved = list(moved) + [f"/tmp/{n}" for n in sorted(tmp_entries() - before)]
+        moved = list(moved) + new_in_tmp(before)
         yield {"case": name, "command": "export" if name.startswith("export") else "run", "exit": code, "want": want,
                "traceback": tb, "rss": rss or None, "outside": moved, "after": after if after not in ("", "skipped") and
                not after.startswith("(") else "-"}
