@@ -506,13 +506,14 @@ def validate(store, deep) -> None:
 
     Exit status 0 when valid, 1 when problems were found (one line each, with its path).
     """
-    from .validate import validate_store  # loaded when the command runs (start-up time)
+    from .validate import iter_problems  # loaded when the command runs (start-up time)
 
-    problems = validate_store(store, deep=deep)
-    for p in problems:
+    problems = 0
+    for p in iter_problems(store, deep=deep):  # each printed as found: a large store is never held whole
         console.print(f"[red]{esc(p)}[/]", highlight=False)
+        problems += 1
     if problems:
-        err_console.print(f"[red]error:[/] {len(problems)} problem(s) in {esc(store)}", highlight=False)
+        err_console.print(f"[red]error:[/] {problems} problem(s) in {esc(store)}", highlight=False)
         sys.exit(1)
     console.print(f"[green]{esc(store)} is valid[/]")
 

@@ -333,6 +333,7 @@ def _end_interrupted(store: ResultStore, run_id: str, why: str) -> None:
     still fits (else a later reader finds the run abandoned); a record the run could not finish
     beginning is removed."""
     try:
+        store.free_reserve()
         record = store.recorded_runs().get(run_id)
         if record is not None and record.get("status") != "running":
             store.discard_run(run_id)

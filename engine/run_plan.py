@@ -20,6 +20,7 @@ from .memory_budget import resolve
 from .schemas import validate
 from .sources import SourceOptions, parse_where
 from .store import is_remote
+from .user_text import utf8_text
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 EXECUTORS = ("local", "ray")
@@ -118,7 +119,7 @@ def make_plan(job: Mapping[str, Any] | str | Path | None = None, **options: Any)
         batch_size=batch_size,
         workers=workers,
         overwrite=bool(given.get("overwrite", False)),
-        queries=tuple(given.get("queries") or ()),
+        queries=tuple(utf8_text(q, "query") for q in given.get("queries") or ()),  # bytes from a caller: UsageError
         params={k: dict(v) for k, v in (given.get("params") or {}).items()},
         record_paths=bool(given.get("record_paths", False)),
         budgets=dict(given["budgets"]) if given.get("budgets") else None,

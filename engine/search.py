@@ -9,7 +9,6 @@ beside it and hide the older rows of their series. Stores on object storage are 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,6 +18,9 @@ import zarr
 
 from .bounded_read import read_text_file
 from .errors import StoreError, UsageError
+from .store_bounds import MAX_META_BYTES, parse_metadata
+from .user_text import utf8_text
+from .zarr_nodes import NodeUnreadable
 from .zarr_text import decode_text, is_text, read_text
 
 INDEX = "index"
@@ -89,6 +91,8 @@ def search(
         raise UsageError(f"give exactly one of text, like or report (got {', '.join(given) or 'none'})")
     if k < 1:
         raise UsageError(f"k must be at least 1, got {k}")
+    text = None if text is None else utf8_text(text, "search text")
+    like = None if like is None else utf8_text(like, "like")
     # a regular file under a size cap, read before anything else is opened
     report_text = read_text_file(report, what="report").strip() if report is not None else None
     store = _open_store(store_path)
@@ -236,8 +240,9 @@ def index_embeddings(store_path: str | Path, array: zarr.Array) -> np.ndarray:
 def _memmap_single_chunk(array_dir: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     """np.memmap of the array's only chunk if its layout allows reading it raw; else None."""
     try:
-        meta = json.loads((array_dir / "zarr.json").read_text())
-    except (OSError, ValueError):
+        with open(array_dir / "zarr.json", "rb") as fh:  # bounded: a store is untrusted input
+            meta = parse_metadata(f"{INDEX}/embedding", fh.read(MAX_META_BYTES + 1))
+    except (OSError, NodeUnreadable):
         return None
     grid = meta.get("chunk_grid", {})
     encoding = meta.get("chunk_key_encoding", {})

@@ -89,7 +89,10 @@ class ResultStore(IndexMixin, ChecksMixin):
         self._index_rows: dict[str, _Row] = {}
         try:
             zstore = self._open_zarr_store()
-            root_meta = sync(zstore.get("zarr.json", prototype=default_buffer_prototype()))
+            from zarr.abc.store import RangeByteRequest  # an oversized root zarr.json is refused unread
+
+            root_meta = sync(zstore.get("zarr.json", prototype=default_buffer_prototype(),
+                                        byte_range=RangeByteRequest(0, MAX_META_BYTES + 1)))
         except FileNotFoundError:
             root_meta, zstore = None, None
         except Exception as exc:
@@ -189,6 +192,10 @@ class ResultStore(IndexMixin, ChecksMixin):
     def acquire_lock(self, run_id: str) -> dict[str, Any]:
         """Take the store's lock for ``run_id`` (see :meth:`StoreLock.acquire_lock`)."""
         return self.locking.acquire_lock(run_id)
+
+    def free_reserve(self) -> None:
+        """Give back the space held beside the lock (see :meth:`StoreLock.free_reserve`)."""
+        self.locking.free_reserve()
 
     def release_lock(self) -> None:
         """Remove the lock if this store object holds it (never someone else's)."""

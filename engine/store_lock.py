@@ -3,7 +3,7 @@
 judge and break a lock.
 
 Separate from :mod:`engine.store` because it is a protocol of its own; it touches the store only
-through ``path``, ``remote``, ``read_only``, ``root``, ``_get`` and ``mark_abandoned``.
+through ``path``, ``remote``, ``read_only``, ``root``, ``_get_head`` and ``mark_abandoned``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,14 @@ if TYPE_CHECKING:
     from .store import ResultStore
 
 LOCK_NAME = ".mrfm-lock"
+LOCK_MAX_BYTES = 4096  # a lock record is ~150 bytes: a larger lock file is damaged, and is never read whole
 # an empty or unreadable lock this old is a leftover (a lock is linked into place whole, and older
 # versions wrote one in microseconds): broken like a stale one, and reported
 UNREADABLE_GRACE_SECONDS = 5.0
+# space held beside the lock while a run writes: freed when the disk fills, so that the small
+# write marking the run interrupted still fits (a rewritten run record is a few KiB)
+RESERVE_NAME = f"{LOCK_NAME}.reserve"
+RESERVE_BYTES = 16 * 1024
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
@@ -57,13 +62,16 @@ class StoreLock:
     def lock_holder(self) -> dict[str, Any] | None:
         """The lock's record: None when unlocked, {} when unreadable (being written or damaged)."""
         try:
-            raw = self.store._get(LOCK_NAME) if self.store.remote else self.lock_path.read_bytes()
+            raw = (self.store._get_head(LOCK_NAME, LOCK_MAX_BYTES + 1) if self.store.remote
+                   else _read_head(self.lock_path, LOCK_MAX_BYTES + 1))
         except FileNotFoundError:
             return None
         except OSError:
             return {}
         if raw is None:
             return None
+        if len(raw) > LOCK_MAX_BYTES:
+            return {}
         try:
             record = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -88,6 +96,8 @@ class StoreLock:
                 self.held = record
                 if self.store.remote:
                     self._heartbeat = _Heartbeat(self, record)
+                else:
+                    self._hold_reserve()
                 self.store.mark_abandoned(current=run_id)
                 return record
             holder = self.lock_holder()
@@ -135,8 +145,29 @@ class StoreLock:
             return _create_exclusive(self.lock_path, record)
         return _create_object_exclusive(self.store.root.store, LOCK_NAME, json.dumps(record).encode())
 
+    def _hold_reserve(self) -> None:
+        """Best effort: a disk already too full for the reserve simply has none."""
+        reserve = Path(self.store.path) / RESERVE_NAME
+        try:
+            with open(reserve, "wb") as fh:
+                fh.write(b"\0" * RESERVE_BYTES)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            reserve.unlink(missing_ok=True)
+
+    def free_reserve(self) -> None:
+        """Give back the space held beside the lock (a full disk, or the end of the run)."""
+        if not self.store.remote:
+            try:
+                (Path(self.store.path) / RESERVE_NAME).unlink(missing_ok=True)
+            except OSError:
+                pass
+
     def release_lock(self) -> None:
         """Remove the lock if this store object holds it (never someone else's)."""
+        if self.held:
+            self.free_reserve()
         mine, self.held = self.held, None
         if self._heartbeat is not None:
             self._heartbeat.stop()
@@ -172,7 +203,7 @@ class StoreLock:
         except FileNotFoundError:
             return
         try:
-            moved = json.loads(aside.read_text(encoding="utf-8"))
+            moved = json.loads(_read_head(aside, LOCK_MAX_BYTES + 1))
         except (OSError, ValueError):
             moved = {}
         if moved != holder:  # a live writer took the lock in between: give it back, never overwrite
@@ -341,3 +372,9 @@ class _Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _read_head(path: Path, nbytes: int) -> bytes:
+    """At most the first ``nbytes`` of the file at ``path``."""
+    with open(path, "rb") as fh:
+        return fh.read(nbytes)

@@ -1,6 +1,7 @@
 """``mrfm validate``: check a result store against schemas/store.schema.json and its rules.
 
-Every violation is reported as 'path: message', so a broken store can be mended or explained.
+Every violation is reported as 'path: message', so a broken store can be mended or explained;
+:func:`iter_problems` yields each as the walk finds it (``mrfm validate`` prints them so).
 Validation never raises on a damaged store: what cannot be read is itself a problem. ``deep``
 also reads every chunk and verifies its checksum (cost: reading the whole store once).
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import zarr
@@ -18,6 +19,7 @@ from . import schemas
 from .enums import FINAL_STATUSES
 from .errors import StoreError
 from .geometry import world_bounds
+from .safe_paths import is_safe_name
 from .store import DAMAGED, ResultStore
 from .zarr_text import is_text, read_text
 
@@ -44,43 +46,56 @@ def _slash(problems: list[str]) -> list[str]:
 def validate_store(path: str | Path, deep: bool = False) -> list[str]:
     """Every violation found in the store at ``path`` (a local path or a URL such as
     ``s3://bucket/results.zarr``; empty when valid)."""
+    return list(iter_problems(path, deep))
+
+
+def iter_problems(path: str | Path, deep: bool = False) -> Iterator[str]:
+    """The violations of the store at ``path``, each yielded as it is found: the store is walked
+    node by node (root, runs, each series, the index), never loaded whole, so a large or damaged
+    store is reported as it goes, and a node that cannot be checked is one violation among the
+    others, never the end of the walk."""
     try:
         store = ResultStore(path, mode="r")
     except StoreError as exc:
-        return [str(exc)]
+        yield str(exc)
+        return
     except Exception as exc:
-        return [f"{path}: not a Zarr v3 group ({exc})"]
+        yield f"{path}: not a Zarr v3 group ({exc})"
+        return
     try:
-        return _validate(store, deep)
+        yield from _validate(store, deep)
     except Exception as exc:  # a last resort: validate reports, it never crashes
-        return [f"{path}: could not be checked ({type(exc).__name__}: {exc})"]
+        yield f"{path}: could not be checked further ({type(exc).__name__}: {exc})"
 
 
-def _validate(store: ResultStore, deep: bool) -> list[str]:
+def _validate(store: ResultStore, deep: bool) -> Iterator[str]:
     root = store.root
-    problems = _schema_errors("root", dict(root.attrs), "/")
+    yield from _schema_errors("root", dict(root.attrs), "/")
     lock = store.lock_problem()
     if lock:
-        problems.append("/" + lock)
+        yield "/" + lock
     containers = {name: store.node_problem(name) for name in ("runs", "series")}
     broken = [f"/{name}: missing group" if p.endswith(": missing") else f"/{p}" for name, p in containers.items() if p]
     if broken:
-        return problems + broken
+        yield from broken
+        return
     run_ids = set(root.attrs.get("runs", []))
-    problems += _check_runs(store, run_ids)
+    yield from _check_runs(store, run_ids)
     runs = store.runs()
     complete: set[str] = set()
-    statuses: dict[str, str] = {}
+    statuses: dict[str, str] = {}  # one short string per series: what the index is checked against
     for key, attrs in store.iter_series():
-        series_problems = _check_series(store, key, attrs, run_ids, runs, deep)
-        problems += series_problems
+        try:
+            yield from _check_series(store, key, attrs, run_ids, runs, deep)
+        except Exception as exc:
+            yield f"/series/{key}: could not be checked ({type(exc).__name__}: {exc})"
         statuses[key] = str(attrs.get("status"))
         if attrs.get("status") == "complete":
             complete.add(key)
-    problems += _check_index(store, complete, deep)
-    if not any(p.startswith("/index") for p in problems):
-        problems += _check_status_table(store, statuses)
-    return problems
+    index_problems = _check_index(store, complete, deep)
+    yield from index_problems
+    if not any(p.startswith("/index") for p in index_problems):
+        yield from _check_status_table(store, statuses)
 
 
 def _check_runs(store: ResultStore, run_ids: set[str]) -> list[str]:
@@ -111,6 +126,10 @@ def _check_series(store: ResultStore, key: str, attrs: dict[str, Any], run_ids: 
     if status == DAMAGED:
         return problems + [f"/{attrs['reason']} (series damaged; the next run redoes it)"]
     problems += _schema_errors("series", attrs, where)
+    heads = attrs.get("heads")
+    unsafe = [h for h in heads if not is_safe_name(h)] if isinstance(heads, dict) else []
+    if unsafe:  # readers refuse to build a path from it; a forged store may name /tmp/victim
+        problems.append(f"{where} attrs.heads: head name {unsafe[0]!r} is not a plain name (letters, digits, '._-')")
     run_id = attrs.get("run_id")
     if run_id and run_id not in run_ids:
         problems.append(f"{where} attrs.run_id: run {run_id!r} is not in the store")

@@ -184,26 +184,11 @@ def _export_case(name, tamper, fmt, want):
     return case
 
 
-def _head_as_path(box: Path, store: Path) -> None:
-    victim = str(box / "victim")
-    for meta in store.glob("series/*/zarr.json"):
-        doc = json.loads(meta.read_text())
-        doc["attributes"]["heads"][victim] = doc["attributes"]["heads"].pop("segment")
-        meta.write_text(json.dumps(doc))
-        node = meta.parent / victim.strip("/")
-        node.parent.mkdir(parents=True, exist_ok=True)
-        for parent in [node.parent, *node.parent.parents]:
-            if parent == meta.parent:
-                break
-            (parent / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
-        (meta.parent / "segment").rename(node)
+def _tampered(case: str):
+    """A tamper of engine.synthetic.bad_store's corpus, applied to a copy of the clean store."""
+    from engine.synthetic.bad_store import tamper
 
-
-def _root_slash(box: Path, store: Path) -> None:
-    for meta in store.glob("runs/*/zarr.json"):
-        doc = json.loads(meta.read_text())
-        doc["attributes"]["config"]["paths"] = ["/"]
-        meta.write_text(json.dumps(doc))
+    return lambda box, store: tamper(store, case)
 
 
 def _tmpfs_full(box: Path, archive: Path, clean: Path):
@@ -230,8 +215,8 @@ NOT_UTF8 = b"caf\xe9"
 CASES = [
     _run_case("out is a user folder", (2,), prepare=_user_folder),
     _run_case("out is a user folder, --overwrite", (2,), prepare=_user_folder, extra=("--overwrite",)),
-    _export_case("export: head named like a path", _head_as_path, "nifti", (1,)),
-    _export_case("export: run record root '/'", _root_slash, "dicom-seg", (1,)),
+    _export_case("export: head named like a path", _tampered("head_as_path"), "nifti", (1,)),
+    _export_case("export: run record root '/'", _tampered("root_slash"), "dicom-seg", (1,)),
     _run_case("disk full mid-series (injected)", (3,), env={"MRFM_DISK_FULL_AT": "mid-series-write:2"}),
     _run_case("disk full writing the lock (injected)", (3,), env={"MRFM_DISK_FULL_AT": "lock-write"}),
     _run_case("disk full writing the index (injected)", (3,), env={"MRFM_DISK_FULL_AT": "index-rebuild"}),

@@ -137,6 +137,13 @@ def test_a_really_full_disk_exits_3_and_the_rerun_after_freeing_space_completes(
     result = mrfm("run", str(archive), "--out", str(out), *RUN)
     assert_disk_full(result, out)
     assert not (out / LOCK_NAME).exists()
+    store = open_store(out) if (out / "zarr.json").exists() else None
+    runs = [r["status"] for r in store.recorded_runs().values()] if store else []
+    series = sorted(a["status"] for _, a in store.iter_series()) if store else []
+    # the series in flight stays incomplete, the others complete; the run record (if its first
+    # write fitted) says interrupted: the space held beside the lock is freed for that write
+    assert series == [] or (series.count("incomplete") == 1 and set(series) <= {"complete", "incomplete"}), series
+    assert runs == (["interrupted"] if series else runs) and runs in ([], ["interrupted"]), runs
     filler.unlink()
     again = mrfm("run", str(archive), "--out", str(out), *RUN)
     assert again.exit_code == 0, again.output

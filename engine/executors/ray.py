@@ -16,6 +16,7 @@ still kills it fails alone with its reason.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import socket
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from ..distribution import distribution_for
-from ..errors import MrfmError, UsageError
+from ..errors import DiskFull, MrfmError, UsageError
 from ..faults import killpoint
 from ..inference import Inference
 from ..prepare import init_worker, prepare
@@ -113,12 +114,20 @@ class InferenceActor:
                 done, infer = infer_batch(self.inference, todo, self.store, stage.run_id, stage.head_fps, resume=not plan.overwrite)
             items.extend(done)
         rows: list[tuple[SeriesResult, float]] = []
+        full: list[str] = []  # per row: why its write found the disk full, else ""
         for item in items:
             t = time.perf_counter()
-            result = write_item(self.store, item)
+            try:
+                result = write_item(self.store, item)
+            except DiskFull as exc:  # sent back as a row, not an errored block, which Ray would skip
+                rows.append((item.result, time.perf_counter() - t))
+                full.append(str(exc))
+                break
             rows.append((result, time.perf_counter() - t))
+            full.append("")
             killpoint("between-series")
         return {
+            "disk_full": np.array(full),
             "key": np.array([r.key for r, _ in rows]),
             "study_uid": np.array([r.study_uid for r, _ in rows]),
             "description": np.array([r.description for r, _ in rows]),
@@ -218,6 +227,9 @@ class RayExecutor:
                     "node": str(row["node"]), "node_id": str(row["node_id"]), "actor": str(row["actor"]), "pid": int(row["pid"]),
                     "backend": str(row["backend"]), "series": 0})
                 actor["series"] += 1
+                if str(row.get("disk_full") or ""):  # a full disk stops the run as the local executor's does: exit 3
+                    why = str(row["disk_full"])
+                    raise DiskFull(why) from OSError(errno.ENOSPC, why)  # the driver marks the run interrupted
                 driver.done(SeriesResult(key, str(row["study_uid"]), str(row["description"]), str(row["status"]),
                                          str(row["reason"]) or None, float(row["seconds"]),
                                          {1: True, 0: False}.get(int(row.get("out_of_distribution", -1)))))

@@ -32,7 +32,43 @@ CASES: dict[str, str] = {
     "deep_json": "a series' zarr.json nested 100,000 deep: reported, no RecursionError",
     "terminal_escapes": "ANSI/OSC/BEL in a description, a reason and a run id: printed escaped",
     "huge_chunk_grid": "an index column of 10^12 one-row chunks: reported, the grid is never listed",
+    "escaped_key": "a series key holding ANSI/OSC/BEL (its folder and attributes): printed escaped, refused as a file name",
+    "head_as_path": "a head recorded as an absolute path (STORE_PARENT/victim): never a file name, nothing written there",
+    "root_slash": "a run record whose archive roots hold '/': never searched for sources",
 }
+
+
+# every command that reads a store, and the exit code each ends with on each case (where it is
+# not the usual one); export dicom-seg fails every series of the corpus, which has no source files
+READERS = ("validate", "validate --deep", "inspect", "search", "show", "show s1", "report",
+           "export nifti", "export dicom-seg", "export table", "run")
+_USUAL_EXIT = {"validate": 1, "validate --deep": 1, "export dicom-seg": 1}
+_EXIT = {
+    ("huge_index_embedding", "search"): 3, ("huge_chunk_grid", "search"): 3,
+    ("huge_mask_shape", "export nifti"): 1,
+    ("escaped_key", "export nifti"): 1, ("escaped_key", "export table"): 1,
+    ("head_as_path", "export nifti"): 1, ("head_as_path", "export table"): 1,
+    ("root_slash", "validate"): 0, ("root_slash", "validate --deep"): 0,
+}
+
+
+def expected_exit(case: str, command: str) -> int:
+    """The exit code ``mrfm COMMAND`` must end with on the store of ``case``."""
+    return _EXIT.get((case, command), _USUAL_EXIT.get(command, 0))
+
+
+def reader_args(command: str, store: Path, out: Path, archive: Path) -> list[str]:
+    """The mrfm arguments of one of READERS on ``store``: reports and exports into ``out``; the
+    run resumes onto ``store`` from ``archive``."""
+    s = str(store)
+    if command.startswith("validate"):
+        return ["validate", *command.split()[1:], s]
+    if command.startswith("export"):
+        return ["export", s, "--format", command.split()[1], "--out", str(out)]
+    return {"inspect": ["inspect", s], "search": ["search", s, "--like", "s1", "-k", "2"], "show": ["show", s],
+            "show s1": ["show", s, "s1"], "report": ["report", s, "--out", str(out)],
+            "run": ["run", str(archive), "--out", s, "--heads", "classify,segment", "--backend", "torch", "--workers", "0"],
+            }[command]
 
 
 def write_small_store(path: Path, description: str = "T1 axial") -> Path:
@@ -110,25 +146,65 @@ def _huge_chunk_grid(store: Path) -> None:
     _edit_meta(store, "index/key_hash", grow)
 
 
+def _escaped_key(store: Path) -> None:
+    key = f"s2{ESCAPES}"
+    (store / "series" / "s2").rename(store / "series" / key)
+    _edit_meta(store, f"series/{key}", lambda m: {**m, "attributes": {**m["attributes"], "series_key": key}})
+
+
+def victim(store: Path) -> Path:
+    """The absolute path the ``head_as_path`` case records as a head's name."""
+    return store.parent / "victim"
+
+
+def _head_as_path(store: Path) -> None:
+    name = str(victim(store))
+    for meta in store.glob("series/*/zarr.json"):
+        doc = json.loads(meta.read_text())
+        doc["attributes"]["heads"][name] = doc["attributes"]["heads"].pop("segment")
+        meta.write_text(json.dumps(doc))
+        node = meta.parent / name.strip("/")  # where zarr finds the name: its outputs moved there
+        node.parent.mkdir(parents=True, exist_ok=True)
+        for parent in [node.parent, *node.parent.parents]:
+            if parent == meta.parent:
+                break
+            (parent / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+        (meta.parent / "segment").rename(node)
+
+
+def _root_slash(store: Path) -> None:
+    for meta in store.glob("runs/*/zarr.json"):
+        doc = json.loads(meta.read_text())
+        doc["attributes"]["config"]["paths"] = ["/"]
+        meta.write_text(json.dumps(doc))
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "huge_mask_shape": _huge_mask_shape, "huge_index_embedding": _huge_index_embedding, "huge_attribute": _huge_attribute,
     "deep_json": _deep_json, "terminal_escapes": _terminal_escapes, "huge_chunk_grid": _huge_chunk_grid,
+    "escaped_key": _escaped_key, "head_as_path": _head_as_path, "root_slash": _root_slash,
 }
 
 
-def write_tampered_stores(out_dir: Path, cases: list[str] | None = None) -> dict[str, Path]:
-    """One tampered copy of a small valid store per case: ``out_dir/<case>.zarr``."""
+def tamper(store: Path, case: str) -> Path:
+    """Rewrite ``store`` (a copy of any result store) the way ``case`` says; returns it."""
+    BUILDERS[case](Path(store))
+    return Path(store)
+
+
+def write_tampered_stores(out_dir: Path, cases: list[str] | None = None, clean: Path | None = None) -> dict[str, Path]:
+    """One tampered copy of a small valid store (or of ``clean``) per case: ``out_dir/<case>.zarr``."""
     out_dir = Path(out_dir)
-    shutil.rmtree(out_dir / "clean.zarr", ignore_errors=True)  # written afresh: the corpus is regenerated, not resumed
-    clean = write_small_store(out_dir / "clean.zarr")
+    if clean is None:
+        shutil.rmtree(out_dir / "clean.zarr", ignore_errors=True)  # written afresh: the corpus is regenerated, not resumed
+        clean = write_small_store(out_dir / "clean.zarr")
     made = {}
     for case in cases or list(CASES):
         target = out_dir / f"{case}.zarr"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(clean, target)
-        BUILDERS[case](target)
-        made[case] = target
+        made[case] = tamper(target, case)
     return made
 
 
-__all__ = ["CASES", "ESCAPES", "write_small_store", "write_tampered_stores"]
+__all__ = ["CASES", "ESCAPES", "READERS", "expected_exit", "reader_args", "tamper", "victim", "write_small_store", "write_tampered_stores"]
