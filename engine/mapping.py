@@ -137,3 +137,33 @@ def boxes_to_native(
         np.asarray(voxel_out, dtype=np.float64).reshape(-1, 6),
         np.asarray(keep, dtype=np.int64),
     )
+
+
+def merge_window_boxes(values: list[dict], windows: list[tuple[slice, slice, slice]], iou: float = 0.3) -> dict:
+    """Box outputs of several windows of one view as one output in view voxel coordinates.
+
+    Each window's boxes are shifted by the window's origin. Boxes carrying ``queries`` keep one
+    box per query, the highest-scoring; other boxes overlapping a higher-scoring box from any
+    window by more than ``iou`` are dropped (windows overlap, so one lesion can be seen twice).
+    """
+    from .token_boxes import nms3d  # boxes only; masks never need it
+
+    boxes, scores, extras = [], [], {k: [] for k in ("labels", "queries") if all(k in v for v in values)}
+    for v, win in zip(values, windows):
+        b = np.asarray(v["boxes"], np.float64).reshape(-1, 6)
+        origin = np.asarray([s.start for s in win] * 2, np.float64)
+        boxes.append(b + origin)
+        scores.append(np.asarray(v["scores"], np.float64).reshape(-1))
+        for k in extras:
+            extras[k].extend(v[k])
+    all_boxes, all_scores = np.concatenate(boxes), np.concatenate(scores)
+    order = np.lexsort((np.arange(len(all_scores)), -all_scores))
+    if "queries" in extras:
+        seen: set = set()
+        keep = [i for i in order if not (extras["queries"][i] in seen or seen.add(extras["queries"][i]))]
+    else:
+        keep = list(nms3d(all_boxes, all_scores, iou)) if len(all_boxes) else []
+    out = {"boxes": all_boxes[keep].astype(np.float32).reshape(-1, 6), "scores": all_scores[keep].astype(np.float32)}
+    for k, vals in extras.items():
+        out[k] = [vals[i] for i in keep]
+    return out
