@@ -33,11 +33,12 @@ def peak_cells(prob: torch.Tensor, threshold: float, k: int) -> tuple[torch.Tens
 
 
 def centre_boxes(prob: torch.Tensor, log_size: torch.Tensor, offset: torch.Tensor, stride: int, threshold: float,
-                 max_boxes: int, iou: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+                 max_boxes: int, iou: float = 0.3, image_shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (N, 6) in window voxel edges and their scores (N,), highest first.
 
     prob (X, Y, Z) centre probabilities; log_size (3, X, Y, Z) log box edge lengths in voxels;
-    offset (3, X, Y, Z) in [0, 1]; ``stride`` voxels per cell.
+    offset (3, X, Y, Z) in [0, 1]; ``stride`` voxels per cell. With ``image_shape`` boxes are
+    clipped to the window (a head's boxes must lie inside the image it saw).
     """
     cells, scores = peak_cells(prob, threshold, 4 * max_boxes)
     if len(cells) == 0:
@@ -46,6 +47,9 @@ def centre_boxes(prob: torch.Tensor, log_size: torch.Tensor, offset: torch.Tenso
     centre = (cells.double() + offset[at].T.double()) * stride - 0.5
     half = log_size[at].T.double().exp() / 2
     boxes = torch.cat([centre - half, centre + half], dim=1).numpy()
+    if image_shape is not None:
+        hi = np.asarray(image_shape[-3:], np.float64) - 0.5
+        boxes = np.concatenate([np.clip(boxes[:, :3], -0.5, hi), np.clip(boxes[:, 3:], -0.5, hi)], axis=1)
     s = scores.double().numpy()
     keep = nms3d(boxes, s, iou)[:max_boxes]
     return boxes[keep].astype(np.float32), s[keep].astype(np.float32)
@@ -74,9 +78,10 @@ def centre_targets(boxes: np.ndarray, grid: tuple[int, int, int], stride: int,
         g = [np.exp(-0.5 * ((a + 0.5 - p) / sg) ** 2) for a, p, sg in zip(axes, pos, sigma)]
         bump = g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :]
         inside = bool(((cell >= 0) & (cell < np.asarray(grid))).all())
+        bump = np.minimum(bump / bump.max(), 0.99)  # only the centre cell is exactly 1, even on a cell edge
         if inside:
-            bump = bump / bump[tuple(cell)]  # exactly 1 on the centre cell
-        np.maximum(heat, np.minimum(bump, 1.0), out=heat)
+            bump[tuple(cell)] = 1.0
+        np.maximum(heat, bump, out=heat)
         if inside:
             c = tuple(cell)
             mask[c] = True

@@ -143,7 +143,7 @@ def decode_series(net: CentreNet, windows: list[Window], threshold: float, max_b
     with torch.no_grad():
         for w in windows:
             heat, size, off = net([g[None] for g in w.layers], w.image[None], text)
-            boxes, scores = centre_boxes(torch.sigmoid(heat[0]), size[0], off[0], STRIDE, threshold, max_boxes)
+            boxes, scores = centre_boxes(torch.sigmoid(heat[0]), size[0], off[0], STRIDE, threshold, max_boxes, image_shape=w.image.shape)
             by_series.setdefault(w.series, []).append((to_world(boxes, w.affine), scores))
     out = []
     for s in sorted(by_series):
@@ -277,12 +277,12 @@ def fit_ground(labels: Any, train: list[Any], val: list[Any], opt: Any, model: A
         threshold, mets = _ground_metrics(net, vw, val, emb)
     cfg = {"kind": "ground", "width": width, "text_dim": int(next(iter(emb.values())).shape[-1]),
            "layers": layer_order(train[0][0].feature_layers)}
-    decl = [{"name": "regions", "kind": "boxes", "dtype": "float32", "shape": ["N", 6],
-             "description": "One box per text query whose target was found (i0, j0, k0, i1, j1, k1), its query and its centre probability; a query scoring below the threshold gets no box."}]
+    decl = [{"name": "regions", "kind": "boxes", "dtype": "float32", "shape": ["N", 6], "labels": ["found", "not found"],
+             "description": "One box per text query (i0, j0, k0, i1, j1, k1) at its best centre, its query and centre probability; labelled 'not found' when that probability is below the threshold."}]
     params = {
         "queries": {"type": "array", "items": {"type": "string"}, "description": "Text queries (--query TEXT, repeatable, or the job file)."},
         "threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": threshold,
-                      "description": "A query whose best centre probability is below this gets no box: its target was not found (chosen on the validation studies)."},
+                      "description": "A query whose best centre probability is below this is labelled 'not found' (chosen on the validation studies)."},
     }
     return Fitted(_state(net), cfg, mets, decl, _inputs(train[0][0].feature_layers, text=True), params)
 

@@ -2,9 +2,9 @@
 
 The query's text embedding modulates the features of :class:`engine.head_nets.CentreNet` by FiLM
 (a per-channel scale and shift), so its centre map shows where that query's target lies. Each
-query gets the box at the highest peak over all windows (the engine keeps one per query) with its
-centre probability as score; a query whose peak is below ``threshold`` (chosen on validation
-studies when the head was fit) gets no box: its target was not found. Boxes are in the window's
+query gets the box at its highest peak over all windows (the engine keeps one per query) with its
+centre probability as score, labelled ``not found`` when that is below ``threshold`` (chosen on
+validation studies when the head was fit): the target is probably absent. Boxes are in the window's
 voxel coordinates; the engine maps them to world mm. Written by ``mrfm fit ground``.
 """
 
@@ -55,7 +55,7 @@ class GroundHead(engine.NetHead):
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
         text = batch[0].text if batch[0].text is not None else self.context.text
         if text is None or len(text.queries) == 0:
-            empty = {"boxes": np.zeros((0, 6), np.float32), "scores": np.zeros(0, np.float32), "queries": []}
+            empty = {"boxes": np.zeros((0, 6), np.float32), "scores": np.zeros(0, np.float32), "queries": [], "labels": []}
             return [{"regions": dict(empty)} for _ in batch]
         grid = batch[0].features.grid
         layers = [token_grid(self.stack(batch, f"layers[{i}]"), grid) for i in self.layers]
@@ -63,17 +63,16 @@ class GroundHead(engine.NetHead):
         queries = text.embeddings.detach().float().to(trunk.device)
         results = []
         for i in range(len(batch)):
-            boxes, scores, names = [], [], []
-            for q, name in enumerate(text.queries):
+            boxes, scores = [], []
+            for q in range(len(text.queries)):
                 heat, size, offset = self.net.decode(trunk[i : i + 1], queries[q : q + 1])
                 b, s = engine.centre_boxes.centre_boxes(torch.sigmoid(heat[0]).float().cpu(), size[0].float().cpu(),
-                                                        offset[0].float().cpu(), CentreNet.stride, self.threshold, 1)
-                if len(b):
-                    boxes.append(b[0])
-                    scores.append(s[0])
-                    names.append(name)
-            results.append({"regions": {"boxes": np.asarray(boxes, np.float32).reshape(-1, 6),
-                                        "scores": np.asarray(scores, np.float32), "queries": names}})
+                                                        offset[0].float().cpu(), CentreNet.stride, 0.0, 1, 0.3, batch[i].shape)
+                boxes.append(b[0])
+                scores.append(s[0])
+            found = ["found" if s >= self.threshold else "not found" for s in scores]
+            results.append({"regions": {"boxes": np.asarray(boxes, np.float32).reshape(-1, 6), "scores": np.asarray(scores, np.float32),
+                                        "queries": list(text.queries), "labels": found}})
         return results
 
 

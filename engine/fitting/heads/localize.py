@@ -64,7 +64,8 @@ class LocalizeHead(engine.NetHead):
         results = []
         for i in range(len(batch)):
             boxes, scores = engine.centre_boxes.centre_boxes(prob[i], size[i].float().cpu(), offset[i].float().cpu(),
-                                                             CentreNet.stride, self.threshold, self.max_boxes, self.iou)
+                                                             CentreNet.stride, self.threshold, self.max_boxes, self.iou,
+                                                             batch[i].shape)
             results.append({self.output: {"boxes": boxes, "scores": scores, "labels": [self.label] * len(boxes)}})
         return results
 
