@@ -325,3 +325,18 @@ def test_the_fit_hint_installs_the_package_by_its_path(tmp_path, monkeypatch):
     line = next(line for line in res.output.splitlines() if "pip install" in line)
     target = shlex.split(line.split("pip install", 1)[1])
     assert target == [str(package.parent.resolve())]
+
+
+def test_focal_loss_is_weighted_cross_entropy_at_gamma_zero_and_discounts_easy_voxels():
+    import torch.nn.functional as F
+
+    from engine.fitting.trainers import focal_loss
+
+    torch.manual_seed(0)
+    logits, target, weight = torch.randn(2, 5, 4, 4, 4), torch.randint(0, 5, (2, 4, 4, 4)), torch.tensor([1.0, 2, 1, 1, 5])
+    assert focal_loss(logits, target, weight, 0.0).item() == pytest.approx(F.cross_entropy(logits, target, weight=weight).item(), rel=1e-5)
+    easy = torch.zeros(1, 2, 1, 1, 2)
+    easy[0, 0, 0, 0, 0], easy[0, 1, 0, 0, 1] = 6.0, -1.0  # voxel 0 confidently right, voxel 1 unsure
+    per = [focal_loss(easy[..., i : i + 1], torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.ones(2)).item() for i in range(2)]
+    ce = [F.cross_entropy(easy[..., i : i + 1], torch.zeros(1, 1, 1, 1, dtype=torch.long)).item() for i in range(2)]
+    assert per[0] / ce[0] < 1e-4 < per[1] / ce[1]

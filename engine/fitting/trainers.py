@@ -36,7 +36,7 @@ class Options:
     batch: int = 0
     seed: int = 0
     crop_tokens: int = 4  # segmentation crops, tokens a side
-    rare_fraction: float = 0.25  # segmentation: share of crops centred on the rarest foreground class
+    rare_fraction: float = 0.5  # segmentation: share of crops centred on the rarest foreground class (lesions)
     log: Callable[[str], None] | None = None
 
 
@@ -268,7 +268,7 @@ def fit_segment(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Optio
         layers = [torch.stack([it[0][j] for it in items]) for j in range(3)]
         logits = net(layers, torch.stack([it[1] for it in items]).contiguous(memory_format=torch.channels_last_3d))
         target = torch.stack([it[2] for it in items])
-        return F.cross_entropy(logits, target, weight=weight) + dice_loss(logits, target)
+        return focal_loss(logits, target, weight) + dice_loss(logits, target)
 
     _optimise(net, loss, opt.steps or 1500, opt.lr or 3e-3, log=opt.log, name="segment")
     dice = M.DiceCounter(classes)
@@ -279,8 +279,17 @@ def fit_segment(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Optio
             dice.add(pred, lab)
     mets = {"dice": dice.dice(), "chance_dice": dice.floor(), "windows": len(vw)} if vw else {}
     decl = [{"name": cfg["output"], "kind": "mask", "dtype": "uint8", "labels": classes, "activation": "softmax",
-             "description": "Per-voxel label probabilities (softmax); stored as the argmax label on the native grid."}]
+             "description": "Per-voxel label probabilities (softmax); stored as the argmax label on the native grid "
+                            "(probabilities resampled there first): a voxel is lesion when lesion is its most probable label."}]
     return Fitted(_state(net), cfg, mets, decl, {"view": "tiles", "image": True, "features": [f"layers[{i}]" for i in use]})
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Class-weighted focal loss: cross-entropy scaled by (1 - p_true)^gamma, so the many easy
+    background voxels stop drowning the few hard lesion-edge voxels."""
+    logp = F.log_softmax(logits, dim=1).gather(1, target[:, None])[:, 0]
+    w = weight.to(logits.dtype)[target]
+    return (-(1 - logp.exp()) ** gamma * logp * w).sum() / w.sum()
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
