@@ -9,6 +9,8 @@ voxel coordinates in the same continuous convention.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy import ndimage
 
@@ -148,7 +150,9 @@ def merge_window_boxes(values: list[dict], windows: list[tuple[slice, slice, sli
     """
     from .token_boxes import nms3d  # boxes only; masks never need it
 
-    boxes, scores, extras = [], [], {k: [] for k in ("labels", "queries") if all(k in v for v in values)}
+    boxes: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    extras: dict[str, list] = {k: [] for k in ("labels", "queries") if all(k in v for v in values)}
     for v, win in zip(values, windows):
         b = np.asarray(v["boxes"], np.float64).reshape(-1, 6)
         origin = np.asarray([s.start for s in win] * 2, np.float64)
@@ -159,11 +163,13 @@ def merge_window_boxes(values: list[dict], windows: list[tuple[slice, slice, sli
     all_boxes, all_scores = np.concatenate(boxes), np.concatenate(scores)
     order = np.lexsort((np.arange(len(all_scores)), -all_scores))
     if "queries" in extras:
-        seen: set = set()
-        keep = [i for i in order if not (extras["queries"][i] in seen or seen.add(extras["queries"][i]))]
+        best: dict[str, int] = {}
+        for i in order:  # highest score first: the first box of a query is its best
+            best.setdefault(extras["queries"][i], int(i))
+        keep = sorted(best.values(), key=lambda i: list(order).index(i))
     else:
         keep = list(nms3d(all_boxes, all_scores, iou)) if len(all_boxes) else []
-    out = {"boxes": all_boxes[keep].astype(np.float32).reshape(-1, 6), "scores": all_scores[keep].astype(np.float32)}
+    out: dict[str, Any] = {"boxes": all_boxes[keep].astype(np.float32).reshape(-1, 6), "scores": all_scores[keep].astype(np.float32)}
     for k, vals in extras.items():
         out[k] = [vals[i] for i in keep]
     return out
