@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import errors, head_nets, token_boxes, vocabulary
+from . import centre_boxes, errors, head_nets, token_boxes, vocabulary
 from ._version import __version__
 from .backends.base import Backend
 from .errors import (
@@ -94,7 +94,7 @@ __all__ = [
     "BackendUnavailable", "GeometryError", "HeadError", "HeadOutputError", "InputError", "LoadError", "MrfmError",
     "SkipSeries", "SourceError", "StoreError", "StoreLocked", "UsageError", "errors",
     # modules heads build on
-    "head_nets", "token_boxes", "vocabulary",
+    "centre_boxes", "head_nets", "token_boxes", "vocabulary",
     # running: what the command line calls
     "open_store", "run", "scan", "__version__",
     # the plugin contract and its types

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["GroundNet", "LocalizeNet", "ResBlock", "SegmentNet", "token_grid"]
+__all__ = ["CentreNet", "GroundNet", "LocalizeNet", "ResBlock", "SegmentNet", "token_grid"]
 
 
 class LocalizeNet(nn.Module):
@@ -101,3 +101,57 @@ def token_grid(tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor
     """(B, N, D) tokens in (x, y, z) C-order -> (B, D, gx, gy, gz), the inverse of Conv3d.flatten(2)."""
     b, n, d = tokens.shape
     return tokens.transpose(1, 2).reshape(b, d, *grid)
+
+
+class CentreNet(nn.Module):
+    """Anchor-free dense detector (CenterNet-style) on one tiles-view window and its token grids.
+
+    The window image enters through two strided convolutions and meets the deep, mid and shallow
+    encoder layers at stride 4 (four voxels of the view per output cell, finer than lesions are
+    wide; the token grid has stride 8). Per cell: a centre logit, a log box size (voxels, per
+    axis) and the centre's offset inside the cell. With ``text_dim`` the query embedding
+    modulates the features by FiLM, so the centre map answers "where is this query's target".
+    """
+
+    stride = 4
+
+    def __init__(self, embed_dim: int = 128, width: int = 24, text_dim: int = 0):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv3d(1, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.01),  # 1/2
+                                  nn.Conv3d(8, w, 3, stride=2, padding=1), nn.LeakyReLU(0.01))  # 1/4
+        self.deep = nn.ConvTranspose3d(embed_dim, w, 2, stride=2)  # 1/8 -> 1/4
+        self.mid = nn.ConvTranspose3d(embed_dim, w, 2, stride=2)
+        self.shallow = nn.ConvTranspose3d(embed_dim, w, 2, stride=2)
+        self.fuse = ResBlock(4 * w, w)
+        self.film = nn.Linear(text_dim, 2 * w) if text_dim else None
+        self.neck = nn.Sequential(nn.Conv3d(w, w, 3, padding=1), nn.LeakyReLU(0.01))
+        self.heat = nn.Conv3d(w, 1, 1)
+        self.size = nn.Conv3d(w, 3, 1)
+        self.offset = nn.Conv3d(w, 3, 1)
+        nn.init.constant_(self.heat.bias, -4.0)  # a rare positive class starts near its prior
+
+    def trunk(self, layers: Sequence[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+        """layers [deep, mid, shallow], each (B, D, gx, gy, gz); image (B, 1, X, Y, Z) -> (B, W, X/4, Y/4, Z/4)."""
+        deep, mid, shallow = layers
+        s4 = self.stem(image)
+        return self.fuse(torch.cat([s4, _meet(self.deep(deep), s4), _meet(self.mid(mid), s4), _meet(self.shallow(shallow), s4)], dim=1))
+
+    def decode(self, x: torch.Tensor, text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Trunk features (B, W, ...), optional query embeddings (B, E) -> centre logits (B, ...),
+        log sizes (B, 3, ...), offsets in [0, 1] (B, 3, ...)."""
+        if self.film is not None:
+            if text is None:
+                raise ValueError("this net is conditioned on a text query")
+            gamma, beta = self.film(text).chunk(2, dim=1)
+            x = x * (1 + gamma[:, :, None, None, None]) + beta[:, :, None, None, None]
+        x = self.neck(x)
+        return self.heat(x)[:, 0], self.size(x), torch.sigmoid(self.offset(x))
+
+    def forward(self, layers: Sequence[torch.Tensor], image: torch.Tensor, text: torch.Tensor | None = None):
+        return self.decode(self.trunk(layers, image), text)
+
+
+def _meet(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` on ``like``'s grid (a patch size other than 8 leaves them off by a few voxels)."""
+    return x if x.shape[2:] == like.shape[2:] else F.interpolate(x, size=like.shape[2:], mode="trilinear", align_corners=False)

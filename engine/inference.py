@@ -23,7 +23,7 @@ from .enums import VIEW_KINDS
 from .errors import HeadBudgetExceeded, HeadError, UsageError, one_line
 from .features import Features, HeadInput, TextFeatures
 from .heads import Head, HeadContext, HeadOutputError, check_output, load_weights, mask_mode, stored_declaration
-from .mapping import blend_windows, boxes_to_native, mask_to_native
+from .mapping import blend_windows, boxes_to_native, mask_to_native, merge_window_boxes
 from .prepare import Prepared
 from .store import OutputArray
 
@@ -292,6 +292,8 @@ class Inference:
             all_windows = view.windows or [view.full_window()]
             probs = blend_windows(values, [all_windows[w] for w in windows], view.shape) if len(values) > 1 else values[0]
             return mask_to_native(probs, view.affine, prep.shape, prep.affine, decl["dtype"], mode, threshold)
+        if kind == "boxes" and view.windows:  # tiles: one list of boxes in view coordinates
+            values = [merge_window_boxes(values, [view.windows[w] for w in windows])]
         if len(values) != 1:
             raise HeadOutputError(name, oname, f"{kind} outputs are only supported on the global view")
         if kind != "boxes":

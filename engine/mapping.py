@@ -9,6 +9,8 @@ voxel coordinates in the same continuous convention.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy import ndimage
 
@@ -137,3 +139,37 @@ def boxes_to_native(
         np.asarray(voxel_out, dtype=np.float64).reshape(-1, 6),
         np.asarray(keep, dtype=np.int64),
     )
+
+
+def merge_window_boxes(values: list[dict], windows: list[tuple[slice, slice, slice]], iou: float = 0.3) -> dict:
+    """Box outputs of several windows of one view as one output in view voxel coordinates.
+
+    Each window's boxes are shifted by the window's origin. Boxes carrying ``queries`` keep one
+    box per query, the highest-scoring; other boxes overlapping a higher-scoring box from any
+    window by more than ``iou`` are dropped (windows overlap, so one lesion can be seen twice).
+    """
+    from .token_boxes import nms3d  # boxes only; masks never need it
+
+    boxes: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    extras: dict[str, list] = {k: [] for k in ("labels", "queries") if all(k in v for v in values)}
+    for v, win in zip(values, windows):
+        b = np.asarray(v["boxes"], np.float64).reshape(-1, 6)
+        origin = np.asarray([s.start for s in win] * 2, np.float64)
+        boxes.append(b + origin)
+        scores.append(np.asarray(v["scores"], np.float64).reshape(-1))
+        for k in extras:
+            extras[k].extend(v[k])
+    all_boxes, all_scores = np.concatenate(boxes), np.concatenate(scores)
+    order = np.lexsort((np.arange(len(all_scores)), -all_scores))
+    if "queries" in extras:
+        best: dict[str, int] = {}
+        for i in order:  # highest score first: the first box of a query is its best
+            best.setdefault(extras["queries"][i], int(i))
+        keep = sorted(best.values(), key=lambda i: list(order).index(i))
+    else:
+        keep = list(nms3d(all_boxes, all_scores, iou)) if len(all_boxes) else []
+    out: dict[str, Any] = {"boxes": all_boxes[keep].astype(np.float32).reshape(-1, 6), "scores": all_scores[keep].astype(np.float32)}
+    for k, vals in extras.items():
+        out[k] = [vals[i] for i in keep]
+    return out

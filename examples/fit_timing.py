@@ -1,6 +1,6 @@
 """How long `mrfm fit` takes on this machine, and whether each fit beats its random-encoder floor.
 
-    python examples/fit_timing.py [OUTDIR] [--studies 24] [--kinds classify,segment]
+    python examples/fit_timing.py [OUTDIR] [--studies 24] [--kinds classify,segment] [--steps N]
 
 Writes a labelled synthetic archive (``mrfm demo-archive``, seed 11), then fits each kind twice
 through :func:`engine.fitting.fit` with one feature cache: the first call encodes every labelled
@@ -38,6 +38,7 @@ def main() -> int:
     parser.add_argument("out", nargs="?", type=Path)
     parser.add_argument("--studies", type=int, default=24)
     parser.add_argument("--kinds", default="classify,segment")
+    parser.add_argument("--steps", type=int, default=0, help="optimiser steps per fit (0: each kind's default)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="mrfm-fit-"))
     torch.set_num_threads(2)
@@ -55,7 +56,7 @@ def main() -> int:
             t0 = time.perf_counter()
             # the floor is measured once, on the first call; a refit is what changing labels or settings costs
             result = fit(kind, archive, out / f"{kind}-head", name=f"my-{kind}", targets=TARGETS.get(kind),
-                         cache_dir=out / "features", floor=call.startswith("first"))
+                         cache_dir=out / "features", floor=call.startswith("first"), steps=args.steps)
             wall = time.perf_counter() - t0
             rows.append((kind, call, result.encoded, result.seconds, wall, result.metrics, result.floor))
     print("| kind | call | views encoded | wall s | seconds by stage |\n|---|---|---|---|---|")

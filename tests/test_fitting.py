@@ -70,13 +70,18 @@ def test_labels_and_split(labelled):
     assert len(val) == 2 and val <= {f"study{i}" for i in range(8)}
 
 
-def test_localize_operating_point_is_the_best_f1_of_hit_rate_and_precision():
-    from engine.fitting.trainers import choose_operating_point
+def test_localize_threshold_is_the_best_recall_within_the_false_box_budget():
+    from engine.fitting.detection_training import choose_threshold
 
-    scored = [(0.2, 16, 0.95, 0.30), (0.5, 16, 0.80, 0.45), (0.2, 1, 0.70, 0.65), (0.9, 1, 0.05, 1.0)]
-    assert choose_operating_point(scored) == (0.2, 1, 0.70, 0.65)  # not every box, not the one surest box
-    assert choose_operating_point([(0.3, 4, 0.5, 0.5), (0.6, 4, 0.5, 0.5)])[0] == 0.3  # a tie: the lower threshold
-    assert choose_operating_point([(0.3, 16, float("nan"), float("nan"))])[:2] == (0.3, 16)  # nothing found at all
+    truth = np.array([[0, 0, 0, 10, 10, 10.0]])
+    hit, miss = np.array([[1, 1, 1, 10, 10, 10.0]]), np.array([[50, 50, 50, 60, 60, 60.0]])
+    # two series with a lesion: found at 0.8 and 0.3, each with a false box at 0.6 and 0.5; a clean series with a box at 0.2
+    preds = [(np.concatenate([hit, miss]), np.array([0.8, 0.6])), (np.concatenate([hit, miss]), np.array([0.3, 0.5])),
+             (miss, np.array([0.2]))]
+    threshold, mets = choose_threshold(preds, [truth, truth, np.zeros((0, 6))])
+    assert threshold == 0.25  # recall 1 with 4/3 false boxes at 0.2 breaks the budget; 0.25 keeps recall 1, 2/3 false
+    assert mets["recall@0.3"] == 1.0 and mets["false_boxes_per_series"] == pytest.approx(2 / 3, abs=1e-4)
+    assert mets["clean_fraction"] == 1.0
 
 
 def test_metrics():
@@ -320,3 +325,18 @@ def test_the_fit_hint_installs_the_package_by_its_path(tmp_path, monkeypatch):
     line = next(line for line in res.output.splitlines() if "pip install" in line)
     target = shlex.split(line.split("pip install", 1)[1])
     assert target == [str(package.parent.resolve())]
+
+
+def test_focal_loss_is_weighted_cross_entropy_at_gamma_zero_and_discounts_easy_voxels():
+    import torch.nn.functional as F
+
+    from engine.fitting.trainers import focal_loss
+
+    torch.manual_seed(0)
+    logits, target, weight = torch.randn(2, 5, 4, 4, 4), torch.randint(0, 5, (2, 4, 4, 4)), torch.tensor([1.0, 2, 1, 1, 5])
+    assert focal_loss(logits, target, weight, 0.0).item() == pytest.approx(F.cross_entropy(logits, target, weight=weight).item(), rel=1e-5)
+    easy = torch.zeros(1, 2, 1, 1, 2)
+    easy[0, 0, 0, 0, 0], easy[0, 1, 0, 0, 1] = 6.0, -1.0  # voxel 0 confidently right, voxel 1 unsure
+    per = [focal_loss(easy[..., i : i + 1], torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.ones(2)).item() for i in range(2)]
+    ce = [F.cross_entropy(easy[..., i : i + 1], torch.zeros(1, 1, 1, 1, dtype=torch.long)).item() for i in range(2)]
+    assert per[0] / ce[0] < 1e-4 < per[1] / ce[1]

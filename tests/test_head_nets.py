@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import engine
 
-NETS = {"localize": "LocalizeNet", "ground": "GroundNet", "segment": "SegmentNet"}
+NETS = {"localize": "CentreNet", "ground": "CentreNet", "segment": "SegmentNet"}
 
 
 @pytest.mark.parametrize("name", sorted(NETS))

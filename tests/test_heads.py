@@ -153,7 +153,7 @@ def test_retrieve_returns_the_unit_joint_embedding(batch):
 
 
 def test_nms3d_drops_boxes_overlapping_a_better_one():
-    from contrib_heads.localize import box_iou3d, nms3d
+    from engine.token_boxes import box_iou3d, nms3d
 
     boxes = np.array(
         [
@@ -174,7 +174,7 @@ def test_nms3d_drops_boxes_overlapping_a_better_one():
 
 
 def test_basins_split_touching_peaks_and_box_them_in_voxels():
-    from contrib_heads.localize import basin_boxes
+    from engine.token_boxes import basin_boxes
 
     prob = np.zeros(GRID)
     prob[2, 2, 2], prob[2, 2, 3] = 0.9, 0.6  # one lesion over two tokens
@@ -188,36 +188,58 @@ def test_basins_split_touching_peaks_and_box_them_in_voxels():
     np.testing.assert_allclose(boxes[order[2]], [39.5, 39.5, 55.5, 47.5, 47.5, 63.5])
 
 
-def test_localize_maps_token_logits_to_boxes_in_token_order(batch):
+def _fake_net(centres: dict[int, tuple[int, int, int]], log_size: float = np.log(8.0)):
+    """A stand-in CentreNet: a centre peak at the given output cell per batch item, offsets 0.5."""
+    def net(layers, image, text=None):
+        b = image.shape[0]
+        out = tuple(n // 4 for n in image.shape[2:])
+        heat = torch.full((b, *out), -10.0)
+        for i, cell in centres.items():
+            heat[i, cell[0], cell[1], cell[2]] = 5.0
+        return heat, torch.full((b, 3, *out), log_size), torch.full((b, 3, *out), 0.5)
+    return net
+
+
+def test_localize_reads_boxes_at_centre_peaks_in_window_voxels(batch):
     head = make_head("localize", threshold=0.5)
-    logits = torch.full((len(batch), *GRID), -10.0)
-    logits[0, 1, 6, 3] = 5.0  # token index (1 * 8 + 6) * 8 + 3
-    head.net = lambda tokens: logits.flatten(1)
+    head.net = _fake_net({0: (1, 6, 3)})
     first, second = head.predict(batch)
-    np.testing.assert_allclose(first["lesions"]["boxes"], [[7.5, 47.5, 23.5, 15.5, 55.5, 31.5]])
-    assert first["lesions"]["labels"] == ["lesion"]
-    assert len(second["lesions"]["boxes"]) == 0
+    # cell c spans voxels 4c .. 4c + 3; offset 0.5 puts the centre at 4c + 1.5; size 8 voxels
+    centre = np.array([1, 6, 3]) * 4 + 1.5
+    np.testing.assert_allclose(first["lesions"]["boxes"], [np.concatenate([centre - 4, centre + 4])])
+    assert first["lesions"]["labels"] == ["lesion"] and 0.99 < first["lesions"]["scores"][0] <= 1
+    assert len(second["lesions"]["boxes"]) == 0  # no peak above the threshold: no box
+
+
+def test_localize_clips_boxes_to_the_window_it_saw(batch):
+    head = make_head("localize", threshold=0.5)
+    head.net = _fake_net({0: (0, 15, 7)}, log_size=np.log(40.0))
+    (first, _) = head.predict(batch)
+    box = check_output("localize", head.manifest()["outputs"][0], first["lesions"], IMAGE)["boxes"][0]
+    assert box[0] == -0.5 and box[4] == 63.5
 
 
 # ---- ground ---------------------------------------------------------------------------------
 
 
-def test_ground_box_contains_the_token_a_query_matches():
-    head = make_head("ground")
-    item = random_item(3, queries=())
-    targets = [(1, 2, 3), (6, 0, 7)]
-    flat = [np.ravel_multi_index(t, GRID) for t in targets]
-    with torch.no_grad():
-        projected = head.net(item.features.tokens[None])[0]
-    item.text = engine.TextFeatures(["first", "second"], projected[flat].clone())
+def test_ground_gives_one_box_per_query_and_labels_weak_ones_not_found():
+    head = make_head("ground", threshold=0.5)
+    item = random_item(3, queries=("first", "second"))
+    trunk = head.net.trunk
+    out = tuple(n // 4 for n in IMAGE)
+
+    def decode(x, text):  # the first query peaks strongly at cell (1, 2, 3), the second weakly at (6, 0, 7)
+        first = bool(torch.equal(text[0], item.text.embeddings[0]))
+        heat = torch.full((1, *out), -10.0)
+        heat[(0, 1, 2, 3) if first else (0, 6, 0, 7)] = 5.0 if first else -1.0
+        return heat, torch.full((1, 3, *out), np.log(2.0)), torch.full((1, 3, *out), 0.5)  # small: no clipping
+
+    head.net = type("Net", (), {"trunk": staticmethod(trunk), "decode": staticmethod(decode)})()
     (result,) = head.predict([item])
     regions = check_output("ground", head.manifest()["outputs"][0], result["regions"], IMAGE)
-    assert regions["queries"] == ["first", "second"]
-    assert regions["boxes"].shape == (2, 6)
-    for box, (i, j, k) in zip(regions["boxes"], targets):
-        token_lo = np.array([i, j, k]) * 8 - 0.5
-        assert (box[:3] <= token_lo).all() and (box[3:] >= token_lo + 8).all()
-    assert ((regions["scores"] > 0) & (regions["scores"] < 1)).all()
+    assert regions["queries"] == ["first", "second"] and regions["labels"] == ["found", "not found"]
+    for box, cell in zip(regions["boxes"], [(1, 2, 3), (6, 0, 7)]):
+        np.testing.assert_allclose((box[:3] + box[3:]) / 2, np.array(cell) * 4 + 1.5)
 
 
 def test_ground_without_queries_returns_no_boxes():

@@ -1,68 +1,79 @@
-"""Text grounding: where in the scan does a free-text query point?
+"""Text grounding by a query-conditioned dense detector on the frozen encoder.
 
-Patch tokens are projected into the joint image-text space. For each query the cosine similarity
-with every token gives a heat map (a softmax over tokens at the learned temperature); the box
-covers the connected tokens around the peak whose heat reaches a fraction of the peak's.
+The query's text embedding modulates the features of :class:`engine.head_nets.CentreNet` by FiLM
+(a per-channel scale and shift), so its centre map shows where that query's target lies. Each
+query gets the box at its highest peak over all windows (the engine keeps one per query) with its
+centre probability as score, labelled ``not found`` when that is below ``threshold`` (chosen on
+validation studies when the head was fit): the target is probably absent. Boxes are in the window's
+voxel coordinates; the engine maps them to world mm. Written by ``mrfm fit ground``.
 """
 
 from __future__ import annotations
 
-import math
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 import engine
-from engine import grow_from_peak, region_boxes  # noqa: F401 (also this module's API)
 
-DEFAULT_RELATIVE_THRESHOLD = 0.5
-
-
-GroundNet = engine.head_nets.GroundNet
+MANIFEST = Path(__file__).with_name("manifest.json")
+DEFAULT_THRESHOLD = 0.1
+CentreNet, token_grid = engine.head_nets.CentreNet, engine.head_nets.token_grid
 
 
-def build_net(embed_dim: int = 128) -> nn.Module:
-    return GroundNet(embed_dim)
+def fit_record(manifest: dict) -> dict:
+    """The manifest's fit record: top-level ``fit`` (``labels.fit`` in packages written earlier)."""
+    return manifest.get("fit") or manifest["labels"]["fit"]
+
+
+def config() -> dict[str, Any]:
+    """The net's configuration from the package's manifest (empty outside a package)."""
+    return fit_record(json.loads(MANIFEST.read_text()))["config"] if MANIFEST.is_file() else {}
+
+
+def build_net(embed_dim: int = 128, cfg: dict | None = None) -> CentreNet:
+    cfg = config() if cfg is None else cfg
+    return CentreNet(embed_dim, int(cfg.get("width", 24)), int(cfg.get("text_dim", 64)))
 
 
 class GroundHead(engine.NetHead):
-    manifest_path = Path(__file__).with_name("manifest.json")
+    manifest_path = MANIFEST
     build_net = staticmethod(build_net)
 
     def __init__(self, manifest: dict[str, Any], weights: dict[str, torch.Tensor], context: engine.HeadContext):
         super().__init__(manifest, weights, context)
-        default = manifest.get("parameters", {}).get("relative_threshold", {}).get("default", DEFAULT_RELATIVE_THRESHOLD)
-        self.relative_threshold = float(context.params.get("relative_threshold", default))
-        if not 0 < self.relative_threshold <= 1:
-            raise ValueError(f"ground: relative_threshold must lie in (0, 1], got {self.relative_threshold}")
+        self.layers = fit_record(manifest)["config"]["layers"]
+        default = manifest.get("parameters", {}).get("threshold", {}).get("default", DEFAULT_THRESHOLD)
+        self.threshold = float(context.params.get("threshold", default))
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"ground: threshold must lie in [0, 1], got {self.threshold}")
 
     @torch.inference_mode()
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
-        tokens = self.stack(batch, "tokens")
-        projected = self.net(tokens).cpu()
-        scale, bias = self.net.logit_scale.exp().item(), self.net.score_bias.item()
-        return [{"regions": self._ground(item, emb, scale, bias)} for item, emb in zip(batch, projected)]
-
-    def _ground(self, item: engine.HeadInput, projected: torch.Tensor, scale: float, bias: float) -> dict[str, Any]:
-        text = item.text if item.text is not None else self.context.text
+        text = batch[0].text if batch[0].text is not None else self.context.text
         if text is None or len(text.queries) == 0:
-            return {"boxes": np.zeros((0, 6), np.float32), "scores": np.zeros(0, np.float32), "queries": []}
-        queries = F.normalize(text.embeddings.detach().float().cpu(), dim=-1)
-        if queries.shape[-1] != projected.shape[-1]:
-            raise ValueError(f"ground: query embeddings have {queries.shape[-1]} dims, the joint space has {projected.shape[-1]}")
-        grid = item.features.grid
-        sim = (queries @ projected.T).reshape(-1, *grid)  # (Q, gx, gy, gz) cosine similarity
-        peak = sim.flatten(1).max(dim=1).values
-        # heat >= r * peak heat  <=>  sim >= peak sim + log(r) / scale  (softmax over tokens)
-        mask = sim >= (peak + math.log(self.relative_threshold) / scale).view(-1, 1, 1, 1)
-        seed = F.one_hot(sim.flatten(1).argmax(dim=1), sim[0].numel()).bool().view_as(mask)
-        boxes = region_boxes(grow_from_peak(mask, seed).numpy(), item.shape)
-        scores = torch.sigmoid(scale * peak + bias).numpy()
-        return {"boxes": boxes.astype(np.float32), "scores": scores.astype(np.float32), "queries": list(text.queries)}
+            empty = {"boxes": np.zeros((0, 6), np.float32), "scores": np.zeros(0, np.float32), "queries": [], "labels": []}
+            return [{"regions": dict(empty)} for _ in batch]
+        grid = batch[0].features.grid
+        layers = [token_grid(self.stack(batch, f"layers[{i}]"), grid) for i in self.layers]
+        trunk = self.net.trunk(layers, self.stack(batch, "image"))
+        queries = text.embeddings.detach().float().to(trunk.device)
+        results = []
+        for i in range(len(batch)):
+            boxes, scores = [], []
+            for q in range(len(text.queries)):
+                heat, size, offset = self.net.decode(trunk[i : i + 1], queries[q : q + 1])
+                b, s = engine.centre_boxes.centre_boxes(torch.sigmoid(heat[0]).float().cpu(), size[0].float().cpu(),
+                                                        offset[0].float().cpu(), CentreNet.stride, 0.0, 1, 0.3, batch[i].shape)
+                boxes.append(b[0])
+                scores.append(s[0])
+            found = ["found" if s >= self.threshold else "not found" for s in scores]
+            results.append({"regions": {"boxes": np.asarray(boxes, np.float32).reshape(-1, 6), "scores": np.asarray(scores, np.float32),
+                                        "queries": list(text.queries), "labels": found}})
+        return results
 
 
 @engine.hookimpl

@@ -99,7 +99,8 @@ def head_seed(name: str, seed: int) -> int:
 def aux_heads(embed_dim: int, joint_dim: int, seed: int) -> dict[str, nn.Module]:
     """The head nets trained jointly with the encoder as auxiliary objectives: the nets of
     engine.fitting's head templates (the shipped heads' parameter layout), seeded per head."""
-    from engine.fitting.heads import ground, localize, probe, segment  # the recipe loads the run path and fitting only when it runs
+    from engine import head_nets
+    from engine.fitting.heads import probe, segment  # the recipe loads the run path and fitting only when it runs
 
     builders = {
         "classify": lambda: probe.build_net(embed_dim, {"hidden": 0, "outputs": [
@@ -107,8 +108,9 @@ def aux_heads(embed_dim: int, joint_dim: int, seed: int) -> dict[str, nn.Module]
             {"name": "contrast", "task": "classification", "labels": list(CONTRASTS)}]}),
         "regress": lambda: VolumeNet(embed_dim),
         "segment": lambda: segment.build_net(embed_dim, {"labels": list(SEG_LABELS), "widths": [32, 16, 8]}),
-        "localize": lambda: localize.build_net(embed_dim, {"hidden": 64}),
-        "ground": lambda: ground.build_net(embed_dim, {"joint_dim": joint_dim}),
+        # pretraining's auxiliary token objectives; the shipped localize and ground heads are dense detectors fit later
+        "localize": lambda: head_nets.LocalizeNet(embed_dim, 64),
+        "ground": lambda: head_nets.GroundNet(embed_dim, joint_dim),
     }
     heads = {}
     for name in HEAD_NAMES:

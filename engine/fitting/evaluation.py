@@ -98,7 +98,8 @@ def score_store(store_path: str | Path, manifest: Any, manifests: dict[str, dict
                 elif kind == "boxes":
                     world = np.asarray(value.get("world", np.zeros((0, 6)))).reshape(-1, 6)
                     if "queries" in value:
-                        by_q = dict(zip([str(q) for q in value["queries"]], world))
+                        found = [str(lab) != "not found" for lab in value.get("labels", [None] * len(world))]
+                        by_q = {str(q): b for q, b, ok in zip(value["queries"], world, found) if ok}  # a 'not found' query has no box
                         for les in lesions:
                             box = by_q.get(lesion_phrase(les))
                             a.setdefault("grounding", GroundingCounter()).add(

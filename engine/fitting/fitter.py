@@ -68,7 +68,7 @@ def fit(kind: str, data: str | Path | list[str | Path], out: str | Path | None =
     mdl = model if isinstance(model, Model) else load_model(model)
     opt = Options(steps=steps, lr=lr, hidden=hidden, seed=seed, log=log)
     cache = FeatureCache(mdl, cache_dir, backend=backend)
-    tiles = kind == "segment"
+    tiles = kind in ("segment", "localize", "ground")  # the dense heads read the tiles view
     feats = _features(cache, pairs, tiles, log)
     t_feat = time.perf_counter()
     val_studies = split_by_study([lab.study_uid for _, lab in pairs], val_fraction, seed)

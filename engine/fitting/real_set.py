@@ -13,7 +13,7 @@ this machine holds.
 region answers that are wrong with p >= 0.8 and not flagged, Dice of the non-background
 segmentation against an independent head mask (Otsu threshold, largest connected component,
 holes filled, computed here on the native voxels), the lesion label's fraction of that head mask,
-and the out-of-distribution flag rate.
+the out-of-distribution flag rate, and localize's boxes per healthy series (each one false).
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def _refs_by_entry(root: Path, description: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def score_real_set(root: str | Path, store: str | Path, *, classify: str = "classify", segment: str = "segment") -> dict[str, Any]:
+def score_real_set(root: str | Path, store: str | Path, *, classify: str = "classify", segment: str = "segment",
+                   localize: str = "localize") -> dict[str, Any]:
     """Per-series answers and the set's figures (see the module docstring)."""
     from engine.discover import load
     from engine.store import open_store
@@ -215,6 +216,8 @@ def score_real_set(root: str | Path, store: str | Path, *, classify: str = "clas
                 row["head_dice"] = round(dice(mask > 0, head), 4)
                 lesion = labels.index("lesion") if "lesion" in labels else None
                 row["lesion_fraction"] = round(float((mask == lesion).sum() / max(head.sum(), 1)), 5) if lesion is not None else None
+        if localize in heads and not heads[localize].get("error"):
+            row["boxes"] = int(len(np.asarray(st.read_output(ref.key, localize, "lesions")["world"]).reshape(-1, 6)))
     return {"series": per, "figures": real_figures(per, description), "missing": description.get("missing", [])}
 
 
@@ -234,6 +237,7 @@ def real_figures(per: list[dict[str, Any]], description: dict[str, Any]) -> dict
     dices = [r["head_dice"] for r in per if r.get("head_dice") is not None]
     healthy = [r for r in per if truth[r["path"]]["healthy"] and r.get("lesion_fraction") is not None]
     flags = [r["flagged"] for r in per if r.get("flagged") is not None]
+    boxed = [r["boxes"] for r in per if truth[r["path"]]["healthy"] and r.get("boxes") is not None]  # every box is false
     return {
         "series": len(per), "complete": sum(r["status"] == "complete" for r in per),
         "region_accuracy": round(float(np.mean(right)), 4) if right else None,
@@ -242,6 +246,8 @@ def real_figures(per: list[dict[str, Any]], description: dict[str, Any]) -> dict
         "healthy_lesion_le_1pct": round(float(np.mean([r["lesion_fraction"] <= LESION_HEALTHY_MAX for r in healthy])), 4) if healthy else None,
         "median_lesion_fraction": round(float(np.median([r["lesion_fraction"] for r in healthy])), 5) if healthy else None,
         "flag_rate": round(float(np.mean(flags)), 4) if flags else None,
+        "healthy_false_boxes_per_series": round(float(np.mean(boxed)), 4) if boxed else None,
+        "healthy_without_box": round(float(np.mean([b == 0 for b in boxed])), 4) if boxed else None,
         "targets": {"region_accuracy": ">= 0.90", "confident_wrong_unflagged": "0 (p >= 0.8)", "median_head_dice": ">= 0.85",
                     "healthy_lesion_le_1pct": ">= 0.90"},
     }
@@ -249,14 +255,14 @@ def real_figures(per: list[dict[str, Any]], description: dict[str, Any]) -> dict
 
 def evaluate_real_set(root: str | Path, *, store: str | Path | None = None, model: str | Path | None = None,
                       backend: str = "torch", run: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Run the classify and segment heads over the real set (unless ``run`` is False) and score it."""
+    """Run the classify, segment and localize heads over the real set (unless ``run`` is False) and score it."""
     root = Path(root)
     store = Path(store) if store else root / "evaluation.zarr"
     if run:
         from engine.pipeline import run as run_pipeline
 
         description = json.loads((root / SET_FILE).read_text())
-        run_pipeline([root / e["path"] for e in description["series"]], store, heads=["classify", "segment"], model=model,
+        run_pipeline([root / e["path"] for e in description["series"]], store, heads=["classify", "segment", "localize"], model=model,
                      backend=backend, workers=0, overwrite=overwrite)
     return score_real_set(root, store)
 

@@ -7,7 +7,6 @@ the validation metrics, and the manifest outputs/parameters. Runs are seeded and
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.geometry import LPS_TO_RAS, apply_affine, world_to_voxel
+from engine.geometry import LPS_TO_RAS
 
+from . import detection_training
 from . import metrics as M
 from .cache import SeriesFeatures
-from .heads import ground as ground_t
-from .heads import localize as localize_t
 from .heads import probe as probe_t
 from .heads import segment as segment_t
 from .labels import LabelSet, SeriesLabels
@@ -38,7 +36,7 @@ class Options:
     batch: int = 0
     seed: int = 0
     crop_tokens: int = 4  # segmentation crops, tokens a side
-    rare_fraction: float = 0.25  # segmentation: share of crops centred on the rarest foreground class
+    rare_fraction: float = 0.5  # segmentation: share of crops centred on the rarest foreground class (lesions)
     log: Callable[[str], None] | None = None
 
 
@@ -270,7 +268,7 @@ def fit_segment(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Optio
         layers = [torch.stack([it[0][j] for it in items]) for j in range(3)]
         logits = net(layers, torch.stack([it[1] for it in items]).contiguous(memory_format=torch.channels_last_3d))
         target = torch.stack([it[2] for it in items])
-        return F.cross_entropy(logits, target, weight=weight) + dice_loss(logits, target)
+        return focal_loss(logits, target, weight) + dice_loss(logits, target)
 
     _optimise(net, loss, opt.steps or 1500, opt.lr or 3e-3, log=opt.log, name="segment")
     dice = M.DiceCounter(classes)
@@ -281,8 +279,17 @@ def fit_segment(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Optio
             dice.add(pred, lab)
     mets = {"dice": dice.dice(), "chance_dice": dice.floor(), "windows": len(vw)} if vw else {}
     decl = [{"name": cfg["output"], "kind": "mask", "dtype": "uint8", "labels": classes, "activation": "softmax",
-             "description": "Per-voxel label probabilities (softmax); stored as the argmax label on the native grid."}]
+             "description": "Per-voxel label probabilities (softmax); stored as the argmax label on the native grid "
+                            "(probabilities resampled there first): a voxel is lesion when lesion is its most probable label."}]
     return Fitted(_state(net), cfg, mets, decl, {"view": "tiles", "image": True, "features": [f"layers[{i}]" for i in use]})
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Class-weighted focal loss: cross-entropy scaled by (1 - p_true)^gamma, so the many easy
+    background voxels stop drowning the few hard lesion-edge voxels."""
+    logp = F.log_softmax(logits, dim=1).gather(1, target[:, None])[:, 0]
+    w = weight.to(logits.dtype)[target]
+    return (-(1 - logp.exp()) ** gamma * logp * w).sum() / w.sum()
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -298,148 +305,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - dice[present]).mean() if present.any() else logits.sum() * 0
 
 
-# --- boxes: localization and grounding ------------------------------------------------------------
-
-def box_tokens(box: np.ndarray, f: SeriesFeatures) -> np.ndarray:
-    """(N,) bool: tokens whose patch centre lies in the world box, plus the token at its centre."""
-    grid = np.asarray(f.grid)
-    patch = np.asarray(f.view_shape) / grid
-    idx = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), axis=-1).reshape(-1, 3)
-    world = apply_affine(f.view_affine, (idx + 0.5) * patch - 0.5)
-    inside = ((world >= box[:3]) & (world <= box[3:])).all(axis=1)
-    centre = np.floor((world_to_voxel(f.view_affine, ((box[:3] + box[3:]) / 2)[None])[0] + 0.5) / patch).astype(int)
-    if ((centre >= 0) & (centre < grid)).all():
-        inside[np.ravel_multi_index(tuple(centre), tuple(grid))] = True
-    return inside
-
-
-def _centre_vox(box: np.ndarray, f: SeriesFeatures) -> np.ndarray:
-    return world_to_voxel(f.view_affine, ((box[:3] + box[3:]) / 2)[None])[0]
-
-
-def _box_scores(prob_grids: list[np.ndarray], pairs: list[Pair], threshold: float, max_boxes: int = 16) -> tuple[float, float]:
-    hits, true_boxes = [], []
-    for prob, (f, lab) in zip(prob_grids, pairs):
-        boxes, scores = localize_t.basin_boxes(prob, threshold, f.view_shape)
-        keep = localize_t.nms3d(boxes, scores, 0.3)[:max_boxes]
-        boxes = boxes[keep]
-        centres = [_centre_vox(b, f) for b in lab.boxes]
-        hits.extend(bool(M.inside(c, boxes).any()) for c in centres)
-        true_boxes.extend(any(M.inside(c, b[None]).any() for c in centres) for b in boxes)
-    return (float(np.mean(hits)) if hits else float("nan"), float(np.mean(true_boxes)) if true_boxes else float("nan"))
-
-
-THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.1, 0.91, 0.05))
-MAX_BOXES = (1, 2, 3, 4, 8, 16)
-
-
-def choose_operating_point(scored: list[tuple[float, int, float, float]]) -> tuple[float, int, float, float]:
-    """The default (threshold, max_boxes) from (threshold, max_boxes, hit rate, box precision) on
-    the validation studies: the best F1 of hit rate and box precision (ties: the higher
-    precision, then more boxes, then the lower threshold). Maximising the hit rate alone would
-    take every box; precision alone, the one surest box."""
-    def key(row: tuple[float, int, float, float]) -> tuple[float, float, int, float]:
-        h, p = np.nan_to_num(row[2]), np.nan_to_num(row[3])
-        return (round(2 * h * p / (h + p), 6) if h + p else 0.0, round(p, 6), row[1], -row[0])
-
-    return max(scored, key=key)
-
-
-def fit_localize(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Options) -> Fitted:
-    torch.manual_seed(opt.seed)
-    rng = np.random.default_rng(opt.seed)
-    d = train[0][0].tokens.shape[-1]
-    cfg = {"kind": "localize", "hidden": opt.hidden or 64, "label": "lesion"}
-    net = localize_t.build_net(d, cfg)
-    xt = torch.from_numpy(np.stack([f.tokens for f, _ in train])).float()
-    yt = torch.from_numpy(np.stack([np.any([box_tokens(b, f) for b in lab.boxes] or [np.zeros(len(f.tokens), bool)], axis=0)
-                                    for f, lab in train]).astype(np.float32))
-    pos = float(yt.mean())
-    pos_weight = torch.tensor(min(20.0, max(1.0, (1 - pos) / max(pos, 1e-6)) ** 0.5))
-    batch = opt.batch or 16
-
-    def loss(_: int) -> torch.Tensor:
-        i = torch.from_numpy(rng.integers(0, len(xt), min(batch, len(xt))))
-        return F.binary_cross_entropy_with_logits(net(xt[i]), yt[i], pos_weight=pos_weight)
-
-    _optimise(net, loss, opt.steps or 400, opt.lr or 3e-3, log=opt.log, name="localize")
-    threshold, max_boxes, mets = 0.5, 16, {}
-    if val:
-        with torch.no_grad():
-            probs = [torch.sigmoid(net(torch.from_numpy(f.tokens)[None]))[0].numpy().reshape(f.grid) for f, _ in val]
-        threshold, max_boxes, hit, prec = choose_operating_point(
-            [(t, k, *_box_scores(probs, val, t, k)) for t in THRESHOLDS for k in MAX_BOXES])
-        mets = {"hit_rate": M.r4(hit), "box_precision": M.r4(prec), "threshold": round(threshold, 2), "max_boxes": max_boxes,
-                "lesions": sum(len(lab.boxes) for _, lab in val)}
-    decl = [{"name": "lesions", "kind": "boxes", "dtype": "float32", "shape": ["N", 6], "labels": [cfg["label"]],
-             "description": "Boxes (i0, j0, k0, i1, j1, k1) around candidates with their probability."}]
-    params = {
-        "threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": round(threshold, 2), "description": "Minimum token probability (chosen on the validation studies)."},
-        "iou": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.3, "description": "3D IoU above which a lower-scoring box is dropped."},
-        "max_boxes": {"type": "integer", "minimum": 1, "default": max_boxes, "description": "At most this many boxes per series (chosen with the threshold)."},
-    }
-    return Fitted(_state(net), cfg, mets, decl, {"view": "global", "features": ["tokens"]}, params)
-
-
-def fit_ground(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Options, model: Any) -> Fitted:
-    torch.manual_seed(opt.seed)
-    rng = np.random.default_rng(opt.seed)
-    tower = model.text_tower()
-    if tower is None:
-        raise ValueError("grounding needs a model with a text tower")
-    d = train[0][0].tokens.shape[-1]
-    cfg = {"kind": "ground", "joint_dim": model.joint_dim}
-    net = ground_t.build_net(d, cfg)
-    texts = sorted({t for _, lab in train + val for t in lab.texts})
-    emb = dict(zip(texts, tower.encode(texts))) if texts else {}
-    with_text = [(f, lab) for f, lab in train if lab.texts]
-    if not with_text:
-        raise ValueError("no training series has a text with a box")
-    masks = [[torch.from_numpy(box_tokens(b, f).astype(np.float32)) for b in lab.boxes] for f, lab in with_text]
-    toks = [torch.from_numpy(f.tokens).float() for f, _ in with_text]
-    batch = opt.batch or 8
-
-    def loss(_: int) -> torch.Tensor:
-        pick = rng.choice(len(with_text), min(batch, len(with_text)), replace=False)
-        proj = net(torch.stack([toks[i] for i in pick]))  # (G, N, E)
-        phrases = [(g, emb[t], masks[i][k]) for g, i in enumerate(pick) for k, t in enumerate(with_text[i][1].texts)]
-        pe = torch.stack([p[1] for p in phrases])
-        owner = torch.tensor([p[0] for p in phrases])
-        mask = torch.stack([p[2] for p in phrases])
-        sims = torch.einsum("pe,gne->pgn", pe, proj)
-        scale = net.logit_scale.clamp(max=math.log(100.0)).exp()
-        own = sims[torch.arange(len(phrases)), owner]
-        l1 = -(F.log_softmax(scale * own, dim=-1) * (mask / mask.sum(-1, keepdim=True))).sum(-1).mean()
-        match = F.one_hot(owner, len(pick)).float()
-        l2 = F.binary_cross_entropy_with_logits(scale.detach() * sims.max(dim=-1).values + net.score_bias, match)
-        return l1 + 0.2 * l2
-
-    _optimise(net, loss, opt.steps or 400, opt.lr or 3e-3, log=opt.log, name="ground")
-    mets: dict[str, Any] = {}
-    hits = []
-    with torch.no_grad():
-        for f, lab in val:
-            if not lab.texts:
-                continue
-            proj = net(torch.from_numpy(f.tokens)[None])[0]
-            q = torch.stack([emb[t] for t in lab.texts])
-            sim = (q @ proj.T).reshape(-1, *f.grid)
-            scale = net.logit_scale.exp().item()
-            peak = sim.flatten(1).max(dim=1).values
-            region_mask = sim >= (peak + math.log(ground_t.DEFAULT_RELATIVE_THRESHOLD) / scale).view(-1, 1, 1, 1)
-            seed = F.one_hot(sim.flatten(1).argmax(dim=1), sim[0].numel()).bool().view_as(region_mask)
-            boxes = ground_t.region_boxes(ground_t.grow_from_peak(region_mask, seed).numpy(), f.view_shape)
-            hits.extend(bool(M.inside(_centre_vox(b, f), boxes[k][None]).any()) for k, b in enumerate(lab.boxes))
-    if hits:
-        mets = {"hit_rate": M.r4(float(np.mean(hits))), "queries": len(hits)}
-    decl = [{"name": "regions", "kind": "boxes", "dtype": "float32", "shape": ["N", 6],
-             "description": "One box per text query (i0, j0, k0, i1, j1, k1), its query and a match score in [0, 1]."}]
-    params = {
-        "queries": {"type": "array", "items": {"type": "string"}, "description": "Text queries (--query TEXT, repeatable, or the job file)."},
-        "relative_threshold": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.5,
-                               "description": "Tokens whose heat is at least this fraction of the peak heat belong to the region."},
-    }
-    return Fitted(_state(net), cfg, mets, decl, {"view": "global", "features": ["tokens", "text"]}, params)
+# --- boxes: localization and grounding (dense detectors, engine.fitting.detection_training) -------
 
 
 def fit_kind(kind: str, labels: LabelSet, train: list[Pair], val: list[Pair], opt: Options, model: Any) -> Fitted:
@@ -448,5 +314,5 @@ def fit_kind(kind: str, labels: LabelSet, train: list[Pair], val: list[Pair], op
     if kind == "segment":
         return fit_segment(labels, train, val, opt, model)
     if kind == "localize":
-        return fit_localize(labels, train, val, opt)
-    return fit_ground(labels, train, val, opt, model)
+        return detection_training.fit_localize(labels, train, val, opt)
+    return detection_training.fit_ground(labels, train, val, opt, model)
