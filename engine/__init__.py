@@ -16,8 +16,17 @@ from . import centre_boxes, errors, head_nets, token_boxes, vocabulary
 from ._version import __version__
 from .backends.base import Backend
 from .errors import (
-    BackendUnavailable, GeometryError, HeadError, InputError, LoadError, MrfmError, SkipSeries, SourceError, StoreError,
-    StoreLocked, UsageError,
+    BackendUnavailable,
+    GeometryError,
+    HeadError,
+    InputError,
+    LoadError,
+    MrfmError,
+    SkipSeries,
+    SourceError,
+    StoreError,
+    StoreLocked,
+    UsageError,
 )
 from .export import ExportContext, affine_of, hex_rgb
 from .features import Features, HeadInput, TextFeatures, View, ViewInfo
@@ -29,7 +38,15 @@ from .discover import ScanResult
 from .series_ref import SeriesRef, sanitise_key
 from .series_stream import SeriesStream, background_pages
 from .sources import (
-    PACS_READER, PacsReader, RemoteRef, Source, SourceOptions, http_session, instances_digest, is_url, public_url,
+    PACS_READER,
+    PacsReader,
+    RemoteRef,
+    Source,
+    SourceOptions,
+    http_session,
+    instances_digest,
+    is_url,
+    public_url,
 )
 
 if TYPE_CHECKING:
@@ -43,19 +60,28 @@ if TYPE_CHECKING:
 # name -> module, imported on first access (PEP 562) so that ``import engine`` stays light
 _LAZY = {
     # backend authors: the engine cache key, atomic writes, the ONNX graph every exported backend runs
-    "atomic_write_bytes": "engine.backends.cache", "cache_key": "engine.backends.cache",
+    "atomic_write_bytes": "engine.backends.cache",
+    "cache_key": "engine.backends.cache",
     "device_identity": "engine.backends.cache",
-    "INPUT_NAME": "engine.backends.export", "OUTPUT_NAMES": "engine.backends.export",
-    "check_onnx": "engine.backends.export", "export_onnx": "engine.backends.export",
+    "INPUT_NAME": "engine.backends.export",
+    "OUTPUT_NAMES": "engine.backends.export",
+    "check_onnx": "engine.backends.export",
+    "export_onnx": "engine.backends.export",
     "export_versions": "engine.backends.export",
     # encoder architectures: the built-in 3D ViT and its card reader
-    "VisionTransformer3D": "engine.model", "config_from_card": "engine.model",
+    "VisionTransformer3D": "engine.model",
+    "config_from_card": "engine.model",
     # the built-in readers, registered by plugins.readers
-    "DicomReader": "engine.dicom", "NiftiReader": "engine.nifti",
+    "DicomReader": "engine.dicom",
+    "NiftiReader": "engine.nifti",
     # heads: boxes from token-grid probabilities (view space)
     "is_safe_name": "engine.safe_paths",
-    "basin_boxes": "engine.token_boxes", "basins": "engine.token_boxes", "box_iou3d": "engine.token_boxes",
-    "grow_from_peak": "engine.token_boxes", "nms3d": "engine.token_boxes", "region_boxes": "engine.token_boxes",
+    "basin_boxes": "engine.token_boxes",
+    "basins": "engine.token_boxes",
+    "box_iou3d": "engine.token_boxes",
+    "grow_from_peak": "engine.token_boxes",
+    "nms3d": "engine.token_boxes",
+    "region_boxes": "engine.token_boxes",
 }
 
 
@@ -91,21 +117,79 @@ def open_store(*args, **kwargs):
 
 __all__ = [
     # errors
-    "BackendUnavailable", "GeometryError", "HeadError", "HeadOutputError", "InputError", "LoadError", "MrfmError",
-    "SkipSeries", "SourceError", "StoreError", "StoreLocked", "UsageError", "errors",
+    "BackendUnavailable",
+    "GeometryError",
+    "HeadError",
+    "HeadOutputError",
+    "InputError",
+    "LoadError",
+    "MrfmError",
+    "SkipSeries",
+    "SourceError",
+    "StoreError",
+    "StoreLocked",
+    "UsageError",
+    "errors",
     # modules heads build on
-    "centre_boxes", "head_nets", "token_boxes", "vocabulary",
+    "centre_boxes",
+    "head_nets",
+    "token_boxes",
+    "vocabulary",
     # running: what the command line calls
-    "open_store", "run", "scan", "__version__",
+    "open_store",
+    "run",
+    "scan",
+    "__version__",
     # the plugin contract and its types
-    "hookimpl", "Backend", "EncoderOutputs", "Exporter", "Reader", "Source", "SeriesRef",
-    "PACS_READER", "PacsReader", "RemoteRef", "ScanResult", "SeriesStream", "background_pages", "SourceOptions", "http_session", "instances_digest", "is_url",
-    "public_url", "sanitise_key",
-    "Features", "Head", "HeadContext", "HeadInput", "NetHead", "TextFeatures", "View", "ViewInfo", "Volume",
+    "hookimpl",
+    "Backend",
+    "EncoderOutputs",
+    "Exporter",
+    "Reader",
+    "Source",
+    "SeriesRef",
+    "PACS_READER",
+    "PacsReader",
+    "RemoteRef",
+    "ScanResult",
+    "SeriesStream",
+    "background_pages",
+    "SourceOptions",
+    "http_session",
+    "instances_digest",
+    "is_url",
+    "public_url",
+    "sanitise_key",
+    "Features",
+    "Head",
+    "HeadContext",
+    "HeadInput",
+    "NetHead",
+    "TextFeatures",
+    "View",
+    "ViewInfo",
+    "Volume",
     # helpers the built-in plugins use (exporters, backends, encoders, readers, heads)
-    "ExportContext", "affine_of", "hex_rgb", "is_safe_name",
-    "atomic_write_bytes", "cache_key", "device_identity",
-    "INPUT_NAME", "OUTPUT_NAMES", "check_onnx", "export_onnx", "export_versions",
-    "VisionTransformer3D", "config_from_card", "DicomReader", "NiftiReader",
-    "basin_boxes", "basins", "box_iou3d", "grow_from_peak", "nms3d", "region_boxes",
+    "ExportContext",
+    "affine_of",
+    "hex_rgb",
+    "is_safe_name",
+    "atomic_write_bytes",
+    "cache_key",
+    "device_identity",
+    "INPUT_NAME",
+    "OUTPUT_NAMES",
+    "check_onnx",
+    "export_onnx",
+    "export_versions",
+    "VisionTransformer3D",
+    "config_from_card",
+    "DicomReader",
+    "NiftiReader",
+    "basin_boxes",
+    "basins",
+    "box_iou3d",
+    "grow_from_peak",
+    "nms3d",
+    "region_boxes",
 ]

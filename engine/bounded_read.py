@@ -42,8 +42,9 @@ def ratio_problem(inflated: int, compressed: int) -> str | None:
     return None
 
 
-def inflate(fh: IO[bytes], *, limit: int, what: str, wbits: int = GZIP_WBITS, prefix: bytes = b"",
-            want: int | None = None) -> bytes:
+def inflate(
+    fh: IO[bytes], *, limit: int, what: str, wbits: int = GZIP_WBITS, prefix: bytes = b"", want: int | None = None
+) -> bytes:
     """The inflated bytes of the stream ``fh`` (``prefix`` first), streamed in chunks; with
     ``want``, only the first ``want`` bytes (the rest is never inflated).
 
@@ -82,8 +83,10 @@ def inflate(fh: IO[bytes], *, limit: int, what: str, wbits: int = GZIP_WBITS, pr
 
 def _grow(out: bytearray, data: bytes, limit: int, consumed: int, what: str) -> None:
     if len(out) + len(data) > limit:
-        raise OverBudget(f"{what}: inflating needs more than {gib(limit)} GiB, budget {gib(limit)} GiB; "
-                         "raise it with --max-series-bytes if this is a real image")
+        raise OverBudget(
+            f"{what}: inflating needs more than {gib(limit)} GiB, budget {gib(limit)} GiB; "
+            "raise it with --max-series-bytes if this is a real image"
+        )
     out += data
     problem = ratio_problem(len(out), consumed)
     if problem:
@@ -102,7 +105,9 @@ def read_text_file(path: str | Path, *, what: str, limit: int = TEXT_FILE_MAX_BY
         if not stat.S_ISREG(info.st_mode):
             raise UsageError(f"{what} {path}: not a regular file")
         if info.st_size > limit:
-            raise UsageError(f"{what} {path}: {info.st_size} bytes, more than the {limit // 1024**2} MiB a {what} may hold")
+            raise UsageError(
+                f"{what} {path}: {info.st_size} bytes, more than the {limit // 1024**2} MiB a {what} may hold"
+            )
         data = fh.read(limit + 1)
     if len(data) > limit:  # grew while read
         raise UsageError(f"{what} {path}: more than the {limit // 1024**2} MiB a {what} may hold")

@@ -32,8 +32,16 @@ def peak_cells(prob: torch.Tensor, threshold: float, k: int) -> tuple[torch.Tens
     return cells, scores
 
 
-def centre_boxes(prob: torch.Tensor, log_size: torch.Tensor, offset: torch.Tensor, stride: int, threshold: float,
-                 max_boxes: int, iou: float = 0.3, image_shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def centre_boxes(
+    prob: torch.Tensor,
+    log_size: torch.Tensor,
+    offset: torch.Tensor,
+    stride: int,
+    threshold: float,
+    max_boxes: int,
+    iou: float = 0.3,
+    image_shape: tuple[int, ...] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (N, 6) in window voxel edges and their scores (N,), highest first.
 
     prob (X, Y, Z) centre probabilities; log_size (3, X, Y, Z) log box edge lengths in voxels;
@@ -55,8 +63,9 @@ def centre_boxes(prob: torch.Tensor, log_size: torch.Tensor, offset: torch.Tenso
     return boxes[keep].astype(np.float32), s[keep].astype(np.float32)
 
 
-def centre_targets(boxes: np.ndarray, grid: tuple[int, int, int], stride: int,
-                   min_sigma: float = 0.6) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def centre_targets(
+    boxes: np.ndarray, grid: tuple[int, int, int], stride: int, min_sigma: float = 0.6
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training targets for boxes (M, 6) in window voxel edges on an output grid of ``grid`` cells.
 
     Returns heat (X, Y, Z) Gaussian bumps peaking at 1 on each centre cell (sigma per axis a

@@ -27,8 +27,16 @@ from .termination import TERM
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
 
-STATUS_STYLE = {"complete": "green", "resumed": "cyan", "skipped": "yellow", "failed": "red",
-                "incomplete": "magenta", "damaged": "red", "interrupted": "yellow", "abandoned": "red"}
+STATUS_STYLE = {
+    "complete": "green",
+    "resumed": "cyan",
+    "skipped": "yellow",
+    "failed": "red",
+    "incomplete": "magenta",
+    "damaged": "red",
+    "interrupted": "yellow",
+    "abandoned": "red",
+}
 
 
 def esc(value: Any) -> str:
@@ -101,7 +109,9 @@ class _Cli(click.Group):
 @click.group(cls=_Cli)
 @click.version_option(__version__, prog_name="mrfm")
 @click.option("--debug", is_flag=True, help="Show tracebacks for expected errors too.")
-@click.option("--disable-plugins", metavar="NAMES", help="Comma-separated plugins to leave out (as MRFM_DISABLE_PLUGINS).")
+@click.option(
+    "--disable-plugins", metavar="NAMES", help="Comma-separated plugins to leave out (as MRFM_DISABLE_PLUGINS)."
+)
 @click.pass_context
 def cli(ctx, debug, disable_plugins) -> None:
     """mrfm: run a frozen 3D MRI foundation model and its heads over DICOM/NIfTI archives.
@@ -121,6 +131,7 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
 def _plain_warnings() -> None:
     """Library warnings (a plugin that could not be loaded, ...) as one ``warning:`` line each,
     not Python's file:line form that quotes engine source."""
+
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         err_console.print(f"[yellow]warning:[/] {esc(str(message))}", highlight=False)
 
@@ -150,31 +161,53 @@ class _Reporter:
             err_console.print(f"[yellow]warning:[/] {esc(event['message'])}", highlight=False)
         elif kind == "scan":
             skipped = f", {event['skipped_files']} file(s) skipped (see warnings)" if event.get("skipped_files") else ""
-            found = "listing series as the PACS answers" if event["series"] is None else f"found {event['series']} series in {event['studies']} studies"
-            err_console.print(f"{found}{skipped}; backend [bold]{esc(event['backend'])}[/] ({esc(event['backend_reason'])})", highlight=False)
+            found = (
+                "listing series as the PACS answers"
+                if event["series"] is None
+                else f"found {event['series']} series in {event['studies']} studies"
+            )
+            err_console.print(
+                f"{found}{skipped}; backend [bold]{esc(event['backend'])}[/] ({esc(event['backend_reason'])})",
+                highlight=False,
+            )
             self.study_total = "?" if event["studies"] is None else event["studies"]
             self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("studies {task.fields[studies]}"), TextColumn("{task.fields[rate]} vol/s"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console, transient=False,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("studies {task.fields[studies]}"),
+                TextColumn("{task.fields[rate]} vol/s"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=False,
             )
             self.progress.start()
-            self.task = self.progress.add_task("series", total=event["series"], studies=f"0/{self.study_total}", rate="-")
+            self.task = self.progress.add_task(
+                "series", total=event["series"], studies=f"0/{self.study_total}", rate="-"
+            )
         elif kind == "head" and self.progress is not None:
             # a slow or stuck head is visible: the bar names the head and batch being run
             if event.get("state") == "started":
                 self.progress.update(self.task, description=f"{esc(event['head'])} batch {event.get('batch')}")
             elif event.get("state") in ("failed", "over budget"):
-                self.progress.console.print(f"[red]{esc(event['state'])}[/] {esc(event.get('reason') or event['head'])}", highlight=False)
+                self.progress.console.print(
+                    f"[red]{esc(event['state'])}[/] {esc(event.get('reason') or event['head'])}", highlight=False
+                )
             else:
                 self.progress.update(self.task, description="series")
         elif kind == "series" and self.progress is not None:
             self.done += 1
             self.studies[event["study"]] = self.studies.get(event["study"], 0) + 1
             rate = self.done / max(time.perf_counter() - self.t0, 1e-6)
-            self.progress.update(self.task, advance=1, studies=f"{len(self.studies)}/{self.study_total}", rate=f"{rate:.2f}")
+            self.progress.update(
+                self.task, advance=1, studies=f"{len(self.studies)}/{self.study_total}", rate=f"{rate:.2f}"
+            )
             if event["status"] == "failed":
-                self.progress.console.print(f"[red]failed[/] {esc(event['key'])}: {esc(event['reason'])}", highlight=False)
+                self.progress.console.print(
+                    f"[red]failed[/] {esc(event['key'])}: {esc(event['reason'])}", highlight=False
+                )
         elif kind == "done":
             self.close()
 
@@ -185,7 +218,9 @@ class _Reporter:
 
 
 def _summary_table(summary: Any) -> Table:
-    table = Table(title=esc(f"run {summary.run_id} -> {summary.store}  ({summary.seconds:.1f} s, backend {summary.backend})"))
+    table = Table(
+        title=esc(f"run {summary.run_id} -> {summary.store}  ({summary.seconds:.1f} s, backend {summary.backend})")
+    )
     for col in ("series", "description", "status", "s", "reason"):
         table.add_column(col, overflow="fold")
     for r in sorted(summary.results, key=lambda r: (r.status != "failed", r.description, r.key)):
@@ -194,8 +229,10 @@ def _summary_table(summary: Any) -> Table:
     return table
 
 
-MAX_SERIES_BYTES_HELP = ("Memory budget for decoding one series, e.g. 2GiB or 512MiB (default: min(2 GiB, a quarter of RAM)); "
-                         "a series whose headers declare more fails, a file that inflates past it is skipped.")
+MAX_SERIES_BYTES_HELP = (
+    "Memory budget for decoding one series, e.g. 2GiB or 512MiB (default: min(2 GiB, a quarter of RAM)); "
+    "a series whose headers declare more fails, a file that inflates past it is skipped."
+)
 
 
 def _utf8(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -206,7 +243,9 @@ def _utf8(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                raise UsageError(f"{param.opts[0] if param.opts else param.name}: {ascii(item)} is not UTF-8 text") from None
+                raise UsageError(
+                    f"{param.opts[0] if param.opts else param.name}: {ascii(item)} is not UTF-8 text"
+                ) from None
     return value
 
 
@@ -222,39 +261,115 @@ class _Archive(click.ParamType):
 @cli.command()
 @click.argument("archive", nargs=-1, type=_Archive())
 @click.option("--out", "-o", type=click.Path(), help="Result store (Zarr v3 folder).")
-@click.option("--heads", "heads", multiple=True, callback=_utf8, help="Heads to run (repeatable or comma-separated; default: all installed).")
-@click.option("--model", type=click.Path(exists=True, file_okay=False), help="Model folder (default: the embedded model).")
-@click.option("--backend", default="auto", show_default=True, help="auto, torch, onnxruntime, torch-compile, tensorrt or a plugin's backend.")
+@click.option(
+    "--heads",
+    "heads",
+    multiple=True,
+    callback=_utf8,
+    help="Heads to run (repeatable or comma-separated; default: all installed).",
+)
+@click.option(
+    "--model", type=click.Path(exists=True, file_okay=False), help="Model folder (default: the embedded model)."
+)
+@click.option(
+    "--backend",
+    default="auto",
+    show_default=True,
+    help="auto, torch, onnxruntime, torch-compile, tensorrt or a plugin's backend.",
+)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--workers", type=click.IntRange(0), help="Loader processes (0 loads in-process; default: measured on the first batch, as many as keep the encoder fed, up to cores - 1; none on two cores or fewer).")
+@click.option(
+    "--workers",
+    type=click.IntRange(0),
+    help="Loader processes (0 loads in-process; default: measured on the first batch, as many as keep the encoder fed, up to cores - 1; none on two cores or fewer).",
+)
 @click.option("--query", "queries", multiple=True, callback=_utf8, help="Text query for grounding heads (repeatable).")
-@click.option("--job", type=click.Path(exists=True, dir_okay=False), help="Job file (schemas/job.schema.json); options given here override it.")
+@click.option(
+    "--job",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Job file (schemas/job.schema.json); options given here override it.",
+)
 @click.option("--overwrite", is_flag=True, help="Redo every series instead of resuming.")
-@click.option("--record-paths", is_flag=True, help="Record source file paths in the store (off: files are named by archive and index).")
-@click.option("--head-budget", "head_budgets", multiple=True, metavar="HEAD=SECONDS",
-              help="Time limit for one predict call of a head (repeatable); overrides its manifest.")
-@click.option("--default-head-budget", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Time limit for heads whose manifest declares none.")
-@click.option("--export", "exports", multiple=True, metavar="FORMAT",
-              help="Export each series as it completes (repeatable): dicom-seg, dicom-sr, nifti, ome-zarr, table.")
-@click.option("--export-dir", type=click.Path(file_okay=False), help="Where exports go (default: <out>-<format> beside the store).")
-@click.option("--executor", type=click.Choice(["local", "ray"]), help="Where the stages run: local (default) or ray (a Ray cluster; pip install 'mrfm[ray]').")
-@click.option("--ray-address", metavar="ADDR", help="Ray cluster to run on (auto: the one `ray start` joined this machine to; default: start one here).")
-@click.option("--ray-actors", type=click.IntRange(1), metavar="N",
-              help="Inference actors on Ray (default: one per GPU, or one per two CPUs where there is none).")
-@click.option("--force", is_flag=True, help="Run heads named in --heads even if they were fit on another encoder (recorded).")
+@click.option(
+    "--record-paths",
+    is_flag=True,
+    help="Record source file paths in the store (off: files are named by archive and index).",
+)
+@click.option(
+    "--head-budget",
+    "head_budgets",
+    multiple=True,
+    metavar="HEAD=SECONDS",
+    help="Time limit for one predict call of a head (repeatable); overrides its manifest.",
+)
+@click.option(
+    "--default-head-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Time limit for heads whose manifest declares none.",
+)
+@click.option(
+    "--export",
+    "exports",
+    multiple=True,
+    metavar="FORMAT",
+    help="Export each series as it completes (repeatable): dicom-seg, dicom-sr, nifti, ome-zarr, table.",
+)
+@click.option(
+    "--export-dir",
+    type=click.Path(file_okay=False),
+    help="Where exports go (default: <out>-<format> beside the store).",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    help="Where the stages run: local (default) or ray (a Ray cluster; pip install 'mrfm[ray]').",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    help="Ray cluster to run on (auto: the one `ray start` joined this machine to; default: start one here).",
+)
+@click.option(
+    "--ray-actors",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Inference actors on Ray (default: one per GPU, or one per two CPUs where there is none).",
+)
+@click.option(
+    "--force", is_flag=True, help="Run heads named in --heads even if they were fit on another encoder (recorded)."
+)
 @click.option("--max-series-bytes", metavar="SIZE", help=MAX_SERIES_BYTES_HELP)
 @click.option("--log-json", is_flag=True, help="JSON-lines progress on stderr even on a terminal.")
-@click.option("--where", "where", multiple=True, metavar="KEYWORD=VALUE",
-              help="PACS query key (repeatable), e.g. Modality=MR, StudyDate=20240101-20241231, StudyInstanceUID=...")
+@click.option(
+    "--where",
+    "where",
+    multiple=True,
+    metavar="KEYWORD=VALUE",
+    help="PACS query key (repeatable), e.g. Modality=MR, StudyDate=20240101-20241231, StudyInstanceUID=...",
+)
 @click.option("--ae-title", default="MRFM", show_default=True, help="Calling AE title for dimse:// sources and --to.")
 @click.option("--move", is_flag=True, help="dimse://: fetch with C-MOVE to mrfm's own storage SCP instead of C-GET.")
-@click.option("--move-port", default=11113, show_default=True, type=click.IntRange(1, 65535),
-              help="Port of that storage SCP (the PACS must know --ae-title at this host and port).")
-@click.option("--to", "export_to", metavar="URL",
-              help="Send each --export (dicom-seg, dicom-sr) to a PACS as its series completes: dicomweb+http(s)://... or dimse://AE@host:port.")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Keep an HTML report of the store in this folder, updated as series complete.")
+@click.option(
+    "--move-port",
+    default=11113,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port of that storage SCP (the PACS must know --ae-title at this host and port).",
+)
+@click.option(
+    "--to",
+    "export_to",
+    metavar="URL",
+    help="Send each --export (dicom-seg, dicom-sr) to a PACS as its series completes: dicomweb+http(s)://... or dimse://AE@host:port.",
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False),
+    help="Keep an HTML report of the store in this folder, updated as series complete.",
+)
 def run(log_json, report_dir, **flags) -> None:
     """Run the model and heads over ARCHIVE (folders, .zip files, NIfTI files) into a store.
 
@@ -268,7 +383,9 @@ def run(log_json, report_dir, **flags) -> None:
 
     ctx = click.get_current_context()
     # only the flags given here: a job file's value stands where a flag is left out
-    plan = plan_from_flags({k: v for k, v in flags.items() if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)})
+    plan = plan_from_flags(
+        {k: v for k, v in flags.items() if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    )
     out = plan.out
     reporter = _Reporter(log_json or not sys.stderr.isatty())
     live = None
@@ -283,6 +400,7 @@ def run(log_json, report_dir, **flags) -> None:
         reporter(event)
         if live is not None:
             live(event)
+
     try:
         summary = execute_plan(plan, on_event=on_event)
     finally:
@@ -295,7 +413,9 @@ def run(log_json, report_dir, **flags) -> None:
     counts = {s: summary.count(s) for s in ("complete", "resumed", "skipped", "failed")}
     line = " ".join(f"[{STATUS_STYLE[s]}]{s} {n}[/]" for s, n in counts.items())
     if summary.skipped_files:
-        line += f"  [yellow]files skipped {summary.skipped_files}[/] (reasons in the warnings above and in the run record)"
+        line += (
+            f"  [yellow]files skipped {summary.skipped_files}[/] (reasons in the warnings above and in the run record)"
+        )
     if summary.out_of_distribution:
         line += f"  [magenta]out of distribution {summary.out_of_distribution}[/] (outputs written; unlike the model's training data)"
     if summary.interrupted:
@@ -314,10 +434,18 @@ def scan(archive, as_json, record_paths, max_series_bytes) -> None:
     """List the studies and series found in ARCHIVE, reading headers only."""
     from .discover import scan as scan_archive  # loaded when the command runs (start-up time)
 
-    result = scan_archive(list(archive), max_series_bytes=max_series_bytes, **({"record_paths": True} if record_paths else {}))
+    result = scan_archive(
+        list(archive), max_series_bytes=max_series_bytes, **({"record_paths": True} if record_paths else {})
+    )
     skipped = [{"source": k.source, "kind": k.kind, "reason": k.reason} for k in getattr(result, "skipped", [])]
     if as_json:
-        click.echo(json.dumps({"series": [_ref_dict(r) for r in result.series], "skipped": skipped, "warnings": result.warnings}, indent=2, default=str))
+        click.echo(
+            json.dumps(
+                {"series": [_ref_dict(r) for r in result.series], "skipped": skipped, "warnings": result.warnings},
+                indent=2,
+                default=str,
+            )
+        )
         return
     table = Table(title=f"{len(result.series)} series in {len({r.study_uid for r in result.series})} studies")
     for col in ("study", "series", "modality", "description", "dims", "slices", "orientation", "problems"):
@@ -325,8 +453,16 @@ def scan(archive, as_json, record_paths, max_series_bytes) -> None:
     for r in sorted(result.series, key=lambda r: (r.study_uid, r.series_uid)):
         dims = "x".join(str(d) for d in r.dims) if r.dims else "?"
         problems = "; ".join(r.problems)
-        table.add_row(esc(short(r.study_uid, 10)), esc(short(r.key)), esc(r.modality), esc(r.description), dims, str(r.n_slices),
-                      esc(r.orientation), f"[red]{esc(problems)}[/]" if problems else "")
+        table.add_row(
+            esc(short(r.study_uid, 10)),
+            esc(short(r.key)),
+            esc(r.modality),
+            esc(r.description),
+            dims,
+            str(r.n_slices),
+            esc(r.orientation),
+            f"[red]{esc(problems)}[/]" if problems else "",
+        )
     from .dicom.frames import PHI_RULE  # loaded when the command runs (start-up time)
 
     table.caption = f"descriptions: {esc(PHI_RULE)}"
@@ -338,7 +474,21 @@ def scan(archive, as_json, record_paths, max_series_bytes) -> None:
 
 
 def _ref_dict(ref: Any) -> dict[str, Any]:
-    return {k: getattr(ref, k) for k in ("key", "reader", "study_uid", "series_uid", "modality", "description", "dims", "n_slices", "orientation", "problems")} | {"sources": len(ref.sources)}
+    return {
+        k: getattr(ref, k)
+        for k in (
+            "key",
+            "reader",
+            "study_uid",
+            "series_uid",
+            "modality",
+            "description",
+            "dims",
+            "n_slices",
+            "orientation",
+            "problems",
+        )
+    } | {"sources": len(ref.sources)}
 
 
 @cli.command("demo-archive")
@@ -352,9 +502,11 @@ def demo_archive(directory, studies, seed) -> None:
     t = time.perf_counter()
     manifest = write_demo_archive(Path(directory), studies=studies, seed=seed)
     # plain text: paths may hold brackets, and a command to copy must not be wrapped
-    click.echo(f"wrote {_plural(len(manifest.studies), 'study', 'studies')} ({len(manifest.series)} series) in {time.perf_counter() - t:.1f} s: "
-               f"DICOM in {manifest.dicom_root}, ground truth in {manifest.path.parent}\n"
-               f"next: mrfm run {shlex.quote(str(manifest.dicom_root))} --out results.zarr")
+    click.echo(
+        f"wrote {_plural(len(manifest.studies), 'study', 'studies')} ({len(manifest.series)} series) in {time.perf_counter() - t:.1f} s: "
+        f"DICOM in {manifest.dicom_root}, ground truth in {manifest.path.parent}\n"
+        f"next: mrfm run {shlex.quote(str(manifest.dicom_root))} --out results.zarr"
+    )
 
 
 # ---- plugins and heads -------------------------------------------------------------------------
@@ -379,7 +531,9 @@ def plugins(as_json) -> None:
         for head, reason in sorted(p.get("broken", {}).items()):
             hooks += f"\n[red]broken head {esc(head)}: {esc(reason)}[/]"
         version = __version__ if p["default"] else (p["version"] or "")
-        table.add_row(esc(p["name"]), hooks, esc("default" if p["default"] else (p["package"] or "registered")), esc(version))
+        table.add_row(
+            esc(p["name"]), hooks, esc("default" if p["default"] else (p["package"] or "registered")), esc(version)
+        )
     console.print(table)
 
 
@@ -396,7 +550,9 @@ def heads(ctx) -> None:
         m = reg.obj.manifest()
         outs = ", ".join(f"{o['name']} ({o['kind']})" for o in m["outputs"])
         reads = [*(["image"] if m["inputs"].get("image") else []), *m["inputs"]["features"]]
-        table.add_row(esc(name), esc(m["version"]), esc(m["inputs"]["view"]), esc(", ".join(reads)), esc(outs), esc(reg.plugin))
+        table.add_row(
+            esc(name), esc(m["version"]), esc(m["inputs"]["view"]), esc(", ".join(reads)), esc(outs), esc(reg.plugin)
+        )
     for name, b in sorted(get_broken_heads().items()):
         table.add_row(esc(name), "[red]broken[/]", "", "", f"[red]{esc(b.reason)}[/]", esc(b.plugin))
     console.print(table)
@@ -414,13 +570,21 @@ def heads_show(name) -> None:
     if name not in registry:
         raise click.UsageError(f"no head named {name!r}; installed: {', '.join(sorted(registry))}")
     cls = registry[name].obj
-    console.print_json(json.dumps({"plugin": registry[name].plugin, "weights": str(cls.weights_path()), "manifest": cls.manifest()}))
+    console.print_json(
+        json.dumps({"plugin": registry[name].plugin, "weights": str(cls.weights_path()), "manifest": cls.manifest()})
+    )
 
 
 @cli.command("new-head")
 @click.argument("name")
-@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
-              help="Folder to create the package folder NAME in.")
+@click.option(
+    "--dir",
+    "directory",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder to create the package folder NAME in.",
+)
 def new_head(name, directory) -> None:
     """Write a ready head package: pyproject with the entry point, manifest, head, README, test."""
     from .templates import new_head_package  # loaded when the command runs (start-up time)
@@ -446,23 +610,35 @@ def inspect(store, as_json, limit) -> None:
         click.echo(json.dumps(info, indent=2, default=str))
         return
     fmt, model = info.get("format") or {}, info.get("model") or {}
-    console.print(f"[bold]{esc(info['path'])}[/]  format {esc(fmt.get('format_version'))}  mrfm {esc(fmt.get('version'))}")
+    console.print(
+        f"[bold]{esc(info['path'])}[/]  format {esc(fmt.get('format_version'))}  mrfm {esc(fmt.get('version'))}"
+    )
     console.print(f"model {esc(model.get('name'))} {esc(str(model.get('fingerprint') or '')[:23])}…")
     counts = info.get("series") or {}
     console.print("series: " + (", ".join(f"{styled(k)} {v}" for k, v in sorted(counts.items())) or "none"))
     flagged = {r: n for r, n in (info.get("out_of_distribution") or {}).items() if n}
     if flagged:
-        console.print("[magenta]" + "; ".join(f"out of distribution {n} (run {esc(r)})" for r, n in flagged.items()) + "[/]")
+        console.print(
+            "[magenta]" + "; ".join(f"out of distribution {n} (run {esc(r)})" for r, n in flagged.items()) + "[/]"
+        )
     table = Table(title="runs")
     for col in ("run", "status", "backend", "heads", "series", "seconds"):
         table.add_column(col, overflow="fold")
     for run_id, attrs in s.runs().items():
         c = attrs.get("counts") or {}
-        counts = " ".join(f"[{STATUS_STYLE[k]}]{k} {c[k]}[/]" for k in STATUS_STYLE if isinstance(c.get(k), int) and c.get(k))
+        counts = " ".join(
+            f"[{STATUS_STYLE[k]}]{k} {c[k]}[/]" for k in STATUS_STYLE if isinstance(c.get(k), int) and c.get(k)
+        )
         if c.get("out_of_distribution"):
             counts += f" [magenta]out of distribution {c['out_of_distribution']}[/]"
-        table.add_row(esc(run_id), styled(attrs.get("status", "")), esc((attrs.get("backend") or {}).get("name", "")),
-                      esc(", ".join(attrs.get("heads") or {})), counts, esc((attrs.get("timings") or {}).get("seconds", "")))
+        table.add_row(
+            esc(run_id),
+            styled(attrs.get("status", "")),
+            esc((attrs.get("backend") or {}).get("name", "")),
+            esc(", ".join(attrs.get("heads") or {})),
+            counts,
+            esc((attrs.get("timings") or {}).get("seconds", "")),
+        )
     console.print(table)
     table = Table(title="series")
     for col in ("series", "description", "orientation", "shape", "status", "outputs / reason"):
@@ -479,13 +655,24 @@ def inspect(store, as_json, limit) -> None:
         outputs = sum(len(h.get("outputs") or []) for h in heads.values() if isinstance(h, dict))
         detail = attrs.get("reason") or f"{_plural(outputs, 'output')} from {_plural(len(heads), 'head')}"
         if (attrs.get("distribution") or {}).get("out_of_distribution"):
-            detail += f" (out of distribution: score {attrs['distribution']['score']} > {attrs['distribution']['threshold']})"
-        table.add_row(esc(short(key)), esc(attrs.get("description", "")), esc(geo.get("orientation", "")),
-                      "x".join(map(str, geo.get("shape") or [])), styled(attrs.get("status")), esc(detail))
+            detail += (
+                f" (out of distribution: score {attrs['distribution']['score']} > {attrs['distribution']['threshold']})"
+            )
+        table.add_row(
+            esc(short(key)),
+            esc(attrs.get("description", "")),
+            esc(geo.get("orientation", "")),
+            "x".join(map(str, geo.get("shape") or [])),
+            styled(attrs.get("status")),
+            esc(detail),
+        )
     console.print(table)
     if info.get("index"):
         source = info["index"].get("embedding_source")
-        console.print(f"index: {esc(info['index'].get('count'))} series, " + (f"embeddings from {esc(source)}" if source else "no embeddings"))
+        console.print(
+            f"index: {esc(info['index'].get('count'))} series, "
+            + (f"embeddings from {esc(source)}" if source else "no embeddings")
+        )
 
 
 def _open_existing(path: str, opener: Any) -> Any:
@@ -524,7 +711,11 @@ def validate(store, deep) -> None:
 @click.option("--like", callback=_utf8, help="Find series similar to this series key.")
 @click.option("--report", type=click.Path(exists=True, dir_okay=False), help="Find series matching a report file.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--model", type=click.Path(exists=True, file_okay=False), help="Model folder for encoding text (default: the store's).")
+@click.option(
+    "--model",
+    type=click.Path(exists=True, file_okay=False),
+    help="Model folder for encoding text (default: the store's).",
+)
 def search(store, text, like, report, k, model) -> None:
     """Rank the store's series by similarity to TEXT, --like SERIES or --report FILE."""
     from .search import search as run_search  # loaded when the command runs (start-up time)
@@ -541,7 +732,9 @@ def search(store, text, like, report, k, model) -> None:
     for col in ("rank", "score", "series", "study", "description"):
         table.add_column(col)
     for i, h in enumerate(hits, 1):
-        table.add_row(str(i), f"{h.score:.4f}", esc(short(h.series_key, 20)), esc(short(h.study_uid, 10)), esc(h.description))
+        table.add_row(
+            str(i), f"{h.score:.4f}", esc(short(h.series_key, 20)), esc(short(h.study_uid, 10)), esc(h.description)
+        )
     console.print(table)
 
 

@@ -180,7 +180,7 @@ SKIP_KINDS = {
     "zip-traversal": "a zip member named with '..' or an absolute path",
     "encrypted": "an encrypted zip member",
     "too-large": f"a zip member declared larger than ZIP_MEMBER_MAX_BYTES ({ZIP_MEMBER_MAX_BYTES} bytes), or a file "
-                 "whose header cannot be read within the memory budget (a Deflated DICOM or .gz bomb)",
+    "whose header cannot be read within the memory budget (a Deflated DICOM or .gz bomb)",
     "zip-bomb": f"a zip member past {ZIP_RATIO_MIN_BYTES} bytes compressed more than {ZIP_MAX_RATIO}:1",
     "nested-zip": "a zip archive inside a zip archive (not scanned)",
     "empty": "an empty file",
@@ -289,8 +289,7 @@ class _Inventory:
         if self._hidden:
             n = len(self._hidden)
             self.warnings.append(
-                f"{n} hidden file(s) or folder(s) ignored (names starting with '.' or __MACOSX), "
-                f"e.g. {self._hidden[0]}"
+                f"{n} hidden file(s) or folder(s) ignored (names starting with '.' or __MACOSX), e.g. {self._hidden[0]}"
             )
 
     # ------------------------------------------------------------------ walking
@@ -331,7 +330,9 @@ class _Inventory:
         try:
             zf = zipfile.ZipFile(path)
         except _ZIP_ERRORS as exc:
-            self.skip(zip_label, "corrupt-zip", f"unreadable zip archive ({_reason(exc, Source(path, None, zip_label))})")
+            self.skip(
+                zip_label, "corrupt-zip", f"unreadable zip archive ({_reason(exc, Source(path, None, zip_label))})"
+            )
             return
         with zf:
             names: set[str] = set()
@@ -396,7 +397,9 @@ class _Walk:
         for entry in entries:
             yield from self.entry(Path(entry.path), entry, os.path.join(real, entry.name), parents)
 
-    def entry(self, path: Path, entry: os.DirEntry, real: str, parents: tuple[str, ...]) -> Iterator[tuple[Source, bytes]]:
+    def entry(
+        self, path: Path, entry: os.DirEntry, real: str, parents: tuple[str, ...]
+    ) -> Iterator[tuple[Source, bytes]]:
         if _hidden(entry.name):
             self.inv.skip(self._label(path), "hidden", "hidden")
             return
@@ -412,7 +415,9 @@ class _Walk:
                 self.inv.skip(self._label(path), "broken-symlink", "symlink to nothing (broken or circular)")
                 return
             if not _inside(real, self.real_root):
-                self.inv.skip(self._label(path), "symlink-outside", "symlink to a place outside the archive; not followed")
+                self.inv.skip(
+                    self._label(path), "symlink-outside", "symlink to a place outside the archive; not followed"
+                )
                 return
             is_dir = os.path.isdir(real)
         if is_dir:
@@ -425,9 +430,13 @@ class _Walk:
         self.files[real] = label
         yield from self.inv.file(path, label)
 
-    def subfolder(self, path: Path, real: str, parents: tuple[str, ...], is_link: bool) -> Iterator[tuple[Source, bytes]]:
+    def subfolder(
+        self, path: Path, real: str, parents: tuple[str, ...], is_link: bool
+    ) -> Iterator[tuple[Source, bytes]]:
         if real in parents:
-            self.inv.skip(self._label(path), "symlink-loop", "symlinked folder leads back to a parent folder; not followed")
+            self.inv.skip(
+                self._label(path), "symlink-loop", "symlinked folder leads back to a parent folder; not followed"
+            )
             return
         if real in self.dirs:
             self.inv.skip(self._label(path), "already-seen", "folder already scanned under another name")
@@ -440,7 +449,11 @@ class _Walk:
 
 
 def iter_sources(
-    paths: Iterable[str | Path], warnings: list[str], skipped: list[Skipped] | None = None, *, record_paths: bool = False
+    paths: Iterable[str | Path],
+    warnings: list[str],
+    skipped: list[Skipped] | None = None,
+    *,
+    record_paths: bool = False,
 ) -> Iterator[tuple[Source, bytes]]:
     """Every candidate file under ``paths`` with its first bytes; skips go to ``warnings`` (and
     ``skipped`` when given)."""
@@ -458,8 +471,13 @@ def _readers() -> dict[str, Any]:
     return {name: reg.obj for name, reg in sorted(get_readers().items())}
 
 
-def scan(paths: Iterable[str | Path], *, with_patient_age: bool = False, record_paths: bool = False,
-         max_series_bytes: int | str | None = None) -> ScanResult:
+def scan(
+    paths: Iterable[str | Path],
+    *,
+    with_patient_age: bool = False,
+    record_paths: bool = False,
+    max_series_bytes: int | str | None = None,
+) -> ScanResult:
     """Find every DICOM/NIfTI series under ``paths`` (files, folders, zip archives).
 
     Never raises on bad input: every file that no series uses is in ``skipped`` (and a line in
@@ -511,7 +529,9 @@ def _scan(paths: Iterable[str | Path], with_patient_age: bool, record_paths: boo
     used = {s for ref in series for s in ref.sources}
     for source in read:
         if source not in used:
-            inv.skip(str(source), "left-out", "read, but part of no series (e.g. a second copy of one image)", counted=False)
+            inv.skip(
+                str(source), "left-out", "read, but part of no series (e.g. a second copy of one image)", counted=False
+            )
     inv.finish()
     return ScanResult(series, inv.warnings, inv.skipped, inv.seen, inv.locations)
 

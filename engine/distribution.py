@@ -48,10 +48,13 @@ def pooled_dim(embed_dim: int, n_layers: int, pooling: str) -> int:
 
 def pooled_features(features: list[Features], pooling: str = POOLING) -> np.ndarray:
     """Pooled vector of a view, averaged over its windows (a global view has one)."""
+
     def arr(t: Any) -> np.ndarray:
         return t.detach().float().cpu().numpy()
 
-    vecs = [pooled(arr(f.cls), arr(f.tokens), {i: arr(t) for i, t in (f.layers or {}).items()}, pooling) for f in features]
+    vecs = [
+        pooled(arr(f.cls), arr(f.tokens), {i: arr(t) for i, t in (f.layers or {}).items()}, pooling) for f in features
+    ]
     return np.mean(vecs, axis=0)
 
 
@@ -75,7 +78,11 @@ class DistributionModel:
         if not np.all(np.isfinite(vector)):  # features no training series ever had
             return {"score": None, "threshold": round(self.threshold, 4), "out_of_distribution": True}
         s = self.score(vector)
-        return {"score": round(s, 4), "threshold": round(self.threshold, 4), "out_of_distribution": bool(s > self.threshold)}
+        return {
+            "score": round(s, 4),
+            "threshold": round(self.threshold, 4),
+            "out_of_distribution": bool(s > self.threshold),
+        }
 
 
 def load_distribution(card: dict[str, Any], folder: str | Path) -> DistributionModel | None:
@@ -97,12 +104,16 @@ def load_distribution(card: dict[str, Any], folder: str | Path) -> DistributionM
     dim = pooled_dim(int(card["encoder"]["embed_dim"]), len(card["encoder"].get("feature_layers") or []), pooling)
     if mean is None or precision is None or mean.shape != (dim,) or precision.shape != (dim, dim):
         raise ValueError(f"distribution statistics {path} must hold 'mean' ({dim},) and 'precision' ({dim}, {dim})")
-    return DistributionModel(mean.astype(np.float64), precision.astype(np.float64), float(section["threshold"]), pooling)
+    return DistributionModel(
+        mean.astype(np.float64), precision.astype(np.float64), float(section["threshold"]), pooling
+    )
 
 
 def unscored_warning(model_name: str) -> str:
-    return (f"model {model_name!r} has no distribution statistics: every series records distribution score null "
-            "(mrfm model calibrate MODEL ARCHIVE computes them)")
+    return (
+        f"model {model_name!r} has no distribution statistics: every series records distribution score null "
+        "(mrfm model calibrate MODEL ARCHIVE computes them)"
+    )
 
 
 def distribution_for(model: Any) -> tuple[DistributionModel | None, list[str]]:

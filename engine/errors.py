@@ -92,8 +92,6 @@ class SourceError(MrfmError):
     exit_code = EXIT_USAGE
 
 
-
-
 class LoadError(InputError):
     """A series (or one of its files) cannot be turned into a volume; the message says which
     file and why."""
@@ -137,8 +135,9 @@ class GroupsError(ValueError):
     caller reads the file with pydicom instead (never reaches a user)."""
 
 
-def one_line(exc: BaseException, *, named: bool = False, limit: int = 300, fold: bool = False,
-             message: str | None = None) -> str:
+def one_line(
+    exc: BaseException, *, named: bool = False, limit: int = 300, fold: bool = False, message: str | None = None
+) -> str:
     """The one-line reason for ``exc``: the first line of its message (``fold``: the whole message
     with its white space folded), at most ``limit`` characters; ``named`` puts the type's name in
     front. An empty message gives the type's name alone. ``message`` replaces ``str(exc)`` when
@@ -152,8 +151,30 @@ def one_line(exc: BaseException, *, named: bool = False, limit: int = 300, fold:
 
 
 __all__ = [
-    "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SERIES_FAILED", "EXIT_STORE", "EXIT_USAGE",
-    "BackendUnavailable", "DiskFull", "GeometryError", "GroupsError", "HeadBudgetExceeded", "HeadError", "HeadOutputError", "HeadRunError",
-    "InputError", "LoadError", "MrfmError", "NodeUnreadable", "OverBudget", "SkipSeries", "SourceError", "StackError", "StoreError",
-    "StoreLocked", "UsageError", "ViewError", "one_line",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_SERIES_FAILED",
+    "EXIT_STORE",
+    "EXIT_USAGE",
+    "BackendUnavailable",
+    "DiskFull",
+    "GeometryError",
+    "GroupsError",
+    "HeadBudgetExceeded",
+    "HeadError",
+    "HeadOutputError",
+    "HeadRunError",
+    "InputError",
+    "LoadError",
+    "MrfmError",
+    "NodeUnreadable",
+    "OverBudget",
+    "SkipSeries",
+    "SourceError",
+    "StackError",
+    "StoreError",
+    "StoreLocked",
+    "UsageError",
+    "ViewError",
+    "one_line",
 ]

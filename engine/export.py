@@ -92,9 +92,17 @@ class ExportContext:
     ``archive`` given) are scanned once, header-only, and series matched by SeriesInstanceUID.
     """
 
-    def __init__(self, store: Any, out_dir: Path, fmt: str, *, heads: Iterable[str] | None = None,
-                 archive: Iterable[str | Path] | None = None, options: dict[str, Any] | None = None,
-                 manifest: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        store: Any,
+        out_dir: Path,
+        fmt: str,
+        *,
+        heads: Iterable[str] | None = None,
+        archive: Iterable[str | Path] | None = None,
+        options: dict[str, Any] | None = None,
+        manifest: dict[str, Any] | None = None,
+    ):
         self.store = store
         self.out_dir = Path(out_dir)
         self.format = fmt
@@ -193,7 +201,9 @@ class ExportContext:
                 break
             if root in self._scanned:
                 continue
-            from .discover import scan  # exports load the store and readers when they run; plugins import this module for its types
+            from .discover import (
+                scan,
+            )  # exports load the store and readers when they run; plugins import this module for its types
 
             self._scanned.add(root)
             for ref in scan([root]).series:
@@ -210,13 +220,17 @@ class ExportContext:
             ref = self._refs[key] = self._refs[attrs.get("series_uid") or key] = materialise(ref, self._spools)
         if ref is None:
             where = "--archive" if self.archive else "the archive roots recorded in the store's runs"
-            refused = f" (not searched: {'; '.join(self.refused_roots)})" if self.refused_roots and not self.archive else ""
+            refused = (
+                f" (not searched: {'; '.join(self.refused_roots)})" if self.refused_roots and not self.archive else ""
+            )
             raise UsageError(f"series {key}: its source files are not under {where}{refused}; pass --archive")
         return ref
 
     def volume(self, key: str) -> Any:
         """The source series loaded as an engine Volume (image data and affine)."""
-        from .discover import load  # exports load the store and readers when they run; plugins import this module for its types
+        from .discover import (
+            load,
+        )  # exports load the store and readers when they run; plugins import this module for its types
 
         return load(self.source(key))
 
@@ -236,7 +250,11 @@ def _read_manifest(out_dir: Path) -> dict[str, Any]:
         data = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {"version": MANIFEST_VERSION, "formats": {}}
-    return data if isinstance(data, dict) and isinstance(data.get("formats"), dict) else {"version": MANIFEST_VERSION, "formats": {}}
+    return (
+        data
+        if isinstance(data, dict) and isinstance(data.get("formats"), dict)
+        else {"version": MANIFEST_VERSION, "formats": {}}
+    )
 
 
 def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
@@ -255,17 +273,28 @@ def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
 def export_fingerprint(exporter: Exporter, ctx: ExportContext, key: str) -> str:
     """What an export depends on: exporter and version, the series' head records, heads and options."""
     attrs = ctx.attrs(key)
-    heads = {h: {"fingerprint": r.get("fingerprint"), "run_id": r.get("run_id")}
-             for h, r in sorted((attrs.get("heads") or {}).items())
-             if isinstance(r, dict) and (ctx.heads is None or h in ctx.heads)}
-    basis = {"format": exporter.name, "version": getattr(exporter, "version", "0"), "series": attrs.get("fingerprint"),
-             "written": attrs.get("written"), "heads": heads, "options": ctx.options}
+    heads = {
+        h: {"fingerprint": r.get("fingerprint"), "run_id": r.get("run_id")}
+        for h, r in sorted((attrs.get("heads") or {}).items())
+        if isinstance(r, dict) and (ctx.heads is None or h in ctx.heads)
+    }
+    basis = {
+        "format": exporter.name,
+        "version": getattr(exporter, "version", "0"),
+        "series": attrs.get("fingerprint"),
+        "written": attrs.get("written"),
+        "heads": heads,
+        "options": ctx.options,
+    }
     return "sha256:" + json_digest(basis)
 
 
 def _up_to_date(record: dict[str, Any] | None, fp: str, out_dir: Path) -> bool:
-    return (isinstance(record, dict) and record.get("fingerprint") == fp
-            and all(_within(out_dir, f) and (out_dir / f).exists() for f in record.get("files", [])))
+    return (
+        isinstance(record, dict)
+        and record.get("fingerprint") == fp
+        and all(_within(out_dir, f) and (out_dir / f).exists() for f in record.get("files", []))
+    )
 
 
 def _within(out_dir: Path, name: Any) -> bool:
@@ -290,10 +319,22 @@ class ExportSession:
     completes); :func:`export` is the batch form.
     """
 
-    def __init__(self, store: Any, fmt: str, out_dir: str | Path, *, heads: Iterable[str] | None = None,
-                 archive: Iterable[str | Path] | None = None, options: dict[str, Any] | None = None,
-                 on_event: Callable[[SeriesExport], None] | None = None, to: str | None = None):
-        from .store import ResultStore, open_store  # exports load the store and readers when they run; plugins import this module for its types
+    def __init__(
+        self,
+        store: Any,
+        fmt: str,
+        out_dir: str | Path,
+        *,
+        heads: Iterable[str] | None = None,
+        archive: Iterable[str | Path] | None = None,
+        options: dict[str, Any] | None = None,
+        on_event: Callable[[SeriesExport], None] | None = None,
+        to: str | None = None,
+    ):
+        from .store import (
+            ResultStore,
+            open_store,
+        )  # exports load the store and readers when they run; plugins import this module for its types
 
         self.store = store if isinstance(store, ResultStore) else open_store(store, "r")
         self.exporter = get_exporter(fmt)
@@ -314,8 +355,9 @@ class ExportSession:
         self.manifest = _read_manifest(self.out_dir)
         if not (self.out_dir / MANIFEST).exists():  # claimed at once: a later export knows the folder is mrfm's
             _write_manifest(self.out_dir, self.manifest)
-        self.ctx = ExportContext(self.store, self.out_dir, fmt, heads=heads, archive=archive, options=options,
-                                 manifest=self.manifest)
+        self.ctx = ExportContext(
+            self.store, self.out_dir, fmt, heads=heads, archive=archive, options=options, manifest=self.manifest
+        )
         self.on_event = on_event
         self.results: list[SeriesExport] = []
         self._t0 = time.perf_counter()
@@ -369,14 +411,17 @@ class ExportSession:
             return SeriesExport(key, "failed", reason=one_line(exc, named=True))
         self._records[key] = {"fingerprint": fp, "files": files, "exported": _now()}
         _write_manifest(self.out_dir, self.manifest)
-        return SeriesExport(key, "exported" if files else "skipped", files=files,
-                            reason=None if files else "no output of this kind")
+        return SeriesExport(
+            key, "exported" if files else "skipped", files=files, reason=None if files else "no output of this kind"
+        )
 
     def _send(self, key: str, result: SeriesExport) -> None:
         """Send the series' files to the ``to`` URL, each at most once (the manifest says which)."""
         from .export_send import send_pending
 
-        n, failure = send_pending(self.sender, self._records[key], self.out_dir, lambda: _write_manifest(self.out_dir, self.manifest))
+        n, failure = send_pending(
+            self.sender, self._records[key], self.out_dir, lambda: _write_manifest(self.out_dir, self.manifest)
+        )
         if failure:
             result.status, result.reason = "failed", failure
         elif n:
@@ -397,17 +442,27 @@ class ExportSession:
         return ExportSummary(self.exporter.name, self.out_dir, self.results, files, time.perf_counter() - self._t0)
 
 
-def export(store_path: str | Path, format: str, out_dir: str | Path, *, series: Iterable[str] | None = None,
-           heads: Iterable[str] | None = None, archive: Iterable[str | Path] | None = None,
-           on_event: Callable[[SeriesExport], None] | None = None, options: dict[str, Any] | None = None,
-           to: str | None = None) -> ExportSummary:
+def export(
+    store_path: str | Path,
+    format: str,
+    out_dir: str | Path,
+    *,
+    series: Iterable[str] | None = None,
+    heads: Iterable[str] | None = None,
+    archive: Iterable[str | Path] | None = None,
+    on_event: Callable[[SeriesExport], None] | None = None,
+    options: dict[str, Any] | None = None,
+    to: str | None = None,
+) -> ExportSummary:
     """Export the complete series of a store (or ``series`` keys) in ``format`` into ``out_dir``.
 
     Resumable: a series whose files the manifest records with the same fingerprint is skipped.
     A series that fails is reported with its reason and never stops the others. Raises
     UsageError for an unknown format or series key, StoreError when the store cannot be read.
     """
-    session = ExportSession(store_path, format, out_dir, heads=heads, archive=archive, options=options, on_event=on_event, to=to)
+    session = ExportSession(
+        store_path, format, out_dir, heads=heads, archive=archive, options=options, on_event=on_event, to=to
+    )
     present = [k for k, _ in session.store.iter_series()]
     if series:
         unknown = [k for k in series if k not in present]
@@ -455,22 +510,49 @@ def affine_of(attrs: dict[str, Any], node_attrs: dict[str, Any] | None = None) -
 # ---- CLI ---------------------------------------------------------------------------------------
 @click.command("export")
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", required=True, help="Exporter name: dicom-seg, dicom-sr, nifti, ome-zarr, table, or a plugin's.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Output folder (default: STORE's folder / <store name>-<format>).")
-@click.option("--series", "series", multiple=True, help="Series key to export (repeatable; default: every complete series).")
+@click.option(
+    "--format", "fmt", required=True, help="Exporter name: dicom-seg, dicom-sr, nifti, ome-zarr, table, or a plugin's."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder (default: STORE's folder / <store name>-<format>).",
+)
+@click.option(
+    "--series", "series", multiple=True, help="Series key to export (repeatable; default: every complete series)."
+)
 @click.option("--heads", default=None, help="Comma-separated heads whose outputs to export (default: all).")
-@click.option("--archive", multiple=True, type=click.Path(path_type=Path),
-              help="Where the source files are (default: the archive roots recorded in the store's runs).")
-@click.option("--to", "to", metavar="URL", default=None,
-              help="Also send the DICOM files to a PACS: dicomweb+http(s)://HOST:PORT/ROOT (STOW-RS) or dimse://AE@HOST:PORT (C-STORE); each once.")
-def export_command(store: Path, fmt: str, out_dir: Path | None, series: tuple[str, ...], heads: str | None,
-                   archive: tuple[Path, ...], to: str | None) -> None:
+@click.option(
+    "--archive",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Where the source files are (default: the archive roots recorded in the store's runs).",
+)
+@click.option(
+    "--to",
+    "to",
+    metavar="URL",
+    default=None,
+    help="Also send the DICOM files to a PACS: dicomweb+http(s)://HOST:PORT/ROOT (STOW-RS) or dimse://AE@HOST:PORT (C-STORE); each once.",
+)
+def export_command(
+    store: Path,
+    fmt: str,
+    out_dir: Path | None,
+    series: tuple[str, ...],
+    heads: str | None,
+    archive: tuple[Path, ...],
+    to: str | None,
+) -> None:
     """Export a result store's series in FORMAT; resumes, and a failed series never stops the rest."""
     out = out_dir or store.parent / f"{store.name.removesuffix('.zarr')}-{fmt}"
     wanted = [h.strip() for h in heads.split(",") if h.strip()] if heads is not None else None
     if heads is not None and not wanted:
-        raise UsageError("--heads names no head; give head names (comma-separated), or leave --heads out to export every head")
+        raise UsageError(
+            "--heads names no head; give head names (comma-separated), or leave --heads out to export every head"
+        )
 
     from .terminal import printable
 
@@ -479,7 +561,9 @@ def export_command(store: Path, fmt: str, out_dir: Path | None, series: tuple[st
         tail = f" ({printable(r.reason)})" if r.reason else ""
         click.echo(f"{r.status:>10}  {printable(r.key)}  {len(r.files)} file(s){tail}", err=True)
 
-    summary = export(store, fmt, out, series=series or None, heads=wanted, archive=archive or None, on_event=show, to=to)
+    summary = export(
+        store, fmt, out, series=series or None, heads=wanted, archive=archive or None, on_event=show, to=to
+    )
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "no series"
     click.echo(f"{printable(summary.format)}: {counts} in {summary.seconds:.1f}s -> {printable(summary.out_dir)}")
     raise SystemExit(summary.exit_code)

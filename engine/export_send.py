@@ -33,7 +33,9 @@ class Sender:
         except SourceError:
             raise
         except Exception as exc:
-            raise SourceError(f"{self.label}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
+            raise SourceError(
+                f"{self.label}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            ) from exc
 
 
 def send_pending(sender: Sender, record: dict[str, Any], out_dir: Path, save: Any) -> tuple[int, str | None]:

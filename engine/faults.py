@@ -28,7 +28,11 @@ _counts: dict[str, int] = {}
 
 def killpoint(name: str) -> None:
     """Die here, as ``kill -9`` would, or pause, when the environment names this point."""
-    kill, pause, full = os.environ.get("MRFM_KILL_AT"), os.environ.get("MRFM_PAUSE_AT"), os.environ.get("MRFM_DISK_FULL_AT")
+    kill, pause, full = (
+        os.environ.get("MRFM_KILL_AT"),
+        os.environ.get("MRFM_PAUSE_AT"),
+        os.environ.get("MRFM_DISK_FULL_AT"),
+    )
     if not kill and not pause and not full:
         return
     _counts[name] = _counts.get(name, 0) + 1

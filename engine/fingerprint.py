@@ -32,20 +32,32 @@ def file_digest(path: Path | None) -> str | None:
     return h.hexdigest()
 
 
-def run_fingerprint(model_fingerprint: str, heads: list[dict[str, Any]], preprocessing: dict[str, Any], params: dict[str, Any]) -> str:
+def run_fingerprint(
+    model_fingerprint: str, heads: list[dict[str, Any]], preprocessing: dict[str, Any], params: dict[str, Any]
+) -> str:
     """sha256 over model, heads, preprocessing and head parameters.
 
     Each head dict enters whole: manifest, weights digest and, when present, ``code_sha256``
     (:func:`head_code_digest`; :func:`head_record` builds such dicts).
     """
-    payload = {"model": model_fingerprint, "heads": sorted(heads, key=lambda h: h["name"]), "preprocessing": preprocessing, "params": params}
+    payload = {
+        "model": model_fingerprint,
+        "heads": sorted(heads, key=lambda h: h["name"]),
+        "preprocessing": preprocessing,
+        "params": params,
+    }
     return "sha256:" + json_digest(payload)
 
 
-def head_fingerprints(model_fingerprint: str, heads: list[dict[str, Any]], preprocessing: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
+def head_fingerprints(
+    model_fingerprint: str, heads: list[dict[str, Any]], preprocessing: dict[str, Any], params: dict[str, Any]
+) -> dict[str, str]:
     """One fingerprint per head, so resume can tell which heads a series still needs; a head's
     covers its manifest, weights, parameters and, with ``code_sha256`` in its dict, its code."""
-    return {h["name"]: run_fingerprint(model_fingerprint, [h], preprocessing, {h["name"]: params.get(h["name"], {})}) for h in heads}
+    return {
+        h["name"]: run_fingerprint(model_fingerprint, [h], preprocessing, {h["name"]: params.get(h["name"], {})})
+        for h in heads
+    }
 
 
 # ---- head code -------------------------------------------------------------------------------------
@@ -72,8 +84,14 @@ def head_record(name: str, head_cls: Any, plugin: str | None = None) -> dict[str
     """What a run records about a head and fingerprints: name, version, plugin, manifest,
     weights and code digests (the ``head_info`` entries of :func:`head_fingerprints`)."""
     manifest = head_cls.manifest()
-    return {"name": name, "version": manifest["version"], "plugin": plugin or head_cls.__module__, "manifest": manifest,
-            "weights_sha256": file_digest(head_cls.weights_path()), "code_sha256": head_code_digest(head_cls)}
+    return {
+        "name": name,
+        "version": manifest["version"],
+        "plugin": plugin or head_cls.__module__,
+        "manifest": manifest,
+        "weights_sha256": file_digest(head_cls.weights_path()),
+        "code_sha256": head_code_digest(head_cls),
+    }
 
 
 def _source_files(module: ModuleType, path: Path) -> tuple[Path, list[Path]]:

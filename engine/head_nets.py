@@ -118,8 +118,12 @@ class CentreNet(nn.Module):
     def __init__(self, embed_dim: int = 128, width: int = 24, text_dim: int = 0):
         super().__init__()
         w = width
-        self.stem = nn.Sequential(nn.Conv3d(1, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.01),  # 1/2
-                                  nn.Conv3d(8, w, 3, stride=2, padding=1), nn.LeakyReLU(0.01))  # 1/4
+        self.stem = nn.Sequential(
+            nn.Conv3d(1, 8, 3, stride=2, padding=1),
+            nn.LeakyReLU(0.01),  # 1/2
+            nn.Conv3d(8, w, 3, stride=2, padding=1),
+            nn.LeakyReLU(0.01),
+        )  # 1/4
         self.deep = nn.ConvTranspose3d(embed_dim, w, 2, stride=2)  # 1/8 -> 1/4
         self.mid = nn.ConvTranspose3d(embed_dim, w, 2, stride=2)
         self.shallow = nn.ConvTranspose3d(embed_dim, w, 2, stride=2)
@@ -135,9 +139,15 @@ class CentreNet(nn.Module):
         """layers [deep, mid, shallow], each (B, D, gx, gy, gz); image (B, 1, X, Y, Z) -> (B, W, X/4, Y/4, Z/4)."""
         deep, mid, shallow = layers
         s4 = self.stem(image)
-        return self.fuse(torch.cat([s4, _meet(self.deep(deep), s4), _meet(self.mid(mid), s4), _meet(self.shallow(shallow), s4)], dim=1))
+        return self.fuse(
+            torch.cat(
+                [s4, _meet(self.deep(deep), s4), _meet(self.mid(mid), s4), _meet(self.shallow(shallow), s4)], dim=1
+            )
+        )
 
-    def decode(self, x: torch.Tensor, text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode(
+        self, x: torch.Tensor, text: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Trunk features (B, W, ...), optional query embeddings (B, E) -> centre logits (B, ...),
         log sizes (B, 3, ...), offsets in [0, 1] (B, 3, ...)."""
         if self.film is not None:
@@ -154,4 +164,8 @@ class CentreNet(nn.Module):
 
 def _meet(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``x`` on ``like``'s grid (a patch size other than 8 leaves them off by a few voxels)."""
-    return x if x.shape[2:] == like.shape[2:] else F.interpolate(x, size=like.shape[2:], mode="trilinear", align_corners=False)
+    return (
+        x
+        if x.shape[2:] == like.shape[2:]
+        else F.interpolate(x, size=like.shape[2:], mode="trilinear", align_corners=False)
+    )

@@ -129,12 +129,16 @@ def _check_shape(head: str, out: dict, arr: np.ndarray, symbols: dict[str, int])
     if declared is None:
         return
     if len(declared) != arr.ndim:
-        raise HeadOutputError(head, out["name"], f"expected {len(declared)} dimensions {declared}, got shape {arr.shape}")
+        raise HeadOutputError(
+            head, out["name"], f"expected {len(declared)} dimensions {declared}, got shape {arr.shape}"
+        )
     for want, got in zip(declared, arr.shape):
         if isinstance(want, int) and want != got:
             raise HeadOutputError(head, out["name"], f"expected shape {declared}, got {arr.shape}")
         if want == "C" and got != len(out.get("labels", [])):
-            raise HeadOutputError(head, out["name"], f"expected C={len(out.get('labels', []))} (one per label), got {got}")
+            raise HeadOutputError(
+                head, out["name"], f"expected C={len(out.get('labels', []))} (one per label), got {got}"
+            )
 
 
 MASK_MODES = ("softmax", "sigmoid", "multilabel")
@@ -155,7 +159,9 @@ def mask_mode(head: str, out: dict[str, Any]) -> tuple[str, float]:
     if activation == "softmax" and (multilabel or len(labels) < 2):
         raise HeadOutputError(head, out["name"], "a softmax mask needs two or more exclusive labels (background first)")
     if activation == "sigmoid" and not multilabel and len(labels) != 1:
-        raise HeadOutputError(head, out["name"], f"a sigmoid mask with {len(labels)} labels must declare multilabel: true")
+        raise HeadOutputError(
+            head, out["name"], f"a sigmoid mask with {len(labels)} labels must declare multilabel: true"
+        )
     if activation not in ("softmax", "sigmoid") or not 0.0 < threshold <= 1.0:
         raise HeadOutputError(head, out["name"], f"unsupported activation {activation!r} or threshold {threshold}")
     mode = "multilabel" if multilabel else activation
@@ -183,7 +189,8 @@ def _check_mask(head: str, out: dict[str, Any], arr: np.ndarray, image_shape: tu
     want = (len(out["labels"]), *image_shape)
     if arr.shape != want:
         raise HeadOutputError(
-            head, out["name"],
+            head,
+            out["name"],
             f"{mode} mask probabilities must be (C, X, Y, Z) = {want} (one channel per declared label), got {arr.shape}",
         )
     if arr.min() < -1e-4 or arr.max() > 1 + 1e-4:
@@ -200,7 +207,11 @@ def check_output(head: str, out: dict[str, Any], value: Any, image_shape: tuple[
     if kind == "boxes":
         if not isinstance(value, dict) or "boxes" not in value or "scores" not in value:
             raise HeadOutputError(head, name, "boxes must be a dict with 'boxes' (N, 6) and 'scores' (N,)")
-        boxes = _to_numpy(value["boxes"]).astype(np.float64).reshape(-1, 6) if np.size(_to_numpy(value["boxes"])) else np.zeros((0, 6))
+        boxes = (
+            _to_numpy(value["boxes"]).astype(np.float64).reshape(-1, 6)
+            if np.size(_to_numpy(value["boxes"]))
+            else np.zeros((0, 6))
+        )
         scores = _to_numpy(value["scores"]).astype(np.float32).reshape(-1)
         if _to_numpy(value["boxes"]).size and _to_numpy(value["boxes"]).shape[-1] != 6:
             raise HeadOutputError(head, name, f"boxes must be (N, 6), got {_to_numpy(value['boxes']).shape}")
@@ -228,7 +239,9 @@ def check_output(head: str, out: dict[str, Any], value: Any, image_shape: tuple[
     if not np.issubdtype(arr.dtype, np.number):
         raise HeadOutputError(head, name, f"values must be numbers, got {arr.dtype}")
     if not np.isfinite(arr).all():
-        raise HeadOutputError(head, name, f"values must be finite numbers, got {int(np.size(arr) - np.isfinite(arr).sum())} NaN/Inf")
+        raise HeadOutputError(
+            head, name, f"values must be finite numbers, got {int(np.size(arr) - np.isfinite(arr).sum())} NaN/Inf"
+        )
     symbols = {"C": len(out.get("labels", []))}
     if kind == "mask":
         return _check_mask(head, out, arr, image_shape)

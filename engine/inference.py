@@ -106,10 +106,19 @@ class Inference:
     Call :meth:`close` at the end of a run to let budgeted heads' threads end.
     """
 
-    def __init__(self, backend: Any, heads: dict[str, Head], text: TextFeatures | None, batch_size: int = 4, *,
-                 budgets: dict[str, float | None] | None = None, default_budget: float | None = None,
-                 max_overruns: int = MAX_OVERRUNS, on_event: Callable[[dict[str, Any]], None] | None = None,
-                 distribution: DistributionModel | None = None):
+    def __init__(
+        self,
+        backend: Any,
+        heads: dict[str, Head],
+        text: TextFeatures | None,
+        batch_size: int = 4,
+        *,
+        budgets: dict[str, float | None] | None = None,
+        default_budget: float | None = None,
+        max_overruns: int = MAX_OVERRUNS,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        distribution: DistributionModel | None = None,
+    ):
         self.backend = backend
         self.distribution = distribution
         self.heads = heads
@@ -164,16 +173,29 @@ class Inference:
         if self.distribution is not None:
             for s, res in enumerate(results):
                 window_feats = [f for slot, f in feats.items() if slot[0] == s and slot[1] == "global"]
-                res.distribution = self.distribution.judge(pooled_features(window_feats, self.distribution.pooling) if window_feats else None)
+                res.distribution = self.distribution.judge(
+                    pooled_features(window_feats, self.distribution.pooling) if window_feats else None
+                )
         for name, head in self.heads.items():
             kind = head.spec["inputs"]["view"]
-            items = [slot for slot in slots if slot[1] == kind and (only is None or only[slot[0]] is None or name in only[slot[0]])]
+            items = [
+                slot
+                for slot in slots
+                if slot[1] == kind and (only is None or only[slot[0]] is None or name in only[slot[0]])
+            ]
             if items:
                 self._run_head(name, head, batch, items, feats, results)
         return results
 
-    def _run_head(self, name: str, head: Head, batch: list[Prepared], items: list[Slot], feats: dict[Slot, Features],
-                  results: list[SeriesOutputs]) -> None:
+    def _run_head(
+        self,
+        name: str,
+        head: Head,
+        batch: list[Prepared],
+        items: list[Slot],
+        feats: dict[Slot, Features],
+        results: list[SeriesOutputs],
+    ) -> None:
         """Predict ``items`` in chunks; a failed chunk fails its series, the rest are mapped back."""
         predicted: dict[Slot, dict[str, Any]] = {}
         errors: dict[int, str] = {}
@@ -210,7 +232,9 @@ class Inference:
             results = _check_results(name, self._call(name, head, inputs, len(keys)), len(inputs))
         except Exception as exc:
             state = "over budget" if isinstance(exc, HeadBudgetExceeded) else "failed"
-            self.on_event({**event, "state": state, "seconds": time.perf_counter() - t0, "reason": _failure_reason(name, exc)})
+            self.on_event(
+                {**event, "state": state, "seconds": time.perf_counter() - t0, "reason": _failure_reason(name, exc)}
+            )
             raise
         self.on_event({**event, "state": "done", "seconds": time.perf_counter() - t0})
         return results
@@ -241,7 +265,9 @@ class Inference:
         if queued:
             reason += " (an earlier call over budget was still running)"
         if self.overruns[name] >= self.max_overruns:
-            self.disabled[name] = f"head {name!r} disabled after {self.overruns[name]} overruns of its time budget of {budget:g} s"
+            self.disabled[name] = (
+                f"head {name!r} disabled after {self.overruns[name]} overruns of its time budget of {budget:g} s"
+            )
             reason += "; disabled for the rest of the run"
         return reason
 
@@ -263,7 +289,9 @@ class Inference:
             view.info(win),
         )
 
-    def _finish(self, name: str, head: Head, prep: Prepared, kind: str, outs: list[tuple[int, dict[str, Any]]]) -> list[OutputArray]:
+    def _finish(
+        self, name: str, head: Head, prep: Prepared, kind: str, outs: list[tuple[int, dict[str, Any]]]
+    ) -> list[OutputArray]:
         """Check a head's outputs for one series and map them back to the native grid."""
         view = prep.views[kind]
         window_shape = image_shape_of(view)
@@ -271,7 +299,9 @@ class Inference:
         for _, out in outs:
             undeclared = set(out) - declared
             if undeclared:
-                raise HeadOutputError(name, sorted(undeclared)[0], f"output not declared in the manifest (declared: {sorted(declared)})")
+                raise HeadOutputError(
+                    name, sorted(undeclared)[0], f"output not declared in the manifest (declared: {sorted(declared)})"
+                )
         written: list[OutputArray] = []
         for decl in head.spec["outputs"]:
             oname = decl["name"]
@@ -285,12 +315,16 @@ class Inference:
         return written
 
     @staticmethod
-    def _map_back(name: str, decl: dict[str, Any], view: Any, prep: Prepared, windows: list[int], values: list[Any]) -> Any:
+    def _map_back(
+        name: str, decl: dict[str, Any], view: Any, prep: Prepared, windows: list[int], values: list[Any]
+    ) -> Any:
         kind, oname = decl["kind"], decl["name"]
         if kind == "mask":
             mode, threshold = mask_mode(name, decl)
             all_windows = view.windows or [view.full_window()]
-            probs = blend_windows(values, [all_windows[w] for w in windows], view.shape) if len(values) > 1 else values[0]
+            probs = (
+                blend_windows(values, [all_windows[w] for w in windows], view.shape) if len(values) > 1 else values[0]
+            )
             return mask_to_native(probs, view.affine, prep.shape, prep.affine, decl["dtype"], mode, threshold)
         if kind == "boxes" and view.windows:  # tiles: one list of boxes in view coordinates
             values = [merge_window_boxes(values, [view.windows[w] for w in windows])]
@@ -314,8 +348,15 @@ def image_shape_of(view: Any) -> tuple[int, int, int]:
     return view.shape
 
 
-def load_heads(names: list[str] | None, model: Any, device: torch.device, params: dict[str, dict[str, Any]], text: TextFeatures | None,
-               *, force: bool = False) -> tuple[dict[str, Head], list[str]]:
+def load_heads(
+    names: list[str] | None,
+    model: Any,
+    device: torch.device,
+    params: dict[str, dict[str, Any]],
+    text: TextFeatures | None,
+    *,
+    force: bool = False,
+) -> tuple[dict[str, Head], list[str]]:
     """Instantiate the selected heads; text-reading heads get the run's queries in ``params``.
 
     A head fit on another encoder is skipped with a warning when it was not asked for by name,
@@ -348,8 +389,15 @@ def load_heads(names: list[str] | None, model: Any, device: torch.device, params
         if "text" in spec["inputs"]["features"]:
             # the queries are a parameter of text-reading heads: they enter the head's fingerprint
             params.setdefault(name, {})["queries"] = list(text.queries) if text else []
-        ctx = HeadContext(device=device, embed_dim=model.embed_dim, grid=tuple(model.grid), input_size=tuple(model.input_size),
-                          model_fingerprint=model.fingerprint, params=params.get(name, {}), text=text)
+        ctx = HeadContext(
+            device=device,
+            embed_dim=model.embed_dim,
+            grid=tuple(model.grid),
+            input_size=tuple(model.input_size),
+            model_fingerprint=model.fingerprint,
+            params=params.get(name, {}),
+            text=text,
+        )
         head = cls(spec, load_weights(cls, device), ctx)
         heads[name] = head
     return heads, warnings

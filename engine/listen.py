@@ -118,10 +118,20 @@ def _server(port: int, ae_title: str, spool: _Spool, summary: ListenSummary) -> 
         raise UsageError(f"--port {port}: cannot listen ({exc.strerror or exc})") from exc
 
 
-def listen(port: int, out: str | Path, *, ae_title: str = "MRFM", heads: list[str] | None = None,
-           idle_seconds: float = 30.0, forward: str | None = None, spool: str | Path | None = None,
-           max_spool_bytes: int = SPOOL_MAX_BYTES, on_event: Callable[[dict[str, Any]], None] | None = None,
-           should_stop: Callable[[], bool] | None = None, **run_options: Any) -> ListenSummary:
+def listen(
+    port: int,
+    out: str | Path,
+    *,
+    ae_title: str = "MRFM",
+    heads: list[str] | None = None,
+    idle_seconds: float = 30.0,
+    forward: str | None = None,
+    spool: str | Path | None = None,
+    max_spool_bytes: int = SPOOL_MAX_BYTES,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    **run_options: Any,
+) -> ListenSummary:
     """Receive studies on ``port`` and run each into the store ``out`` once idle ``idle_seconds``.
 
     ``forward`` (dimse://… or dicomweb+http(s)://…) receives each study's DICOM SEG and SR.
@@ -154,8 +164,16 @@ def listen(port: int, out: str | Path, *, ae_title: str = "MRFM", heads: list[st
         t = time.perf_counter()
         exports = ["dicom-seg", "dicom-sr"] if forward else None
         try:
-            result = run([path], out, heads=heads, exports=exports, export_dir=folder / ".exports" if forward else None,
-                         export_to=forward, on_event=emit, **run_options)
+            result = run(
+                [path],
+                out,
+                heads=heads,
+                exports=exports,
+                export_dir=folder / ".exports" if forward else None,
+                export_to=forward,
+                on_event=emit,
+                **run_options,
+            )
         except UsageError as exc:  # e.g. nothing loadable was received: recorded, spool released
             emit({"event": "warning", "message": f"study {path.name}: {exc}"})
             store_spool.release(path)
@@ -164,9 +182,17 @@ def listen(port: int, out: str | Path, *, ae_title: str = "MRFM", heads: list[st
             stopping.set()  # the rest of this study waits in the spool for the next start
             return
         counts = {s: result.count(s) for s in ("complete", "failed", "skipped", "resumed")}
-        summary.studies.append({"study": path.name.rsplit("-", 1)[0], **counts, "seconds": round(time.perf_counter() - t, 3)})
-        emit({"event": "study", "study": path.name.rsplit("-", 1)[0], **counts,
-              "forwarded_to": public_url(forward) if forward else None})
+        summary.studies.append(
+            {"study": path.name.rsplit("-", 1)[0], **counts, "seconds": round(time.perf_counter() - t, 3)}
+        )
+        emit(
+            {
+                "event": "study",
+                "study": path.name.rsplit("-", 1)[0],
+                **counts,
+                "forwarded_to": public_url(forward) if forward else None,
+            }
+        )
         store_spool.release(path)
 
     try:
@@ -193,12 +219,26 @@ def listen(port: int, out: str | Path, *, ae_title: str = "MRFM", heads: list[st
 @click.option("--ae-title", default="MRFM", show_default=True, help="This node's AE title.")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Result store (Zarr v3 folder).")
 @click.option("--heads", multiple=True, help="Heads to run (repeatable or comma-separated; default: all installed).")
-@click.option("--idle-seconds", default=30.0, show_default=True, type=click.FloatRange(min=0),
-              help="Run a study once no instance of it has arrived for this long.")
-@click.option("--forward", metavar="URL", help="Send each study's SEG and SR to dimse://AE@host:port or dicomweb+http(s)://...")
+@click.option(
+    "--idle-seconds",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Run a study once no instance of it has arrived for this long.",
+)
+@click.option(
+    "--forward", metavar="URL", help="Send each study's SEG and SR to dimse://AE@host:port or dicomweb+http(s)://..."
+)
 @click.option("--spool", type=click.Path(file_okay=False), help="Where received instances wait (default: <out>-spool).")
-def listen_command(port: int, ae_title: str, out: str, heads: tuple[str, ...], idle_seconds: float, forward: str | None,
-                   spool: str | None) -> None:
+def listen_command(
+    port: int,
+    ae_title: str,
+    out: str,
+    heads: tuple[str, ...],
+    idle_seconds: float,
+    forward: str | None,
+    spool: str | None,
+) -> None:
     """Receive studies as a DICOM node (C-STORE SCP) and run each once idle; SIGTERM finishes and exits 0."""
     import json
     import sys
@@ -210,7 +250,16 @@ def listen_command(port: int, ae_title: str, out: str, heads: tuple[str, ...], i
             click.echo(json.dumps(event, default=str), err=True)
 
     try:
-        listen(port, out, ae_title=ae_title, heads=names, idle_seconds=idle_seconds, forward=forward, spool=spool, on_event=show)
+        listen(
+            port,
+            out,
+            ae_title=ae_title,
+            heads=names,
+            idle_seconds=idle_seconds,
+            forward=forward,
+            spool=spool,
+            on_event=show,
+        )
     except SourceError:
         raise
     sys.exit(0)

@@ -67,7 +67,10 @@ def inside_fov(
 
 
 def resample_probabilities(
-    probs: np.ndarray, view_affine: np.ndarray, native_shape: tuple[int, int, int], native_affine: np.ndarray,
+    probs: np.ndarray,
+    view_affine: np.ndarray,
+    native_shape: tuple[int, int, int],
+    native_affine: np.ndarray,
     background_channel: bool = True,
 ) -> np.ndarray:
     """Trilinearly resample view probabilities (C, X, Y, Z) onto the native grid.
@@ -83,16 +86,25 @@ def resample_probabilities(
     out = np.empty((probs.shape[0], *native_shape), dtype=np.float32)
     for c in range(probs.shape[0]):
         out[c] = ndimage.affine_transform(
-            np.asarray(probs[c], dtype=np.float32), m[:3, :3], offset=m[:3, 3], output_shape=tuple(native_shape),
-            order=1, mode="nearest",
+            np.asarray(probs[c], dtype=np.float32),
+            m[:3, :3],
+            offset=m[:3, 3],
+            output_shape=tuple(native_shape),
+            order=1,
+            mode="nearest",
         )
         out[c][outside] = 1.0 if (background_channel and c == 0) else 0.0
     return out
 
 
 def mask_to_native(
-    probs: np.ndarray, view_affine: np.ndarray, native_shape: tuple[int, int, int], native_affine: np.ndarray,
-    dtype: str = "uint8", mode: str = "softmax", threshold: float = 0.5,
+    probs: np.ndarray,
+    view_affine: np.ndarray,
+    native_shape: tuple[int, int, int],
+    native_affine: np.ndarray,
+    dtype: str = "uint8",
+    mode: str = "softmax",
+    threshold: float = 0.5,
 ) -> np.ndarray:
     """A head's mask on the native grid, from its probabilities resampled there.
 
@@ -100,7 +112,9 @@ def mask_to_native(
     ``sigmoid``: one foreground channel, stored as a 0/1 label map (p >= ``threshold``).
     ``multilabel``: one independent channel per label, stored (C, I, J, K) as 0/1 each.
     """
-    native = resample_probabilities(probs, view_affine, native_shape, native_affine, background_channel=mode == "softmax")
+    native = resample_probabilities(
+        probs, view_affine, native_shape, native_affine, background_channel=mode == "softmax"
+    )
     if mode == "softmax":
         return np.argmax(native, axis=0).astype(dtype)
     fg = native >= threshold
@@ -169,7 +183,10 @@ def merge_window_boxes(values: list[dict], windows: list[tuple[slice, slice, sli
         keep = sorted(best.values(), key=lambda i: list(order).index(i))
     else:
         keep = list(nms3d(all_boxes, all_scores, iou)) if len(all_boxes) else []
-    out: dict[str, Any] = {"boxes": all_boxes[keep].astype(np.float32).reshape(-1, 6), "scores": all_scores[keep].astype(np.float32)}
+    out: dict[str, Any] = {
+        "boxes": all_boxes[keep].astype(np.float32).reshape(-1, 6),
+        "scores": all_scores[keep].astype(np.float32),
+    }
     for k, vals in extras.items():
         out[k] = [vals[i] for i in keep]
     return out

@@ -33,11 +33,23 @@ DEFAULT_CAP = 2 * GIB
 MIN_BUDGET = 1 * MIB  # below this not even a small slice decodes: a typo, not a budget
 FLOAT32_COPIES = 3  # the float32 volume, and the views' working copies of it
 
-_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": MIB, "mb": 1000**2, "mib": MIB,
-          "g": GIB, "gb": 1000**3, "gib": GIB, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": MIB,
+    "mb": 1000**2,
+    "mib": MIB,
+    "g": GIB,
+    "gb": 1000**3,
+    "gib": GIB,
+    "t": 1024**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
-
-
 
 
 def available_memory() -> int | None:
@@ -100,8 +112,10 @@ def gib(n: int | float) -> str:
 def over_budget(what: str, needed: int, budget: int, detail: str = "") -> OverBudget:
     """The error for ``what`` needing ``needed`` bytes against ``budget``."""
     extra = f" ({detail})" if detail else ""
-    return OverBudget(f"{what}: needs {gib(needed)} GiB{extra}, budget {gib(budget)} GiB; "
-                      f"raise it with --max-series-bytes if this is a real image")
+    return OverBudget(
+        f"{what}: needs {gib(needed)} GiB{extra}, budget {gib(budget)} GiB; "
+        f"raise it with --max-series-bytes if this is a real image"
+    )
 
 
 def check(what: str, needed: int, budget: int | None, detail: str = "") -> None:

@@ -253,7 +253,11 @@ def compute_fingerprint(card: dict[str, Any], folder: Path) -> str:
             _hash_tensors(h, path)
         elif path.suffix == ".json":
             try:
-                h.update(json.dumps(json.loads(path.read_text(encoding="utf-8")), sort_keys=True, separators=(",", ":")).encode())
+                h.update(
+                    json.dumps(
+                        json.loads(path.read_text(encoding="utf-8")), sort_keys=True, separators=(",", ":")
+                    ).encode()
+                )
             except ValueError:
                 h.update(path.read_bytes())
         else:
@@ -268,7 +272,7 @@ def _weight_roles(card: dict[str, Any], folder: Path) -> list[tuple[str, Path]]:
     roles = ["encoder", "text_projection"][: min(len(files), 2 if card.get("text") else 1)]
     text_dir = folder / card["text"]["folder"] if card.get("text") else None
     out = list(zip(roles, files))
-    out += [(f"text/{p.relative_to(text_dir).as_posix()}", p) for p in files[len(roles):]] if text_dir else []
+    out += [(f"text/{p.relative_to(text_dir).as_posix()}", p) for p in files[len(roles) :]] if text_dir else []
     return out
 
 

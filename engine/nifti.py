@@ -118,7 +118,7 @@ def voxel_image(source: Source, img: nib.Nifti1Image | nib.Nifti2Image) -> nib.N
     first = hdr.copy()  # the bytes hold the first volume: say so, or nibabel wants the rest
     first.set_data_shape(tuple(int(s) for s in hdr.get_data_shape())[:3])
     block = first.binaryblock
-    return _from_bytes(block + data[len(block):])
+    return _from_bytes(block + data[len(block) :])
 
 
 def volume_bytes(img: nib.Nifti1Image | nib.Nifti2Image) -> int:
@@ -161,7 +161,9 @@ def geometry_problem(img: nib.Nifti1Image | nib.Nifti2Image, hdr=None) -> str | 
         if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
             return f"pixdim voxel sizes {pixdim.tolist()} are not all positive finite numbers"
         if int(hdr["qform_code"]) > 0:
-            quatern = [float(hdr[k]) for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")]
+            quatern = [
+                float(hdr[k]) for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
+            ]
             if not np.isfinite(quatern).all():
                 return "qform (quaternion or offset) holds non-finite values"
     try:
@@ -249,8 +251,11 @@ class NiftiReader:
         shape = tuple(int(s) for s in img.shape)
         _check_ndim(source, shape)
         affine = _checked_geometry(source, img)
-        memory_budget.check(f"series {ref.key}", memory_budget.series_need(volume_bytes(img), math.prod(shape[:3])),
-                            memory_budget.current())
+        memory_budget.check(
+            f"series {ref.key}",
+            memory_budget.series_need(volume_bytes(img), math.prod(shape[:3])),
+            memory_budget.current(),
+        )
         try:
             img = voxel_image(source, img)
         except memory_budget.OverBudget:

@@ -34,11 +34,18 @@ def check_store_folder(where: str, entries: Iterable[str], root_meta: bytes | No
     meta = _parse(root_meta)
     if not names or is_mrfm_root(meta):
         return
-    if names == ["zarr.json"] and isinstance(meta, dict) and meta.get("node_type") == "group" and not meta.get("attributes"):
+    if (
+        names == ["zarr.json"]
+        and isinstance(meta, dict)
+        and meta.get("node_type") == "group"
+        and not meta.get("attributes")
+    ):
         return
-    raise UsageError(f"{where}: the folder is not empty and is not an mrfm result store ({_listing(names)}); "
-                     "mrfm writes a store only into a new or empty folder or an existing mrfm store, "
-                     "and never replaces anything else. Give another --out")
+    raise UsageError(
+        f"{where}: the folder is not empty and is not an mrfm result store ({_listing(names)}); "
+        "mrfm writes a store only into a new or empty folder or an existing mrfm store, "
+        "and never replaces anything else. Give another --out"
+    )
 
 
 def check_export_folder(out_dir: Path, manifest_name: str) -> None:
@@ -52,8 +59,10 @@ def check_export_folder(out_dir: Path, manifest_name: str) -> None:
     except OSError as exc:
         raise UsageError(f"--out {out_dir}: cannot list the folder ({exc.strerror or exc})") from None
     if names and manifest_name not in names:
-        raise UsageError(f"--out {out_dir}: the folder is not empty and holds no {manifest_name} ({_listing(names)}); "
-                         "mrfm exports only into a new or empty folder or an earlier export's folder")
+        raise UsageError(
+            f"--out {out_dir}: the folder is not empty and holds no {manifest_name} ({_listing(names)}); "
+            "mrfm exports only into a new or empty folder or an earlier export's folder"
+        )
 
 
 def local_entries(path: Path) -> list[str]:

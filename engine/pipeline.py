@@ -42,7 +42,16 @@ from .sources import archive_labels, changed_at_source, find, is_url
 from .store import ResultStore, is_remote, now
 
 Event = dict[str, Any]
-__all__ = ["RunPlan", "RunSummary", "SeriesResult", "default_workers", "execute_plan", "make_plan", "run", "workers_for"]
+__all__ = [
+    "RunPlan",
+    "RunSummary",
+    "SeriesResult",
+    "default_workers",
+    "execute_plan",
+    "make_plan",
+    "run",
+    "workers_for",
+]
 
 
 @dataclass
@@ -58,7 +67,9 @@ class RunSummary:
     workers: int = 0
     seconds: float = 0.0
     executor: dict[str, Any] = field(default_factory=dict)  # what ran the stages: name, nodes, actors
-    stages: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "wait_for_load": 0.0, "infer": 0.0, "write": 0.0})
+    stages: dict[str, float] = field(
+        default_factory=lambda: {"load": 0.0, "wait_for_load": 0.0, "infer": 0.0, "write": 0.0}
+    )
     query_incomplete: bool = False  # a PACS query stopped before its end: the series not listed wait for a rerun
 
     def count(self, status: str) -> int:
@@ -212,18 +223,35 @@ def execute_plan(plan: RunPlan, on_event: Callable[[Event], None] | None = None)
     paths: list[str | Path] = [p if is_url(p) else Path(p) for p in plan.archives]
     started, t0 = now(), time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
-    runner = get_executor(plan.executor, ray_address=plan.ray_address, ray_actors=plan.ray_actors)  # UsageError when not installed
+    runner = get_executor(
+        plan.executor, ray_address=plan.ray_address, ray_actors=plan.ray_actors
+    )  # UsageError when not installed
 
     params = {k: dict(v) for k, v in plan.params.items()}
-    mdl, enc, reason, loaded, text, warnings = prepare_run(plan.model, plan.backend, plan.precision, plan.batch_size,
-                                                           None if plan.heads is None else list(plan.heads), params,
-                                                           list(plan.queries), plan.force)
+    mdl, enc, reason, loaded, text, warnings = prepare_run(
+        plan.model,
+        plan.backend,
+        plan.precision,
+        plan.batch_size,
+        None if plan.heads is None else list(plan.heads),
+        params,
+        list(plan.queries),
+        plan.force,
+    )
     # each head's fingerprint covers its manifest, weights, parameters and code
     head_info, fingerprint, head_fps = fingerprints(mdl, loaded, params)
     distribution, unscored = distribution_for(mdl)
     warnings.extend(unscored)
-    inference = Inference(enc, loaded, text, plan.batch_size, budgets=dict(plan.budgets) if plan.budgets else None,
-                          default_budget=plan.default_budget, on_event=emit, distribution=distribution)
+    inference = Inference(
+        enc,
+        loaded,
+        text,
+        plan.batch_size,
+        budgets=dict(plan.budgets) if plan.budgets else None,
+        default_budget=plan.default_budget,
+        on_event=emit,
+        distribution=distribution,
+    )
 
     killpoint("start-up")
     options = dataclasses.replace(plan.sources, record_paths=plan.record_paths, max_series_bytes=plan.max_series_bytes)
@@ -238,7 +266,9 @@ def execute_plan(plan: RunPlan, on_event: Callable[[Event], None] | None = None)
 
     _check_exporters(list(plan.exports))
     # workers rebuild the model and heads from the plan; the embedded model is each node's own
-    stage = StagePlan(plan, run_id, fingerprint, head_fps, mdl.preprocessing, inference.view_kinds(), tuple(sorted(loaded)))
+    stage = StagePlan(
+        plan, run_id, fingerprint, head_fps, mdl.preprocessing, inference.view_kinds(), tuple(sorted(loaded))
+    )
     stop = _StopFlag()
     executor_info = runner.open()  # before the signal handlers: a cluster client may install its own
     out = plan.out
@@ -249,8 +279,26 @@ def execute_plan(plan: RunPlan, on_event: Callable[[Event], None] | None = None)
             with store.lock(run_id), stop.installed():
                 warnings += store.lock_notes  # a lock broken on the way in is reported
                 try:
-                    summary = _drive(_Run(stage, runner, executor_info, found, store, inference, mdl, enc, reason, head_info,
-                                          params, warnings, started, t0, stop, emit))
+                    summary = _drive(
+                        _Run(
+                            stage,
+                            runner,
+                            executor_info,
+                            found,
+                            store,
+                            inference,
+                            mdl,
+                            enc,
+                            reason,
+                            head_info,
+                            params,
+                            warnings,
+                            started,
+                            t0,
+                            stop,
+                            emit,
+                        )
+                    )
                 except Exception as exc:
                     if no_space(exc) is not None:
                         _end_interrupted(store, run_id, str(disk_full(out, exc)))
@@ -258,8 +306,16 @@ def execute_plan(plan: RunPlan, on_event: Callable[[Event], None] | None = None)
     finally:
         runner.close()
     killpoint("run-ended")
-    emit({"event": "done", "run_id": run_id, "seconds": round(summary.seconds, 3), "interrupted": summary.interrupted,
-          **{s: summary.count(s) for s in RESULT_STATUSES}, "out_of_distribution": summary.out_of_distribution})
+    emit(
+        {
+            "event": "done",
+            "run_id": run_id,
+            "seconds": round(summary.seconds, 3),
+            "interrupted": summary.interrupted,
+            **{s: summary.count(s) for s in RESULT_STATUSES},
+            "out_of_distribution": summary.out_of_distribution,
+        }
+    )
     return summary
 
 
@@ -268,31 +324,83 @@ def _drive(r: _Run) -> RunSummary:
     stage, store, emit = r.stage, r.store, r.emit
     plan, run_id, refs, skipped_files = stage.plan, stage.run_id, r.refs, r.skipped_files
     paths = [p if is_url(p) else Path(p) for p in plan.archives]
-    store.begin_run(run_id, {
-        "started": r.started,
-        "config": {"paths": archive_labels(paths), "heads": list(stage.heads), "backend": plan.backend, "precision": plan.precision,
-                   "batch_size": plan.batch_size, "workers": plan.workers, "overwrite": plan.overwrite, "queries": list(plan.queries),
-                   "params": r.params, "record_paths": plan.record_paths, "executor": r.runner.name,
-                   "max_series_bytes": plan.max_series_bytes},
-        "model": {"name": r.mdl.card.get("name"), "path": str(r.mdl.folder), "fingerprint": r.mdl.fingerprint,
-                  "distribution": {k: v for k, v in (r.mdl.card.get("distribution") or {}).items() if k in ("threshold", "statistics_sha256")} or None},
-        "heads": {h["name"]: {"version": h["version"], "plugin": h["plugin"], "weights_sha256": h["weights_sha256"],
-                              "code_sha256": h["code_sha256"], "budget_seconds": r.inference.budgets.get(h["name"])} for h in r.head_info},
-        "backend": {"name": r.enc.name, "reason": r.reason, **r.enc.describe()},
-        "executor": r.executor_info,
-        "fingerprint": stage.fingerprint,
-        "host": {"hostname": socket.gethostname(), "pid": os.getpid(), "platform": platform.platform(), "python": platform.python_version(),
-                 "torch": torch.__version__, "mrfm": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-    })
+    store.begin_run(
+        run_id,
+        {
+            "started": r.started,
+            "config": {
+                "paths": archive_labels(paths),
+                "heads": list(stage.heads),
+                "backend": plan.backend,
+                "precision": plan.precision,
+                "batch_size": plan.batch_size,
+                "workers": plan.workers,
+                "overwrite": plan.overwrite,
+                "queries": list(plan.queries),
+                "params": r.params,
+                "record_paths": plan.record_paths,
+                "executor": r.runner.name,
+                "max_series_bytes": plan.max_series_bytes,
+            },
+            "model": {
+                "name": r.mdl.card.get("name"),
+                "path": str(r.mdl.folder),
+                "fingerprint": r.mdl.fingerprint,
+                "distribution": {
+                    k: v
+                    for k, v in (r.mdl.card.get("distribution") or {}).items()
+                    if k in ("threshold", "statistics_sha256")
+                }
+                or None,
+            },
+            "heads": {
+                h["name"]: {
+                    "version": h["version"],
+                    "plugin": h["plugin"],
+                    "weights_sha256": h["weights_sha256"],
+                    "code_sha256": h["code_sha256"],
+                    "budget_seconds": r.inference.budgets.get(h["name"]),
+                }
+                for h in r.head_info
+            },
+            "backend": {"name": r.enc.name, "reason": r.reason, **r.enc.describe()},
+            "executor": r.executor_info,
+            "fingerprint": stage.fingerprint,
+            "host": {
+                "hostname": socket.gethostname(),
+                "pid": os.getpid(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "mrfm": __version__,
+                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            },
+        },
+    )
     killpoint("after-discovery")
-    summary = RunSummary(run_id, plan.out, r.enc.name, r.reason, warnings=[*r.warnings, *r.found.warnings], skipped_files=skipped_files,
-                         executor=dict(r.executor_info))
+    summary = RunSummary(
+        run_id,
+        plan.out,
+        r.enc.name,
+        r.reason,
+        warnings=[*r.warnings, *r.found.warnings],
+        skipped_files=skipped_files,
+        executor=dict(r.executor_info),
+    )
     for w in summary.warnings:
         emit({"event": "warning", "message": w})
     listed = None if isinstance(refs, SeriesStream) else refs  # a stream's counts are unknown until the query ends
-    emit({"event": "scan", "series": None if listed is None else len(listed),
-          "studies": None if listed is None else len({ref.study_uid for ref in listed}), "skipped_files": skipped_files,
-          "backend": r.enc.name, "backend_reason": r.reason, "run_id": run_id})
+    emit(
+        {
+            "event": "scan",
+            "series": None if listed is None else len(listed),
+            "studies": None if listed is None else len({ref.study_uid for ref in listed}),
+            "skipped_files": skipped_files,
+            "backend": r.enc.name,
+            "backend_reason": r.reason,
+            "run_id": run_id,
+        }
+    )
     sessions = _export_sessions(store, plan.out, list(plan.exports), plan.export_dir, plan.export_to)
     remote: set[str] = set()
     try:
@@ -311,20 +419,26 @@ def _drive(r: _Run) -> RunSummary:
             _close_export(session, summary, emit)
     summary.interrupted = bool(r.stop)
     if summary.interrupted:
-        summary.warnings.append(f"interrupted by signal {r.stop.signal}: the series in flight were finished; rerun to resume")
+        summary.warnings.append(
+            f"interrupted by signal {r.stop.signal}: the series in flight were finished; rerun to resume"
+        )
     n_index = _update_index(store, remote)
     summary.seconds = time.perf_counter() - r.t0
-    store.finish_run(run_id, {
-        "finished": now(),
-        # load is summed over loader processes; wait_for_load is what inference spent waiting for it
-        "timings": {"seconds": round(summary.seconds, 3), **{k: round(v, 3) for k, v in summary.stages.items()}},
-        "counts": {s: summary.count(s) for s in RESULT_STATUSES} | {"files_skipped": skipped_files,
-                                                                   "out_of_distribution": summary.out_of_distribution},
-        "warnings": summary.warnings,
-        "index_rows": n_index,
-        "workers": summary.workers,
-        "executor": summary.executor,
-    }, status="interrupted" if summary.interrupted else "finished")
+    store.finish_run(
+        run_id,
+        {
+            "finished": now(),
+            # load is summed over loader processes; wait_for_load is what inference spent waiting for it
+            "timings": {"seconds": round(summary.seconds, 3), **{k: round(v, 3) for k, v in summary.stages.items()}},
+            "counts": {s: summary.count(s) for s in RESULT_STATUSES}
+            | {"files_skipped": skipped_files, "out_of_distribution": summary.out_of_distribution},
+            "warnings": summary.warnings,
+            "index_rows": n_index,
+            "workers": summary.workers,
+            "executor": summary.executor,
+        },
+        status="interrupted" if summary.interrupted else "finished",
+    )
     return summary
 
 
@@ -364,24 +478,38 @@ def _not_mr(ref: SeriesRef) -> bool:
     return bool(ref.reader == "dicom" and ref.modality and ref.modality != "MR")
 
 
-def _reporter(refs: list[SeriesRef] | SeriesStream, summary: RunSummary, emit: Callable[[Event], None], sessions: list[Any]) -> Callable[[SeriesResult], None]:
+def _reporter(
+    refs: list[SeriesRef] | SeriesStream, summary: RunSummary, emit: Callable[[Event], None], sessions: list[Any]
+) -> Callable[[SeriesResult], None]:
     """What happens when a series is finished, whoever wrote it: export, summary, event."""
     lock = threading.Lock()
-    by_key = refs.by_key if isinstance(refs, SeriesStream) else {ref.key: ref for ref in refs}  # a stream fills it as it goes
+    by_key = (
+        refs.by_key if isinstance(refs, SeriesStream) else {ref.key: ref for ref in refs}
+    )  # a stream fills it as it goes
 
     def done(result: SeriesResult) -> None:
         if sessions and result.status in DONE_STATUSES:
             _export_one(sessions, result.key, by_key.get(result.key), summary, emit)
         with lock:
             summary.results.append(result)
-        emit({"event": "series", "key": result.key, "study": result.study_uid, "status": result.status,
-              "reason": result.reason, "seconds": round(result.seconds, 3), "out_of_distribution": result.out_of_distribution})
+        emit(
+            {
+                "event": "series",
+                "key": result.key,
+                "study": result.study_uid,
+                "status": result.status,
+                "reason": result.reason,
+                "seconds": round(result.seconds, 3),
+                "out_of_distribution": result.out_of_distribution,
+            }
+        )
 
     return done
 
 
-def _triage(refs: Any, store: ResultStore, stage: StagePlan, done: Callable[[SeriesResult], None],
-            where: dict[str, Any]) -> Any:
+def _triage(
+    refs: Any, store: ResultStore, stage: StagePlan, done: Callable[[SeriesResult], None], where: dict[str, Any]
+) -> Any:
     """The work of :func:`_triage_page` over all series; over a PACS query's stream, lazily, page by
     page as the query answers, so the first series is fetched before the query ends."""
     if isinstance(refs, SeriesStream):
@@ -391,8 +519,13 @@ def _triage(refs: Any, store: ResultStore, stage: StagePlan, done: Callable[[Ser
     return _triage_page(refs, store, stage, done, where)
 
 
-def _triage_page(refs: list[SeriesRef], store: ResultStore, stage: StagePlan, done: Callable[[SeriesResult], None],
-                 where: dict[str, Any]) -> list[Work]:
+def _triage_page(
+    refs: list[SeriesRef],
+    store: ResultStore,
+    stage: StagePlan,
+    done: Callable[[SeriesResult], None],
+    where: dict[str, Any],
+) -> list[Work]:
     """Resume: the series still to do, with the heads each needs. Non-MR series are recorded
     skipped here; series every selected head is done on are reported resumed (or still failed)."""
     work: list[Work] = []
@@ -432,16 +565,23 @@ def _check_exporters(names: list[str]) -> None:
     known = get_exporters()
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise UsageError(f"unknown export format(s) {', '.join(unknown)}; installed: {', '.join(sorted(known)) or 'none'}")
+        raise UsageError(
+            f"unknown export format(s) {', '.join(unknown)}; installed: {', '.join(sorted(known)) or 'none'}"
+        )
 
 
-def _export_sessions(store: ResultStore, out: str | Path, names: list[str], export_dir: str | Path | None,
-                     to: str | None = None) -> list[Any]:
+def _export_sessions(
+    store: ResultStore, out: str | Path, names: list[str], export_dir: str | Path | None, to: str | None = None
+) -> list[Any]:
     from .export import ExportSession  # export loads only when a run exports
 
     base = _local(out)
-    return [ExportSession(store, name, Path(export_dir) / name if export_dir else base.with_name(f"{base.name}-{name}"), to=to)
-            for name in names]
+    return [
+        ExportSession(
+            store, name, Path(export_dir) / name if export_dir else base.with_name(f"{base.name}-{name}"), to=to
+        )
+        for name in names
+    ]
 
 
 def _export_one(sessions: list[Any], key: str, ref: Any, summary: RunSummary, emit: Callable[[Event], None]) -> None:

@@ -101,7 +101,11 @@ def _describe(exc: BaseException) -> str:
 def _one_line(text: str) -> str:
     """Schema errors come one violation a line; listings and usage errors want one line."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] + (" " if lines[0].endswith(":") else "; ") + "; ".join(lines[1:]) if len(lines) > 1 else "".join(lines)
+    return (
+        lines[0] + (" " if lines[0].endswith(":") else "; ") + "; ".join(lines[1:])
+        if len(lines) > 1
+        else "".join(lines)
+    )
 
 
 def _unknown_hooks(plugin: object) -> list[str]:
@@ -201,7 +205,9 @@ def _collect(hook_name: str, key: Callable[[Any], str]) -> dict[str, Registered]
     def register(obj: Any, plugin: str) -> None:
         name = key(obj)
         if name in found and found[name].obj is not obj:
-            raise UsageError(f"{hook_name}: {name!r} from plugin {plugin!r} is already registered by {found[name].plugin!r}")
+            raise UsageError(
+                f"{hook_name}: {name!r} from plugin {plugin!r} is already registered by {found[name].plugin!r}"
+            )
         found[name] = Registered(obj, plugin)
 
     _call_hook(hook_name, register)
@@ -261,8 +267,10 @@ def _head_registry() -> tuple[dict[str, Registered], dict[str, Broken]]:
             good[name] = regs[0]
         else:  # two plugins claim one name: running either would be a guess
             by = ", ".join(sorted(r.plugin for r in regs))
-            broken[name] = Broken(regs[-1].plugin, f"head name {name!r} is registered by plugins {by}; "
-                                                   "disable one with MRFM_DISABLE_PLUGINS")
+            broken[name] = Broken(
+                regs[-1].plugin,
+                f"head name {name!r} is registered by plugins {by}; disable one with MRFM_DISABLE_PLUGINS",
+            )
     for label, b in refused:
         # a refused head never hides a working head that has the same name
         broken[label if label not in good and label not in broken else f"{label}@{b.plugin}"] = b
@@ -338,8 +346,16 @@ def _entry_point_dists() -> dict[str, tuple[str, str]]:
 
 def _row(name: str, dists: dict[str, tuple[str, str]], **fields: Any) -> dict[str, Any]:
     dist = dists.get(name)
-    return {"name": name, "hooks": [], "default": name in DEFAULT_PLUGINS, "package": dist[0] if dist else None,
-            "version": dist[1] if dist else None, "broken": {}, "disabled": False, **fields}
+    return {
+        "name": name,
+        "hooks": [],
+        "default": name in DEFAULT_PLUGINS,
+        "package": dist[0] if dist else None,
+        "version": dist[1] if dist else None,
+        "broken": {},
+        "disabled": False,
+        **fields,
+    }
 
 
 def plugin_summaries() -> list[dict[str, Any]]:
@@ -354,8 +370,11 @@ def plugin_summaries() -> list[dict[str, Any]]:
     out = []
     for plugin in pm.get_plugins():
         name = pm.get_name(plugin)
-        fields: dict[str, Any] = {"hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
-                                  "broken": broken_by.get(name, {}), "disabled": _is_disabled(name)}
+        fields: dict[str, Any] = {
+            "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
+            "broken": broken_by.get(name, {}),
+            "disabled": _is_disabled(name),
+        }
         if name in load_errors:
             fields["error"] = load_errors[name]
         out.append(_row(name, dists, **fields))

@@ -61,7 +61,9 @@ def prepare(ref: Any, preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> 
         if not np.isfinite(volume.data).all():
             raise InputError(f"{where}: pixel data contains non-finite values")
         views = make_views(volume, preprocessing, kinds)
-        return Prepared(ref.key, volume.shape, volume.affine, dict(volume.meta), views, None, time.perf_counter() - start)
+        return Prepared(
+            ref.key, volume.shape, volume.affine, dict(volume.meta), views, None, time.perf_counter() - start
+        )
     except ViewError as exc:
         return failed(f"{where}: {exc}")
     except InputError as exc:  # reader errors already name the file

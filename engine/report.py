@@ -129,9 +129,13 @@ class ReportWriter:
             vec = np.asarray(self.store.read_output(key, first["head"], first["output"]), dtype=np.float32).reshape(-1)
             norm = float(np.linalg.norm(vec))
             emb = vec / norm if np.isfinite(norm) and norm > 0 else None
-        return _Row(key, attrs, _row_html(key, attrs, data, images, note=note), [name for name, _ in images], emb, source)
+        return _Row(
+            key, attrs, _row_html(key, attrs, data, images, note=note), [name for name, _ in images], emb, source
+        )
 
-    def _montages(self, key: str, attrs: dict[str, Any], data: dict[str, Any], stamp: str) -> tuple[list[tuple[str, str]], str | None]:
+    def _montages(
+        self, key: str, attrs: dict[str, Any], data: dict[str, Any], stamp: str
+    ) -> tuple[list[tuple[str, str]], str | None]:
         """(file name, caption) of each montage of a complete series, drawn unless current."""
         from .report_images import Box, hex_rgb, montage, save_png
 
@@ -148,14 +152,19 @@ class ReportWriter:
         try:
             image = np.asarray(self.ctx.volume(key).data)
             if tuple(image.shape) != shape:
-                note, image = f"source image has shape {list(image.shape)}, the store {list(shape)}: masks drawn on black", None
+                note, image = (
+                    f"source image has shape {list(image.shape)}, the store {list(shape)}: masks drawn on black",
+                    None,
+                )
         except Exception as exc:
             note, image = f"source image not read ({exc}): masks drawn on black", None
         boxes = []
         for b in data["boxes"]:
             color = hex_rgb((b.get("colors") or [None])[0], fallback=(255, 215, 0))
             for top in b["top"][:BOXES_DRAWN]:
-                boxes.append(Box(np.asarray(top["voxel"]), f"{top['label'][:24]} {top['score']:.2f}", color, top["score"]))
+                boxes.append(
+                    Box(np.asarray(top["voxel"]), f"{top['label'][:24]} {top['score']:.2f}", color, top["score"])
+                )
         boxes.sort(key=lambda b: -b.score)
         for name, m in zip(names, masks):
             overlay = []
@@ -175,8 +184,15 @@ class ReportWriter:
     def write(self) -> Path:
         """Write index.html from the rows drawn so far; unreferenced old montages are removed."""
         with self._lock:
-            rows = sorted(self.rows.values(), key=lambda r: (STATUS_ORDER.index(_status(r.attrs)) if _status(r.attrs) in STATUS_ORDER else 9,
-                                                              str(r.attrs.get("study_uid") or ""), str(r.attrs.get("description") or ""), r.key))
+            rows = sorted(
+                self.rows.values(),
+                key=lambda r: (
+                    STATUS_ORDER.index(_status(r.attrs)) if _status(r.attrs) in STATUS_ORDER else 9,
+                    str(r.attrs.get("study_uid") or ""),
+                    str(r.attrs.get("description") or ""),
+                    r.key,
+                ),
+            )
             matches = _matches(rows)
             page = _page(self.store, rows, matches)
         tmp = self.out / f".index.html.{os.getpid()}.tmp"
@@ -236,8 +252,14 @@ def write_report(store: Any, out: str | Path, *, archive: Iterable[str | Path] |
     counts: dict[str, int] = {}
     for r in writer.rows.values():
         counts[_status(r.attrs)] = counts.get(_status(r.attrs), 0) + 1
-    return ReportSummary(writer.out, len(writer.rows), sum(len(r.images) for r in writer.rows.values()), writer.drawn,
-                         time.perf_counter() - t, counts)
+    return ReportSummary(
+        writer.out,
+        len(writer.rows),
+        sum(len(r.images) for r in writer.rows.values()),
+        writer.drawn,
+        time.perf_counter() - t,
+        counts,
+    )
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -251,13 +273,26 @@ def _safe(key: str) -> str:
 
 def _stamp(key: str, attrs: dict[str, Any]) -> str:
     """A digest of what a series' row shows: its key, status, write time and head records."""
-    basis = {k: attrs.get(k) for k in ("status", "reason", "written", "fingerprint", "heads", "geometry", "distribution", "description")}
+    basis = {
+        k: attrs.get(k)
+        for k in ("status", "reason", "written", "fingerprint", "heads", "geometry", "distribution", "description")
+    }
     return hashlib.sha256(json.dumps([key, basis], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _palette(i: int) -> tuple[int, int, int]:
-    colors = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-              (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+    colors = [
+        (0, 0, 0),
+        (230, 25, 75),
+        (60, 180, 75),
+        (255, 225, 25),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+    ]
     return colors[i % len(colors)] if i < len(colors) else colors[1 + i % (len(colors) - 1)]
 
 
@@ -285,20 +320,25 @@ def _uid(uid: Any, label: str) -> str:
     return f'<span class="uid" title="{esc(label)} {esc(text)}">{esc(short_uid(text))}</span>' if text else "—"
 
 
-def _row_html(key: str, attrs: dict[str, Any], data: dict[str, Any] | None, images: list[tuple[str, str]], note: str | None = None) -> str:
+def _row_html(
+    key: str, attrs: dict[str, Any], data: dict[str, Any] | None, images: list[tuple[str, str]], note: str | None = None
+) -> str:
     geo = attrs.get("geometry") or {}
     status = _status(attrs)
     dist = distribution_flag(attrs)
     flag = flag_text(dist)
-    flag_html = (f'<span class="flag ood" title="score {esc(dist.get("score"))}, threshold {esc(dist.get("threshold"))}">{esc(flag)}</span>'
-                 if dist and dist.get("out_of_distribution") else (f'<span class="flag">{esc(flag)}</span>' if flag else "—"))
+    flag_html = (
+        f'<span class="flag ood" title="score {esc(dist.get("score"))}, threshold {esc(dist.get("threshold"))}">{esc(flag)}</span>'
+        if dist and dist.get("out_of_distribution")
+        else (f'<span class="flag">{esc(flag)}</span>' if flag else "—")
+    )
     shape = "×".join(str(s) for s in geo.get("shape") or []) or "—"
     spacing = " × ".join(f"{float(s):.3g}" for s in geo.get("spacing") or [])
     uid = str(attrs.get("series_uid") or key)
     cells = [
         f'<td><a href="#s-{esc(_safe(key))}">{esc(attrs.get("description") or "(no description)")}</a>'
         f'<div class="sub">series {_uid(attrs.get("series_uid"), "SeriesInstanceUID")} · study {_uid(attrs.get("study_uid"), "StudyInstanceUID")}</div></td>',
-        f'<td>{esc(geo.get("orientation") or "—")}</td>',
+        f"<td>{esc(geo.get('orientation') or '—')}</td>",
         f'<td>{esc(shape)}<div class="sub">{esc(spacing + " mm" if spacing else "")}</div></td>',
         f'<td><span class="status {esc(status)}">{esc(status)}</span></td>',
         f"<td>{flag_html}</td>",
@@ -308,8 +348,10 @@ def _row_html(key: str, attrs: dict[str, Any], data: dict[str, Any] | None, imag
     body = ""
     if data is not None or note:
         body = f'<tr class="detail"><td colspan="6">{_detail_html(data, images, note)}</td></tr>'
-    return (f'<tbody class="series" data-series-uid="{esc(uid)}" data-series-key="{esc(key)}" data-status="{esc(status)}">'
-            f"{head}{body}<!--matches:{esc(key)}--></tbody>")
+    return (
+        f'<tbody class="series" data-series-uid="{esc(uid)}" data-series-key="{esc(key)}" data-status="{esc(status)}">'
+        f"{head}{body}<!--matches:{esc(key)}--></tbody>"
+    )
 
 
 def _detail_html(data: dict[str, Any] | None, images: list[tuple[str, str]], note: str | None) -> str:
@@ -317,27 +359,43 @@ def _detail_html(data: dict[str, Any] | None, images: list[tuple[str, str]], not
     if note:
         parts.append(f'<p class="note">{esc(note)}</p>')
     for name, caption in images:
-        parts.append(f'<figure><img src="{IMG_DIR}/{esc(name)}" alt="{esc(caption)} montage" loading="lazy">'
-                     f"<figcaption>{esc(caption)} · axial, coronal, sagittal (patient's right on the left)</figcaption></figure>")
+        parts.append(
+            f'<figure><img src="{IMG_DIR}/{esc(name)}" alt="{esc(caption)} montage" loading="lazy">'
+            f"<figcaption>{esc(caption)} · axial, coronal, sagittal (patient's right on the left)</figcaption></figure>"
+        )
     if data is None:
         return "".join(parts)
     cols = []
     for s in data["scores"]:
-        bars = "".join(f'<div class="bar"><span class="lab">{esc(lab)}</span><span class="track"><span class="fill" style="width:{_pct(v)}%"></span></span>'
-                       f'<span class="num">{v:.3f}</span></div>' for lab, v in zip(s["labels"], s["scores"]))
+        bars = "".join(
+            f'<div class="bar"><span class="lab">{esc(lab)}</span><span class="track"><span class="fill" style="width:{_pct(v)}%"></span></span>'
+            f'<span class="num">{v:.3f}</span></div>'
+            for lab, v in zip(s["labels"], s["scores"])
+        )
         cols.append(f'<div class="card"><h4>{esc(s["head"])}/{esc(s["output"])}</h4>{bars}</div>')
     for v in data["values"]:
         vals = ", ".join(f"{x:.4g}" for x in v["values"])
-        cols.append(f'<div class="card"><h4>{esc(v["head"])}/{esc(v["output"])}</h4><p class="value">{esc(vals)} {esc(v.get("units") or "")}</p></div>')
+        cols.append(
+            f'<div class="card"><h4>{esc(v["head"])}/{esc(v["output"])}</h4><p class="value">{esc(vals)} {esc(v.get("units") or "")}</p></div>'
+        )
     for m in data["masks"]:
-        rows = "".join(f"<tr><td>{esc(x['label'])}</td><td>{x['voxels']}</td><td>{_ml(x['ml'])}</td></tr>" for x in m.get("labels") or [])
-        cols.append(f'<div class="card"><h4>{esc(m["head"])}/{esc(m["output"])}</h4><table class="mini"><tr><th>label</th><th>voxels</th><th>mL</th></tr>{rows}</table></div>')
+        rows = "".join(
+            f"<tr><td>{esc(x['label'])}</td><td>{x['voxels']}</td><td>{_ml(x['ml'])}</td></tr>"
+            for x in m.get("labels") or []
+        )
+        cols.append(
+            f'<div class="card"><h4>{esc(m["head"])}/{esc(m["output"])}</h4><table class="mini"><tr><th>label</th><th>voxels</th><th>mL</th></tr>{rows}</table></div>'
+        )
     for b in data["boxes"]:
-        rows = "".join(f"<tr><td>{esc(t['label'])}</td><td>{t['score']:.3f}</td><td>{esc(', '.join(f'{x:.1f}' for x in t['world']))}</td></tr>"
-                       for t in b["top"][:BOXES_LISTED])
+        rows = "".join(
+            f"<tr><td>{esc(t['label'])}</td><td>{t['score']:.3f}</td><td>{esc(', '.join(f'{x:.1f}' for x in t['world']))}</td></tr>"
+            for t in b["top"][:BOXES_LISTED]
+        )
         more = f'<p class="sub">{b["count"] - BOXES_LISTED} more</p>' if b["count"] > BOXES_LISTED else ""
-        cols.append(f'<div class="card"><h4>{esc(b["head"])}/{esc(b["output"])} · {b["count"]} box(es)</h4>'
-                    f'<table class="mini"><tr><th>label</th><th>score</th><th>world mm (RAS)</th></tr>{rows}</table>{more}</div>')
+        cols.append(
+            f'<div class="card"><h4>{esc(b["head"])}/{esc(b["output"])} · {b["count"]} box(es)</h4>'
+            f'<table class="mini"><tr><th>label</th><th>score</th><th>world mm (RAS)</th></tr>{rows}</table>{more}</div>'
+        )
     for u in data["unreadable"]:
         parts.append(f'<p class="note">unreadable: {esc(u)}</p>')
     return "".join(parts) + f'<div class="cards">{"".join(cols)}</div>'
@@ -352,8 +410,10 @@ def _pct(v: float) -> str:
 
 
 def _matches_html(found: list[tuple[_Row, float]]) -> str:
-    items = "".join(f'<li><a href="#s-{esc(_safe(r.key))}">{esc(r.attrs.get("description") or r.key)}</a> <span class="num">{s:.3f}</span></li>'
-                    for r, s in found)
+    items = "".join(
+        f'<li><a href="#s-{esc(_safe(r.key))}">{esc(r.attrs.get("description") or r.key)}</a> <span class="num">{s:.3f}</span></li>'
+        for r, s in found
+    )
     return f'<tr class="detail"><td colspan="6"><div class="card matches"><h4>closest series (retrieval)</h4><ol>{items}</ol></div></td></tr>'
 
 
@@ -363,15 +423,23 @@ def _page(store: Any, rows: list[_Row], matches: dict[str, list[tuple[_Row, floa
         counts[_status(r.attrs)] = counts.get(_status(r.attrs), 0) + 1
     runs = store.runs()
     run_rows = "".join(
-        f"<tr><td>{esc(rid)}</td><td><span class=\"status {esc(a.get('status'))}\">{esc(a.get('status'))}</span></td>"
+        f'<tr><td>{esc(rid)}</td><td><span class="status {esc(a.get("status"))}">{esc(a.get("status"))}</span></td>'
         f"<td>{esc(a.get('started') or '')}</td><td>{esc((a.get('backend') or {}).get('name') or '')}</td>"
         f"<td>{esc(', '.join(a.get('heads') or {}))}</td>"
         f"<td>{esc(' '.join(f'{k} {v}' for k, v in (a.get('counts') or {}).items() if v))}</td></tr>"
-        for rid, a in runs.items())
+        for rid, a in runs.items()
+    )
     flagged = [r for r in rows if (distribution_flag(r.attrs) or {}).get("out_of_distribution")]
     recorded = sum(1 for r in rows if distribution_flag(r.attrs))
     if flagged:
-        flag_html = "<ul>" + "".join(f'<li><a href="#s-{esc(_safe(r.key))}">{esc(r.attrs.get("description") or r.key)}</a></li>' for r in flagged) + "</ul>"
+        flag_html = (
+            "<ul>"
+            + "".join(
+                f'<li><a href="#s-{esc(_safe(r.key))}">{esc(r.attrs.get("description") or r.key)}</a></li>'
+                for r in flagged
+            )
+            + "</ul>"
+        )
     else:
         flag_html = "<p>none</p>" if recorded else "<p>no series in this store records a distribution check</p>"
     model = dict(store.root.attrs).get("model") or {}
@@ -381,7 +449,9 @@ def _page(store: Any, rows: list[_Row], matches: dict[str, list[tuple[_Row, floa
         found = matches.get(r.key)
         text = text.replace(f"<!--matches:{esc(r.key)}-->", _matches_html(found) if found else "")
         body.append(text)
-    summary = ", ".join(f'<span class="status {esc(k)}">{esc(k)}</span> {v}' for k, v in sorted(counts.items())) or "none"
+    summary = (
+        ", ".join(f'<span class="status {esc(k)}">{esc(k)}</span> {v}' for k, v in sorted(counts.items())) or "none"
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'">

@@ -61,7 +61,9 @@ def box_to_ras(voxel: np.ndarray, ornt: np.ndarray, shape: tuple[int, ...]) -> n
     return np.stack([lo, hi])
 
 
-def focus(shape: tuple[int, ...], masks: list[tuple[np.ndarray, list[str]]], boxes: list[np.ndarray]) -> tuple[int, int, int]:
+def focus(
+    shape: tuple[int, ...], masks: list[tuple[np.ndarray, list[str]]], boxes: list[np.ndarray]
+) -> tuple[int, int, int]:
     """Where the three slices cross (RAS grid indices): the best box's centre, else the centre of
     the least frequent foreground label of the first mask that has one (a lesion rather than the
     body), else the grid's centre."""
@@ -128,8 +130,13 @@ def _panel_size(view: str, shape: tuple[int, ...], spacing: np.ndarray) -> tuple
     return w, max(16, round(h_mm * min(scale, w / max(w_mm, 1e-6))))
 
 
-def montage(image: np.ndarray | None, affine: np.ndarray, shape: tuple[int, ...],
-            masks: list[tuple[np.ndarray, list[tuple[int, int, int]]]], boxes: list[Box]) -> Any:
+def montage(
+    image: np.ndarray | None,
+    affine: np.ndarray,
+    shape: tuple[int, ...],
+    masks: list[tuple[np.ndarray, list[tuple[int, int, int]]]],
+    boxes: list[Box],
+) -> Any:
     """A Pillow RGB image: axial, coronal and sagittal slices side by side, through the best box
     or the smallest labelled structure. ``image`` may be None (its source could not be read):
     the masks are then drawn on black. ``masks`` are (label mask, RGB colour per label)."""
@@ -182,7 +189,7 @@ def hex_rgb(color: Any, fallback: tuple[int, int, int] = (255, 64, 64)) -> tuple
     """'#rrggbb' or [r, g, b] (0-255 or 0-1) as an RGB tuple; anything else: ``fallback``."""
     try:
         if isinstance(color, str) and color.startswith("#") and len(color) == 7:
-            return tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+            return tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
         vals = [float(v) for v in color][:3]
         if len(vals) == 3:
             scale = 255.0 if max(vals) <= 1.0 else 1.0

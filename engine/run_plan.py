@@ -82,7 +82,9 @@ def make_plan(job: Mapping[str, Any] | str | Path | None = None, **options: Any)
     if heads is not None:
         heads = tuple(heads)
         if not heads:
-            raise UsageError("--heads names no head; give head names (comma-separated), or leave --heads out to run every installed head")
+            raise UsageError(
+                "--heads names no head; give head names (comma-separated), or leave --heads out to run every installed head"
+            )
     precision = given.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
@@ -165,7 +167,9 @@ def head_names(heads: Iterable[str]) -> list[str] | None:
     heads = tuple(heads)
     names = [h.strip() for hs in heads for h in hs.split(",") if h.strip()]
     if heads and not names:
-        raise UsageError("--heads names no head; give head names (comma-separated), or leave --heads out to run every installed head")
+        raise UsageError(
+            "--heads names no head; give head names (comma-separated), or leave --heads out to run every installed head"
+        )
     return names or None
 
 

@@ -26,8 +26,10 @@ def is_safe_name(name: object) -> bool:
 def safe_name(name: object, what: str) -> str:
     """``name`` when it is a plain path component, else StoreError naming ``what`` (e.g. 'head name')."""
     if not is_safe_name(name):
-        raise StoreError(f"{what} {name!r} is not a plain name (letters, digits, '._-', no leading dot); "
-                         "the store is damaged or was tampered with")
+        raise StoreError(
+            f"{what} {name!r} is not a plain name (letters, digits, '._-', no leading dot); "
+            "the store is damaged or was tampered with"
+        )
     return name  # type: ignore[return-value]
 
 

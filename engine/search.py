@@ -136,8 +136,9 @@ def search(
     return out
 
 
-def _like_query(index: zarr.Group, embeddings: np.ndarray, appended: "_Appended", like: str,
-                store_path: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _like_query(
+    index: zarr.Group, embeddings: np.ndarray, appended: "_Appended", like: str, store_path: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The query vector of series ``like`` and the rows (compacted, appended) that are it."""
     if like in appended.keys:
         i = appended.keys.index(like)
@@ -175,8 +176,12 @@ class _Appended:
         if not n or "delta" not in index:
             return out
         delta = index["delta"]
-        cols = {name: read_text(delta[name], slice(0, n)) if name in ("series_key", "study_uid", "description") else delta[name][:n]
-                for name in ("series_key", "key_hash", "searchable", "study_uid", "description", "embedding")}
+        cols = {
+            name: read_text(delta[name], slice(0, n))
+            if name in ("series_key", "study_uid", "description")
+            else delta[name][:n]
+            for name in ("series_key", "key_hash", "searchable", "study_uid", "description", "embedding")
+        }
         latest: dict[str, int] = {}
         for i, key in enumerate(cols["series_key"].tolist()):
             latest[str(key)] = i
@@ -285,7 +290,7 @@ def _crc32c_matches(chunk: Path, nbytes: int) -> bool:
     from numcodecs.checksum32 import crc32c_checksum  # only an unchecksummed index is read through numcodecs
 
     raw = np.memmap(chunk, dtype=np.uint8, mode="r")
-    return int(crc32c_checksum(raw[:nbytes])) == int.from_bytes(bytes(raw[nbytes:nbytes + 4]), "little")
+    return int(crc32c_checksum(raw[:nbytes])) == int.from_bytes(bytes(raw[nbytes : nbytes + 4]), "little")
 
 
 def _check_declared(store: Any, node: str) -> None:

@@ -44,12 +44,20 @@ def label_volumes(mask: np.ndarray, labels: list[str], ml_per_voxel: float | Non
     for value, n in enumerate(counts.tolist()):
         if value == 0 or (n == 0 and value >= len(labels)):
             continue
-        out.append({"label": labels[value] if value < len(labels) else str(value), "value": value, "voxels": int(n),
-                    "ml": round(n * ml_per_voxel, 3) if ml_per_voxel is not None else None})
+        out.append(
+            {
+                "label": labels[value] if value < len(labels) else str(value),
+                "value": value,
+                "voxels": int(n),
+                "ml": round(n * ml_per_voxel, 3) if ml_per_voxel is not None else None,
+            }
+        )
     return out
 
 
-def series_outputs(store: Any, key: str, attrs: dict[str, Any] | None = None, *, read_masks: bool = True) -> dict[str, Any]:
+def series_outputs(
+    store: Any, key: str, attrs: dict[str, Any] | None = None, *, read_masks: bool = True
+) -> dict[str, Any]:
     """Everything a reader looks at first on one series, as JSON-ready data.
 
     Keys: series_key, series_uid, study_uid, description, status, reason, orientation, shape,
@@ -62,11 +70,22 @@ def series_outputs(store: Any, key: str, attrs: dict[str, Any] | None = None, *,
     attrs = attrs or {}
     geo = attrs.get("geometry") or {}
     out: dict[str, Any] = {
-        "series_key": key, "series_uid": attrs.get("series_uid"), "study_uid": attrs.get("study_uid"),
-        "description": attrs.get("description") or "", "status": attrs.get("status"), "reason": attrs.get("reason"),
-        "orientation": geo.get("orientation"), "shape": geo.get("shape"), "spacing": geo.get("spacing"),
+        "series_key": key,
+        "series_uid": attrs.get("series_uid"),
+        "study_uid": attrs.get("study_uid"),
+        "description": attrs.get("description") or "",
+        "status": attrs.get("status"),
+        "reason": attrs.get("reason"),
+        "orientation": geo.get("orientation"),
+        "shape": geo.get("shape"),
+        "spacing": geo.get("spacing"),
         "distribution": distribution_flag(attrs),
-        "scores": [], "values": [], "boxes": [], "masks": [], "embeddings": [], "unreadable": [],
+        "scores": [],
+        "values": [],
+        "boxes": [],
+        "masks": [],
+        "embeddings": [],
+        "unreadable": [],
     }
     if attrs.get("status") != "complete":
         return out
@@ -82,7 +101,9 @@ def series_outputs(store: Any, key: str, attrs: dict[str, Any] | None = None, *,
     return out
 
 
-def _add_output(out: dict[str, Any], store: Any, key: str, head: str, name: str, ml: float | None, read_masks: bool) -> None:
+def _add_output(
+    out: dict[str, Any], store: Any, key: str, head: str, name: str, ml: float | None, read_masks: bool
+) -> None:
     node = store.root["series"][key][head][name]
     meta = dict(node.attrs)
     kind = meta.get("kind")
@@ -102,9 +123,22 @@ def _add_output(out: dict[str, Any], store: Any, key: str, head: str, name: str,
         voxel = np.asarray(v["voxel"], dtype=np.float64).reshape(-1, 6)
         captions = box_captions(v, labels, scores.size)
         order = np.argsort(-scores, kind="stable")
-        out["boxes"].append({**where, "count": int(scores.size), "colors": meta.get("colors"), "top": [
-            {"label": captions[i], "score": round(float(scores[i]), 4), "world": [round(float(x), 2) for x in world[i]],
-             "voxel": [float(x) for x in voxel[i]]} for i in order.tolist()]})
+        out["boxes"].append(
+            {
+                **where,
+                "count": int(scores.size),
+                "colors": meta.get("colors"),
+                "top": [
+                    {
+                        "label": captions[i],
+                        "score": round(float(scores[i]), 4),
+                        "world": [round(float(x), 2) for x in world[i]],
+                        "voxel": [float(x) for x in voxel[i]],
+                    }
+                    for i in order.tolist()
+                ],
+            }
+        )
     elif kind == "mask":
         entry: dict[str, Any] = {**where, "labels_all": labels, "colors": meta.get("colors")}
         if read_masks:

@@ -34,8 +34,10 @@ class SeriesStream:
         parts = list(parts)
         warnings: list[str] = []
         streams = [p for p in parts if isinstance(p, SeriesStream)]
-        joined = cls(itertools.chain.from_iterable(p._raw_pages() if isinstance(p, SeriesStream) else [list(p)] for p in parts),
-                     warnings)
+        joined = cls(
+            itertools.chain.from_iterable(p._raw_pages() if isinstance(p, SeriesStream) else [list(p)] for p in parts),
+            warnings,
+        )
         joined._children = streams  # type: ignore[attr-defined]
         return joined
 
@@ -51,8 +53,9 @@ class SeriesStream:
                 return
             except SourceError as exc:
                 self.incomplete = True
-                self.warnings.append(f"the series query stopped early ({exc}); the series listed before it ran, "
-                                     "rerun to run the rest")
+                self.warnings.append(
+                    f"the series query stopped early ({exc}); the series listed before it ran, rerun to run the rest"
+                )
                 return
             yield page
 

@@ -16,7 +16,17 @@ from .errors import UsageError
 from .series_outputs import flag_text, series_outputs
 
 # attributes --where can test; "distribution" matches in / out / none
-WHERE_KEYS = ("status", "orientation", "modality", "reader", "study_uid", "series_uid", "series_key", "run_id", "distribution")
+WHERE_KEYS = (
+    "status",
+    "orientation",
+    "modality",
+    "reader",
+    "study_uid",
+    "series_uid",
+    "series_key",
+    "run_id",
+    "distribution",
+)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
 
 
@@ -54,7 +64,9 @@ def _matches(key: str, attrs: dict[str, Any], where: dict[str, str]) -> bool:
     return True
 
 
-def show_series(store: Any, series: list[str] | None = None, where: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def show_series(
+    store: Any, series: list[str] | None = None, where: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """The outputs of the series named (by key or SeriesInstanceUID; all when none is named)
     that pass ``where``, as :func:`engine.series_outputs.series_outputs` data. A name matching
     no series is a usage error."""
@@ -98,22 +110,40 @@ def _table(data: dict[str, Any]) -> Any:
     for col in ("output", "kind", "result"):
         table.add_column(col, overflow="fold")
     geo = f"{_plain(data.get('orientation') or '?')} " + "x".join(str(s) for s in data.get("shape") or [])
-    table.add_row("series", "status", f"{status} · {geo}" + (f" · {_plain(data['reason'])}" if data.get("reason") else ""))
+    table.add_row(
+        "series", "status", f"{status} · {geo}" + (f" · {_plain(data['reason'])}" if data.get("reason") else "")
+    )
     dist = data.get("distribution")
-    table.add_row("model", "distribution", _plain(f"{flag_text(dist)} (score {dist.get('score')}, threshold {dist.get('threshold')})")
-                  if dist else "not recorded")
+    table.add_row(
+        "model",
+        "distribution",
+        _plain(f"{flag_text(dist)} (score {dist.get('score')}, threshold {dist.get('threshold')})")
+        if dist
+        else "not recorded",
+    )
     for s in data["scores"]:
         ranked = sorted(zip(s["labels"], s["scores"]), key=lambda p: -p[1])
-        table.add_row(_plain(f"{s['head']}/{s['output']}"), "scores", ", ".join(f"{_plain(lab)} {_fmt(v)}" for lab, v in ranked))
+        table.add_row(
+            _plain(f"{s['head']}/{s['output']}"), "scores", ", ".join(f"{_plain(lab)} {_fmt(v)}" for lab, v in ranked)
+        )
     for v in data["values"]:
-        table.add_row(_plain(f"{v['head']}/{v['output']}"), "value", " ".join(_fmt(x) for x in v["values"]) + " " + _plain(v.get("units") or ""))
+        table.add_row(
+            _plain(f"{v['head']}/{v['output']}"),
+            "value",
+            " ".join(_fmt(x) for x in v["values"]) + " " + _plain(v.get("units") or ""),
+        )
     for b in data["boxes"]:
         best = b["top"][0] if b["top"] else None
         text = f"{b['count']} box(es)" + (f"; best {_plain(best['label'])} {_fmt(best['score'])}" if best else "")
         table.add_row(_plain(f"{b['head']}/{b['output']}"), "boxes", text)
     for m in data["masks"]:
-        vols = ", ".join(f"{_plain(x['label'])} {x['ml']:.2f} mL" if x["ml"] is not None else f"{_plain(x['label'])} {x['voxels']} voxels"
-                         for x in m.get("labels") or [] if x["voxels"])
+        vols = ", ".join(
+            f"{_plain(x['label'])} {x['ml']:.2f} mL"
+            if x["ml"] is not None
+            else f"{_plain(x['label'])} {x['voxels']} voxels"
+            for x in m.get("labels") or []
+            if x["voxels"]
+        )
         table.add_row(_plain(f"{m['head']}/{m['output']}"), "mask", vols or "empty")
     for e in data["embeddings"]:
         table.add_row(_plain(f"{e['head']}/{e['output']}"), "embedding", f"{e['dim']} dimensions")
@@ -126,8 +156,13 @@ def _table(data: dict[str, Any]) -> Any:
 @click.argument("store")
 @click.argument("series", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-@click.option("--where", "where", multiple=True, metavar="KEY=VALUE",
-              help=f"Only series whose KEY is VALUE (repeatable; KEY: {', '.join(WHERE_KEYS)}; distribution: in, out or none).")
+@click.option(
+    "--where",
+    "where",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help=f"Only series whose KEY is VALUE (repeatable; KEY: {', '.join(WHERE_KEYS)}; distribution: in, out or none).",
+)
 def show_command(store: str, series: tuple[str, ...], as_json: bool, where: tuple[str, ...]) -> None:
     """Show the outputs of SERIES (keys or SeriesInstanceUIDs; default: every series) in STORE."""
     from .cli import _open_existing, console

@@ -135,9 +135,15 @@ def source_for(archive: str) -> Any:
             return src
     if is_url(archive):
         scheme = str(archive).split("://", 1)[0]
-        hint = " (pip install 'mrfm[pacs]' for dicomweb+http(s):// and dimse://)" if scheme.startswith(("dicomweb", "dimse")) else ""
-        raise UsageError(f"{public_url(str(archive))}: no installed source reads {scheme}:// URLs{hint}; "
-                         f"installed: {', '.join(sorted(sources)) or 'none'}")
+        hint = (
+            " (pip install 'mrfm[pacs]' for dicomweb+http(s):// and dimse://)"
+            if scheme.startswith(("dicomweb", "dimse"))
+            else ""
+        )
+        raise UsageError(
+            f"{public_url(str(archive))}: no installed source reads {scheme}:// URLs{hint}; "
+            f"installed: {', '.join(sorted(sources)) or 'none'}"
+        )
     raise UsageError(f"{archive}: no installed source reads it")
 
 
@@ -158,9 +164,13 @@ def find(archives: Iterable[str | Path], options: SourceOptions | None = None) -
         _merge(merged, source_for(local[0]).find(local, options))  # type: ignore[arg-type]
     for archive in archives:
         if is_url(archive):
-            if urllib.parse.urlsplit(archive).password or (urllib.parse.urlsplit(archive).username and not archive.startswith("dimse://")):
-                raise UsageError(f"{public_url(archive)}: credentials never go on the command line; "
-                                 "set MRFM_DICOMWEB_TOKEN, MRFM_DICOMWEB_USER/MRFM_DICOMWEB_PASSWORD or a netrc file")
+            if urllib.parse.urlsplit(archive).password or (
+                urllib.parse.urlsplit(archive).username and not archive.startswith("dimse://")
+            ):
+                raise UsageError(
+                    f"{public_url(archive)}: credentials never go on the command line; "
+                    "set MRFM_DICOMWEB_TOKEN, MRFM_DICOMWEB_USER/MRFM_DICOMWEB_PASSWORD or a netrc file"
+                )
             _merge(merged, source_for(archive).find(archive, options), streams)
     if streams:
         merged.series = SeriesStream.chain([merged.series, *streams])  # type: ignore[assignment]
@@ -185,7 +195,9 @@ def archive_labels(archives: Iterable[str | Path]) -> list[str]:
 
 
 # ---- resume ----------------------------------------------------------------------------------
-def changed_at_source(refs: list[Any], store: Any, todo: dict[str, set[str]], head_fps: dict[str, str]) -> dict[str, set[str]]:
+def changed_at_source(
+    refs: list[Any], store: Any, todo: dict[str, set[str]], head_fps: dict[str, str]
+) -> dict[str, set[str]]:
     """Resume for PACS series: one that looks done is redone when the SOP instances the PACS
     holds now differ from those it was computed from (a listing, never a fetch)."""
     sources = None
@@ -208,7 +220,9 @@ class Spool:
     """A temporary folder one series is fetched into; ``add`` refuses bytes past the bound, and
     past the series budget (``budget``, with ``where`` naming the series for its message)."""
 
-    def __init__(self, folder: Path, max_bytes: int = SPOOL_MAX_BYTES, budget: int | None = None, where: str = "") -> None:
+    def __init__(
+        self, folder: Path, max_bytes: int = SPOOL_MAX_BYTES, budget: int | None = None, where: str = ""
+    ) -> None:
         self.folder, self.max_bytes, self.bytes, self.sop_uids = folder, max_bytes, 0, []
         self.budget, self.where = budget, where
         self.over: Exception | None = None  # the budget error, kept: a protocol library may wrap what add raises
@@ -233,7 +247,9 @@ class Spool:
         if self.budget is not None and self.bytes > self.budget:
             from .memory_budget import over_budget
 
-            self.over = over_budget(self.where, self.bytes, self.budget, f"{len(self.sop_uids)} instance(s) fetched so far")
+            self.over = over_budget(
+                self.where, self.bytes, self.budget, f"{len(self.sop_uids)} instance(s) fetched so far"
+            )
             raise self.over
         if self.bytes > self.max_bytes:
             raise SourceError(f"series larger than the spool bound MRFM_SPOOL_MAX_BYTES ({self.max_bytes} bytes)")
@@ -286,7 +302,9 @@ def _fetch_failed(where: str, exc: Exception) -> None:
     if isinstance(exc, (SourceError, LoadError)):
         raise LoadError(f"{where}: fetch failed ({exc})") from exc
     # a protocol library's own error types: one reason, never a crash
-    raise LoadError(f"{where}: fetch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+    raise LoadError(
+        f"{where}: fetch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+    ) from exc
 
 
 def declared_bytes(instances: list[dict[str, Any]]) -> tuple[int, str] | None:
@@ -309,7 +327,9 @@ def declared_bytes(instances: list[dict[str, Any]]) -> tuple[int, str] | None:
         shapes.add(f"{rows}x{cols}x{frames} {bits}-bit")
     if not instances:
         return None
-    return series_need(stored, voxels), f"{len(instances)} instance(s) of {', '.join(sorted(shapes)[:3])} as the PACS declares them"
+    return series_need(
+        stored, voxels
+    ), f"{len(instances)} instance(s) of {', '.join(sorted(shapes)[:3])} as the PACS declares them"
 
 
 def check_declared_size(src: Any, ref: RemoteRef, where: str, budget: int) -> None:
@@ -373,11 +393,22 @@ def ref_from_attrs(attrs: dict[str, Any], options: SourceOptions | None = None) 
     if not url:
         return None
     src = source_for(url)
-    return RemoteRef(key=attrs.get("series_key") or "", reader=PACS_READER, study_uid=attrs.get("study_uid") or "",
-                     series_uid=attrs.get("series_uid") or "", modality=attrs.get("modality") or "",
-                     description=attrs.get("description") or "", sources=[], dims=(), n_slices=0, orientation="",
-                     url=url, source=src.name, options=options or SourceOptions(),
-                     n_instances=int((attrs.get("source") or {}).get("count") or 0))
+    return RemoteRef(
+        key=attrs.get("series_key") or "",
+        reader=PACS_READER,
+        study_uid=attrs.get("study_uid") or "",
+        series_uid=attrs.get("series_uid") or "",
+        modality=attrs.get("modality") or "",
+        description=attrs.get("description") or "",
+        sources=[],
+        dims=(),
+        n_slices=0,
+        orientation="",
+        url=url,
+        source=src.name,
+        options=options or SourceOptions(),
+        n_instances=int((attrs.get("source") or {}).get("count") or 0),
+    )
 
 
 # ---- credentials -----------------------------------------------------------------------------
@@ -419,5 +450,14 @@ def _netrc_login(host: str) -> tuple[str, str] | None:
     return (entry[0], entry[2] or "") if entry else None
 
 
-__all__ = ["RemoteRef", "Source", "SourceOptions", "find", "get_sources", "instances_digest", "is_url", "parse_where",
-           "public_url"]
+__all__ = [
+    "RemoteRef",
+    "Source",
+    "SourceOptions",
+    "find",
+    "get_sources",
+    "instances_digest",
+    "is_url",
+    "parse_where",
+    "public_url",
+]

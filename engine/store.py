@@ -46,13 +46,28 @@ from .faults import killpoint
 from .out_folders import check_store_folder, local_entries
 from .safe_paths import safe_name
 from .store_bounds import MAX_META_BYTES
-from .store_checks import (DAMAGED, MAX_LISTED, ChecksMixin, _chunk_keys, _parse_meta, _shard_checksummed,  # noqa: F401 (re-exported)
-                           _shard_problem)
+from .store_checks import (
+    DAMAGED,
+    ChecksMixin,
+    _parse_meta,
+    _shard_checksummed,  # noqa: F401 (re-exported)
+)
 from .store_index import ROW_STATUSES, IndexMixin, IndexView, _Row, key_hashes  # noqa: F401 (key_hashes, IndexView: public here)
-from .store_lock import (LOCK_NAME, StoreLock, _ago, _create_exclusive, _create_object_exclusive, _Heartbeat,  # noqa: F401 (re-exported)
-                         _holder_state, _locked_message, _pid_alive, _unsupported_conditional, lock_stale_seconds)
-from .zarr_nodes import (SMALL_BYTES, WRITE_ALL, NodeUnreadable, array_documents, group_document, mask_chunks, now,  # noqa: F401 (now: public here)
-                         store_codecs)
+from .store_lock import (
+    StoreLock,
+    _Heartbeat,  # noqa: F401 (re-exported)
+    _holder_state,
+)
+from .zarr_nodes import (
+    SMALL_BYTES,
+    WRITE_ALL,
+    NodeUnreadable,
+    array_documents,
+    group_document,
+    mask_chunks,
+    now,  # noqa: F401 (now: public here)
+    store_codecs,
+)
 from .zarr_text import TEXT_ATTR, encode_text, is_text, read_text
 
 FORMAT_VERSION = 2  # 2: checksummed chunks, store lock, run status interrupted/abandoned
@@ -91,8 +106,13 @@ class ResultStore(IndexMixin, ChecksMixin):
             zstore = self._open_zarr_store()
             from zarr.abc.store import RangeByteRequest  # an oversized root zarr.json is refused unread
 
-            root_meta = sync(zstore.get("zarr.json", prototype=default_buffer_prototype(),
-                                        byte_range=RangeByteRequest(0, MAX_META_BYTES + 1)))
+            root_meta = sync(
+                zstore.get(
+                    "zarr.json",
+                    prototype=default_buffer_prototype(),
+                    byte_range=RangeByteRequest(0, MAX_META_BYTES + 1),
+                )
+            )
         except FileNotFoundError:
             root_meta, zstore = None, None
         except Exception as exc:
@@ -107,15 +127,20 @@ class ResultStore(IndexMixin, ChecksMixin):
             _check_json_bytes(f"{self.path}/zarr.json", root_meta.to_bytes())
         if not self.read_only:  # never take over a folder that holds anything but an mrfm store
             try:
-                entries = (local_entries(self.path) if not self.remote or zstore is None
-                           else collect_aiterator(zstore.list_dir("")))
+                entries = (
+                    local_entries(self.path)
+                    if not self.remote or zstore is None
+                    else collect_aiterator(zstore.list_dir(""))
+                )
             except OSError as exc:
                 raise StoreError(f"{self.path}: cannot list the store's folder ({type(exc).__name__}: {exc})") from exc
             check_store_folder(str(self.path), entries, None if root_meta is None else root_meta.to_bytes())
         try:
             self.root = zarr.open_group(zstore, mode=mode, zarr_format=3)
             if not self.read_only and "mrfm" not in self.root.attrs:
-                self.root.update_attributes({"mrfm": {"format_version": FORMAT_VERSION, "version": __version__, "created": now()}, "runs": []})
+                self.root.update_attributes(
+                    {"mrfm": {"format_version": FORMAT_VERSION, "version": __version__, "created": now()}, "runs": []}
+                )
             if not self.read_only:
                 for name in ("runs", "series"):
                     self._require_container(name)
@@ -142,7 +167,9 @@ class ResultStore(IndexMixin, ChecksMixin):
 
     def _get_head(self, key: str, nbytes: int) -> bytes | None:
         """At most the first ``nbytes`` of ``key``."""
-        buf = sync(self.root.store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(0, nbytes)))
+        buf = sync(
+            self.root.store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(0, nbytes))
+        )
         return None if buf is None else buf.to_bytes()
 
     def _delete_prefix(self, prefix: str) -> None:
@@ -247,8 +274,9 @@ class ResultStore(IndexMixin, ChecksMixin):
             if run_id == current or attrs.get("status") != "running":
                 continue
             try:
-                self.root["runs"][run_id].update_attributes({"status": "abandoned", "abandoned": now(),
-                                                         "reason": "its process ended before the run finished"})
+                self.root["runs"][run_id].update_attributes(
+                    {"status": "abandoned", "abandoned": now(), "reason": "its process ended before the run finished"}
+                )
                 marked.append(run_id)
             except Exception:  # a damaged run record stays as it is; validate reports it
                 continue
@@ -312,12 +340,20 @@ class ResultStore(IndexMixin, ChecksMixin):
             return set(head_fingerprints)
         done = attrs.get("heads", {})
         return {
-            name for name, fp in head_fingerprints.items()
+            name
+            for name, fp in head_fingerprints.items()
             if name not in done or done[name].get("error") or done[name].get("fingerprint") != fp
         }
 
-    def write_series(self, key: str, attrs: dict[str, Any], outputs: list[OutputArray], status: str,
-                     reason: str | None = None, replace: bool = False) -> None:
+    def write_series(
+        self,
+        key: str,
+        attrs: dict[str, Any],
+        outputs: list[OutputArray],
+        status: str,
+        reason: str | None = None,
+        replace: bool = False,
+    ) -> None:
         """Write one series group; ``status`` goes in last, so a crash leaves 'incomplete'.
 
         Outputs of heads that this write does not touch are kept (adding a head to a store costs
@@ -350,14 +386,21 @@ class ResultStore(IndexMixin, ChecksMixin):
             self._mark_write_failed(group, new_heads, why)
             raise StoreError(f"series/{key}: {why}") from exc
 
-    def _open_for_write(self, key: str, attrs: dict[str, Any], replace: bool) -> tuple[zarr.Group, dict[str, Any], dict[str, Any]]:
+    def _open_for_write(
+        self, key: str, attrs: dict[str, Any], replace: bool
+    ) -> tuple[zarr.Group, dict[str, Any], dict[str, Any]]:
         """The series group to write into (its attributes already marked incomplete, in one
         metadata write), the head records it keeps, and the attributes it now holds."""
         series = self.root.require_group("series")
         old = self.series_attrs(key)
         same_grid = old is not None and ("geometry" not in attrs or old.get("geometry") == attrs["geometry"])
-        keep = (old is not None and same_grid and not replace and old.get("status") in FINAL_STATUSES
-                and not self.check_series(key))
+        keep = (
+            old is not None
+            and same_grid
+            and not replace
+            and old.get("status") in FINAL_STATUSES
+            and not self.check_series(key)
+        )
         if not keep:
             if old is not None:
                 self._delete_prefix(f"series/{key}")  # store-level: works when zarr.json is unreadable
@@ -392,7 +435,9 @@ class ResultStore(IndexMixin, ChecksMixin):
         try:
             node = self.root["series"][key][head][output]
             if isinstance(node, zarr.Group):
-                return {name: read_text(arr) if is_text(arr) else arr[...] for name, arr in node.arrays()} | {"attrs": dict(node.attrs)}
+                return {name: read_text(arr) if is_text(arr) else arr[...] for name, arr in node.arrays()} | {
+                    "attrs": dict(node.attrs)
+                }
             return node[...]
         except KeyError:
             raise
@@ -413,11 +458,19 @@ class ResultStore(IndexMixin, ChecksMixin):
                 for h in attrs.get("heads") or {}:
                     heads[h] = heads.get(h, 0) + 1
         root, runs = dict(self.root.attrs), self.runs()
-        return {"path": str(self.path), "format": root.get("mrfm", {}), "runs": root.get("runs", []),
-                "run_status": {r: a.get("status") for r, a in runs.items()}, "lock": self.lock_holder(),
-                "model": root.get("model", {}), "series": counts, "heads": heads, "index": self.index_attrs(),
-                "out_of_distribution": {r: (a.get("counts") or {}).get("out_of_distribution") for r, a in runs.items()},
-                "source": "index" if view is not None else "groups"}
+        return {
+            "path": str(self.path),
+            "format": root.get("mrfm", {}),
+            "runs": root.get("runs", []),
+            "run_status": {r: a.get("status") for r, a in runs.items()},
+            "lock": self.lock_holder(),
+            "model": root.get("model", {}),
+            "series": counts,
+            "heads": heads,
+            "index": self.index_attrs(),
+            "out_of_distribution": {r: (a.get("counts") or {}).get("out_of_distribution") for r, a in runs.items()},
+            "source": "index" if view is not None else "groups",
+        }
 
 
 def _check_json_bytes(name: str, raw: bytes) -> None:
@@ -449,7 +502,7 @@ def is_remote(location: str | Path) -> bool:
 
 def _local_path(location: str | Path) -> Path:
     text = str(location)
-    return Path(text[len("file://"):] if text.startswith("file://") else text)
+    return Path(text[len("file://") :] if text.startswith("file://") else text)
 
 
 def storage_options(url: str) -> dict[str, Any]:
@@ -470,7 +523,9 @@ def storage_options(url: str) -> dict[str, Any]:
     return opts
 
 
-def _write_outputs(group: zarr.Group, outputs: list[OutputArray], shape: tuple[int, ...], geometry: dict[str, Any]) -> None:
+def _write_outputs(
+    group: zarr.Group, outputs: list[OutputArray], shape: tuple[int, ...], geometry: dict[str, Any]
+) -> None:
     """Write every output of one series in two concurrent passes: all nodes' metadata, then all
     chunks. Small outputs are encoded directly (:mod:`.zarr_nodes`); masks go through zarr's
     sharding codec. Node by node, an all-heads series cost ~90 blocking round trips to zarr's
@@ -490,7 +545,9 @@ def _write_outputs(group: zarr.Group, outputs: list[OutputArray], shape: tuple[i
         if f"{out.head}/zarr.json" not in meta_docs:
             meta_docs[f"{out.head}/zarr.json"] = group_document({})
         decl, name = out.decl, out.decl["name"]
-        meta = {k: decl[k] for k in ("kind", "labels", "colors", "units", "range", "normalized", "description") if k in decl}
+        meta = {
+            k: decl[k] for k in ("kind", "labels", "colors", "units", "range", "normalized", "description") if k in decl
+        }
         meta.update({"head": out.head, "head_version": out.head_version})
         if out.distribution is not None:
             meta["out_of_distribution"] = out.distribution.get("out_of_distribution")
@@ -498,8 +555,13 @@ def _write_outputs(group: zarr.Group, outputs: list[OutputArray], shape: tuple[i
         if decl["kind"] == "boxes":
             v = out.value
             n = len(v["scores"])
-            meta_docs[f"{path}/zarr.json"] = group_document({**meta, "world_units": "mm (RAS+): x0, y0, z0, x1, y1, z1",
-                                                              "voxel_units": "native voxel indices: i0, j0, k0, i1, j1, k1"})
+            meta_docs[f"{path}/zarr.json"] = group_document(
+                {
+                    **meta,
+                    "world_units": "mm (RAS+): x0, y0, z0, x1, y1, z1",
+                    "voxel_units": "native voxel indices: i0, j0, k0, i1, j1, k1",
+                }
+            )
             small(f"{path}/world", np.asarray(v["world"], dtype=np.float64).reshape(n, 6), None)
             small(f"{path}/voxel", np.asarray(v["voxel"], dtype=np.float64).reshape(n, 6), None)
             small(f"{path}/scores", np.asarray(v["scores"], dtype=np.float32).reshape(n), None)
@@ -514,9 +576,22 @@ def _write_outputs(group: zarr.Group, outputs: list[OutputArray], shape: tuple[i
             # one shard per mask: its 64^3 chunks stay separately readable through the shard index,
             # but the mask costs one file (an object) instead of one per chunk
             shards = tuple(c * math.ceil(s / c) for s, c in zip(arr.shape, chunks))
-            masks.append((path, arr, {"shape": arr.shape, "dtype": arr.dtype, "chunks": chunks,
-                                      "shards": shards if shards != chunks else None, "compressors": store_codecs(),
-                                      "fill_value": 0, "config": WRITE_ALL, "attributes": meta}))
+            masks.append(
+                (
+                    path,
+                    arr,
+                    {
+                        "shape": arr.shape,
+                        "dtype": arr.dtype,
+                        "chunks": chunks,
+                        "shards": shards if shards != chunks else None,
+                        "compressors": store_codecs(),
+                        "fill_value": 0,
+                        "config": WRITE_ALL,
+                        "attributes": meta,
+                    },
+                )
+            )
         else:
             small(path, np.asarray(out.value).astype(decl["dtype"]), meta)
 
@@ -530,13 +605,18 @@ def _write_outputs(group: zarr.Group, outputs: list[OutputArray], shape: tuple[i
                 (local / key).parent.mkdir(parents=True, exist_ok=True)
                 (local / key).write_bytes(raw)
         else:  # an object store overlaps the requests
-            await asyncio.gather(*(zstore.set(f"{prefix}/{key}", proto.buffer.from_bytes(raw)) for key, raw in docs.items()))
+            await asyncio.gather(
+                *(zstore.set(f"{prefix}/{key}", proto.buffer.from_bytes(raw)) for key, raw in docs.items())
+            )
 
     async def write() -> None:
         await put(meta_docs)  # head and box groups exist before the masks under them
-        created = await asyncio.gather(*(
-            zarr.api.asynchronous.create_array(zstore, name=f"{prefix}/{p}", zarr_format=3, **kw) for p, _, kw in masks
-        ))
+        created = await asyncio.gather(
+            *(
+                zarr.api.asynchronous.create_array(zstore, name=f"{prefix}/{p}", zarr_format=3, **kw)
+                for p, _, kw in masks
+            )
+        )
         killpoint("mid-series-write")  # nodes exist, chunks do not: a half-written group
         await asyncio.gather(put(chunk_docs), *(a.setitem(Ellipsis, value) for a, (_, value, _) in zip(created, masks)))
 

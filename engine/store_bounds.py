@@ -15,9 +15,13 @@ from typing import Any
 
 from .zarr_nodes import NodeUnreadable
 
-MAX_META_BYTES = 8 * 1024 * 1024  # a zarr.json this store writes is kilobytes; a run record with many roots, far below this
+MAX_META_BYTES = (
+    8 * 1024 * 1024
+)  # a zarr.json this store writes is kilobytes; a run record with many roots, far below this
 MAX_JSON_DEPTH = 64  # the deepest document mrfm writes nests ~8 levels
-MAX_ARRAY_BYTES = 8 * 1024**3  # one array decoded whole: a 2048^3 uint8 mask; past this a declared shape is not believed
+MAX_ARRAY_BYTES = (
+    8 * 1024**3
+)  # one array decoded whole: a 2048^3 uint8 mask; past this a declared shape is not believed
 MAX_CHUNKS = 1_000_000  # chunk (or shard) files listed per array
 RAW_CODECS = {"bytes", "crc32c"}  # layouts whose stored size follows from the declared shape
 
@@ -26,7 +30,9 @@ def parse_metadata(key: str, raw: bytes) -> dict[str, Any]:
     """A node's ``zarr.json`` as a dict; raises NodeUnreadable ('key: why') when it is too large,
     too deep, not JSON or not Zarr v3 metadata."""
     if len(raw) > MAX_META_BYTES:
-        raise NodeUnreadable(f"{key}: metadata of {len(raw):,} bytes or more is over the {MAX_META_BYTES // 2**20} MiB limit")
+        raise NodeUnreadable(
+            f"{key}: metadata of {len(raw):,} bytes or more is over the {MAX_META_BYTES // 2**20} MiB limit"
+        )
     try:
         meta = json.loads(raw)
     except RecursionError:
@@ -81,8 +87,22 @@ def _dims(value: Any) -> bool:
 
 def _itemsize(dtype: Any) -> int:
     """Bytes per element of a Zarr v3 data type (strings and unknown types count one byte: a floor)."""
-    sizes = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2, "int32": 4, "uint32": 4,
-             "float32": 4, "int64": 8, "uint64": 8, "float64": 8, "complex64": 8, "complex128": 16}
+    sizes = {
+        "bool": 1,
+        "int8": 1,
+        "uint8": 1,
+        "int16": 2,
+        "uint16": 2,
+        "float16": 2,
+        "int32": 4,
+        "uint32": 4,
+        "float32": 4,
+        "int64": 8,
+        "uint64": 8,
+        "float64": 8,
+        "complex64": 8,
+        "complex128": 16,
+    }
     return sizes.get(dtype, 1) if isinstance(dtype, str) else 1
 
 

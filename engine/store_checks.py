@@ -152,6 +152,6 @@ def _shard_problem(raw: bytes, meta: dict[str, Any]) -> str | None:
     for offset, nbytes in pairs:
         if offset == np.iinfo(np.uint64).max:  # an empty inner chunk: nothing stored
             continue
-        if offset + nbytes > len(raw) or damaged(raw[int(offset):int(offset + nbytes)]):
+        if offset + nbytes > len(raw) or damaged(raw[int(offset) : int(offset + nbytes)]):
             return "checksum mismatch (the chunk's bytes are damaged)"
     return None

@@ -25,8 +25,14 @@ def compact_store(url: str) -> dict[str, Any]:
     with store.lock(f"compact-{int(time.time())}"):
         done = store.compact_index()
     after = _index_files(store)
-    return {**done, "seconds": round(time.perf_counter() - t, 3), "index_files_before": before[0],
-            "index_bytes_before": before[1], "index_files_after": after[0], "index_bytes_after": after[1]}
+    return {
+        **done,
+        "seconds": round(time.perf_counter() - t, 3),
+        "index_files_before": before[0],
+        "index_bytes_before": before[1],
+        "index_files_after": after[0],
+        "index_bytes_after": after[1],
+    }
 
 
 def store_stats(url: str, sample: int = SAMPLE, seed: int = 0) -> dict[str, Any]:
@@ -42,13 +48,28 @@ def store_stats(url: str, sample: int = SAMPLE, seed: int = 0) -> dict[str, Any]
     files, nbytes = zip(*sizes) if sizes else ((), ())
     index_files, index_bytes = _index_files(store)
     return {
-        "store": str(store.path), "series": info["series"], "series_groups": len(keys), "source": info["source"],
-        "runs": len(info["runs"]), "run_status": _count(info["run_status"].values()),
-        "index": {"rows": view.rows() if view else None, "searchable": attrs.get("count"),
-                  "compacted_rows": attrs.get("base_rows"), "appended_rows": attrs.get("delta_rows"),
-                  "files": index_files, "bytes": index_bytes, "current": view is not None},
-        "per_series": {"sampled": len(sizes), "files": _mean(files), "bytes": _mean(nbytes),
-                       "files_max": max(files, default=0), "bytes_max": max(nbytes, default=0)},
+        "store": str(store.path),
+        "series": info["series"],
+        "series_groups": len(keys),
+        "source": info["source"],
+        "runs": len(info["runs"]),
+        "run_status": _count(info["run_status"].values()),
+        "index": {
+            "rows": view.rows() if view else None,
+            "searchable": attrs.get("count"),
+            "compacted_rows": attrs.get("base_rows"),
+            "appended_rows": attrs.get("delta_rows"),
+            "files": index_files,
+            "bytes": index_bytes,
+            "current": view is not None,
+        },
+        "per_series": {
+            "sampled": len(sizes),
+            "files": _mean(files),
+            "bytes": _mean(nbytes),
+            "files_max": max(files, default=0),
+            "bytes_max": max(nbytes, default=0),
+        },
     }
 
 
@@ -90,14 +111,22 @@ def compact_cmd(url: str, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     how = "rebuilt from the series groups" if report["rebuilt"] else "compacted"
-    click.echo(f"index {how}: {report['base_rows']} + {report['delta_rows']} appended rows -> {report['rows']} rows "
-               f"({report['searchable']} searchable); files {report['index_files_before']} -> {report['index_files_after']}, "
-               f"bytes {report['index_bytes_before']} -> {report['index_bytes_after']}, {report['seconds']} s")
+    click.echo(
+        f"index {how}: {report['base_rows']} + {report['delta_rows']} appended rows -> {report['rows']} rows "
+        f"({report['searchable']} searchable); files {report['index_files_before']} -> {report['index_files_after']}, "
+        f"bytes {report['index_bytes_before']} -> {report['index_bytes_after']}, {report['seconds']} s"
+    )
 
 
 @store.command("stats")
 @click.argument("url")
-@click.option("--sample", default=SAMPLE, show_default=True, type=click.IntRange(0), help="Series groups measured for files and bytes.")
+@click.option(
+    "--sample",
+    default=SAMPLE,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Series groups measured for files and bytes.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def stats_cmd(url: str, sample: int, as_json: bool) -> None:
     """Series by status, index rows, runs, files and bytes per series of STORE (a path or URL)."""
@@ -107,11 +136,22 @@ def stats_cmd(url: str, sample: int, as_json: bool) -> None:
         return
     idx, per = report["index"], report["per_series"]
     # statuses are read from the store: printed through printable, like every stored string
-    click.echo(f"{printable(report['store'])}: {report['series_groups']} series groups; "
-               + ", ".join(f"{printable(k)} {v}" for k, v in sorted(report["series"].items())) + f" (from the {report['source']})")
-    click.echo(f"runs: {report['runs']} (" + ", ".join(f"{printable(k)} {v}" for k, v in sorted(report["run_status"].items())) + ")")
-    click.echo(f"index: {idx['rows']} rows, {idx['searchable']} searchable, {idx['compacted_rows']} compacted + "
-               f"{idx['appended_rows']} appended, {idx['files']} files, {idx['bytes']} bytes"
-               + ("" if idx["current"] else " (not current: the next run rebuilds it)"))
-    click.echo(f"per series (sample of {per['sampled']}): {per['files']} files, {per['bytes']} bytes "
-               f"(max {per['files_max']} files, {per['bytes_max']} bytes)")
+    click.echo(
+        f"{printable(report['store'])}: {report['series_groups']} series groups; "
+        + ", ".join(f"{printable(k)} {v}" for k, v in sorted(report["series"].items()))
+        + f" (from the {report['source']})"
+    )
+    click.echo(
+        f"runs: {report['runs']} ("
+        + ", ".join(f"{printable(k)} {v}" for k, v in sorted(report["run_status"].items()))
+        + ")"
+    )
+    click.echo(
+        f"index: {idx['rows']} rows, {idx['searchable']} searchable, {idx['compacted_rows']} compacted + "
+        f"{idx['appended_rows']} appended, {idx['files']} files, {idx['bytes']} bytes"
+        + ("" if idx["current"] else " (not current: the next run rebuilds it)")
+    )
+    click.echo(
+        f"per series (sample of {per['sampled']}): {per['files']} files, {per['bytes']} bytes "
+        f"(max {per['files_max']} files, {per['bytes_max']} bytes)"
+    )

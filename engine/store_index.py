@@ -125,7 +125,10 @@ class IndexMixin:
         """Rewrite index/ as one chunk per column, folding in appended rows and dropping
         superseded ones (a stale or damaged index is rebuilt from the groups instead)."""
         attrs = self.index_attrs()
-        before = {"base_rows": int((attrs or {}).get("base_rows") or 0), "delta_rows": int((attrs or {}).get("delta_rows") or 0)}
+        before = {
+            "base_rows": int((attrs or {}).get("base_rows") or 0),
+            "delta_rows": int((attrs or {}).get("delta_rows") or 0),
+        }
         if self._index_unusable(attrs):
             count = self.rebuild_index()
             return {**before, "rebuilt": 1, "rows": int(self.index_attrs().get("base_rows") or 0), "searchable": count}
@@ -134,8 +137,14 @@ class IndexMixin:
         return {**before, "rebuilt": 0, "rows": len(rows), "searchable": count}
 
     def _index_unusable(self, attrs: dict[str, Any] | None) -> bool:
-        return (not attrs or "damaged" in attrs or not attrs.get("complete") or attrs.get("format") != INDEX_FORMAT
-                or not self._index_fresh(attrs) or bool(self.check_tree("index")))
+        return (
+            not attrs
+            or "damaged" in attrs
+            or not attrs.get("complete")
+            or attrs.get("format") != INDEX_FORMAT
+            or not self._index_fresh(attrs)
+            or bool(self.check_tree("index"))
+        )
 
     def _index_fresh(self, attrs: dict[str, Any]) -> bool:
         """Every run recorded since the index was last written is this object's own (whose
@@ -154,7 +163,11 @@ class IndexMixin:
                 continue
             try:
                 emb = row.embeddings.get(source)
-                row.embedding = _read_embedding(self.root["series"][key], source) if emb is None else np.asarray(emb, dtype=np.float32)
+                row.embedding = (
+                    _read_embedding(self.root["series"][key], source)
+                    if emb is None
+                    else np.asarray(emb, dtype=np.float32)
+                )
             except Exception as exc:
                 skipped.append(f"series/{key}: {type(exc).__name__}: {exc}")
                 row.embedding = None
@@ -168,14 +181,29 @@ class IndexMixin:
         # text as zero-padded UTF-8 in uint8 (engine.zarr_text): a core data type every Zarr v3 reader decodes
         write_array(index, "series_key", encode_text(search), dict(TEXT_ATTR), chunk_rows=STRING_ROWS)
         killpoint("index-rebuild")
-        write_array(index, "study_uid", encode_text([rows[k].study for k in search]), dict(TEXT_ATTR), chunk_rows=STRING_ROWS)
-        write_array(index, "description", encode_text([rows[k].description for k in search]), dict(TEXT_ATTR), chunk_rows=STRING_ROWS)
+        write_array(
+            index, "study_uid", encode_text([rows[k].study for k in search]), dict(TEXT_ATTR), chunk_rows=STRING_ROWS
+        )
+        write_array(
+            index,
+            "description",
+            encode_text([rows[k].description for k in search]),
+            dict(TEXT_ATTR),
+            chunk_rows=STRING_ROWS,
+        )
         write_array(index, "key_hash", key_hashes(search))
         embeddings = [rows[k].embedding for k in search] if source else []
         if embeddings:
             matrix = np.stack(embeddings).astype("<f4")
-            a = index.create_array("embedding", shape=matrix.shape, chunks=matrix.shape, dtype="<f4",
-                                   compressors=store_codecs(compress=False), fill_value=0.0, config=WRITE_ALL)
+            a = index.create_array(
+                "embedding",
+                shape=matrix.shape,
+                chunks=matrix.shape,
+                dtype="<f4",
+                compressors=store_codecs(compress=False),
+                fill_value=0.0,
+                config=WRITE_ALL,
+            )
             a[...] = matrix
         head_sets: list[dict[str, Any]] = []
         hashes = key_hashes(keys)
@@ -183,23 +211,45 @@ class IndexMixin:
         table = index.create_group("series")
         write_array(table, "series_key", encode_text([keys[i] for i in order]), dict(TEXT_ATTR))
         write_array(table, "key_hash", hashes[order])
-        write_array(table, "status", np.asarray([ROW_STATUSES.index(rows[keys[i]].status) for i in order], dtype=np.uint8))
-        write_array(table, "heads", np.asarray([_head_set_id(head_sets, rows[keys[i]].heads) for i in order], dtype=np.int32))
-        index.update_attributes({"count": len(search), "embedding_source": source if embeddings else None, "built": now(),
-                            "skipped": skipped[:100], "format": INDEX_FORMAT, "statuses": list(ROW_STATUSES),
-                            "head_sets": head_sets, "base_rows": len(keys), "delta_rows": 0,
-                            "runs_seen": len(self.root.attrs.get("runs") or []), "complete": True})
+        write_array(
+            table, "status", np.asarray([ROW_STATUSES.index(rows[keys[i]].status) for i in order], dtype=np.uint8)
+        )
+        write_array(
+            table, "heads", np.asarray([_head_set_id(head_sets, rows[keys[i]].heads) for i in order], dtype=np.int32)
+        )
+        index.update_attributes(
+            {
+                "count": len(search),
+                "embedding_source": source if embeddings else None,
+                "built": now(),
+                "skipped": skipped[:100],
+                "format": INDEX_FORMAT,
+                "statuses": list(ROW_STATUSES),
+                "head_sets": head_sets,
+                "base_rows": len(keys),
+                "delta_rows": 0,
+                "runs_seen": len(self.root.attrs.get("runs") or []),
+                "complete": True,
+            }
+        )
         return len(search)
 
-    def _append_delta(self, touched: dict[str, "_Row"], attrs: dict[str, Any], source: str | None, skipped: list[str]) -> int:
+    def _append_delta(
+        self, touched: dict[str, "_Row"], attrs: dict[str, Any], source: str | None, skipped: list[str]
+    ) -> int:
         index = self.root["index"]
         view = IndexView(self, attrs)
-        count = int(attrs.get("count") or 0) - sum(view.searchable(k) for k in touched) + sum(r.searchable for r in touched.values())
+        count = (
+            int(attrs.get("count") or 0)
+            - sum(view.searchable(k) for k in touched)
+            + sum(r.searchable for r in touched.values())
+        )
         head_sets = list(attrs.get("head_sets") or [])
         keys = sorted(touched)
         rows = [touched[k] for k in keys]
         columns: dict[str, Any] = {
-            "series_key": keys, "key_hash": key_hashes(keys),
+            "series_key": keys,
+            "key_hash": key_hashes(keys),
             "status": np.asarray([ROW_STATUSES.index(r.status) for r in rows], dtype=np.uint8),
             "heads": np.asarray([_head_set_id(head_sets, r.heads) for r in rows], dtype=np.int32),
             "searchable": np.asarray([r.searchable for r in rows], dtype=np.uint8),
@@ -208,21 +258,36 @@ class IndexMixin:
         }
         if source:
             dim = int(index["embedding"].shape[1])
-            columns["embedding"] = np.stack([r.embedding if r.searchable else np.zeros(dim, np.float32) for r in rows]).astype("<f4")
+            columns["embedding"] = np.stack(
+                [r.embedding if r.searchable else np.zeros(dim, np.float32) for r in rows]
+            ).astype("<f4")
         index.update_attributes({"complete": False})  # a crash mid-append leaves an index the next run rebuilds
         delta = index["delta"] if "delta" in index else index.create_group("delta")
         n, m = int(attrs.get("delta_rows") or 0), len(keys)
         for name, values in columns.items():
             if name in DELTA_TEXT_WIDTH:  # fixed width; a longer value raises and the caller rewrites the index
-                width = int(delta[name].shape[1]) if name in delta and len(delta[name].shape) == 2 else DELTA_TEXT_WIDTH[name]
+                width = (
+                    int(delta[name].shape[1])
+                    if name in delta and len(delta[name].shape) == 2
+                    else DELTA_TEXT_WIDTH[name]
+                )
                 values = encode_text(values, width)
             else:
                 values = np.asarray(values)
             arr = delta[name] if name in delta else _appendable(delta, name, values)
             arr.resize((n + m, *values.shape[1:]))
-            arr[n:n + m] = values
-        index.update_attributes({"count": count, "skipped": skipped[:100], "head_sets": head_sets, "delta_rows": n + m,
-                            "updated": now(), "runs_seen": len(self.root.attrs.get("runs") or []), "complete": True})
+            arr[n : n + m] = values
+        index.update_attributes(
+            {
+                "count": count,
+                "skipped": skipped[:100],
+                "head_sets": head_sets,
+                "delta_rows": n + m,
+                "updated": now(),
+                "runs_seen": len(self.root.attrs.get("runs") or []),
+                "complete": True,
+            }
+        )
         return count
 
     def _index_table(self, attrs: dict[str, Any]) -> dict[str, "_Row"]:
@@ -230,8 +295,10 @@ class IndexMixin:
         index = self.root["index"]
         head_sets = attrs.get("head_sets") or []
         table = index["series"]
-        rows = {str(k): _Row(ROW_STATUSES[int(s)], heads=dict(head_sets[int(h)]))
-                for k, s, h in zip(read_text(table["series_key"]), table["status"][...], table["heads"][...])}
+        rows = {
+            str(k): _Row(ROW_STATUSES[int(s)], heads=dict(head_sets[int(h)]))
+            for k, s, h in zip(read_text(table["series_key"]), table["status"][...], table["heads"][...])
+        }
         columns = [[str(v) for v in read_text(index[name])] for name in ("series_key", "study_uid", "description")]
         matrix = np.asarray(index["embedding"][...], dtype=np.float32) if attrs.get("embedding_source") else None
         if len({len(c) for c in columns}) != 1 or (matrix is not None and len(matrix) != len(columns[0])):
@@ -243,12 +310,19 @@ class IndexMixin:
         n = int(attrs.get("delta_rows") or 0)
         if n:
             delta = index["delta"]
-            cols = {name: read_text(delta[name], slice(0, n)) if name in DELTA_TEXT_WIDTH else delta[name][:n] for name in delta.array_keys()}
+            cols = {
+                name: read_text(delta[name], slice(0, n)) if name in DELTA_TEXT_WIDTH else delta[name][:n]
+                for name in delta.array_keys()
+            }
             for i in range(n):
                 rows[str(cols["series_key"][i])] = _Row(
-                    ROW_STATUSES[int(cols["status"][i])], str(cols["study_uid"][i]), str(cols["description"][i]),
-                    dict(head_sets[int(cols["heads"][i])]), searchable=bool(cols["searchable"][i]),
-                    embedding=np.asarray(cols["embedding"][i], np.float32) if "embedding" in cols else None)
+                    ROW_STATUSES[int(cols["status"][i])],
+                    str(cols["study_uid"][i]),
+                    str(cols["description"][i]),
+                    dict(head_sets[int(cols["heads"][i])]),
+                    searchable=bool(cols["searchable"][i]),
+                    embedding=np.asarray(cols["embedding"][i], np.float32) if "embedding" in cols else None,
+                )
         return rows
 
     def index_view(self) -> "IndexView | None":
@@ -342,10 +416,16 @@ class _Row:
 
 def _row_from_attrs(attrs: dict[str, Any]) -> _Row:
     status = attrs.get("status")
-    heads = {h: (None if not isinstance(r, dict) or r.get("error") else r.get("fingerprint"))
-             for h, r in (attrs.get("heads") or {}).items()}
-    return _Row(status if status in ROW_STATUSES else "unknown", str(attrs.get("study_uid", "")),
-                str(attrs.get("description", "")), heads)
+    heads = {
+        h: (None if not isinstance(r, dict) or r.get("error") else r.get("fingerprint"))
+        for h, r in (attrs.get("heads") or {}).items()
+    }
+    return _Row(
+        status if status in ROW_STATUSES else "unknown",
+        str(attrs.get("study_uid", "")),
+        str(attrs.get("description", "")),
+        heads,
+    )
 
 
 def _head_set_id(head_sets: list[dict[str, Any]], heads: dict[str, Any]) -> int:
@@ -359,14 +439,23 @@ def _head_set_id(head_sets: list[dict[str, Any]], heads: dict[str, Any]) -> int:
 
 def key_hashes(keys: list[str]) -> np.ndarray:
     """64-bit BLAKE2b of each series key: what the index looks keys up by."""
-    return np.asarray([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys],
-                      dtype="<u8").reshape(len(keys))
+    return np.asarray(
+        [int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys], dtype="<u8"
+    ).reshape(len(keys))
 
 
 def _appendable(group: zarr.Group, name: str, values: np.ndarray) -> zarr.Array:
     text = name in DELTA_TEXT_WIDTH
-    return group.create_array(name, shape=(0, *values.shape[1:]), chunks=(DELTA_CHUNK, *values.shape[1:]), dtype=values.dtype,
-                              fill_value=0, compressors=store_codecs(text), config=WRITE_ALL, attributes=dict(TEXT_ATTR) if text else None)
+    return group.create_array(
+        name,
+        shape=(0, *values.shape[1:]),
+        chunks=(DELTA_CHUNK, *values.shape[1:]),
+        dtype=values.dtype,
+        fill_value=0,
+        compressors=store_codecs(text),
+        config=WRITE_ALL,
+        attributes=dict(TEXT_ATTR) if text else None,
+    )
 
 
 class IndexView:

@@ -62,8 +62,11 @@ class StoreLock:
     def lock_holder(self) -> dict[str, Any] | None:
         """The lock's record: None when unlocked, {} when unreadable (being written or damaged)."""
         try:
-            raw = (self.store._get_head(LOCK_NAME, LOCK_MAX_BYTES + 1) if self.store.remote
-                   else _read_head(self.lock_path, LOCK_MAX_BYTES + 1))
+            raw = (
+                self.store._get_head(LOCK_NAME, LOCK_MAX_BYTES + 1)
+                if self.store.remote
+                else _read_head(self.lock_path, LOCK_MAX_BYTES + 1)
+            )
         except FileNotFoundError:
             return None
         except OSError:
@@ -108,9 +111,14 @@ class StoreLock:
             if state != "stale" and age is None:
                 raise StoreLocked(_locked_message(self.store.path, self.lock_path, holder, state))
             self._break_lock(holder)
-            self.lock_notes.append(f"{LOCK_NAME}: broke " + (
-                f"an unreadable lock file left {age:.0f} s ago by a run that never finished writing it" if age is not None
-                else f"the stale lock of run {holder.get('run_id')} ({self._stale_why(holder)})"))
+            self.lock_notes.append(
+                f"{LOCK_NAME}: broke "
+                + (
+                    f"an unreadable lock file left {age:.0f} s ago by a run that never finished writing it"
+                    if age is not None
+                    else f"the stale lock of run {holder.get('run_id')} ({self._stale_why(holder)})"
+                )
+            )
         raise StoreLocked(f"{self.lock_path}: the lock keeps changing hands; try again")
 
     def _unreadable_lock_age(self, state: str) -> float | None:
@@ -132,8 +140,10 @@ class StoreLock:
             return
         target = os.readlink(self.lock_path)
         dangling = "" if os.path.exists(self.lock_path) else ", which does not exist"
-        raise StoreError(f"{self.lock_path} is a symbolic link to {target!r}{dangling}; mrfm never makes its lock a link "
-                         f"and leaves it alone. If no run writes {self.store.path}, remove the link")
+        raise StoreError(
+            f"{self.lock_path} is a symbolic link to {target!r}{dangling}; mrfm never makes its lock a link "
+            f"and leaves it alone. If no run writes {self.store.path}, remove the link"
+        )
 
     def _stale_why(self, holder: dict[str, Any]) -> str:
         if "heartbeat" in holder and holder.get("host") != socket.gethostname():
@@ -311,8 +321,10 @@ def _locked_message(store: Path | str, path: Path | str, holder: dict[str, Any],
     if state == "live":
         return f"{store} is in use by {who}; wait for it to finish or stop it"
     if state == "foreign":
-        return (f"{store} is locked by {who}; this machine cannot tell whether that process still runs. "
-                f"If it does not, remove {path}")
+        return (
+            f"{store} is locked by {who}; this machine cannot tell whether that process still runs. "
+            f"If it does not, remove {path}"
+        )
     return f"{store} is locked ({path} is unreadable: being written, or damaged). If no run writes this store, remove {path}"
 
 
@@ -340,7 +352,11 @@ def _create_object_exclusive(zstore: Any, key: str, data: bytes) -> bool:
 
 def _unsupported_conditional(exc: Exception) -> bool:
     text = str(exc)
-    return isinstance(exc, (TypeError, NotImplementedError)) or "NotImplemented" in text or "not implemented" in text.lower()
+    return (
+        isinstance(exc, (TypeError, NotImplementedError))
+        or "NotImplemented" in text
+        or "not implemented" in text.lower()
+    )
 
 
 class _Heartbeat:

@@ -126,8 +126,13 @@ def synthetic_truth(shape: tuple[int, ...], affine: np.ndarray) -> dict[str, np.
     return {"body": body, "bright": bright}
 
 
-def synthetic_volume(kind: str = "axial", *, shape: tuple[int, int, int] = (40, 40, 24),
-                     spacing: tuple[float, float, float] = (4.0, 4.0, 6.0), seed: int = 0) -> Volume:
+def synthetic_volume(
+    kind: str = "axial",
+    *,
+    shape: tuple[int, int, int] = (40, 40, 24),
+    spacing: tuple[float, float, float] = (4.0, 4.0, 6.0),
+    seed: int = 0,
+) -> Volume:
     """A volume with known geometry and content, acquired as ``kind`` (see SYNTHETIC_KINDS).
 
     The same anatomy in every orientation: a body ellipsoid (intensity 100, radii
@@ -140,8 +145,13 @@ def synthetic_volume(kind: str = "axial", *, shape: tuple[int, int, int] = (40, 
     rng = np.random.default_rng(seed)
     data = np.where(truth["body"], BODY_INTENSITY, 0.0)
     data = np.where(truth["bright"], BRIGHT_INTENSITY, data) + rng.normal(0.0, NOISE, size=tuple(shape))
-    meta = {"series_key": f"synthetic-{kind}", "synthetic": kind, "bright_center_mm": list(BRIGHT_CENTER_MM),
-            "bright_radius_mm": BRIGHT_RADIUS_MM, "body_radii_mm": list(BODY_RADII_MM)}
+    meta = {
+        "series_key": f"synthetic-{kind}",
+        "synthetic": kind,
+        "bright_center_mm": list(BRIGHT_CENTER_MM),
+        "bright_radius_mm": BRIGHT_RADIUS_MM,
+        "body_radii_mm": list(BODY_RADII_MM),
+    }
     return Volume(data.astype(np.float32), affine, meta)
 
 
@@ -188,7 +198,9 @@ def _backend(path: str | None, name: str, device: str | None) -> Any:
 def _text(model: Any, queries: list[str] | None) -> Any:
     if not queries:
         return None
-    from .features import TextFeatures  # the head kit loads the run path when a test runs a head, not when it is imported
+    from .features import (
+        TextFeatures,
+    )  # the head kit loads the run path when a test runs a head, not when it is imported
 
     tower = model.text_tower()
     if tower is None:
@@ -222,7 +234,12 @@ class _KitPlugin:
 @contextlib.contextmanager
 def _registered(head: type | str) -> Iterator[str]:
     """The head's name, with the class registered with the plugin manager while in use."""
-    from .plugins import get_broken_heads, get_head_classes, head_problem, pm  # the head kit loads the run path when a test runs a head, not when it is imported
+    from .plugins import (
+        get_broken_heads,
+        get_head_classes,
+        head_problem,
+        pm,
+    )  # the head kit loads the run path when a test runs a head, not when it is imported
 
     if isinstance(head, str):
         broken = get_broken_heads()
@@ -245,14 +262,17 @@ def _registered(head: type | str) -> Iterator[str]:
     try:
         if name not in get_head_classes():
             reason = get_broken_heads().get(name)
-            raise HeadRunError(f"head {name!r} could not be registered: {reason.reason if reason else 'unknown reason'}")
+            raise HeadRunError(
+                f"head {name!r} could not be registered: {reason.reason if reason else 'unknown reason'}"
+            )
         yield name
     finally:
         pm.unregister(plugin)
 
 
-def _inference(backend: Any, heads: dict[str, Any], text: Any, batch_size: int, budget: float | None,
-               events: list[dict[str, Any]]) -> Any:
+def _inference(
+    backend: Any, heads: dict[str, Any], text: Any, batch_size: int, budget: float | None, events: list[dict[str, Any]]
+) -> Any:
     from .inference import Inference  # the head kit loads the run path when a test runs a head, not when it is imported
 
     accepted = inspect.signature(Inference).parameters
@@ -278,10 +298,21 @@ def _capture(head: Any, inputs: list[Any], predicted: list[dict[str, Any]]) -> N
 
 
 # ---- the run ---------------------------------------------------------------------------------------
-def run_head(head: type | str, volume: Volume | str | Path = "axial", *, params: dict[str, Any] | None = None,
-             queries: list[str] | None = None, model: str | Path | None = None, backend: str = "torch",
-             device: str | None = None, batch_size: int = 2, budget: float | None = None, series: str | None = None,
-             store: str | Path | None = None, check: bool = True) -> HeadResult:
+def run_head(
+    head: type | str,
+    volume: Volume | str | Path = "axial",
+    *,
+    params: dict[str, Any] | None = None,
+    queries: list[str] | None = None,
+    model: str | Path | None = None,
+    backend: str = "torch",
+    device: str | None = None,
+    batch_size: int = 2,
+    budget: float | None = None,
+    series: str | None = None,
+    store: str | Path | None = None,
+    check: bool = True,
+) -> HeadResult:
     """Run one head (a class, or the name of an installed head) on one volume the way a run does.
 
     ``volume``: an :class:`engine.Volume`, a synthetic kind (``"axial"``, ``"oblique"`` ... see
@@ -292,7 +323,9 @@ def run_head(head: type | str, volume: Volume | str | Path = "axial", *, params:
     With ``check`` (default), a head that fails raises :class:`HeadRunError` with the reason;
     otherwise the reason is in ``result.errors``.
     """
-    from .inference import load_heads  # the head kit loads the run path when a test runs a head, not when it is imported
+    from .inference import (
+        load_heads,
+    )  # the head kit loads the run path when a test runs a head, not when it is imported
     from .prepare import Prepared  # the head kit loads the run path when a test runs a head, not when it is imported
     from .views import make_views  # the head kit loads the run path when a test runs a head, not when it is imported
 
@@ -309,7 +342,9 @@ def run_head(head: type | str, volume: Volume | str | Path = "axial", *, params:
         raise HeadRunError(f"head {name!r} was not loaded: {'; '.join(warnings) or 'no reason given'}")
     events: list[dict[str, Any]] = []
     inference = _inference(enc, heads, text, batch_size, budget, events)
-    prep = Prepared(key, vol.shape, vol.affine, dict(vol.meta), make_views(vol, mdl.preprocessing, inference.view_kinds()))
+    prep = Prepared(
+        key, vol.shape, vol.affine, dict(vol.meta), make_views(vol, mdl.preprocessing, inference.view_kinds())
+    )
     result = HeadResult(name, {}, {}, vol, prep.views, events=events, warnings=list(warnings))
     _capture(heads[name], result.inputs, result.predicted)
     try:
@@ -333,10 +368,18 @@ def _write_and_read(path: str | Path, prep: Any, name: str, head: Any, outputs: 
     from .store import ResultStore  # the head kit loads the run path when a test runs a head, not when it is imported
 
     store = ResultStore(path, mode="a")
-    geometry = {"shape": list(prep.shape), "affine": np.asarray(prep.affine).tolist(),
-                "frame": "RAS+ mm; affine maps voxel (i, j, k, 1) to world"}
-    record = {"version": head.spec["version"], "outputs": [d["name"] for d in head.spec["outputs"]], "error": None,
-              "fingerprint": "engine.testing", "run_id": "engine.testing"}
+    geometry = {
+        "shape": list(prep.shape),
+        "affine": np.asarray(prep.affine).tolist(),
+        "frame": "RAS+ mm; affine maps voxel (i, j, k, 1) to world",
+    }
+    record = {
+        "version": head.spec["version"],
+        "outputs": [d["name"] for d in head.spec["outputs"]],
+        "error": None,
+        "fingerprint": "engine.testing",
+        "run_id": "engine.testing",
+    }
     attrs = {"series_key": prep.key, "geometry": geometry, "heads": {name: record}, "run_id": "engine.testing"}
     store.write_series(prep.key, attrs, outputs, "complete", replace=True)
     result.store_attrs = store.series_attrs(prep.key)

@@ -41,9 +41,16 @@ class TextTower:
     @classmethod
     def from_card(cls, folder: Path, text_card: dict[str, Any], joint_dim: int) -> TextTower:
         """Load the tower a model card's ``text`` section describes, from files in ``folder``."""
-        from safetensors.torch import load_file  # heavy: transformers and the tokenizer load only when the text tower is used
-        from transformers import BertModel, BertTokenizerFast  # heavy: transformers and the tokenizer load only when the text tower is used
-        from transformers.utils import logging as hf_logging  # heavy: transformers and the tokenizer load only when the text tower is used
+        from safetensors.torch import (
+            load_file,
+        )  # heavy: transformers and the tokenizer load only when the text tower is used
+        from transformers import (
+            BertModel,
+            BertTokenizerFast,
+        )  # heavy: transformers and the tokenizer load only when the text tower is used
+        from transformers.utils import (
+            logging as hf_logging,
+        )  # heavy: transformers and the tokenizer load only when the text tower is used
 
         text_dir = Path(folder) / text_card["folder"]
         if not (text_dir / "config.json").is_file():

@@ -116,8 +116,9 @@ def _check_runs(store: ResultStore, run_ids: set[str]) -> list[str]:
     return problems
 
 
-def _check_series(store: ResultStore, key: str, attrs: dict[str, Any], run_ids: set[str],
-                  runs: dict[str, dict[str, Any]], deep: bool) -> list[str]:
+def _check_series(
+    store: ResultStore, key: str, attrs: dict[str, Any], run_ids: set[str], runs: dict[str, dict[str, Any]], deep: bool
+) -> list[str]:
     where = f"/series/{key}"
     problems = []
     if not _KEY.match(key):
@@ -181,11 +182,15 @@ def _check_output(node: Any, p: str, shape: tuple[int, ...], bounds: np.ndarray 
         want = (len(labels), *shape) if multilabel else shape
         if tuple(node.shape) != want:
             # its values are not read: a declared shape that is wrong may also be huge
-            return problems + [f"{p}: mask shape {_shape_text(node.shape)} differs from {'(labels, *grid)' if multilabel else 'the series grid'} {want}"]
+            return problems + [
+                f"{p}: mask shape {_shape_text(node.shape)} differs from {'(labels, *grid)' if multilabel else 'the series grid'} {want}"
+            ]
         if not np.issubdtype(node.dtype, np.integer):
             problems.append(f"{p}: mask dtype {node.dtype} is not an integer label type")
         elif node.size and int(np.max(node[...])) >= (2 if multilabel else len(labels)):
-            problems.append(f"{p}: mask holds values beyond {'0/1 per label' if multilabel else f'its {len(labels)} labels'}")
+            problems.append(
+                f"{p}: mask holds values beyond {'0/1 per label' if multilabel else f'its {len(labels)} labels'}"
+            )
     elif kind == "scores" and tuple(node.shape) != (len(node.attrs.get("labels", [])),):
         problems.append(f"{p}: {tuple(node.shape)} scores for {len(node.attrs.get('labels', []))} labels")
     elif kind == "embedding" and node.attrs.get("normalized"):
@@ -270,7 +275,9 @@ def _searchable_keys(index: zarr.Group, attrs: dict[str, Any], keys: list[str]) 
     n = int(attrs.get("delta_rows") or 0)
     if n and "delta" in index:
         delta = index["delta"]
-        for key, searchable in zip(read_text(delta["series_key"], slice(0, n)).tolist(), delta["searchable"][:n].tolist()):
+        for key, searchable in zip(
+            read_text(delta["series_key"], slice(0, n)).tolist(), delta["searchable"][:n].tolist()
+        ):
             (out.add if searchable else out.discard)(str(key))
     return out
 
@@ -290,4 +297,6 @@ def _check_status_table(store: ResultStore, statuses: dict[str, str]) -> list[st
             problems.append(f"/index/series: series {key} is listed {row[0]} but its group says {status}")
     if view.rows() > len(statuses):
         problems.append(f"/index/series: {view.rows() - len(statuses)} row(s) for series groups that do not exist")
-    return problems[:MAX_REPORTED] + ([f"/index/series: {len(problems) - MAX_REPORTED} more"] if len(problems) > MAX_REPORTED else [])
+    return problems[:MAX_REPORTED] + (
+        [f"/index/series: {len(problems) - MAX_REPORTED} more"] if len(problems) > MAX_REPORTED else []
+    )

@@ -134,8 +134,11 @@ def _describe(intensity: dict[str, Any], native: _Native) -> dict[str, Any]:
     """The intensity transform as heads see it; padding takes the rescaled minimum (torchio's
     default pad value), i.e. the clipped background, after the same standardisation."""
     lo, hi = intensity.get("clip_percentiles", [0.5, 99.5])
-    return {"clip_percentiles": (float(lo), float(hi)), "normalize": intensity.get("normalize", "zscore"),
-            "padding_value": (native.pad - native.mean) / native.std}
+    return {
+        "clip_percentiles": (float(lo), float(hi)),
+        "normalize": intensity.get("normalize", "zscore"),
+        "padding_value": (native.pad - native.mean) / native.std,
+    }
 
 
 def _valid(volume: Volume, shape: np.ndarray, affine: np.ndarray) -> torch.Tensor:
@@ -207,8 +210,14 @@ def global_view(volume: Volume, preprocessing: dict[str, Any], _norm=None) -> Vi
     affine = _ras_grid(volume, spacing, size)
     intensity = preprocessing.get("intensity", {})
     native = _norm or _normalised(volume, intensity)
-    return View("global", _resample(native, size, affine), affine, [],
-                _valid(volume, size, affine), _describe(intensity, native))
+    return View(
+        "global",
+        _resample(native, size, affine),
+        affine,
+        [],
+        _valid(volume, size, affine),
+        _describe(intensity, native),
+    )
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:
@@ -236,8 +245,14 @@ def tiles_view(volume: Volume, preprocessing: dict[str, Any], _norm=None) -> Vie
         for b in starts[1]
         for c in starts[2]
     ]
-    return View("tiles", _resample(native, shape, affine), affine, windows,
-                _valid(volume, shape, affine), _describe(intensity, native))
+    return View(
+        "tiles",
+        _resample(native, shape, affine),
+        affine,
+        windows,
+        _valid(volume, shape, affine),
+        _describe(intensity, native),
+    )
 
 
 def make_views(volume: Volume, preprocessing: dict[str, Any], kinds: tuple[str, ...] = VIEW_KINDS) -> dict[str, View]:

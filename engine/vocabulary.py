@@ -17,7 +17,14 @@ LESION_LABEL = 4
 
 # ---- tissue classes of the anatomy-based generator: value -> name --------------------------
 # Finer than LABEL_NAMES; TISSUE_TO_LABEL folds them into the segment head's labels.
-TISSUE_CLASSES: dict[int, str] = {0: "background", 1: "scalp/body", 2: "grey matter", 3: "white matter", 4: "CSF", 5: "lesion"}
+TISSUE_CLASSES: dict[int, str] = {
+    0: "background",
+    1: "scalp/body",
+    2: "grey matter",
+    3: "white matter",
+    4: "CSF",
+    5: "lesion",
+}
 TISSUE_TO_LABEL: dict[int, int] = {0: 0, 1: 1, 2: 2, 3: 2, 4: 3, 5: LESION_LABEL}
 
 # ---- where a lesion is: the words reports and grounding queries use --------------------------

@@ -51,7 +51,9 @@ def mask_chunks(shape: tuple[int, ...], itemsize: int = 1) -> tuple[int, ...]:
     return tuple(max(1, min(MASK_CHUNK, s)) for s in shape)
 
 
-def small_array_kwargs(value: np.ndarray, attributes: dict[str, Any] | None, chunk_rows: int | None = None) -> dict[str, Any]:
+def small_array_kwargs(
+    value: np.ndarray, attributes: dict[str, Any] | None, chunk_rows: int | None = None
+) -> dict[str, Any]:
     """create_array arguments of a small output or index column: one chunk, raw unless worth compressing."""
     dtype = str if value.dtype.kind in "UT" else value.dtype
     # one chunk per small array; zarr wants chunk sides >= 1, and "auto" for 0-d arrays
@@ -59,12 +61,24 @@ def small_array_kwargs(value: np.ndarray, attributes: dict[str, Any] | None, chu
     if chunk_rows and value.ndim in (1, 2):
         chunks = (max(1, min(chunk_rows, value.shape[0])), *value.shape[1:])
     compress = dtype is str or value.nbytes >= SMALL_BYTES or bool((attributes or {}).get("text"))
-    return {"shape": value.shape, "dtype": dtype, "chunks": chunks, "fill_value": "" if dtype is str else 0,
-            "compressors": store_codecs(compress), "config": WRITE_ALL, "attributes": attributes}
+    return {
+        "shape": value.shape,
+        "dtype": dtype,
+        "chunks": chunks,
+        "fill_value": "" if dtype is str else 0,
+        "compressors": store_codecs(compress),
+        "config": WRITE_ALL,
+        "attributes": attributes,
+    }
 
 
-def write_array(group: zarr.Group, name: str, value: np.ndarray, attributes: dict[str, Any] | None = None,
-                chunk_rows: int | None = None) -> zarr.Array:
+def write_array(
+    group: zarr.Group,
+    name: str,
+    value: np.ndarray,
+    attributes: dict[str, Any] | None = None,
+    chunk_rows: int | None = None,
+) -> zarr.Array:
     """A small array through zarr's API (index columns, which are appended to later)."""
     value = np.asarray(value)
     a = group.create_array(name, **small_array_kwargs(value, attributes, chunk_rows))
@@ -125,8 +139,15 @@ def _template(kind: tuple[str, int], codec_keys: tuple[str, ...]) -> dict[str, A
     dtype, ndim = kind
     codecs = [get_codec_class(d["name"]).from_dict(d) for d in map(json.loads, codec_keys)]
     store = MemoryStore()
-    zarr.create_array(store, shape=(1,) * ndim, chunks=(1,) * ndim if ndim else "auto", dtype=str if dtype == "str" else dtype,
-                      fill_value="" if dtype == "str" else 0, compressors=codecs, zarr_format=3)
+    zarr.create_array(
+        store,
+        shape=(1,) * ndim,
+        chunks=(1,) * ndim if ndim else "auto",
+        dtype=str if dtype == "str" else dtype,
+        fill_value="" if dtype == "str" else 0,
+        compressors=codecs,
+        zarr_format=3,
+    )
     raw = sync(store.get("zarr.json", prototype=default_buffer_prototype()))
     return json.loads(raw.to_bytes())
 

@@ -55,4 +55,8 @@ def read_text(array: Any, selection: Any = slice(None)) -> np.ndarray:
     if is_text(array):
         return decode_text(np.asarray(array[selection]))
     values = np.asarray(array[selection])
-    return np.asarray([str(v) for v in values.tolist()], dtype=str).reshape(values.shape) if values.size else np.zeros(values.shape, dtype=str)
+    return (
+        np.asarray([str(v) for v in values.tolist()], dtype=str).reshape(values.shape)
+        if values.size
+        else np.zeros(values.shape, dtype=str)
+    )

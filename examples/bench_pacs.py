@@ -60,10 +60,14 @@ def main() -> None:
         server.stop()
     n_disk = sum(r.status == "complete" and r.key in {engine.sanitise_key(u) for u in uids} for r in web.results)
     print(f"series: {len(refs)} ({len(files)} files) heads: {args.heads}")
-    print(f"disk:     {disk.count('complete')} complete in {t_disk:.1f} s = {disk.count('complete') / t_disk:.3f} series/s")
+    print(
+        f"disk:     {disk.count('complete')} complete in {t_disk:.1f} s = {disk.count('complete') / t_disk:.3f} series/s"
+    )
     print(f"dicomweb: {web.count('complete')} complete in {t_web:.1f} s = {web.count('complete') / t_web:.3f} series/s")
-    print(f"dicomweb / disk throughput: {(web.count('complete') / t_web) / (disk.count('complete') / t_disk):.2f}"
-          f" (same {n_disk} series both ways; end to end, model set-up included)")
+    print(
+        f"dicomweb / disk throughput: {(web.count('complete') / t_web) / (disk.count('complete') / t_disk):.2f}"
+        f" (same {n_disk} series both ways; end to end, model set-up included)"
+    )
 
 
 if __name__ == "__main__":

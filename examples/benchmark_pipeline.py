@@ -29,16 +29,30 @@ def main() -> None:
         manifest = write_demo_archive(Path(tmp) / "archive", studies=args.studies, seed=0)
         n = len(manifest.series)
         # warm-up: imports, weights and backend set-up are not what is measured
-        run([Path(tmp) / "archive" / manifest.series[0].dicom_dir], Path(tmp) / "warm.zarr", heads=args.heads.split(","), backend=args.backend, workers=0)
+        run(
+            [Path(tmp) / "archive" / manifest.series[0].dicom_dir],
+            Path(tmp) / "warm.zarr",
+            heads=args.heads.split(","),
+            backend=args.backend,
+            workers=0,
+        )
         rates = {}
         for workers in args.workers:
             t = time.perf_counter()
-            summary = run([manifest.dicom_root], Path(tmp) / f"w{workers}.zarr", heads=args.heads.split(","), backend=args.backend, workers=workers)
+            summary = run(
+                [manifest.dicom_root],
+                Path(tmp) / f"w{workers}.zarr",
+                heads=args.heads.split(","),
+                backend=args.backend,
+                workers=workers,
+            )
             seconds = time.perf_counter() - t
             rates[workers] = n / seconds
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in summary.stages.items())
-            print(f"workers={workers}: {n} series in {seconds:.1f} s = {rates[workers]:.2f} series/s "
-                  f"({summary.count('complete')} complete, backend {summary.backend}; {stages})")
+            print(
+                f"workers={workers}: {n} series in {seconds:.1f} s = {rates[workers]:.2f} series/s "
+                f"({summary.count('complete')} complete, backend {summary.backend}; {stages})"
+            )
         base = rates[args.workers[0]]
         for workers, rate in rates.items():
             print(f"workers={workers}: {rate / base:.2f}x of workers={args.workers[0]}")

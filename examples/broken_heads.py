@@ -20,8 +20,11 @@ import tempfile
 from pathlib import Path
 
 MANIFEST = {
-    "name": "broken", "version": "1.0.0", "description": "a deliberately broken head",
-    "encoder": {"fingerprint": "any"}, "inputs": {"view": "global", "features": ["cls"]},
+    "name": "broken",
+    "version": "1.0.0",
+    "description": "a deliberately broken head",
+    "encoder": {"fingerprint": "any"},
+    "inputs": {"view": "global", "features": ["cls"]},
     "outputs": [{"name": "v", "kind": "value", "dtype": "float32", "shape": [], "units": "1"}],
 }
 
@@ -38,7 +41,7 @@ CASES: dict[str, tuple[str, dict, str]] = {
     "import error": ("return [{'v': 1.0} for _ in batch]", {}, "import mrfm_missing_dependency\n"),
 }
 
-MODULE = '''\
+MODULE = """\
 {prefix}import time
 from pathlib import Path
 
@@ -57,7 +60,7 @@ class Broken(engine.Head):
 @engine.hookimpl
 def register_heads(register):
     register(Broken)
-'''
+"""
 
 
 def install_case(site: Path, case: str) -> None:
@@ -93,8 +96,11 @@ def main() -> int:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="mrfm-broken-"))
     archive = out / "archive"
     if not (archive / "dicom").exists():
-        subprocess.run([sys.executable, "-m", "engine", "demo-archive", str(archive), "--studies", "2", "--seed", "3"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "engine", "demo-archive", str(archive), "--studies", "2", "--seed", "3"],
+            check=True,
+            capture_output=True,
+        )
     rows, ok = [], True
     for case in CASES:
         slug = case.replace(" ", "_")
@@ -104,23 +110,48 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
         env.pop("MRFM_LOAD_PLUGINS", None)
         env["COLUMNS"] = "400"  # one line per message
-        proc = subprocess.run([sys.executable, "-m", "engine", "run", str(archive / "dicom"), "--out", str(store), "--log-json",
-                               "--heads", "classify,broken", "--overwrite", "--workers", "0", "--backend", "torch"],
-                              env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "engine",
+                "run",
+                str(archive / "dicom"),
+                "--out",
+                str(store),
+                "--log-json",
+                "--heads",
+                "classify,broken",
+                "--overwrite",
+                "--workers",
+                "0",
+                "--backend",
+                "torch",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         said = store_says(store) if (store / "zarr.json").exists() else None
         told = [line for line in proc.stderr.splitlines() if line.startswith(("error:", "warning:"))]
         if said:
             statuses = ", ".join(f"{s} {said['statuses'].count(s)}" for s in sorted(set(said["statuses"])))
-            store_text = f"{statuses}; classify written for {said['classify']}/{len(said['statuses'])}; " + (" | ".join(said["said"]) or "-")
+            store_text = f"{statuses}; classify written for {said['classify']}/{len(said['statuses'])}; " + (
+                " | ".join(said["said"]) or "-"
+            )
             ok &= said["classify"] == len(said["statuses"]) and bool(said["said"])
         else:
             store_text = "no store written"
             ok &= proc.returncode == 2  # refused before starting: a usage error naming the head
         rows.append((case, proc.returncode, store_text, " ".join(told)[:160]))
-    print("| case | exit | store (series statuses; classify kept; the broken head's recorded error) | the CLI said (stderr error/warning lines) |\n|---|---|---|---|")
+    print(
+        "| case | exit | store (series statuses; classify kept; the broken head's recorded error) | the CLI said (stderr error/warning lines) |\n|---|---|---|---|"
+    )
     for case, code, store_text, message in rows:
         print(f"| {case} | {code} | {store_text} | {message} |")
-    print(f"\narchive: 2 studies, 5 series; every case {'kept' if ok else 'did NOT keep'} classify's outputs and recorded why")
+    print(
+        f"\narchive: 2 studies, 5 series; every case {'kept' if ok else 'did NOT keep'} classify's outputs and recorded why"
+    )
     return 0 if ok else 1
 
 

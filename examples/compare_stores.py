@@ -17,9 +17,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
-VOLATILE = {"run_id", "started", "finished", "seconds", "timings", "host", "pid", "hostname", "heartbeat", "written",
-            "created", "updated", "built", "time", "node", "paths", "path", "load", "infer", "write", "wait_for_load",
-            "lock", "actor"}
+VOLATILE = {
+    "run_id",
+    "started",
+    "finished",
+    "seconds",
+    "timings",
+    "host",
+    "pid",
+    "hostname",
+    "heartbeat",
+    "written",
+    "created",
+    "updated",
+    "built",
+    "time",
+    "node",
+    "paths",
+    "path",
+    "load",
+    "infer",
+    "write",
+    "wait_for_load",
+    "lock",
+    "actor",
+}
 RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 
 

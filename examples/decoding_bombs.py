@@ -47,7 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     cases = write_bad_inputs(out / "corpus", seed=0, cases=CASES)
     budget = ["--max-series-bytes", args.max_series_bytes] if args.max_series_bytes else []
     table = Table(title=f"decoding attacks (budget: {args.max_series_bytes or 'default'})")
-    for col in ("case", "command", "exit", "traceback", "peak RSS MiB", "written outside", "rerun valid", "= clean run", "reason"):
+    for col in (
+        "case",
+        "command",
+        "exit",
+        "traceback",
+        "peak RSS MiB",
+        "written outside",
+        "rerun valid",
+        "= clean run",
+        "reason",
+    ):
         table.add_column(col, overflow="fold")
     bad = False
     for case, folder in cases.items():
@@ -55,7 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         row = attack(["run", str(folder), "--out", str(store), *RUN, *budget], out, store)
         rerun_ok, equal = rerun_checks(folder, store, out / "stores" / f"{case}-clean.zarr", RUN + budget)
         reason = reason_of(store, row["stderr"])
-        table.add_row(case, "run", str(row["rc"]), yesno(row["traceback"]), row["rss"], row["outside"], yesno(rerun_ok), yesno(equal), reason)
+        table.add_row(
+            case,
+            "run",
+            str(row["rc"]),
+            yesno(row["traceback"]),
+            row["rss"],
+            row["outside"],
+            yesno(rerun_ok),
+            yesno(equal),
+            reason,
+        )
         bad |= row["traceback"] or row["outside"] != "none" or not rerun_ok or not equal
     extra = [
         ("deflated_bomb", ["scan", "--json", str(cases.get("deflated_bomb", out)), *budget]),
@@ -64,8 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for case, command in extra:
         row = attack(command, out, None)
-        table.add_row(case, command[0], str(row["rc"]), yesno(row["traceback"]), row["rss"], row["outside"], "-", "-",
-                      skipped_reason(row["stdout"]) or last_line(row["stderr"]))
+        table.add_row(
+            case,
+            command[0],
+            str(row["rc"]),
+            yesno(row["traceback"]),
+            row["rss"],
+            row["outside"],
+            "-",
+            "-",
+            skipped_reason(row["stdout"]) or last_line(row["stderr"]),
+        )
         bad |= row["traceback"] or row["outside"] != "none"
     Console(width=None if sys.stdout.isatty() else 220).print(table)
     return 1 if bad else 0
@@ -79,14 +108,25 @@ def attack(args: list[str], out: Path, store: Path | None) -> dict:
     cwd.mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     before = listing(out, store)
-    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "engine", *args], capture_output=True, text=True,
-                          timeout=900, cwd=cwd, env=env)
+    done = subprocess.run(
+        ["/usr/bin/time", "-v", sys.executable, "-m", "engine", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=cwd,
+        env=env,
+    )
     after = listing(out, store)
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     new = sorted(after - before)
-    return {"rc": done.returncode, "traceback": "Traceback" in done.stdout + done.stderr, "stdout": done.stdout,
-            "rss": f"{int(peak.group(1)) / 1024:.0f}" if peak else "?", "stderr": done.stderr,
-            "outside": ", ".join(new[:3]) + (" ..." if len(new) > 3 else "") if new else "none"}
+    return {
+        "rc": done.returncode,
+        "traceback": "Traceback" in done.stdout + done.stderr,
+        "stdout": done.stdout,
+        "rss": f"{int(peak.group(1)) / 1024:.0f}" if peak else "?",
+        "stderr": done.stderr,
+        "outside": ", ".join(new[:3]) + (" ..." if len(new) > 3 else "") if new else "none",
+    }
 
 
 def listing(out: Path, store: Path | None) -> set[str]:
@@ -106,12 +146,25 @@ def listing(out: Path, store: Path | None) -> set[str]:
 
 
 def rerun_checks(folder: Path, store: Path, clean: Path, run_args: list[str]) -> tuple[bool, bool]:
-    subprocess.run([sys.executable, "-m", "engine", "run", str(folder), "--out", str(store), *run_args], capture_output=True, timeout=900)
+    subprocess.run(
+        [sys.executable, "-m", "engine", "run", str(folder), "--out", str(store), *run_args],
+        capture_output=True,
+        timeout=900,
+    )
     if not (store / "zarr.json").exists():  # nothing to run: no store is the right outcome
         return True, True
-    valid = subprocess.run([sys.executable, "-m", "engine", "validate", str(store)], capture_output=True, timeout=900).returncode == 0
+    valid = (
+        subprocess.run(
+            [sys.executable, "-m", "engine", "validate", str(store)], capture_output=True, timeout=900
+        ).returncode
+        == 0
+    )
     shutil.rmtree(clean, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "engine", "run", str(folder), "--out", str(clean), *run_args], capture_output=True, timeout=900)
+    subprocess.run(
+        [sys.executable, "-m", "engine", "run", str(folder), "--out", str(clean), *run_args],
+        capture_output=True,
+        timeout=900,
+    )
     return valid, series_of(store) == series_of(clean)
 
 

@@ -23,8 +23,13 @@ def _store(tmp: Path, studies: int) -> Path:
 
     write_demo_archive(tmp / "archive", studies=studies, seed=0)
     t0 = time.perf_counter()
-    summary = run([tmp / "archive" / "dicom"], tmp / "r.zarr", heads=["segment", "classify", "localize", "retrieve"],
-                  backend="torch", workers=0)
+    summary = run(
+        [tmp / "archive" / "dicom"],
+        tmp / "r.zarr",
+        heads=["segment", "classify", "localize", "retrieve"],
+        backend="torch",
+        workers=0,
+    )
     print(f"store: {len(summary.results)} series in {time.perf_counter() - t0:.1f}s")
     return tmp / "r.zarr"
 
@@ -48,8 +53,10 @@ def main() -> None:
             n = max(1, len(first.results))
             files = sum(len(r.files) for r in first.results) + len(first.files)
             outcome = ", ".join(f"{c} {s}" for s, c in sorted(first.counts.items()))
-            print(f"{fmt:<10} {len(first.results):>6} {files:>6} {t1 - t0:>8.2f} {(t1 - t0) / n:>9.3f} {t2 - t1:>9.2f}  {outcome}"
-                  f" | resume: {', '.join(f'{c} {s}' for s, c in sorted(again.counts.items()))}")
+            print(
+                f"{fmt:<10} {len(first.results):>6} {files:>6} {t1 - t0:>8.2f} {(t1 - t0) / n:>9.3f} {t2 - t1:>9.2f}  {outcome}"
+                f" | resume: {', '.join(f'{c} {s}' for s, c in sorted(again.counts.items()))}"
+            )
         if "table" in args.formats:
             import pandas as pd
 
@@ -57,7 +64,9 @@ def main() -> None:
                 path = out / f"{kind}.parquet"
                 if path.exists():
                     df = pd.read_parquet(path)
-                    print(f"{kind}.parquet: {len(df)} rows, {df['series_uid'].nunique()} series, columns {list(df.columns)[:12]}")
+                    print(
+                        f"{kind}.parquet: {len(df)} rows, {df['series_uid'].nunique()} series, columns {list(df.columns)[:12]}"
+                    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ def _metric_pairs(metrics: dict, floor: dict | None, prefix: str = ""):
     for key, value in metrics.items():
         if isinstance(value, dict):
             yield from _metric_pairs(value, (floor or {}).get(key) if floor else None, f"{prefix}{key}.")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("threshold", "max_boxes", "lesions", "queries"):
+        elif (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and key not in ("threshold", "max_boxes", "lesions", "queries")
+        ):
             yield f"{prefix}{key}", value, (floor or {}).get(key) if floor else None
 
 
@@ -55,13 +59,23 @@ def main() -> int:
         for call in ("first (encodes)", "refit (cached)"):
             t0 = time.perf_counter()
             # the floor is measured once, on the first call; a refit is what changing labels or settings costs
-            result = fit(kind, archive, out / f"{kind}-head", name=f"my-{kind}", targets=TARGETS.get(kind),
-                         cache_dir=out / "features", floor=call.startswith("first"), steps=args.steps)
+            result = fit(
+                kind,
+                archive,
+                out / f"{kind}-head",
+                name=f"my-{kind}",
+                targets=TARGETS.get(kind),
+                cache_dir=out / "features",
+                floor=call.startswith("first"),
+                steps=args.steps,
+            )
             wall = time.perf_counter() - t0
             rows.append((kind, call, result.encoded, result.seconds, wall, result.metrics, result.floor))
     print("| kind | call | views encoded | wall s | seconds by stage |\n|---|---|---|---|---|")
     for kind, call, encoded, seconds, wall, _, _ in rows:
-        print(f"| {kind} | {call} | {encoded} | {wall:.1f} | {json.dumps({k: round(v, 1) for k, v in seconds.items()})} |")
+        print(
+            f"| {kind} | {call} | {encoded} | {wall:.1f} | {json.dumps({k: round(v, 1) for k, v in seconds.items()})} |"
+        )
     print("\n| kind | metric (validation studies) | fitted | random-encoder floor |\n|---|---|---|---|")
     for kind, call, _, _, _, metrics, floor in rows:
         if call.startswith("first"):

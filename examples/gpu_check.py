@@ -150,14 +150,17 @@ def check_model(label: str, model: Model, batch: int, device: torch.device, args
     return rows
 
 
-def stage_check(model: Model, device: torch.device, batch: int, backend_name: str, precision: str,
-                args: argparse.Namespace) -> dict:
+def stage_check(
+    model: Model, device: torch.device, batch: int, backend_name: str, precision: str, args: argparse.Namespace
+) -> dict:
     """The inference stage on the default model as the pipeline runs it: host views through
     pinned memory, encode (features back on the host), then every default head on the device."""
     from engine.features import HeadInput
     from engine.inference import load_heads
 
-    backend, _ = select(backend_name, model, precision=precision, device=device, max_batch=batch, cache_dir=args.cache_dir)
+    backend, _ = select(
+        backend_name, model, precision=precision, device=device, max_batch=batch, cache_dir=args.cache_dir
+    )
     tower = model.text_tower()
     text = None
     if tower is not None:
@@ -181,9 +184,15 @@ def stage_check(model: Model, device: torch.device, batch: int, backend_name: st
             th = time.perf_counter()
             declared = head.spec["inputs"]
             inputs = [
-                HeadInput(f"s{i}", images[i] if declared.get("image") else None, f.only(declared["features"]),
-                          text if "text" in declared["features"] else None, tuple(model.input_size),
-                          torch.ones_like(images[i], dtype=torch.bool), None)
+                HeadInput(
+                    f"s{i}",
+                    images[i] if declared.get("image") else None,
+                    f.only(declared["features"]),
+                    text if "text" in declared["features"] else None,
+                    tuple(model.input_size),
+                    torch.ones_like(images[i], dtype=torch.bool),
+                    None,
+                )
                 for i, f in enumerate(feats)
             ]
             with torch.inference_mode():
@@ -197,8 +206,14 @@ def stage_check(model: Model, device: torch.device, batch: int, backend_name: st
     times = [once() for _ in range(max(3, args.iters // 4))]
     encode, head_time = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
     row = {
-        "model": "default", "stage": "inference", "backend": backend_name, "precision": precision, "batch": batch,
-        "heads": sorted(heads), "encode_ms_per_volume": 1e3 * encode / batch, "heads_ms_per_volume": 1e3 * head_time / batch,
+        "model": "default",
+        "stage": "inference",
+        "backend": backend_name,
+        "precision": precision,
+        "batch": batch,
+        "heads": sorted(heads),
+        "encode_ms_per_volume": 1e3 * encode / batch,
+        "heads_ms_per_volume": 1e3 * head_time / batch,
         "volumes_per_s": batch / (encode + head_time),
         "head_ms_per_volume": {n: 1e3 * statistics.median(t) / batch for n, t in per_head.items()},
     }
@@ -222,8 +237,12 @@ def main() -> int:
     parser.add_argument("--no-tensorrt", action="store_true", help="skip TensorRT even where installed")
     parser.add_argument("--cache-dir", default=None, help="engine cache for TensorRT plans")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="dense bf16 peak of the chip for the MFU column (default: from the device name)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense bf16 peak of the chip for the MFU column (default: from the device name)",
+    )
     parser.add_argument("--allow-cpu", action="store_true", help="smoke-run on the CPU with tiny sizes")
     args = parser.parse_args()
 

@@ -44,7 +44,9 @@ REASON_CHARS = 90
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("outdir", nargs="?", type=Path, help="where to write the corpus and the store (default: a new temporary folder)")
+    parser.add_argument(
+        "outdir", nargs="?", type=Path, help="where to write the corpus and the store (default: a new temporary folder)"
+    )
     parser.add_argument("--each", action="store_true", help="also run mrfm on every case alone and show its exit code")
     args = parser.parse_args(argv)
     out = args.outdir or Path(tempfile.mkdtemp(prefix="mrfm-hostile-"))
@@ -56,15 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = defaultdict(list)
     unmatched = match_series(store, cases, locations, outcomes) + match_warnings(events, cases, locations, outcomes)
 
-    alone = {case: run_mrfm(path, out / "each" / f"{case}.zarr")[0] for case, path in cases.items()} if args.each else None
+    alone = (
+        {case: run_mrfm(path, out / "each" / f"{case}.zarr")[0] for case, path in cases.items()} if args.each else None
+    )
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(outcome_table(cases, outcomes, exit_code, alone))
     dropped = sorted(set(cases) - set(outcomes))
     console.print(Text(f"mrfm run exit code: {exit_code}; {len(cases)} cases; corpus {corpus}; store {store}"))
     if unmatched:
         console.print(Text(f"not matched to a case: {'; '.join(unmatched)}"))
-    console.print(Text(f"silently dropped: {', '.join(dropped) if dropped else 'none'} "
-                       "(every case must be a series in the store or a skipped file in the warnings)"))
+    console.print(
+        Text(
+            f"silently dropped: {', '.join(dropped) if dropped else 'none'} "
+            "(every case must be a series in the store or a skipped file in the warnings)"
+        )
+    )
     leaks = identifiers_in_store(store)
     console.print(Text(f"patient identifiers in the store: {', '.join(leaks) if leaks else 'none'}"))
     if exit_code not in (0, 1):
@@ -74,8 +82,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_mrfm(corpus: Path, store: Path) -> tuple[int | str, str, list[dict]]:
     """One ``mrfm run`` over the whole corpus; returns (exit code, stdout, JSON-lines events)."""
-    command = [sys.executable, "-m", "engine", "run", str(corpus), "--out", str(store), "--overwrite",
-               "--heads", "classify", "--workers", "0", "--backend", "torch", "--log-json"]
+    command = [
+        sys.executable,
+        "-m",
+        "engine",
+        "run",
+        str(corpus),
+        "--out",
+        str(store),
+        "--overwrite",
+        "--heads",
+        "classify",
+        "--workers",
+        "0",
+        "--backend",
+        "torch",
+        "--log-json",
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
@@ -125,10 +148,14 @@ def case_of_series(key: str, attrs: dict, cases: dict[str, Path], locations: dic
         return found.group(1).lower()
     by_uid = {derive_uid(SEED, "bad", case): case for case in cases}
     first = str((attrs.get("source") or {}).get("first") or "")
-    return by_uid.get(attrs.get("series_uid") or "") or case_in(locations.get(first, first), cases) or case_in(key, cases)
+    return (
+        by_uid.get(attrs.get("series_uid") or "") or case_in(locations.get(first, first), cases) or case_in(key, cases)
+    )
 
 
-def match_series(store: Path, cases: dict[str, Path], locations: dict[str, str], outcomes: dict[str, list]) -> list[str]:
+def match_series(
+    store: Path, cases: dict[str, Path], locations: dict[str, str], outcomes: dict[str, list]
+) -> list[str]:
     """Add each stored series to its case's outcomes; returns the keys matched to no case."""
     if not store.exists():
         return []
@@ -142,7 +169,9 @@ def match_series(store: Path, cases: dict[str, Path], locations: dict[str, str],
     return unmatched
 
 
-def match_warnings(events: list[dict], cases: dict[str, Path], locations: dict[str, str], outcomes: dict[str, list]) -> list[str]:
+def match_warnings(
+    events: list[dict], cases: dict[str, Path], locations: dict[str, str], outcomes: dict[str, list]
+) -> list[str]:
     """Add each file warning of the run to its case as a skipped file; returns the unmatched."""
     labels = sorted(locations, key=len, reverse=True)  # longest first: zip members before their zip
     unmatched = []
@@ -155,7 +184,7 @@ def match_warnings(events: list[dict], cases: dict[str, Path], locations: dict[s
         if case is None:
             unmatched.append(f"warning {message[:REASON_CHARS]}")
         else:
-            reason = message[len(label) + 1:].strip() if label else message
+            reason = message[len(label) + 1 :].strip() if label else message
             outcomes[case].append(("skipped file", reason))
     return unmatched
 
@@ -163,8 +192,9 @@ def match_warnings(events: list[dict], cases: dict[str, Path], locations: dict[s
 # ---- report -------------------------------------------------------------------------------------
 
 
-def outcome_table(cases: dict[str, Path], outcomes: dict[str, list], exit_code: int | str,
-                  alone: dict[str, int | str] | None = None) -> Table:
+def outcome_table(
+    cases: dict[str, Path], outcomes: dict[str, list], exit_code: int | str, alone: dict[str, int | str] | None = None
+) -> Table:
     table = Table(title=f"mrfm over the hostile corpus (run exit code {exit_code})")
     for column in ("case", "expected", "outcome", *(["exit alone"] if alone else []), "reason"):
         table.add_column(column, overflow="fold")
@@ -174,8 +204,13 @@ def outcome_table(cases: dict[str, Path], outcomes: dict[str, list], exit_code: 
         reasons = "; ".join(dict.fromkeys(_short(r) for _, r in got if r))
         style = "green" if _agrees(EXPECTED.get(case, ""), got) else "yellow"
         # Text cells: descriptions and reasons come from the archive and may hold rich markup
-        table.add_row(Text(case), Text(EXPECTED.get(case, "")), Text(statuses or "DROPPED", style=style if got else "red"),
-                      *([Text(str(alone.get(case, "")))] if alone else []), Text(reasons))
+        table.add_row(
+            Text(case),
+            Text(EXPECTED.get(case, "")),
+            Text(statuses or "DROPPED", style=style if got else "red"),
+            *([Text(str(alone.get(case, "")))] if alone else []),
+            Text(reasons),
+        )
     return table
 
 

@@ -30,7 +30,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-HEADS = ["--heads", "classify,segment", "--backend", "torch", "--workers", "0", "--batch-size", "1"]  # batch 1: a rerun batches as the clean run did
+HEADS = [
+    "--heads",
+    "classify,segment",
+    "--backend",
+    "torch",
+    "--workers",
+    "0",
+    "--batch-size",
+    "1",
+]  # batch 1: a rerun batches as the clean run did
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, code, want, tb, rss, outside, after in rows:
         good = code in want and not tb and not outside and after in ("", "valid, equal to a clean run")
         ok &= good
-        table.add_row(Text(name), Text(f"{code} ({'/'.join(map(str, want))})", style="green" if good else "red"),
-                      "yes" if tb else "no", f"{rss:.0f}", Text(", ".join(outside) or "none"), Text(after))
+        table.add_row(
+            Text(name),
+            Text(f"{code} ({'/'.join(map(str, want))})", style="green" if good else "red"),
+            "yes" if tb else "no",
+            f"{rss:.0f}",
+            Text(", ".join(outside) or "none"),
+            Text(after),
+        )
     Console(width=200 if not sys.stdout.isatty() else None).print(table)
     print(f"sandbox: {box}")
     return 0 if ok else 1
@@ -61,11 +76,18 @@ def write_archive(folder: Path) -> Path:
     return folder if folder.exists() else write_small_archive(folder, seed=7, name="out", series=2)
 
 
-def mrfm(box: Path, *args: str | bytes, env: dict[str, str] | None = None, term_at: str | None = None) -> tuple[int, str, float]:
+def mrfm(
+    box: Path, *args: str | bytes, env: dict[str, str] | None = None, term_at: str | None = None
+) -> tuple[int, str, float]:
     """(exit code, stdout + stderr, peak RSS in MiB) of one ``mrfm`` command run in ``box``."""
     extra = {"MRFM_PAUSE_AT": f"{term_at}:30"} if term_at else {}
-    proc = subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=box, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, **(env or {}), **extra})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", *args],
+        cwd=box,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {}), **extra},
+    )
     err = b""
     if term_at:
         for line in proc.stderr:
@@ -145,6 +167,7 @@ def _run_case(name, want, prepare=None, env=None, term_at=None, rerun=True, extr
             moved += [f"{out.name}/{k}" for k in outside(user_files, listing(out, []))]
         after = rerun_equal(box, archive, out, clean) if rerun and code != 2 else ""
         return name, code, want, "Traceback" in text, rss, moved, after
+
     return case
 
 
@@ -181,6 +204,7 @@ def _export_case(name, tamper, fmt, want):
         code, text, rss = mrfm(box, "export", str(store), "--format", fmt, "--out", str(out))
         seconds = time.perf_counter() - t
         return name, code, want, "Traceback" in text, rss, outside(before, listing(box, [out])), f"({seconds:.1f} s)"
+
     return case
 
 
@@ -194,7 +218,10 @@ def _tampered(case: str):
 def _tmpfs_full(box: Path, archive: Path, clean: Path):
     disk = box / "small-disk"
     disk.mkdir(exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode
+        != 0
+    ):
         return "disk full (tmpfs): cannot mount here", 0, (0,), False, 0.0, [], "skipped"
     try:
         st = os.statvfs(disk)

@@ -69,20 +69,44 @@ def main(argv: list[str] | None = None) -> int:
             row["group"] = group
             rows.append(row)
             print(f"{group}: {row['case']} {row['command']}: exit {row['exit']}", file=sys.stderr, flush=True)
-    table = Table(title=f"mrfm over every hostile case (baseline {baseline:.0f} MiB, per-series budget {budget:.0f} MiB)")
-    for col in ("group", "case", "command", "exit (expected)", "traceback or raw control chars", "peak RSS MiB", "<= baseline + 1.2 budget",
-                "written outside", "store after rerun"):
+    table = Table(
+        title=f"mrfm over every hostile case (baseline {baseline:.0f} MiB, per-series budget {budget:.0f} MiB)"
+    )
+    for col in (
+        "group",
+        "case",
+        "command",
+        "exit (expected)",
+        "traceback or raw control chars",
+        "peak RSS MiB",
+        "<= baseline + 1.2 budget",
+        "written outside",
+        "store after rerun",
+    ):
         table.add_column(col, overflow="fold")
     ok = True
     for r in rows:
         within = r["rss"] is None or r["rss"] <= baseline + 1.2 * budget
-        good = (r["want"] is None or r["exit"] in r["want"]) and not r["traceback"] and not r["outside"] and within \
+        good = (
+            (r["want"] is None or r["exit"] in r["want"])
+            and not r["traceback"]
+            and not r["outside"]
+            and within
             and r["after"] in ("-", EQUAL, "valid")
+        )
         ok &= good
         want = "any" if r["want"] is None else "/".join(map(str, r["want"]))
-        table.add_row(r["group"], Text(r["case"]), Text(r["command"]), Text(f"{r['exit']} ({want})", style="green" if good else "red"),
-                      "yes" if r["traceback"] else "no", "-" if r["rss"] is None else f"{r['rss']:.0f}",
-                      "yes" if within else "NO", Text(", ".join(r["outside"]) or "none"), Text(r["after"]))
+        table.add_row(
+            r["group"],
+            Text(r["case"]),
+            Text(r["command"]),
+            Text(f"{r['exit']} ({want})", style="green" if good else "red"),
+            "yes" if r["traceback"] else "no",
+            "-" if r["rss"] is None else f"{r['rss']:.0f}",
+            "yes" if within else "NO",
+            Text(", ".join(r["outside"]) or "none"),
+            Text(r["after"]),
+        )
     Console(width=None if sys.stdout.isatty() else 230).print(table)
     print(f"sandbox: {box}")
     return 0 if ok else 1
@@ -128,26 +152,61 @@ def _bomb_row(case: str, command: str, row: dict, want: tuple[int, ...], tmp_bef
     outside = [] if row["outside"] == "none" else [row["outside"]]
     outside += new_in_tmp(tmp_before)
     rss = float(row["rss"]) if row["rss"] != "?" else None
-    return {"case": case, "command": command, "exit": row["rc"], "want": want, "traceback": row["traceback"], "rss": rss,
-            "outside": outside, "after": after}
+    return {
+        "case": case,
+        "command": command,
+        "exit": row["rc"],
+        "want": want,
+        "traceback": row["traceback"],
+        "rss": rss,
+        "outside": outside,
+        "after": after,
+    }
 
 
 def tampered_rows(box: Path, archive: Path, clean: Path):
     stores = write_tampered_stores(box / "tampered")
     for case, store in stores.items():
         before = tmp_entries()
-        done = subprocess.run([sys.executable, __file__, "--tampered-child", case, str(store), str(box / "tampered-out" / case),
-                               str(archive)], capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--tampered-child",
+                case,
+                str(store),
+                str(box / "tampered-out" / case),
+                str(archive),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         lines = [json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")]
         if not lines:
-            yield {"case": case, "command": "(child)", "exit": done.returncode, "want": (0,), "traceback": "Traceback" in done.stderr,
-                   "rss": None, "outside": [], "after": bombs.last_line(done.stderr)}
+            yield {
+                "case": case,
+                "command": "(child)",
+                "exit": done.returncode,
+                "want": (0,),
+                "traceback": "Traceback" in done.stderr,
+                "rss": None,
+                "outside": [],
+                "after": bombs.last_line(done.stderr),
+            }
             continue
         new_tmp = new_in_tmp(before)
         for i, got in enumerate(lines):
-            yield {"case": case, "command": got["command"], "exit": got["exit"], "want": (expected_exit(case, got["command"]),),
-                   "traceback": got["traceback"] or got["raw"], "rss": got["rss"], "outside": got["outside"] + (new_tmp if i == 0 else []),
-                   "after": got["after"]}
+            yield {
+                "case": case,
+                "command": got["command"],
+                "exit": got["exit"],
+                "want": (expected_exit(case, got["command"]),),
+                "traceback": got["traceback"] or got["raw"],
+                "rss": got["rss"],
+                "outside": got["outside"] + (new_tmp if i == 0 else []),
+                "after": got["after"],
+            }
 
 
 def tampered_child(case: str, store_arg: str, out_arg: str, archive_arg: str) -> int:
@@ -174,9 +233,20 @@ def tampered_child(case: str, store_arg: str, out_arg: str, archive_arg: str) ->
         moved = outputs.outside(before, outputs.listing(folder, [target]))
         after = "-"  # the corpus's series are not in the archive: a rerun cannot redo them
         tb = result.exception is not None and not isinstance(result.exception, SystemExit)
-        print(json.dumps({"command": command, "exit": result.exit_code, "traceback": tb or "Traceback" in result.output,
-                          "raw": bool(RAW_CONTROL.search(result.output)), "rss": peak, "outside": moved,
-                          "after": after}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "command": command,
+                    "exit": result.exit_code,
+                    "traceback": tb or "Traceback" in result.output,
+                    "raw": bool(RAW_CONTROL.search(result.output)),
+                    "rss": peak,
+                    "outside": moved,
+                    "after": after,
+                }
+            ),
+            flush=True,
+        )
     return 0
 
 
@@ -190,9 +260,16 @@ def output_rows(box: Path, archive: Path, clean: Path):
         before = tmp_entries()
         name, code, want, tb, rss, moved, after = case(clean.parent, archive, clean)
         moved = list(moved) + new_in_tmp(before)
-        yield {"case": name, "command": "export" if name.startswith("export") else "run", "exit": code, "want": want,
-               "traceback": tb, "rss": rss or None, "outside": moved, "after": after if after not in ("", "skipped") and
-               not after.startswith("(") else "-"}
+        yield {
+            "case": name,
+            "command": "export" if name.startswith("export") else "run",
+            "exit": code,
+            "want": want,
+            "traceback": tb,
+            "rss": rss or None,
+            "outside": moved,
+            "after": after if after not in ("", "skipped") and not after.startswith("(") else "-",
+        }
 
 
 if __name__ == "__main__":

@@ -46,8 +46,18 @@ def rounds(shared: Path) -> list[list[tuple[str, Path]]]:
     from pydicom.data import get_testdata_file
 
     ts = sorted((shared / "dcm_qa_ts" / "In").glob("*.dcm"), key=lambda p: int(p.stem))
-    small = [n for n in ("MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm",
-                         "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_expb.dcm")]
+    small = [
+        n
+        for n in (
+            "MR_small.dcm",
+            "MR_small_implicit.dcm",
+            "MR_small_bigendian.dcm",
+            "MR_small_RLE.dcm",
+            "MR_small_jpeg_ls_lossless.dcm",
+            "MR_small_jp2klossless.dcm",
+            "MR_small_expb.dcm",
+        )
+    ]
     small_paths = [(n, get_testdata_file(n)) for n in small]
     out = []
     for i, f in enumerate(ts):
@@ -56,7 +66,9 @@ def rounds(shared: Path) -> list[list[tuple[str, Path]]]:
             group.append((f"pydicom/{small_paths[i][0]}", Path(small_paths[i][1])))
         out.append(group)
     enh = [("dcm_qa_enh/Philips/IM_0027_fMAP.dcm", shared / "dcm_qa_enh/In/Philips/IM_0027_fMAP.dcm")]
-    enh += [(f"dcm_qa_enh/Siemens/XA10/{p.name}", p) for p in sorted((shared / "dcm_qa_enh/In/Siemens/XA10").glob("*.dcm"))]
+    enh += [
+        (f"dcm_qa_enh/Siemens/XA10/{p.name}", p) for p in sorted((shared / "dcm_qa_enh/In/Siemens/XA10").glob("*.dcm"))
+    ]
     out[0] += [(label, p) for label, p in enh if p.exists()]
     return out
 
@@ -75,21 +87,31 @@ def compare(disk: Path, other: Path) -> dict[str, dict]:
     rows = {}
     for key in sorted(set(a.group_keys()) | set(b.group_keys())):
         if key not in a or key not in b:
-            rows[key] = {"status": (a[key].attrs["status"] if key in a else "-", b[key].attrs["status"] if key in b else "-"),
-                         "equal": False}
+            rows[key] = {
+                "status": (a[key].attrs["status"] if key in a else "-", b[key].attrs["status"] if key in b else "-"),
+                "equal": False,
+            }
             continue
         sa, sb = a[key], b[key]
         xa, xb = dict(arrays(sa)), dict(arrays(sb))
         ints = [n for n, x in xa.items() if x.dtype.kind != "f"]
         floats = [n for n, x in xa.items() if x.dtype.kind == "f"]
         masks_equal = xa.keys() == xb.keys() and all(np.array_equal(xa[n], xb[n]) for n in ints)
-        diff = max((float(np.max(np.abs(xa[n].astype(np.float64) - xb[n]))) if xa[n].size else 0.0 for n in floats if n in xb),
-                   default=0.0)
+        diff = max(
+            (float(np.max(np.abs(xa[n].astype(np.float64) - xb[n]))) if xa[n].size else 0.0 for n in floats if n in xb),
+            default=0.0,
+        )
         same_geometry = sa.attrs.get("geometry") == sb.attrs.get("geometry")
-        rows[key] = {"status": (sa.attrs["status"], sb.attrs["status"]), "masks_bitwise": masks_equal, "int_arrays": len(ints),
-                     "float_arrays": len(floats), "max_float_diff": diff, "geometry": same_geometry,
-                     "equal": masks_equal and diff <= 1e-5 and same_geometry and sa.attrs["status"] == sb.attrs["status"],
-                     "reason": sa.attrs.get("reason") or ""}
+        rows[key] = {
+            "status": (sa.attrs["status"], sb.attrs["status"]),
+            "masks_bitwise": masks_equal,
+            "int_arrays": len(ints),
+            "float_arrays": len(floats),
+            "max_float_diff": diff,
+            "geometry": same_geometry,
+            "equal": masks_equal and diff <= 1e-5 and same_geometry and sa.attrs["status"] == sb.attrs["status"],
+            "reason": sa.attrs.get("reason") or "",
+        }
     return rows
 
 
@@ -108,7 +130,9 @@ def section(title: str) -> None:
 
 def equality(server: Orthanc, work: Path) -> tuple[Path, list[tuple[str, Path]]]:
     section("1. DICOMweb and DIMSE runs against runs from disk (masks bitwise, floats <= 1e-5)")
-    print(f"{'files':<46} {'syntax':<28} {'status disk/web/dimse':<30} {'masks':<6} {'max |dF| web':>12} {'dimse':>9} equal")
+    print(
+        f"{'files':<46} {'syntax':<28} {'status disk/web/dimse':<30} {'masks':<6} {'max |dF| web':>12} {'dimse':>9} equal"
+    )
     groups = rounds(Path(ARGS.shared))
     last = None
     all_equal = True
@@ -129,7 +153,9 @@ def equality(server: Orthanc, work: Path) -> tuple[Path, list[tuple[str, Path]]]
         by_uid = {}
         for label, f in group:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
-            by_uid.setdefault(engine.sanitise_key(str(ds.SeriesInstanceUID)), []).append((label, ds.file_meta.TransferSyntaxUID.name))
+            by_uid.setdefault(engine.sanitise_key(str(ds.SeriesInstanceUID)), []).append(
+                (label, ds.file_meta.TransferSyntaxUID.name)
+            )
         for key in sorted(set(cw) | set(cd)):
             labels = by_uid.get(key, [(key, "?")])
             name = labels[0][0] + (f" (+{len(labels) - 1} files)" if len(labels) > 1 else "")
@@ -137,9 +163,11 @@ def equality(server: Orthanc, work: Path) -> tuple[Path, list[tuple[str, Path]]]
             status = f"{w.get('status', ('-',))[0]}/{w.get('status', ('-', '-'))[1]}/{d.get('status', ('-', '-'))[1]}"
             ok = w.get("equal") and d.get("equal")
             all_equal &= bool(ok)
-            print(f"{name:<46} {labels[0][1][:28]:<28} {status:<30} {str(w.get('masks_bitwise') and d.get('masks_bitwise')):<6} "
-                  f"{w.get('max_float_diff', float('nan')):>12.2e} {d.get('max_float_diff', float('nan')):>9.2e} {ok}"
-                  + (f"  ({w.get('reason')[:90]})" if w.get("reason") else ""))
+            print(
+                f"{name:<46} {labels[0][1][:28]:<28} {status:<30} {str(w.get('masks_bitwise') and d.get('masks_bitwise')):<6} "
+                f"{w.get('max_float_diff', float('nan')):>12.2e} {d.get('max_float_diff', float('nan')):>9.2e} {ok}"
+                + (f"  ({w.get('reason')[:90]})" if w.get("reason") else "")
+            )
         if n:
             for series_id in ids:
                 server.request("DELETE", f"/series/{series_id}")
@@ -151,14 +179,23 @@ def equality(server: Orthanc, work: Path) -> tuple[Path, list[tuple[str, Path]]]
 
 def export_back(server: Orthanc, disk: Path, work: Path) -> None:
     section("2. SEG and SR back to the PACS, listed by QIDO-RS under the source study")
-    studies = {a["study_uid"]: a["series_uid"] for _, s in zarr.open_group(disk, mode="r")["series"].groups()
-               for a in [s.attrs.asdict()] if a["status"] == "complete"}
-    print(f"{'route':<10} {'format':<10} {'exit':<5} {'sent':<6} {'studies with it listed (QIDO)':<32} origin in Orthanc")
+    studies = {
+        a["study_uid"]: a["series_uid"]
+        for _, s in zarr.open_group(disk, mode="r")["series"].groups()
+        for a in [s.attrs.asdict()]
+        if a["status"] == "complete"
+    }
+    print(
+        f"{'route':<10} {'format':<10} {'exit':<5} {'sent':<6} {'studies with it listed (QIDO)':<32} origin in Orthanc"
+    )
     for route, url in (("STOW-RS", server.dicomweb), ("C-STORE", server.dimse)):
         for fmt, modality in (("dicom-seg", "SEG"), ("dicom-sr", "SR")):
             out = work / f"export-{route}-{fmt}"
-            res = subprocess.run([*MRFM, "export", str(disk), "--format", fmt, "--out", str(out), "--to", url],
-                                 capture_output=True, text=True)
+            res = subprocess.run(
+                [*MRFM, "export", str(disk), "--format", fmt, "--out", str(out), "--to", url],
+                capture_output=True,
+                text=True,
+            )
             listed = [st for st in studies if server.qido(f"/studies/{st}/series?Modality={modality}")]
             sent = sum(len(v) for rec in _manifests(out) for v in rec.get("sent", {}).values())
             origins = set()
@@ -168,7 +205,9 @@ def export_back(server: Orthanc, disk: Path, work: Path) -> None:
                     for inst in server.request("POST", "/tools/lookup", uid.encode(), "text/plain"):
                         for i in server.get(f"/series/{inst['ID']}/instances"):
                             origins.add(server.get(f"/instances/{i['ID']}/metadata/Origin").decode())
-            print(f"{route:<10} {modality:<10} {res.returncode:<5} {sent:<6} {len(listed)}/{len(studies):<30} {', '.join(sorted(origins))}")
+            print(
+                f"{route:<10} {modality:<10} {res.returncode:<5} {sent:<6} {len(listed)}/{len(studies):<30} {', '.join(sorted(origins))}"
+            )
             for line in (res.stdout + res.stderr).splitlines():
                 if line.strip().startswith("failed"):
                     print(f"{'':<10} {'':<10} not exported: {' '.join(line.split()[1:])[:160]}")
@@ -202,13 +241,29 @@ def listener(server: Orthanc, port: int, disk: Path, work: Path) -> None:
             done.set()
 
     idle = 2.0
-    t = threading.Thread(target=listen, args=(port, out), kwargs=dict(ae_title="MRFM", heads=HEADS, idle_seconds=idle,
-                         spool=work / "listen-spool", on_event=on_event, should_stop=done.is_set, backend="torch"), daemon=True)
+    t = threading.Thread(
+        target=listen,
+        args=(port, out),
+        kwargs=dict(
+            ae_title="MRFM",
+            heads=HEADS,
+            idle_seconds=idle,
+            spool=work / "listen-spool",
+            on_event=on_event,
+            should_stop=done.is_set,
+            backend="torch",
+        ),
+        daemon=True,
+    )
     t.start()
     while not any(e.get("event") == "listening" for _, e in events):
         time.sleep(0.05)
-    study_uid = next(a["study_uid"] for _, s in zarr.open_group(disk, mode="r")["series"].groups()
-                     for a in [s.attrs.asdict()] if a["status"] == "complete")
+    study_uid = next(
+        a["study_uid"]
+        for _, s in zarr.open_group(disk, mode="r")["series"].groups()
+        for a in [s.attrs.asdict()]
+        if a["status"] == "complete"
+    )
     study = server.request("POST", "/tools/lookup", study_uid.encode(), "text/plain")[0]["ID"]
     t0 = time.monotonic()
     server.request("POST", "/modalities/mrfm/store", study.encode())
@@ -218,9 +273,11 @@ def listener(server: Orthanc, port: int, disk: Path, work: Path) -> None:
     run_s = next(e["seconds"] for _, e in events if e.get("event") == "done")
     rows = compare(disk, out)
     same = all(r["equal"] for k, r in rows.items() if k in zarr.open_group(out, mode="r")["series"])
-    print(f"study {study_uid[:24]}…: Orthanc's C-STORE took {t_sent - t0:.1f} s; written {t_done - t_sent:.1f} s after the "
-          f"last instance (idle {idle:.0f} s + run {run_s:.1f} s = {idle + run_s:.1f} s); "
-          f"within idle + run + 1 s: {t_done - t_sent <= idle + run_s + 1.0}; equal to the disk run: {same}")
+    print(
+        f"study {study_uid[:24]}…: Orthanc's C-STORE took {t_sent - t0:.1f} s; written {t_done - t_sent:.1f} s after the "
+        f"last instance (idle {idle:.0f} s + run {run_s:.1f} s = {idle + run_s:.1f} s); "
+        f"within idle + run + 1 s: {t_done - t_sent <= idle + run_s + 1.0}; equal to the disk run: {same}"
+    )
 
 
 def cli_run(args: list[str]) -> tuple[int, list[str], bool]:
@@ -235,11 +292,15 @@ def failures(work: Path) -> None:
 
     print(f"{'case':<34} {'exit':<5} {'lines':<6} {'traceback':<10} message / outcome")
     closed = free_port()
-    for case, url in (("DICOMweb server unreachable", f"dicomweb+http://127.0.0.1:{closed}/dicom-web"),
-                      ("DIMSE peer unreachable", f"dimse://ORTHANC@127.0.0.1:{closed}")):
+    for case, url in (
+        ("DICOMweb server unreachable", f"dicomweb+http://127.0.0.1:{closed}/dicom-web"),
+        ("DIMSE peer unreachable", f"dimse://ORTHANC@127.0.0.1:{closed}"),
+    ):
         out = work / f"unreach-{len(url)}.zarr"
         code, lines, tb = cli_run(["run", url, "--out", str(out), "--heads", "classify", "--backend", "torch"])
-        print(f"{case:<34} {code:<5} {len(lines):<6} {str(tb):<10} {lines[0] if lines else ''} (store written: {out.exists()})")
+        print(
+            f"{case:<34} {code:<5} {len(lines):<6} {str(tb):<10} {lines[0] if lines else ''} (store written: {out.exists()})"
+        )
     # the middle-of-run case needs more series than the loaders fetch ahead (four, and one batch):
     # a demo archive, run one series a batch
     archive = write_demo_archive(work / "demo", studies=4, seed=7).dicom_root
@@ -247,16 +308,45 @@ def failures(work: Path) -> None:
     try:
         server.upload(sorted(archive.rglob("*.dcm")))
         out = work / "refused.zarr"
-        code, lines, tb = cli_run(["run", f"dimse://NOT-ORTHANC@127.0.0.1:{server.dicom_port}", "--out", str(out),
-                                   "--heads", "classify", "--backend", "torch"])
-        print(f"{'association refused (wrong AE)':<34} {code:<5} {len(lines):<6} {str(tb):<10} {lines[0] if lines else ''} "
-              f"(store written: {out.exists()})")
+        code, lines, tb = cli_run(
+            [
+                "run",
+                f"dimse://NOT-ORTHANC@127.0.0.1:{server.dicom_port}",
+                "--out",
+                str(out),
+                "--heads",
+                "classify",
+                "--backend",
+                "torch",
+            ]
+        )
+        print(
+            f"{'association refused (wrong AE)':<34} {code:<5} {len(lines):<6} {str(tb):<10} {lines[0] if lines else ''} "
+            f"(store written: {out.exists()})"
+        )
         disk = work / "demo-disk.zarr"
         engine.run([archive], disk, heads=["classify"], backend="torch")
         for name, url_of in (("DICOMweb", lambda: server.dicomweb), ("DIMSE", lambda: server.dimse)):
             out = work / f"midrun-{name}.zarr"
-            proc = subprocess.Popen([*MRFM, "run", url_of(), "--out", str(out), "--heads", "classify", "--backend", "torch",
-                                     "--batch-size", "1", "--log-json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [
+                    *MRFM,
+                    "run",
+                    url_of(),
+                    "--out",
+                    str(out),
+                    "--heads",
+                    "classify",
+                    "--backend",
+                    "torch",
+                    "--batch-size",
+                    "1",
+                    "--log-json",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             err_lines = []
             for line in proc.stderr:
                 err_lines.append(line)
@@ -270,14 +360,20 @@ def failures(work: Path) -> None:
             tb = "Traceback" in stdout + "".join(err_lines)
             code_v, _, _ = cli_run(["validate", str(out)])
             server._launch(server.proc.args[0])  # same ports, same storage
-            code2, lines2, tb2 = cli_run(["run", url_of(), "--out", str(out), "--heads", "classify", "--backend", "torch"])
+            code2, lines2, tb2 = cli_run(
+                ["run", url_of(), "--out", str(out), "--heads", "classify", "--backend", "torch"]
+            )
             same = all(r["equal"] for r in compare(disk, out).values() if r["status"][0] == "complete")
-            print(f"{name + ' server gone mid-run':<34} {proc.returncode:<5} {'-':<6} {str(tb):<10} "
-                  f"complete {done.get('complete')}, failed {done.get('failed')}: …{(failed or ['-'])[0][-120:]}")
+            print(
+                f"{name + ' server gone mid-run':<34} {proc.returncode:<5} {'-':<6} {str(tb):<10} "
+                f"complete {done.get('complete')}, failed {done.get('failed')}: …{(failed or ['-'])[0][-120:]}"
+            )
             print(f"{'  … store after it':<34} {code_v:<5} {'':<6} {'':<10} mrfm validate exit {code_v}")
-            print(f"{'  … rerun, server back':<34} {code2:<5} {len(lines2):<6} {str(tb2):<10} "
-                  f"{next((ln for ln in lines2 if ln.startswith('complete ')), lines2[-1] if lines2 else '')[:110]}; "
-                  f"equal to the disk run: {same}")
+            print(
+                f"{'  … rerun, server back':<34} {code2:<5} {len(lines2):<6} {str(tb2):<10} "
+                f"{next((ln for ln in lines2 if ln.startswith('complete ')), lines2[-1] if lines2 else '')[:110]}; "
+                f"equal to the disk run: {same}"
+            )
     finally:
         server.stop()
 
@@ -285,8 +381,9 @@ def failures(work: Path) -> None:
 def main() -> None:
     global ARGS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", default=str(ROOT.parent.parent / "shared" / "data"),
-                    help="folder holding dcm_qa_ts and dcm_qa_enh")
+    ap.add_argument(
+        "--shared", default=str(ROOT.parent.parent / "shared" / "data"), help="folder holding dcm_qa_ts and dcm_qa_enh"
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--failures-only", action="store_true", help="only part 4")
     ARGS = ap.parse_args()

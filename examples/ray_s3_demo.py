@@ -60,7 +60,9 @@ def main() -> int:
         mrfm("demo-archive", str(archive), "--studies", str(args.studies))
     env = {**os.environ, "COLUMNS": "160"}
     t0 = time.perf_counter()
-    local = mrfm("run", str(archive / "dicom"), "--out", str(out / "local.zarr"), "--overwrite", "--log-json", *heads, env=env)
+    local = mrfm(
+        "run", str(archive / "dicom"), "--out", str(out / "local.zarr"), "--overwrite", "--log-json", *heads, env=env
+    )
     print(f"local executor: {time.perf_counter() - t0:.1f} s")
 
     import logging
@@ -75,21 +77,45 @@ def main() -> int:
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                   AWS_ENDPOINT_URL=endpoint)
+        env.update(
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=endpoint,
+        )
         bucket = f"mrfm-demo-{int(time.time())}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket=bucket)
         url = f"s3://{bucket}/results.zarr"
         t0 = time.perf_counter()
-        remote = mrfm("run", str(archive / "dicom"), "--out", url, "--executor", "ray", "--ray-actors", str(args.ray_actors),
-                      "--log-json", *heads, env=env)
+        remote = mrfm(
+            "run",
+            str(archive / "dicom"),
+            "--out",
+            url,
+            "--executor",
+            "ray",
+            "--ray-actors",
+            str(args.ray_actors),
+            "--log-json",
+            *heads,
+            env=env,
+        )
         print(f"ray executor into {url} (S3 server {endpoint}): {time.perf_counter() - t0:.1f} s")
         if local.returncode or remote.returncode:
             print(local.stderr[-2000:], remote.stderr[-2000:])
             return 1
 
-        options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        options = {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        }
         ours, reference = arrays(url, options), arrays(str(out / "local.zarr"))
         worst, bitwise, floats = 0.0, 0, 0
         assert sorted(ours) == sorted(reference), set(ours) ^ set(reference)
@@ -102,15 +128,23 @@ def main() -> int:
             else:
                 assert np.array_equal(got, ref), name
                 bitwise += 1
-        print(f"arrays: {len(reference)} in each store; {bitwise} integer/text arrays (masks, labels, queries) bitwise equal; "
-              f"{floats} float arrays, max |ray - local| = {worst:.2e}")
+        print(
+            f"arrays: {len(reference)} in each store; {bitwise} integer/text arrays (masks, labels, queries) bitwise equal; "
+            f"{floats} float arrays, max |ray - local| = {worst:.2e}"
+        )
 
         import zarr
 
         root = zarr.open_group(url, mode="r", storage_options=options)
-        workers = {(g.attrs.get("executor"), g.attrs.get("node"), g.attrs.get("actor")) for _, g in root["series"].groups()}
+        workers = {
+            (g.attrs.get("executor"), g.attrs.get("node"), g.attrs.get("actor")) for _, g in root["series"].groups()
+        }
         print("series records name (executor, node, actor):", sorted(workers))
-        for command in (["inspect", url], ["search", url, "knee MRI with joint effusion", "-k", "3"], ["validate", url, "--deep"]):
+        for command in (
+            ["inspect", url],
+            ["search", url, "knee MRI with joint effusion", "-k", "3"],
+            ["validate", url, "--deep"],
+        ):
             proc = mrfm(*command, env=env)
             print("\n".join(line for line in proc.stdout.splitlines()[:24]))
             if proc.returncode:

@@ -36,7 +36,9 @@ def main() -> None:
                 kind = node.attrs.get("kind")
                 if kind == "scores":
                     scores = node[...]
-                    line.append(f"{head_name}/{name}={node.attrs['labels'][int(np.argmax(scores))]} ({scores.max():.2f})")
+                    line.append(
+                        f"{head_name}/{name}={node.attrs['labels'][int(np.argmax(scores))]} ({scores.max():.2f})"
+                    )
                 elif kind == "value":
                     line.append(f"{head_name}/{name}={float(node[...]):.2f} {node.attrs['units']}")
                 elif kind == "boxes":

@@ -25,35 +25,72 @@ from engine.store_index import _Row
 from engine.store_cli import store_stats
 
 FP = "sha256:" + "1" * 64
-HEADS = {"segment": ["anatomy"], "classify": ["region"], "localize": ["lesions"], "regress": ["lesion_volume"], "retrieve": ["embedding"]}
+HEADS = {
+    "segment": ["anatomy"],
+    "classify": ["region"],
+    "localize": ["lesions"],
+    "regress": ["lesion_volume"],
+    "retrieve": ["embedding"],
+}
 SHAPE = (64, 64, 32)
 DIM = 64
 
 
 def attrs(key: str, run_id: str) -> dict:
-    return {"series_key": key, "study_uid": f"1.2.{key}", "series_uid": key, "description": "T1 brain", "reader": "dicom",
-            "source": {"first": "a#1", "count": 32}, "run_id": run_id, "fingerprint": FP,
-            "geometry": {"shape": list(SHAPE), "affine": np.diag([1.0, 1.0, 2.0, 1.0]).tolist(), "spacing": [1.0, 1.0, 2.0],
-                         "orientation": "axial"},
-            "heads": {h: {"version": "1", "outputs": o, "error": None, "fingerprint": FP, "run_id": run_id} for h, o in HEADS.items()}}
+    return {
+        "series_key": key,
+        "study_uid": f"1.2.{key}",
+        "series_uid": key,
+        "description": "T1 brain",
+        "reader": "dicom",
+        "source": {"first": "a#1", "count": 32},
+        "run_id": run_id,
+        "fingerprint": FP,
+        "geometry": {
+            "shape": list(SHAPE),
+            "affine": np.diag([1.0, 1.0, 2.0, 1.0]).tolist(),
+            "spacing": [1.0, 1.0, 2.0],
+            "orientation": "axial",
+        },
+        "heads": {
+            h: {"version": "1", "outputs": o, "error": None, "fingerprint": FP, "run_id": run_id}
+            for h, o in HEADS.items()
+        },
+    }
 
 
 def outputs(rng: np.random.Generator) -> list[OutputArray]:
     mask = np.zeros(SHAPE, np.uint8)
     c = rng.integers(10, 50, 3)
-    mask[c[0] - 8:c[0] + 8, c[1] - 8:c[1] + 8, max(c[2] - 20, 0):c[2] - 4] = rng.integers(1, 4)
+    mask[c[0] - 8 : c[0] + 8, c[1] - 8 : c[1] + 8, max(c[2] - 20, 0) : c[2] - 4] = rng.integers(1, 4)
     emb = rng.normal(size=DIM).astype(np.float32)
-    boxes = {"world": np.tile([1.0, 1, 1, 9, 9, 9], (3, 1)), "voxel": np.tile([1.0, 1, 1, 9, 9, 9], (3, 1)),
-             "scores": rng.random(3).astype(np.float32), "labels": np.array(["lesion"] * 3)}
+    boxes = {
+        "world": np.tile([1.0, 1, 1, 9, 9, 9], (3, 1)),
+        "voxel": np.tile([1.0, 1, 1, 9, 9, 9], (3, 1)),
+        "scores": rng.random(3).astype(np.float32),
+        "labels": np.array(["lesion"] * 3),
+    }
     return [
         OutputArray("segment", "1", {"name": "anatomy", "kind": "mask", "labels": ["bg", "a", "b", "c"]}, mask),
-        OutputArray("classify", "1", {"name": "region", "kind": "scores", "dtype": "float32", "labels": list("abcdefgh")},
-                    rng.random(8).astype(np.float32)),
+        OutputArray(
+            "classify",
+            "1",
+            {"name": "region", "kind": "scores", "dtype": "float32", "labels": list("abcdefgh")},
+            rng.random(8).astype(np.float32),
+        ),
         OutputArray("localize", "1", {"name": "lesions", "kind": "boxes", "labels": ["lesion"]}, boxes),
-        OutputArray("regress", "1", {"name": "lesion_volume", "kind": "value", "dtype": "float32", "units": "ml"},
-                    np.float32(rng.random())),
-        OutputArray("retrieve", "1", {"name": "embedding", "kind": "embedding", "dtype": "float32", "normalized": True},
-                    emb / np.linalg.norm(emb)),
+        OutputArray(
+            "regress",
+            "1",
+            {"name": "lesion_volume", "kind": "value", "dtype": "float32", "units": "ml"},
+            np.float32(rng.random()),
+        ),
+        OutputArray(
+            "retrieve",
+            "1",
+            {"name": "embedding", "kind": "embedding", "dtype": "float32", "normalized": True},
+            emb / np.linalg.norm(emb),
+        ),
     ]
 
 
@@ -77,8 +114,9 @@ def build(path: Path, n: int, sample: int, rng: np.random.Generator) -> dict:
     t = time.perf_counter()
     for key in keys[sample:]:
         clone(template, path / "series" / key, key)
-        store._index_rows[key] = _Row("complete", f"1.2.{key}", "T1 brain", {h: FP for h in HEADS},
-                                      embeddings={"retrieve/embedding": _unit(rng)})
+        store._index_rows[key] = _Row(
+            "complete", f"1.2.{key}", "T1 brain", {h: FP for h in HEADS}, embeddings={"retrieve/embedding": _unit(rng)}
+        )
     clone_s = (time.perf_counter() - t) / max(n - sample, 1)
     for key in keys[:sample]:  # rows of the written sample: the same, from the groups
         store._index_rows[key].embeddings = {"retrieve/embedding": store.read_output(key, "retrieve", "embedding")}
@@ -126,9 +164,17 @@ def measure(path: Path, n: int, rng: np.random.Generator) -> dict:
     search_s = timed(lambda: search(path, like="s0000001", k=10))
     assert [h.series_key for h in search(path, like="new0001", k=1)]
     stats = store_stats(str(path), sample=20)
-    return {"triage_new_100": triage_new, "triage_stored_100": triage_old, "write_new": write_new, "index_update_100": update,
-            "inspect": inspect, "search": search_s, "files_per_series": stats["per_series"]["files"],
-            "bytes_per_series": stats["per_series"]["bytes"], "index": stats["index"]}
+    return {
+        "triage_new_100": triage_new,
+        "triage_stored_100": triage_old,
+        "write_new": write_new,
+        "index_update_100": update,
+        "inspect": inspect,
+        "search": search_s,
+        "files_per_series": stats["per_series"]["files"],
+        "bytes_per_series": stats["per_series"]["bytes"],
+        "index": stats["index"],
+    }
 
 
 def du(path: Path) -> int:
@@ -159,16 +205,22 @@ def main() -> None:
 
 def table(rows: list[dict], sample: int) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
-    head = ("| series | files/series | store MB | write ms/series (measured) | triage 100 new ms | triage 100 stored (index) ms "
-            "| index update 100 new ms | inspect ms | search ms |")
+    head = (
+        "| series | files/series | store MB | write ms/series (measured) | triage 100 new ms | triage 100 stored (index) ms "
+        "| index update 100 new ms | inspect ms | search ms |"
+    )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        lines.append(f"| {r['n']:,} | {r['files_per_series']} | {r['store_bytes'] / 1e6:.1f} | {ms(r['write_s'])} | "
-                     f"{ms(r['triage_new_100'])} | {ms(r['triage_stored_100'])} | {ms(r['index_update_100'])} | "
-                     f"{ms(r['inspect'])} | {ms(r['search'])} |")
-    lines.append(f"\nwrite ms/series: mean of the first {sample} series written with ResultStore.write_series into the store; "
-                 "the rest are copies of a written group (clone_s per series in the JSON lines). Triage, index update, "
-                 "inspect (open + summary) and search (open + like, k=10) are best of 3 (update: one run), on a warm page cache.")
+        lines.append(
+            f"| {r['n']:,} | {r['files_per_series']} | {r['store_bytes'] / 1e6:.1f} | {ms(r['write_s'])} | "
+            f"{ms(r['triage_new_100'])} | {ms(r['triage_stored_100'])} | {ms(r['index_update_100'])} | "
+            f"{ms(r['inspect'])} | {ms(r['search'])} |"
+        )
+    lines.append(
+        f"\nwrite ms/series: mean of the first {sample} series written with ResultStore.write_series into the store; "
+        "the rest are copies of a written group (clone_s per series in the JSON lines). Triage, index update, "
+        "inspect (open + summary) and search (open + like, k=10) are best of 3 (update: one run), on a warm page cache."
+    )
     return "\n".join(lines)
 
 

@@ -34,9 +34,12 @@ RAW_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def commands(store: Path, exports: Path) -> dict[str, list[str]]:
-    return {"inspect": ["inspect", str(store)], "validate": ["validate", str(store)],
-            "search": ["search", str(store), "--like", "s1", "-k", "2"],
-            "export": ["export", str(store), "--format", "table", "--out", str(exports)]}
+    return {
+        "inspect": ["inspect", str(store)],
+        "validate": ["validate", str(store)],
+        "search": ["search", str(store), "--like", "s1", "-k", "2"],
+        "export": ["export", str(store), "--format", "table", "--out", str(exports)],
+    }
 
 
 def measure(args: list[str]) -> dict:
@@ -64,25 +67,49 @@ def listing(root: Path) -> set[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("outdir", nargs="?", type=Path, help="where to write the stores (default: a new temporary folder)")
+    parser.add_argument(
+        "outdir", nargs="?", type=Path, help="where to write the stores (default: a new temporary folder)"
+    )
     out = parser.parse_args(argv).outdir or Path(tempfile.mkdtemp(prefix="mrfm-tampered-"))
     stores = write_tampered_stores(out)
     table = Table(title="mrfm over the tampered-store corpus")
-    for column in ("case", "command", "exit", "traceback", "raw control chars", "peak RSS MiB", "s", "files outside", "said"):
+    for column in (
+        "case",
+        "command",
+        "exit",
+        "traceback",
+        "raw control chars",
+        "peak RSS MiB",
+        "s",
+        "files outside",
+        "said",
+    ):
         table.add_column(column, overflow="fold")
     bad = False
     for case, store in stores.items():
         for name, args in commands(store, out / "exports" / case).items():
             before = listing(out)
             got = measure(args)
-            outside = [p for p in listing(out) - before
-                       if not p.is_relative_to(store) and not p.is_relative_to(out / "exports" / case)]
+            outside = [
+                p
+                for p in listing(out) - before
+                if not p.is_relative_to(store) and not p.is_relative_to(out / "exports" / case)
+            ]
             traceback = "Traceback" in got["text"]
             raw = bool(RAW_CONTROL.search(got["text"]))
             said = " ".join(got["text"].split())[-120:]
             bad |= traceback or raw or bool(outside) or got["rss"] > RSS_LIMIT_MIB
-            table.add_row(Text(case), name, str(got["exit"]), "yes" if traceback else "no", "yes" if raw else "no",
-                          f"{got['rss']:.0f}", f"{got['seconds']:.1f}", str(len(outside)), Text(RAW_CONTROL.sub("?", said)))
+            table.add_row(
+                Text(case),
+                name,
+                str(got["exit"]),
+                "yes" if traceback else "no",
+                "yes" if raw else "no",
+                f"{got['rss']:.0f}",
+                f"{got['seconds']:.1f}",
+                str(len(outside)),
+                Text(RAW_CONTROL.sub("?", said)),
+            )
     console = Console(width=None if sys.stdout.isatty() else 220)
     console.print(table)
     for case, what in CASES.items():

@@ -36,7 +36,9 @@ def _register_fitted(heads_dir: Path, names: list[str]) -> None:
     plugins.disable([f"contrib_heads.{name}" for name in names])
     for name in names:
         pkg = next(p for p in (heads_dir / name).iterdir() if (p / "__init__.py").exists())
-        spec = importlib.util.spec_from_file_location(pkg.name, pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+        spec = importlib.util.spec_from_file_location(
+            pkg.name, pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[pkg.name] = module
         spec.loader.exec_module(module)  # type: ignore[union-attr]
@@ -62,8 +64,14 @@ def run_arm(arm: str, out: Path, heldout: Path, studies: int, steps: int, names:
             build.build(model_dir, seed=config.seed)
         else:
             pretrain_model(config, model_dir, archives)
-    fit_heads(model_dir, [m.root for m in archives], out / arm / "heads", names=tuple(names),
-              cache_dir=out / arm / "features", floor=False)
+    fit_heads(
+        model_dir,
+        [m.root for m in archives],
+        out / arm / "heads",
+        names=tuple(names),
+        cache_dir=out / arm / "features",
+        floor=False,
+    )
     _register_fitted(out / arm / "heads", names)
     return evaluate(heldout, store=out / arm / "heldout.zarr", model=model_dir, heads=[*names, "retrieve"])
 
@@ -93,13 +101,32 @@ def main() -> int:
         if (args.out / arm / "metrics.json").exists():  # a finished arm is not run again
             results[arm] = json.loads((args.out / arm / "metrics.json").read_text())
             continue
-        subprocess.run([sys.executable, __file__, "--out", str(args.out), "--studies", str(args.studies), "--steps",
-                        str(args.steps), "--heads", args.heads, "--heldout", str(heldout), "--arm", arm], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--out",
+                str(args.out),
+                "--studies",
+                str(args.studies),
+                "--steps",
+                str(args.steps),
+                "--heads",
+                args.heads,
+                "--heldout",
+                str(heldout),
+                "--arm",
+                arm,
+            ],
+            check=True,
+        )
         results[arm] = json.loads((args.out / arm / "metrics.json").read_text())
     rows = {arm: {(r["head"], r["metric"]): r for r in res["rows"]} for arm, res in results.items()}
     first = next(iter(rows.values()))
-    print(f"{results['report-supervised']['series']} held-out series; {args.studies} training studies, "
-          f"{args.steps} pretraining steps per pretrained arm")
+    print(
+        f"{results['report-supervised']['series']} held-out series; {args.studies} training studies, "
+        f"{args.steps} pretraining steps per pretrained arm"
+    )
     print(f"| head | metric | {' | '.join(ARMS)} | chance floor |\n|---|---|{'---|' * len(ARMS)}---|")
     for key, r in first.items():
         values = [rows[arm].get(key, {}).get("value") for arm in ARMS]

@@ -38,7 +38,21 @@ def cli_store(cli_workspace):
     from engine.cli import cli
 
     out = cli_workspace / "r.zarr"
-    result = CliRunner().invoke(cli, [
-        "run", str(cli_workspace / "archive" / "dicom"), str(cli_workspace / "bad"), "--out", str(out),
-        "--heads", "classify,retrieve", "--backend", "torch", "--workers", "0", "--log-json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(cli_workspace / "archive" / "dicom"),
+            str(cli_workspace / "bad"),
+            "--out",
+            str(out),
+            "--heads",
+            "classify,retrieve",
+            "--backend",
+            "torch",
+            "--workers",
+            "0",
+            "--log-json",
+        ],
+    )
     return out, result

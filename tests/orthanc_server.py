@@ -42,7 +42,9 @@ class Orthanc:
     """One Orthanc process. ``modalities`` (name -> (AE, port) on 127.0.0.1) are the peers it may
     C-STORE / C-MOVE to."""
 
-    def __init__(self, folder: Path, modalities: dict[str, tuple[str, int]] | None = None, aet: str = "ORTHANC") -> None:
+    def __init__(
+        self, folder: Path, modalities: dict[str, tuple[str, int]] | None = None, aet: str = "ORTHANC"
+    ) -> None:
         self.folder, self.aet = Path(folder), aet
         self.http_port, self.dicom_port = free_port(), free_port()
         self.modalities = dict(modalities or {})
@@ -73,14 +75,29 @@ class Orthanc:
 
     def _config(self) -> dict[str, Any]:
         return {
-            "Name": "mrfm-test", "StorageDirectory": str(self.folder / "storage"), "IndexDirectory": str(self.folder / "index"),
-            "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": self.aet, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "HttpServerEnabled": True, "DicomServerEnabled": True,
-            "Plugins": [_dicomweb_plugin()], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "Name": "mrfm-test",
+            "StorageDirectory": str(self.folder / "storage"),
+            "IndexDirectory": str(self.folder / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "DicomServerEnabled": True,
+            "Plugins": [_dicomweb_plugin()],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "DicomModalities": {name: [ae, "127.0.0.1", port] for name, (ae, port) in self.modalities.items()},
-            "DicomCheckCalledAet": True, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True,
-            "UnknownSopClassAccepted": True, "StableAge": 1, "DicomScuTimeout": 10, "DicomAssociationCloseDelay": 0,
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomAlwaysAllowMove": True,
+            "UnknownSopClassAccepted": True,
+            "StableAge": 1,
+            "DicomScuTimeout": 10,
+            "DicomAssociationCloseDelay": 0,
         }
 
     def _launch(self, binary: str) -> None:
@@ -92,7 +109,9 @@ class Orthanc:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise Unavailable(f"Orthanc exited at start (code {self.proc.returncode}); see {self.folder / 'orthanc.log'}")
+                raise Unavailable(
+                    f"Orthanc exited at start (code {self.proc.returncode}); see {self.folder / 'orthanc.log'}"
+                )
             try:
                 self.get("/system")
                 return
@@ -102,10 +121,17 @@ class Orthanc:
         raise Unavailable("Orthanc did not answer within 30 s")
 
     # ---- REST ------------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
-                headers: dict[str, str] | None = None) -> Any:
-        req = urllib.request.Request(self.http + path, data=body, method=method,
-                                     headers={"Content-Type": content_type, **(headers or {})})
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        req = urllib.request.Request(
+            self.http + path, data=body, method=method, headers={"Content-Type": content_type, **(headers or {})}
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             data = resp.read()
         return json.loads(data) if data and data[:1] in (b"{", b"[") else data

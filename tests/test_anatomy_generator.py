@@ -143,5 +143,9 @@ def test_mrfm_run_imports_neither_generator_nor_recipe(tmp_path):
         "except SystemExit as e:\n    print('exit', e.code)\n"
         "print([m for m in sys.modules if m.startswith(('engine.synthetic', 'engine.fitting', 'engine.default_model.'))])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.strip().splitlines()
+    out = (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        .stdout.strip()
+        .splitlines()
+    )
     assert out[-2] == "exit 0" and out[-1] == "[]"

@@ -14,8 +14,9 @@ from engine.zarr_text import decode_text
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    return run_bench(1, heads=["classify"], all_heads=False, repeats=1, workers=0,
-                     dicom=[], workdir=tmp_path_factory.mktemp("bench"))
+    return run_bench(
+        1, heads=["classify"], all_heads=False, repeats=1, workers=0, dicom=[], workdir=tmp_path_factory.mktemp("bench")
+    )
 
 
 def test_report_has_every_stage_with_positive_throughput(report):
@@ -51,7 +52,9 @@ def test_incremental_index_equals_a_rebuild(tmp_path):
 
     def put(store, key, vec, status="complete"):
         out = [OutputArray("retrieve", "0.1.0", decl, np.asarray(vec, np.float32))]
-        heads = {"retrieve": {"version": "0.1.0", "outputs": ["embedding"], "error": None, "fingerprint": "f", "run_id": "r"}}
+        heads = {
+            "retrieve": {"version": "0.1.0", "outputs": ["embedding"], "error": None, "fingerprint": "f", "run_id": "r"}
+        }
         store.write_series(key, {"study_uid": f"st-{key}", "description": key, "heads": heads}, out, status)
 
     store = ResultStore(tmp_path / "r.zarr", mode="a")

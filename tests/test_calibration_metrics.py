@@ -57,7 +57,10 @@ def test_the_real_set_lists_what_it_found_and_what_is_missing(tmp_path):
     bare = build_real_set(tmp_path / "none")
     assert {"dcm_qa_ts", "dcm_qa_enh", "MNI152 (nilearn wheel)", "Colin27 (mricron-data)"} <= set(bare["missing"])
     here = Path(__file__).resolve()
-    shared = next((p / "shared" / "data" for p in (here.parents[2], here.parents[3]) if (p / "shared" / "data").is_dir()), here.parents[2] / "shared" / "data")
+    shared = next(
+        (p / "shared" / "data" for p in (here.parents[2], here.parents[3]) if (p / "shared" / "data").is_dir()),
+        here.parents[2] / "shared" / "data",
+    )
     if not (shared / "dcm_qa_ts").is_dir():
         pytest.skip(f"dcm2niix's validation sets are not at {shared}")
     found = build_real_set(tmp_path / "real", shared=shared)

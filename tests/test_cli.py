@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_scan_lists_series_with_orientation_and_problems(cli_workspace):
-    result = CliRunner().invoke(cli, ["scan", str(cli_workspace / "archive" / "dicom"), str(cli_workspace / "bad"), "--json"])
+    result = CliRunner().invoke(
+        cli, ["scan", str(cli_workspace / "archive" / "dicom"), str(cli_workspace / "bad"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     found = json.loads(result.stdout)
     from engine.discover import sanitise_key
@@ -40,9 +42,22 @@ def test_run_logs_json_lines_and_exits_1_when_a_series_failed(cli_store, cli_wor
     assert "failed" in result.stdout and "complete" in result.stdout  # the summary table
     copy = tmp_path / "r.zarr"  # the shared store stays as the first run left it
     shutil.copytree(out, copy)
-    again = CliRunner().invoke(cli, [
-        "run", str(cli_workspace / "archive" / "dicom"), "--out", str(copy), "--heads", "classify,retrieve",
-        "--backend", "torch", "--workers", "0", "--log-json"])
+    again = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(cli_workspace / "archive" / "dicom"),
+            "--out",
+            str(copy),
+            "--heads",
+            "classify,retrieve",
+            "--backend",
+            "torch",
+            "--workers",
+            "0",
+            "--log-json",
+        ],
+    )
     assert again.exit_code == 0 and "resumed" in again.stdout
 
 
@@ -59,12 +74,20 @@ def test_inspect_validate_and_search_read_the_store(cli_store):
 
 
 def test_a_job_file_drives_a_run_and_bad_jobs_are_refused(cli_workspace, tmp_path):
-    job = {"archives": [str(cli_workspace / "archive" / "dicom")], "out": str(tmp_path / "j.zarr"), "heads": ["classify"], "backend": "torch", "workers": 0}
+    job = {
+        "archives": [str(cli_workspace / "archive" / "dicom")],
+        "out": str(tmp_path / "j.zarr"),
+        "heads": ["classify"],
+        "backend": "torch",
+        "workers": 0,
+    }
     (tmp_path / "job.json").write_text(json.dumps(job))
     assert CliRunner().invoke(cli, ["run", "--job", str(tmp_path / "job.json")]).exit_code == 0
     (tmp_path / "bad.json").write_text(json.dumps({"archives": "not-a-list"}))
     bad = CliRunner().invoke(cli, ["run", "--job", str(tmp_path / "bad.json")])
-    assert bad.exit_code == 2 and "job.schema.json" in bad.output and "'not-a-list' is not of type 'array'" in bad.output
+    assert (
+        bad.exit_code == 2 and "job.schema.json" in bad.output and "'not-a-list' is not of type 'array'" in bad.output
+    )
 
 
 def test_usage_errors_exit_2():

@@ -25,13 +25,32 @@ VOLATILE = {"run_id", "written", "timings", "seconds"}
 
 
 def mrfm(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+        **kw,
+    )
 
 
 def run_args(archive: Path, out: Path) -> list[str]:
-    return ["run", str(archive), "--out", str(out), "--heads", HEADS, "--backend", "torch",
-            "--workers", "0", "--batch-size", "1", "--log-json"]
+    return [
+        "run",
+        str(archive),
+        "--out",
+        str(out),
+        "--heads",
+        HEADS,
+        "--backend",
+        "torch",
+        "--workers",
+        "0",
+        "--batch-size",
+        "1",
+        "--log-json",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +125,13 @@ def _wait_for(path: Path, timeout: float = 120.0) -> None:
 
 def test_a_second_writer_is_refused_with_exit_3_and_the_store_stays_valid(archive, reference, tmp_path):
     out = tmp_path / "shared.zarr"
-    first = subprocess.Popen([sys.executable, "-m", "engine", *run_args(archive, out)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "MRFM_PAUSE_AT": "after-discovery:8"})
+    first = subprocess.Popen(
+        [sys.executable, "-m", "engine", *run_args(archive, out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MRFM_PAUSE_AT": "after-discovery:8"},
+    )
     try:
         _wait_for(out / ".mrfm-lock")
         second = mrfm(*run_args(archive, out))
@@ -122,8 +146,13 @@ def test_a_second_writer_is_refused_with_exit_3_and_the_store_stays_valid(archiv
 
 def test_sigint_finishes_the_series_in_flight_marks_the_run_interrupted_and_exits_130(archive, reference, tmp_path):
     out = tmp_path / "stopped.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "engine", *run_args(archive, out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "MRFM_PAUSE_AT": "series-loaded:4"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", *run_args(archive, out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MRFM_PAUSE_AT": "series-loaded:4"},
+    )
     # wait for the first finished series, then interrupt while the next one is paused after loading
     seen = []
     for line in proc.stderr:

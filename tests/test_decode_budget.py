@@ -30,8 +30,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---- sizes and the default ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [("2GiB", 2 * GIB), ("512 MiB", 512 * MIB), ("1.5G", int(1.5 * GIB)),
-                                            ("3000000", 3_000_000), ("2GB", 2_000_000_000), (4 * MIB, 4 * MIB)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2GiB", 2 * GIB),
+        ("512 MiB", 512 * MIB),
+        ("1.5G", int(1.5 * GIB)),
+        ("3000000", 3_000_000),
+        ("2GB", 2_000_000_000),
+        (4 * MIB, 4 * MIB),
+    ],
+)
 def test_sizes_parse_in_binary_and_decimal_units(text, expected):
     assert parse_size(text) == expected
 
@@ -93,8 +102,15 @@ def _twin_series(tmp_path: Path) -> tuple[Path, Path]:
     out = []
     for ts in ("explicit", "1.2.840.10008.1.2.1.99"):
         folder = tmp_path / ("deflated" if ts != "explicit" else "explicit")
-        write_dicom_series(folder, data, affine, study_uid=derive_uid(7, "st"), series_uid=derive_uid(7, ts),
-                           transfer_syntax=ts, rescale=(0.5, -20.0))
+        write_dicom_series(
+            folder,
+            data,
+            affine,
+            study_uid=derive_uid(7, "st"),
+            series_uid=derive_uid(7, ts),
+            transfer_syntax=ts,
+            rescale=(0.5, -20.0),
+        )
         out.append(folder)
     return out[0], out[1]
 
@@ -125,8 +141,14 @@ def test_deflated_bomb_is_skipped_during_scan_with_its_reason(tmp_path):
 def test_deflated_file_inflating_past_the_budget_is_skipped_during_scan_with_the_budget(tmp_path):
     data = np.random.default_rng(1).random((1024, 1024, 1)) * 4000  # 2 MiB stored, incompressible
     _, affine = make_grid("axial", (0.0, 0.0, 0.0), shape=data.shape, spacing=(0.5, 0.5, 3.0))
-    write_dicom_series(tmp_path / "big", data, affine, study_uid=derive_uid(1, "st"), series_uid=derive_uid(1, "se"),
-                       transfer_syntax="1.2.840.10008.1.2.1.99")
+    write_dicom_series(
+        tmp_path / "big",
+        data,
+        affine,
+        study_uid=derive_uid(1, "st"),
+        series_uid=derive_uid(1, "se"),
+        transfer_syntax="1.2.840.10008.1.2.1.99",
+    )
     result = scan([tmp_path / "big"], max_series_bytes=MIB)
     assert result.series == []
     [skipped] = result.skipped
@@ -137,7 +159,9 @@ def test_deflated_file_inflating_past_the_budget_is_skipped_during_scan_with_the
 # ---- declared sizes ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["j2k_declares_huge", "rle_declares_huge", "uncompressed_declares_huge", "nifti_huge_dims"])
+@pytest.mark.parametrize(
+    "case", ["j2k_declares_huge", "rle_declares_huge", "uncompressed_declares_huge", "nifti_huge_dims"]
+)
 def test_a_series_declaring_more_than_the_budget_fails_before_decoding(tmp_path, case):
     folder = write_bad_inputs(tmp_path, seed=0, cases=[case])[case]
     [ref] = scan([folder]).series
@@ -208,12 +232,13 @@ def test_text_inputs_must_be_small_regular_files(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
 
 
 def test_cli_refuses_dev_zero_as_report_or_job_with_exit_2_and_no_traceback(tmp_path):
-    for args in (["search", str(tmp_path / "nostore.zarr"), "--report", "/dev/zero"],
-                 ["run", "--job", "/dev/zero"]):
+    for args in (["search", str(tmp_path / "nostore.zarr"), "--report", "/dev/zero"], ["run", "--job", "/dev/zero"]):
         done = _cli(*args)
         assert done.returncode == 2, (args, done.stderr)
         assert "not a regular file" in done.stderr and "Traceback" not in done.stderr
@@ -227,7 +252,9 @@ def test_job_file_max_series_bytes_is_validated(tmp_path):
     with pytest.raises(ValueError):
         validate("job", {"archives": ["a"], "out": "o", "max_series_bytes": "a lot"}, "job")
     job = tmp_path / "job.json"
-    job.write_text(json.dumps({"archives": [str(tmp_path)], "out": str(tmp_path / "o.zarr"), "max_series_bytes": "1KiB"}))
+    job.write_text(
+        json.dumps({"archives": [str(tmp_path)], "out": str(tmp_path / "o.zarr"), "max_series_bytes": "1KiB"})
+    )
     done = _cli("run", "--job", str(job))
     assert done.returncode == 2 and "at least 1 MiB" in done.stderr and "Traceback" not in done.stderr
 
@@ -266,6 +293,13 @@ def test_codestream_sizes_are_read_from_jpeg_and_jpeg2000_headers():
     siz = b"\xff\x4f\xff\x51\x00\x29\x00\x00" + (640).to_bytes(4, "big") + (480).to_bytes(4, "big") + bytes(16)
     siz += bytes(8) + (1).to_bytes(2, "big")  # XTsiz, YTsiz, XTOsiz, YTOsiz, then Csiz
     assert codestream_size(siz) == (480, 640, 1)
-    sof = b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + b"\xff\xc3\x00\x0b\x10" + (300).to_bytes(2, "big") + (200).to_bytes(2, "big") + b"\x01"
+    sof = (
+        b"\xff\xd8"
+        + b"\xff\xe0\x00\x04ab"
+        + b"\xff\xc3\x00\x0b\x10"
+        + (300).to_bytes(2, "big")
+        + (200).to_bytes(2, "big")
+        + b"\x01"
+    )
     assert codestream_size(sof) == (300, 200, 1)
     assert codestream_size(b"\x02\x00\x00\x00") is None

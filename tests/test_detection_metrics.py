@@ -30,8 +30,11 @@ def test_recall_false_boxes_and_best_iou_by_hand():
     det = DetectionCounter()
     # series 1: two lesions. A box shifted 5 mm along x on lesion A: IoU = 500 / 1500 = 1/3.
     # A box shifted 2 mm on lesion B: IoU = 800 / 1200 = 2/3. One far false box.
-    det.add(np.array([cube(5, 0, 0), cube(102, 0, 0), cube(300, 300, 300)]), np.array([0.8, 0.6, 0.7]),
-            np.array([cube(0, 0, 0), cube(100, 0, 0)]))
+    det.add(
+        np.array([cube(5, 0, 0), cube(102, 0, 0), cube(300, 300, 300)]),
+        np.array([0.8, 0.6, 0.7]),
+        np.array([cube(0, 0, 0), cube(100, 0, 0)]),
+    )
     # series 2: lesion-free, one false box; series 3: lesion-free, no box
     det.add(np.array([cube(0, 0, 0)]), np.array([0.4]), np.zeros((0, 6)))
     det.add(np.zeros((0, 6)), np.zeros(0), np.zeros((0, 6)))
@@ -46,10 +49,14 @@ def test_recall_false_boxes_and_best_iou_by_hand():
 def test_froc_and_ap_by_hand():
     det = DetectionCounter()
     # pooled by score: 0.9 TP, 0.8 FP, 0.7 TP, 0.6 FP, 0.5 TP; 4 lesions, 2 series
-    det.add(np.array([cube(0, 0, 0), cube(500, 0, 0), cube(100, 0, 0)]), np.array([0.9, 0.8, 0.5]),
-            np.array([cube(0, 0, 0), cube(100, 0, 0)]))
-    det.add(np.array([cube(0, 0, 0), cube(500, 0, 0)]), np.array([0.7, 0.6]),
-            np.array([cube(0, 0, 0), cube(200, 0, 0)]))
+    det.add(
+        np.array([cube(0, 0, 0), cube(500, 0, 0), cube(100, 0, 0)]),
+        np.array([0.9, 0.8, 0.5]),
+        np.array([cube(0, 0, 0), cube(100, 0, 0)]),
+    )
+    det.add(
+        np.array([cube(0, 0, 0), cube(500, 0, 0)]), np.array([0.7, 0.6]), np.array([cube(0, 0, 0), cube(200, 0, 0)])
+    )
     # thresholds: (tp, fp) = (1,0) (1,1) (2,1) (2,2) (3,2); per series fp = 0, .5, .5, 1, 1
     froc = det.froc(0.3, (0.25, 0.5, 1.0, 2.0))
     assert froc == {0.25: 0.25, 0.5: 0.5, 1.0: 0.75, 2.0: 0.75}
@@ -99,8 +106,18 @@ def test_evaluate_reports_detection_and_grounding_rows(tmp_path):
     write_demo_archive(tmp_path / "arch", studies=2, seed=5, formats=("explicit",))
     result = evaluate(tmp_path / "arch", heads=["localize", "ground"])
     rows = {(r["head"], r["metric"]): r for r in result["rows"]}
-    want = {("localize", m) for m in ("recall IoU>=0.3", "recall IoU>=0.5", "false boxes per series IoU<0.3", "AP IoU>=0.3",
-                                      "mean best IoU", "FROC recall at 1 false/series IoU>=0.3", "centre-in-box rate (gameable)")}
+    want = {
+        ("localize", m)
+        for m in (
+            "recall IoU>=0.3",
+            "recall IoU>=0.5",
+            "false boxes per series IoU<0.3",
+            "AP IoU>=0.3",
+            "mean best IoU",
+            "FROC recall at 1 false/series IoU>=0.3",
+            "centre-in-box rate (gameable)",
+        )
+    }
     want |= {("ground", m) for m in ("hit rate IoU>=0.3", "pointing game", "centre-in-box rate (gameable)")}
     assert want <= set(rows)
     assert ("localize", "hit rate") not in rows and ("ground", "hit rate") not in rows

@@ -38,9 +38,9 @@ AFFINE_TOL_MM = 0.01
 
 # An oblique plane (rotated about two axes), in DICOM LPS direction cosines.
 _a, _b = np.radians(20.0), np.radians(-12.0)
-_rot = np.array(
-    [[1, 0, 0], [0, np.cos(_a), -np.sin(_a)], [0, np.sin(_a), np.cos(_a)]]
-) @ np.array([[np.cos(_b), 0, np.sin(_b)], [0, 1, 0], [-np.sin(_b), 0, np.cos(_b)]])
+_rot = np.array([[1, 0, 0], [0, np.cos(_a), -np.sin(_a)], [0, np.sin(_a), np.cos(_a)]]) @ np.array(
+    [[np.cos(_b), 0, np.sin(_b)], [0, 1, 0], [-np.sin(_b), 0, np.cos(_b)]]
+)
 OBLIQUE_IOP = tuple(float(v) for v in np.concatenate([_rot[:, 0], _rot[:, 1]]))
 AXIAL_IOP = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -175,7 +175,9 @@ def run_dcm2niix(folder: Path, out: Path) -> nib.Nifti1Image:
     if exe is None:
         pytest.skip("dcm2niix is not installed (pip install dcm2niix)")
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([exe, "-z", "n", "-b", "n", "-f", "ref", "-o", str(out), str(folder)], check=True, capture_output=True)
+    subprocess.run(
+        [exe, "-z", "n", "-b", "n", "-f", "ref", "-o", str(out), str(folder)], check=True, capture_output=True
+    )
     niis = sorted(out.glob("*.nii"))
     assert niis, f"dcm2niix wrote nothing for {folder}"
     return nib.load(niis[0])
@@ -251,7 +253,9 @@ def test_pydicom_mr_small_matches_dcm2niix(tmp_path):
     assert_same_as_reference(vol, ref_data, ref.affine)
 
 
-@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm"])
+@pytest.mark.parametrize(
+    "name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm"]
+)
 def test_pydicom_compressed_variants_load_like_uncompressed(tmp_path, name):
     base = load(only_series([get_testdata_file("MR_small.dcm")]))
     other = load(only_series([get_testdata_file(name)]))
@@ -281,7 +285,9 @@ def test_synthetic_compressed_series_equals_uncompressed(tmp_path, syntax):
 # --------------------------------------------------------------------------- Enhanced multi-frame
 
 
-def write_enhanced(path: Path, *, shape=(8, 10, 5), n_times: int = 2, iop=OBLIQUE_IOP, step=2.0, origin=(10.0, -5.0, 30.0)) -> dict:
+def write_enhanced(
+    path: Path, *, shape=(8, 10, 5), n_times: int = 2, iop=OBLIQUE_IOP, step=2.0, origin=(10.0, -5.0, 30.0)
+) -> dict:
     """An Enhanced MR Image Storage object with ``n_times`` temporal positions, frames shuffled.
 
     Time point t of slice k stores ``slice_pixels(k) + 100 * t``; each frame has its own rescale.
@@ -398,8 +404,12 @@ def test_philips_enhanced_field_map_first_volume_matches_dcm2niix():
     nii = nib.load(SHARED / "dcm_qa_enh" / "Ref" / "Philips_WIP_B0_NS_801_e1.nii")
     # dcm2niix keeps Philips' private floating-point scale in the header; compare stored values
     stored = np.asarray(nii.dataobj.get_unscaled(), dtype=np.float32)
-    slope = float(pydicom.dcmread(ref.sources[0].path, stop_before_pixels=True)
-                  .PerFrameFunctionalGroupsSequence[0].PixelValueTransformationSequence[0].RescaleSlope)
+    slope = float(
+        pydicom.dcmread(ref.sources[0].path, stop_before_pixels=True)
+        .PerFrameFunctionalGroupsSequence[0]
+        .PixelValueTransformationSequence[0]
+        .RescaleSlope
+    )
     assert_same_as_reference(vol, stored, nii.affine, scale=slope)
 
 
@@ -430,6 +440,7 @@ def header_reads(monkeypatch):
             name = Path(getattr(fp, "name", str(fp))).name
             counts[name] = counts.get(name, 0) + 1
             return fn(fp, *args, **kwargs)
+
         return wrapper
 
     def counting_lean(fn):
@@ -439,6 +450,7 @@ def header_reads(monkeypatch):
                 name = Path(getattr(fp, "name", str(fp))).name
                 counts[name] = counts.get(name, 0) + 1
             return ds
+
         return wrapper
 
     monkeypatch.setattr(frames, "read_partial", counting(pydicom.filereader.read_partial))
@@ -482,7 +494,9 @@ def test_lean_functional_groups_equal_pydicom(folder):
         source = Source(path, label=path.name)
         ds, _, groups, _ = read_file_header(source)
         assert groups is not None, "the lean reader fell back to pydicom"
-        assert _enhanced_frames(ds, source, groups) == _enhanced_frames(pydicom.dcmread(path, stop_before_pixels=True), source)
+        assert _enhanced_frames(ds, source, groups) == _enhanced_frames(
+            pydicom.dcmread(path, stop_before_pixels=True), source
+        )
 
 
 @needs_ts

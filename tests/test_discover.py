@@ -261,12 +261,38 @@ def test_header_values_equal_pydicom(tmp_path):
 
     from engine.dicom.frames import Header, _stop, _tag_vr
 
-    keywords = ["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "PixelRepresentation",
-                "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness",
-                "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept", "InstanceNumber", "AcquisitionNumber",
-                "SeriesNumber", "EchoNumbers", "TemporalPositionIdentifier", "SeriesDescription", "Modality",
-                "Manufacturer", "BodyPartExamined", "PatientAge", "StudyInstanceUID", "SeriesInstanceUID",
-                "SOPInstanceUID", "SOPClassUID", "PhotometricInterpretation", "ImageType", "PatientID"]
+    keywords = [
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "SamplesPerPixel",
+        "BitsAllocated",
+        "PixelRepresentation",
+        "ImageOrientationPatient",
+        "ImagePositionPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "SpacingBetweenSlices",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "InstanceNumber",
+        "AcquisitionNumber",
+        "SeriesNumber",
+        "EchoNumbers",
+        "TemporalPositionIdentifier",
+        "SeriesDescription",
+        "Modality",
+        "Manufacturer",
+        "BodyPartExamined",
+        "PatientAge",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "PhotometricInterpretation",
+        "ImageType",
+        "PatientID",
+    ]
     for path in _header_files(tmp_path):
         with open(path, "rb") as fh:
             ds = read_partial(fh, stop_when=_stop)

@@ -42,12 +42,14 @@ def reference(archive, tmp_path_factory) -> Path:
 @pytest.fixture
 def fault(monkeypatch):
     """Set MRFM_DISK_FULL_AT for one command, counting its points afresh."""
+
     def arm(point: str | None) -> None:
         monkeypatch.setattr(engine.faults, "_counts", {})
         if point:
             monkeypatch.setenv("MRFM_DISK_FULL_AT", point)
         else:
             monkeypatch.delenv("MRFM_DISK_FULL_AT", raising=False)
+
     return arm
 
 
@@ -77,7 +79,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("point, run_status, statuses", CASES, ids=[c[0] for c in CASES])
-def test_a_full_disk_anywhere_exits_3_and_a_rerun_equals_a_clean_run(point, run_status, statuses, archive, reference, tmp_path, fault):
+def test_a_full_disk_anywhere_exits_3_and_a_rerun_equals_a_clean_run(
+    point, run_status, statuses, archive, reference, tmp_path, fault
+):
     out = tmp_path / "r.zarr"
     fault(point)
     assert_disk_full(mrfm("run", str(archive), "--out", str(out), *RUN), out)
@@ -108,7 +112,9 @@ def _mount_tmpfs(where: Path, size: str) -> str | None:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return "mounting a tmpfs needs root and mount(8)"
     where.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+    )
     return None if done.returncode == 0 else f"cannot mount a tmpfs here: {done.stderr.strip()}"
 
 
@@ -131,7 +137,9 @@ def _fill(disk: Path, leave: int) -> Path:
 
 
 @pytest.mark.parametrize("free_kib", [0, 16, 20, 48, 64, 96])
-def test_a_really_full_disk_exits_3_and_the_rerun_after_freeing_space_completes(free_kib, small_disk, archive, reference):
+def test_a_really_full_disk_exits_3_and_the_rerun_after_freeing_space_completes(
+    free_kib, small_disk, archive, reference
+):
     out = small_disk / "r.zarr"
     filler = _fill(small_disk, free_kib * 1024)
     result = mrfm("run", str(archive), "--out", str(out), *RUN)

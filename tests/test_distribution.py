@@ -52,7 +52,10 @@ def test_a_card_naming_missing_statistics_is_an_error(tmp_path):
         load_distribution(card, tmp_path)
     from safetensors.numpy import save_file
 
-    save_file({"mean": np.zeros(3, np.float32), "precision": np.eye(3, dtype=np.float32)}, str(tmp_path / "distribution.safetensors"))
+    save_file(
+        {"mean": np.zeros(3, np.float32), "precision": np.eye(3, dtype=np.float32)},
+        str(tmp_path / "distribution.safetensors"),
+    )
     with pytest.raises(ValueError, match=r"'mean' \(8,\)"):
         load_distribution(card, tmp_path)
 
@@ -65,7 +68,9 @@ def calibrated(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ood")
     model = root / "model"
-    shutil.copytree(DEFAULT_MODEL_DIR, model, ignore=shutil.ignore_patterns("__pycache__", "*.py", "distribution.safetensors"))
+    shutil.copytree(
+        DEFAULT_MODEL_DIR, model, ignore=shutil.ignore_patterns("__pycache__", "*.py", "distribution.safetensors")
+    )
     card = json.loads((model / "model.json").read_text())
     card.pop("distribution", None)
     (model / "model.json").write_text(json.dumps(card))
@@ -75,8 +80,18 @@ def calibrated(tmp_path_factory):
         assert made.exit_code == 0, made.output
     shutil.copytree(model, root / "bare")
     truth = write_foreign_archive(root / "foreign", per_case=2, seed=3)
-    result = runner.invoke(cli, ["model", "calibrate", str(model), str(root / "cal" / "dicom"), "--json",
-                                 "--cache-dir", str(root / "features")])
+    result = runner.invoke(
+        cli,
+        [
+            "model",
+            "calibrate",
+            str(model),
+            str(root / "cal" / "dicom"),
+            "--json",
+            "--cache-dir",
+            str(root / "features"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root, model, truth
 
@@ -87,7 +102,10 @@ def test_calibrate_writes_statistics_without_changing_the_fingerprint(calibrated
     before = compute_fingerprint(read_card(bare), bare)
     card = read_card(model)  # validates against the model card schema
     section = card["distribution"]
-    assert section["fit"]["heldout_kept"] >= 0.98 and section["fit"]["train_series"] + section["fit"]["heldout_series"] == section["fit"]["series"]
+    assert (
+        section["fit"]["heldout_kept"] >= 0.98
+        and section["fit"]["train_series"] + section["fit"]["heldout_series"] == section["fit"]["series"]
+    )
     assert compute_fingerprint(card, model) == before == load_model(model).fingerprint
     stats = load_distribution(card, model)
     assert stats.threshold == pytest.approx(section["threshold"], rel=1e-6)
@@ -97,9 +115,25 @@ def test_calibrate_writes_statistics_without_changing_the_fingerprint(calibrated
 def test_every_series_records_its_distribution_and_flags_reach_summary_log_and_inspect(calibrated, tmp_path):
     root, model, truth = calibrated
     out = tmp_path / "r.zarr"
-    result = CliRunner().invoke(cli, ["run", str(root / "other" / "dicom"), str(root / "foreign"), "--out", str(out),
-                                      "--model", str(model), "--heads", "classify,segment", "--backend", "torch",
-                                      "--workers", "0", "--log-json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(root / "other" / "dicom"),
+            str(root / "foreign"),
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+            "--heads",
+            "classify,segment",
+            "--backend",
+            "torch",
+            "--workers",
+            "0",
+            "--log-json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     from engine.store import open_store
 
@@ -123,7 +157,9 @@ def test_every_series_records_its_distribution_and_flags_reach_summary_log_and_i
     assert np.mean(foreign) >= 0.75, f"foreign series not flagged: {[c for u, c in truth.items() if not flagged[u]]}"
     n_flagged = sum(flagged.values())
     assert f"out of distribution {n_flagged}" in result.output
-    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")] if result.stderr_bytes else []
+    events = (
+        [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")] if result.stderr_bytes else []
+    )
     if events:
         done = [e for e in events if e["event"] == "done"][0]
         assert done["out_of_distribution"] == n_flagged
@@ -139,8 +175,24 @@ def test_a_model_without_statistics_records_null_and_says_so_once(calibrated, tm
     root, _, _ = calibrated
     bare = root / "bare"
     out = tmp_path / "r.zarr"
-    result = CliRunner().invoke(cli, ["run", str(root / "other" / "dicom"), "--out", str(out), "--model", str(bare),
-                                      "--heads", "classify", "--backend", "torch", "--workers", "0", "--log-json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(root / "other" / "dicom"),
+            "--out",
+            str(out),
+            "--model",
+            str(bare),
+            "--heads",
+            "classify",
+            "--backend",
+            "torch",
+            "--workers",
+            "0",
+            "--log-json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     from engine.store import open_store
 
@@ -158,7 +210,9 @@ def test_the_shipped_default_carries_statistics():
 
 
 def test_mrfm_run_imports_no_generator_recipe_or_fitting_code():
-    code = ("import sys, engine.pipeline, engine.inference, engine.cli, engine.distribution; "
-            "print([m for m in sys.modules if m.startswith(('engine.fitting', 'engine.synthetic', 'engine.default_model.'))])")
+    code = (
+        "import sys, engine.pipeline, engine.inference, engine.cli, engine.distribution; "
+        "print([m for m in sys.modules if m.startswith(('engine.fitting', 'engine.synthetic', 'engine.default_model.'))])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

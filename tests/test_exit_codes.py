@@ -21,8 +21,14 @@ RUN = ["--heads", "classify", "--backend", "torch", "--workers", "0"]
 def write_series(folder: Path, name: str, description: str | None = None) -> Path:
     _, affine = make_grid("axial", (0.0, 0.0, 0.0), shape=(24, 24, 6), spacing=(4.0, 4.0, 4.0))
     data = 300.0 + 400.0 * np.random.default_rng(len(name)).random((24, 24, 6))
-    write_dicom_series(folder / name, data, affine, study_uid=derive_uid(1, "exit", "study"),
-                       series_uid=derive_uid(1, "exit", name), description=description or name.upper())
+    write_dicom_series(
+        folder / name,
+        data,
+        affine,
+        study_uid=derive_uid(1, "exit", "study"),
+        series_uid=derive_uid(1, "exit", name),
+        description=description or name.upper(),
+    )
     return folder
 
 
@@ -62,7 +68,9 @@ def test_bad_options_exit_2_with_the_reason(extra, needle, archive, tmp_path):
 def test_a_model_folder_without_a_model_exits_2(archive, tmp_path):
     empty = tmp_path / "not-a-model"
     empty.mkdir()
-    assert_clean_error(invoke("run", str(archive), "--out", str(tmp_path / "r.zarr"), "--model", str(empty), *RUN), 2, "model.json")
+    assert_clean_error(
+        invoke("run", str(archive), "--out", str(tmp_path / "r.zarr"), "--model", str(empty), *RUN), 2, "model.json"
+    )
 
 
 def test_an_out_path_that_cannot_hold_a_store_exits_2(archive, tmp_path):
@@ -79,7 +87,9 @@ def test_an_archive_with_no_series_exits_2_and_says_what_was_skipped(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.dcm").write_text("not an image")
-    assert_clean_error(invoke("run", str(empty), "--out", str(tmp_path / "r.zarr"), *RUN), 2, "no DICOM or NIfTI series")
+    assert_clean_error(
+        invoke("run", str(empty), "--out", str(tmp_path / "r.zarr"), *RUN), 2, "no DICOM or NIfTI series"
+    )
 
 
 def test_a_locked_store_exits_3_naming_the_holder(archive, tmp_path):
@@ -151,7 +161,9 @@ def test_a_rerun_that_leaves_a_failed_head_failed_says_so(archive, tmp_path, mon
     assert again.exit_code == 1, again.output
     events = [json.loads(line) for line in again.output.splitlines() if line.startswith('{"time"')]
     [series] = [e for e in events if e["event"] == "series"]
-    assert series["status"] == "failed" and series["reason"].startswith("still failed (head(s) regress not selected in this run)")
+    assert series["status"] == "failed" and series["reason"].startswith(
+        "still failed (head(s) regress not selected in this run)"
+    )
     [(_, attrs)] = list(open_store(out).iter_series())
     assert attrs["status"] == "failed"
     # the failed head, now working, is redone alone and the series becomes complete
@@ -182,8 +194,20 @@ def test_a_head_over_its_budget_fails_alone_and_the_run_goes_on(archive, tmp_pat
     monkeypatch.setattr(regress.RegressHead, "predict", slow)
     out = tmp_path / "r.zarr"
     t = _time.monotonic()
-    result = invoke("run", str(archive), "--out", str(out), "--backend", "torch", "--workers", "0",
-                    "--heads", "classify,regress", "--head-budget", "regress=0.5")
+    result = invoke(
+        "run",
+        str(archive),
+        "--out",
+        str(out),
+        "--backend",
+        "torch",
+        "--workers",
+        "0",
+        "--heads",
+        "classify,regress",
+        "--head-budget",
+        "regress=0.5",
+    )
     assert _time.monotonic() - t < 30
     assert result.exit_code == 1, result.output
     [(_, attrs)] = list(open_store(out).iter_series())
@@ -197,8 +221,22 @@ def test_run_exports_each_series_as_it_completes(archive, tmp_path):
     import nibabel as nib
 
     out = tmp_path / "r.zarr"
-    result = invoke("run", str(archive), "--out", str(out), "--backend", "torch", "--workers", "0",
-                    "--heads", "classify,segment", "--export", "nifti", "--export", "table")
+    result = invoke(
+        "run",
+        str(archive),
+        "--out",
+        str(out),
+        "--backend",
+        "torch",
+        "--workers",
+        "0",
+        "--heads",
+        "classify,segment",
+        "--export",
+        "nifti",
+        "--export",
+        "table",
+    )
     assert result.exit_code == 0, result.output
     [(key, attrs)] = list(open_store(out).iter_series())
     [nii] = list((tmp_path / "r.zarr-nifti").rglob("*.nii.gz"))

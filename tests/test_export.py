@@ -97,9 +97,16 @@ def _dciodvfy(path, source=None):
     if exe is None:
         return None
     inherited = {_attribute(w) for w in _dciodvfy_lines(exe, source) if w.startswith("Warning")} if source else set()
-    return [line for line in _dciodvfy_lines(exe, path) if line.startswith("Error")
-            or (line.startswith("Warning") and not any(e in line for e in EXPECTED_DCIODVFY)
-                and _attribute(line) not in inherited)]
+    return [
+        line
+        for line in _dciodvfy_lines(exe, path)
+        if line.startswith("Error")
+        or (
+            line.startswith("Warning")
+            and not any(e in line for e in EXPECTED_DCIODVFY)
+            and _attribute(line) not in inherited
+        )
+    ]
 
 
 def test_dciodvfy_flags_a_broken_segmentation(store, tmp_path):
@@ -183,7 +190,9 @@ def test_dicom_seg_round_trip(store, tmp_path):
         assert [s.SegmentLabel for s in seg.SegmentSequence] == labels[1:]
         algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
         assert algo.AlgorithmName == "mrfm segment" and algo.AlgorithmVersion == attrs["heads"]["segment"]["version"]
-        referenced = {i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+        referenced = {
+            i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence
+        }
         if attrs["load_notes"]["kind"] == "classic":
             assert referenced == {ds.SOPInstanceUID for ds in headers}
     assert {"axial", "sagittal", "coronal", "oblique"} <= orientations
@@ -200,7 +209,9 @@ def _walk(items):
 
 def _box_groups(sr):
     """Per imaging-measurement group: its SCOORD3D points (LPS) and frame of reference."""
-    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements")
+    measurements = next(
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements"
+    )
     for group in measurements.ContentSequence:
         scoords = [i for i in _walk(group.ContentSequence) if i.ValueType == "SCOORD3D"]
         if scoords:
@@ -229,16 +240,26 @@ def test_dicom_sr_boxes_and_seg_reference(store, tmp_path):
         assert len(groups) == len(boxes)
         for (pts, frames), box in zip(groups, boxes):
             ras = pts * LPS
-            np.testing.assert_allclose(np.r_[ras.min(0), ras.max(0)], np.r_[np.minimum(box[:3], box[3:]), np.maximum(box[:3], box[3:])], atol=1e-3)
+            np.testing.assert_allclose(
+                np.r_[ras.min(0), ras.max(0)],
+                np.r_[np.minimum(box[:3], box[3:]), np.maximum(box[:3], box[3:])],
+                atol=1e-3,
+            )
             assert frames == {headers[0].FrameOfReferenceUID}
             checked += 1
         seg = pydicom.dcmread(tmp_path / key / "seg_segment_anatomy.dcm")
-        refs = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in _walk(sr.ContentSequence)
-                if i.ValueType == "IMAGE" and "ReferencedSOPSequence" in i}
+        refs = {
+            i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for i in _walk(sr.ContentSequence)
+            if i.ValueType == "IMAGE" and "ReferencedSOPSequence" in i
+        }
         assert seg.SOPInstanceUID in refs  # segment groups reference the SEG
         scores = st.read_output(key, "classify", "region")
-        values = [float(i.MeasuredValueSequence[0].NumericValue) for i in _walk(sr.ContentSequence)
-                  if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeMeaning.startswith("region: ")]
+        values = [
+            float(i.MeasuredValueSequence[0].NumericValue)
+            for i in _walk(sr.ContentSequence)
+            if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeMeaning.startswith("region: ")
+        ]
         np.testing.assert_allclose(values, scores, atol=1e-5)
     assert checked > 0, "no stored box to compare"
 
@@ -331,7 +352,9 @@ def test_tables(store, tmp_path):
     emb = pd.read_parquet(tmp_path / "embeddings.parquet")
     assert set(emb["series_uid"]) == uids
     key = emb["series_key"].iloc[0]
-    np.testing.assert_allclose(np.asarray(emb["embedding"].iloc[0]), st.read_output(key, "retrieve", "embedding"), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(emb["embedding"].iloc[0]), st.read_output(key, "retrieve", "embedding"), atol=1e-6
+    )
 
 
 # ---- driver: resume, isolation, CLI, PHI ---------------------------------------------------------
@@ -355,7 +378,9 @@ def test_cli_and_session(store, tmp_path):
     from click.testing import CliRunner
 
     out = tmp_path / "t"
-    res = CliRunner().invoke(export_command, [str(store), "--format", "table", "--out", str(out), "--heads", "classify"])
+    res = CliRunner().invoke(
+        export_command, [str(store), "--format", "table", "--out", str(out), "--heads", "classify"]
+    )
     assert res.exit_code == 0, res.output
     assert (out / "scores.parquet").exists() and not (out / "boxes.parquet").exists()
     res = CliRunner().invoke(export_command, [str(store), "--format", "no-such-format", "--out", str(out)])
@@ -367,7 +392,9 @@ def test_cli_and_session(store, tmp_path):
     assert (tmp_path / "s" / "scores.parquet").name in session.close().files
     # a run hands over the SeriesRef it has: no archive scan, even with no archive recorded
     key = next(k for k, a in series.items() if a["load_notes"]["kind"] == "classic")
-    ref = next(r for r in engine.scan([store.parent / "archive" / "dicom"]).series if r.series_uid == series[key]["series_uid"])
+    ref = next(
+        r for r in engine.scan([store.parent / "archive" / "dicom"]).series if r.series_uid == series[key]["series_uid"]
+    )
     session = ExportSession(store, "dicom-seg", tmp_path / "r", archive=[tmp_path / "nowhere"])
     assert session.series(key, source=ref).status == "exported"
 

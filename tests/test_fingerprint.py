@@ -14,8 +14,17 @@ from engine.model import DEFAULT_MODEL_DIR, compute_fingerprint, load_model, rea
 def _monai_vit():
     nets = pytest.importorskip("monai.networks.nets")
     torch.manual_seed(0)
-    vit = nets.ViT(in_channels=1, img_size=(32, 32, 32), patch_size=(8, 8, 8), hidden_size=64, mlp_dim=128, num_layers=2,
-                   num_heads=4, classification=True, qkv_bias=True).eval()
+    vit = nets.ViT(
+        in_channels=1,
+        img_size=(32, 32, 32),
+        patch_size=(8, 8, 8),
+        hidden_size=64,
+        mlp_dim=128,
+        num_layers=2,
+        num_heads=4,
+        classification=True,
+        qkv_bias=True,
+    ).eval()
     with torch.no_grad():
         for p in vit.parameters():
             p.normal_(0, 0.2)
@@ -32,7 +41,9 @@ def test_a_checkpoint_imported_from_pt_and_from_safetensors_gets_one_fingerprint
     torch.save({"state_dict": state}, tmp_path / "vit.pt")
     a = import_checkpoint(tmp_path / "vit.safetensors", "monai-vit", tmp_path / "a", num_heads=4, spacing=6.0)
     b = import_checkpoint(tmp_path / "vit.pt", "monai-vit", tmp_path / "b", num_heads=4, spacing=6.0, name="other-name")
-    assert json.loads((tmp_path / "a" / "model.json").read_text()) != json.loads((tmp_path / "b" / "model.json").read_text())
+    assert json.loads((tmp_path / "a" / "model.json").read_text()) != json.loads(
+        (tmp_path / "b" / "model.json").read_text()
+    )
     assert a == b
     # the same tensors in a file of another layout (other order, metadata) keep it too
     enc = read_card(tmp_path / "a")["encoder"]["weights"]
@@ -80,8 +91,12 @@ def test_restamp_rewrites_only_heads_recorded_under_the_older_definition(tmp_pat
     shutil.copytree(HEADS_DIR, heads, ignore=shutil.ignore_patterns("*.safetensors", "__pycache__"))
     card = read_card(DEFAULT_MODEL_DIR)
     new, old = compute_fingerprint(card, DEFAULT_MODEL_DIR), legacy_fingerprint(card, DEFAULT_MODEL_DIR)
-    (heads / "classify" / "manifest.json").write_text((heads / "classify" / "manifest.json").read_text().replace(new, old))
-    (heads / "segment" / "manifest.json").write_text((heads / "segment" / "manifest.json").read_text().replace(new, "sha256:" + "0" * 64))
+    (heads / "classify" / "manifest.json").write_text(
+        (heads / "classify" / "manifest.json").read_text().replace(new, old)
+    )
+    (heads / "segment" / "manifest.json").write_text(
+        (heads / "segment" / "manifest.json").read_text().replace(new, "sha256:" + "0" * 64)
+    )
     done = restamp(heads)
     assert done["restamped"] == ["classify"] and done["other"] == ["segment"]
     assert json.loads((heads / "classify" / "manifest.json").read_text())["encoder"]["fingerprint"] == new

@@ -76,8 +76,11 @@ def test_localize_threshold_is_the_best_recall_within_the_false_box_budget():
     truth = np.array([[0, 0, 0, 10, 10, 10.0]])
     hit, miss = np.array([[1, 1, 1, 10, 10, 10.0]]), np.array([[50, 50, 50, 60, 60, 60.0]])
     # two series with a lesion: found at 0.8 and 0.3, each with a false box at 0.6 and 0.5; a clean series with a box at 0.2
-    preds = [(np.concatenate([hit, miss]), np.array([0.8, 0.6])), (np.concatenate([hit, miss]), np.array([0.3, 0.5])),
-             (miss, np.array([0.2]))]
+    preds = [
+        (np.concatenate([hit, miss]), np.array([0.8, 0.6])),
+        (np.concatenate([hit, miss]), np.array([0.3, 0.5])),
+        (miss, np.array([0.2])),
+    ]
     threshold, mets = choose_threshold(preds, [truth, truth, np.zeros((0, 6))])
     assert threshold == 0.25  # recall 1 with 4/3 false boxes at 0.2 breaks the budget; 0.25 keeps recall 1, 2/3 false
     assert mets["recall@0.3"] == 1.0 and mets["false_boxes_per_series"] == pytest.approx(2 / 3, abs=1e-4)
@@ -102,8 +105,16 @@ def test_fit_a_classifier_beats_the_floor_reuses_features_and_runs_as_a_head(lab
 
     monkeypatch.setattr(VisionTransformer3D, "forward", counted)
     cache = tmp_path / "cache"
-    result = fit("classify", labelled / "labels.csv", tmp_path / "side-head", archive=labelled / "images",
-                 cache_dir=cache, name="side", val_fraction=0.5, steps=100)
+    result = fit(
+        "classify",
+        labelled / "labels.csv",
+        tmp_path / "side-head",
+        archive=labelled / "images",
+        cache_dir=cache,
+        name="side",
+        val_fraction=0.5,
+        steps=100,
+    )
     assert calls["n"] > 0 and result.encoded == 2 * 16  # trained and random encoder, once each
     acc = result.metrics["side"]["accuracy"]
     floor = result.floor["side"]["accuracy"]
@@ -116,15 +127,26 @@ def test_fit_a_classifier_beats_the_floor_reuses_features_and_runs_as_a_head(lab
     # temperature scaling fit on the validation studies, stored where the head applies it
     temp = manifest["fit"]["config"]["outputs"][0]["temperature"]
     assert temp > 0 and manifest["fit"]["metrics"]["side"]["temperature"] == temp
-    assert manifest["fit"]["metrics"]["side"]["ece"] is not None and manifest["fit"]["metrics"]["side"]["ece_uncalibrated"] is not None
+    assert (
+        manifest["fit"]["metrics"]["side"]["ece"] is not None
+        and manifest["fit"]["metrics"]["side"]["ece_uncalibrated"] is not None
+    )
     # a published head names its labels, never a path of the machine that fit it
     assert manifest["fit"]["data"]["labels"] == "labels.csv" and str(labelled) not in json.dumps(manifest)
     assert "mrfm" in (tmp_path / "side-head" / "pyproject.toml").read_text()
 
     # a refit reads every feature from the store: the encoder is never called
     calls["n"] = 0
-    again = fit("classify", labelled / "labels.csv", None, archive=labelled / "images", cache_dir=cache, val_fraction=0.5,
-                steps=20, floor=False)
+    again = fit(
+        "classify",
+        labelled / "labels.csv",
+        None,
+        archive=labelled / "images",
+        cache_dir=cache,
+        val_fraction=0.5,
+        steps=20,
+        floor=False,
+    )
     assert calls["n"] == 0 and again.encoded == 0
 
     # the package, put on sys.path and registered, runs through the engine's real path
@@ -136,7 +158,9 @@ def test_fit_a_classifier_beats_the_floor_reuses_features_and_runs_as_a_head(lab
     right = kit.run_head(head_cls, str(labelled / "images" / "s01.nii.gz"))
     left = kit.run_head(head_cls, str(labelled / "images" / "s00.nii.gz"))
     labels = manifest["outputs"][0]["labels"]
-    assert set(labels) == {"left", "right"} and right["side"].shape == (2,) and abs(float(left["side"].sum()) - 1) < 1e-5
+    assert (
+        set(labels) == {"left", "right"} and right["side"].shape == (2,) and abs(float(left["side"].sum()) - 1) < 1e-5
+    )
 
 
 def test_feature_cache_keys_by_model(tmp_path):
@@ -156,7 +180,11 @@ def test_evaluate_scores_a_store(tmp_path):
     write_demo_archive(tmp_path / "arch", studies=2, seed=5, formats=("explicit",))
     result = evaluate(tmp_path / "arch", heads=["classify", "retrieve"])
     rows = {(r["head"], r["metric"]): r for r in result["rows"]}
-    assert {("classify", "region accuracy"), ("classify", "contrast AUROC"), ("retrieve", "report->scan recall@1")} <= set(rows)
+    assert {
+        ("classify", "region accuracy"),
+        ("classify", "contrast AUROC"),
+        ("retrieve", "report->scan recall@1"),
+    } <= set(rows)
     assert all(set(r) == {"head", "kind", "metric", "value", "floor", "n", "note"} for r in result["rows"])
     assert rows[("classify", "region accuracy")]["value"] >= 0.5
     assert "| classify | classification | region accuracy |" in to_markdown(result)
@@ -164,18 +192,27 @@ def test_evaluate_scores_a_store(tmp_path):
     ece = rows[("classify", "region ECE")]
     table = result["reliability"]["classify region"]
     assert sum(b["n"] for b in table) == ece["n"] == rows[("classify", "region accuracy")]["n"]
-    assert ece["value"] == pytest.approx(sum(b["n"] * abs(b["accuracy"] - b["confidence"]) for b in table) / ece["n"], abs=1e-4)
+    assert ece["value"] == pytest.approx(
+        sum(b["n"] * abs(b["accuracy"] - b["confidence"]) for b in table) / ece["n"], abs=1e-4
+    )
     assert "Reliability, classify region" in to_markdown(result)
     assert rows[("model", "not flagged")]["n"] == result["series"]  # the shipped default carries statistics
-
-
 
 
 def _monai_vit(classification: bool = True):
     nets = pytest.importorskip("monai.networks.nets")
     torch.manual_seed(0)
-    vit = nets.ViT(in_channels=1, img_size=(32, 32, 32), patch_size=(8, 8, 8), hidden_size=64, mlp_dim=128, num_layers=2,
-                   num_heads=4, classification=classification, qkv_bias=True).eval()
+    vit = nets.ViT(
+        in_channels=1,
+        img_size=(32, 32, 32),
+        patch_size=(8, 8, 8),
+        hidden_size=64,
+        mlp_dim=128,
+        num_layers=2,
+        num_heads=4,
+        classification=classification,
+        qkv_bias=True,
+    ).eval()
     with torch.no_grad():
         for p in vit.parameters():
             p.normal_(0, 0.2)  # far from the init, so a wrong mapping shows
@@ -222,13 +259,24 @@ def test_timm_names_map_like_monai(tmp_path):
 
     vit = _monai_vit()
     m = vit.state_dict()
-    t = {"patch_embed.proj.weight": m["patch_embedding.patch_embeddings.weight"], "patch_embed.proj.bias": m["patch_embedding.patch_embeddings.bias"],
-         "cls_token": m["cls_token"], "pos_embed": torch.cat([torch.zeros(1, 1, 64), m["patch_embedding.position_embeddings"]], 1),
-         "norm.weight": m["norm.weight"], "norm.bias": m["norm.bias"]}
+    t = {
+        "patch_embed.proj.weight": m["patch_embedding.patch_embeddings.weight"],
+        "patch_embed.proj.bias": m["patch_embedding.patch_embeddings.bias"],
+        "cls_token": m["cls_token"],
+        "pos_embed": torch.cat([torch.zeros(1, 1, 64), m["patch_embedding.position_embeddings"]], 1),
+        "norm.weight": m["norm.weight"],
+        "norm.bias": m["norm.bias"],
+    }
     for i in range(2):
         b = f"blocks.{i}."
-        for a, c in (("norm1", "norm1"), ("norm2", "norm2"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.out_proj"),
-                     ("mlp.fc1", "mlp.linear1"), ("mlp.fc2", "mlp.linear2")):
+        for a, c in (
+            ("norm1", "norm1"),
+            ("norm2", "norm2"),
+            ("attn.qkv", "attn.qkv"),
+            ("attn.proj", "attn.out_proj"),
+            ("mlp.fc1", "mlp.linear1"),
+            ("mlp.fc2", "mlp.linear2"),
+        ):
             t[b + a + ".weight"], t[b + a + ".bias"] = m[b + c + ".weight"], m[b + c + ".bias"]
     s1, e1, g1 = from_monai_vit(dict(m), 4)
     s2, e2, g2 = from_timm_vit3d({"module." + k: v for k, v in t.items()}, 4)
@@ -251,22 +299,38 @@ def test_imported_model_runs_a_head_fit_on_it(labelled, tmp_path, monkeypatch):
     card = json.loads((tmp_path / "model" / "model.json").read_text())
     schemas.validate("model", card, "imported card")
     assert (tmp_path / "model" / "text" / "model.safetensors").is_file()
-    result = fit("classify", labelled / "labels.csv", tmp_path / "imp-side", archive=labelled / "images", model=tmp_path / "model",
-                 cache_dir=tmp_path / "cache", name="imp-side", steps=30, floor=False)
+    result = fit(
+        "classify",
+        labelled / "labels.csv",
+        tmp_path / "imp-side",
+        archive=labelled / "images",
+        model=tmp_path / "model",
+        cache_dir=tmp_path / "cache",
+        name="imp-side",
+        steps=30,
+        floor=False,
+    )
     monkeypatch.syspath_prepend(str(tmp_path / "imp-side"))
     module = importlib.import_module("mrfm_head_imp_side")
     plugins.pm.register(module, name="imp-side-test")
     try:
-        summary = run([labelled / "images" / "s00.nii.gz"], tmp_path / "r.zarr", heads=["imp-side"], model=tmp_path / "model",
-                      backend="torch", workers=0)
+        summary = run(
+            [labelled / "images" / "s00.nii.gz"],
+            tmp_path / "r.zarr",
+            heads=["imp-side"],
+            model=tmp_path / "model",
+            backend="torch",
+            workers=0,
+        )
         store = open_store(tmp_path / "r.zarr")
-        (key, attrs), = list(store.iter_series())
+        ((key, attrs),) = list(store.iter_series())
         assert attrs["status"] == "complete" and "imp-side" in attrs["heads"]
         assert store.read_output(key, "imp-side", "side").shape == (2,)
         assert result.manifest["encoder"]["fingerprint"] == store.root.attrs["model"]["fingerprint"]
     finally:
         plugins.pm.unregister(module)
     del summary
+
 
 def test_targets_pick_columns_of_a_synthetic_archive(tmp_path):
     from engine.errors import UsageError
@@ -315,8 +379,15 @@ def test_the_fit_hint_installs_the_package_by_its_path(tmp_path, monkeypatch):
     from engine.fitting.cli import fit_command
 
     package = tmp_path / "my heads" / "region-head" / "region_head"
-    fake = SimpleNamespace(name="region", package=package, encoded=0, seconds={"features": 0.0, "fit": 0.0}, metrics={"accuracy": 1.0},
-                           floor=None, manifest={"fit": {"data": {"validation_series": 1}}})
+    fake = SimpleNamespace(
+        name="region",
+        package=package,
+        encoded=0,
+        seconds={"features": 0.0, "fit": 0.0},
+        metrics={"accuracy": 1.0},
+        floor=None,
+        manifest={"fit": {"data": {"validation_series": 1}}},
+    )
     monkeypatch.setattr(fitter, "fit", lambda *a, **k: fake)
     (tmp_path / "my heads").mkdir()
     monkeypatch.chdir(tmp_path / "my heads")  # --out relative, in a folder whose name needs quoting
@@ -333,10 +404,19 @@ def test_focal_loss_is_weighted_cross_entropy_at_gamma_zero_and_discounts_easy_v
     from engine.fitting.trainers import focal_loss
 
     torch.manual_seed(0)
-    logits, target, weight = torch.randn(2, 5, 4, 4, 4), torch.randint(0, 5, (2, 4, 4, 4)), torch.tensor([1.0, 2, 1, 1, 5])
-    assert focal_loss(logits, target, weight, 0.0).item() == pytest.approx(F.cross_entropy(logits, target, weight=weight).item(), rel=1e-5)
+    logits, target, weight = (
+        torch.randn(2, 5, 4, 4, 4),
+        torch.randint(0, 5, (2, 4, 4, 4)),
+        torch.tensor([1.0, 2, 1, 1, 5]),
+    )
+    assert focal_loss(logits, target, weight, 0.0).item() == pytest.approx(
+        F.cross_entropy(logits, target, weight=weight).item(), rel=1e-5
+    )
     easy = torch.zeros(1, 2, 1, 1, 2)
     easy[0, 0, 0, 0, 0], easy[0, 1, 0, 0, 1] = 6.0, -1.0  # voxel 0 confidently right, voxel 1 unsure
-    per = [focal_loss(easy[..., i : i + 1], torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.ones(2)).item() for i in range(2)]
+    per = [
+        focal_loss(easy[..., i : i + 1], torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.ones(2)).item()
+        for i in range(2)
+    ]
     ce = [F.cross_entropy(easy[..., i : i + 1], torch.zeros(1, 1, 1, 1, dtype=torch.long)).item() for i in range(2)]
     assert per[0] / ce[0] < 1e-4 < per[1] / ce[1]

@@ -27,8 +27,13 @@ from engine.inference import Inference
 from engine.prepare import Prepared
 from engine.views import make_views
 
-PRE = {"orientation": "RAS", "spacing": [3.0, 3.0, 3.0], "input_size": [64, 64, 64],
-       "intensity": {"clip_percentiles": [0.5, 99.5], "normalize": "zscore"}, "tile_overlap": 0.25}
+PRE = {
+    "orientation": "RAS",
+    "spacing": [3.0, 3.0, 3.0],
+    "input_size": [64, 64, 64],
+    "intensity": {"clip_percentiles": [0.5, 99.5], "normalize": "zscore"},
+    "tile_overlap": 0.25,
+}
 SHAPE = (150, 140, 40)
 CENTER = np.array([12.0, -20.0, 30.0])  # the structure; x = 0 cuts the field of view off-centre
 RADII = np.array([35.0, 25.0, 20.0])
@@ -98,13 +103,20 @@ class NullBackend:
     name = "null"
 
     def encode(self, images: torch.Tensor) -> list[Features]:
-        return [Features(cls=torch.zeros(4), tokens=torch.zeros(8, 4), layers={}, grid=(2, 2, 2)) for _ in range(images.shape[0])]
+        return [
+            Features(cls=torch.zeros(4), tokens=torch.zeros(8, 4), layers={}, grid=(2, 2, 2))
+            for _ in range(images.shape[0])
+        ]
 
 
 def head_class(name: str, view: str, predict, labels=("fg",), image: bool = True, **mask) -> type[engine.Head]:
-    spec = {"name": name, "version": "1", "encoder": {"fingerprint": "any"},
-            "inputs": {"view": view, "image": image, "features": ["cls"]},
-            "outputs": [{"name": "mask", "kind": "mask", "dtype": "uint8", "labels": list(labels), **mask}]}
+    spec = {
+        "name": name,
+        "version": "1",
+        "encoder": {"fingerprint": "any"},
+        "inputs": {"view": view, "image": image, "features": ["cls"]},
+        "outputs": [{"name": "mask", "kind": "mask", "dtype": "uint8", "labels": list(labels), **mask}],
+    }
 
     class TestHead(engine.Head):
         manifest_ = spec
@@ -228,7 +240,9 @@ def test_view_info_describes_the_view_and_valid_marks_the_acquired_region(tmp_di
         assert np.allclose(info.to_world([[0, 0, 0]])[0], apply_affine(view.affine, [info.origin])[0])
         image = item.image.numpy()
         if (~item.valid).any():
-            assert np.allclose(image[~item.valid.numpy()], info.padding_value, atol=1e-4), "padding is clipped background"
+            assert np.allclose(image[~item.valid.numpy()], info.padding_value, atol=1e-4), (
+                "padding is clipped background"
+            )
     origins = {i.view_info.origin for i in seen if i.view_info.kind == "tiles"}
     assert len(origins) == len(views["tiles"].windows) > 1
     g = next(i for i in seen if i.view_info.kind == "global")
@@ -237,6 +251,7 @@ def test_view_info_describes_the_view_and_valid_marks_the_acquired_region(tmp_di
 
 # ---- broken heads --------------------------------------------------------------------------
 
+
 def small_series(key: str) -> Prepared:
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     volume = Volume(np.random.default_rng(0).random((40, 40, 20), dtype=np.float32), affine)
@@ -244,9 +259,14 @@ def small_series(key: str) -> Prepared:
 
 
 def value_head(name: str, predict, **extra) -> engine.Head:
-    spec = {"name": name, "version": "1", "encoder": {"fingerprint": "any"}, **extra,
-            "inputs": {"view": "global", "features": ["cls"]},
-            "outputs": [{"name": "v", "kind": "value", "dtype": "float32", "shape": [], "units": "1"}]}
+    spec = {
+        "name": name,
+        "version": "1",
+        "encoder": {"fingerprint": "any"},
+        **extra,
+        "inputs": {"view": "global", "features": ["cls"]},
+        "outputs": [{"name": "v", "kind": "value", "dtype": "float32", "shape": [], "units": "1"}],
+    }
 
     class ValueHead(engine.Head):
         def predict(self, batch):
@@ -268,7 +288,10 @@ BROKEN = {
     "wrong shape": (lambda b: [{"v": np.ones(3)} for _ in b], "head 'broken' output 'v': expected 0 dimensions"),
     "nan": (lambda b: [{"v": float("nan")} for _ in b], "head 'broken' output 'v': values must be finite"),
     "inf": (lambda b: [{"v": float("inf")} for _ in b], "head 'broken' output 'v': values must be finite"),
-    "undeclared output": (lambda b: [{"v": 1.0, "extra": 2.0} for _ in b], "head 'broken' output 'extra': output not declared"),
+    "undeclared output": (
+        lambda b: [{"v": 1.0, "extra": 2.0} for _ in b],
+        "head 'broken' output 'extra': output not declared",
+    ),
     "missing output": (lambda b: [{} for _ in b], "head 'broken' output 'v': declared output missing"),
     "empty batch": (lambda b: [], "predict returned 0 results for 2 inputs"),
     "not a list": (lambda b: {"v": 1.0}, "predict must return a list of dicts"),
@@ -330,7 +353,9 @@ def test_a_head_over_budget_fails_its_batch_and_is_disabled_after_repeated_overr
 
     events: list[dict] = []
     heads = {"good": value_head("good", ok), "sleepy": value_head("sleepy", sleepy, budget_seconds=30)}
-    inference = Inference(NullBackend(), heads, None, batch_size=1, budgets={"sleepy": 0.2}, max_overruns=2, on_event=events.append)
+    inference = Inference(
+        NullBackend(), heads, None, batch_size=1, budgets={"sleepy": 0.2}, max_overruns=2, on_event=events.append
+    )
     t0 = time.perf_counter()
     results = inference.run([small_series(k) for k in "abcd"])
     assert time.perf_counter() - t0 < 2.5, "the run stops waiting at the budget"
@@ -341,7 +366,12 @@ def test_a_head_over_budget_fails_its_batch_and_is_disabled_after_repeated_overr
     assert all([o.head for o in r.outputs] == ["good"] for r in results)
     # progress names the head, batch and series before and after each call
     sleepy_events = [e for e in events if e["head"] == "sleepy"]
-    assert [(e["batch"], e["state"]) for e in sleepy_events] == [(1, "started"), (1, "over budget"), (2, "started"), (2, "over budget")]
+    assert [(e["batch"], e["state"]) for e in sleepy_events] == [
+        (1, "started"),
+        (1, "over budget"),
+        (2, "started"),
+        (2, "over budget"),
+    ]
     assert sleepy_events[0]["series"] == ["a"] and sleepy_events[1]["seconds"] >= 0.2
     assert [e["state"] for e in events if e["head"] == "good"] == ["started", "done"] * 4
     time.sleep(0.8)

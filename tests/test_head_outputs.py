@@ -7,7 +7,14 @@ import torch
 from engine.heads import HeadOutputError, check_output, mask_mode, stored_declaration
 
 SHAPE = (64, 64, 64)
-SCORES = {"name": "region", "kind": "scores", "dtype": "float32", "shape": ["C"], "labels": ["a", "b", "c"], "range": [0, 1]}
+SCORES = {
+    "name": "region",
+    "kind": "scores",
+    "dtype": "float32",
+    "shape": ["C"],
+    "labels": ["a", "b", "c"],
+    "range": [0, 1],
+}
 MASK = {"name": "labels", "kind": "mask", "dtype": "uint8", "labels": ["background", "thing"]}
 BOXES = {"name": "lesions", "kind": "boxes", "dtype": "float32", "labels": ["lesion"]}
 EMB = {"name": "embedding", "kind": "embedding", "dtype": "float32", "shape": [4], "normalized": True}
@@ -52,7 +59,14 @@ def test_outputs_breaking_their_declaration_are_rejected_with_the_reason(decl, v
 
 
 FG = {"name": "tumour", "kind": "mask", "dtype": "uint8", "labels": ["tumour"]}
-MULTI = {"name": "tissues", "kind": "mask", "dtype": "uint8", "labels": ["a", "b", "c"], "multilabel": True, "threshold": 0.3}
+MULTI = {
+    "name": "tissues",
+    "kind": "mask",
+    "dtype": "uint8",
+    "labels": ["a", "b", "c"],
+    "multilabel": True,
+    "threshold": 0.3,
+}
 
 
 def test_mask_modes_follow_the_declaration_and_old_manifests_keep_softmax():
@@ -69,13 +83,19 @@ def test_mask_modes_follow_the_declaration_and_old_manifests_keep_softmax():
 def test_one_channel_masks_are_stored_with_a_background_label():
     assert check_output("h", FG, np.full((1, *SHAPE), 0.9, np.float32), SHAPE).shape == (1, *SHAPE)
     stored = stored_declaration("h", FG)
-    assert stored["labels"] == ["background", "tumour"] and stored["activation"] == "sigmoid" and stored["threshold"] == 0.5
+    assert (
+        stored["labels"] == ["background", "tumour"]
+        and stored["activation"] == "sigmoid"
+        and stored["threshold"] == 0.5
+    )
     assert stored_declaration("h", MASK)["labels"] == MASK["labels"]
     assert stored_declaration("h", MULTI)["labels"] == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize("decl, shape", [(FG, (2, *SHAPE)), (FG, SHAPE), (MULTI, (2, *SHAPE)), (MASK, (1, *SHAPE))])
 def test_mask_channel_counts_must_match_the_declared_labels(decl, shape):
-    with pytest.raises(HeadOutputError, match=rf"= \({len(decl['labels'])}, 64, 64, 64\).*got \({', '.join(map(str, shape))}\)") as info:
+    with pytest.raises(
+        HeadOutputError, match=rf"= \({len(decl['labels'])}, 64, 64, 64\).*got \({', '.join(map(str, shape))}\)"
+    ) as info:
         check_output("myhead", decl, np.zeros(shape, np.float32), SHAPE)
     assert info.value.head == "myhead" and info.value.output == decl["name"]

@@ -29,7 +29,12 @@ def head_class(name: str) -> type[engine.Head]:
 
 def context(**params) -> engine.HeadContext:
     return engine.HeadContext(
-        device=torch.device("cpu"), embed_dim=EMBED, grid=GRID, input_size=IMAGE, model_fingerprint="sha256:" + "0" * 64, params=params
+        device=torch.device("cpu"),
+        embed_dim=EMBED,
+        grid=GRID,
+        input_size=IMAGE,
+        model_fingerprint="sha256:" + "0" * 64,
+        params=params,
     )
 
 
@@ -48,7 +53,11 @@ def random_item(seed: int, key: str = "s", queries: tuple[str, ...] = ("lesion",
         grid=GRID,
         joint=F.normalize(torch.randn(JOINT, generator=g), dim=0),
     )
-    text = engine.TextFeatures(list(queries), F.normalize(torch.randn(len(queries), JOINT, generator=g), dim=-1)) if queries else None
+    text = (
+        engine.TextFeatures(list(queries), F.normalize(torch.randn(len(queries), JOINT, generator=g), dim=-1))
+        if queries
+        else None
+    )
     return engine.HeadInput(series_key=key, image=torch.randn(1, *IMAGE, generator=g), features=features, text=text)
 
 
@@ -190,6 +199,7 @@ def test_basins_split_touching_peaks_and_box_them_in_voxels():
 
 def _fake_net(centres: dict[int, tuple[int, int, int]], log_size: float = np.log(8.0)):
     """A stand-in CentreNet: a centre peak at the given output cell per batch item, offsets 0.5."""
+
     def net(layers, image, text=None):
         b = image.shape[0]
         out = tuple(n // 4 for n in image.shape[2:])
@@ -197,6 +207,7 @@ def _fake_net(centres: dict[int, tuple[int, int, int]], log_size: float = np.log
         for i, cell in centres.items():
             heat[i, cell[0], cell[1], cell[2]] = 5.0
         return heat, torch.full((b, 3, *out), log_size), torch.full((b, 3, *out), 0.5)
+
     return net
 
 

@@ -21,10 +21,12 @@ DECLARED = ("j2k_declares_huge", "rle_declares_huge", "uncompressed_declares_hug
 CASES = (*DECLARED, "j2k_codestream_lies", "deflated_bomb", "deflated_valid", "nifti_gz_bomb")
 
 # runs a command and reports its exit code, output and the peak RSS of its process tree (KiB)
-_PEAK = ("import json, resource, subprocess, sys\n"
-         "done = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=600)\n"
-         "print(json.dumps({'rc': done.returncode, 'stdout': done.stdout, 'stderr': done.stderr,\n"
-         "                  'peak_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n")
+_PEAK = (
+    "import json, resource, subprocess, sys\n"
+    "done = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=600)\n"
+    "print(json.dumps({'rc': done.returncode, 'stdout': done.stdout, 'stderr': done.stderr,\n"
+    "                  'peak_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n"
+)
 
 
 def _mrfm_peak(*args: str) -> dict:
@@ -34,8 +36,21 @@ def _mrfm_peak(*args: str) -> dict:
 
 
 def _run(archive: Path, store: Path) -> dict:
-    return _mrfm_peak("run", str(archive), "--out", str(store), "--heads", "classify", "--workers", "0",
-                      "--backend", "torch", "--log-json", "--max-series-bytes", f"{BUDGET_MIB}MiB")
+    return _mrfm_peak(
+        "run",
+        str(archive),
+        "--out",
+        str(store),
+        "--heads",
+        "classify",
+        "--workers",
+        "0",
+        "--backend",
+        "torch",
+        "--log-json",
+        "--max-series-bytes",
+        f"{BUDGET_MIB}MiB",
+    )
 
 
 def _case_of(label: str, locations: dict[str, str]) -> str | None:
@@ -72,7 +87,9 @@ def test_each_case_is_failed_or_skipped_with_its_reason(runs):
         status, reason = outcome[case]
         assert status == "failed" and re.search(r"needs [0-9.e+]+ GiB.*, budget 0.0625 GiB", reason), (case, reason)
     # 1.75 GiB declared: over this budget; within a larger one the ratio cap stops the inflate
-    assert outcome["nifti_gz_bomb"][0] == "failed" and re.search(r"needs 1.75 GiB|decompression bomb", outcome["nifti_gz_bomb"][1])
+    assert outcome["nifti_gz_bomb"][0] == "failed" and re.search(
+        r"needs 1.75 GiB|decompression bomb", outcome["nifti_gz_bomb"][1]
+    )
     assert outcome["j2k_codestream_lies"][0] == "failed" and "declares 4096 x 4096" in outcome["j2k_codestream_lies"][1]
     assert outcome["deflated_valid"][0] == "complete"
     bomb = [w for w in warnings if _case_of(w.split(":")[0], locations) == "deflated_bomb"]

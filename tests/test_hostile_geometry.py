@@ -22,8 +22,13 @@ from engine.nifti import NiftiReader
 from engine.prepare import prepare
 from engine.synthetic.dicom_writer import Patient, derive_uid, write_dicom_series
 
-PRE = {"orientation": "RAS", "spacing": [3.0, 3.0, 3.0], "input_size": [32, 32, 32],
-       "intensity": {"clip_percentiles": [0.5, 99.5], "normalize": "zscore"}, "tile_overlap": 0.25}
+PRE = {
+    "orientation": "RAS",
+    "spacing": [3.0, 3.0, 3.0],
+    "input_size": [32, 32, 32],
+    "intensity": {"clip_percentiles": [0.5, 99.5], "normalize": "zscore"},
+    "tile_overlap": 0.25,
+}
 
 # an oblique plane (rotated about two axes); columns are the RAS directions of i, j, k
 _a, _b = np.radians(20.0), np.radians(-12.0)
@@ -136,7 +141,10 @@ def test_hostile_nifti_geometry_fails_only_its_series(tmp_path, case):
 
 def test_every_prepared_affine_is_finite_and_invertible(tmp_path):
     data = np.random.default_rng(3).random((9, 8, 7)).astype(np.float32)
-    nib.save(nib.Nifti1Image(data, np.array([[0, 0, 2.0, 5], [1.2, 0, 0, -3], [0, 1.1, 0, 9], [0, 0, 0, 1]])), tmp_path / "a.nii")
+    nib.save(
+        nib.Nifti1Image(data, np.array([[0, 0, 2.0, 5], [1.2, 0, 0, -3], [0, 1.1, 0, 9], [0, 0, 0, 1]])),
+        tmp_path / "a.nii",
+    )
     prep = prepare(only([tmp_path]), PRE, ("global", "tiles"))
     assert prep.error is None
     np.testing.assert_allclose(np.linalg.inv(prep.affine) @ prep.affine, np.eye(4), atol=1e-12)
@@ -214,7 +222,9 @@ def test_a_cut_file_is_called_truncated(tmp_path):
     paths = write(tmp_path / "s", ramp((12, 10, 4)), np.diag([1.0, 1.0, 2.0, 1.0]))
     paths[2].write_bytes(paths[2].read_bytes()[:-100])
     ref = only([tmp_path / "s"])
-    assert any("truncated file: 140 bytes of pixel data, the Pixel Data element declares 240" in p for p in ref.problems)
+    assert any(
+        "truncated file: 140 bytes of pixel data, the Pixel Data element declares 240" in p for p in ref.problems
+    )
 
 
 # --------------------------------------------------------------------------- slice positions
@@ -260,8 +270,11 @@ def test_positions_beyond_the_grid_tolerance_are_resampled(tmp_path):
 
     def shift(k, ds):
         if k == 4:  # 2.5 tolerances off the grid
-            ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1],
-                                       f"{float(ds.ImagePositionPatient[2]) + 2.5 * GRID_TOL * step:.4f}"]
+            ds.ImagePositionPatient = [
+                ds.ImagePositionPatient[0],
+                ds.ImagePositionPatient[1],
+                f"{float(ds.ImagePositionPatient[2]) + 2.5 * GRID_TOL * step:.4f}",
+            ]
 
     patch(paths, each=shift)
     vol = load(only([tmp_path / "s"]))
@@ -275,7 +288,10 @@ def test_variable_spacing_is_resampled_onto_a_regular_grid(tmp_path):
     paths = write(tmp_path / "s", data, affine)
     normal_lps = LPS_TO_RAS[:3, :3] @ ROT[:, 2]
     origin_lps = LPS_TO_RAS[:3, :3] @ affine[:3, 3]
-    patch(paths, each=lambda k, ds: setattr(ds, "ImagePositionPatient", [f"{v:.6f}" for v in origin_lps + z[k] * normal_lps]))
+    patch(
+        paths,
+        each=lambda k, ds: setattr(ds, "ImagePositionPatient", [f"{v:.6f}" for v in origin_lps + z[k] * normal_lps]),
+    )
     ref = only([tmp_path / "s"])
     assert not ref.problems and ref.dims == (12, 10, 12)
     vol = load(ref)
@@ -340,8 +356,7 @@ def test_view_failures_become_a_plain_reason(tmp_path, monkeypatch):
     ref = only([tmp_path / "s"])
     prep = prepare(ref, PRE, ("global",))
     assert prep.error == (
-        f"{ref.sources[0]}: could not resample the series into the encoder views "
-        "(RuntimeError: The grid is too small.)"
+        f"{ref.sources[0]}: could not resample the series into the encoder views (RuntimeError: The grid is too small.)"
     )
 
 
@@ -351,8 +366,14 @@ def test_view_failures_become_a_plain_reason(tmp_path, monkeypatch):
 def test_identifiers_are_scrubbed_from_descriptions_and_meta_has_no_paths(tmp_path):
     patient = Patient(name="Doe^Johnathan", id="PID48213", birth_date="19800115")
     description = "doe johnathan BRAIN 15.01.1980 pid48213 1980-01-15 AX T1 Johnathan"
-    write(tmp_path / "s", ramp(), oblique_affine(), patient=patient, description=description,
-          extra_tags={"BodyPartExamined": "HEAD DOE JOHNATHAN"})
+    write(
+        tmp_path / "s",
+        ramp(),
+        oblique_affine(),
+        patient=patient,
+        description=description,
+        extra_tags={"BodyPartExamined": "HEAD DOE JOHNATHAN"},
+    )
     ref = only([tmp_path / "s"])
     assert ref.description == "[removed] BRAIN [removed] [removed] [removed] AX T1 [removed]"
     vol = load(ref)

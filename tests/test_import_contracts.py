@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 PACKAGES = ("engine", "plugins", "contrib_heads")
 
-pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="import-linter is not installed (pip install -e '.[dev]')")
+pytestmark = pytest.mark.skipif(
+    not LINT_IMPORTS.exists(), reason="import-linter is not installed (pip install -e '.[dev]')"
+)
 
 
 @pytest.fixture
@@ -31,8 +33,14 @@ def _not_python(folder: str, names: list[str]) -> list[str]:
 
 
 def lint(tree: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"],
+        cwd=tree,
+        env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def contract_lines(output: str) -> dict[str, str]:
@@ -54,12 +62,22 @@ def test_the_tree_keeps_every_contract(tree):
 @pytest.mark.parametrize(
     ("module", "line", "contract"),
     [
-        ("contrib_heads/classify/_reach.py", "from engine.store import ResultStore\n",
-         "Heads and built-in plugins import only engine's public API (engine/__init__)"),
+        (
+            "contrib_heads/classify/_reach.py",
+            "from engine.store import ResultStore\n",
+            "Heads and built-in plugins import only engine's public API (engine/__init__)",
+        ),
         ("engine/store_reach.py", "import torch\n", "The store imports no torch and no head"),
-        ("engine/geometry_reach.py", "from engine.model import load_model\n", "Loading and geometry import no model, backend, head or store"),
-        ("engine/executors/reach.py", "from engine.synthetic import write_demo_archive\n",
-         "The run path imports no fitting, training or corpus code"),
+        (
+            "engine/geometry_reach.py",
+            "from engine.model import load_model\n",
+            "Loading and geometry import no model, backend, head or store",
+        ),
+        (
+            "engine/executors/reach.py",
+            "from engine.synthetic import write_demo_archive\n",
+            "The run path imports no fitting, training or corpus code",
+        ),
     ],
 )
 def test_a_deliberately_broken_import_fails_its_contract(tree, module, line, contract):
@@ -67,9 +85,13 @@ def test_a_deliberately_broken_import_fails_its_contract(tree, module, line, con
     path.write_text('"""A module that breaks a dependency rule on purpose."""\n' + line)
     # hook the new module into the layer it claims to be part of
     if module.startswith("engine/store_"):
-        (tree / "engine" / "store.py").write_text((tree / "engine" / "store.py").read_text() + "\nfrom . import store_reach  # noqa\n")
+        (tree / "engine" / "store.py").write_text(
+            (tree / "engine" / "store.py").read_text() + "\nfrom . import store_reach  # noqa\n"
+        )
     if module.startswith("engine/geometry_"):
-        (tree / "engine" / "geometry.py").write_text((tree / "engine" / "geometry.py").read_text() + "\nfrom . import geometry_reach  # noqa\n")
+        (tree / "engine" / "geometry.py").write_text(
+            (tree / "engine" / "geometry.py").read_text() + "\nfrom . import geometry_reach  # noqa\n"
+        )
     result = lint(tree)
     verdicts = contract_lines(result.stdout)
     assert result.returncode == 1, result.stdout + result.stderr

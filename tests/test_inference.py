@@ -11,8 +11,13 @@ from engine.inference import Inference
 from engine.prepare import Prepared
 from engine.views import make_views
 
-PRE = {"orientation": "RAS", "spacing": [3.0, 3.0, 3.0], "input_size": [64, 64, 64],
-       "intensity": {"clip_percentiles": [0.5, 99.5], "normalize": "zscore"}, "tile_overlap": 0.25}
+PRE = {
+    "orientation": "RAS",
+    "spacing": [3.0, 3.0, 3.0],
+    "input_size": [64, 64, 64],
+    "intensity": {"clip_percentiles": [0.5, 99.5], "normalize": "zscore"},
+    "tile_overlap": 0.25,
+}
 
 
 class CountingBackend:
@@ -25,17 +30,29 @@ class CountingBackend:
     def encode(self, images):
         self.calls += 1
         self.images += images.shape[0]
-        return [Features(cls=torch.ones(8), tokens=torch.ones(512, 8), layers={1: torch.ones(512, 8), 3: torch.ones(512, 8)},
-                         grid=(8, 8, 8), joint=torch.ones(4) / 2) for _ in range(images.shape[0])]
+        return [
+            Features(
+                cls=torch.ones(8),
+                tokens=torch.ones(512, 8),
+                layers={1: torch.ones(512, 8), 3: torch.ones(512, 8)},
+                grid=(8, 8, 8),
+                joint=torch.ones(4) / 2,
+            )
+            for _ in range(images.shape[0])
+        ]
 
 
 def recording_head(view, features, image=False):
     seen = []
 
     class Recorder(engine.Head):
-        spec_ = {"name": f"rec-{view}", "version": "1", "encoder": {"fingerprint": "any"},
-                 "inputs": {"view": view, "image": image, "features": features},
-                 "outputs": [{"name": "v", "kind": "value", "dtype": "float32", "shape": [], "units": "1"}]}
+        spec_ = {
+            "name": f"rec-{view}",
+            "version": "1",
+            "encoder": {"fingerprint": "any"},
+            "inputs": {"view": view, "image": image, "features": features},
+            "outputs": [{"name": "v", "kind": "value", "dtype": "float32", "shape": [], "units": "1"}],
+        }
 
         def predict(self, batch):
             seen.append(batch)

@@ -90,8 +90,13 @@ def opened(monkeypatch):
 
 def test_traversal_and_absolute_member_names_are_skipped_and_never_opened(tmp_path, opened):
     good = write_series(tmp_path / "src", shape=(8, 8, 3))
-    evil = {"../evil.dcm": good["paths"][0], "/etc/abs.dcm": good["paths"][1],
-            "a/../../up.dcm": good["paths"][2], "C:/win.dcm": good["paths"][0], "..\\back.dcm": good["paths"][1]}
+    evil = {
+        "../evil.dcm": good["paths"][0],
+        "/etc/abs.dcm": good["paths"][1],
+        "a/../../up.dcm": good["paths"][2],
+        "C:/win.dcm": good["paths"][0],
+        "..\\back.dcm": good["paths"][1],
+    }
     members = {f"ok/{p.name}": p for p in good["paths"]} | evil
     archive = _zip(tmp_path / "in" / "a.zip", members)
     result = scan([tmp_path / "in"])
@@ -106,8 +111,15 @@ def test_traversal_and_absolute_member_names_are_skipped_and_never_opened(tmp_pa
 def test_nested_encrypted_duplicate_and_corrupt_zips_are_counted(tmp_path):
     good = write_series(tmp_path / "src", shape=(8, 8, 3))
     inner = _zip(tmp_path / "inner.zip", {"x.dcm": good["paths"][0]})
-    archive = _zip(tmp_path / "in" / "outer.zip", {"inner.zip": inner, "secret.dcm": good["paths"][1],
-                                                  "same.dcm": good["paths"][1], "same.dcm|2": good["paths"][2]})
+    archive = _zip(
+        tmp_path / "in" / "outer.zip",
+        {
+            "inner.zip": inner,
+            "secret.dcm": good["paths"][1],
+            "same.dcm": good["paths"][1],
+            "same.dcm|2": good["paths"][2],
+        },
+    )
     data = bytearray(archive.read_bytes())
     _set_encrypted(data, b"secret.dcm")
     archive.write_bytes(bytes(data))
@@ -300,7 +312,14 @@ def test_files_that_are_not_images_are_counted_by_kind(tmp_path):
     (root / ".DS_Store").write_bytes(b"\x00")
     result = scan([root])
     assert [r.n_slices for r in result.series] == [3]
-    assert result.skipped_counts() == {"bad-header": 1, "empty": 1, "hidden": 1, "left-out": 1, "not-image": 1, "unrecognised": 1}
+    assert result.skipped_counts() == {
+        "bad-header": 1,
+        "empty": 1,
+        "hidden": 1,
+        "left-out": 1,
+        "not-image": 1,
+        "unrecognised": 1,
+    }
     kinds = _by_path(result)
     assert kinds[str(root / "report.dcm")] == "not-image" and kinds[str(root / "notes.dcm")] == "unrecognised"
     assert result.files_seen == 9
@@ -326,7 +345,9 @@ def _phi_archive(tmp_path: Path) -> Path:
     (person / f"{PATIENT}.txt").write_text("notes\n")
     (person / "empty").write_bytes(b"")
     (person / "link_out").symlink_to(tmp_path)
-    _zip(person / f"{PATIENT}.zip", {f"{PATIENT}/{p.name}": p for p in info["paths"] if p} | {f"../{PATIENT}.dcm": b"x"})
+    _zip(
+        person / f"{PATIENT}.zip", {f"{PATIENT}/{p.name}": p for p in info["paths"] if p} | {f"../{PATIENT}.dcm": b"x"}
+    )
     return root
 
 
@@ -347,7 +368,14 @@ def test_labels_warnings_and_reasons_hold_no_path_below_the_root(tmp_path):
     assert all(label.startswith("archive#") for label in labels)
     assert any(label.count("#") == 2 for label in labels)  # zip members: <zip label>#<m>
     assert len(result.series) == 1 and result.skipped_counts() == {
-        "bad-header": 1, "empty": 1, "left-out": 7, "not-image": 1, "symlink-outside": 1, "unrecognised": 1, "zip-traversal": 1}
+        "bad-header": 1,
+        "empty": 1,
+        "left-out": 7,
+        "not-image": 1,
+        "symlink-outside": 1,
+        "unrecognised": 1,
+        "zip-traversal": 1,
+    }
     _assert_accounted(result)
 
 
@@ -403,5 +431,8 @@ def test_an_image_without_its_matrix_size_is_a_bad_header_and_a_report_is_not_an
     sr.save_as(tmp_path / "report.dcm")
     result = scan([tmp_path], record_paths=True)
     kinds = {s.source: (s.kind, s.reason) for s in result.skipped}
-    assert kinds[str(tmp_path / "cut.dcm")][0] == "bad-header" and "incomplete image header" in kinds[str(tmp_path / "cut.dcm")][1]
+    assert (
+        kinds[str(tmp_path / "cut.dcm")][0] == "bad-header"
+        and "incomplete image header" in kinds[str(tmp_path / "cut.dcm")][1]
+    )
     assert kinds[str(tmp_path / "report.dcm")][0] == "not-image"

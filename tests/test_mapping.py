@@ -7,8 +7,13 @@ from engine.geometry import Volume, apply_affine, voxel_centre_bounds, world_bou
 from engine.mapping import blend_windows, boxes_to_native, inside_fov, mask_to_native
 from engine.views import make_views, window_starts
 
-PRE = {"orientation": "RAS", "spacing": [3.0, 3.0, 3.0], "input_size": [64, 64, 64],
-       "intensity": {"clip_percentiles": [0.5, 99.5], "normalize": "zscore"}, "tile_overlap": 0.25}
+PRE = {
+    "orientation": "RAS",
+    "spacing": [3.0, 3.0, 3.0],
+    "input_size": [64, 64, 64],
+    "intensity": {"clip_percentiles": [0.5, 99.5], "normalize": "zscore"},
+    "tile_overlap": 0.25,
+}
 CENTER = np.array([12.0, -20.0, 30.0])
 RADII = np.array([35.0, 25.0, 20.0])
 
@@ -103,7 +108,9 @@ def test_sliding_window_has_no_seams():
     x, y, z = np.meshgrid(*(np.linspace(0, 1, n) for n in shape), indexing="ij")
     field = np.stack([x * 0.5 + y * 0.3 + z * 0.2, 1 - (x * 0.5 + y * 0.3 + z * 0.2)]).astype(np.float32)
     starts = [window_starts(n, 64, 0.25) for n in shape]
-    windows = [(slice(a, a + 64), slice(b, b + 64), slice(c, c + 64)) for a in starts[0] for b in starts[1] for c in starts[2]]
+    windows = [
+        (slice(a, a + 64), slice(b, b + 64), slice(c, c + 64)) for a in starts[0] for b in starts[1] for c in starts[2]
+    ]
     assert len(windows) > 1
     blended = blend_windows([field[(slice(None), *w)] for w in windows], windows, shape)
     np.testing.assert_allclose(blended, field, atol=1e-5)
@@ -165,9 +172,13 @@ def test_native_voxels_outside_the_view_are_background_and_the_edge_is_half_a_vo
     centres = -1.0 + 0.25 * np.arange(50)
     axis = (centres >= -0.5) & (centres <= 9.5)
     np.testing.assert_array_equal(inside, axis[:, None, None] & axis[None, :, None] & axis[None, None, :])
-    mask = mask_to_native(np.ones((1, 10, 10, 10), np.float32), view_affine, native_shape, native_affine, mode="sigmoid")
+    mask = mask_to_native(
+        np.ones((1, 10, 10, 10), np.float32), view_affine, native_shape, native_affine, mode="sigmoid"
+    )
     np.testing.assert_array_equal(mask.astype(bool), inside)
-    labels = mask_to_native(np.stack([np.zeros((10,) * 3), np.ones((10,) * 3)]).astype(np.float32), view_affine, native_shape, native_affine)
+    labels = mask_to_native(
+        np.stack([np.zeros((10,) * 3), np.ones((10,) * 3)]).astype(np.float32), view_affine, native_shape, native_affine
+    )
     np.testing.assert_array_equal(labels.astype(bool), inside)
 
 
@@ -175,9 +186,13 @@ def test_boxes_use_continuous_coordinates_with_voxel_centres_at_integers():
     view_affine = np.diag([2.0, 2.0, 2.0, 1.0])  # view voxel i is centred at 2i mm
     native_affine = np.eye(4)  # native voxel i is centred at i mm
     # view voxels 1..3 along every axis: edges 0.5 and 3.5 -> world 1 mm to 7 mm
-    world, voxel, keep = boxes_to_native(np.array([[0.5, 0.5, 0.5, 3.5, 3.5, 3.5]]), view_affine, (20, 20, 20), native_affine)
+    world, voxel, keep = boxes_to_native(
+        np.array([[0.5, 0.5, 0.5, 3.5, 3.5, 3.5]]), view_affine, (20, 20, 20), native_affine
+    )
     np.testing.assert_allclose(world[0], [1, 1, 1, 7, 7, 7])
     np.testing.assert_allclose(voxel[0], [1, 1, 1, 7, 7, 7])
     # the whole view clips to the native field of view, [-0.5, n - 0.5] in native voxels
-    _, voxel, _ = boxes_to_native(np.array([[-0.5, -0.5, -0.5, 19.5, 19.5, 19.5]]), view_affine, (20, 20, 20), native_affine)
+    _, voxel, _ = boxes_to_native(
+        np.array([[-0.5, -0.5, -0.5, 19.5, 19.5, 19.5]]), view_affine, (20, 20, 20), native_affine
+    )
     np.testing.assert_allclose(voxel[0], [-0.5, -0.5, -0.5, 19.5, 19.5, 19.5])

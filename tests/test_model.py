@@ -203,8 +203,13 @@ def test_seeded_initialisation_is_deterministic():
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-TOKENIZER_FILES = ("text/vocab.txt", "text/tokenizer.json", "text/tokenizer_config.json",
-                   "text/special_tokens_map.json", "text/config.json")
+TOKENIZER_FILES = (
+    "text/vocab.txt",
+    "text/tokenizer.json",
+    "text/tokenizer_config.json",
+    "text/special_tokens_map.json",
+    "text/config.json",
+)
 WEIGHT_FILES = ("encoder.safetensors", "text/model.safetensors", "text_projection.safetensors")
 
 
@@ -225,7 +230,9 @@ def test_builder_reproduces_the_embedded_model_up_to_training(tmp_path, model):
         assert (tmp_path / rel).read_bytes() == (DEFAULT_MODEL_DIR / rel).read_bytes(), rel
     for rel in WEIGHT_FILES:
         ours, embedded = load_file(tmp_path / rel), load_file(DEFAULT_MODEL_DIR / rel)
-        assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in embedded.items()}, rel
+        assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {
+            k: (v.shape, v.dtype) for k, v in embedded.items()
+        }, rel
     encoder = build_encoder(card)
     encoder.init_weights(torch.Generator().manual_seed(seed))
     built = load_file(tmp_path / "encoder.safetensors")

@@ -35,8 +35,12 @@ def endpoint():
 def url(endpoint, monkeypatch, request):
     import boto3
 
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", endpoint)):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", endpoint),
+    ):
         monkeypatch.setenv(name, value)
     bucket = f"b-{request.node.name.lower().replace('_', '-')[:40]}-{int(time.time() * 1000) % 100000}"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
@@ -44,24 +48,58 @@ def url(endpoint, monkeypatch, request):
 
 
 def run_info() -> dict:
-    return {"started": now(), "config": {"paths": ["a"], "heads": sorted(HEADS)}, "model": {"name": "tiny", "fingerprint": FP},
-            "heads": {h: {"version": "1"} for h in HEADS}, "backend": {"name": "torch", "reason": "test"}, "fingerprint": FP,
-            "host": {"hostname": socket.gethostname(), "python": "3", "torch": "0"}}
+    return {
+        "started": now(),
+        "config": {"paths": ["a"], "heads": sorted(HEADS)},
+        "model": {"name": "tiny", "fingerprint": FP},
+        "heads": {h: {"version": "1"} for h in HEADS},
+        "backend": {"name": "torch", "reason": "test"},
+        "fingerprint": FP,
+        "host": {"hostname": socket.gethostname(), "python": "3", "torch": "0"},
+    }
 
 
 def write(store: ResultStore, key: str, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     emb = rng.normal(size=8).astype(np.float32)
     emb /= np.linalg.norm(emb)
-    attrs = {"series_key": key, "study_uid": "1.2", "series_uid": key, "description": f"T1 {key}", "reader": "dicom",
-             "source": {"first": "a#1", "count": 10}, "run_id": "r1", "fingerprint": FP,
-             "geometry": {"shape": list(SHAPE), "affine": np.eye(4).tolist(), "spacing": [1.0, 1.0, 1.0], "orientation": "axial"},
-             "heads": {h: {"version": "1", "outputs": [o], "error": None, "fingerprint": FP, "run_id": "r1"} for h, o in HEADS.items()}}
-    outs = [OutputArray("segment", "1", {"name": "anatomy", "kind": "mask", "labels": ["bg", "a", "b"]},
-                        rng.integers(0, 3, SHAPE).astype(np.uint8)),
-            OutputArray("retrieve", "1", {"name": "embedding", "kind": "embedding", "dtype": "float32", "normalized": True}, emb),
-            OutputArray("classify", "1", {"name": "region", "kind": "scores", "dtype": "float32", "labels": ["x", "y"]},
-                        np.array([0.2, 0.8]))]
+    attrs = {
+        "series_key": key,
+        "study_uid": "1.2",
+        "series_uid": key,
+        "description": f"T1 {key}",
+        "reader": "dicom",
+        "source": {"first": "a#1", "count": 10},
+        "run_id": "r1",
+        "fingerprint": FP,
+        "geometry": {
+            "shape": list(SHAPE),
+            "affine": np.eye(4).tolist(),
+            "spacing": [1.0, 1.0, 1.0],
+            "orientation": "axial",
+        },
+        "heads": {
+            h: {"version": "1", "outputs": [o], "error": None, "fingerprint": FP, "run_id": "r1"}
+            for h, o in HEADS.items()
+        },
+    }
+    outs = [
+        OutputArray(
+            "segment",
+            "1",
+            {"name": "anatomy", "kind": "mask", "labels": ["bg", "a", "b"]},
+            rng.integers(0, 3, SHAPE).astype(np.uint8),
+        ),
+        OutputArray(
+            "retrieve", "1", {"name": "embedding", "kind": "embedding", "dtype": "float32", "normalized": True}, emb
+        ),
+        OutputArray(
+            "classify",
+            "1",
+            {"name": "region", "kind": "scores", "dtype": "float32", "labels": ["x", "y"]},
+            np.array([0.2, 0.8]),
+        ),
+    ]
     store.write_series(key, attrs, outs, "complete")
     return emb
 
@@ -120,7 +158,14 @@ def test_a_second_writer_is_refused_and_a_stale_remote_lock_is_broken(written, m
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    record = {"host": "elsewhere", "pid": 1, "run_id": "gone", "started": now(), "token": "t", "heartbeat": time.time() - 3600}
+    record = {
+        "host": "elsewhere",
+        "pid": 1,
+        "run_id": "gone",
+        "started": now(),
+        "token": "t",
+        "heartbeat": time.time() - 3600,
+    }
     sync(dead.root.store.set(LOCK_NAME, default_buffer_prototype().buffer.from_bytes(json.dumps(record).encode())))
     assert "stale lock of run gone" in open_store(url).lock_problem()
     with pytest.raises(StoreLocked):  # fresh heartbeat: refused

@@ -104,8 +104,22 @@ def test_dicomweb_run_pages_through_qido_and_equals_disk(orthanc, disk_store, tm
 
 def test_dimse_run_with_where_equals_disk(orthanc, disk_store, tmp_path):
     out = tmp_path / "dimse.zarr"
-    res = CliRunner().invoke(cli, ["run", orthanc.dimse, "--out", str(out), "--heads", ",".join(HEADS), "--backend", "torch",
-                                   "--where", "Modality=MR", "--log-json"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            orthanc.dimse,
+            "--out",
+            str(out),
+            "--heads",
+            ",".join(HEADS),
+            "--backend",
+            "torch",
+            "--where",
+            "Modality=MR",
+            "--log-json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert_same_results(disk_store, out)
 
@@ -113,9 +127,13 @@ def test_dimse_run_with_where_equals_disk(orthanc, disk_store, tmp_path):
 def test_seg_and_sr_sent_back_once_and_listed_under_the_source_study(orthanc, disk_store, tmp_path):
     runner = CliRunner()
     out = tmp_path / "exports"
-    seg = runner.invoke(cli, ["export", str(disk_store), "--format", "dicom-seg", "--out", str(out), "--to", orthanc.dicomweb])
+    seg = runner.invoke(
+        cli, ["export", str(disk_store), "--format", "dicom-seg", "--out", str(out), "--to", orthanc.dicomweb]
+    )
     assert seg.exit_code == 0, seg.output
-    sr = runner.invoke(cli, ["export", str(disk_store), "--format", "dicom-sr", "--out", str(out), "--to", orthanc.dimse])
+    sr = runner.invoke(
+        cli, ["export", str(disk_store), "--format", "dicom-sr", "--out", str(out), "--to", orthanc.dimse]
+    )
     assert sr.exit_code == 0, sr.output
     stored = [s.attrs for _, s in zarr.open_group(disk_store, mode="r")["series"].groups()]
     studies = {a["study_uid"]: a["series_uid"] for a in stored}
@@ -133,16 +151,21 @@ def test_seg_and_sr_sent_back_once_and_listed_under_the_source_study(orthanc, di
         assert orthanc.qido(f"/studies/{seg_ds.StudyInstanceUID}/series/{seg_ds.SeriesInstanceUID}/instances")
     assert seg_series
     # a rerun sends nothing again
-    again = runner.invoke(cli, ["export", str(disk_store), "--format", "dicom-seg", "--out", str(out), "--to", orthanc.dicomweb])
+    again = runner.invoke(
+        cli, ["export", str(disk_store), "--format", "dicom-seg", "--out", str(out), "--to", orthanc.dicomweb]
+    )
     assert again.exit_code == 0 and "sent" not in again.output.split("->")[0]
     assert len(orthanc.get("/instances")) == n_before
 
 
-@pytest.mark.parametrize("url,needle", [
-    ("dicomweb+http://127.0.0.1:{closed}/dicom-web", "cannot reach the server"),
-    ("dimse://ORTHANC@127.0.0.1:{closed}", "cannot connect"),
-    ("dimse://NOT-ORTHANC@127.0.0.1:{dicom}", "association was rejected"),
-])
+@pytest.mark.parametrize(
+    "url,needle",
+    [
+        ("dicomweb+http://127.0.0.1:{closed}/dicom-web", "cannot reach the server"),
+        ("dimse://ORTHANC@127.0.0.1:{closed}", "cannot connect"),
+        ("dimse://NOT-ORTHANC@127.0.0.1:{dicom}", "association was rejected"),
+    ],
+)
 def test_unreachable_or_refusing_server_is_one_line_exit_2(orthanc, tmp_path, url, needle):
     url = url.format(closed=free_port(), dicom=orthanc.dicom_port)
     out = tmp_path / "r.zarr"
@@ -203,9 +226,21 @@ def test_listener_runs_a_study_orthanc_sends_and_forwards_seg(orthanc, listener_
             done.set()
 
     idle = 1.0
-    worker = threading.Thread(target=listen, args=(listener_port, out), kwargs=dict(
-        ae_title="MRFM", heads=HEADS, idle_seconds=idle, forward=orthanc.dimse, spool=tmp_path / "spool",
-        on_event=on_event, should_stop=done.is_set, backend="torch"), daemon=True)
+    worker = threading.Thread(
+        target=listen,
+        args=(listener_port, out),
+        kwargs=dict(
+            ae_title="MRFM",
+            heads=HEADS,
+            idle_seconds=idle,
+            forward=orthanc.dimse,
+            spool=tmp_path / "spool",
+            on_event=on_event,
+            should_stop=done.is_set,
+            backend="torch",
+        ),
+        daemon=True,
+    )
     worker.start()
     time.sleep(0.5)
     study = orthanc.get("/studies")[0]

@@ -115,7 +115,9 @@ def test_c_find_responses_are_run_as_they_arrive(orthanc, series_files, tmp_path
 
 
 @pytest.mark.parametrize("url_of", ["dicomweb", "dimse"])
-def test_series_over_budget_fails_before_any_fetch_and_the_run_goes_on(orthanc, series_files, tmp_path, monkeypatch, url_of):
+def test_series_over_budget_fails_before_any_fetch_and_the_run_goes_on(
+    orthanc, series_files, tmp_path, monkeypatch, url_of
+):
     import engine
     import plugins.sources.dicomweb as web
     import plugins.sources.dimse as dimse
@@ -130,10 +132,14 @@ def test_series_over_budget_fails_before_any_fetch_and_the_run_goes_on(orthanc, 
 
     def need(uid):
         ds = pydicom.dcmread(series_files[uid][0], stop_before_pixels=True)
-        return engine.sources.declared_bytes([{"Rows": ds.Rows, "Columns": ds.Columns, "BitsAllocated": ds.BitsAllocated}] * sizes[uid])[0]
+        return engine.sources.declared_bytes(
+            [{"Rows": ds.Rows, "Columns": ds.Columns, "BitsAllocated": ds.BitsAllocated}] * sizes[uid]
+        )[0]
 
     budget = (min(need(u) for u in sizes) + need(big)) // 2
-    summary = engine.run([getattr(orthanc, url_of)], tmp_path / "r.zarr", heads=HEADS, backend="torch", max_series_bytes=budget)
+    summary = engine.run(
+        [getattr(orthanc, url_of)], tmp_path / "r.zarr", heads=HEADS, backend="torch", max_series_bytes=budget
+    )
     failed = {r.key: r.reason for r in summary.results if r.status == "failed"}
     assert summary.exit_code == 1 and summary.count("complete") >= 1 and failed
     assert engine.sanitise_key(big) in failed
@@ -144,14 +150,18 @@ def test_series_over_budget_fails_before_any_fetch_and_the_run_goes_on(orthanc, 
     assert len(fetched) == summary.count("complete")
 
 
-def test_fetched_bytes_are_held_to_the_budget_when_the_pacs_declares_no_size(orthanc, series_files, tmp_path, monkeypatch):
+def test_fetched_bytes_are_held_to_the_budget_when_the_pacs_declares_no_size(
+    orthanc, series_files, tmp_path, monkeypatch
+):
     import engine
     import plugins.sources.dicomweb as web
 
     monkeypatch.setattr(web.DicomwebSource, "image_attributes", lambda self, ref: [])  # says nothing of sizes
     monkeypatch.setattr(engine.memory_budget, "MIN_BUDGET", 1)  # the demo series are smaller than the usual floor
     smallest = min(sum(f.stat().st_size for f in files) for files in series_files.values())
-    summary = engine.run([orthanc.dicomweb], tmp_path / "r.zarr", heads=HEADS, backend="torch", max_series_bytes=smallest // 2)
+    summary = engine.run(
+        [orthanc.dicomweb], tmp_path / "r.zarr", heads=HEADS, backend="torch", max_series_bytes=smallest // 2
+    )
     assert summary.exit_code == 1 and summary.count("failed") == len(series_files)
     for r in summary.results:
         assert "needs" in r.reason and "budget" in r.reason and "fetched so far" in r.reason, r.reason
@@ -188,7 +198,9 @@ def test_a_series_that_gains_an_instance_is_rerun(tmp_path, series_files):
         server.stop()
 
 
-def test_a_query_that_stops_midway_runs_what_it_listed_and_a_rerun_completes(orthanc, series_files, tmp_path, monkeypatch):
+def test_a_query_that_stops_midway_runs_what_it_listed_and_a_rerun_completes(
+    orthanc, series_files, tmp_path, monkeypatch
+):
     import engine
     import plugins.sources.dicomweb as web
 
@@ -198,7 +210,9 @@ def test_a_query_that_stops_midway_runs_what_it_listed_and_a_rerun_completes(ort
     def pages(self, archive, where):
         for i, page in enumerate(real_pages(self, archive, where)):
             if i == 2:
-                raise engine.SourceError(f"QIDO-RS series query failed: {engine.public_url(archive)}: cannot reach the server")
+                raise engine.SourceError(
+                    f"QIDO-RS series query failed: {engine.public_url(archive)}: cannot reach the server"
+                )
             yield page
 
     monkeypatch.setattr(web.DicomwebSource, "pages", pages)
@@ -239,7 +253,9 @@ def test_ray_workers_fetch_pacs_series_themselves(orthanc, series_files, tmp_pat
         summary = engine.run([orthanc.dicomweb], out, heads=HEADS, backend="torch", executor="ray", ray_actors=1)
     finally:
         ray.shutdown()
-    assert summary.exit_code == 0 and summary.count("complete") == len(series_files), [r.reason for r in summary.results]
+    assert summary.exit_code == 0 and summary.count("complete") == len(series_files), [
+        r.reason for r in summary.results
+    ]
     assert_same_results(local, out)
     for _, group in zarr.open_group(out, mode="r")["series"].groups():
         assert group.attrs["executor"] == "ray" and group.attrs["actor"]

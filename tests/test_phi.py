@@ -32,9 +32,16 @@ def archive(tmp_path_factory) -> Path:
     _, affine = make_grid("axial", (0.0, 0.0, 0.0), shape=(24, 24, 6), spacing=(4.0, 4.0, 4.0))
     data = 300.0 + 400.0 * np.random.default_rng(0).random((24, 24, 6))
     folder = root / "secret-ward" / "DOE_JANE_19700101" / PID
-    write_dicom_series(folder, data, affine, study_uid=derive_uid(2, "phi", "study"), series_uid=derive_uid(2, "phi", "t1"),
-                       description=f"T1 {NAME} {PID} 1970-01-01", patient=patient,
-                       file_names="DOE_JANE_{:04d}.dcm")
+    write_dicom_series(
+        folder,
+        data,
+        affine,
+        study_uid=derive_uid(2, "phi", "study"),
+        series_uid=derive_uid(2, "phi", "t1"),
+        description=f"T1 {NAME} {PID} 1970-01-01",
+        patient=patient,
+        file_names="DOE_JANE_{:04d}.dcm",
+    )
     # a broken file next to it: its reason names the file, and must not name it by path
     (folder / "DOE_JANE_9999.dcm").write_bytes((folder / "DOE_JANE_0001.dcm").read_bytes()[:400])
     nifti = root / "secret-ward" / "DOE_JANE_PID-424242_T2.nii.gz"
@@ -52,7 +59,11 @@ def _texts(store: Path) -> list[str]:
         for _, arr in group.arrays():
             out.append(json.dumps(dict(arr.attrs), default=str))
             values = np.asarray(arr[...])
-            out.append(" ".join(map(str, values.ravel().tolist())) if values.dtype.kind in "UOS" else values.tobytes().decode("latin-1"))
+            out.append(
+                " ".join(map(str, values.ravel().tolist()))
+                if values.dtype.kind in "UOS"
+                else values.tobytes().decode("latin-1")
+            )
         for _, sub in group.groups():
             walk(sub)
 
@@ -84,14 +95,17 @@ def test_record_paths_is_the_explicit_opt_in(archive, tmp_path):
     assert any("secret-ward" in t for t in _texts(out))
 
 
-@pytest.mark.parametrize("description, name, expected", [
-    ("Product EPI Sag Ascending", "SAG^JOHN", "Product EPI Sag Ascending"),  # a short name part alone is a word
-    ("T1 John Sag Ax", "SAG^JOHN", "T1 [removed] Ax"),  # beside the full name it goes too
-    ("John Sag; Sag T2", "SAG^JOHN", "[removed]; [removed] T2"),
-    ("Sagittal John", "SAG^JOHN", "Sagittal [removed]"),  # a longer part: as a whole word
-    ("Johnson protocol", "SAG^JOHN", "Johnson protocol"),  # never inside another word
-    ("T1 Li", "LI", "T1 [removed]"),  # a one-part name is the full name
-])
+@pytest.mark.parametrize(
+    "description, name, expected",
+    [
+        ("Product EPI Sag Ascending", "SAG^JOHN", "Product EPI Sag Ascending"),  # a short name part alone is a word
+        ("T1 John Sag Ax", "SAG^JOHN", "T1 [removed] Ax"),  # beside the full name it goes too
+        ("John Sag; Sag T2", "SAG^JOHN", "[removed]; [removed] T2"),
+        ("Sagittal John", "SAG^JOHN", "Sagittal [removed]"),  # a longer part: as a whole word
+        ("Johnson protocol", "SAG^JOHN", "Johnson protocol"),  # never inside another word
+        ("T1 Li", "LI", "T1 [removed]"),  # a one-part name is the full name
+    ],
+)
 def test_name_parts_are_removed_as_whole_words_and_short_ones_only_beside_the_full_name(description, name, expected):
     from pydicom import Dataset
 
@@ -107,9 +121,15 @@ def test_scan_shows_the_description_rule(tmp_path):
 
     folder = tmp_path / "a"
     _, affine = make_grid("axial", (0.0, 0.0, 0.0), shape=(8, 8, 3), spacing=(4.0, 4.0, 4.0))
-    write_dicom_series(folder, np.ones((8, 8, 3), np.float32), affine, study_uid=derive_uid(3, "rule", "study"),
-                       series_uid=derive_uid(3, "rule", "s"), description="Product EPI Sag Ascending",
-                       patient=Patient(name="SAG^JOHN", id="X1", birth_date="19800101"))
+    write_dicom_series(
+        folder,
+        np.ones((8, 8, 3), np.float32),
+        affine,
+        study_uid=derive_uid(3, "rule", "study"),
+        series_uid=derive_uid(3, "rule", "s"),
+        description="Product EPI Sag Ascending",
+        patient=Patient(name="SAG^JOHN", id="X1", birth_date="19800101"),
+    )
     res = CliRunner().invoke(cli, ["scan", str(folder)])
     assert res.exit_code == 0, res.output
     assert " ".join(PHI_RULE.split()[:6]) in " ".join(res.output.split())

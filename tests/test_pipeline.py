@@ -36,7 +36,15 @@ def first_run(archive, tmp_path_factory):
     root, manifest, bad = archive
     out = tmp_path_factory.mktemp("out") / "results.zarr"
     events = []
-    summary = run([manifest.dicom_root, root / "bad"], out, heads=HEADS, backend="torch", workers=2, queries=QUERIES, on_event=events.append)
+    summary = run(
+        [manifest.dicom_root, root / "bad"],
+        out,
+        heads=HEADS,
+        backend="torch",
+        workers=2,
+        queries=QUERIES,
+        on_event=events.append,
+    )
     return out, summary, events
 
 
@@ -73,7 +81,9 @@ def test_every_demo_series_is_complete_with_every_declared_output(archive, first
             from engine.geometry import world_bounds
 
             bounds = world_bounds(tuple(geo["shape"]), np.asarray(geo["affine"]))
-            assert (boxes["world"][:, :3] >= bounds[:3] - 1e-6).all() and (boxes["world"][:, 3:] <= bounds[3:] + 1e-6).all()
+            assert (boxes["world"][:, :3] >= bounds[:3] - 1e-6).all() and (
+                boxes["world"][:, 3:] <= bounds[3:] + 1e-6
+            ).all()
         assert store.read_output(key, "regress", "lesion_volume").shape == ()
     assert summary.count("complete") == len(manifest.series)
     assert grounded == set(QUERIES)  # every query was grounded somewhere
@@ -89,7 +99,9 @@ def test_bad_input_is_recorded_on_its_series_and_costs_nothing_else(archive, fir
     assert by_desc["BAD MIXED_SIZE"]["status"] == "failed"
     assert by_desc["BAD TRUNCATED"]["status"] == "failed"
     # the reason says what is wrong, and names no path below the archive root
-    assert "truncated" in by_desc["BAD TRUNCATED"]["reason"] and "bad_truncated" not in by_desc["BAD TRUNCATED"]["reason"]
+    assert (
+        "truncated" in by_desc["BAD TRUNCATED"]["reason"] and "bad_truncated" not in by_desc["BAD TRUNCATED"]["reason"]
+    )
     assert by_desc["BAD CT"]["status"] == "skipped" and "CT" in by_desc["BAD CT"]["reason"]
     assert any("not a DICOM or NIfTI file" in w for w in summary.warnings), summary.warnings
     assert summary.exit_code == 1
@@ -146,13 +158,24 @@ def test_adding_a_head_keeps_the_outputs_already_written(archive, tmp_path):
     assert store.read_output(key, "retrieve", "embedding").shape == (64,)
     # a head's parameters are part of its fingerprint: changing them redoes the series
     assert run([one], out, heads=["retrieve"], backend="torch", workers=0).count("resumed") == 1
-    assert run([one], out, heads=["localize"], backend="torch", workers=0, params={"localize": {"threshold": 0.9}}).count("complete") == 1
+    assert (
+        run([one], out, heads=["localize"], backend="torch", workers=0, params={"localize": {"threshold": 0.9}}).count(
+            "complete"
+        )
+        == 1
+    )
     assert set(open_store(out).series_attrs(key)["heads"]) == {"classify", "retrieve", "localize"}
     assert validate_store(out) == []
 
 
 class BrokenHead(engine.Head):
-    manifest_path = Path(__file__).resolve().parents[1] / "examples" / "mrfm-head-brightness" / "mrfm_head_brightness" / "manifest.json"
+    manifest_path = (
+        Path(__file__).resolve().parents[1]
+        / "examples"
+        / "mrfm-head-brightness"
+        / "mrfm_head_brightness"
+        / "manifest.json"
+    )
 
     @classmethod
     def manifest(cls):
@@ -198,9 +221,13 @@ class ThresholdHead(engine.Head):
 
     @classmethod
     def manifest(cls):
-        return {"name": "threshold", "version": "1", "encoder": {"fingerprint": "any"},
-                "inputs": {"view": "tiles", "image": True, "features": []},
-                "outputs": [{"name": "mask", "kind": "mask", "dtype": "uint8", "labels": ["background", "structure"]}]}
+        return {
+            "name": "threshold",
+            "version": "1",
+            "encoder": {"fingerprint": "any"},
+            "inputs": {"view": "tiles", "image": True, "features": []},
+            "outputs": [{"name": "mask", "kind": "mask", "dtype": "uint8", "labels": ["background", "structure"]}],
+        }
 
     def predict(self, batch):
         out = []
@@ -217,13 +244,24 @@ class ThresholdPlugin:
         register(ThresholdHead)
 
 
-@pytest.mark.parametrize("orientation, flip", [("axial", ()), ("sagittal", ()), ("coronal", ()), ("oblique", ()), ("axial", ("slice", "row"))])
+@pytest.mark.parametrize(
+    "orientation, flip",
+    [("axial", ()), ("sagittal", ()), ("coronal", ()), ("oblique", ()), ("axial", ("slice", "row"))],
+)
 def test_a_view_space_mask_maps_back_to_the_native_structure(tmp_path, orientation, flip):
-    shape, affine = make_grid(orientation, CENTER + [4, -3, 2], shape=(128, 112, 36), spacing=(1.2, 1.2, 3.0), flip=flip)
+    shape, affine = make_grid(
+        orientation, CENTER + [4, -3, 2], shape=(128, 112, 36), spacing=(1.2, 1.2, 3.0), flip=flip
+    )
     idx = np.indices(shape).reshape(3, -1).T
     truth = ((((apply_affine(affine, idx) - CENTER) / RADII) ** 2).sum(1) <= 1).reshape(shape)
-    write_dicom_series(tmp_path / "in", truth * 800.0 + 100.0, affine, study_uid=derive_uid("rt", "study"),
-                       series_uid=derive_uid("rt", orientation, *flip), description=orientation)
+    write_dicom_series(
+        tmp_path / "in",
+        truth * 800.0 + 100.0,
+        affine,
+        study_uid=derive_uid("rt", "study"),
+        series_uid=derive_uid("rt", orientation, *flip),
+        description=orientation,
+    )
     plugin = ThresholdPlugin()
     plugins.pm.register(plugin, name="threshold-test")
     try:
@@ -231,7 +269,7 @@ def test_a_view_space_mask_maps_back_to_the_native_structure(tmp_path, orientati
     finally:
         plugins.pm.unregister(plugin)
     store = open_store(tmp_path / "r.zarr")
-    (key, attrs), = list(store.iter_series())
+    ((key, attrs),) = list(store.iter_series())
     assert attrs["status"] == "complete", attrs.get("reason")
     mask = store.read_output(key, "threshold", "mask").astype(bool)
     # the structure computed directly on the native grid as loaded (the loader may reorder axes)
@@ -272,8 +310,21 @@ def test_the_ray_executor_without_ray_is_a_usage_error_saying_how_to_install(arc
     monkeypatch.setitem(sys.modules, "ray", None)  # what an install without the ray extra sees
     with pytest.raises(engine.UsageError, match=r"pip install 'mrfm\[ray\]'"):
         run([manifest.dicom_root], tmp_path / "r.zarr", heads=["classify"], backend="torch", executor="ray")
-    result = CliRunner().invoke(cli, ["run", str(manifest.dicom_root), "--out", str(tmp_path / "r.zarr"), "--heads", "classify",
-                                      "--backend", "torch", "--executor", "ray"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(manifest.dicom_root),
+            "--out",
+            str(tmp_path / "r.zarr"),
+            "--heads",
+            "classify",
+            "--backend",
+            "torch",
+            "--executor",
+            "ray",
+        ],
+    )
     assert result.exit_code == 2 and "pip install 'mrfm[ray]'" in result.output, result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "r.zarr").exists()  # refused before anything was written

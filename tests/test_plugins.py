@@ -210,8 +210,20 @@ def installed_example(tmp_path_factory):
     """The example third-party package, pip-installed into a private folder on sys.path."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
     )
     sys.path.insert(0, str(target))
     yield target
@@ -260,7 +272,9 @@ def test_a_broken_entry_point_is_reported_not_fatal(tmp_path, monkeypatch):
     assert "needs a library that is not installed" in plugins.load_errors["broken"]
     assert any(p["name"] == "broken" and p.get("error") for p in plugins.plugin_summaries())
     assert "classify" in plugins.get_head_classes()  # everything else still works
-    with pytest.raises(engine.UsageError, match="head 'broken' could not be loaded.*needs a library that is not installed"):
+    with pytest.raises(
+        engine.UsageError, match="head 'broken' could not be loaded.*needs a library that is not installed"
+    ):
         plugins.select_heads(["classify", "broken"])
 
 
@@ -334,12 +348,38 @@ def test_a_run_with_other_heads_starts_beside_a_broken_head(broken_head_plugin, 
     volume = synthetic_volume("axial")
     (tmp_path / "in").mkdir()
     nibabel.save(nibabel.Nifti1Image(volume.data, volume.affine), str(tmp_path / "in" / "a.nii.gz"))
-    result = CliRunner().invoke(cli, ["run", str(tmp_path / "in"), "--out", str(tmp_path / "r.zarr"), "--heads", "retrieve",
-                                      "--backend", "torch", "--workers", "0"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "r.zarr"),
+            "--heads",
+            "retrieve",
+            "--backend",
+            "torch",
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
-    chosen = CliRunner().invoke(cli, ["run", str(tmp_path / "in"), "--out", str(tmp_path / "r2.zarr"), "--heads", "retrieve,badhead",
-                                      "--backend", "torch", "--workers", "0"])
+    chosen = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "r2.zarr"),
+            "--heads",
+            "retrieve,badhead",
+            "--backend",
+            "torch",
+            "--workers",
+            "0",
+        ],
+    )
     assert chosen.exit_code == 2 and "head 'badhead' is broken" in chosen.output and "Traceback" not in chosen.output
 
 
@@ -500,7 +540,10 @@ def test_a_plugin_exporter_is_registered():
         exporters = plugins.get_exporters()
     finally:
         plugins.pm.unregister(plugin)
-    assert isinstance(exporters["table-test"].obj, ParquetLikeExporter) and exporters["table-test"].plugin == "exporter-test"
+    assert (
+        isinstance(exporters["table-test"].obj, ParquetLikeExporter)
+        and exporters["table-test"].plugin == "exporter-test"
+    )
 
 
 # ---- code-aware head fingerprints ----------------------------------------------------------------
@@ -549,7 +592,9 @@ def test_code_sha256_enters_the_run_and_head_fingerprints():
     head = {"name": "h", "version": "1", "manifest": {}, "weights_sha256": None}
     with_code = head | {"code_sha256": "sha256:a"}
     assert head_fingerprints("m", [with_code], {}, {}) != head_fingerprints("m", [head], {}, {})
-    assert head_fingerprints("m", [with_code], {}, {}) != head_fingerprints("m", [head | {"code_sha256": "sha256:b"}], {}, {})
+    assert head_fingerprints("m", [with_code], {}, {}) != head_fingerprints(
+        "m", [head | {"code_sha256": "sha256:b"}], {}, {}
+    )
     assert run_fingerprint("m", [with_code], {}, {}) != run_fingerprint("m", [head], {}, {})
 
 
@@ -565,5 +610,10 @@ def test_a_head_from_an_installed_distribution_is_fingerprinted_by_its_record(in
     # the shipped heads come from an editable checkout: their sources are hashed instead
     from contrib_heads.classify import ClassifyHead
 
-    assert fingerprint._distribution_of(ClassifyHead.__module__, Path(sys.modules[ClassifyHead.__module__].__file__).resolve()) is None
+    assert (
+        fingerprint._distribution_of(
+            ClassifyHead.__module__, Path(sys.modules[ClassifyHead.__module__].__file__).resolve()
+        )
+        is None
+    )
     fingerprint._providers.cache_clear()

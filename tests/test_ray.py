@@ -144,8 +144,17 @@ def test_one_bad_series_exits_1_from_a_job_file(archive, tmp_path):
     bad = tmp_path / "bad"
     write_bad_inputs(bad, seed=21, cases=BASIC_CASES)
     job = tmp_path / "job.json"
-    job.write_text(json.dumps({"archives": [str(archive), str(bad)], "out": str(tmp_path / "r.zarr"), "heads": ["classify"],
-                               "backend": "torch", "executor": "ray"}))
+    job.write_text(
+        json.dumps(
+            {
+                "archives": [str(archive), str(bad)],
+                "out": str(tmp_path / "r.zarr"),
+                "heads": ["classify"],
+                "backend": "torch",
+                "executor": "ray",
+            }
+        )
+    )
     result = CliRunner().invoke(cli, ["run", "--job", str(job), "--log-json"])
     assert result.exit_code == 1, result.output
     store = open_store(tmp_path / "r.zarr")
@@ -170,7 +179,9 @@ def test_ray_workers_write_into_an_s3_bucket(archive, local_store, monkeypatch):
     try:
         endpoint = f"http://127.0.0.1:{port}"
         # MRFM_* settings travel to the workers; the Ray instance was started without AWS settings
-        monkeypatch.setenv("MRFM_STORAGE_OPTIONS", json.dumps({"endpoint_url": endpoint, "key": "test", "secret": "test"}))
+        monkeypatch.setenv(
+            "MRFM_STORAGE_OPTIONS", json.dumps({"endpoint_url": endpoint, "key": "test", "secret": "test"})
+        )
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         import s3fs
 
@@ -182,9 +193,15 @@ def test_ray_workers_write_into_an_s3_bucket(archive, local_store, monkeypatch):
         store, reference = open_store(url), open_store(local_store)
         for key, attrs in store.iter_series():
             assert attrs["executor"] == "ray"
-            assert np.array_equal(store.read_output(key, "segment", "anatomy"), reference.read_output(key, "segment", "anatomy"))
-            np.testing.assert_allclose(store.read_output(key, "retrieve", "embedding"), reference.read_output(key, "retrieve", "embedding"),
-                                       rtol=0, atol=1e-5)
+            assert np.array_equal(
+                store.read_output(key, "segment", "anatomy"), reference.read_output(key, "segment", "anatomy")
+            )
+            np.testing.assert_allclose(
+                store.read_output(key, "retrieve", "embedding"),
+                reference.read_output(key, "retrieve", "embedding"),
+                rtol=0,
+                atol=1e-5,
+            )
         assert run([archive], url, heads=HEADS, backend="torch", executor="ray").count("resumed") == 2
     finally:
         server.stop()

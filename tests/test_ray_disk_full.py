@@ -24,8 +24,14 @@ def test_a_full_disk_under_ray_exits_3_and_a_rerun_completes(tmp_path, monkeypat
     archive = tmp_path / "archive"
     for n in range(2):
         _, affine = make_grid("axial", (0.0, 0.0, 10.0 * n), shape=(24, 24, 6), spacing=(4.0, 4.0, 4.0))
-        write_dicom_series(archive / f"s{n}", 300.0 + 400.0 * np.random.default_rng(n).random((24, 24, 6)), affine,
-                           study_uid=derive_uid(5, "ray-full", "study"), series_uid=derive_uid(5, "ray-full", n), description=f"T1 {n}")
+        write_dicom_series(
+            archive / f"s{n}",
+            300.0 + 400.0 * np.random.default_rng(n).random((24, 24, 6)),
+            affine,
+            study_uid=derive_uid(5, "ray-full", "study"),
+            series_uid=derive_uid(5, "ray-full", n),
+            description=f"T1 {n}",
+        )
     out = tmp_path / "r.zarr"
     monkeypatch.setenv("MRFM_DISK_FULL_AT", "mid-series-write:2")  # set before Ray starts: its workers inherit it
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)

@@ -19,10 +19,35 @@ def test_evaluate_scores_a_real_set_with_figures_beside_targets(tmp_path):
     idx = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in (40, 48, 36)], indexing="ij"), -1) * 4.0
     head = (((idx / [70.0, 85.0, 70.0]) ** 2).sum(-1) < 1).astype(np.float32)
     nib.save(nib.Nifti1Image(head * 500 + 5, np.diag([4.0, 4.0, 4.0, 1.0])), str(root / "nifti" / "head.nii.gz"))
-    (root / SET_FILE).write_text(json.dumps({"series": [{"path": "nifti/head.nii.gz", "source": "an ellipsoid head",
-                                                         "region": "brain", "contrast": "T1", "healthy": True}], "missing": []}))
-    out = CliRunner().invoke(cli, ["evaluate", str(root), "--store", str(tmp_path / "r.zarr"), "--json", str(tmp_path / "r.json"),
-                                   "--markdown", str(tmp_path / "r.md")])
+    (root / SET_FILE).write_text(
+        json.dumps(
+            {
+                "series": [
+                    {
+                        "path": "nifti/head.nii.gz",
+                        "source": "an ellipsoid head",
+                        "region": "brain",
+                        "contrast": "T1",
+                        "healthy": True,
+                    }
+                ],
+                "missing": [],
+            }
+        )
+    )
+    out = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            str(root),
+            "--store",
+            str(tmp_path / "r.zarr"),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--markdown",
+            str(tmp_path / "r.md"),
+        ],
+    )
     assert out.exit_code == 0, out.output
     result = json.loads((tmp_path / "r.json").read_text())
     row = result["series"][0]

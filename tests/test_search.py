@@ -19,9 +19,13 @@ def unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
 
 
-def write_store(path, keys, embeddings, *, compressed=False, checksummed=False, model=None, studies=None, descriptions=None):
+def write_store(
+    path, keys, embeddings, *, compressed=False, checksummed=False, model=None, studies=None, descriptions=None
+):
     """A minimal store with the index layout the result store writes."""
-    root = zarr.create_group(str(path), zarr_format=3, attributes={"model": model or {"path": None, "fingerprint": FINGERPRINT}})
+    root = zarr.create_group(
+        str(path), zarr_format=3, attributes={"model": model or {"path": None, "fingerprint": FINGERPRINT}}
+    )
     index = root.create_group("index")
     n = len(keys)
     for name, values in (
@@ -33,7 +37,10 @@ def write_store(path, keys, embeddings, *, compressed=False, checksummed=False, 
     if embeddings is not None:
         emb = np.asarray(embeddings, dtype="<f4")
         arr = index.create_array(
-            "embedding", shape=emb.shape, chunks=emb.shape, dtype="<f4",
+            "embedding",
+            shape=emb.shape,
+            chunks=emb.shape,
+            dtype="<f4",
             compressors="auto" if compressed else ([zarr.codecs.Crc32cCodec()] if checksummed else None),
         )
         arr[...] = emb
@@ -123,7 +130,9 @@ def test_rank_is_fast_for_100k_series(tmp_path):
 def store(tmp_path):
     emb = unit([[1, 0, 0, 0], [0.9, 0.1, 0, 0], [0, 1, 0, 0], [0.7, 0.7, 0, 0], [0, 0, 0, 1]])
     keys = ["s0", "s1", "s2", "s3", "s4"]
-    return write_store(tmp_path / "r.zarr", keys, emb, descriptions=["T1 brain", "T2 brain", "PD knee", "FLAIR brain", "T1 spine"])
+    return write_store(
+        tmp_path / "r.zarr", keys, emb, descriptions=["T1 brain", "T2 brain", "PD knee", "FLAIR brain", "T1 spine"]
+    )
 
 
 def test_like_ranks_other_series_and_excludes_itself(store):
@@ -198,7 +207,9 @@ class FakeModel:
 
 
 def test_text_and_report_queries_go_through_the_text_tower(store, tmp_path):
-    model = FakeModel({"knee": np.array([0, 2.0, 0, 0], np.float32), "Findings: brain.": np.array([1, 0, 0, 0], np.float32)})
+    model = FakeModel(
+        {"knee": np.array([0, 2.0, 0, 0], np.float32), "Findings: brain.": np.array([1, 0, 0, 0], np.float32)}
+    )
     assert [h.series_key for h in search(store, text="knee", k=2, model=model)] == ["s2", "s3"]
     report = tmp_path / "report.txt"
     report.write_text("Findings: brain.\n")
@@ -215,6 +226,7 @@ def test_text_search_refuses_a_model_that_did_not_embed_the_store(store):
 
 def test_text_search_with_the_default_model(tmp_path):
     import engine.model as model_mod
+
     try:
         model = model_mod.load_model(None)
         tower = model.text_tower()

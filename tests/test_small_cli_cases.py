@@ -35,11 +35,14 @@ def one_line_exit(result, code: int, needle: str) -> None:
     assert needle in " ".join(result.output.split()) and "Usage:" not in result.output, result.output
 
 
-@pytest.mark.parametrize("args", [
-    ["search", "STORE", BAD_TEXT],
-    ["run", "ARCHIVE", "--out", "OUT", *RUN, "--query", BAD_TEXT],
-    ["run", "ARCHIVE", "--out", "OUT", "--heads", BAD_TEXT],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["search", "STORE", BAD_TEXT],
+        ["run", "ARCHIVE", "--out", "OUT", *RUN, "--query", BAD_TEXT],
+        ["run", "ARCHIVE", "--out", "OUT", "--heads", BAD_TEXT],
+    ],
+)
 def test_non_utf8_text_arguments_exit_2_with_one_line(args, archive, tmp_path):
     args = [str(archive) if a == "ARCHIVE" else str(tmp_path / "r.zarr") if a in ("OUT", "STORE") else a for a in args]
     one_line_exit(CliRunner().invoke(cli, args), 2, "is not UTF-8 text")
@@ -48,7 +51,9 @@ def test_non_utf8_text_arguments_exit_2_with_one_line(args, archive, tmp_path):
 
 @pytest.mark.parametrize("heads", ["", ",", " , "])
 def test_an_empty_heads_option_is_a_usage_error(heads, archive, tmp_path):
-    result = CliRunner().invoke(cli, ["run", str(archive), "--out", str(tmp_path / "r.zarr"), "--heads", heads, "--backend", "torch"])
+    result = CliRunner().invoke(
+        cli, ["run", str(archive), "--out", str(tmp_path / "r.zarr"), "--heads", heads, "--backend", "torch"]
+    )
     one_line_exit(result, 2, "--heads names no head")
     assert not (tmp_path / "r.zarr").exists()
 
@@ -83,9 +88,13 @@ def test_an_empty_leftover_lock_is_broken_and_reported_but_a_fresh_one_is_respec
 # ---- SIGTERM ----------------------------------------------------------------------------------
 def _signal_at(point: str, archive: Path, out: Path) -> subprocess.CompletedProcess:
     """Run mrfm paused at ``point``, SIGTERM it there, and return how it ended."""
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "run", str(archive), "--out", str(out), *RUN, "--log-json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "MRFM_PAUSE_AT": f"{point}:30"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "run", str(archive), "--out", str(out), *RUN, "--log-json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MRFM_PAUSE_AT": f"{point}:30"},
+    )
     seen = []
     for line in proc.stderr:
         seen.append(line)

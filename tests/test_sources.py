@@ -45,8 +45,10 @@ def test_a_source_plugin_claims_its_scheme_and_feeds_the_scan(tmp_path):
 
 
 def test_public_url_drops_credentials_and_query_values():
-    assert public_url("dicomweb+https://user:secret@pacs.example:443/dicom-web/?PatientName=DOE") == \
-        "dicomweb+https://pacs.example:443/dicom-web"
+    assert (
+        public_url("dicomweb+https://user:secret@pacs.example:443/dicom-web/?PatientName=DOE")
+        == "dicomweb+https://pacs.example:443/dicom-web"
+    )
     assert public_url("dimse://ORTHANC@10.0.0.5:4242") == "dimse://ORTHANC@10.0.0.5:4242"
 
 
@@ -56,7 +58,10 @@ def test_credentials_on_the_command_line_are_refused():
 
 
 def test_where_takes_dicom_keywords_only():
-    assert parse_where(["Modality=MR", "StudyDate=20240101-20241231"]) == (("Modality", "MR"), ("StudyDate", "20240101-20241231"))
+    assert parse_where(["Modality=MR", "StudyDate=20240101-20241231"]) == (
+        ("Modality", "MR"),
+        ("StudyDate", "20240101-20241231"),
+    )
     for bad in ("Modality", "NotAKeyword=1", "=MR"):
         with pytest.raises(engine.UsageError):
             parse_where([bad])

@@ -28,19 +28,38 @@ MASK = "series/s1/segment/anatomy"
 
 
 def run_info() -> dict:
-    return {"started": now(), "config": {"paths": ["a"], "heads": sorted(HEADS)},
-            "model": {"name": "tiny", "fingerprint": FP}, "heads": {h: {"version": "1"} for h in HEADS},
-            "backend": {"name": "torch", "reason": "test"}, "fingerprint": FP,
-            "host": {"hostname": socket.gethostname(), "python": "3", "torch": "0"}}
+    return {
+        "started": now(),
+        "config": {"paths": ["a"], "heads": sorted(HEADS)},
+        "model": {"name": "tiny", "fingerprint": FP},
+        "heads": {h: {"version": "1"} for h in HEADS},
+        "backend": {"name": "torch", "reason": "test"},
+        "fingerprint": FP,
+        "host": {"hostname": socket.gethostname(), "python": "3", "torch": "0"},
+    }
 
 
 def series_attrs(key: str, run_id: str) -> dict:
-    return {"series_key": key, "study_uid": "1.2", "series_uid": key, "description": "T1", "reader": "dicom",
-            "source": {"first": "a.dcm", "count": 10}, "run_id": run_id, "fingerprint": FP,
-            "geometry": {"shape": list(SHAPE), "affine": np.diag([1.0, 1.0, 2.0, 1.0]).tolist(),
-                         "spacing": [1.0, 1.0, 2.0], "orientation": "axial"},
-            "heads": {h: {"version": "1", "outputs": [o], "error": None, "fingerprint": FP, "run_id": run_id}
-                      for h, o in HEADS.items()}}
+    return {
+        "series_key": key,
+        "study_uid": "1.2",
+        "series_uid": key,
+        "description": "T1",
+        "reader": "dicom",
+        "source": {"first": "a.dcm", "count": 10},
+        "run_id": run_id,
+        "fingerprint": FP,
+        "geometry": {
+            "shape": list(SHAPE),
+            "affine": np.diag([1.0, 1.0, 2.0, 1.0]).tolist(),
+            "spacing": [1.0, 1.0, 2.0],
+            "orientation": "axial",
+        },
+        "heads": {
+            h: {"version": "1", "outputs": [o], "error": None, "fingerprint": FP, "run_id": run_id}
+            for h, o in HEADS.items()
+        },
+    }
 
 
 def outputs(mask: np.ndarray | None = None, seed: int = 0) -> list[OutputArray]:
@@ -49,10 +68,18 @@ def outputs(mask: np.ndarray | None = None, seed: int = 0) -> list[OutputArray]:
     emb = rng.normal(size=8).astype(np.float32)
     return [
         OutputArray("segment", "1", {"name": "anatomy", "kind": "mask", "labels": ["bg", "a", "b"]}, mask),
-        OutputArray("retrieve", "1", {"name": "embedding", "kind": "embedding", "dtype": "float32", "normalized": True},
-                    emb / np.linalg.norm(emb)),
-        OutputArray("classify", "1", {"name": "region", "kind": "scores", "dtype": "float32", "labels": ["x", "y"]},
-                    np.array([0.2, 0.8])),
+        OutputArray(
+            "retrieve",
+            "1",
+            {"name": "embedding", "kind": "embedding", "dtype": "float32", "normalized": True},
+            emb / np.linalg.norm(emb),
+        ),
+        OutputArray(
+            "classify",
+            "1",
+            {"name": "region", "kind": "scores", "dtype": "float32", "labels": ["x", "y"]},
+            np.array([0.2, 0.8]),
+        ),
     ]
 
 
@@ -109,7 +136,9 @@ def test_a_stale_lock_is_broken_and_its_run_marked_abandoned(path):
     store = ResultStore(path, mode="a")
     pid = dead_pid()
     store.begin_run("dead", {**run_info(), "pid": pid})
-    (path / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "run_id": "dead", "started": now()}))
+    (path / LOCK_NAME).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": pid, "run_id": "dead", "started": now()})
+    )
 
     reader = ResultStore(path, mode="r")
     assert reader.runs()["dead"]["status"] == "abandoned"  # reported without writing
@@ -172,11 +201,14 @@ def test_an_all_zero_mask_still_writes_every_chunk(tmp_path):
     store = ResultStore(tmp_path / "z.zarr", mode="a")
     store.begin_run("r1", run_info())
     write(store, "s1", mask=np.zeros(SHAPE, np.uint8))
-    chunks = sorted(p.relative_to(tmp_path / "z.zarr" / MASK / "c").as_posix()
-                    for p in (tmp_path / "z.zarr" / MASK / "c").rglob("*") if p.is_file())
+    chunks = sorted(
+        p.relative_to(tmp_path / "z.zarr" / MASK / "c").as_posix()
+        for p in (tmp_path / "z.zarr" / MASK / "c").rglob("*")
+        if p.is_file()
+    )
     assert chunks == ["0/0/0"]  # one shard holding both 64-voxel chunks
     raw = (tmp_path / "z.zarr" / MASK / "c/0/0/0").read_bytes()
-    index = np.frombuffer(raw[-(2 * 16 + 4):-4], dtype="<u8").reshape(2, 2)
+    index = np.frombuffer(raw[-(2 * 16 + 4) : -4], dtype="<u8").reshape(2, 2)
     assert (index[:, 1] > 0).all() and (index[:, 0] != np.iinfo(np.uint64).max).all()  # both stored, none empty
     assert store.check_series("s1", deep=True) == []
 
@@ -204,6 +236,7 @@ def test_every_array_carries_a_crc32c_checksum(path):
     metas = [json.loads(p.read_text()) for p in path.rglob("zarr.json")]
     arrays = [m for m in metas if m["node_type"] == "array"]
     assert len(arrays) >= 9  # three outputs per series and the index columns
+
     def checksummed(codecs: list) -> bool:
         if codecs[0]["name"] == "sharding_indexed":  # a sharded mask: each inner chunk and the index
             conf = codecs[0]["configuration"]
@@ -277,8 +310,14 @@ def test_a_kill_during_index_rebuild_leaves_a_store_the_next_run_repairs(path):
             store.begin_run("killed", run_info())
             store.rebuild_index()
     """)
-    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "MRFM_KILL_AT": "index-rebuild"},
-                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "MRFM_KILL_AT": "index-rebuild"},
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     problems = validate_store(path)
     assert "/index: partial (a rebuild did not finish); the next run rebuilds it" in problems

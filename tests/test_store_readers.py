@@ -40,8 +40,24 @@ def workspace(tmp_path_factory):
         (root / "archive" / "real").mkdir()
         shutil.copy(REAL, root / "archive" / "real" / "1.dcm")
     store, report = root / "r.zarr", root / "report"
-    result = CliRunner().invoke(cli, ["run", str(root / "archive"), "--out", str(store), "--heads", HEADS, "--backend", "torch",
-                                      "--workers", "0", "--log-json", "--report", str(report)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(root / "archive"),
+            "--out",
+            str(store),
+            "--heads",
+            HEADS,
+            "--backend",
+            "torch",
+            "--workers",
+            "0",
+            "--log-json",
+            "--report",
+            str(report),
+        ],
+    )
     assert result.exit_code == 1, result.output  # the broken inputs fail; the rest completes
     return store, report, root / "archive", result
 
@@ -79,7 +95,9 @@ def test_the_run_keeps_a_report_of_every_series(workspace):
     page = _Page()
     page.feed(text)
     assert set(page.series) == set(series)
-    assert {k: a["data-series-uid"] for k, a in page.series.items()} == {k: a.get("series_uid") or k for k, a in series.items()}
+    assert {k: a["data-series-uid"] for k, a in page.series.items()} == {
+        k: a.get("series_uid") or k for k, a in series.items()
+    }
     statuses = {a["status"] for a in series.values()}
     assert {"complete", "failed"} <= statuses
     for key, attrs in series.items():
@@ -111,7 +129,9 @@ def test_a_second_report_draws_only_what_changed(workspace, tmp_path):
     again = write_report(store, tmp_path / "rep")
     assert again.drawn == 0 and again.images == first.images
     # the run's own report and this one list the same series
-    assert (tmp_path / "rep" / "index.html").read_text().count("data-series-uid") == (report / "index.html").read_text().count("data-series-uid")
+    assert (tmp_path / "rep" / "index.html").read_text().count("data-series-uid") == (
+        report / "index.html"
+    ).read_text().count("data-series-uid")
 
 
 def test_slices_are_shown_on_the_closest_RAS_grid_as_nibabel_reorients():
@@ -146,8 +166,14 @@ def test_the_lesion_is_drawn_where_it_is_in_its_colour():
     img = montage(image, affine, shape, [(mask, [(0, 0, 0), (255, 0, 0)])], [])
     # independent of the drawing code: world centre of the block and the grid's world extent
     centre = (affine @ np.array([4.0, 21.5, 4.5, 1.0]))[:3]
-    corners = np.array([affine @ np.array([i, j, k, 1.0]) for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5)
-                        for k in (-0.5, shape[2] - 0.5)])[:, :3]
+    corners = np.array(
+        [
+            affine @ np.array([i, j, k, 1.0])
+            for i in (-0.5, shape[0] - 0.5)
+            for j in (-0.5, shape[1] - 0.5)
+            for k in (-0.5, shape[2] - 0.5)
+        ]
+    )[:, :3]
     lo, hi = corners.min(axis=0), corners.max(axis=0)
     w, h = _panel_size("axial", shape, canonical(affine, shape)[1])
     top = (img.height - h) // 2
@@ -165,11 +191,19 @@ def chromium():
     """The system Chromium (Debian's chromium-headless-shell or chromium) and Playwright, or a skip."""
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
     for name in ("chromium-headless-shell", "chromium", "chromium-browser"):
-        found = shutil.which(name) or next((str(p) for p in (Path("/usr/lib/chromium") / "chrome-headless-shell",
-                                                               Path("/usr/lib/chromium/chromium")) if p.is_file()), None)
+        found = shutil.which(name) or next(
+            (
+                str(p)
+                for p in (Path("/usr/lib/chromium") / "chrome-headless-shell", Path("/usr/lib/chromium/chromium"))
+                if p.is_file()
+            ),
+            None,
+        )
         if found:
             return found
-    pytest.skip("no Chromium here (apt-get install chromium-headless-shell; .ci/run installs it where apt is available)")
+    pytest.skip(
+        "no Chromium here (apt-get install chromium-headless-shell; .ci/run installs it where apt is available)"
+    )
 
 
 def test_the_report_opens_in_chromium_with_every_series_and_its_images(workspace, chromium, tmp_path):
@@ -178,11 +212,21 @@ def test_the_report_opens_in_chromium_with_every_series_and_its_images(workspace
     store, report, _, _ = workspace
     _, series = _series(store)
     errors, requests = [], []
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_playwright() as p:
         # a fresh profile folder (Playwright passes it as --user-data-dir)
-        browser = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=chromium, args=args, headless=True)
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=chromium, args=args, headless=True
+        )
         try:
             page = browser.new_page()
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -201,7 +245,9 @@ def test_the_report_opens_in_chromium_with_every_series_and_its_images(workspace
     assert sorted(uids) == sorted(series)
     n_complete = sum(a["status"] == "complete" for a in series.values())
     assert len(decoded) == n_complete and all(w > 100 and h > 50 for w, h in decoded), decoded
-    assert requests and all(u.startswith("file://") for u in requests), [u for u in requests if not u.startswith("file://")]
+    assert requests and all(u.startswith("file://") for u in requests), [
+        u for u in requests if not u.startswith("file://")
+    ]
 
 
 # ---- mrfm show ---------------------------------------------------------------------------------
@@ -268,9 +314,15 @@ def test_scores_join_the_series_table_in_duckdb(workspace, tmp_path):
     complete = {a["series_uid"] or k: a for k, a in series.items() if a["status"] == "complete"}  # NIfTI: its key
     assert {r[0] for r in rows} == set(complete)
     for uid, desc, orientation, status, shape, _, _ in rows:
-        assert (desc, orientation, status, list(shape)) == (complete[uid]["description"], complete[uid]["geometry"]["orientation"],
-                                                            "complete", complete[uid]["geometry"]["shape"])
-    table = con.execute(f"SELECT series_key, status, reason, run_id, model_fingerprint FROM '{tmp_path / 'series.parquet'}'").fetchall()
+        assert (desc, orientation, status, list(shape)) == (
+            complete[uid]["description"],
+            complete[uid]["geometry"]["orientation"],
+            "complete",
+            complete[uid]["geometry"]["shape"],
+        )
+    table = con.execute(
+        f"SELECT series_key, status, reason, run_id, model_fingerprint FROM '{tmp_path / 'series.parquet'}'"
+    ).fetchall()
     assert {r[0]: r[1] for r in table} == {k: a["status"] for k, a in series.items()}
     assert all(r[2] for r in table if r[1] == "failed")
     model = engine.open_store(store).root.attrs["model"]["fingerprint"]
@@ -296,7 +348,9 @@ def test_tensorstore_reads_every_array_of_the_store(workspace):
     arrays = dict(_arrays(root))
     assert any(a.attrs.get("text") == "utf-8" for a in arrays.values())  # box labels and index columns
     for path, arr in arrays.items():
-        other = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store / path)}}, open=True, read=True).result()
+        other = ts.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store / path)}}, open=True, read=True
+        ).result()
         got = other.read().result()
         assert got.dtype == arr.dtype, path
         np.testing.assert_array_equal(got, arr[...], err_msg=path)

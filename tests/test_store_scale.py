@@ -26,8 +26,13 @@ def small_thresholds(monkeypatch):
 def put(store: ResultStore, key: str, vec, status: str = "complete", fp: str = FP) -> None:
     heads = {"retrieve": {"version": "1", "outputs": ["embedding"], "error": None, "fingerprint": fp, "run_id": "r"}}
     out = [OutputArray("retrieve", "1", DECL, np.asarray(vec, np.float32) / np.linalg.norm(vec))]
-    store.write_series(key, {"study_uid": f"st-{key}", "description": key, "heads": heads}, out, status,
-                       reason=None if status == "complete" else "test")
+    store.write_series(
+        key,
+        {"study_uid": f"st-{key}", "description": key, "heads": heads},
+        out,
+        status,
+        reason=None if status == "complete" else "test",
+    )
 
 
 def run(path, run_id: str, writes) -> ResultStore:
@@ -105,7 +110,9 @@ def test_compact_folds_appended_rows_and_stats_report_the_store(tmp_path):
     before = search_keys(path, "s07")
     report = compact_store(str(path))
     assert report["delta_rows"] == 2 and report["rows"] == 41 and report["rebuilt"] == 0
-    assert open_store(path).index_attrs()["delta_rows"] == 0 and _by_score(search_keys(path, "s07")) == _by_score(before)
+    assert open_store(path).index_attrs()["delta_rows"] == 0 and _by_score(search_keys(path, "s07")) == _by_score(
+        before
+    )
     stats = store_stats(str(path), sample=5)
     assert stats["series"] == {"complete": 41} and stats["index"]["rows"] == 41 and stats["runs"] == 2
     assert stats["per_series"]["sampled"] == 5 and stats["per_series"]["files"] > 0

@@ -80,9 +80,7 @@ def _digests(root: Path) -> dict[str, str]:
 def _series_volume(folder: Path) -> np.ndarray:
     """Rescaled pixels stacked in InstanceNumber order as (I, J, K): slice k = data[:, :, k].T."""
     slices = sorted((pydicom.dcmread(p) for p in folder.iterdir()), key=lambda d: int(d.InstanceNumber))
-    return np.stack(
-        [d.pixel_array.T * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices], axis=2
-    )
+    return np.stack([d.pixel_array.T * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices], axis=2)
 
 
 def test_same_seed_gives_byte_identical_files(archive, tmp_path):
@@ -224,9 +222,7 @@ def test_phantom_contrast_ordering_and_labels():
     ventricle = np.array([[11.0, 0.0, 12.0]])  # right lateral ventricle centre
     parenchyma = np.array([[40.0, 10.0, 30.0]])
     assert phantom.labels_at(np.vstack([ventricle, parenchyma, [[0, 0, 500.0]]])).tolist() == [3, 2, 0]
-    signal = {
-        c: phantom.intensity_at(np.vstack([ventricle, parenchyma]), c, texture=False) for c in CONTRASTS
-    }
+    signal = {c: phantom.intensity_at(np.vstack([ventricle, parenchyma]), c, texture=False) for c in CONTRASTS}
     assert signal["T1"][0] < signal["T1"][1] and signal["FLAIR"][0] < signal["FLAIR"][1]
     assert signal["T2"][0] > signal["T2"][1]
     lesion = phantom.lesions[0]

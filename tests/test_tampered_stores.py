@@ -28,12 +28,20 @@ READER_MIB = 256  # a reader of this kilobyte-sized store needs far less; the at
 RUN_MIB = 1024  # the run also loads the model and decodes a series
 # what names the tampered node (or the refusal) in the command's output, where it fails
 SAID = {
-    "huge_mask_shape": MASK, "huge_index_embedding": "index/embedding", "huge_attribute": "series/s2/zarr.json",
-    "deep_json": "series/s2/zarr.json", "huge_chunk_grid": "index/key_hash", "escaped_key": r"s2\x1b]0;pwned\x07",
-    "head_as_path": "victim", "terminal_escapes": "s2",
+    "huge_mask_shape": MASK,
+    "huge_index_embedding": "index/embedding",
+    "huge_attribute": "series/s2/zarr.json",
+    "deep_json": "series/s2/zarr.json",
+    "huge_chunk_grid": "index/key_hash",
+    "escaped_key": r"s2\x1b]0;pwned\x07",
+    "head_as_path": "victim",
+    "terminal_escapes": "s2",
 }
-SAID_BY = {("root_slash", "export dicom-seg"): "not searched: /: a file-system root",
-           ("head_as_path", "export dicom-seg"): "is not a plain name", ("escaped_key", "export dicom-seg"): SAID["escaped_key"]}
+SAID_BY = {
+    ("root_slash", "export dicom-seg"): "not searched: /: a file-system root",
+    ("head_as_path", "export dicom-seg"): "is not a plain name",
+    ("escaped_key", "export dicom-seg"): SAID["escaped_key"],
+}
 NO_SOURCES = "source files are not under the archive roots"  # the corpus's series have no files to find
 
 
@@ -42,23 +50,33 @@ def corpus(tmp_path_factory) -> tuple[dict[str, Path], Path]:
     root = tmp_path_factory.mktemp("tampered")
     folder = root / "archive"
     _, affine = make_grid("axial", (0.0, 0.0, 0.0), shape=(24, 24, 6), spacing=(4.0, 4.0, 4.0))
-    write_dicom_series(folder / "s", 300 + 400 * np.random.default_rng(3).random((24, 24, 6)), affine,
-                       study_uid=derive_uid(3, "tampered", "study"), series_uid=derive_uid(3, "tampered", "series"),
-                       description="T1")
+    write_dicom_series(
+        folder / "s",
+        300 + 400 * np.random.default_rng(3).random((24, 24, 6)),
+        affine,
+        study_uid=derive_uid(3, "tampered", "study"),
+        series_uid=derive_uid(3, "tampered", "series"),
+        description="T1",
+    )
     return write_tampered_stores(root / "corpus"), folder
 
 
 def state(folder: Path, skip: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``folder`` but ``skip``: (size, mtime) by path."""
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
-            if p.is_file() and skip not in p.parents}
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file() and skip not in p.parents
+    }
 
 
 def peak_mib(call):
     """(result of ``call()``, its peak RSS growth in MiB): the high-water mark is reset first."""
+
     def status(field: str) -> int:
         with open("/proc/self/status") as fh:
             return int(re.search(rf"{field}:\s+(\d+)", fh.read()).group(1)) // 1024
+
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -126,10 +144,13 @@ def test_a_huge_root_zarr_json_is_refused_unread(tmp_path):
     def open_it():
         with pytest.raises(StoreError, match="over the 8 MiB limit"):
             ResultStore(store, mode="r")
+
     _, grew = peak_mib(open_it)
     assert grew < 64, grew
     result = CliRunner().invoke(cli, ["inspect", str(store)])
-    assert result.exit_code == 3 and "zarr.json" in result.output and result.exception.__class__ is SystemExit, result.output
+    assert result.exit_code == 3 and "zarr.json" in result.output and result.exception.__class__ is SystemExit, (
+        result.output
+    )
 
 
 def write_small_store_copy(tmp_path: Path) -> Path:
@@ -150,6 +171,13 @@ def test_text_that_is_not_utf8_is_a_usage_error_in_the_python_api(tmp_path):
         with pytest.raises(UsageError, match="not UTF-8 text"):
             search(store, like=text)
         with pytest.raises(UsageError, match="not UTF-8 text"):
-            run([tmp_path], tmp_path / "out.zarr", queries=["fine", text], heads=["classify"], backend="torch", workers=0)
+            run(
+                [tmp_path],
+                tmp_path / "out.zarr",
+                queries=["fine", text],
+                heads=["classify"],
+                backend="torch",
+                workers=0,
+            )
     assert not (tmp_path / "out.zarr").exists()
     assert [h.series_key for h in search(store, like=b"s1", k=1)] == ["s2"]  # UTF-8 bytes are text

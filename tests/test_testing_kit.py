@@ -24,16 +24,27 @@ EXAMPLE = ROOT / "examples" / "mrfm-head-brightness"
 
 def write_manifest(tmp_path: Path, name: str, outputs: list[dict], view: str = "global") -> Path:
     path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps({"name": name, "version": "0.1.0", "encoder": {"fingerprint": "any"},
-                                "inputs": {"view": view, "image": True, "features": []}, "outputs": outputs}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": name,
+                "version": "0.1.0",
+                "encoder": {"fingerprint": "any"},
+                "inputs": {"view": view, "image": True, "features": []},
+                "outputs": outputs,
+            }
+        )
+    )
     return path
 
 
 @pytest.fixture
 def everything_head(tmp_path):
     """A head marking every view voxel as foreground, with a score: the simplest mapped output."""
-    outputs = [{"name": "all", "kind": "mask", "dtype": "uint8", "labels": ["background", "all"]},
-               {"name": "seen", "kind": "value", "dtype": "float32", "shape": [], "units": "voxels"}]
+    outputs = [
+        {"name": "all", "kind": "mask", "dtype": "uint8", "labels": ["background", "all"]},
+        {"name": "seen", "kind": "value", "dtype": "float32", "shape": [], "units": "voxels"},
+    ]
 
     class Everything(engine.Head):
         manifest_path = write_manifest(tmp_path, "everything", outputs)
@@ -75,7 +86,9 @@ def test_synthetic_volumes_hold_the_same_anatomy_in_every_orientation():
 
 def test_a_failing_head_raises_with_the_reason_or_reports_it(tmp_path):
     class Nan(engine.Head):
-        manifest_path = write_manifest(tmp_path, "nan", [{"name": "v", "kind": "value", "dtype": "float32", "shape": [], "units": "1"}])
+        manifest_path = write_manifest(
+            tmp_path, "nan", [{"name": "v", "kind": "value", "dtype": "float32", "shape": [], "units": "1"}]
+        )
 
         def predict(self, batch):
             return [{"v": float("nan")} for _ in batch]
@@ -102,7 +115,10 @@ def test_run_head_writes_the_store_and_reads_it_back(everything_head, tmp_path):
     result = kit.run_head(everything_head, "sagittal", store=tmp_path / "r.zarr")
     assert (result.stored["all"] == result["all"]).all()
     assert result.store_attrs["status"] == "complete"
-    assert engine.open_store(tmp_path / "r.zarr").read_output("synthetic-sagittal", "everything", "all").shape == result.volume.shape
+    assert (
+        engine.open_store(tmp_path / "r.zarr").read_output("synthetic-sagittal", "everything", "all").shape
+        == result.volume.shape
+    )
 
 
 def test_a_nifti_path_runs_like_its_volume(everything_head, tmp_path):
@@ -134,7 +150,10 @@ def check_well_formed(decl: dict, value, volume) -> None:
     elif kind == "boxes":
         n = len(value["scores"])
         assert value["world"].shape == (n, 6) and value["voxel"].shape == (n, 6)
-        lo, hi = voxel_centre_bounds(volume.shape, volume.affine)[:3], voxel_centre_bounds(volume.shape, volume.affine)[3:]
+        lo, hi = (
+            voxel_centre_bounds(volume.shape, volume.affine)[:3],
+            voxel_centre_bounds(volume.shape, volume.affine)[3:],
+        )
         assert (value["world"][:, :3] >= lo - 0.5 * max(volume.spacing)).all()
         assert (value["world"][:, 3:] <= hi + 0.5 * max(volume.spacing)).all()
         assert (value["world"][:, 3:] >= value["world"][:, :3]).all()
@@ -163,8 +182,14 @@ def test_every_contrib_head_runs_through_the_kit(name):
 def run_package_tests(folder: Path) -> subprocess.CompletedProcess:
     """The package's own tests, in a fresh interpreter, with the package importable as if installed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(ROOT)]), "MRFM_LOAD_PLUGINS": ""}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "engine.pytest_plugin", "-p", "no:cacheprovider", str(folder)],
-                          cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "engine.pytest_plugin", "-p", "no:cacheprovider", str(folder)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_new_head_writes_a_valid_package_whose_tests_pass(tmp_path):

@@ -36,12 +36,20 @@ def tiny_model_folder(folder: Path) -> Path:
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(DEFAULT_MODEL_DIR / "text" / name, text_dir / name)
     vocab_size = len((text_dir / "vocab.txt").read_text().splitlines())
-    config = {**build.BERT_CONFIG, "vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64}
+    config = {
+        **build.BERT_CONFIG,
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "intermediate_size": 64,
+    }
     (text_dir / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
     bert = BertModel(BertConfig(**config), add_pooling_layer=False)
     save_file({k: v.contiguous() for k, v in bert.state_dict().items()}, str(text_dir / "model.safetensors"))
-    save_file({"weight": torch.randn(64, 32) * 0.02, "bias": torch.zeros(64)}, str(folder / "text_projection.safetensors"))
+    save_file(
+        {"weight": torch.randn(64, 32) * 0.02, "bias": torch.zeros(64)}, str(folder / "text_projection.safetensors")
+    )
     build.build_encoder(folder, card, seed=0)
     (folder / "model.json").write_text(json.dumps(card))
     return folder
@@ -62,7 +70,9 @@ def test_training_step_reduces_the_loss_on_a_tiny_archive(tmp_path):
     def loss_on_fixed_batch() -> float:
         torch.manual_seed(1)
         with torch.no_grad():
-            losses = batch_losses(nets, tokenizer, fixed, config, np.random.default_rng(1), torch.Generator().manual_seed(1))
+            losses = batch_losses(
+                nets, tokenizer, fixed, config, np.random.default_rng(1), torch.Generator().manual_seed(1)
+            )
         assert {"seg", "region", "contrast", "volume", "localize", "clip"} <= set(losses)
         return float(sum(losses.values()))
 
@@ -76,13 +86,19 @@ def test_image_only_ablation_trains_without_report_supervision(tmp_path):
     """The ablation arm drops exactly the report-supervised objectives: the text tower and its
     projection never move, while the image objectives still train the encoder."""
     nets, tokenizer, card = initial_nets(tiny_model_folder(tmp_path / "model"))
-    samples = prepare_samples(write_training_archives(tmp_path / "data", studies=2, first_seed=3), card["preprocessing"], 8, seed=0)
-    config = TrainConfig(steps=3, batch=3, tiles_per_batch=1, crop_tokens=2, lr=2e-3, warmup=1, report_supervision=False)
+    samples = prepare_samples(
+        write_training_archives(tmp_path / "data", studies=2, first_seed=3), card["preprocessing"], 8, seed=0
+    )
+    config = TrainConfig(
+        steps=3, batch=3, tiles_per_batch=1, crop_tokens=2, lr=2e-3, warmup=1, report_supervision=False
+    )
     batch = Batches(samples, 2, 1, seed=5).next()
     losses = batch_losses(nets, tokenizer, batch, config, np.random.default_rng(1), torch.Generator().manual_seed(1))
     assert {"seg", "region", "contrast", "volume", "localize"} <= set(losses)
     assert not set(losses) & {"clip", "ground", "ground_score"}
-    text_before = {k: v.clone() for k, v in [*nets.bert.state_dict().items(), *nets.text_projection.state_dict().items()]}
+    text_before = {
+        k: v.clone() for k, v in [*nets.bert.state_dict().items(), *nets.text_projection.state_dict().items()]
+    }
     encoder_before = {k: v.clone() for k, v in nets.encoder.state_dict().items()}
     train(nets, tokenizer, samples, config, log=None)
     text_after = dict([*nets.bert.state_dict().items(), *nets.text_projection.state_dict().items()])
@@ -99,8 +115,16 @@ def test_recipe_fits_heads_through_engine_fitting_and_writes_whole_modules(tmp_p
 
     model_dir = tiny_model_folder(tmp_path / "model")
     write_demo_archive(tmp_path / "arch", studies=2, seed=4, formats=("explicit",))
-    results = fit_heads(model_dir, [tmp_path / "arch"], tmp_path / "heads", names=("classify", "ground"),
-                        cache_dir=tmp_path / "cache", steps=20, floor=False, log=None)
+    results = fit_heads(
+        model_dir,
+        [tmp_path / "arch"],
+        tmp_path / "heads",
+        names=("classify", "ground"),
+        cache_dir=tmp_path / "cache",
+        steps=20,
+        floor=False,
+        log=None,
+    )
     fingerprint = load_model(model_dir).fingerprint
     (dest := tmp_path / "contrib").mkdir()
     (dest / "classify").mkdir()
@@ -126,8 +150,16 @@ def test_refit_replaces_weights_keeps_the_module_and_reorders_class_rows(tmp_pat
 
     model_dir = tiny_model_folder(tmp_path / "model")
     write_demo_archive(tmp_path / "arch", studies=4, seed=4, formats=("explicit",))  # every region and contrast
-    results = fit_heads(model_dir, [tmp_path / "arch"], tmp_path / "heads", names=("classify",),
-                        cache_dir=tmp_path / "cache", steps=5, floor=False, log=None)
+    results = fit_heads(
+        model_dir,
+        [tmp_path / "arch"],
+        tmp_path / "heads",
+        names=("classify",),
+        cache_dir=tmp_path / "cache",
+        steps=5,
+        floor=False,
+        log=None,
+    )
     fitted = results["classify"]
     dest = tmp_path / "contrib" / "classify"
     shutil.copytree(HEADS_DIR / "classify", dest)
@@ -157,8 +189,10 @@ def test_recipe_imports_no_contrib_head():
     import subprocess
     import sys
 
-    code = ("import sys, engine.default_model.train as t, engine.default_model.pretrain as p; p.aux_heads(32, 16, 0); "
-            "print([m for m in sys.modules if m.startswith('contrib_heads')])")
+    code = (
+        "import sys, engine.default_model.train as t, engine.default_model.pretrain as p; p.aux_heads(32, 16, 0); "
+        "print([m for m in sys.modules if m.startswith('contrib_heads')])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
@@ -182,7 +216,9 @@ def test_shipped_model_is_trained_and_every_head_is_keyed_to_it():
 def test_lesion_phrase_names_size_and_location():
     from engine.synthetic import LesionTruth
 
-    lesion = LesionTruth(0, [0.0, 0.0, 0.0], [6.2, 4.0, 3.0], [[1, 0, 0], [0, 1, 0], [0, 0, 1]], 0.3, "left frontal lobe")
+    lesion = LesionTruth(
+        0, [0.0, 0.0, 0.0], [6.2, 4.0, 3.0], [[1, 0, 0], [0, 1, 0], [0, 0, 1]], 0.3, "left frontal lobe"
+    )
     assert lesion_phrase(lesion) == "12 mm lesion in the left frontal lobe"
 
 

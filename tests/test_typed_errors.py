@@ -20,7 +20,9 @@ from engine.errors import StoreError, UsageError, one_line
 from engine.model import DEFAULT_MODEL_DIR, read_card
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN_EXCEPTIONS = {name for name, obj in vars(builtins).items() if isinstance(obj, type) and issubclass(obj, BaseException)}
+BUILTIN_EXCEPTIONS = {
+    name for name, obj in vars(builtins).items() if isinstance(obj, type) and issubclass(obj, BaseException)
+}
 
 
 def _exception_classes_outside_errors() -> list[str]:
@@ -34,7 +36,10 @@ def _exception_classes_outside_errors() -> list[str]:
             for node in ast.walk(ast.parse(path.read_text())):
                 if not isinstance(node, ast.ClassDef):
                     continue
-                bases = {b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else "" for b in node.bases}
+                bases = {
+                    b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else ""
+                    for b in node.bases
+                }
                 if bases & known and not (node.name.startswith("_") and ast.get_docstring(node)):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     return found
@@ -52,7 +57,12 @@ def test_the_old_homes_of_moved_errors_still_name_the_same_class():
     from engine.views import ViewError
 
     assert (LoadError, ViewError, StackError, HeadOutputError, SkipSeries) == (
-        errors.LoadError, errors.ViewError, errors.StackError, errors.HeadOutputError, errors.SkipSeries)
+        errors.LoadError,
+        errors.ViewError,
+        errors.StackError,
+        errors.HeadOutputError,
+        errors.SkipSeries,
+    )
 
 
 @pytest.mark.parametrize(
@@ -97,7 +107,9 @@ def test_a_card_breaking_its_schema_is_a_usage_error(tmp_path):
 
 # ---- search keeps usage (2) and store (3) exit codes ----------------------------------------------
 def _store_without_embeddings(path: Path) -> Path:
-    root = zarr.create_group(str(path), zarr_format=3, attributes={"model": {"path": None, "fingerprint": "sha256:" + "ab" * 32}})
+    root = zarr.create_group(
+        str(path), zarr_format=3, attributes={"model": {"path": None, "fingerprint": "sha256:" + "ab" * 32}}
+    )
     index = root.create_group("index")
     index.create_array("series_key", shape=(1,), dtype=str, chunks=(1,))[...] = np.asarray(["a"], dtype=str)
     return path

@@ -45,7 +45,11 @@ def test_a_fresh_store_is_valid(valid_store):
 
 def test_a_damaged_chunk_is_named_by_deep_validation(store):
     key = _first_key(store)
-    chunk = next(p for p in sorted((store / "series" / key / "segment" / "anatomy").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk = next(
+        p
+        for p in sorted((store / "series" / key / "segment" / "anatomy").rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    )
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
@@ -112,7 +116,10 @@ def test_box_outside_the_series(store):
     boxes.create_array("world", shape=(1, 6), dtype="float64")[...] = [[0, 0, 0, 1e4, 1e4, 1e4]]
     boxes.create_array("voxel", shape=(1, 6), dtype="float64")[...] = [[0, 0, 0, 1, 1, 1]]
     boxes.create_array("scores", shape=(1,), dtype="float32")[...] = [0.9]
-    assert any(p.endswith("/localize/lesions/world: a box lies outside the series' world bounds") for p in validate_store(store))
+    assert any(
+        p.endswith("/localize/lesions/world: a box lies outside the series' world bounds")
+        for p in validate_store(store)
+    )
 
 
 def test_embedding_not_unit_norm(store):

@@ -24,7 +24,11 @@ def test_every_violation_of_a_store_damaged_in_several_places_is_listed(tmp_path
     result = CliRunner().invoke(cli, ["validate", str(bad)])
     assert result.exit_code == 1, result.output
     problems = list(iter_problems(bad))
-    for node, why in ((MASK, "declares"), ("/series/s2/zarr.json", "nested deeper"), ("/index/embedding/zarr.json", "238 GiB")):
+    for node, why in (
+        (MASK, "declares"),
+        ("/series/s2/zarr.json", "nested deeper"),
+        ("/index/embedding/zarr.json", "238 GiB"),
+    ):
         assert any(node in p and why in p for p in problems), (node, problems)
     printed = " ".join(result.output.split())  # the terminal folds long lines
     assert all(" ".join(p.split()) in printed for p in problems) and f"{len(problems)} problem(s)" in printed

@@ -12,8 +12,12 @@ import torchio as tio
 from engine.geometry import Volume
 from engine.views import FWHM_PER_SIGMA, MIN_SMOOTH_VOXELS, _ras_grid, make_views
 
-PRE = {"spacing": [3.0, 3.0, 3.0], "input_size": [32, 32, 32], "tile_overlap": 0.25,
-       "intensity": {"clip_percentiles": [0.5, 99.5], "normalize": "zscore"}}
+PRE = {
+    "spacing": [3.0, 3.0, 3.0],
+    "input_size": [32, 32, 32],
+    "tile_overlap": 0.25,
+    "intensity": {"clip_percentiles": [0.5, 99.5], "normalize": "zscore"},
+}
 
 
 def _rotation(axis: int, degrees: float) -> np.ndarray:

@@ -49,18 +49,14 @@ ACQUISITIONS = {
 
 def _phantom() -> Phantom:
     tissues = {1: "fat", 2: "brain", 3: "lesion"}
-    structures = [
-        Structure(f"object {lab}", lab, tissues[lab], c, (r, r, r)) for lab, (c, r, _) in OBJECTS.items()
-    ]
+    structures = [Structure(f"object {lab}", lab, tissues[lab], c, (r, r, r)) for lab, (c, r, _) in OBJECTS.items()]
     return Phantom("brain", structures)
 
 
 def _acquire(tmp: Path, name: str) -> tuple[Path, np.ndarray, np.ndarray]:
     """Write one acquisition; returns its folder, its true affine and its true label map."""
     orientation, flip, oblique, shape, spacing = ACQUISITIONS[name]
-    shape, affine = make_grid(
-        orientation, CENTRE, shape=shape, spacing=spacing, flip=flip, oblique_deg=oblique
-    )
+    shape, affine = make_grid(orientation, CENTRE, shape=shape, spacing=spacing, flip=flip, oblique_deg=oblique)
     labels = _phantom().labels_at(apply_affine(affine, np.indices(shape).reshape(3, -1).T)).reshape(shape)
     image = np.zeros(shape)
     for lab, (_, _, value) in OBJECTS.items():
@@ -118,9 +114,7 @@ def read_series_independently(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     lps[:3, 1] = iop[3:] * row_spacing  # j walks down a column: the second IOP vector
     lps[:3, 2] = (ipp[-1] - ipp[0]) / (len(slices) - 1)
     lps[:3, 3] = ipp[0]
-    data = np.stack(
-        [d.pixel_array.T * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices], axis=2
-    )
+    data = np.stack([d.pixel_array.T * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices], axis=2)
     return data, LPS_TO_RAS @ lps
 
 
@@ -151,6 +145,7 @@ def test_dcm2niix_agrees_with_the_true_geometry(acquisitions, name, tmp_path):
 @pytest.mark.parametrize("name", sorted(ACQUISITIONS))
 def test_engine_loader_puts_objects_at_their_world_positions(acquisitions, name):
     import engine.discover as discover
+
     folder, true_affine, true_labels = acquisitions[name]
     result = discover.scan([folder])
     assert len(result.series) == 1, result.warnings
@@ -165,6 +160,7 @@ def test_engine_loader_puts_objects_at_their_world_positions(acquisitions, name)
 def test_engine_loader_matches_demo_archive_ground_truth(tmp_path):
     """Every demo series loads onto the grid of its ground-truth label map, voxel for voxel."""
     import engine.discover as discover
+
     manifest = write_demo_archive(tmp_path / "demo", studies=2, seed=11)
     result = discover.scan([manifest.dicom_root])
     assert not result.warnings

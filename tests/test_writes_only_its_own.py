@@ -47,7 +47,9 @@ def listing(folder: Path) -> dict[str, bytes]:
 
 def clean(result, code: int, *needles: str) -> None:
     assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output and (result.exception is None or isinstance(result.exception, SystemExit)), result.output
+    assert "Traceback" not in result.output and (
+        result.exception is None or isinstance(result.exception, SystemExit)
+    ), result.output
     for needle in needles:
         assert needle in result.output, result.output
 
@@ -60,7 +62,9 @@ def test_a_user_folder_given_as_out_is_refused_and_left_as_it_was(archive, tmp_p
     (user / "index" / "notes.txt").write_text("keep")
     (user / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"mine": 1}}))
     before = listing(user)
-    result = CliRunner().invoke(cli, ["run", str(archive), "--out", str(user), *RUN, *(["--overwrite"] if overwrite else [])])
+    result = CliRunner().invoke(
+        cli, ["run", str(archive), "--out", str(user), *RUN, *(["--overwrite"] if overwrite else [])]
+    )
     clean(result, 2, str(user), "not an mrfm result store")
     assert listing(user) == before
 
@@ -114,7 +118,9 @@ def tampered_copy(store: Path, tmp_path: Path, head: str) -> Path:
         node = meta.parent / head.strip("/")
         if ".." not in head:
             node.parent.mkdir(parents=True, exist_ok=True)
-            (node.parent / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+            (node.parent / "zarr.json").write_text(
+                json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})
+            )
             (meta.parent / "segment").rename(node)
     return copy
 
@@ -168,7 +174,9 @@ def test_archive_roots_are_recorded_absolutely_and_export_finds_the_sources_from
 def test_recorded_roots_that_are_no_folder_or_the_file_system_root_are_not_searched(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    roots, refused = source_roots(["/", str(fifo), str(tmp_path / "gone"), str(tmp_path), str(tmp_path), 7], recorded=True)
+    roots, refused = source_roots(
+        ["/", str(fifo), str(tmp_path / "gone"), str(tmp_path), str(tmp_path), 7], recorded=True
+    )
     assert roots == [tmp_path]
     assert [r.split(":")[0] for r in refused] == ["/", str(fifo), str(tmp_path / "gone"), "7"]
     assert source_roots([str(tmp_path)], recorded=False)[0] == [tmp_path]

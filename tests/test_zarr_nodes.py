@@ -70,4 +70,7 @@ def test_an_empty_array_has_no_chunk_and_a_scalar_has_one(tmp_path):
     write(tmp_path, "none", VALUES["none"])
     write(tmp_path, "scalar", VALUES["scalar"])
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
-        "none/zarr.json", "scalar/c", "scalar/zarr.json"]
+        "none/zarr.json",
+        "scalar/c",
+        "scalar/zarr.json",
+    ]

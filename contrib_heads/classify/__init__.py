@@ -42,8 +42,14 @@ class ClassifyHead(engine.NetHead):
         cls = self.stack(batch, "cls")
         tokens = self.stack(batch, "tokens")
         # calibrated: each output's logits over the temperature fit on validation studies (manifest fit.config)
-        temps = {o["name"]: float(o.get("temperature", 1.0)) for o in ((self.spec.get("fit") or {}).get("config") or {}).get("outputs", [])}
-        probs = {name: (logits / temps.get(name, 1.0)).softmax(dim=-1).cpu().numpy() for name, logits in self.net(cls, tokens).items()}
+        temps = {
+            o["name"]: float(o.get("temperature", 1.0))
+            for o in ((self.spec.get("fit") or {}).get("config") or {}).get("outputs", [])
+        }
+        probs = {
+            name: (logits / temps.get(name, 1.0)).softmax(dim=-1).cpu().numpy()
+            for name, logits in self.net(cls, tokens).items()
+        }
         return [{name: p[i] for name, p in probs.items()} for i in range(len(batch))]
 
 

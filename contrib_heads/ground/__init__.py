@@ -55,7 +55,12 @@ class GroundHead(engine.NetHead):
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
         text = batch[0].text if batch[0].text is not None else self.context.text
         if text is None or len(text.queries) == 0:
-            empty = {"boxes": np.zeros((0, 6), np.float32), "scores": np.zeros(0, np.float32), "queries": [], "labels": []}
+            empty = {
+                "boxes": np.zeros((0, 6), np.float32),
+                "scores": np.zeros(0, np.float32),
+                "queries": [],
+                "labels": [],
+            }
             return [{"regions": dict(empty)} for _ in batch]
         grid = batch[0].features.grid
         layers = [token_grid(self.stack(batch, f"layers[{i}]"), grid) for i in self.layers]
@@ -66,13 +71,29 @@ class GroundHead(engine.NetHead):
             boxes, scores = [], []
             for q in range(len(text.queries)):
                 heat, size, offset = self.net.decode(trunk[i : i + 1], queries[q : q + 1])
-                b, s = engine.centre_boxes.centre_boxes(torch.sigmoid(heat[0]).float().cpu(), size[0].float().cpu(),
-                                                        offset[0].float().cpu(), CentreNet.stride, 0.0, 1, 0.3, batch[i].shape)
+                b, s = engine.centre_boxes.centre_boxes(
+                    torch.sigmoid(heat[0]).float().cpu(),
+                    size[0].float().cpu(),
+                    offset[0].float().cpu(),
+                    CentreNet.stride,
+                    0.0,
+                    1,
+                    0.3,
+                    batch[i].shape,
+                )
                 boxes.append(b[0])
                 scores.append(s[0])
             found = ["found" if s >= self.threshold else "not found" for s in scores]
-            results.append({"regions": {"boxes": np.asarray(boxes, np.float32).reshape(-1, 6), "scores": np.asarray(scores, np.float32),
-                                        "queries": list(text.queries), "labels": found}})
+            results.append(
+                {
+                    "regions": {
+                        "boxes": np.asarray(boxes, np.float32).reshape(-1, 6),
+                        "scores": np.asarray(scores, np.float32),
+                        "queries": list(text.queries),
+                        "labels": found,
+                    }
+                }
+            )
         return results
 
 

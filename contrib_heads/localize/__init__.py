@@ -50,7 +50,11 @@ class LocalizeHead(engine.NetHead):
         self.layers = fit_record(manifest)["config"]["layers"]
         self.label = manifest["outputs"][0]["labels"][0]
         self.output = manifest["outputs"][0]["name"]
-        self.threshold, self.iou, self.max_boxes = float(params["threshold"]), float(params["iou"]), int(params["max_boxes"])
+        self.threshold, self.iou, self.max_boxes = (
+            float(params["threshold"]),
+            float(params["iou"]),
+            int(params["max_boxes"]),
+        )
         if not (0 <= self.threshold <= 1 and 0 <= self.iou <= 1 and self.max_boxes >= 1):
             raise ValueError(f"localize: parameters out of range: {params}")
 
@@ -62,9 +66,16 @@ class LocalizeHead(engine.NetHead):
         prob = torch.sigmoid(heat).float().cpu()
         results = []
         for i in range(len(batch)):
-            boxes, scores = engine.centre_boxes.centre_boxes(prob[i], size[i].float().cpu(), offset[i].float().cpu(),
-                                                             CentreNet.stride, self.threshold, self.max_boxes, self.iou,
-                                                             batch[i].shape)
+            boxes, scores = engine.centre_boxes.centre_boxes(
+                prob[i],
+                size[i].float().cpu(),
+                offset[i].float().cpu(),
+                CentreNet.stride,
+                self.threshold,
+                self.max_boxes,
+                self.iou,
+                batch[i].shape,
+            )
             results.append({self.output: {"boxes": boxes, "scores": scores, "labels": [self.label] * len(boxes)}})
         return results
 

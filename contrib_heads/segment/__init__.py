@@ -36,7 +36,9 @@ class SegmentHead(engine.NetHead):
     @torch.inference_mode()
     def predict(self, batch: list[engine.HeadInput]) -> list[dict[str, Any]]:
         grid = batch[0].features.grid
-        layers = [token_grid(self.stack(batch, f"layers[{idx}]"), grid) for idx in (DEEP_LAYER, MID_LAYER, SHALLOW_LAYER)]
+        layers = [
+            token_grid(self.stack(batch, f"layers[{idx}]"), grid) for idx in (DEEP_LAYER, MID_LAYER, SHALLOW_LAYER)
+        ]
         image = self.stack(batch, "image").contiguous(memory_format=torch.channels_last_3d)
         probs = self.net(layers, image).softmax(dim=1).cpu().numpy()
         return [{"anatomy": probs[i]} for i in range(len(batch))]

@@ -25,12 +25,16 @@ def _existing(root: Path, seed: int, studies: int) -> ArchiveManifest | None:
     return None
 
 
-def write_anatomy_training_archives(root: Path, studies: int, assets: str | Path, first_seed: int = FIRST_SEED) -> list[ArchiveManifest]:
+def write_anatomy_training_archives(
+    root: Path, studies: int, assets: str | Path, first_seed: int = FIRST_SEED
+) -> list[ArchiveManifest]:
     """Archives of ``STUDIES_PER_ARCHIVE`` anatomy-based studies from seeds ``first_seed``, ... until ``studies`` exist."""
     out = []
     for a in range(max(1, math.ceil(studies / STUDIES_PER_ARCHIVE))):
         n = min(STUDIES_PER_ARCHIVE, studies - a * STUDIES_PER_ARCHIVE)
         seed = first_seed + a
         folder = Path(root) / f"anat_{seed}"
-        out.append(_existing(folder, seed, n) or write_anatomy_archive(folder, n, seed, assets=assets, brain_share=BRAIN_SHARE))
+        out.append(
+            _existing(folder, seed, n) or write_anatomy_archive(folder, n, seed, assets=assets, brain_share=BRAIN_SHARE)
+        )
     return out

@@ -61,12 +61,16 @@ def fetch(folder: str | Path) -> dict[str, Path]:
 def require(folder: str | Path | None) -> dict[str, Path]:
     """The asset files under ``folder``, or a usage error naming each missing one and the fix."""
     if folder is None:
-        raise UsageError("the anatomy assets are needed: python -m engine.default_model.assets fetch DIR, then --assets DIR")
+        raise UsageError(
+            "the anatomy assets are needed: python -m engine.default_model.assets fetch DIR, then --assets DIR"
+        )
     folder = Path(folder)
     missing = [rel for rel in FILES.values() if not (folder / rel).is_file()]
     if missing:
-        raise UsageError(f"anatomy assets missing under {folder}: {', '.join(missing)}; "
-                         f"get them with: python -m engine.default_model.assets fetch {folder}")
+        raise UsageError(
+            f"anatomy assets missing under {folder}: {', '.join(missing)}; "
+            f"get them with: python -m engine.default_model.assets fetch {folder}"
+        )
     return {key: folder / rel for key, rel in FILES.items()}
 
 

@@ -378,7 +378,14 @@ def build_tokenizer(text_dir: Path, seed: int, vocab_size: int = VOCAB_SIZE) -> 
 
     Returns the vocabulary size.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors  # heavy: only building or training the default model needs it
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )  # heavy: only building or training the default model needs it
 
     vocab = learn_wordpiece(word_counts(list(corpus(seed))), vocab_size)
     ids = {t: i for i, t in enumerate(vocab)}

@@ -120,7 +120,9 @@ def series_samples(
     volume = load(ref)
     views = make_views(volume, preprocessing)
     label_path = manifest.root / truth.label_map
-    visible = [les for les in study.lesions if in_field_of_view(np.asarray([les.center_mm]), volume.affine, volume.shape)[0]]
+    visible = [
+        les for les in study.lesions if in_field_of_view(np.asarray([les.center_mm]), volume.affine, volume.shape)[0]
+    ]
 
     g: View = views["global"]
     image = g.image[0].numpy().astype(np.float32)

@@ -25,7 +25,9 @@ def _inside(point: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return ((boxes[:, :3] <= point) & (point <= boxes[:, 3:])).all(axis=1)
 
 
-def evaluate_archive(manifest: ArchiveManifest, work: Path, heads: list[str] | None = None, retrieval: bool = True) -> dict[str, Any]:
+def evaluate_archive(
+    manifest: ArchiveManifest, work: Path, heads: list[str] | None = None, retrieval: bool = True
+) -> dict[str, Any]:
     """Run the pipeline (backend torch) over ``manifest``'s archive and score every head."""
     from engine.pipeline import run  # the recipe loads the run path and fitting only when it runs
     from engine.search import search  # the recipe loads the run path and fitting only when it runs
@@ -89,7 +91,9 @@ def evaluate_archive(manifest: ArchiveManifest, work: Path, heads: list[str] | N
         metrics["lesion_volume_mae_ml"] = round(float(np.mean(vol_err)), 3)
         metrics["lesion_volume_mae_ml_study_total"] = round(float(np.mean(vol_err_study)), 3)
     if sizes.any():
-        metrics["dice"] = {LABELS[c]: round(float(2 * inter[c] / sizes[c]), 4) if sizes[c] else None for c in range(1, len(LABELS))}
+        metrics["dice"] = {
+            LABELS[c]: round(float(2 * inter[c] / sizes[c]), 4) if sizes[c] else None for c in range(1, len(LABELS))
+        }
     if loc_hits or loc_boxes_clean:
         metrics["localize_hit_rate"] = rate(loc_hits)
         metrics["localize_lesions"] = len(loc_hits)

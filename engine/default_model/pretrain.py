@@ -61,7 +61,9 @@ class TrainConfig:
 class Nets(nn.Module):
     """Everything trained together: encoder, text tower and projection, and the five head nets."""
 
-    def __init__(self, encoder: VisionTransformer3D, bert: nn.Module, text_projection: nn.Linear, heads: dict[str, nn.Module]):
+    def __init__(
+        self, encoder: VisionTransformer3D, bert: nn.Module, text_projection: nn.Linear, heads: dict[str, nn.Module]
+    ):
         super().__init__()
         self.encoder = encoder
         self.bert = bert
@@ -84,7 +86,9 @@ class VolumeNet(nn.Module):
 
     def __init__(self, embed_dim: int = 128, hidden: int = 64):
         super().__init__()
-        self.mlp = nn.Sequential(nn.LayerNorm(2 * embed_dim), nn.Linear(2 * embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(2 * embed_dim), nn.Linear(2 * embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 1)
+        )
 
     def forward(self, cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return F.softplus(self.mlp(torch.cat([cls, tokens.mean(dim=1)], dim=-1))).squeeze(-1)
@@ -103,9 +107,16 @@ def aux_heads(embed_dim: int, joint_dim: int, seed: int) -> dict[str, nn.Module]
     from engine.fitting.heads import probe, segment  # the recipe loads the run path and fitting only when it runs
 
     builders = {
-        "classify": lambda: probe.build_net(embed_dim, {"hidden": 0, "outputs": [
-            {"name": "region", "task": "classification", "labels": list(REGION_LIST)},
-            {"name": "contrast", "task": "classification", "labels": list(CONTRASTS)}]}),
+        "classify": lambda: probe.build_net(
+            embed_dim,
+            {
+                "hidden": 0,
+                "outputs": [
+                    {"name": "region", "task": "classification", "labels": list(REGION_LIST)},
+                    {"name": "contrast", "task": "classification", "labels": list(CONTRASTS)},
+                ],
+            },
+        ),
         "regress": lambda: VolumeNet(embed_dim),
         "segment": lambda: segment.build_net(embed_dim, {"labels": list(SEG_LABELS), "widths": [32, 16, 8]}),
         # pretraining's auxiliary token objectives; the shipped localize and ground heads are dense detectors fit later
@@ -176,10 +187,14 @@ class Batches:
         return out
 
     def next(self) -> list[Sample]:
-        return self._take(self.globals, self._g, self.n_global, True) + self._take(self.tiles, self._t, self.n_tiles, False)
+        return self._take(self.globals, self._g, self.n_global, True) + self._take(
+            self.tiles, self._t, self.n_tiles, False
+        )
 
 
-def crop_offsets(labels: np.ndarray, grid: tuple[int, int, int], crop: int, patch: int, rng: np.random.Generator) -> tuple[int, int, int]:
+def crop_offsets(
+    labels: np.ndarray, grid: tuple[int, int, int], crop: int, patch: int, rng: np.random.Generator
+) -> tuple[int, int, int]:
     """Token offsets of a crop centred near a foreground voxel: a lesion voxel 40% of the time and
     a fluid voxel 30% of the time when the sample has them, so the two small classes are seen often."""
     u = rng.random()
@@ -194,8 +209,13 @@ def crop_offsets(labels: np.ndarray, grid: tuple[int, int, int], crop: int, patc
 
 
 def batch_losses(
-    nets: Nets, tokenizer: Any, batch: list[Sample], config: TrainConfig, rng: np.random.Generator,
-    gen: torch.Generator, max_length: int = 64,
+    nets: Nets,
+    tokenizer: Any,
+    batch: list[Sample],
+    config: TrainConfig,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    max_length: int = 64,
 ) -> dict[str, torch.Tensor]:
     """Every loss of one batch (global samples first, then tiles)."""
     enc = nets.encoder
@@ -240,7 +260,9 @@ def batch_losses(
     volume = nets.heads["regress"](cls_g, tok_g)
     losses["volume"] = F.smooth_l1_loss(torch.log1p(volume), torch.log1p(torch.tensor([s.lesion_volume for s in gs])))
     occ = torch.from_numpy(np.stack([s.token_lesion for s in gs]))
-    losses["localize"] = F.binary_cross_entropy_with_logits(nets.heads["localize"](tok_g), occ, pos_weight=torch.tensor(8.0))
+    losses["localize"] = F.binary_cross_entropy_with_logits(
+        nets.heads["localize"](tok_g), occ, pos_weight=torch.tensor(8.0)
+    )
 
     if not config.report_supervision:
         return losses
@@ -271,7 +293,16 @@ def batch_losses(
 # What report supervision adds; the image-only ablation (TrainConfig.report_supervision=False) drops them.
 TEXT_LOSSES = ("clip", "ground", "ground_score")
 # Contrast and grounding learn slowest (near chance at equal weights), so they weigh more.
-LOSS_WEIGHTS = {"seg": 1.0, "region": 0.5, "contrast": 1.0, "volume": 0.5, "localize": 1.0, "clip": 0.5, "ground": 1.0, "ground_score": 0.2}
+LOSS_WEIGHTS = {
+    "seg": 1.0,
+    "region": 0.5,
+    "contrast": 1.0,
+    "volume": 0.5,
+    "localize": 1.0,
+    "clip": 0.5,
+    "ground": 1.0,
+    "ground_score": 0.2,
+}
 # Cross-entropy class weights (background, body, organ, fluid, lesion): the small classes weigh
 # more, else the decoder learns to ignore them.
 SEG_CLASS_WEIGHTS = (1.0, 1.0, 1.0, 3.0, 6.0)

@@ -23,7 +23,9 @@ from engine.model import DEFAULT_MODEL_DIR, compute_fingerprint, legacy_fingerpr
 HEADS_DIR = Path(__file__).resolve().parents[2] / "contrib_heads"
 
 
-def restamp(heads_dir: Path = HEADS_DIR, model_dir: Path = DEFAULT_MODEL_DIR, check: bool = False) -> dict[str, list[str]]:
+def restamp(
+    heads_dir: Path = HEADS_DIR, model_dir: Path = DEFAULT_MODEL_DIR, check: bool = False
+) -> dict[str, list[str]]:
     """Rewrite every manifest under ``heads_dir`` that records ``model_dir``'s model by an older
     fingerprint; returns {"restamped": [...], "current": [...], "other": [...], "any": [...]}
     (head folder names). With ``check``, nothing is written."""
@@ -50,9 +52,15 @@ def restamp(heads_dir: Path = HEADS_DIR, model_dir: Path = DEFAULT_MODEL_DIR, ch
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", type=Path, default=HEADS_DIR, help="Folder of head modules (default: contrib_heads).")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="Model folder (default: the embedded model).")
-    parser.add_argument("--check", action="store_true", help="Write nothing; exit 1 when a head records an older fingerprint.")
+    parser.add_argument(
+        "--heads", type=Path, default=HEADS_DIR, help="Folder of head modules (default: contrib_heads)."
+    )
+    parser.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL_DIR, help="Model folder (default: the embedded model)."
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="Write nothing; exit 1 when a head records an older fingerprint."
+    )
     args = parser.parse_args(argv)
     done = restamp(args.heads, args.model, check=args.check)
     print(f"model fingerprint {done['fingerprint'][0]}")

@@ -41,9 +41,26 @@ import torch
 from engine.model import compute_fingerprint, read_card
 
 from .dataset import prepare_samples, write_training_archives
-from .pretrain import HEAD_NAMES, LOSS_WEIGHTS, TEXT_LOSSES, SEG_CLASS_WEIGHTS, TrainConfig, initial_nets, save_model, train
+from .pretrain import (
+    HEAD_NAMES,
+    LOSS_WEIGHTS,
+    TEXT_LOSSES,
+    SEG_CLASS_WEIGHTS,
+    TrainConfig,
+    initial_nets,
+    save_model,
+    train,
+)
 
-__all__ = ["contrib_weights", "fit_heads", "pretrain_model", "refit_recipe", "run_recipe", "write_into", "write_weights_into"]
+__all__ = [
+    "contrib_weights",
+    "fit_heads",
+    "pretrain_model",
+    "refit_recipe",
+    "run_recipe",
+    "write_into",
+    "write_weights_into",
+]
 
 
 def pretrain_model(config: TrainConfig, model_dir: Path, archives: list[Any], log: Any = print) -> str:
@@ -54,14 +71,18 @@ def pretrain_model(config: TrainConfig, model_dir: Path, archives: list[Any], lo
         init_dir = Path(tmp) / "init"
         build.build(init_dir, seed=config.seed)
         nets, tokenizer, card = initial_nets(init_dir, seed=config.seed)
-        samples = prepare_samples(archives, card["preprocessing"], nets.encoder.config.patch_size, config.seed, config.tiles_per_series)
+        samples = prepare_samples(
+            archives, card["preprocessing"], nets.encoder.config.patch_size, config.seed, config.tiles_per_series
+        )
         n_global = sum(s.kind == "global" for s in samples)
         log(f"data: {config.studies} studies, {n_global} series, {len(samples) - n_global} tiles")
         history = train(nets, tokenizer, samples, config, log)
         card["training"] = {
             "status": "trained",
-            "recipe": (f"python -m engine.default_model.train --out DIR --seed {config.seed} --studies {config.studies} "
-                       f"--steps {config.steps}{'' if config.report_supervision else ' --image-only'}"),
+            "recipe": (
+                f"python -m engine.default_model.train --out DIR --seed {config.seed} --studies {config.studies} "
+                f"--steps {config.steps}{'' if config.report_supervision else ' --image-only'}"
+            ),
             "seed": config.seed,
             "initialisation": f"python -m engine.default_model.build --seed {config.seed}",
             "data": {
@@ -74,7 +95,12 @@ def pretrain_model(config: TrainConfig, model_dir: Path, archives: list[Any], lo
             },
             "steps": config.steps,
             "batch": config.batch,
-            "optimizer": {"name": "AdamW", "lr": config.lr, "weight_decay": config.weight_decay, "schedule": "linear warmup, cosine"},
+            "optimizer": {
+                "name": "AdamW",
+                "lr": config.lr,
+                "weight_decay": config.weight_decay,
+                "schedule": "linear warmup, cosine",
+            },
             "losses": {k: v for k, v in LOSS_WEIGHTS.items() if config.report_supervision or k not in TEXT_LOSSES},
             "segmentation_class_weights": list(SEG_CLASS_WEIGHTS),
             "final_loss": round(float(np.mean(history[-20:])), 4),
@@ -84,9 +110,18 @@ def pretrain_model(config: TrainConfig, model_dir: Path, archives: list[Any], lo
     return compute_fingerprint(read_card(model_dir), model_dir)
 
 
-def fit_heads(model_dir: Path, archive_roots: list[Path], heads_dir: Path, *, names: tuple[str, ...] = HEAD_NAMES,
-              cache_dir: Path | None = None, steps: int = 0, floor: bool = True, seed: int = 0,
-              log: Any = print) -> dict[str, Any]:
+def fit_heads(
+    model_dir: Path,
+    archive_roots: list[Path],
+    heads_dir: Path,
+    *,
+    names: tuple[str, ...] = HEAD_NAMES,
+    cache_dir: Path | None = None,
+    steps: int = 0,
+    floor: bool = True,
+    seed: int = 0,
+    log: Any = print,
+) -> dict[str, Any]:
     """Fit each head kind on the frozen encoder of ``model_dir`` (labels: the archives' ground
     truth) and write its package to ``heads_dir/<name>``; returns the fit results by name."""
     from engine.fitting import fit  # the recipe loads the run path and fitting only when it runs
@@ -96,8 +131,17 @@ def fit_heads(model_dir: Path, archive_roots: list[Path], heads_dir: Path, *, na
     results = {}
     for name in names:
         t0 = time.perf_counter()
-        results[name] = fit(name, list(archive_roots), heads_dir / name, model=model, name=name, cache_dir=cache_dir,
-                            steps=steps, floor=floor, seed=seed)
+        results[name] = fit(
+            name,
+            list(archive_roots),
+            heads_dir / name,
+            model=model,
+            name=name,
+            cache_dir=cache_dir,
+            steps=steps,
+            floor=floor,
+            seed=seed,
+        )
         if log:
             log(f"{name}: {json.dumps(results[name].metrics)} ({time.perf_counter() - t0:.0f}s)")
     return results
@@ -128,11 +172,15 @@ def contrib_weights(result: Any, manifest: dict[str, Any], shipped: dict[str, to
                 if key in state:
                     state[key] = state[key][order].contiguous()
         if out["kind"] == "mask" and fo is not None and fo.get("labels") != out.get("labels"):
-            raise ValueError(f"{manifest['name']}/{out['name']}: fitted labels {fo.get('labels')} != {out.get('labels')}")
+            raise ValueError(
+                f"{manifest['name']}/{out['name']}: fitted labels {fo.get('labels')} != {out.get('labels')}"
+            )
     got = {k: tuple(v.shape) for k, v in state.items()}
     want = {k: tuple(v.shape) for k, v in shipped.items()}
     if got != want:
-        raise ValueError(f"{manifest['name']}: the fitted net does not match the module's ({sorted(set(got) ^ set(want)) or 'shapes differ'})")
+        raise ValueError(
+            f"{manifest['name']}: the fitted net does not match the module's ({sorted(set(got) ^ set(want)) or 'shapes differ'})"
+        )
     return state
 
 
@@ -163,9 +211,21 @@ def write_weights_into(folder: Path, results: dict[str, Any]) -> list[Path]:
     return [s[0] for s in staged]
 
 
-def refit_recipe(out: Path, *, studies: int = 96, names: tuple[str, ...] = HEAD_NAMES, model_dir: Path | None = None,
-                 fit_steps: int = 0, floor: bool = False, seed: int = 0, threads: int = 2, write_to: Path | None = None,
-                 anatomy_studies: int = 0, assets: Path | None = None, log: Any = print) -> dict[str, Any]:
+def refit_recipe(
+    out: Path,
+    *,
+    studies: int = 96,
+    names: tuple[str, ...] = HEAD_NAMES,
+    model_dir: Path | None = None,
+    fit_steps: int = 0,
+    floor: bool = False,
+    seed: int = 0,
+    threads: int = 2,
+    write_to: Path | None = None,
+    anatomy_studies: int = 0,
+    assets: Path | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
     """Fit ``names`` on the frozen encoder of ``model_dir`` (default: the shipped model) from
     training archives of seeds 1, 2, ... (never 0), plus ``anatomy_studies`` studies from real
     anatomy (seeds 101, ...; needs ``assets``); optionally write the weights into ``write_to``."""
@@ -182,25 +242,50 @@ def refit_recipe(out: Path, *, studies: int = 96, names: tuple[str, ...] = HEAD_
         from .anatomy_data import write_anatomy_training_archives  # needs nibabel and the assets: only this recipe
 
         archives += write_anatomy_training_archives(out / "data", anatomy_studies, assets)  # type: ignore[arg-type]
-    results = fit_heads(Path(model_dir or DEFAULT_MODEL_DIR), [m.root for m in archives], out / "heads", names=names,
-                        cache_dir=out / "features", steps=fit_steps, floor=floor, seed=seed, log=log)
+    results = fit_heads(
+        Path(model_dir or DEFAULT_MODEL_DIR),
+        [m.root for m in archives],
+        out / "heads",
+        names=names,
+        cache_dir=out / "features",
+        steps=fit_steps,
+        floor=floor,
+        seed=seed,
+        log=log,
+    )
     seeds = sorted(m.seed for m in archives)
     generators = "engine.synthetic.write_demo_archive" + (
-        " (seeds < 100) and engine.synthetic.anatomy_archive.write_anatomy_archive (seeds >= 101)" if anatomy_studies else "")
+        " (seeds < 100) and engine.synthetic.anatomy_archive.write_anatomy_archive (seeds >= 101)"
+        if anatomy_studies
+        else ""
+    )
     for r in results.values():  # name the data by generator and seeds, not by this machine's paths
         r.manifest["fit"]["data"]["labels"] = f"synthetic ground truth ({generators})"
         r.manifest["fit"]["data"]["archive_seeds"] = seeds
         anatomy = f" --anatomy-studies {anatomy_studies} --assets ASSETS" if anatomy_studies else ""
-        r.manifest["fit"]["recipe"] = (f"python -m engine.default_model.train --out DIR --refit --studies {studies}{anatomy} "
-                                       f"--heads {r.name}{' --no-floor' if not floor else ''} --write-weights-into contrib_heads")
+        r.manifest["fit"]["recipe"] = (
+            f"python -m engine.default_model.train --out DIR --refit --studies {studies}{anatomy} "
+            f"--heads {r.name}{' --no-floor' if not floor else ''} --write-weights-into contrib_heads"
+        )
     if write_to is not None:
         write_weights_into(write_to, results)
-    return {"archive_seeds": sorted(m.seed for m in archives), "seconds": round(time.perf_counter() - t0, 1),
-            "heads": {n: {"metrics": r.metrics, "floor": r.floor, "seconds": r.seconds} for n, r in results.items()}}
+    return {
+        "archive_seeds": sorted(m.seed for m in archives),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "heads": {n: {"metrics": r.metrics, "floor": r.floor, "seconds": r.seconds} for n, r in results.items()},
+    }
 
 
-def run_recipe(config: TrainConfig, out: Path, *, names: tuple[str, ...] = HEAD_NAMES, fit_steps: int = 0, floor: bool = True,
-               write_to: Path | None = None, log: Any = print) -> dict[str, Any]:
+def run_recipe(
+    config: TrainConfig,
+    out: Path,
+    *,
+    names: tuple[str, ...] = HEAD_NAMES,
+    fit_steps: int = 0,
+    floor: bool = True,
+    write_to: Path | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
     """Initialise, generate data, pretrain, fit every head; ``out/model``, ``out/heads``, ``out/features``."""
     torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
@@ -208,13 +293,26 @@ def run_recipe(config: TrainConfig, out: Path, *, names: tuple[str, ...] = HEAD_
     archives = write_training_archives(out / "data", config.studies, first_seed=1)
     fingerprint = pretrain_model(config, out / "model", archives, log)
     log(f"pretrained in {time.perf_counter() - t0:.0f}s; model {fingerprint}")
-    results = fit_heads(out / "model", [m.root for m in archives], out / "heads", names=names, cache_dir=out / "features",
-                        steps=fit_steps, floor=floor, seed=config.seed, log=log)
+    results = fit_heads(
+        out / "model",
+        [m.root for m in archives],
+        out / "heads",
+        names=names,
+        cache_dir=out / "features",
+        steps=fit_steps,
+        floor=floor,
+        seed=config.seed,
+        log=log,
+    )
     if write_to is not None:
         write_into(write_to, results)
     log(f"recipe done in {time.perf_counter() - t0:.0f}s")
-    return {"fingerprint": fingerprint, "config": asdict(config), "seconds": round(time.perf_counter() - t0, 1),
-            "heads": {n: {"metrics": r.metrics, "floor": r.floor} for n, r in results.items()}}
+    return {
+        "fingerprint": fingerprint,
+        "config": asdict(config),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "heads": {n: {"metrics": r.metrics, "floor": r.floor} for n, r in results.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,21 +320,37 @@ def main(argv: list[str] | None = None) -> None:
     defaults = TrainConfig()
     parser.add_argument("--out", type=Path, required=True, help="output folder: model/, heads/, features/, data/")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--studies", type=int, default=defaults.studies, help="training studies (archive seeds 1, 2, ...)")
+    parser.add_argument(
+        "--studies", type=int, default=defaults.studies, help="training studies (archive seeds 1, 2, ...)"
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps, help="pretraining steps")
     parser.add_argument("--fit-steps", type=int, default=0, help="head fitting steps (0: each kind's default)")
     parser.add_argument("--no-floor", action="store_true", help="skip the random-encoder floor of each head")
     parser.add_argument("--write-into", type=Path, help="also write each head module whole into FOLDER/<name>/")
-    parser.add_argument("--refit", action="store_true", help="no pretraining: fit the heads on the frozen encoder of --model")
+    parser.add_argument(
+        "--refit", action="store_true", help="no pretraining: fit the heads on the frozen encoder of --model"
+    )
     parser.add_argument("--model", type=Path, help="with --refit: the model folder (default: the shipped model)")
     parser.add_argument("--heads", default=",".join(HEAD_NAMES), help="comma-separated heads to fit")
-    parser.add_argument("--image-only", action="store_true",
-                        help="ablation: pretrain without report supervision (no image-report alignment, no grounding)")
-    parser.add_argument("--anatomy-studies", type=int, default=0,
-                        help="with --refit: also this many studies from real anatomy (engine.synthetic.anatomy_archive; needs --assets)")
-    parser.add_argument("--assets", type=Path, help="anatomy assets folder (python -m engine.default_model.assets fetch DIR)")
-    parser.add_argument("--write-weights-into", type=Path,
-                        help="with --refit: replace FOLDER/<name>/weights.safetensors and its manifest's fit record, keeping the module")
+    parser.add_argument(
+        "--image-only",
+        action="store_true",
+        help="ablation: pretrain without report supervision (no image-report alignment, no grounding)",
+    )
+    parser.add_argument(
+        "--anatomy-studies",
+        type=int,
+        default=0,
+        help="with --refit: also this many studies from real anatomy (engine.synthetic.anatomy_archive; needs --assets)",
+    )
+    parser.add_argument(
+        "--assets", type=Path, help="anatomy assets folder (python -m engine.default_model.assets fetch DIR)"
+    )
+    parser.add_argument(
+        "--write-weights-into",
+        type=Path,
+        help="with --refit: replace FOLDER/<name>/weights.safetensors and its manifest's fit record, keeping the module",
+    )
     args = parser.parse_args(argv)
     names = tuple(n for n in args.heads.split(",") if n)
     unknown = set(names) - set(HEAD_NAMES)
@@ -245,13 +359,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.refit:
         if args.image_only:
             parser.error("--image-only changes pretraining; --refit does not pretrain")
-        result = refit_recipe(args.out, studies=args.studies, names=names, model_dir=args.model, fit_steps=args.fit_steps,
-                              floor=not args.no_floor, seed=args.seed, write_to=args.write_weights_into,
-                              anatomy_studies=args.anatomy_studies, assets=args.assets)
+        result = refit_recipe(
+            args.out,
+            studies=args.studies,
+            names=names,
+            model_dir=args.model,
+            fit_steps=args.fit_steps,
+            floor=not args.no_floor,
+            seed=args.seed,
+            write_to=args.write_weights_into,
+            anatomy_studies=args.anatomy_studies,
+            assets=args.assets,
+        )
         print(json.dumps(result, indent=2, default=str))
         return
     config = TrainConfig(seed=args.seed, studies=args.studies, steps=args.steps, report_supervision=not args.image_only)
-    result = run_recipe(config, args.out, names=names, fit_steps=args.fit_steps, floor=not args.no_floor, write_to=args.write_into)
+    result = run_recipe(
+        config, args.out, names=names, fit_steps=args.fit_steps, floor=not args.no_floor, write_to=args.write_into
+    )
     print(json.dumps(result, indent=2, default=str))
 
 

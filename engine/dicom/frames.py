@@ -41,7 +41,9 @@ IN_STACK_POSITION = 0x00209057
 NUMBER_OF_IMAGES_IN_MOSAIC = (0x0019, 0x100A)
 POSITION_TOL_MM = 0.01  # frames closer than this along the normal share a slice position
 ORIENTATION_TOL = 1e-3  # direction-cosine difference allowed within one series
-VOLUME_RULE = "first volume: at each slice position the frame with the lowest (temporal, echo/dimension, acquisition) key"
+VOLUME_RULE = (
+    "first volume: at each slice position the frame with the lowest (temporal, echo/dimension, acquisition) key"
+)
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,6 @@ def _pixel_bytes(fh, ds: Dataset) -> PixelBytes:
     return PixelBytes(min(length, remaining - size), length)
 
 
-
 def _buffer(fh: Any, source: Source, start: int, size: int) -> Any:
     """The file's bytes for the lean walker: a read-only map of a file on disk (only the pages
     walked are read), or a zip member's bytes after ``start`` padded to keep offsets."""
@@ -243,8 +244,13 @@ def _held(pixel: tuple | None, end_of_header: int, size: int, ts: Any) -> PixelB
 
 
 def record_from_header(
-    source: Source, ds: Dataset, remaining: PixelBytes | int | None = None, groups: list[dict[str, Any]] | None = None,
-    pixel: tuple | None = None, *, with_patient_age: bool = False,
+    source: Source,
+    ds: Dataset,
+    remaining: PixelBytes | int | None = None,
+    groups: list[dict[str, Any]] | None = None,
+    pixel: tuple | None = None,
+    *,
+    with_patient_age: bool = False,
 ) -> DicomRecord:
     """Build the record for one file; raises ValueError for DICOM without image data.
 
@@ -260,7 +266,9 @@ def record_from_header(
         if not known or "Image Storage" in name or "Rows" in h or "Columns" in h:
             # an image object (or one whose class is unreadable) without its matrix size: a file
             # cut inside its header or a broken writer, not a report
-            raise ValueError(f"incomplete image header: no Rows/Columns (a truncated file or a broken writer; SOP class {name or uid or 'missing'})")
+            raise ValueError(
+                f"incomplete image header: no Rows/Columns (a truncated file or a broken writer; SOP class {name or uid or 'missing'})"
+            )
         raise ValueError(f"no image data (SOP class {name})")
     mosaic = 0
     declared = declared_bytes(h)
@@ -312,15 +320,28 @@ def record_from_header(
 # --------------------------------------------------------------------------- identifiers in free text
 
 REMOVED = "[removed]"
-_DATE_FORMS = ("{y}{m}{d}", "{y}-{m}-{d}", "{y}/{m}/{d}", "{y}.{m}.{d}", "{d}.{m}.{y}", "{d}/{m}/{y}",
-               "{m}/{d}/{y}", "{d}-{m}-{y}", "{m}-{d}-{y}")
+_DATE_FORMS = (
+    "{y}{m}{d}",
+    "{y}-{m}-{d}",
+    "{y}/{m}/{d}",
+    "{y}.{m}.{d}",
+    "{d}.{m}.{y}",
+    "{d}/{m}/{y}",
+    "{m}/{d}/{y}",
+    "{d}-{m}-{y}",
+    "{m}-{d}-{y}",
+)
 SHORT_IDENTIFIER = 4  # shorter identifiers are removed only as whole words ("Li" is in "oblique")
-SHORT_NAME_PART = 3  # a name part this short is an everyday word too ("Sag", "Ax", "Lee"): removed only beside the full name
+SHORT_NAME_PART = (
+    3  # a name part this short is an everyday word too ("Sag", "Ax", "Lee"): removed only beside the full name
+)
 # how an identifier is matched: "any" anywhere (whole words when short), "name" a full-name form
 # (anywhere), "word" a name part (whole words only), "with-name" a short name part (whole words,
 # and only in a text where a full-name form appears too)
-PHI_RULE = ("patient names, IDs and birth dates are replaced by [removed] in descriptions; a part of the name "
-            f"only as a whole word, and one of {SHORT_NAME_PART} letters or fewer only where the full name appears too")
+PHI_RULE = (
+    "patient names, IDs and birth dates are replaced by [removed] in descriptions; a part of the name "
+    f"only as a whole word, and one of {SHORT_NAME_PART} letters or fewer only where the full name appears too"
+)
 
 
 def patient_identifiers(ds: Dataset) -> list[tuple[str, str]]:
@@ -476,8 +497,9 @@ def _group_item(frame_item: Any, shared: Any, sequence: str) -> Any:
     return None
 
 
-def _enhanced_frames(ds: Dataset, source: Source, groups: list[dict[str, Any]] | None = None,
-                     max_frames: int | None = None) -> list[Frame]:
+def _enhanced_frames(
+    ds: Dataset, source: Source, groups: list[dict[str, Any]] | None = None, max_frames: int | None = None
+) -> list[Frame]:
     n = min(as_int(ds.get("NumberOfFrames"), 1) or 1, max_frames or 2**63)
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared = shared_seq[0] if shared_seq else None
@@ -607,5 +629,3 @@ def _mosaic_frames(ds: Dataset, source: Source) -> list[Frame]:
         )
         for t in range(n)
     ]
-
-

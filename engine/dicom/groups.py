@@ -24,21 +24,30 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 
 # macro sequence -> {element tag: (keyword, VR)} kept from its first item
 MACROS: dict[int, tuple[str, dict[int, tuple[str, str]]]] = {
-    0x00209111: ("FrameContentSequence", {
-        0x00209157: ("DimensionIndexValues", "UL"),
-        0x00209128: ("TemporalPositionIndex", "UL"),
-    }),
+    0x00209111: (
+        "FrameContentSequence",
+        {
+            0x00209157: ("DimensionIndexValues", "UL"),
+            0x00209128: ("TemporalPositionIndex", "UL"),
+        },
+    ),
     0x00209113: ("PlanePositionSequence", {0x00200032: ("ImagePositionPatient", "DS")}),
     0x00209116: ("PlaneOrientationSequence", {0x00200037: ("ImageOrientationPatient", "DS")}),
-    0x00289110: ("PixelMeasuresSequence", {
-        0x00280030: ("PixelSpacing", "DS"),
-        0x00180088: ("SpacingBetweenSlices", "DS"),
-        0x00180050: ("SliceThickness", "DS"),
-    }),
-    0x00289145: ("PixelValueTransformationSequence", {
-        0x00281053: ("RescaleSlope", "DS"),
-        0x00281052: ("RescaleIntercept", "DS"),
-    }),
+    0x00289110: (
+        "PixelMeasuresSequence",
+        {
+            0x00280030: ("PixelSpacing", "DS"),
+            0x00180088: ("SpacingBetweenSlices", "DS"),
+            0x00180050: ("SliceThickness", "DS"),
+        },
+    ),
+    0x00289145: (
+        "PixelValueTransformationSequence",
+        {
+            0x00281053: ("RescaleSlope", "DS"),
+            0x00281052: ("RescaleIntercept", "DS"),
+        },
+    ),
 }
 _HEAD = struct.Struct("<HHI")  # group, element, 32-bit length (implicit VR)
 _EXPLICIT = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length

@@ -52,8 +52,16 @@ class PixelBytes:
     declared: int | None = None
 
 
-_PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "BitsAllocated",
-                 "BitsStored", "HighBit", "PixelRepresentation", "NumberOfFrames")
+_PIXEL_MODULE = (
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "NumberOfFrames",
+)
 
 
 def declared_bytes(h: Header) -> int:
@@ -78,8 +86,12 @@ def pixel_bytes_needed(ds: Dataset) -> int:
     """Bytes of uncompressed pixel data the header's Rows, Columns, frames, samples and
     BitsAllocated call for."""
     return (
-        int(ds.get("Rows")) * int(ds.get("Columns")) * (as_int(ds.get("NumberOfFrames"), 1) or 1)
-        * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
+        int(ds.get("Rows"))
+        * int(ds.get("Columns"))
+        * (as_int(ds.get("NumberOfFrames"), 1) or 1)
+        * (as_int(ds.get("SamplesPerPixel"), 1) or 1)
+        * (as_int(ds.get("BitsAllocated"), 16) or 16)
+        // 8
     )
 
 
@@ -113,7 +125,9 @@ def transfer_syntax(ds: Dataset | Header) -> Any:
     return meta.get("TransferSyntaxUID") if meta is not None else None
 
 
-def pixel_plan(source: Source, ds: Dataset | Header, pixel: tuple | None, held: PixelBytes | int | None, mosaic: int) -> PixelPlan | None:
+def pixel_plan(
+    source: Source, ds: Dataset | Header, pixel: tuple | None, held: PixelBytes | int | None, mosaic: int
+) -> PixelPlan | None:
     """How loading reads this file's pixels without its header; None: through pydicom."""
     ts = transfer_syntax(ds)
     if ts is None or pixel is None or pixel[0] != 0x7FE00010 or not isinstance(held, PixelBytes):
@@ -135,9 +149,21 @@ def pixel_plan(source: Source, ds: Dataset | Header, pixel: tuple | None, held: 
             rescale = (float(ds.get("RescaleSlope")), float(ds.get("RescaleIntercept")))
         except (TypeError, ValueError):
             problem = problem or f"{source}: cannot decode pixel data (RescaleSlope/RescaleIntercept are not numbers)"
-    return PixelPlan(str(ts), offset, length, encapsulated, int(ds.get("Rows")), int(ds.get("Columns")),
-                     as_int(ds.get("NumberOfFrames"), 1) or 1, module, rescale, lut, mosaic, problem,
-                     (vr or b"OW").decode("ascii", "replace"))
+    return PixelPlan(
+        str(ts),
+        offset,
+        length,
+        encapsulated,
+        int(ds.get("Rows")),
+        int(ds.get("Columns")),
+        as_int(ds.get("NumberOfFrames"), 1) or 1,
+        module,
+        rescale,
+        lut,
+        mosaic,
+        problem,
+        (vr or b"OW").decode("ascii", "replace"),
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -154,7 +180,12 @@ def size_problem(source: Source, ds: Dataset, held: int) -> str | None:
     the grid, and a whole row or more beyond it (not just the even-length pad byte) means the
     header's dimensions are not the data's."""
     needed = pixel_bytes_needed(ds)
-    row = int(ds.get("Columns")) * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
+    row = (
+        int(ds.get("Columns"))
+        * (as_int(ds.get("SamplesPerPixel"), 1) or 1)
+        * (as_int(ds.get("BitsAllocated"), 16) or 16)
+        // 8
+    )
     if held < needed or held - needed >= max(row, 2):
         return f"{source}: {pixel_size_problem(held, ds)}"
     return None

@@ -173,7 +173,9 @@ def _read_records(ref: SeriesRef) -> list[DicomRecord]:
     return _unique_instances(records)[0]
 
 
-def _assemble_in_place(stack: Stack, wanted: dict[Source, list[int]], by_source: dict[Source, DicomRecord]) -> np.ndarray:
+def _assemble_in_place(
+    stack: Stack, wanted: dict[Source, list[int]], by_source: dict[Source, DicomRecord]
+) -> np.ndarray:
     """The (I, J, K) float32 array, each file's planes copied in as it is decoded: the volume
     and one file's planes are held at once, never every plane and the volume besides."""
     f0 = stack.frames[0]
@@ -270,7 +272,9 @@ def _frames(source: Source, plan: PixelPlan, indices: list[int] | None) -> dict[
             fh.seek(plan.offset + first * frame_bytes)
             raw = fh.read((last - first + 1) * frame_bytes)
         if len(raw) < (last - first + 1) * frame_bytes:
-            raise LoadError(f"{source}: truncated pixel data ({len(raw)} bytes where {(last - first + 1) * frame_bytes} are needed)")
+            raise LoadError(
+                f"{source}: truncated pixel data ({len(raw)} bytes where {(last - first + 1) * frame_bytes} are needed)"
+            )
         block = np.frombuffer(raw, dtype).reshape(-1, plan.rows, plan.cols)
         return {i: block[i - first] for i in wanted}
     ds = _pixel_dataset(source, plan)
@@ -351,7 +355,9 @@ def _check_pixel_size(source: Source, ds: pydicom.Dataset) -> None:
     if ts is None or ts.is_compressed or "PixelData" not in ds:
         return
     held, needed = len(ds.PixelData), pixel_bytes_needed(ds)
-    row = int(ds.Columns) * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
+    row = (
+        int(ds.Columns) * (as_int(ds.get("SamplesPerPixel"), 1) or 1) * (as_int(ds.get("BitsAllocated"), 16) or 16) // 8
+    )
     if held < needed or held - needed >= max(row, 2):
         raise LoadError(f"{source}: {pixel_size_problem(held, ds)}")
 

@@ -109,7 +109,7 @@ def _check_dimensions(frames: list[Frame]) -> None:
     if len(shapes) > 1:
         parts = "; ".join(f"{r}x{c} in {frame_names(fs)}" for (r, c), fs in sorted(shapes.items()))
         raise StackError(f"mixed image dimensions (rows x columns) within the series: {parts}")
-    (rows, cols), = shapes
+    ((rows, cols),) = shapes
     if rows < 1 or cols < 1:
         raise StackError(f"image dimensions {rows} x {cols} (Rows x Columns) in {frame_names(frames)}")
 
@@ -117,9 +117,7 @@ def _check_dimensions(frames: list[Frame]) -> None:
 def _check_values(frames: list[Frame]) -> None:
     missing = [f for f in frames if f.iop is None or f.ipp is None or f.pixel_spacing is None]
     if missing:
-        raise StackError(
-            f"no ImageOrientationPatient/ImagePositionPatient/PixelSpacing in {frame_names(missing)}"
-        )
+        raise StackError(f"no ImageOrientationPatient/ImagePositionPatient/PixelSpacing in {frame_names(missing)}")
     for tag, get in (("ImageOrientationPatient", lambda f: f.iop), ("ImagePositionPatient", lambda f: f.ipp)):
         bad = [f for f in frames if not np.isfinite(get(f)).all()]
         if bad:
@@ -215,7 +213,8 @@ def _slice_axis(
         step = volume[0].slice_step
         notes["slice_rule"] = (
             f"one slice: slice axis {step:g} mm from SpacingBetweenSlices/SliceThickness"
-            if step else "one slice: no SpacingBetweenSlices/SliceThickness, slice axis 1 mm"
+            if step
+            else "one slice: no SpacingBetweenSlices/SliceThickness, slice axis 1 mm"
         )
         return pos[0], normal * (step or 1.0), None
     s = pos @ normal

@@ -18,7 +18,18 @@ from .contract import Driver, Executor, StagePlan, Work, local_where
 from .local import LocalExecutor
 from .stages import SeriesResult
 
-__all__ = ["EXECUTORS", "Driver", "Executor", "RunPlan", "SeriesResult", "StagePlan", "Work", "LocalExecutor", "get_executor", "local_where"]
+__all__ = [
+    "EXECUTORS",
+    "Driver",
+    "Executor",
+    "RunPlan",
+    "SeriesResult",
+    "StagePlan",
+    "Work",
+    "LocalExecutor",
+    "get_executor",
+    "local_where",
+]
 
 
 def get_executor(name: str, *, ray_address: str | None = None, ray_actors: int | None = None) -> Executor:

@@ -46,7 +46,9 @@ def workers_for(load_seconds: float, infer_seconds: float, cores: int | None = N
 LOADER_THREADS = 2  # without loader processes: prepare() on this many threads
 
 
-def _iter_prepared(refs: list[SeriesRef], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int) -> Iterator[Loaded]:
+def _iter_prepared(
+    refs: list[SeriesRef], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int
+) -> Iterator[Loaded]:
     """Prepared series in input order, with at most two per loader in flight.
 
     ``workers`` loader processes; with none (few cores), LOADER_THREADS threads, which still
@@ -100,7 +102,9 @@ def _iter_prepared(refs: list[SeriesRef], preprocessing: dict[str, Any], kinds: 
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _prepare_alone(new_pool: Callable[[int], Executor], ref: SeriesRef, preprocessing: dict[str, Any], kinds: tuple[str, ...]) -> Prepared:
+def _prepare_alone(
+    new_pool: Callable[[int], Executor], ref: SeriesRef, preprocessing: dict[str, Any], kinds: tuple[str, ...]
+) -> Prepared:
     """Load one series in a process of its own; its death fails this series only."""
     pool = new_pool(1)
     try:
@@ -112,8 +116,14 @@ def _prepare_alone(new_pool: Callable[[int], Executor], ref: SeriesRef, preproce
         pool.shutdown(wait=True)
 
 
-def _prepared_stream(todo: list[SeriesRef], preprocessing: dict[str, Any], kinds: tuple[str, ...], workers: int | None,
-                     batch_size: int, summary: Any) -> Iterator[Loaded]:
+def _prepared_stream(
+    todo: list[SeriesRef],
+    preprocessing: dict[str, Any],
+    kinds: tuple[str, ...],
+    workers: int | None,
+    batch_size: int,
+    summary: Any,
+) -> Iterator[Loaded]:
     """Prepared series; with ``workers=None`` the first batch is loaded in-process to measure
     load and inference time per series, and the rest by as many loaders as keep up."""
     if workers is not None or not isinstance(todo, list) or len(todo) <= batch_size or (os.cpu_count() or 1) <= 2:
@@ -198,7 +208,9 @@ class LocalExecutor:
 
         def flush() -> None:
             if batch:
-                items, seconds = infer_batch(inference, batch, store, stage.run_id, stage.head_fps, resume=not plan.overwrite)
+                items, seconds = infer_batch(
+                    inference, batch, store, stage.run_id, stage.head_fps, resume=not plan.overwrite
+                )
                 summary.stages["infer"] += seconds
                 for item in items:
                     writer.put(item)
@@ -207,8 +219,9 @@ class LocalExecutor:
         try:
             with torch.inference_mode():
                 t_wait = time.perf_counter()
-                for loaded in _prepared_stream(todo, stage.preprocessing, stage.kinds, plan.workers,
-                                               plan.batch_size, summary):
+                for loaded in _prepared_stream(
+                    todo, stage.preprocessing, stage.kinds, plan.workers, plan.batch_size, summary
+                ):
                     ref, prep = loaded.ref, loaded.prep
                     summary.stages["wait_for_load"] += time.perf_counter() - t_wait
                     summary.stages["load"] += prep.seconds
@@ -216,7 +229,9 @@ class LocalExecutor:
                     attrs, why = safe_attrs(ref, stage.run_id, stage.fingerprint, prep, plan.record_paths, where)
                     why = prep.error or why
                     if why:
-                        writer.put(WriteItem(ref.key, attrs, [], "failed", why, result_for(ref, "failed", why, prep.seconds)))
+                        writer.put(
+                            WriteItem(ref.key, attrs, [], "failed", why, result_for(ref, "failed", why, prep.seconds))
+                        )
                     else:
                         batch.append(ReadySeries(ref, prep, attrs, pending[ref.key]))
                         if len(batch) >= plan.batch_size:

@@ -34,12 +34,25 @@ from ..inference import Inference
 from ..prepare import init_worker, prepare
 from ..store import ResultStore
 from .contract import Driver, StagePlan, Work
-from .stages import ReadySeries, SeriesResult, WriteItem, fingerprints, infer_batch, prepare_run, result_for, safe_attrs, write_item
+from .stages import (
+    ReadySeries,
+    SeriesResult,
+    WriteItem,
+    fingerprints,
+    infer_batch,
+    prepare_run,
+    result_for,
+    safe_attrs,
+    write_item,
+)
 
 LOAD_RETRIES = 2  # a loader that dies this many more times fails its series
 TASK_RETRIES = 3  # an inference batch is retried this often on a restarted actor
 MAX_BLOCKS = 4096  # one series per block up to this many, so a crashing decoder costs few series
-OOD_CODES: dict[bool | None, int] = {True: 1, False: 0}  # the out-of-distribution flag in an int8 column (-1: not scored)
+OOD_CODES: dict[bool | None, int] = {
+    True: 1,
+    False: 0,
+}  # the out-of-distribution flag in an int8 column (-1: not scored)
 INSTALL = "the ray executor needs Ray: pip install 'mrfm[ray]' (or pip install 'ray[data]')"
 
 
@@ -81,18 +94,38 @@ class InferenceActor:
         plan = stage.plan
         self.stage = stage
         params = {k: dict(v) for k, v in plan.params.items()}
-        mdl, enc, _, loaded, text, _ = prepare_run(plan.model, plan.backend, plan.precision, plan.batch_size,
-                                                   list(stage.heads), params, list(plan.queries), plan.force)
+        mdl, enc, _, loaded, text, _ = prepare_run(
+            plan.model,
+            plan.backend,
+            plan.precision,
+            plan.batch_size,
+            list(stage.heads),
+            params,
+            list(plan.queries),
+            plan.force,
+        )
         _, fingerprint, _ = fingerprints(mdl, loaded, params)
         ctx = ray.get_runtime_context()
         self.where = {"executor": "ray", "node": socket.gethostname(), "actor": ctx.get_actor_id()}
         self.node_id, self.backend = ctx.get_node_id(), enc.name
         # a node with other model or head code would write results the fingerprints misdescribe
-        self.mismatch = None if fingerprint == stage.fingerprint else (
-            f"node {self.where['node']} runs a model or heads other than the driver's (fingerprint {fingerprint[:19]}…, "
-            f"driver {stage.fingerprint[:19]}…); install the same mrfm, heads and weights on every node")
-        self.inference = Inference(enc, loaded, text, plan.batch_size, budgets=dict(plan.budgets or {}) or None, default_budget=plan.default_budget,
-                                   distribution=distribution_for(mdl)[0])
+        self.mismatch = (
+            None
+            if fingerprint == stage.fingerprint
+            else (
+                f"node {self.where['node']} runs a model or heads other than the driver's (fingerprint {fingerprint[:19]}…, "
+                f"driver {stage.fingerprint[:19]}…); install the same mrfm, heads and weights on every node"
+            )
+        )
+        self.inference = Inference(
+            enc,
+            loaded,
+            text,
+            plan.batch_size,
+            budgets=dict(plan.budgets or {}) or None,
+            default_budget=plan.default_budget,
+            distribution=distribution_for(mdl)[0],
+        )
         self.store = ResultStore(plan.out, mode="a")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -111,7 +144,9 @@ class InferenceActor:
                 todo.append(ReadySeries(ref, prep, attrs, pending))
         if todo:
             with torch.inference_mode():
-                done, infer = infer_batch(self.inference, todo, self.store, stage.run_id, stage.head_fps, resume=not plan.overwrite)
+                done, infer = infer_batch(
+                    self.inference, todo, self.store, stage.run_id, stage.head_fps, resume=not plan.overwrite
+                )
             items.extend(done)
         rows: list[tuple[SeriesResult, float]] = []
         full: list[str] = []  # per row: why its write found the disk full, else ""
@@ -162,7 +197,12 @@ class RayExecutor:
                 if self.address:
                     ray.init(address=self.address, logging_level="WARNING", log_to_driver=False)
                 else:  # a Ray instance of this machine, for this run
-                    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+                    ray.init(
+                        num_cpus=os.cpu_count() or 1,
+                        include_dashboard=False,
+                        logging_level="WARNING",
+                        log_to_driver=False,
+                    )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise UsageError(f"--ray-address {self.address}: cannot connect to a Ray cluster ({exc})") from exc
             self._started = True
@@ -173,9 +213,14 @@ class RayExecutor:
         self.loader_cpus = 1.0 if self.cpus >= 2 else 0.5
         self.actor_cpus = min(1.0, max(0.1, (self.cpus - self.loader_cpus) / self.n_actors))
         self.actor_gpus = min(1.0, self.gpus / self.n_actors) if self.gpus else 0.0
-        return {"name": self.name, "address": self.address or "local", "ray": ray.__version__,
-                "cluster": {"CPU": self.cpus, "GPU": self.gpus, "nodes": sum(1 for n in ray.nodes() if n.get("Alive"))},
-                "actors": self.n_actors, "actor_resources": {"CPU": self.actor_cpus, "GPU": self.actor_gpus}}
+        return {
+            "name": self.name,
+            "address": self.address or "local",
+            "ray": ray.__version__,
+            "cluster": {"CPU": self.cpus, "GPU": self.gpus, "nodes": sum(1 for n in ray.nodes() if n.get("Alive"))},
+            "actors": self.n_actors,
+            "actor_resources": {"CPU": self.actor_cpus, "GPU": self.actor_gpus},
+        }
 
     def close(self) -> None:
         if self._started:
@@ -195,17 +240,36 @@ class RayExecutor:
             todo, batch_size, isolated = lost, 1, True
         if not driver.stop:  # a stopped run leaves the rest to resume
             for w in lost:  # never silently lost: failed with the reason, redone by the next run
-                why = (f"the Ray worker processing this series died on every try ({LOAD_RETRIES + 1} loads, "
-                       f"{TASK_RETRIES + 1} inference attempts): a decoder or encoder crash")
-                attrs = safe_attrs(w.ref, stage.run_id, stage.fingerprint, None, plan.record_paths,
-                                   {"executor": self.name, "node": socket.gethostname(), "actor": "driver"})[0]
-                driver.done(write_item(driver.store, WriteItem(w.ref.key, attrs, [], "failed", why, result_for(w.ref, "failed", why))))
+                why = (
+                    f"the Ray worker processing this series died on every try ({LOAD_RETRIES + 1} loads, "
+                    f"{TASK_RETRIES + 1} inference attempts): a decoder or encoder crash"
+                )
+                attrs = safe_attrs(
+                    w.ref,
+                    stage.run_id,
+                    stage.fingerprint,
+                    None,
+                    plan.record_paths,
+                    {"executor": self.name, "node": socket.gethostname(), "actor": "driver"},
+                )[0]
+                driver.done(
+                    write_item(
+                        driver.store, WriteItem(w.ref.key, attrs, [], "failed", why, result_for(w.ref, "failed", why))
+                    )
+                )
         driver.summary.workers = plan.workers or 0
         driver.summary.executor["ran_on"] = sorted(ran_on.values(), key=lambda r: (r["node"], r["actor"], r["pid"]))
         return written
 
-    def _pass(self, stage: StagePlan, work: list[Work], batch_size: int, driver: Driver, written: set[str],
-              ran_on: dict[str, dict[str, Any]]) -> list[Work]:
+    def _pass(
+        self,
+        stage: StagePlan,
+        work: list[Work],
+        batch_size: int,
+        driver: Driver,
+        written: set[str],
+        ran_on: dict[str, dict[str, Any]],
+    ) -> list[Work]:
         """One pass of the dataset over ``work``; returns the series no worker reported back."""
         from ray.data import DataContext  # Ray is an optional dependency
 
@@ -223,22 +287,40 @@ class RayExecutor:
                 for name in ("load", "infer", "write"):
                     stages[name] += float(row[name])
                 # one entry per actor process: a restarted actor keeps its id and gets a new pid
-                actor = ran_on.setdefault(f"{row['actor']}/{row['pid']}", {
-                    "node": str(row["node"]), "node_id": str(row["node_id"]), "actor": str(row["actor"]), "pid": int(row["pid"]),
-                    "backend": str(row["backend"]), "series": 0})
+                actor = ran_on.setdefault(
+                    f"{row['actor']}/{row['pid']}",
+                    {
+                        "node": str(row["node"]),
+                        "node_id": str(row["node_id"]),
+                        "actor": str(row["actor"]),
+                        "pid": int(row["pid"]),
+                        "backend": str(row["backend"]),
+                        "series": 0,
+                    },
+                )
                 actor["series"] += 1
                 if str(row.get("disk_full") or ""):  # a full disk stops the run as the local executor's does: exit 3
                     why = str(row["disk_full"])
                     raise DiskFull(why) from OSError(errno.ENOSPC, why)  # the driver marks the run interrupted
-                driver.done(SeriesResult(key, str(row["study_uid"]), str(row["description"]), str(row["status"]),
-                                         str(row["reason"]) or None, float(row["seconds"]),
-                                         {1: True, 0: False}.get(int(row.get("out_of_distribution", -1)))))
+                driver.done(
+                    SeriesResult(
+                        key,
+                        str(row["study_uid"]),
+                        str(row["description"]),
+                        str(row["status"]),
+                        str(row["reason"]) or None,
+                        float(row["seconds"]),
+                        {1: True, 0: False}.get(int(row.get("out_of_distribution", -1))),
+                    )
+                )
                 if driver.stop:
                     break  # groups written so far are complete; the ones in flight are redone by resume
         except MrfmError:
             raise
         except Exception as exc:  # e.g. no actor could set up the run on its node
-            raise UsageError(f"the Ray cluster could not run the pipeline: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:500]}") from exc
+            raise UsageError(
+                f"the Ray cluster could not run the pipeline: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:500]}"
+            ) from exc
         finally:
             ctx.max_errored_blocks, ctx.enable_progress_bars = saved
         return [w for w in work if w.ref.key not in seen]
@@ -251,13 +333,31 @@ class RayExecutor:
         remote = {"runtime_env": {"env_vars": env}} if env else {}
         workers = stage.plan.workers
         loaders = {"compute": TaskPoolStrategy(size=workers)} if workers else {}
-        rows = [{"key": w.ref.key, "ref": pickle.dumps(w.ref, protocol=5), "pending": pickle.dumps(w.pending, protocol=5)} for w in work]
+        rows = [
+            {"key": w.ref.key, "ref": pickle.dumps(w.ref, protocol=5), "pending": pickle.dumps(w.pending, protocol=5)}
+            for w in work
+        ]
         ds = self.ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
         with warnings.catch_warnings():
             # retry limits can only be given as remote args, and Ray Data's defaults retry a crash forever
             warnings.simplefilter("ignore", DeprecationWarning)
-            ds = ds.map(_load, fn_kwargs={"preprocessing": stage.preprocessing, "kinds": list(stage.kinds)},
-                        num_cpus=self.loader_cpus, max_retries=LOAD_RETRIES, **loaders, **remote)
-            return ds.map_batches(InferenceActor, fn_constructor_kwargs={"stage": stage}, batch_size=batch_size, batch_format="numpy",
-                                  compute=ActorPoolStrategy(size=self.n_actors), num_cpus=self.actor_cpus,
-                                  num_gpus=self.actor_gpus or None, max_restarts=-1, max_task_retries=TASK_RETRIES, **remote)
+            ds = ds.map(
+                _load,
+                fn_kwargs={"preprocessing": stage.preprocessing, "kinds": list(stage.kinds)},
+                num_cpus=self.loader_cpus,
+                max_retries=LOAD_RETRIES,
+                **loaders,
+                **remote,
+            )
+            return ds.map_batches(
+                InferenceActor,
+                fn_constructor_kwargs={"stage": stage},
+                batch_size=batch_size,
+                batch_format="numpy",
+                compute=ActorPoolStrategy(size=self.n_actors),
+                num_cpus=self.actor_cpus,
+                num_gpus=self.actor_gpus or None,
+                max_restarts=-1,
+                max_task_retries=TASK_RETRIES,
+                **remote,
+            )

@@ -69,9 +69,16 @@ def result_for(ref: Any, status: str, why: str | None, seconds: float = 0.0) -> 
 
 
 # ---- set-up ------------------------------------------------------------------------------------
-def prepare_run(model: Any, backend: str, precision: str, batch_size: int, heads: list[str] | None,
-                params: dict[str, dict[str, Any]], queries: list[str], force: bool = False,
-                ) -> tuple[Any, Any, str, dict[str, Any], TextFeatures | None, list[str]]:
+def prepare_run(
+    model: Any,
+    backend: str,
+    precision: str,
+    batch_size: int,
+    heads: list[str] | None,
+    params: dict[str, dict[str, Any]],
+    queries: list[str],
+    force: bool = False,
+) -> tuple[Any, Any, str, dict[str, Any], TextFeatures | None, list[str]]:
     """Model, backend, text and heads: everything a usage mistake can break, before any I/O."""
 
     try:
@@ -99,11 +106,16 @@ def prepare_run(model: Any, backend: str, precision: str, batch_size: int, heads
     return mdl, enc, reason, loaded, text, warnings
 
 
-def fingerprints(mdl: Any, loaded: dict[str, Any], params: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], str, dict[str, str]]:
+def fingerprints(
+    mdl: Any, loaded: dict[str, Any], params: dict[str, dict[str, Any]]
+) -> tuple[list[dict[str, Any]], str, dict[str, str]]:
     """Head records, the run's fingerprint and each head's: manifest, weights, parameters, code."""
     head_info = [head_record(n, type(h)) | {"manifest": h.spec} for n, h in loaded.items()]
-    return (head_info, run_fingerprint(mdl.fingerprint, head_info, mdl.preprocessing, params),
-            head_fingerprints(mdl.fingerprint, head_info, mdl.preprocessing, params))
+    return (
+        head_info,
+        run_fingerprint(mdl.fingerprint, head_info, mdl.preprocessing, params),
+        head_fingerprints(mdl.fingerprint, head_info, mdl.preprocessing, params),
+    )
 
 
 # ---- series attributes -------------------------------------------------------------------------
@@ -132,7 +144,9 @@ def _path_text(source: Any) -> str:
 _PRIVATE_NOTES = {"problems", "source", "path", "paths", "file", "files"}
 
 
-def series_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None, record_paths: bool = False) -> dict[str, Any]:
+def series_attrs(
+    ref: Any, run_id: str, fingerprint: str, prep: Prepared | None, record_paths: bool = False
+) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         "series_key": ref.key,
         "study_uid": ref.study_uid,
@@ -155,13 +169,23 @@ def series_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None,
             "axcodes": axis_codes(prep.affine),
             "frame": "RAS+ mm; affine maps voxel (i, j, k, 1) to world",
         }
-        attrs["load_notes"] = {k: v for k, v in prep.meta.items() if isinstance(v, (str, int, float, bool, list)) and k not in _PRIVATE_NOTES}
+        attrs["load_notes"] = {
+            k: v
+            for k, v in prep.meta.items()
+            if isinstance(v, (str, int, float, bool, list)) and k not in _PRIVATE_NOTES
+        }
         attrs["problems"] = list(dict.fromkeys([*ref.problems, *prep.meta.get("problems", [])]))
     return attrs
 
 
-def safe_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None, record_paths: bool,
-               where: dict[str, Any] | None = None) -> tuple[dict[str, Any], str | None]:
+def safe_attrs(
+    ref: Any,
+    run_id: str,
+    fingerprint: str,
+    prep: Prepared | None,
+    record_paths: bool,
+    where: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], str | None]:
     """Series attributes, or (attributes without geometry, reason) when the geometry cannot be
     described: one series' odd affine fails that series, never the run. ``where`` (executor,
     node, actor) says what processed the series."""
@@ -175,8 +199,9 @@ def safe_attrs(ref: Any, run_id: str, fingerprint: str, prep: Prepared | None, r
 
 
 # ---- inference and writing ---------------------------------------------------------------------
-def infer_batch(inference: Inference, batch: list[ReadySeries], store: Any,
-                run_id: str, head_fps: dict[str, str], resume: bool) -> tuple[list[WriteItem], float]:
+def infer_batch(
+    inference: Inference, batch: list[ReadySeries], store: Any, run_id: str, head_fps: dict[str, str], resume: bool
+) -> tuple[list[WriteItem], float]:
     """Run the heads each series still needs; returns what to write and the inference seconds.
 
     Each series' ``pending`` heads are those resume found missing (ignored when ``resume`` is
@@ -196,7 +221,9 @@ def infer_batch(inference: Inference, batch: list[ReadySeries], store: Any,
     for s, res, ran in zip(batch, results, only):
         ref, prep, attrs = s.ref, s.prep, s.attrs
         if isinstance(res, str):  # the encoder itself failed on this series
-            items.append(WriteItem(ref.key, attrs, [], "failed", res, result_for(ref, "failed", res, prep.seconds + per)))
+            items.append(
+                WriteItem(ref.key, attrs, [], "failed", res, result_for(ref, "failed", res, prep.seconds + per))
+            )
             continue
         written_heads = {o.head for o in res.outputs}
         # heads still answer on a flagged series; the series, each head's record and each output carry the flag
@@ -205,9 +232,16 @@ def infer_batch(inference: Inference, batch: list[ReadySeries], store: Any,
         for out in res.outputs:
             out.distribution = attrs["distribution"]
         attrs["heads"] = {
-            name: {"version": h.spec["version"], "outputs": [d["name"] for d in h.spec["outputs"]] if name in written_heads else [],
-                   "error": res.errors.get(name), "fingerprint": head_fps[name], "run_id": run_id, "out_of_distribution": flag}
-            for name, h in inference.heads.items() if ran is None or name in ran
+            name: {
+                "version": h.spec["version"],
+                "outputs": [d["name"] for d in h.spec["outputs"]] if name in written_heads else [],
+                "error": res.errors.get(name),
+                "fingerprint": head_fps[name],
+                "run_id": run_id,
+                "out_of_distribution": flag,
+            }
+            for name, h in inference.heads.items()
+            if ran is None or name in ran
         }
         status = "failed" if res.errors else "complete"
         reason = "; ".join(res.errors.values()) if res.errors else None
@@ -239,5 +273,8 @@ def write_item(store: Any, item: WriteItem) -> SeriesResult:
         raise
     except Exception as exc:
         # the store marks the group failed with this reason where it still can
-        result.status, result.reason = "failed", str(exc) if isinstance(exc, StoreError) else f"could not write series group: {exc}"
+        result.status, result.reason = (
+            "failed",
+            str(exc) if isinstance(exc, StoreError) else f"could not write series group: {exc}",
+        )
     return result

@@ -15,19 +15,27 @@ def __getattr__(name: str) -> Any:  # light import: the CLI loads these only whe
 
         return fit
     if name == "evaluate":
-        from .evaluation import evaluate  # fitting loads its parts on first use (torch training code stays off the CLI start-up)
+        from .evaluation import (
+            evaluate,
+        )  # fitting loads its parts on first use (torch training code stays off the CLI start-up)
 
         return evaluate
     if name == "import_checkpoint":
-        from .importing import import_checkpoint  # fitting loads its parts on first use (torch training code stays off the CLI start-up)
+        from .importing import (
+            import_checkpoint,
+        )  # fitting loads its parts on first use (torch training code stays off the CLI start-up)
 
         return import_checkpoint
     if name == "read_labels":
-        from .labels import read_labels  # fitting loads its parts on first use (torch training code stays off the CLI start-up)
+        from .labels import (
+            read_labels,
+        )  # fitting loads its parts on first use (torch training code stays off the CLI start-up)
 
         return read_labels
     if name == "FeatureCache":
-        from .cache import FeatureCache  # fitting loads its parts on first use (torch training code stays off the CLI start-up)
+        from .cache import (
+            FeatureCache,
+        )  # fitting loads its parts on first use (torch training code stays off the CLI start-up)
 
         return FeatureCache
     raise AttributeError(name)

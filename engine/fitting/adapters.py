@@ -36,7 +36,7 @@ def strip_prefix(state: dict[str, torch.Tensor], marker: str) -> dict[str, torch
     if not keys:
         return state
     prefix = keys[0][: keys[0].index(marker)]
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _depth(state: dict[str, torch.Tensor]) -> int:
@@ -47,12 +47,22 @@ def _depth(state: dict[str, torch.Tensor]) -> int:
 
 
 def _encoder_fields(embed_dim: int, patch: int, depth: int, mlp_dim: int, num_heads: int, eps: float) -> dict[str, Any]:
-    return {"architecture": "vit3d", "weights": "encoder.safetensors", "in_channels": 1, "patch_size": patch,
-            "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_dim / embed_dim,
-            "layer_norm_eps": eps}
+    return {
+        "architecture": "vit3d",
+        "weights": "encoder.safetensors",
+        "in_channels": 1,
+        "patch_size": patch,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "mlp_ratio": mlp_dim / embed_dim,
+        "layer_norm_eps": eps,
+    }
 
 
-def from_monai_vit(state: dict[str, torch.Tensor], num_heads: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[int, int, int]]:
+def from_monai_vit(
+    state: dict[str, torch.Tensor], num_heads: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[int, int, int]]:
     """MONAI ViT weights -> (vit3d state, card encoder fields, token grid)."""
     state = strip_prefix(state, "patch_embedding.patch_embeddings.weight")
     if "cls_token" not in state:
@@ -64,31 +74,43 @@ def from_monai_vit(state: dict[str, torch.Tensor], num_heads: int) -> tuple[dict
     pos = state["patch_embedding.position_embeddings"]
     n = int(pos.shape[1])
     side = round(n ** (1 / 3))
-    if side ** 3 != n:
+    if side**3 != n:
         raise UsageError(f"{n} position embeddings do not form a cubic grid")
     depth = _depth(state)
     out = {
-        "patch_embed.weight": w, "patch_embed.bias": state["patch_embedding.patch_embeddings.bias"],
+        "patch_embed.weight": w,
+        "patch_embed.bias": state["patch_embedding.patch_embeddings.bias"],
         "cls_token": state["cls_token"],
         "pos_embed": torch.cat([torch.zeros(1, 1, d, dtype=pos.dtype), pos], dim=1),  # MONAI: CLS has no position
-        "norm.weight": state["norm.weight"], "norm.bias": state["norm.bias"],
+        "norm.weight": state["norm.weight"],
+        "norm.bias": state["norm.bias"],
     }
     for i in range(depth):
         b = f"blocks.{i}."
         qkv_b = state.get(b + "attn.qkv.bias", torch.zeros(3 * d))
-        out.update({
-            b + "norm1.weight": state[b + "norm1.weight"], b + "norm1.bias": state[b + "norm1.bias"],
-            b + "attn.qkv.weight": state[b + "attn.qkv.weight"], b + "attn.qkv.bias": qkv_b,
-            b + "attn.proj.weight": state[b + "attn.out_proj.weight"], b + "attn.proj.bias": state[b + "attn.out_proj.bias"],
-            b + "norm2.weight": state[b + "norm2.weight"], b + "norm2.bias": state[b + "norm2.bias"],
-            b + "mlp.0.weight": state[b + "mlp.linear1.weight"], b + "mlp.0.bias": state[b + "mlp.linear1.bias"],
-            b + "mlp.2.weight": state[b + "mlp.linear2.weight"], b + "mlp.2.bias": state[b + "mlp.linear2.bias"],
-        })
+        out.update(
+            {
+                b + "norm1.weight": state[b + "norm1.weight"],
+                b + "norm1.bias": state[b + "norm1.bias"],
+                b + "attn.qkv.weight": state[b + "attn.qkv.weight"],
+                b + "attn.qkv.bias": qkv_b,
+                b + "attn.proj.weight": state[b + "attn.out_proj.weight"],
+                b + "attn.proj.bias": state[b + "attn.out_proj.bias"],
+                b + "norm2.weight": state[b + "norm2.weight"],
+                b + "norm2.bias": state[b + "norm2.bias"],
+                b + "mlp.0.weight": state[b + "mlp.linear1.weight"],
+                b + "mlp.0.bias": state[b + "mlp.linear1.bias"],
+                b + "mlp.2.weight": state[b + "mlp.linear2.weight"],
+                b + "mlp.2.bias": state[b + "mlp.linear2.bias"],
+            }
+        )
     mlp_dim = int(state["blocks.0.mlp.linear1.weight"].shape[0])
     return out, _encoder_fields(d, patch, depth, mlp_dim, num_heads, 1e-5), (side, side, side)
 
 
-def from_timm_vit3d(state: dict[str, torch.Tensor], num_heads: int, eps: float = 1e-6) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[int, int, int]]:
+def from_timm_vit3d(
+    state: dict[str, torch.Tensor], num_heads: int, eps: float = 1e-6
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[int, int, int]]:
     """timm-named 3D ViT weights -> (vit3d state, card encoder fields, token grid)."""
     state = strip_prefix(state, "patch_embed.proj.weight")
     w = state["patch_embed.proj.weight"]
@@ -98,26 +120,42 @@ def from_timm_vit3d(state: dict[str, torch.Tensor], num_heads: int, eps: float =
     pos = state["pos_embed"]
     n = int(pos.shape[1]) - 1
     side = round(n ** (1 / 3))
-    if side ** 3 != n or "cls_token" not in state:
+    if side**3 != n or "cls_token" not in state:
         raise UsageError("need a CLS token and 1 + g^3 position embeddings")
     depth = _depth(state)
-    out = {"patch_embed.weight": w, "patch_embed.bias": state["patch_embed.proj.bias"], "cls_token": state["cls_token"],
-           "pos_embed": pos, "norm.weight": state["norm.weight"], "norm.bias": state["norm.bias"]}
+    out = {
+        "patch_embed.weight": w,
+        "patch_embed.bias": state["patch_embed.proj.bias"],
+        "cls_token": state["cls_token"],
+        "pos_embed": pos,
+        "norm.weight": state["norm.weight"],
+        "norm.bias": state["norm.bias"],
+    }
     for i in range(depth):
         b = f"blocks.{i}."
-        out.update({
-            b + "norm1.weight": state[b + "norm1.weight"], b + "norm1.bias": state[b + "norm1.bias"],
-            b + "attn.qkv.weight": state[b + "attn.qkv.weight"], b + "attn.qkv.bias": state.get(b + "attn.qkv.bias", torch.zeros(3 * d)),
-            b + "attn.proj.weight": state[b + "attn.proj.weight"], b + "attn.proj.bias": state[b + "attn.proj.bias"],
-            b + "norm2.weight": state[b + "norm2.weight"], b + "norm2.bias": state[b + "norm2.bias"],
-            b + "mlp.0.weight": state[b + "mlp.fc1.weight"], b + "mlp.0.bias": state[b + "mlp.fc1.bias"],
-            b + "mlp.2.weight": state[b + "mlp.fc2.weight"], b + "mlp.2.bias": state[b + "mlp.fc2.bias"],
-        })
+        out.update(
+            {
+                b + "norm1.weight": state[b + "norm1.weight"],
+                b + "norm1.bias": state[b + "norm1.bias"],
+                b + "attn.qkv.weight": state[b + "attn.qkv.weight"],
+                b + "attn.qkv.bias": state.get(b + "attn.qkv.bias", torch.zeros(3 * d)),
+                b + "attn.proj.weight": state[b + "attn.proj.weight"],
+                b + "attn.proj.bias": state[b + "attn.proj.bias"],
+                b + "norm2.weight": state[b + "norm2.weight"],
+                b + "norm2.bias": state[b + "norm2.bias"],
+                b + "mlp.0.weight": state[b + "mlp.fc1.weight"],
+                b + "mlp.0.bias": state[b + "mlp.fc1.bias"],
+                b + "mlp.2.weight": state[b + "mlp.fc2.weight"],
+                b + "mlp.2.bias": state[b + "mlp.fc2.bias"],
+            }
+        )
     mlp_dim = int(state["blocks.0.mlp.fc1.weight"].shape[0])
     return out, _encoder_fields(d, patch, depth, mlp_dim, num_heads, eps), (side, side, side)
 
 
-def convert(state: dict[str, torch.Tensor], fmt: str, num_heads: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[int, int, int]]:
+def convert(
+    state: dict[str, torch.Tensor], fmt: str, num_heads: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[int, int, int]]:
     if fmt == "monai-vit":
         return from_monai_vit(state, num_heads)
     if fmt == "timm-vit3d":

@@ -81,15 +81,24 @@ class FeatureCache:
     ``encoded`` counts the views sent through the encoder by this object (0 on a pure refit).
     """
 
-    def __init__(self, model: Any, root: str | Path | None = None, *, backend: str = "torch", batch_size: int = 4,
-                 fingerprint: str | None = None):
+    def __init__(
+        self,
+        model: Any,
+        root: str | Path | None = None,
+        *,
+        backend: str = "torch",
+        batch_size: int = 4,
+        fingerprint: str | None = None,
+    ):
         import zarr  # heavy: loaded only by the code path that reads or writes that format
 
         self.model = model
         self.fingerprint = fingerprint or model.fingerprint
         self.root = Path(root) if root is not None else default_cache_dir()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.group = zarr.open_group(str(self.root / "features.zarr"), mode="a").require_group(model_key(self.fingerprint))
+        self.group = zarr.open_group(str(self.root / "features.zarr"), mode="a").require_group(
+            model_key(self.fingerprint)
+        )
         if dict(self.group.attrs) != {"fingerprint": self.fingerprint, "model": model.name}:
             self.group.update_attributes({"fingerprint": self.fingerprint, "model": model.name})
         self.backend_name = backend
@@ -125,13 +134,19 @@ class FeatureCache:
         layers = self.model.feature_layers
         out: dict[str, Any] = {
             "attrs": {
-                "series_uid": ref.series_uid, "study_uid": ref.study_uid,
-                "native_shape": [int(s) for s in volume.shape[:3]], "native_affine": np.asarray(volume.affine).tolist(),
-                "view_affine": np.asarray(g.affine).tolist(), "view_shape": list(g.shape), "grid": list(f.grid),
+                "series_uid": ref.series_uid,
+                "study_uid": ref.study_uid,
+                "native_shape": [int(s) for s in volume.shape[:3]],
+                "native_affine": np.asarray(volume.affine).tolist(),
+                "view_affine": np.asarray(g.affine).tolist(),
+                "view_shape": list(g.shape),
+                "grid": list(f.grid),
                 "feature_layers": list(layers),
             },
-            "cls": f.cls.numpy(), "tokens": f.tokens.numpy(),
-            "layers": np.stack([f.layers[i].numpy() for i in layers]), "joint": f.joint.numpy(),
+            "cls": f.cls.numpy(),
+            "tokens": f.tokens.numpy(),
+            "layers": np.stack([f.layers[i].numpy() for i in layers]),
+            "joint": f.joint.numpy(),
         }
         if tiles:
             t = views["tiles"]
@@ -168,12 +183,26 @@ class FeatureCache:
             return None
         tile = {}
         if tiles:
-            tile = {"tile_layers": g["tiles/layers"][...], "tile_images": g["tiles/image"][...], "tile_affines": g["tiles/affine"][...]}
+            tile = {
+                "tile_layers": g["tiles/layers"][...],
+                "tile_images": g["tiles/image"][...],
+                "tile_affines": g["tiles/affine"][...],
+            }
         return SeriesFeatures(
-            key=key, series_uid=a["series_uid"], study_uid=a["study_uid"], native_shape=tuple(a["native_shape"]),
-            native_affine=np.asarray(a["native_affine"]), view_affine=np.asarray(a["view_affine"]),
-            view_shape=tuple(a["view_shape"]), grid=tuple(a["grid"]), feature_layers=list(a["feature_layers"]),
-            cls=g["cls"][...], tokens=g["tokens"][...], layers=g["layers"][...], joint=g["joint"][...], **tile,
+            key=key,
+            series_uid=a["series_uid"],
+            study_uid=a["study_uid"],
+            native_shape=tuple(a["native_shape"]),
+            native_affine=np.asarray(a["native_affine"]),
+            view_affine=np.asarray(a["view_affine"]),
+            view_shape=tuple(a["view_shape"]),
+            grid=tuple(a["grid"]),
+            feature_layers=list(a["feature_layers"]),
+            cls=g["cls"][...],
+            tokens=g["tokens"][...],
+            layers=g["layers"][...],
+            joint=g["joint"][...],
+            **tile,
         )
 
     def get(self, ref: Any, tiles: bool = False) -> SeriesFeatures:

@@ -45,10 +45,14 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
     return (1 - shrink) * s + shrink * mu * np.eye(p), float(shrink)
 
 
-def fit_statistics(train: np.ndarray, heldout: np.ndarray, keep: float = 0.98) -> tuple[DistributionModel, dict[str, Any]]:
+def fit_statistics(
+    train: np.ndarray, heldout: np.ndarray, keep: float = 0.98
+) -> tuple[DistributionModel, dict[str, Any]]:
     """Mean and precision from ``train`` rows; the smallest threshold keeping >= ``keep`` of ``heldout``."""
     if len(train) < 2 or len(heldout) < 1:
-        raise UsageError(f"calibration needs at least 2 training and 1 held-out series, got {len(train)} and {len(heldout)}")
+        raise UsageError(
+            f"calibration needs at least 2 training and 1 held-out series, got {len(train)} and {len(heldout)}"
+        )
     cov, shrink = ledoit_wolf(train)
     mean = np.asarray(train, dtype=np.float64).mean(axis=0)
     precision = np.linalg.inv(cov)
@@ -60,14 +64,23 @@ def fit_statistics(train: np.ndarray, heldout: np.ndarray, keep: float = 0.98) -
     k = max(0, math.ceil(keep * len(held)) - 1)
     threshold = float(held[k]) * (1 + 1e-6)  # the k-th held-out score itself is kept
     train_scores = np.array([probe.score(v) for v in train])
-    info = {"shrinkage": shrink, "heldout_scores": {"median": float(np.median(held)), "max": float(held[-1]), "n": len(held)},
-            "train_scores": {"median": float(np.median(train_scores)), "max": float(train_scores.max()), "n": len(train)},
-            "heldout_kept": float(np.mean(held <= threshold))}
+    info = {
+        "shrinkage": shrink,
+        "heldout_scores": {"median": float(np.median(held)), "max": float(held[-1]), "n": len(held)},
+        "train_scores": {"median": float(np.median(train_scores)), "max": float(train_scores.max()), "n": len(train)},
+        "heldout_kept": float(np.mean(held <= threshold)),
+    }
     return DistributionModel(mean, precision, threshold), info
 
 
-def pooled_rows(model: Any, refs: list[Any], cache_dir: str | Path | None = None, backend: str = "torch",
-                log: Callable[[str], None] | None = None, pooling: str = LAYER_POOLING) -> tuple[np.ndarray, list[Any]]:
+def pooled_rows(
+    model: Any,
+    refs: list[Any],
+    cache_dir: str | Path | None = None,
+    backend: str = "torch",
+    log: Callable[[str], None] | None = None,
+    pooling: str = LAYER_POOLING,
+) -> tuple[np.ndarray, list[Any]]:
     """Pooled global-view features of each series (through the feature cache), and the refs kept;
     a series that cannot be loaded is left out with a log line."""
     from .cache import FeatureCache
@@ -88,9 +101,19 @@ def pooled_rows(model: Any, refs: list[Any], cache_dir: str | Path | None = None
     return np.array(rows), kept
 
 
-def calibrate(model_dir: str | Path | None, archives: list[str | Path], *, keep: float = 0.98, val_fraction: float = 0.25,
-              seed: int = 0, cache_dir: str | Path | None = None, backend: str = "torch", write: bool = True,
-              log: Callable[[str], None] | None = None, pooling: str = LAYER_POOLING) -> dict[str, Any]:
+def calibrate(
+    model_dir: str | Path | None,
+    archives: list[str | Path],
+    *,
+    keep: float = 0.98,
+    val_fraction: float = 0.25,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    backend: str = "torch",
+    write: bool = True,
+    log: Callable[[str], None] | None = None,
+    pooling: str = LAYER_POOLING,
+) -> dict[str, Any]:
     """Compute and (``write``) store a model's distribution statistics from ``archives``.
 
     Training and held-out series are split by study (``val_fraction``, ``seed``). Returns the
@@ -112,19 +135,34 @@ def calibrate(model_dir: str | Path | None, archives: list[str | Path], *, keep:
     rows, refs = pooled_rows(model, refs, cache_dir, backend, log, pooling)
     studies = sorted({r.study_uid for r in refs})
     if len(studies) < 2:
-        raise UsageError(f"calibration splits by study and needs at least 2 studies; {', '.join(map(str, archives))} holds {len(studies)}")
+        raise UsageError(
+            f"calibration splits by study and needs at least 2 studies; {', '.join(map(str, archives))} holds {len(studies)}"
+        )
     held_studies = split_by_study(studies, val_fraction, seed)
     held = np.array([r.study_uid in held_studies for r in refs])
     stats, info = fit_statistics(rows[~held], rows[held], keep)
     stats = DistributionModel(stats.mean, stats.precision, stats.threshold, pooling)
     section: dict[str, Any] = {
-        "statistics": STATISTICS_FILE, "pooling": pooling, "score": "mahalanobis", "threshold": round(stats.threshold, 4),
-        "keep_fraction": keep, "shrinkage": round(info["shrinkage"], 6),
-        "fit": {"archives": ["/".join(Path(a).resolve().parts[-2:]) for a in archives], "series": len(refs), "studies": len(studies),
-                "train_series": int((~held).sum()), "heldout_series": int(held.sum()), "heldout_studies": len(held_studies),
-                "split_seed": seed, "heldout_kept": round(info["heldout_kept"], 4),
-                "heldout_scores": {k: round(v, 4) if isinstance(v, float) else v for k, v in info["heldout_scores"].items()},
-                "train_scores": {k: round(v, 4) if isinstance(v, float) else v for k, v in info["train_scores"].items()}},
+        "statistics": STATISTICS_FILE,
+        "pooling": pooling,
+        "score": "mahalanobis",
+        "threshold": round(stats.threshold, 4),
+        "keep_fraction": keep,
+        "shrinkage": round(info["shrinkage"], 6),
+        "fit": {
+            "archives": ["/".join(Path(a).resolve().parts[-2:]) for a in archives],
+            "series": len(refs),
+            "studies": len(studies),
+            "train_series": int((~held).sum()),
+            "heldout_series": int(held.sum()),
+            "heldout_studies": len(held_studies),
+            "split_seed": seed,
+            "heldout_kept": round(info["heldout_kept"], 4),
+            "heldout_scores": {
+                k: round(v, 4) if isinstance(v, float) else v for k, v in info["heldout_scores"].items()
+            },
+            "train_scores": {k: round(v, 4) if isinstance(v, float) else v for k, v in info["train_scores"].items()},
+        },
     }
     if write:
         from safetensors.numpy import save_file

@@ -37,7 +37,9 @@ def as_boxes(boxes: np.ndarray | list) -> np.ndarray:
     return np.concatenate([np.minimum(b[:, :3], b[:, 3:]), np.maximum(b[:, :3], b[:, 3:])], axis=1)
 
 
-def greedy_match(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def greedy_match(
+    pred: np.ndarray, scores: np.ndarray, truth: np.ndarray, iou_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Match predictions to truth in score order.
 
     Returns (order, tp): ``order`` the prediction indices by descending score (ties by index) and

@@ -99,7 +99,9 @@ def focal_centre_loss(logits: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
     return (pos_loss + neg_loss) / pos.sum().clamp(min=1)
 
 
-def box_loss(size: torch.Tensor, off: torch.Tensor, t_size: torch.Tensor, t_off: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def box_loss(
+    size: torch.Tensor, off: torch.Tensor, t_size: torch.Tensor, t_off: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     m = mask[:, None].expand_as(size)
     if not m.any():
         return size.sum() * 0
@@ -136,14 +138,17 @@ class Cropper:
         return [g[(slice(None), *tsl)] for g in w.layers], w.image[(slice(None), *vsl)], osl
 
 
-def decode_series(net: CentreNet, windows: list[Window], threshold: float, max_boxes: int,
-                  text: torch.Tensor | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def decode_series(
+    net: CentreNet, windows: list[Window], threshold: float, max_boxes: int, text: torch.Tensor | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """World boxes and scores per series (windows merged by NMS), as the head and engine produce them."""
     by_series: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     with torch.no_grad():
         for w in windows:
             heat, size, off = net([g[None] for g in w.layers], w.image[None], text)
-            boxes, scores = centre_boxes(torch.sigmoid(heat[0]), size[0], off[0], STRIDE, threshold, max_boxes, image_shape=w.image.shape)
+            boxes, scores = centre_boxes(
+                torch.sigmoid(heat[0]), size[0], off[0], STRIDE, threshold, max_boxes, image_shape=w.image.shape
+            )
             by_series.setdefault(w.series, []).append((to_world(boxes, w.affine), scores))
     out = []
     for s in sorted(by_series):
@@ -154,7 +159,9 @@ def decode_series(net: CentreNet, windows: list[Window], threshold: float, max_b
     return out
 
 
-def choose_threshold(preds: list[tuple[np.ndarray, np.ndarray]], truths: list[np.ndarray]) -> tuple[float, dict[str, Any]]:
+def choose_threshold(
+    preds: list[tuple[np.ndarray, np.ndarray]], truths: list[np.ndarray]
+) -> tuple[float, dict[str, Any]]:
     """The score threshold on the validation series: the highest recall at IoU 0.3 with at most
     one false box per series and no box on most lesion-free series; failing that, the best F1."""
     rows = []
@@ -172,16 +179,34 @@ def choose_threshold(preds: list[tuple[np.ndarray, np.ndarray]], truths: list[np
     ok = [r for r in rows if r[2] <= MAX_FALSE_PER_SERIES and r[3] >= MIN_CLEAN]
     best = max(ok, key=lambda r: (r[1], -r[2])) if ok else max(rows, key=lambda r: r[4])
     det = best[5]
-    mets = {"recall@0.3": round(best[1], 4), "recall@0.5": round(det.recall(0.5) or 0.0, 4),
-            "false_boxes_per_series": round(best[2], 4), "mean_best_iou": round(det.mean_best_iou() or 0.0, 4),
-            "clean_fraction": round(best[3], 4), "ap@0.3": round(det.average_precision(0.3) or 0.0, 4),
-            "threshold": best[0], "lesions": det.n_truth, "series": det.n_series}
+    mets = {
+        "recall@0.3": round(best[1], 4),
+        "recall@0.5": round(det.recall(0.5) or 0.0, 4),
+        "false_boxes_per_series": round(best[2], 4),
+        "mean_best_iou": round(det.mean_best_iou() or 0.0, 4),
+        "clean_fraction": round(best[3], 4),
+        "ap@0.3": round(det.average_precision(0.3) or 0.0, 4),
+        "threshold": best[0],
+        "lesions": det.n_truth,
+        "series": det.n_series,
+    }
     return float(best[0]), mets
 
 
-def fit_centre_net(train: list[Any], val: list[Any], *, steps: int, lr: float, batch: int, seed: int, crop_tokens: int = 4,
-                   focus: float = 0.7, width: int = 24, log: Callable[[str], None] | None = None,
-                   text: dict[str, torch.Tensor] | None = None) -> tuple[CentreNet, list[Window]]:
+def fit_centre_net(
+    train: list[Any],
+    val: list[Any],
+    *,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    crop_tokens: int = 4,
+    focus: float = 0.7,
+    width: int = 24,
+    log: Callable[[str], None] | None = None,
+    text: dict[str, torch.Tensor] | None = None,
+) -> tuple[CentreNet, list[Window]]:
     """Train a CentreNet (FiLM-conditioned on ``text`` phrases when given); returns it and the
     validation windows."""
     from .trainers import _optimise  # one optimiser loop for every kind
@@ -242,19 +267,52 @@ def fit_localize(labels: Any, train: list[Any], val: list[Any], opt: Any) -> Any
     from .trainers import Fitted, _state  # the kinds share one result type
 
     width = opt.hidden or 24
-    net, vw = fit_centre_net(train, val, steps=opt.steps or 1500, lr=opt.lr or 2e-3, batch=opt.batch or 8, seed=opt.seed,
-                             crop_tokens=opt.crop_tokens, width=width, log=opt.log)
+    net, vw = fit_centre_net(
+        train,
+        val,
+        steps=opt.steps or 1500,
+        lr=opt.lr or 2e-3,
+        batch=opt.batch or 8,
+        seed=opt.seed,
+        crop_tokens=opt.crop_tokens,
+        width=width,
+        log=opt.log,
+    )
     threshold, mets = 0.3, {}
     if val:
         threshold, mets = choose_threshold(decode_series(net, vw, min(THRESHOLDS), 16), world_truths(val))
     cfg = {"kind": "localize", "width": width, "label": "lesion", "layers": layer_order(train[0][0].feature_layers)}
-    decl = [{"name": "lesions", "kind": "boxes", "dtype": "float32", "shape": ["N", 6], "labels": [cfg["label"]],
-             "description": "Boxes (i0, j0, k0, i1, j1, k1) around detected lesions with their centre probability."}]
+    decl = [
+        {
+            "name": "lesions",
+            "kind": "boxes",
+            "dtype": "float32",
+            "shape": ["N", 6],
+            "labels": [cfg["label"]],
+            "description": "Boxes (i0, j0, k0, i1, j1, k1) around detected lesions with their centre probability.",
+        }
+    ]
     params = {
-        "threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": threshold,
-                      "description": "Minimum centre probability of a box (chosen on the validation studies by recall at IoU 0.3 with at most one false box per series)."},
-        "iou": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.3, "description": "3D IoU above which a lower-scoring box is dropped."},
-        "max_boxes": {"type": "integer", "minimum": 1, "default": 16, "description": "At most this many boxes per window."},
+        "threshold": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "default": threshold,
+            "description": "Minimum centre probability of a box (chosen on the validation studies by recall at IoU 0.3 with at most one false box per series).",
+        },
+        "iou": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "default": 0.3,
+            "description": "3D IoU above which a lower-scoring box is dropped.",
+        },
+        "max_boxes": {
+            "type": "integer",
+            "minimum": 1,
+            "default": 16,
+            "description": "At most this many boxes per window.",
+        },
     }
     return Fitted(_state(net), cfg, mets, decl, _inputs(train[0][0].feature_layers), params)
 
@@ -270,24 +328,57 @@ def fit_ground(labels: Any, train: list[Any], val: list[Any], opt: Any, model: A
         raise ValueError("no training series has a text with a box")
     emb = {t: e.detach().float() for t, e in zip(texts, tower.encode(texts))}
     width = opt.hidden or 24
-    net, vw = fit_centre_net(train, val, steps=opt.steps or 1500, lr=opt.lr or 2e-3, batch=opt.batch or 8, seed=opt.seed,
-                             crop_tokens=opt.crop_tokens, width=width, log=opt.log, text=emb)
+    net, vw = fit_centre_net(
+        train,
+        val,
+        steps=opt.steps or 1500,
+        lr=opt.lr or 2e-3,
+        batch=opt.batch or 8,
+        seed=opt.seed,
+        crop_tokens=opt.crop_tokens,
+        width=width,
+        log=opt.log,
+        text=emb,
+    )
     threshold, mets = 0.1, {}
     if val:
         threshold, mets = _ground_metrics(net, vw, val, emb)
-    cfg = {"kind": "ground", "width": width, "text_dim": int(next(iter(emb.values())).shape[-1]),
-           "layers": layer_order(train[0][0].feature_layers)}
-    decl = [{"name": "regions", "kind": "boxes", "dtype": "float32", "shape": ["N", 6], "labels": ["found", "not found"],
-             "description": "One box per text query (i0, j0, k0, i1, j1, k1) at its best centre, its query and centre probability; labelled 'not found' when that probability is below the threshold."}]
+    cfg = {
+        "kind": "ground",
+        "width": width,
+        "text_dim": int(next(iter(emb.values())).shape[-1]),
+        "layers": layer_order(train[0][0].feature_layers),
+    }
+    decl = [
+        {
+            "name": "regions",
+            "kind": "boxes",
+            "dtype": "float32",
+            "shape": ["N", 6],
+            "labels": ["found", "not found"],
+            "description": "One box per text query (i0, j0, k0, i1, j1, k1) at its best centre, its query and centre probability; labelled 'not found' when that probability is below the threshold.",
+        }
+    ]
     params = {
-        "queries": {"type": "array", "items": {"type": "string"}, "description": "Text queries (--query TEXT, repeatable, or the job file)."},
-        "threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": threshold,
-                      "description": "A query whose best centre probability is below this is labelled 'not found' (chosen on the validation studies)."},
+        "queries": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Text queries (--query TEXT, repeatable, or the job file).",
+        },
+        "threshold": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "default": threshold,
+            "description": "A query whose best centre probability is below this is labelled 'not found' (chosen on the validation studies).",
+        },
     }
     return Fitted(_state(net), cfg, mets, decl, _inputs(train[0][0].feature_layers, text=True), params)
 
 
-def _ground_metrics(net: CentreNet, vw: list[Window], val: list[Any], emb: dict[str, torch.Tensor]) -> tuple[float, dict[str, Any]]:
+def _ground_metrics(
+    net: CentreNet, vw: list[Window], val: list[Any], emb: dict[str, torch.Tensor]
+) -> tuple[float, dict[str, Any]]:
     """Each validation series asked for its own lesions' phrases (hit at IoU 0.3) and for a phrase
     of another series' lesion (should get no box); the threshold maximises the share answered right."""
     rng = np.random.default_rng(0)
@@ -298,7 +389,7 @@ def _ground_metrics(net: CentreNet, vw: list[Window], val: list[Any], emb: dict[
         asked = list(zip(lab.texts, lab.boxes))
         other = [p for p in phrases if p not in lab.texts]
         for q in [t for t, _ in asked] + ([other[rng.integers(len(other))]] if other else []):
-            (boxes, scores), = decode_series(net, wins, 0.0, 1, emb[q][None])
+            ((boxes, scores),) = decode_series(net, wins, 0.0, 1, emb[q][None])
             target = dict(asked).get(q)
             score = float(scores[0]) if len(scores) else 0.0
             if target is not None:
@@ -311,7 +402,10 @@ def _ground_metrics(net: CentreNet, vw: list[Window], val: list[Any], emb: dict[
         rows.append((right / max(len(present) + len(absent), 1), -t, t))
     threshold = max(rows)[2]
     hits = [sc >= threshold and iou >= 0.3 for sc, iou in present]
-    return threshold, {"hit@0.3": round(float(np.mean(hits)), 4) if hits else None,
-                       "hit@0.3_any_score": round(float(np.mean([iou >= 0.3 for _, iou in present])), 4) if present else None,
-                       "absent_rejected": round(float(np.mean([sc < threshold for sc in absent])), 4) if absent else None,
-                       "threshold": threshold, "queries": len(present)}
+    return threshold, {
+        "hit@0.3": round(float(np.mean(hits)), 4) if hits else None,
+        "hit@0.3_any_score": round(float(np.mean([iou >= 0.3 for _, iou in present])), 4) if present else None,
+        "absent_rejected": round(float(np.mean([sc < threshold for sc in absent])), 4) if absent else None,
+        "threshold": threshold,
+        "queries": len(present),
+    }

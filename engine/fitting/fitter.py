@@ -36,11 +36,27 @@ def _features(cache: FeatureCache, pairs: list, tiles: bool, log: Callable[[str]
     return [(f, lab) for f, (_, lab) in zip(feats, pairs)]
 
 
-def fit(kind: str, data: str | Path | list[str | Path], out: str | Path | None = None, *, archive: str | Path | None = None,
-        model: str | Path | Any | None = None, backend: str = "torch", name: str | None = None,
-        targets: list[str] | None = None, classes: list[str] | None = None, cache_dir: str | Path | None = None,
-        val_fraction: float = 0.25, seed: int = 0, floor: bool = True, steps: int = 0, hidden: int = 0, lr: float = 0.0,
-        version: str = "0.1.0", log: Callable[[str], None] | None = None) -> FitResult:
+def fit(
+    kind: str,
+    data: str | Path | list[str | Path],
+    out: str | Path | None = None,
+    *,
+    archive: str | Path | None = None,
+    model: str | Path | Any | None = None,
+    backend: str = "torch",
+    name: str | None = None,
+    targets: list[str] | None = None,
+    classes: list[str] | None = None,
+    cache_dir: str | Path | None = None,
+    val_fraction: float = 0.25,
+    seed: int = 0,
+    floor: bool = True,
+    steps: int = 0,
+    hidden: int = 0,
+    lr: float = 0.0,
+    version: str = "0.1.0",
+    log: Callable[[str], None] | None = None,
+) -> FitResult:
     """Fit a ``kind`` head (classify, regress, segment, localize, ground) on the frozen encoder.
 
     ``data``: a label table (CSV/Parquet, see :mod:`engine.fitting.labels`), a synthetic
@@ -88,15 +104,24 @@ def fit(kind: str, data: str | Path | list[str | Path], out: str | Path | None =
         rval = [p for p in rfeats if p[1].study_uid in val_studies]
         floor_metrics = fit_kind(kind, labels, rtrain, rval, opt, rmodel).metrics
         encoded += rcache.encoded
-    seconds = {"features": round(t_feat - t0, 2), "fit": round(t_fit - t_feat, 2), "total": round(time.perf_counter() - t0, 2)}
+    seconds = {
+        "features": round(t_feat - t0, 2),
+        "fit": round(t_fit - t_feat, 2),
+        "total": round(time.perf_counter() - t0, 2),
+    }
     name = name or (Path(out).name if out else kind)
     name = name.lower().replace(" ", "-")
     record = {
         "metrics": fitted.metrics,
         "floor": {"random_encoder": floor_metrics, "seed": seed} if floor else None,
-        "data": {"labels": labels.source,  # file names or generator and seed: no path of this machine
-                 "series": len(pairs), "studies": len({lab.study_uid for _, lab in pairs}),
-                 "train_series": len(train), "validation_series": len(val), "validation_studies": len(val_studies)},
+        "data": {
+            "labels": labels.source,  # file names or generator and seed: no path of this machine
+            "series": len(pairs),
+            "studies": len({lab.study_uid for _, lab in pairs}),
+            "train_series": len(train),
+            "validation_series": len(val),
+            "validation_studies": len(val_studies),
+        },
         "split": {"by": "study", "validation_fraction": val_fraction, "seed": seed},
         "options": {"steps": steps, "lr": lr, "hidden": hidden, "backend": backend},
     }

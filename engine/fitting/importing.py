@@ -40,13 +40,28 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def import_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, num_heads: int | None = None,
-                      spacing: float | None = None, feature_layers: list[int] | None = None, name: str | None = None,
-                      seed: int = 0, base_model: str | Path | None = None) -> str:
+def import_checkpoint(
+    checkpoint: str | Path,
+    fmt: str,
+    out: str | Path,
+    *,
+    num_heads: int | None = None,
+    spacing: float | None = None,
+    feature_layers: list[int] | None = None,
+    name: str | None = None,
+    seed: int = 0,
+    base_model: str | Path | None = None,
+) -> str:
     """Write a model folder at ``out`` from ``checkpoint``; returns the model's fingerprint."""
     from safetensors.torch import save_file  # heavy: loaded only by the code path that reads or writes that format
 
-    from engine.model import DEFAULT_MODEL_DIR, build_encoder, load_encoder_weights, load_model, read_card  # fitting reaches the run path only when it runs, never at import
+    from engine.model import (
+        DEFAULT_MODEL_DIR,
+        build_encoder,
+        load_encoder_weights,
+        load_model,
+        read_card,
+    )  # fitting reaches the run path only when it runs, never at import
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown checkpoint format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -54,7 +69,10 @@ def import_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, num_
     base_dir = Path(base_model) if base_model else DEFAULT_MODEL_DIR
     base = read_card(base_dir)
     # num_heads is not in the weights; a head width of 64 is the ViT convention
-    probe_dim = next((v.shape[0] for k, v in state.items() if k.endswith(("patch_embeddings.weight", "patch_embed.proj.weight"))), None)
+    probe_dim = next(
+        (v.shape[0] for k, v in state.items() if k.endswith(("patch_embeddings.weight", "patch_embed.proj.weight"))),
+        None,
+    )
     heads = num_heads or (max(1, int(probe_dim) // 64) if probe_dim else 1)
     try:
         vit_state, enc, grid = convert(state, fmt, heads)
@@ -73,7 +91,9 @@ def import_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, num_
     if spacing:
         prep["spacing"] = [float(spacing)] * 3
     card["training"] = {
-        "status": "imported", "source": Path(checkpoint).name, "format": fmt,
+        "status": "imported",
+        "source": Path(checkpoint).name,
+        "format": fmt,
         "note": "image_proj is seeded random and the text tower is copied, not aligned with this encoder.",
         "image_proj_seed": seed,
     }
@@ -86,8 +106,11 @@ def import_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, num_
     proj = encoder.image_proj
     torch.nn.init.trunc_normal_(proj.weight, std=0.02, a=-0.04, b=0.04, generator=gen)
     torch.nn.init.zeros_(proj.bias)
-    full = {**{k: v.detach().float().contiguous() for k, v in vit_state.items()},
-            "image_proj.weight": proj.weight.detach().contiguous(), "image_proj.bias": proj.bias.detach().contiguous()}
+    full = {
+        **{k: v.detach().float().contiguous() for k, v in vit_state.items()},
+        "image_proj.weight": proj.weight.detach().contiguous(),
+        "image_proj.bias": proj.bias.detach().contiguous(),
+    }
     if set(full) != set(encoder.state_dict()):
         raise UsageError(f"mapped weights do not fit vit3d: {sorted(set(encoder.state_dict()) ^ set(full))[:5]}")
     save_file(full, str(out / enc["weights"]))

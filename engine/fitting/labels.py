@@ -61,7 +61,9 @@ def _rows(path: Path) -> list[dict[str, Any]]:
         import pyarrow.csv as pcsv  # heavy: loaded only by the code path that reads or writes that format
 
         opts = pcsv.ParseOptions(delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        conv = pcsv.ConvertOptions(strings_can_be_null=True, column_types={"series_uid": "string", "study_uid": "string"})
+        conv = pcsv.ConvertOptions(
+            strings_can_be_null=True, column_types={"series_uid": "string", "study_uid": "string"}
+        )
         return pcsv.read_csv(str(path), parse_options=opts, convert_options=conv).to_pylist()
     raise UsageError(f"{path}: labels must be a .csv, .tsv or .parquet table")
 
@@ -70,7 +72,9 @@ def _empty(v: Any) -> bool:
     return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip())
 
 
-def read_labels(path: str | Path, kind: str, targets: list[str] | None = None, classes: list[str] | None = None) -> LabelSet:
+def read_labels(
+    path: str | Path, kind: str, targets: list[str] | None = None, classes: list[str] | None = None
+) -> LabelSet:
     """Read a label table for ``kind``; errors name the file and what is missing."""
     if kind not in KINDS:
         raise UsageError(f"unknown head kind {kind!r}; choose from {', '.join(KINDS)}")
@@ -97,7 +101,9 @@ def read_labels(path: str | Path, kind: str, targets: list[str] | None = None, c
         p = None if _empty(row.get("path")) else (path.parent / str(row["path"])).resolve()
         if uid is None and p is None:
             raise UsageError(f"{path}:{n}: neither series_uid nor path")
-        s = by_series.setdefault((uid, p), SeriesLabels(uid, p, None if _empty(row.get("study_uid")) else str(row["study_uid"])))
+        s = by_series.setdefault(
+            (uid, p), SeriesLabels(uid, p, None if _empty(row.get("study_uid")) else str(row["study_uid"]))
+        )
         if kind in ("classify", "regress"):
             for t in targets or []:
                 v = row.get(t)
@@ -117,6 +123,7 @@ def read_labels(path: str | Path, kind: str, targets: list[str] | None = None, c
 
 
 # --- synthetic archives -----------------------------------------------------------------------
+
 
 def lesion_phrase(lesion: Any) -> str:
     """The short query naming one lesion, as a reader would type it: '<size> mm lesion in the <location>'."""
@@ -141,7 +148,11 @@ def in_field_of_view(points: np.ndarray, affine: np.ndarray, shape: tuple[int, .
 def visible_lesions(manifest: Any, series: Any) -> list[Any]:
     """The study's lesions whose centre lies in the series' field of view."""
     study = manifest.study_by_uid(series.study_uid)
-    return [les for les in study.lesions if in_field_of_view(np.asarray([les.center_mm]), series.affine_array, series.shape)[0]]
+    return [
+        les
+        for les in study.lesions
+        if in_field_of_view(np.asarray([les.center_mm]), series.affine_array, series.shape)[0]
+    ]
 
 
 def demo_labels(root: str | Path, kind: str, targets: list[str] | None = None) -> LabelSet:
@@ -152,8 +163,10 @@ def demo_labels(root: str | Path, kind: str, targets: list[str] | None = None) -
 
     known = {"classify": ["region", "contrast"], "regress": ["lesion_volume"]}.get(kind, [])
     if targets and any(t not in known for t in targets):
-        raise UsageError(f"{root}: the synthetic ground truth has no target(s) {sorted(set(targets) - set(known))} "
-                         f"for {kind} (it has {', '.join(known) or 'none'})")
+        raise UsageError(
+            f"{root}: the synthetic ground truth has no target(s) {sorted(set(targets) - set(known))} "
+            f"for {kind} (it has {', '.join(known) or 'none'})"
+        )
     targets = list(targets or known)
     manifest = ArchiveManifest.load(Path(root))
     out = []
@@ -179,8 +192,13 @@ def merge_labels(sets: list[LabelSet]) -> LabelSet:
     if len(sets) == 1:
         return sets[0]
     first = sets[0]
-    return LabelSet(first.kind, [s for ls in sets for s in ls.series], first.targets, first.classes,
-                    "; ".join(str(ls.source) for ls in sets))
+    return LabelSet(
+        first.kind,
+        [s for ls in sets for s in ls.series],
+        first.targets,
+        first.classes,
+        "; ".join(str(ls.source) for ls in sets),
+    )
 
 
 def archive_root(data: str | Path) -> Path | None:
@@ -190,6 +208,7 @@ def archive_root(data: str | Path) -> Path | None:
 
 
 # --- matching ---------------------------------------------------------------------------------
+
 
 def match(labels: LabelSet, refs: list[Any]) -> list[tuple[Any, SeriesLabels]]:
     """Pair each labelled series with the scanned series it names; unmatched labels are an error."""

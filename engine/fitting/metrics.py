@@ -70,14 +70,18 @@ class DiceCounter:
             self.truth[c] += np.count_nonzero(t)
 
     def dice(self) -> dict[str, float | None]:
-        return {self.labels[c]: (round(float(2 * self.inter[c] / self.sizes[c]), 4) if self.sizes[c] else None)
-                for c in range(1, len(self.labels))}
+        return {
+            self.labels[c]: (round(float(2 * self.inter[c] / self.sizes[c]), 4) if self.sizes[c] else None)
+            for c in range(1, len(self.labels))
+        }
 
     def floor(self) -> dict[str, float | None]:
         """Chance floor: labelling each voxel at random with the true label frequencies gives an
         expected Dice equal to the label's voxel fraction."""
-        return {self.labels[c]: (round(float(self.truth[c] / self.voxels), 4) if self.voxels else None)
-                for c in range(1, len(self.labels))}
+        return {
+            self.labels[c]: (round(float(self.truth[c] / self.voxels), 4) if self.voxels else None)
+            for c in range(1, len(self.labels))
+        }
 
 
 def inside(point: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -119,8 +123,15 @@ def reliability(probs: np.ndarray, truth: np.ndarray, bins: int = 10) -> list[di
     for b in range(bins):
         inb = which == b
         if inb.any():
-            rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(inb.sum()),
-                         "confidence": float(conf[inb].mean()), "accuracy": float(right[inb].mean())})
+            rows.append(
+                {
+                    "low": float(edges[b]),
+                    "high": float(edges[b + 1]),
+                    "n": int(inb.sum()),
+                    "confidence": float(conf[inb].mean()),
+                    "accuracy": float(right[inb].mean()),
+                }
+            )
     return rows
 
 

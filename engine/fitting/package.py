@@ -55,8 +55,15 @@ Validation metrics (held-out studies) and the random-encoder floor are in
 """
 
 
-def manifest_for(name: str, kind: str, fitted: Fitted, model: Any, fit_record: dict[str, Any], version: str = "0.1.0",
-                 description: str | None = None) -> dict[str, Any]:
+def manifest_for(
+    name: str,
+    kind: str,
+    fitted: Fitted,
+    model: Any,
+    fit_record: dict[str, Any],
+    version: str = "0.1.0",
+    description: str | None = None,
+) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "name": name,
         "version": version,
@@ -88,7 +95,9 @@ def write_module(folder: str | Path, kind: str, manifest: dict[str, Any], state:
     return folder
 
 
-def write_package(out: str | Path, name: str, kind: str, manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
+def write_package(
+    out: str | Path, name: str, kind: str, manifest: dict[str, Any], state: dict[str, torch.Tensor]
+) -> Path:
     """Write the package folder ``out``; returns the module folder. An existing package is replaced."""
     names = names_for(name)
     out = Path(out)
@@ -97,5 +106,7 @@ def write_package(out: str | Path, name: str, kind: str, manifest: dict[str, Any
         shutil.rmtree(module)
     write_module(module, kind, manifest, state)
     (out / "pyproject.toml").write_text(PYPROJECT.format(version=manifest["version"], **names))
-    (out / "README.md").write_text(README.format(kind=kind, fingerprint=manifest["encoder"]["fingerprint"], folder=out.name, **names))
+    (out / "README.md").write_text(
+        README.format(kind=kind, fingerprint=manifest["encoder"]["fingerprint"], folder=out.name, **names)
+    )
     return module

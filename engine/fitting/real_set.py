@@ -36,9 +36,16 @@ MRICRON_TEMPLATES = "usr/share/mricron/templates"
 
 # --- building -----------------------------------------------------------------------------------
 
+
 def _entry(path: Path, out: Path, source: str, contrast: str | None, note: str = "") -> dict[str, Any]:
-    return {"path": path.relative_to(out).as_posix(), "source": source, "region": "brain", "contrast": contrast,
-            "healthy": True, "note": note}
+    return {
+        "path": path.relative_to(out).as_posix(),
+        "source": source,
+        "region": "brain",
+        "contrast": contrast,
+        "healthy": True,
+        "note": note,
+    }
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -58,7 +65,9 @@ def _nilearn_files(assets: Path) -> dict[str, Path]:
     return found
 
 
-def build_real_set(out: str | Path, *, assets: str | Path | None = None, shared: str | Path | None = None) -> dict[str, Any]:
+def build_real_set(
+    out: str | Path, *, assets: str | Path | None = None, shared: str | Path | None = None
+) -> dict[str, Any]:
     """Write the real set into ``out`` from the sources found; returns its description."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,8 +77,15 @@ def build_real_set(out: str | Path, *, assets: str | Path | None = None, shared:
         shared = Path(shared)
         ts = shared / "dcm_qa_ts" / "In" / "1.dcm"  # nine syntaxes of one acquisition: one series
         if ts.is_file():
-            series.append(_entry(_copy(ts, out / "dicom" / "dcm_qa_ts" / "1.dcm").parent, out, "dcm_qa_ts (Siemens EPI mosaic)", None,
-                                 "EPI BOLD, 64x64x35"))
+            series.append(
+                _entry(
+                    _copy(ts, out / "dicom" / "dcm_qa_ts" / "1.dcm").parent,
+                    out,
+                    "dcm_qa_ts (Siemens EPI mosaic)",
+                    None,
+                    "EPI BOLD, 64x64x35",
+                )
+            )
         else:
             missing.append("dcm_qa_ts")
         enh = shared / "dcm_qa_enh" / "In"
@@ -91,8 +107,14 @@ def build_real_set(out: str | Path, *, assets: str | Path | None = None, shared:
         for name, contrast in (("MR_small.dcm", "T1"), ("emri_small.dcm", None)):
             path = get_testdata_file(name)
             if path:
-                series.append(_entry(_copy(Path(path), out / "dicom" / "pydicom" / Path(name).stem / name).parent, out,
-                                     f"pydicom test file {name}", contrast))
+                series.append(
+                    _entry(
+                        _copy(Path(path), out / "dicom" / "pydicom" / Path(name).stem / name).parent,
+                        out,
+                        f"pydicom test file {name}",
+                        contrast,
+                    )
+                )
     except ImportError:
         missing.append("pydicom test files")
     if assets is not None and Path(assets).is_dir():
@@ -103,15 +125,23 @@ def build_real_set(out: str | Path, *, assets: str | Path | None = None, shared:
             missing.append("MNI152 (nilearn wheel, unpacked)")
         templates = next(iter(assets.glob(f"**/{MRICRON_TEMPLATES}")), None)
         if templates is not None:
-            for name, note in (("ch2.nii.gz", "Colin27 T1 with scalp"), ("ch2bet.nii.gz", "Colin27 T1, brain extracted")):
+            for name, note in (
+                ("ch2.nii.gz", "Colin27 T1 with scalp"),
+                ("ch2bet.nii.gz", "Colin27 T1, brain extracted"),
+            ):
                 if (templates / name).is_file():
-                    series.append(_entry(_copy(templates / name, out / "nifti" / name), out, f"{note} (mricron-data)", "T1"))
+                    series.append(
+                        _entry(_copy(templates / name, out / "nifti" / name), out, f"{note} (mricron-data)", "T1")
+                    )
         else:
             missing.append("Colin27 (mricron-data, unpacked)")
     else:
         missing += ["MNI152 (nilearn wheel)", "Colin27 (mricron-data)"]
-    description = {"series": series, "missing": missing,
-                   "labels": "region from the protocol (all brain); contrast where the protocol names it; healthy volunteers and templates"}
+    description = {
+        "series": series,
+        "missing": missing,
+        "labels": "region from the protocol (all brain); contrast where the protocol names it; healthy volunteers and templates",
+    }
     (out / SET_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return description
 
@@ -121,6 +151,7 @@ def is_real_set(root: str | Path) -> bool:
 
 
 # --- the independent head mask ------------------------------------------------------------------
+
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold: the cut maximising the between-class variance of the histogram."""
@@ -162,6 +193,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 # --- scoring ------------------------------------------------------------------------------------
 
+
 def _refs_by_entry(root: Path, description: dict[str, Any]) -> dict[str, Any]:
     """Scan the set and map each entry's path to the series found there (one per entry: the first)."""
     from engine.discover import scan
@@ -177,8 +209,14 @@ def _refs_by_entry(root: Path, description: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def score_real_set(root: str | Path, store: str | Path, *, classify: str = "classify", segment: str = "segment",
-                   localize: str = "localize") -> dict[str, Any]:
+def score_real_set(
+    root: str | Path,
+    store: str | Path,
+    *,
+    classify: str = "classify",
+    segment: str = "segment",
+    localize: str = "localize",
+) -> dict[str, Any]:
     """Per-series answers and the set's figures (see the module docstring)."""
     from engine.discover import load
     from engine.store import open_store
@@ -215,7 +253,9 @@ def score_real_set(root: str | Path, store: str | Path, *, classify: str = "clas
             if head.shape == mask.shape:
                 row["head_dice"] = round(dice(mask > 0, head), 4)
                 lesion = labels.index("lesion") if "lesion" in labels else None
-                row["lesion_fraction"] = round(float((mask == lesion).sum() / max(head.sum(), 1)), 5) if lesion is not None else None
+                row["lesion_fraction"] = (
+                    round(float((mask == lesion).sum() / max(head.sum(), 1)), 5) if lesion is not None else None
+                )
         if localize in heads and not heads[localize].get("error"):
             row["boxes"] = int(len(np.asarray(st.read_output(ref.key, localize, "lesions")["world"]).reshape(-1, 6)))
     return {"series": per, "figures": real_figures(per, description), "missing": description.get("missing", [])}
@@ -233,28 +273,50 @@ def real_figures(per: list[dict[str, Any]], description: dict[str, Any]) -> dict
     truth = {e["path"]: e for e in description["series"]}
     answered = [r for r in per if "region" in r]
     right = [r["region"] == truth[r["path"]]["region"] for r in answered]
-    confident_wrong = [r for r, ok in zip(answered, right) if not ok and r["region_p"] >= CONFIDENT and not r.get("flagged")]
+    confident_wrong = [
+        r for r, ok in zip(answered, right) if not ok and r["region_p"] >= CONFIDENT and not r.get("flagged")
+    ]
     dices = [r["head_dice"] for r in per if r.get("head_dice") is not None]
     healthy = [r for r in per if truth[r["path"]]["healthy"] and r.get("lesion_fraction") is not None]
     flags = [r["flagged"] for r in per if r.get("flagged") is not None]
-    boxed = [r["boxes"] for r in per if truth[r["path"]]["healthy"] and r.get("boxes") is not None]  # every box is false
+    boxed = [
+        r["boxes"] for r in per if truth[r["path"]]["healthy"] and r.get("boxes") is not None
+    ]  # every box is false
     return {
-        "series": len(per), "complete": sum(r["status"] == "complete" for r in per),
+        "series": len(per),
+        "complete": sum(r["status"] == "complete" for r in per),
         "region_accuracy": round(float(np.mean(right)), 4) if right else None,
         "confident_wrong_unflagged": len(confident_wrong),
         "median_head_dice": round(float(np.median(dices)), 4) if dices else None,
-        "healthy_lesion_le_1pct": round(float(np.mean([r["lesion_fraction"] <= LESION_HEALTHY_MAX for r in healthy])), 4) if healthy else None,
-        "median_lesion_fraction": round(float(np.median([r["lesion_fraction"] for r in healthy])), 5) if healthy else None,
+        "healthy_lesion_le_1pct": round(
+            float(np.mean([r["lesion_fraction"] <= LESION_HEALTHY_MAX for r in healthy])), 4
+        )
+        if healthy
+        else None,
+        "median_lesion_fraction": round(float(np.median([r["lesion_fraction"] for r in healthy])), 5)
+        if healthy
+        else None,
         "flag_rate": round(float(np.mean(flags)), 4) if flags else None,
         "healthy_false_boxes_per_series": round(float(np.mean(boxed)), 4) if boxed else None,
         "healthy_without_box": round(float(np.mean([b == 0 for b in boxed])), 4) if boxed else None,
-        "targets": {"region_accuracy": ">= 0.90", "confident_wrong_unflagged": "0 (p >= 0.8)", "median_head_dice": ">= 0.85",
-                    "healthy_lesion_le_1pct": ">= 0.90"},
+        "targets": {
+            "region_accuracy": ">= 0.90",
+            "confident_wrong_unflagged": "0 (p >= 0.8)",
+            "median_head_dice": ">= 0.85",
+            "healthy_lesion_le_1pct": ">= 0.90",
+        },
     }
 
 
-def evaluate_real_set(root: str | Path, *, store: str | Path | None = None, model: str | Path | None = None,
-                      backend: str = "torch", run: bool = True, overwrite: bool = False) -> dict[str, Any]:
+def evaluate_real_set(
+    root: str | Path,
+    *,
+    store: str | Path | None = None,
+    model: str | Path | None = None,
+    backend: str = "torch",
+    run: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Run the classify, segment and localize heads over the real set (unless ``run`` is False) and score it."""
     root = Path(root)
     store = Path(store) if store else root / "evaluation.zarr"
@@ -262,8 +324,15 @@ def evaluate_real_set(root: str | Path, *, store: str | Path | None = None, mode
         from engine.pipeline import run as run_pipeline
 
         description = json.loads((root / SET_FILE).read_text())
-        run_pipeline([root / e["path"] for e in description["series"]], store, heads=["classify", "segment", "localize"], model=model,
-                     backend=backend, workers=0, overwrite=overwrite)
+        run_pipeline(
+            [root / e["path"] for e in description["series"]],
+            store,
+            heads=["classify", "segment", "localize"],
+            model=model,
+            backend=backend,
+            workers=0,
+            overwrite=overwrite,
+        )
     return score_real_set(root, store)
 
 
@@ -272,8 +341,11 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description="Build the real evaluation set from the assets this machine holds.")
     ap.add_argument("out")
-    ap.add_argument("--assets", help="Folder holding the unpacked nilearn wheel and mricron-data package "
-                                     "(python -m engine.default_model.assets fetch DIR)")
+    ap.add_argument(
+        "--assets",
+        help="Folder holding the unpacked nilearn wheel and mricron-data package "
+        "(python -m engine.default_model.assets fetch DIR)",
+    )
     ap.add_argument("--shared", help="Folder holding dcm_qa_ts and dcm_qa_enh (dcm2niix's validation sets)")
     args = ap.parse_args()
     desc = build_real_set(args.out, assets=args.assets, shared=args.shared)

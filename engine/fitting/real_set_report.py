@@ -33,13 +33,21 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_real_set(result: dict[str, Any], console: Console, json_path: str | None = None, md_path: str | None = None) -> None:
+def print_real_set(
+    result: dict[str, Any], console: Console, json_path: str | None = None, md_path: str | None = None
+) -> None:
     per = Table(title=f"real set: {result['figures']['series']} series ({result['figures']['complete']} complete)")
     for col in ("series", "region", "p", "head Dice", "lesion / head", "flagged"):
         per.add_column(col)
     for r in result["series"]:
-        per.add_row(r["source"], r.get("region", r["status"]), _fmt(r.get("region_p")), _fmt(r.get("head_dice")),
-                    _fmt(r.get("lesion_fraction")), _fmt(r.get("flagged")))
+        per.add_row(
+            r["source"],
+            r.get("region", r["status"]),
+            _fmt(r.get("region_p")),
+            _fmt(r.get("head_dice")),
+            _fmt(r.get("lesion_fraction")),
+            _fmt(r.get("flagged")),
+        )
     console.print(per)
     fig = Table(title="real set figures")
     for col in ("figure", "value", "target"):

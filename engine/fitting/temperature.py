@@ -21,9 +21,17 @@ from ..errors import UsageError
 from . import metrics as M
 
 
-def calibrate_head(head_dir: str | Path, data: str | Path, *, archive: str | Path | None = None, model: Any = None,
-                   cache_dir: str | Path | None = None, backend: str = "torch", write: bool = True,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def calibrate_head(
+    head_dir: str | Path,
+    data: str | Path,
+    *,
+    archive: str | Path | None = None,
+    model: Any = None,
+    cache_dir: str | Path | None = None,
+    backend: str = "torch",
+    write: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Fit and (``write``) store the temperatures of the head in ``head_dir`` (its manifest.json
     and weights.safetensors) on the labels in ``data``; returns the ``fit.calibration`` record."""
     from safetensors.torch import load_file
@@ -43,7 +51,9 @@ def calibrate_head(head_dir: str | Path, data: str | Path, *, archive: str | Pat
     cfg = (manifest.get("fit") or {}).get("config") or {}
     outputs = [o for o in cfg.get("outputs", []) if o.get("task") == "classification"]
     if manifest.get("fit", {}).get("kind") != "classify" or not outputs:
-        raise UsageError(f"{folder}: not a fitted classification head (its manifest has no fit.config classification outputs)")
+        raise UsageError(
+            f"{folder}: not a fitted classification head (its manifest has no fit.config classification outputs)"
+        )
     mdl = load_model(model) if not hasattr(model, "fingerprint") else model
     want = manifest.get("encoder", {}).get("fingerprint")
     if want and want != mdl.fingerprint:
@@ -62,8 +72,12 @@ def calibrate_head(head_dir: str | Path, data: str | Path, *, archive: str | Pat
     x = torch.from_numpy(np.stack([np.concatenate([f.cls, f.tokens.mean(axis=0)]) for f in feats])).float()
     with torch.no_grad():
         raw = {k: v.numpy() for k, v in net(x).items()}
-    record: dict[str, Any] = {"data": labels.source, "series": len(pairs), "studies": len({lab.study_uid for _, lab in pairs}),
-                              "method": "temperature scaling (NLL), ECE over 10 equal-width confidence bins"}
+    record: dict[str, Any] = {
+        "data": labels.source,
+        "series": len(pairs),
+        "studies": len({lab.study_uid for _, lab in pairs}),
+        "method": "temperature scaling (NLL), ECE over 10 equal-width confidence bins",
+    }
     declared = {d["name"]: d.get("labels") for d in manifest.get("outputs", [])}
     for o in outputs:
         # the net's rows follow the declared labels (the contrib head reorders them), else the fit's
@@ -74,8 +88,13 @@ def calibrate_head(head_dir: str | Path, data: str | Path, *, archive: str | Pat
         t = M.fit_temperature(logits, y[ok])
         before = torch.from_numpy(logits).softmax(-1).numpy()
         after = torch.from_numpy(logits / t).softmax(-1).numpy()
-        record[o["name"]] = {"temperature": round(t, 4), "ece_before": M.r4(M.ece(before, y[ok])),
-                             "ece_after": M.r4(M.ece(after, y[ok])), "accuracy": M.r4(M.accuracy(after, y[ok])), "n": int(ok.sum())}
+        record[o["name"]] = {
+            "temperature": round(t, 4),
+            "ece_before": M.r4(M.ece(before, y[ok])),
+            "ece_after": M.r4(M.ece(after, y[ok])),
+            "accuracy": M.r4(M.accuracy(after, y[ok])),
+            "n": int(ok.sum()),
+        }
         o["temperature"] = round(t, 4)
     if write:
         manifest["fit"]["calibration"] = record

@@ -54,8 +54,15 @@ def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in net.state_dict().items()}
 
 
-def _optimise(net: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float, wd: float = 1e-2,
-              log: Callable[[str], None] | None = None, name: str = "") -> None:
+def _optimise(
+    net: torch.nn.Module,
+    loss_fn: Callable[[int], torch.Tensor],
+    steps: int,
+    lr: float,
+    wd: float = 1e-2,
+    log: Callable[[str], None] | None = None,
+    name: str = "",
+) -> None:
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     net.train()
@@ -72,6 +79,7 @@ def _optimise(net: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], step
 
 
 # --- probes (classification, regression) ----------------------------------------------------------
+
 
 def _pooled(f: SeriesFeatures) -> np.ndarray:
     return np.concatenate([f.cls, f.tokens.mean(axis=0)])
@@ -102,8 +110,16 @@ def fit_probe(kind: str, labels: LabelSet, train: list[Pair], val: list[Pair], o
             mean, std = float(np.nanmean(z)), float(np.nanstd(z) or 1.0)
             yt[name] = torch.from_numpy((z - mean) / std).float()
             yv[name] = np.asarray([lab.values.get(t, np.nan) for _, lab in val], float)
-            outs.append({"name": name, "column": t, "task": "regression", "mean": mean, "std": std,
-                         "transform": "log1p" if log1p else "none"})
+            outs.append(
+                {
+                    "name": name,
+                    "column": t,
+                    "task": "regression",
+                    "mean": mean,
+                    "std": std,
+                    "transform": "log1p" if log1p else "none",
+                }
+            )
     cfg = {"kind": kind, "hidden": opt.hidden, "outputs": outs}
     net = probe_t.build_net(d, cfg)
 
@@ -137,22 +153,42 @@ def fit_probe(kind: str, labels: LabelSet, train: list[Pair], val: list[Pair], o
         y = yv[o["name"]]
         if o["task"] == "classification":
             ok = y >= 0
-            mets[o["name"]] = {"accuracy": M.r4(M.accuracy(pred[o["name"]][ok], y[ok])),
-                               "auroc": M.r4(M.auroc(pred[o["name"]][ok], y[ok])),
-                               "chance_accuracy": M.r4(M.majority_rate(y[ok])),
-                               "ece_uncalibrated": M.r4(M.ece(uncalibrated[o["name"]][ok], y[ok])),
-                               "ece": M.r4(M.ece(pred[o["name"]][ok], y[ok])), "temperature": o["temperature"]}
+            mets[o["name"]] = {
+                "accuracy": M.r4(M.accuracy(pred[o["name"]][ok], y[ok])),
+                "auroc": M.r4(M.auroc(pred[o["name"]][ok], y[ok])),
+                "chance_accuracy": M.r4(M.majority_rate(y[ok])),
+                "ece_uncalibrated": M.r4(M.ece(uncalibrated[o["name"]][ok], y[ok])),
+                "ece": M.r4(M.ece(pred[o["name"]][ok], y[ok])),
+                "temperature": o["temperature"],
+            }
         else:
             ok = ~np.isnan(y)
             mets[o["name"]] = {"mae": M.r4(M.mae(pred[o["name"]][ok], y[ok])), "chance_mae": M.r4(M.median_mae(y[ok]))}
     decl = []
     for o in outs:
         if o["task"] == "classification":
-            decl.append({"name": o["name"], "kind": "scores", "dtype": "float32", "shape": ["C"], "labels": o["labels"],
-                         "range": [0, 1], "description": f"Probability of each {o['column']} class (softmax)."})
+            decl.append(
+                {
+                    "name": o["name"],
+                    "kind": "scores",
+                    "dtype": "float32",
+                    "shape": ["C"],
+                    "labels": o["labels"],
+                    "range": [0, 1],
+                    "description": f"Probability of each {o['column']} class (softmax).",
+                }
+            )
         else:
-            decl.append({"name": o["name"], "kind": "value", "dtype": "float32", "shape": [], "units": "1",
-                         "description": f"Predicted {o['column']}."})
+            decl.append(
+                {
+                    "name": o["name"],
+                    "kind": "value",
+                    "dtype": "float32",
+                    "shape": [],
+                    "units": "1",
+                    "description": f"Predicted {o['column']}.",
+                }
+            )
     return Fitted(_state(net), cfg, mets, decl, {"view": "global", "features": ["cls", "tokens"]})
 
 
@@ -163,6 +199,7 @@ def _name(column: str) -> str:
 
 
 # --- segmentation ---------------------------------------------------------------------------------
+
 
 def read_label_map(path: Any) -> tuple[np.ndarray, np.ndarray]:
     """A label map and its voxel -> RAS affine: a NIfTI image, or a DICOM Segmentation whose
@@ -226,8 +263,13 @@ def fit_segment(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Optio
     tw, vw = _windows(train), _windows(val)
     n_classes = max(int(max(w[2].max() for w in tw + vw)) + 1, len(labels.classes), 2)
     classes = labels.classes or ["background"] + [f"label_{c}" for c in range(1, n_classes)]
-    cfg = {"kind": "segment", "labels": classes, "layers": use, "output": "anatomy" if labels.classes else "mask",
-           "widths": [32, 16, 8]}
+    cfg = {
+        "kind": "segment",
+        "labels": classes,
+        "layers": use,
+        "output": "anatomy" if labels.classes else "mask",
+        "widths": [32, 16, 8],
+    }
     d = tw[0][0].shape[-1]
     # channels-last 3D convolutions train about twice as fast on CPU (oneDNN); the saved state is
     # made contiguous by _state, so the weights do not depend on it
@@ -278,10 +320,20 @@ def fit_segment(labels: LabelSet, train: list[Pair], val: list[Pair], opt: Optio
             pred = net(g, torch.from_numpy(image)[None, None]).argmax(dim=1)[0].numpy()
             dice.add(pred, lab)
     mets = {"dice": dice.dice(), "chance_dice": dice.floor(), "windows": len(vw)} if vw else {}
-    decl = [{"name": cfg["output"], "kind": "mask", "dtype": "uint8", "labels": classes, "activation": "softmax",
-             "description": "Per-voxel label probabilities (softmax); stored as the argmax label on the native grid "
-                            "(probabilities resampled there first): a voxel is lesion when lesion is its most probable label."}]
-    return Fitted(_state(net), cfg, mets, decl, {"view": "tiles", "image": True, "features": [f"layers[{i}]" for i in use]})
+    decl = [
+        {
+            "name": cfg["output"],
+            "kind": "mask",
+            "dtype": "uint8",
+            "labels": classes,
+            "activation": "softmax",
+            "description": "Per-voxel label probabilities (softmax); stored as the argmax label on the native grid "
+            "(probabilities resampled there first): a voxel is lesion when lesion is its most probable label.",
+        }
+    ]
+    return Fitted(
+        _state(net), cfg, mets, decl, {"view": "tiles", "image": True, "features": [f"layers[{i}]" for i in use]}
+    )
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -289,7 +341,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
     background voxels stop drowning the few hard lesion-edge voxels."""
     logp = F.log_softmax(logits, dim=1).gather(1, target[:, None])[:, 0]
     w = weight.to(logits.dtype)[target]
-    return (-(1 - logp.exp()) ** gamma * logp * w).sum() / w.sum()
+    return (-((1 - logp.exp()) ** gamma) * logp * w).sum() / w.sum()
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,7 @@ _BASE_AXES = {
 }
 
 
-def plane_axes(
-    orientation: str, oblique_deg: float | Sequence[float] = 0.0, oblique_base: str = "axial"
-) -> np.ndarray:
+def plane_axes(orientation: str, oblique_deg: float | Sequence[float] = 0.0, oblique_base: str = "axial") -> np.ndarray:
     """3x3 matrix whose columns are the unit row, column and slice directions in RAS.
 
     ``oblique`` tilts ``oblique_base`` about the world x axis and then the world y axis by
@@ -77,9 +75,7 @@ def make_grid(
     return shape_a, affine
 
 
-def grid_points(
-    shape: Sequence[int], affine: np.ndarray, slice_offsets: Sequence[float] = (0.0,)
-) -> np.ndarray:
+def grid_points(shape: Sequence[int], affine: np.ndarray, slice_offsets: Sequence[float] = (0.0,)) -> np.ndarray:
     """World coordinates (S, I*J*K, 3) of every voxel centre, optionally shifted along k.
 
     ``slice_offsets`` are fractions of the slice spacing; sampling several gives a slice profile

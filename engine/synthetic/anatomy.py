@@ -133,10 +133,7 @@ def _place_lesion(phantom: Phantom, rng: np.random.Generator, tries: int = 200) 
             continue
         r = float(rng.uniform(lo, hi))
         radii = r * np.array([1.0, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)])
-        if any(
-            np.linalg.norm(center - np.asarray(o.center_mm)) < r + max(o.radii_mm) + 3
-            for o in phantom.lesions
-        ):
+        if any(np.linalg.norm(center - np.asarray(o.center_mm)) < r + max(o.radii_mm) + 3 for o in phantom.lesions):
             continue
         axes = random_rotation(rng)
         return Lesion(

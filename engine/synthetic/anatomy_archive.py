@@ -26,8 +26,10 @@ from .reports import write_report
 
 GENERATOR = "engine.synthetic.anatomy_archive.write_anatomy_archive"
 _ABBREV = {"axial": "AX", "sagittal": "SAG", "coronal": "COR", "oblique": "OBL"}
-_EXTRA = {"EPI": dict(ScanningSequence="EP", SequenceVariant="SK", RepetitionTime=2000, EchoTime=30),
-          "DWI": dict(ScanningSequence="EP", SequenceVariant="SK", RepetitionTime=6000, EchoTime=80)}
+_EXTRA = {
+    "EPI": dict(ScanningSequence="EP", SequenceVariant="SK", RepetitionTime=2000, EchoTime=30),
+    "DWI": dict(ScanningSequence="EP", SequenceVariant="SK", RepetitionTime=6000, EchoTime=80),
+}
 
 
 def study_regions(studies: int, brain_share: float = 0.25) -> list[str]:
@@ -43,8 +45,15 @@ def study_regions(studies: int, brain_share: float = 0.25) -> list[str]:
     return out
 
 
-def write_anatomy_archive(out_dir: str | Path, studies: int = 8, seed: int = 0, *, assets: str | Path,
-                          brain_share: float = 0.25, epi_share: float = 0.2) -> ArchiveManifest:
+def write_anatomy_archive(
+    out_dir: str | Path,
+    studies: int = 8,
+    seed: int = 0,
+    *,
+    assets: str | Path,
+    brain_share: float = 0.25,
+    epi_share: float = 0.2,
+) -> ArchiveManifest:
     """Write ``studies`` studies of randomised real-anatomy images under ``out_dir``; returns their truth."""
     out_dir = Path(out_dir)
     templates = brain_templates(assets)  # fails naming the missing assets before anything is written
@@ -52,20 +61,35 @@ def write_anatomy_archive(out_dir: str | Path, studies: int = 8, seed: int = 0, 
     manifest = ArchiveManifest(root=out_dir, seed=seed, studies=[], series=[])
     for s, region in enumerate(study_regions(studies, brain_share)):
         rng = np.random.default_rng([seed, s, 18])
-        anatomy = templates[int(rng.integers(len(templates)))] if region == "brain" else \
-            from_phantom(build_phantom(region, rng, n_lesions=0))
+        anatomy = (
+            templates[int(rng.integers(len(templates)))]
+            if region == "brain"
+            else from_phantom(build_phantom(region, rng, n_lesions=0))
+        )
         study, series = _write_study(out_dir, s, seed, region, anatomy, rng, epi_share)
         manifest.studies.append(study)
         manifest.series.extend(series)
     manifest.save()
-    (out_dir / GROUND_TRUTH_DIR / "generator.json").write_text(json.dumps(
-        {"generator": GENERATOR, "seed": seed, "studies": studies, "brain_share": brain_share, "epi_share": epi_share,
-         "tissue_classes": {str(k): v for k, v in TISSUE_CLASSES.items()}}, indent=1) + "\n")
+    (out_dir / GROUND_TRUTH_DIR / "generator.json").write_text(
+        json.dumps(
+            {
+                "generator": GENERATOR,
+                "seed": seed,
+                "studies": studies,
+                "brain_share": brain_share,
+                "epi_share": epi_share,
+                "tissue_classes": {str(k): v for k, v in TISSUE_CLASSES.items()},
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return manifest
 
 
-def _write_study(out_dir: Path, s: int, seed: int, region: str, anatomy: LabelAnatomy, rng: np.random.Generator,
-                 epi_share: float) -> tuple[StudyTruth, list[SeriesTruth]]:
+def _write_study(
+    out_dir: Path, s: int, seed: int, region: str, anatomy: LabelAnatomy, rng: np.random.Generator, epi_share: float
+) -> tuple[StudyTruth, list[SeriesTruth]]:
     draw = draw_study(anatomy, rng)
     study = _study_identity(s, seed, region, rng)
     truth_dir = out_dir / GROUND_TRUTH_DIR / study.key
@@ -82,42 +106,90 @@ def _write_study(out_dir: Path, s: int, seed: int, region: str, anatomy: LabelAn
     names = [f"{k} {st.orientation}" for k, st in zip(kinds, series_truth)]
     report = write_report(region, draw.lesions, names, rng, side=anatomy.side)
     (truth_dir / "report.txt").write_text(report)
-    (truth_dir / "lesions.json").write_text(json.dumps(
-        {"region": region, "side": anatomy.side, "anatomy": anatomy.name, "lesions": [vars(x) for x in lesions],
-         "contrasts": {st.series_uid: st.contrast for st in series_truth}}, indent=1, sort_keys=True) + "\n")
+    (truth_dir / "lesions.json").write_text(
+        json.dumps(
+            {
+                "region": region,
+                "side": anatomy.side,
+                "anatomy": anatomy.name,
+                "lesions": [vars(x) for x in lesions],
+                "contrasts": {st.series_uid: st.contrast for st in series_truth},
+            },
+            indent=1,
+            sort_keys=True,
+        )
+        + "\n"
+    )
     truth = StudyTruth(
-        study_uid=study.uid, study_key=study.key, patient_id=study.patient.id, patient_name=study.patient.name,
-        patient_age=study.patient.age_years, patient_sex=study.patient.sex, study_date=study.tags["StudyDate"],
-        region=region, side=anatomy.side, lesions=lesions, lesion_volume_ml=round(sum(x.volume_ml for x in draw.lesions), 4),
-        report_path=(truth_dir / "report.txt").relative_to(out_dir).as_posix(), report=report,
+        study_uid=study.uid,
+        study_key=study.key,
+        patient_id=study.patient.id,
+        patient_name=study.patient.name,
+        patient_age=study.patient.age_years,
+        patient_sex=study.patient.sex,
+        study_date=study.tags["StudyDate"],
+        region=region,
+        side=anatomy.side,
+        lesions=lesions,
+        lesion_volume_ml=round(sum(x.volume_ml for x in draw.lesions), 4),
+        report_path=(truth_dir / "report.txt").relative_to(out_dir).as_posix(),
+        report=report,
         series_uids=[st.series_uid for st in series_truth],
     )
     return truth, series_truth
 
 
-def _write_series(out_dir: Path, study, draw: StudyDraw, acq: Acquisition, number: int, seed: int,
-                  rng: np.random.Generator) -> SeriesTruth:
+def _write_series(
+    out_dir: Path, study, draw: StudyDraw, acq: Acquisition, number: int, seed: int, rng: np.random.Generator
+) -> SeriesTruth:
     image, labels, tissues = render_series(draw, acq, rng)
     series_key = f"series_{number:02d}"
     series_uid = derive_uid(seed, study.index, "series", number)
     description = f"{acq.kind} {_ABBREV[acq.orientation]} {study.region.upper()}"
     dicom_dir = out_dir / DICOM_DIR / study.key / series_key
     extra = dict(SEQUENCE_PARAMS.get(acq.kind) or _EXTRA[acq.kind])
-    extra["PatientPosition"] = {"supine": "HFS", "prone": "HFP", "decubitus left": "HFDL", "decubitus right": "HFDR"}[acq.position]
+    extra["PatientPosition"] = {"supine": "HFS", "prone": "HFP", "decubitus left": "HFDL", "decubitus right": "HFDR"}[
+        acq.position
+    ]
     paths = write_dicom_series(
-        dicom_dir, image, acq.affine, study_uid=study.uid, series_uid=series_uid, frame_of_reference_uid=study.frame_uid,
-        description=description, series_number=number, slice_thickness=acq.slice_thickness, patient=study.patient,
-        study_tags=study.tags, extra_tags=extra, file_names=study.file_names,
+        dicom_dir,
+        image,
+        acq.affine,
+        study_uid=study.uid,
+        series_uid=series_uid,
+        frame_of_reference_uid=study.frame_uid,
+        description=description,
+        series_number=number,
+        slice_thickness=acq.slice_thickness,
+        patient=study.patient,
+        study_tags=study.tags,
+        extra_tags=extra,
+        file_names=study.file_names,
     )
     label_path = out_dir / GROUND_TRUTH_DIR / study.key / f"{series_key}_labels.nii.gz"
     _save_labels(label_path, labels, acq.affine)
     _save_labels(label_path.with_name(f"{series_key}_tissues.nii.gz"), tissues, acq.affine)
     return SeriesTruth(
-        series_uid=series_uid, study_uid=study.uid, study_key=study.key, series_key=series_key, region=study.region,
-        contrast=acq.contrast, orientation=acq.orientation, flip=[], oblique_deg=[0.0, 0.0], oblique_base="axial",
-        description=description, shape=list(acq.shape), spacing=list(acq.spacing), slice_thickness=acq.slice_thickness,
-        affine=(np.round(acq.affine, 6) + 0.0).tolist(), transfer_syntax=str(TRANSFER_SYNTAXES["explicit"]),
-        rescale=[1.0, 0.0], pixel_dtype="uint16", dicom_dir=dicom_dir.relative_to(out_dir).as_posix(), n_files=len(paths),
+        series_uid=series_uid,
+        study_uid=study.uid,
+        study_key=study.key,
+        series_key=series_key,
+        region=study.region,
+        contrast=acq.contrast,
+        orientation=acq.orientation,
+        flip=[],
+        oblique_deg=[0.0, 0.0],
+        oblique_base="axial",
+        description=description,
+        shape=list(acq.shape),
+        spacing=list(acq.spacing),
+        slice_thickness=acq.slice_thickness,
+        affine=(np.round(acq.affine, 6) + 0.0).tolist(),
+        transfer_syntax=str(TRANSFER_SYNTAXES["explicit"]),
+        rescale=[1.0, 0.0],
+        pixel_dtype="uint16",
+        dicom_dir=dicom_dir.relative_to(out_dir).as_posix(),
+        n_files=len(paths),
         label_map=label_path.relative_to(out_dir).as_posix(),
         lesion_voxels={"all": int((labels == 4).sum())},
     )
@@ -126,7 +198,9 @@ def _write_series(out_dir: Path, study, draw: StudyDraw, acq: Acquisition, numbe
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="Write an archive of randomised real-anatomy MR studies with ground truth.")
+    ap = argparse.ArgumentParser(
+        description="Write an archive of randomised real-anatomy MR studies with ground truth."
+    )
     ap.add_argument("out")
     ap.add_argument("--studies", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)

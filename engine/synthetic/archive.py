@@ -147,9 +147,7 @@ def plan_study(
         n_slices = int(np.clip(round(0.75 * fov[2] / slice_spacing), 20, 48))
         center = np.asarray(phantom.center_mm) + rng.uniform(-8, 8, size=3)
         ts = {1: "rle", 4: "jpeg2000", 6: "implicit"}.get(g, "explicit")
-        rescale, dtype = {2: ((0.5, 0.0), "uint16"), 3: ((1.25, 200.0), "int16")}.get(
-            g % 5, ((1.0, 0.0), "uint16")
-        )
+        rescale, dtype = {2: ((0.5, 0.0), "uint16"), 3: ((1.25, 200.0), "int16")}.get(g % 5, ((1.0, 0.0), "uint16"))
         plans.append(
             SeriesPlan(
                 number=t + 1,
@@ -288,9 +286,7 @@ def _write_series(out_dir: Path, study: _Study, phantom: Phantom, plan: SeriesPl
         oblique_deg=plan.oblique_deg,
         oblique_base=plan.oblique_base,
     )
-    image, labels = sample_series(
-        phantom, plan, affine, np.random.default_rng([seed, study.index, plan.number])
-    )
+    image, labels = sample_series(phantom, plan, affine, np.random.default_rng([seed, study.index, plan.number]))
     series_key = f"series_{plan.number:02d}"
     series_uid = derive_uid(seed, study.index, "series", plan.number)
     dicom_dir = out_dir / DICOM_DIR / study.key / series_key

@@ -69,8 +69,17 @@ class Corpus:
         data[i : 3 * i, j : 3 * j] += 600.0
         return data
 
-    def series(self, case: str, folder: Path | None = None, *, shape=BAD_SHAPE, orientation="axial",
-               spacing=SPACING, description: str | None = None, **kw) -> list[Path]:
+    def series(
+        self,
+        case: str,
+        folder: Path | None = None,
+        *,
+        shape=BAD_SHAPE,
+        orientation="axial",
+        spacing=SPACING,
+        description: str | None = None,
+        **kw,
+    ) -> list[Path]:
         """A valid series of ``case`` (its own series UID) written into ``folder``."""
         _, affine = make_grid(orientation, (0.0, 0.0, 0.0), shape=shape, spacing=spacing)
         return write_dicom_series(

@@ -120,7 +120,9 @@ def _deflated_bomb(c: _Corpus) -> Path:
     squeeze = zlib.compressobj(9, zlib.DEFLATED, -15)
     tag = (0x0009).to_bytes(2, "little") + (0x0010).to_bytes(2, "little")
     creator = tag + b"LO" + (6).to_bytes(2, "little") + b"BOMB  "
-    element = (0x0009).to_bytes(2, "little") + (0x1010).to_bytes(2, "little") + b"OB\0\0" + BOMB_BYTES.to_bytes(4, "little")
+    element = (
+        (0x0009).to_bytes(2, "little") + (0x1010).to_bytes(2, "little") + b"OB\0\0" + BOMB_BYTES.to_bytes(4, "little")
+    )
     split = _after_group_8(body)
     parts = [squeeze.compress(body[:split] + creator + element)]
     zeros = bytes(_CHUNK)

@@ -99,7 +99,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from .bad_corpus import (  # noqa: F401 (the corpus' constants are also this module's API)
-    BAD_SHAPE, BOMB_BYTES, EXPECTED, PATIENT, PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME, SPACING,
+    BAD_SHAPE,
+    BOMB_BYTES,
+    EXPECTED,
+    PATIENT,
+    PATIENT_BIRTH_DATE,
+    PATIENT_ID,
+    PATIENT_NAME,
+    SPACING,
 )
 from .bad_corpus import WRITERS as _WRITERS
 from .bad_corpus import Corpus as _Corpus
@@ -280,8 +287,12 @@ def _missing_orientation(c: _Corpus) -> Path:
 @_case("orientation_not_unit", "failed")
 def _orientation_not_unit(c: _Corpus) -> Path:
     paths = c.series("orientation_not_unit")
-    _edit(paths, lambda ds: setattr(
-        ds, "ImageOrientationPatient", [f"{1.05 * float(v):.6f}" for v in ds.ImageOrientationPatient]))
+    _edit(
+        paths,
+        lambda ds: setattr(
+            ds, "ImageOrientationPatient", [f"{1.05 * float(v):.6f}" for v in ds.ImageOrientationPatient]
+        ),
+    )
     return paths[0].parent
 
 

@@ -40,8 +40,9 @@ def _write_raw_nifti(path: Path, hdr: nib.Nifti1Header, data: np.ndarray) -> Pat
     return path
 
 
-def _sform_nifti(corpus: Corpus, case: str, shape: tuple[int, ...], affine: np.ndarray,
-                 data: np.ndarray | None = None) -> Path:
+def _sform_nifti(
+    corpus: Corpus, case: str, shape: tuple[int, ...], affine: np.ndarray, data: np.ndarray | None = None
+) -> Path:
     hdr = _nifti_header(case, shape)
     hdr.set_sform(affine, code="scanner")
     hdr.set_qform(None, code="unknown")
@@ -100,8 +101,9 @@ def _nifti_5d(c: Corpus) -> Path:
 def _nifti_gz_truncated(c: Corpus) -> Path:
     hdr = _nifti_header("nifti_gz_truncated", BAD_SHAPE)
     hdr.set_sform(_grid_affine(), code="scanner")
-    path = _write_raw_nifti(c.folder("nifti_gz_truncated") / "bad_nifti_gz_truncated.nii.gz", hdr,
-                            c.volume().astype(np.float32))
+    path = _write_raw_nifti(
+        c.folder("nifti_gz_truncated") / "bad_nifti_gz_truncated.nii.gz", hdr, c.volume().astype(np.float32)
+    )
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     return path.parent

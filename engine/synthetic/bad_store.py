@@ -40,15 +40,30 @@ CASES: dict[str, str] = {
 
 # every command that reads a store, and the exit code each ends with on each case (where it is
 # not the usual one); export dicom-seg fails every series of the corpus, which has no source files
-READERS = ("validate", "validate --deep", "inspect", "search", "show", "show s1", "report",
-           "export nifti", "export dicom-seg", "export table", "run")
+READERS = (
+    "validate",
+    "validate --deep",
+    "inspect",
+    "search",
+    "show",
+    "show s1",
+    "report",
+    "export nifti",
+    "export dicom-seg",
+    "export table",
+    "run",
+)
 _USUAL_EXIT = {"validate": 1, "validate --deep": 1, "export dicom-seg": 1}
 _EXIT = {
-    ("huge_index_embedding", "search"): 3, ("huge_chunk_grid", "search"): 3,
+    ("huge_index_embedding", "search"): 3,
+    ("huge_chunk_grid", "search"): 3,
     ("huge_mask_shape", "export nifti"): 1,
-    ("escaped_key", "export nifti"): 1, ("escaped_key", "export table"): 1,
-    ("head_as_path", "export nifti"): 1, ("head_as_path", "export table"): 1,
-    ("root_slash", "validate"): 0, ("root_slash", "validate --deep"): 0,
+    ("escaped_key", "export nifti"): 1,
+    ("escaped_key", "export table"): 1,
+    ("head_as_path", "export nifti"): 1,
+    ("head_as_path", "export table"): 1,
+    ("root_slash", "validate"): 0,
+    ("root_slash", "validate --deep"): 0,
 }
 
 
@@ -65,10 +80,14 @@ def reader_args(command: str, store: Path, out: Path, archive: Path) -> list[str
         return ["validate", *command.split()[1:], s]
     if command.startswith("export"):
         return ["export", s, "--format", command.split()[1], "--out", str(out)]
-    return {"inspect": ["inspect", s], "search": ["search", s, "--like", "s1", "-k", "2"], "show": ["show", s],
-            "show s1": ["show", s, "s1"], "report": ["report", s, "--out", str(out)],
-            "run": ["run", str(archive), "--out", s, "--heads", "classify,segment", "--backend", "torch", "--workers", "0"],
-            }[command]
+    return {
+        "inspect": ["inspect", s],
+        "search": ["search", s, "--like", "s1", "-k", "2"],
+        "show": ["show", s],
+        "show s1": ["show", s, "s1"],
+        "report": ["report", s, "--out", str(out)],
+        "run": ["run", str(archive), "--out", s, "--heads", "classify,segment", "--backend", "torch", "--workers", "0"],
+    }[command]
 
 
 def write_small_store(path: Path, description: str = "T1 axial") -> Path:
@@ -77,27 +96,59 @@ def write_small_store(path: Path, description: str = "T1 axial") -> Path:
 
     store = ResultStore(path, mode="a")
     heads = {"segment": "anatomy", "retrieve": "embedding", "classify": "region"}
-    info = {"started": now(), "config": {"paths": [], "heads": sorted(heads)}, "model": {"name": "tiny", "fingerprint": FP},
-            "heads": {h: {"version": "1"} for h in heads}, "backend": {"name": "torch", "reason": "corpus"},
-            "fingerprint": FP, "host": {"hostname": socket.gethostname(), "python": "3", "torch": "0"}}
+    info = {
+        "started": now(),
+        "config": {"paths": [], "heads": sorted(heads)},
+        "model": {"name": "tiny", "fingerprint": FP},
+        "heads": {h: {"version": "1"} for h in heads},
+        "backend": {"name": "torch", "reason": "corpus"},
+        "fingerprint": FP,
+        "host": {"hostname": socket.gethostname(), "python": "3", "torch": "0"},
+    }
     with store.lock("r1"):
         store.begin_run("r1", info)
         for i, key in enumerate(KEYS):
             rng = np.random.default_rng(i)
             emb = rng.normal(size=8).astype(np.float32)
-            attrs = {"series_key": key, "study_uid": "1.2", "series_uid": key, "description": description, "reader": "dicom",
-                     "source": {"first": "a#1", "count": 10}, "run_id": "r1", "fingerprint": FP,
-                     "geometry": {"shape": list(SHAPE), "affine": np.diag([1.0, 1.0, 2.0, 1.0]).tolist(),
-                                  "spacing": [1.0, 1.0, 2.0], "orientation": "axial"},
-                     "heads": {h: {"version": "1", "outputs": [o], "error": None, "fingerprint": FP, "run_id": "r1"}
-                               for h, o in heads.items()}}
+            attrs = {
+                "series_key": key,
+                "study_uid": "1.2",
+                "series_uid": key,
+                "description": description,
+                "reader": "dicom",
+                "source": {"first": "a#1", "count": 10},
+                "run_id": "r1",
+                "fingerprint": FP,
+                "geometry": {
+                    "shape": list(SHAPE),
+                    "affine": np.diag([1.0, 1.0, 2.0, 1.0]).tolist(),
+                    "spacing": [1.0, 1.0, 2.0],
+                    "orientation": "axial",
+                },
+                "heads": {
+                    h: {"version": "1", "outputs": [o], "error": None, "fingerprint": FP, "run_id": "r1"}
+                    for h, o in heads.items()
+                },
+            }
             outputs = [
-                OutputArray("segment", "1", {"name": "anatomy", "kind": "mask", "labels": ["bg", "a", "b"]},
-                            rng.integers(0, 3, SHAPE).astype(np.uint8)),
-                OutputArray("retrieve", "1", {"name": "embedding", "kind": "embedding", "dtype": "float32", "normalized": True},
-                            emb / np.linalg.norm(emb)),
-                OutputArray("classify", "1", {"name": "region", "kind": "scores", "dtype": "float32", "labels": ["x", "y"]},
-                            np.array([0.2, 0.8])),
+                OutputArray(
+                    "segment",
+                    "1",
+                    {"name": "anatomy", "kind": "mask", "labels": ["bg", "a", "b"]},
+                    rng.integers(0, 3, SHAPE).astype(np.uint8),
+                ),
+                OutputArray(
+                    "retrieve",
+                    "1",
+                    {"name": "embedding", "kind": "embedding", "dtype": "float32", "normalized": True},
+                    emb / np.linalg.norm(emb),
+                ),
+                OutputArray(
+                    "classify",
+                    "1",
+                    {"name": "region", "kind": "scores", "dtype": "float32", "labels": ["x", "y"]},
+                    np.array([0.2, 0.8]),
+                ),
             ]
             store.write_series(key, attrs, outputs, "complete")
         store.rebuild_index()
@@ -120,6 +171,7 @@ def _huge_index_embedding(store: Path) -> None:
         m["shape"] = [10**9, 64]
         m["chunk_grid"]["configuration"]["chunk_shape"] = [10**9, 64]
         return m
+
     _edit_meta(store, "index/embedding", grow)
 
 
@@ -129,13 +181,18 @@ def _huge_attribute(store: Path) -> None:
 
 def _deep_json(store: Path) -> None:
     depth = 100_000
-    _edit_meta(store, "series/s2", lambda m: json.dumps(m)[:-1].encode() + b', "deep": ' + b"[" * depth + b"]" * depth + b"}")
+    _edit_meta(
+        store, "series/s2", lambda m: json.dumps(m)[:-1].encode() + b', "deep": ' + b"[" * depth + b"]" * depth + b"}"
+    )
 
 
 def _terminal_escapes(store: Path) -> None:
     _edit_meta(store, "series/s1", lambda m: {**m, "attributes": {**m["attributes"], "description": f"T1 {ESCAPES}"}})
-    _edit_meta(store, "series/s2", lambda m: {**m, "attributes": {**m["attributes"], "status": "failed",
-                                                                 "reason": f"bad {ESCAPES}"}})
+    _edit_meta(
+        store,
+        "series/s2",
+        lambda m: {**m, "attributes": {**m["attributes"], "status": "failed", "reason": f"bad {ESCAPES}"}},
+    )
 
 
 def _huge_chunk_grid(store: Path) -> None:
@@ -143,6 +200,7 @@ def _huge_chunk_grid(store: Path) -> None:
         m["shape"] = [10**12]
         m["chunk_grid"]["configuration"]["chunk_shape"] = [1]
         return m
+
     _edit_meta(store, "index/key_hash", grow)
 
 
@@ -180,9 +238,15 @@ def _root_slash(store: Path) -> None:
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
-    "huge_mask_shape": _huge_mask_shape, "huge_index_embedding": _huge_index_embedding, "huge_attribute": _huge_attribute,
-    "deep_json": _deep_json, "terminal_escapes": _terminal_escapes, "huge_chunk_grid": _huge_chunk_grid,
-    "escaped_key": _escaped_key, "head_as_path": _head_as_path, "root_slash": _root_slash,
+    "huge_mask_shape": _huge_mask_shape,
+    "huge_index_embedding": _huge_index_embedding,
+    "huge_attribute": _huge_attribute,
+    "deep_json": _deep_json,
+    "terminal_escapes": _terminal_escapes,
+    "huge_chunk_grid": _huge_chunk_grid,
+    "escaped_key": _escaped_key,
+    "head_as_path": _head_as_path,
+    "root_slash": _root_slash,
 }
 
 
@@ -196,7 +260,9 @@ def write_tampered_stores(out_dir: Path, cases: list[str] | None = None, clean: 
     """One tampered copy of a small valid store (or of ``clean``) per case: ``out_dir/<case>.zarr``."""
     out_dir = Path(out_dir)
     if clean is None:
-        shutil.rmtree(out_dir / "clean.zarr", ignore_errors=True)  # written afresh: the corpus is regenerated, not resumed
+        shutil.rmtree(
+            out_dir / "clean.zarr", ignore_errors=True
+        )  # written afresh: the corpus is regenerated, not resumed
         clean = write_small_store(out_dir / "clean.zarr")
     made = {}
     for case in cases or list(CASES):
@@ -207,4 +273,14 @@ def write_tampered_stores(out_dir: Path, cases: list[str] | None = None, clean: 
     return made
 
 
-__all__ = ["CASES", "ESCAPES", "READERS", "expected_exit", "reader_args", "tamper", "victim", "write_small_store", "write_tampered_stores"]
+__all__ = [
+    "CASES",
+    "ESCAPES",
+    "READERS",
+    "expected_exit",
+    "reader_args",
+    "tamper",
+    "victim",
+    "write_small_store",
+    "write_tampered_stores",
+]

@@ -41,9 +41,7 @@ _SOP_CLASS = {"MR": MRImageStorage, "CT": CTImageStorage}
 # Spin-echo parameters that make each contrast plausible to anyone reading the headers.
 SEQUENCE_PARAMS: dict[str, dict[str, Any]] = {
     "T1": dict(ScanningSequence="SE", SequenceVariant="SK", RepetitionTime=550, EchoTime=12),
-    "T2": dict(
-        ScanningSequence="SE", SequenceVariant="SK", RepetitionTime=4200, EchoTime=100, EchoTrainLength=16
-    ),
+    "T2": dict(ScanningSequence="SE", SequenceVariant="SK", RepetitionTime=4200, EchoTime=100, EchoTrainLength=16),
     "FLAIR": dict(
         ScanningSequence=["SE", "IR"],
         SequenceVariant=["SK", "MP"],
@@ -52,9 +50,7 @@ SEQUENCE_PARAMS: dict[str, dict[str, Any]] = {
         InversionTime=2500,
         EchoTrainLength=20,
     ),
-    "PD": dict(
-        ScanningSequence="SE", SequenceVariant="SK", RepetitionTime=3000, EchoTime=20, EchoTrainLength=8
-    ),
+    "PD": dict(ScanningSequence="SE", SequenceVariant="SK", RepetitionTime=3000, EchoTime=20, EchoTrainLength=8),
 }
 
 
@@ -128,9 +124,7 @@ def write_dicom_series(
     normal = np.cross(iop[:3], iop[3:])
     frame_uid = frame_of_reference_uid or derive_uid(study_uid, "frame")
 
-    base = _base_dataset(
-        modality, patient, study_uid, series_uid, frame_uid, description, series_number, study_tags
-    )
+    base = _base_dataset(modality, patient, study_uid, series_uid, frame_uid, description, series_number, study_tags)
     base.Rows, base.Columns = int(data.shape[1]), int(data.shape[0])
     base.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]  # row spacing (along j), column spacing (along i)
     base.SliceThickness = _ds(slice_thickness if slice_thickness is not None else spacing[2])

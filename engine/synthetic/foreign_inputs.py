@@ -26,7 +26,20 @@ import numpy as np
 from .dicom_writer import derive_uid, write_dicom_series
 
 CASES = ("ct_like", "noise", "photo", "blank")
-PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "rocket", "coins", "moon", "page", "text", "brick", "grass", "gravel")
+PHOTOS = (
+    "camera",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "brick",
+    "grass",
+    "gravel",
+)
 
 
 def _affine(spacing: tuple[float, float, float], shape: tuple[int, int, int]) -> np.ndarray:
@@ -107,10 +120,16 @@ def blank(rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float, flo
 
 
 MAKERS: dict[str, Callable[[np.random.Generator], tuple[np.ndarray, tuple[float, float, float]]]] = {
-    "ct_like": ct_like, "noise": noise, "photo": photo, "blank": blank}
+    "ct_like": ct_like,
+    "noise": noise,
+    "photo": photo,
+    "blank": blank,
+}
 
 
-def write_foreign_archive(out_dir: str | Path, per_case: int = 6, seed: int = 0, cases: tuple[str, ...] = CASES) -> dict[str, str]:
+def write_foreign_archive(
+    out_dir: str | Path, per_case: int = 6, seed: int = 0, cases: tuple[str, ...] = CASES
+) -> dict[str, str]:
     """Write ``per_case`` DICOM MR series of each case; returns {series_uid: case}."""
     out = Path(out_dir)
     truth: dict[str, str] = {}
@@ -122,8 +141,14 @@ def write_foreign_archive(out_dir: str | Path, per_case: int = 6, seed: int = 0,
             series_uid = derive_uid("foreign", seed, case, n, "series")
             # CT values go negative: store them shifted, as a scanner's rescale intercept would
             intercept = float(min(0.0, np.floor(vol.min())))
-            write_dicom_series(out / case / f"{n:02d}", vol, _affine(spacing, vol.shape), study_uid=study_uid,
-                               series_uid=series_uid, description=f"FOREIGN {case.upper()} {n}",
-                               rescale=(1.0, intercept))
+            write_dicom_series(
+                out / case / f"{n:02d}",
+                vol,
+                _affine(spacing, vol.shape),
+                study_uid=study_uid,
+                series_uid=series_uid,
+                description=f"FOREIGN {case.upper()} {n}",
+                rescale=(1.0, intercept),
+            )
             truth[series_uid] = case
     return truth

@@ -28,8 +28,13 @@ from .spatial import grid_axis_terms
 
 # appearance classes of the brain maps: name -> (segment label, tissue class)
 BRAIN_CLASSES: dict[str, tuple[int, int]] = {
-    "background": (0, 0), "scalp": (1, 1), "bone": (1, 1), "csf": (3, 4), "grey matter": (2, 2),
-    "white matter": (2, 3), "lesion": (LESION_LABEL, 5),
+    "background": (0, 0),
+    "scalp": (1, 1),
+    "bone": (1, 1),
+    "csf": (3, 4),
+    "grey matter": (2, 2),
+    "white matter": (2, 3),
+    "lesion": (LESION_LABEL, 5),
 }
 WORKING_MM = 1.5  # the grid brains are kept on: detail finer than any acquisition here, a quarter of the voxels
 
@@ -118,12 +123,18 @@ def _load(path: Path, working: bool = True) -> tuple[np.ndarray, np.ndarray]:
     return out.astype(np.float32), affine @ scale
 
 
-def _resample_to(data: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], target: np.ndarray, order: int) -> np.ndarray:
+def _resample_to(
+    data: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], target: np.ndarray, order: int
+) -> np.ndarray:
     m = np.linalg.inv(affine) @ target
-    return ndimage.affine_transform(data, m[:3, :3], offset=m[:3, 3], output_shape=shape, order=order, mode="constant", cval=0)
+    return ndimage.affine_transform(
+        data, m[:3, :3], offset=m[:3, 3], output_shape=shape, order=order, mode="constant", cval=0
+    )
 
 
-def _brain_classes(t1: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndarray, head: np.ndarray | None = None) -> np.ndarray:
+def _brain_classes(
+    t1: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndarray, head: np.ndarray | None = None
+) -> np.ndarray:
     """Class map from a T1, a brain mask and GM / WM membership (each bool); ``head`` where the
     T1 is skull-stripped and cannot give it."""
     if head is None:
@@ -149,7 +160,14 @@ def _lobe_words(code: int, name: str) -> str:
     group = code // 1000
     if group == 9:
         return f"{side} cerebellar hemisphere" if side else "cerebellar vermis"
-    word = {2: "frontal lobe", 3: "insula", 4: "cingulate gyrus", 5: "occipital lobe", 6: "parietal lobe", 8: "temporal lobe"}.get(group)
+    word = {
+        2: "frontal lobe",
+        3: "insula",
+        4: "cingulate gyrus",
+        5: "occipital lobe",
+        6: "parietal lobe",
+        8: "temporal lobe",
+    }.get(group)
     if group == 4 and ("Hippocampus" in name or "Amygdala" in name):
         word = "mesial temporal lobe"
     if group == 7:
@@ -175,8 +193,19 @@ def _finish(name: str, classes: np.ndarray, affine: np.ndarray, templates: Path)
     names = list(BRAIN_CLASSES)
     lobes, lobe_names = _aal(templates, classes.shape, affine)
     lobes[~np.isin(classes, [names.index("grey matter"), names.index("white matter")])] = 0
-    return LabelAnatomy(name, "brain", classes, affine, names, [v[0] for v in BRAIN_CLASSES.values()],
-                        [v[1] for v in BRAIN_CLASSES.values()], names, lobes, lobe_names, ("white matter", "grey matter"))
+    return LabelAnatomy(
+        name,
+        "brain",
+        classes,
+        affine,
+        names,
+        [v[0] for v in BRAIN_CLASSES.values()],
+        [v[1] for v in BRAIN_CLASSES.values()],
+        names,
+        lobes,
+        lobe_names,
+        ("white matter", "grey matter"),
+    )
 
 
 @lru_cache(maxsize=4)
@@ -197,7 +226,9 @@ def mni152(assets: str) -> LabelAnatomy:
     colin, colin_affine = _load(files["colin"])
     head = _resample_to(colin, colin_affine, t1.shape, affine, 1)
     head = _largest_filled(head > _otsu(colin[colin > 0]) * 0.5)
-    classes = _brain_classes(np.where(head & ~brain, 0.0, t1), brain, parenchyma & (gm >= wm), parenchyma & (wm > gm), head)
+    classes = _brain_classes(
+        np.where(head & ~brain, 0.0, t1), brain, parenchyma & (gm >= wm), parenchyma & (wm > gm), head
+    )
     return _finish("MNI152 2009", classes, affine, files["aal"].parent)
 
 
@@ -236,13 +267,29 @@ def from_phantom(phantom: object, spacing: float = 1.5) -> LabelAnatomy:
         if block is not None:
             data[block][s.normalized_radius_on_grid(block, affine) <= 1.0] = i + 1
     names = ["background", *(s.name for s in structures), "lesion"]
-    hosts = {"brain": ("brain",), "knee": ("femoral condyles", "tibial plateau"), "spine": ("L1 vertebral body", "L2 vertebral body",
-             "L3 vertebral body", "L4 vertebral body", "L5 vertebral body"), "abdomen": ("liver", "spleen", "right kidney", "left kidney")}
+    hosts = {
+        "brain": ("brain",),
+        "knee": ("femoral condyles", "tibial plateau"),
+        "spine": (
+            "L1 vertebral body",
+            "L2 vertebral body",
+            "L3 vertebral body",
+            "L4 vertebral body",
+            "L5 vertebral body",
+        ),
+        "abdomen": ("liver", "spleen", "right kidney", "left kidney"),
+    }
     tissue_of_label = {0: 0, 1: 1, 2: 2, 3: 4, LESION_LABEL: 5}
     return LabelAnatomy(
-        f"{phantom.region} phantom", phantom.region, data, affine, names,  # type: ignore[attr-defined]
-        [0, *(s.label for s in structures), LESION_LABEL], [0, *(tissue_of_label[s.label] for s in structures), 5],
-        ["background", *(s.tissue for s in structures), "lesion"], hosts=hosts[phantom.region],  # type: ignore[attr-defined]
+        f"{phantom.region} phantom",
+        phantom.region,
+        data,
+        affine,
+        names,  # type: ignore[attr-defined]
+        [0, *(s.label for s in structures), LESION_LABEL],
+        [0, *(tissue_of_label[s.label] for s in structures), 5],
+        ["background", *(s.tissue for s in structures), "lesion"],
+        hosts=hosts[phantom.region],  # type: ignore[attr-defined]
         side=phantom.side,  # type: ignore[attr-defined]
     )
 

@@ -149,17 +149,12 @@ class ArchiveManifest:
         path = Path(path)
         if path.is_dir():
             path = (
-                path / "manifest.json"
-                if path.name == GROUND_TRUTH_DIR
-                else path / GROUND_TRUTH_DIR / "manifest.json"
+                path / "manifest.json" if path.name == GROUND_TRUTH_DIR else path / GROUND_TRUTH_DIR / "manifest.json"
             )
         raw = json.loads(path.read_text())
         if raw.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"{path}: not a {MANIFEST_FORMAT} manifest (format={raw.get('format')!r})")
-        studies = [
-            StudyTruth(**{**s, "lesions": [LesionTruth(**les) for les in s["lesions"]]})
-            for s in raw["studies"]
-        ]
+        studies = [StudyTruth(**{**s, "lesions": [LesionTruth(**les) for les in s["lesions"]]}) for s in raw["studies"]]
         return cls(
             root=path.parent.parent,
             seed=int(raw["seed"]),

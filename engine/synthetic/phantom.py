@@ -79,8 +79,7 @@ class Structure:
         terms[0] = terms[0] - np.asarray(self.center)
         scaled = [t @ np.asarray(self.axes) / np.asarray(self.radii) for t in terms]
         comp = [
-            scaled[0][:, None, None, c] + scaled[1][None, :, None, c] + scaled[2][None, None, :, c]
-            for c in range(3)
+            scaled[0][:, None, None, c] + scaled[1][None, :, None, c] + scaled[2][None, None, :, c] for c in range(3)
         ]
         if self.kind == "ellipsoid":
             return np.sqrt(comp[0] ** 2 + comp[1] ** 2 + comp[2] ** 2)
@@ -148,9 +147,7 @@ class Lesion:
         return tuple(sorted((2.0 * r for r in self.radii_mm), reverse=True))
 
     def structure(self, index: int = 0) -> Structure:
-        return Structure(
-            f"lesion {index + 1}", 4, "lesion", self.center_mm, self.radii_mm, "ellipsoid", self.axes
-        )
+        return Structure(f"lesion {index + 1}", 4, "lesion", self.center_mm, self.radii_mm, "ellipsoid", self.axes)
 
 
 @dataclass

@@ -43,8 +43,12 @@ ACQUISITIONS = (*CONTRASTS, "EPI", "DWI")
 # EPI BOLD and DWI b=0 images are T2(*)-weighted: the contrast label they train.
 CONTRAST_OF = {**{c: c for c in CONTRASTS}, "EPI": "T2", "DWI": "T2"}
 POSITIONS = {"supine": 0.0, "prone": 180.0, "decubitus left": 90.0, "decubitus right": -90.0}
-REGION_EXTENT = {"brain": (170.0, 210.0, 180.0), "knee": (150.0, 150.0, 180.0), "spine": (240.0, 220.0, 320.0),
-                 "abdomen": (320.0, 240.0, 260.0)}
+REGION_EXTENT = {
+    "brain": (170.0, 210.0, 180.0),
+    "knee": (150.0, 150.0, 180.0),
+    "spine": (240.0, 220.0, 320.0),
+    "abdomen": (320.0, 240.0, 260.0),
+}
 LESION_RADIUS = {"brain": (3.0, 14.0), "knee": (4.0, 9.0), "spine": (4.0, 9.0), "abdomen": (5.0, 15.0)}
 
 
@@ -94,7 +98,9 @@ class StudyDraw:
         vox = (p - self.anatomy.affine[:3, 3]) @ np.linalg.inv(self.anatomy.affine[:3, :3]).T
         g = np.asarray(self.field_grid.shape[1:])
         coords = (vox / np.maximum(shape - 1, 1) * (g - 1)).reshape(-1, 3).T
-        d = np.stack([ndimage.map_coordinates(self.field_grid[a], coords, order=1, mode="nearest") for a in range(3)], -1)
+        d = np.stack(
+            [ndimage.map_coordinates(self.field_grid[a], coords, order=1, mode="nearest") for a in range(3)], -1
+        )
         return d.reshape(p.shape)
 
 
@@ -104,7 +110,9 @@ def draw_study(anatomy: LabelAnatomy, rng: np.random.Generator, n_lesions: int |
     scale = np.diag(rng.uniform(0.88, 1.12, size=3))
     shear = np.eye(3) + np.triu(rng.normal(0, 0.03, (3, 3)), 1)
     field_grid = rng.normal(0, rng.uniform(0.5, 3.0), size=(3, 5, 5, 5))
-    draw = StudyDraw(anatomy, anatomy.data.copy(), rot @ scale @ shear, anatomy.center_mm, rng.uniform(-6, 6, 3), field_grid)
+    draw = StudyDraw(
+        anatomy, anatomy.data.copy(), rot @ scale @ shear, anatomy.center_mm, rng.uniform(-6, 6, 3), field_grid
+    )
     n = int(rng.integers(0, 4)) if n_lesions is None else n_lesions
     for _ in range(n):
         lesion = _plant_lesion(draw, rng)
@@ -126,7 +134,9 @@ def _plant_lesion(draw: StudyDraw, rng: np.random.Generator, tries: int = 50) ->
     for _ in range(tries):
         centre_vox = candidates[int(rng.integers(len(candidates)))]
         centre = a.affine[:3, :3] @ centre_vox + a.affine[:3, 3]
-        if any(np.linalg.norm(centre - draw.to_template(np.asarray(o.center_mm)[None])[0]) < hi * 2 for o in draw.lesions):
+        if any(
+            np.linalg.norm(centre - draw.to_template(np.asarray(o.center_mm)[None])[0]) < hi * 2 for o in draw.lesions
+        ):
             continue
         r = float(rng.uniform(lo, hi))
         radii = r * np.array([1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)])
@@ -145,8 +155,12 @@ def _plant_lesion(draw: StudyDraw, rng: np.random.Generator, tries: int = 50) ->
         world_axes = draw.linear @ axes
         world_axes /= np.linalg.norm(world_axes, axis=0)
         mean_scale = float(np.cbrt(abs(np.linalg.det(draw.linear))))
-        return Lesion(tuple(float(v) for v in np.round(world_c, 2)), tuple(float(v) for v in np.round(radii * mean_scale, 2)),
-                      tuple(tuple(float(v) for v in row) for row in world_axes), a.location(centre))
+        return Lesion(
+            tuple(float(v) for v in np.round(world_c, 2)),
+            tuple(float(v) for v in np.round(radii * mean_scale, 2)),
+            tuple(tuple(float(v) for v in row) for row in world_axes),
+            a.location(centre),
+        )
     return None
 
 
@@ -173,7 +187,9 @@ def draw_acquisition(draw: StudyDraw, kind: str, rng: np.random.Generator) -> Ac
     orientation = str(rng.choice(["axial", "axial", "sagittal", "coronal", "oblique"]))
     position = str(rng.choice(list(POSITIONS), p=[0.55, 0.15, 0.15, 0.15]))
     axes = plane_axes(orientation, (rng.uniform(-25, 25), rng.uniform(-25, 25)) if orientation == "oblique" else 0.0)
-    axes = rotation("z", POSITIONS[position]) @ axes if region == "brain" else axes  # the patient turned about its long axis
+    axes = (
+        rotation("z", POSITIONS[position]) @ axes if region == "brain" else axes
+    )  # the patient turned about its long axis
     extent = np.abs(axes).T @ np.asarray(REGION_EXTENT[region])
     if kind in ("EPI", "DWI"):
         pixel = float(rng.uniform(2.5, 4.0))
@@ -202,7 +218,9 @@ def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, coarse: int 
     return ndimage.zoom(small, np.asarray(shape) / coarse, order=3, mode="nearest")[: shape[0], : shape[1], : shape[2]]
 
 
-def render_series(draw: StudyDraw, acq: Acquisition, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_series(
+    draw: StudyDraw, acq: Acquisition, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, segment labels, tissue classes) of one series, each (I, J, K) on ``acq``'s grid."""
     a = draw.anatomy
     shape = acq.shape
@@ -230,8 +248,13 @@ def render_series(draw: StudyDraw, acq: Acquisition, rng: np.random.Generator) -
     signal = np.zeros(shape)
     centre_classes = ndimage.map_coordinates(draw.data, centre_vox.T, order=0, mode="constant", cval=0).reshape(shape)
     for off in offsets:
-        classes = centre_classes if off == 0.0 else ndimage.map_coordinates(
-            draw.data, (centre_vox + off * step).T, order=0, mode="constant", cval=0).reshape(shape)
+        classes = (
+            centre_classes
+            if off == 0.0
+            else ndimage.map_coordinates(
+                draw.data, (centre_vox + off * step).T, order=0, mode="constant", cval=0
+            ).reshape(shape)
+        )
         signal += mean[classes] + sd[classes] * texture
     signal /= len(offsets)
     # the scanner's point spread: about half a voxel in-plane (the slice profile is sampled above)

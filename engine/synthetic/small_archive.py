@@ -17,7 +17,12 @@ def write_small_archive(folder: Path, *, seed: int, name: str, series: int = 1) 
     for n in range(series):
         _, affine = make_grid("axial", (0.0, 0.0, 10.0 * n), shape=(24, 24, 6), spacing=(4.0, 4.0, 4.0))
         data = 300.0 + 400.0 * np.random.default_rng(seed if series == 1 else n).random((24, 24, 6))
-        write_dicom_series(folder / ("s" if series == 1 else f"s{n}"), data, affine, study_uid=derive_uid(seed, name, "study"),
-                           series_uid=derive_uid(seed, name, "series" if series == 1 else n),
-                           description="T1" if series == 1 else f"T1 {n}")
+        write_dicom_series(
+            folder / ("s" if series == 1 else f"s{n}"),
+            data,
+            affine,
+            study_uid=derive_uid(seed, name, "study"),
+            series_uid=derive_uid(seed, name, "series" if series == 1 else n),
+            description="T1" if series == 1 else f"T1 {n}",
+        )
     return folder

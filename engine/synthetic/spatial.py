@@ -27,9 +27,7 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q
 
 
-def grid_axis_terms(
-    block: tuple[slice, ...], affine: np.ndarray, slice_offset: float = 0.0
-) -> list[np.ndarray]:
+def grid_axis_terms(block: tuple[slice, ...], affine: np.ndarray, slice_offset: float = 0.0) -> list[np.ndarray]:
     """Three (n_axis, 3) arrays whose broadcast sum is the world position of each block voxel."""
     affine = np.asarray(affine, dtype=np.float64)
     terms = []

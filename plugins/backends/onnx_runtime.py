@@ -13,7 +13,16 @@ from typing import Any
 import torch
 
 import engine
-from engine import INPUT_NAME, Backend, EncoderOutputs, cache_key, check_onnx, device_identity, export_onnx, export_versions
+from engine import (
+    INPUT_NAME,
+    Backend,
+    EncoderOutputs,
+    cache_key,
+    check_onnx,
+    device_identity,
+    export_onnx,
+    export_versions,
+)
 
 
 def _providers(device: torch.device) -> list[str]:

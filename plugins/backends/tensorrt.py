@@ -21,8 +21,18 @@ import torch
 from filelock import FileLock
 
 import engine
-from engine import (INPUT_NAME, OUTPUT_NAMES, Backend, EncoderOutputs, atomic_write_bytes, cache_key, check_onnx, device_identity,
-                    export_onnx, export_versions)
+from engine import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    Backend,
+    EncoderOutputs,
+    atomic_write_bytes,
+    cache_key,
+    check_onnx,
+    device_identity,
+    export_onnx,
+    export_versions,
+)
 
 WORKSPACE_BYTES = 4 << 30
 

@@ -59,17 +59,39 @@ def frames_of(ds: Any) -> list[Frame]:
     n = int(ds.get("NumberOfFrames") or 1)
     rows, cols = int(ds.Rows), int(ds.Columns)
     if "PerFrameFunctionalGroupsSequence" not in ds:
-        return [Frame(ds, None, np.asarray(ds.ImagePositionPatient, float), np.asarray(ds.ImageOrientationPatient[:3], float),
-                      np.asarray(ds.ImageOrientationPatient[3:], float), tuple(float(v) for v in ds.PixelSpacing), rows, cols)]
+        return [
+            Frame(
+                ds,
+                None,
+                np.asarray(ds.ImagePositionPatient, float),
+                np.asarray(ds.ImageOrientationPatient[:3], float),
+                np.asarray(ds.ImageOrientationPatient[3:], float),
+                tuple(float(v) for v in ds.PixelSpacing),
+                rows,
+                cols,
+            )
+        ]
     shared = _item(ds, "SharedFunctionalGroupsSequence")
     frames = []
     for i, per in enumerate(ds.PerFrameFunctionalGroupsSequence[:n]):
+
         def pick(name: str) -> Any:
             return _item(per, name) or _item(shared, name)  # noqa: B023 (called within this iteration)
+
         pos, ori, meas = pick("PlanePositionSequence"), pick("PlaneOrientationSequence"), pick("PixelMeasuresSequence")
         iop = np.asarray(ori.ImageOrientationPatient, float)
-        frames.append(Frame(ds, i + 1, np.asarray(pos.ImagePositionPatient, float), iop[:3], iop[3:],
-                            tuple(float(v) for v in meas.PixelSpacing), rows, cols))
+        frames.append(
+            Frame(
+                ds,
+                i + 1,
+                np.asarray(pos.ImagePositionPatient, float),
+                iop[:3],
+                iop[3:],
+                tuple(float(v) for v in meas.PixelSpacing),
+                rows,
+                cols,
+            )
+        )
     return frames
 
 
@@ -100,6 +122,10 @@ def identity(ctx: ExportContext, key: str) -> dict[str, str]:
     """Equipment identification from the model and mrfm versions."""
     model = ctx.model(key)
     fp = str(model.get("fingerprint") or "")
-    return {"manufacturer": MANUFACTURER, "model_name": str(model.get("name") or "mrfm model")[:64],
-            "software_versions": f"mrfm {engine.__version__}", "serial": (fp.split(":")[-1][:16] or "unknown"),
-            "model_fingerprint": fp}
+    return {
+        "manufacturer": MANUFACTURER,
+        "model_name": str(model.get("name") or "mrfm model")[:64],
+        "software_versions": f"mrfm {engine.__version__}",
+        "serial": (fp.split(":")[-1][:16] or "unknown"),
+        "model_fingerprint": fp,
+    }

@@ -45,7 +45,9 @@ class DicomSegExporter:
         return files
 
 
-def source_frames(headers: list[Any], mask: np.ndarray, affine: np.ndarray) -> tuple[list[Any], list[Frame], list[np.ndarray]]:
+def source_frames(
+    headers: list[Any], mask: np.ndarray, affine: np.ndarray
+) -> tuple[list[Any], list[Frame], list[np.ndarray]]:
     """(source_images for highdicom, their frames, the mask plane of each frame).
 
     A multi-frame instance holding several frames at one position (echoes, time points) keeps the
@@ -68,8 +70,10 @@ def source_frames(headers: list[Any], mask: np.ndarray, affine: np.ndarray) -> t
             planes.append(plane)
         if ok:
             return images, frames, planes
-    raise InputError(f"the source frames do not lie on the stored grid (max {worst[0]:.2f} voxel off, "
-                     f"inside: {worst[1]}); the series was resampled at load, so a SEG cannot reference its frames")
+    raise InputError(
+        f"the source frames do not lie on the stored grid (max {worst[0]:.2f} voxel off, "
+        f"inside: {worst[1]}); the series was resampled at load, so a SEG cannot reference its frames"
+    )
 
 
 def _shared_groups(ds: Any) -> Any:
@@ -102,8 +106,9 @@ def _shared_groups(ds: Any) -> Any:
     return ds
 
 
-def build_segmentation(ctx: ExportContext, key: str, headers: list[Any], head: str, output: str,
-                       meta: dict[str, Any], index: int = 0) -> Any:
+def build_segmentation(
+    ctx: ExportContext, key: str, headers: list[Any], head: str, output: str, meta: dict[str, Any], index: int = 0
+) -> Any:
     import highdicom as hd  # heavy: loaded when a DICOM export runs, not when exporters register
     from pydicom.sr.codedict import codes  # heavy: loaded when a DICOM export runs, not when exporters register
 
@@ -114,8 +119,16 @@ def build_segmentation(ctx: ExportContext, key: str, headers: list[Any], head: s
     ident = identity(ctx, key)
     version = str(meta.get("head_version") or (attrs.get("heads") or {}).get(head, {}).get("version") or "0")
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=f"mrfm {head}"[:64], family=codes.cid7162.ArtificialIntelligence, version=version[:64], source="mrfm",
-        parameters={"model": ident["model_name"], "model_fingerprint": ident["model_fingerprint"][:64], "output": output})
+        name=f"mrfm {head}"[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=version[:64],
+        source="mrfm",
+        parameters={
+            "model": ident["model_name"],
+            "model_fingerprint": ident["model_fingerprint"][:64],
+            "output": output,
+        },
+    )
     labels = list(meta.get("labels") or [])
     colors = list(meta.get("colors") or [])
     fractional = np.issubdtype(mask.dtype, np.floating)
@@ -124,14 +137,22 @@ def build_segmentation(ctx: ExportContext, key: str, headers: list[Any], head: s
         segments = [(1, labels[-1] if labels else output, colors[-1] if colors else None)]
     else:
         numbers = list(range(1, max(len(labels), int(mask.max()) + 1)))
-        stack = np.stack([np.stack(planes)[..., None] == np.asarray(numbers)]).reshape(len(planes), *planes[0].shape, len(numbers)).astype(np.uint8)
-        segments = [(n, labels[n] if n < len(labels) else f"label {n}", colors[n] if n < len(colors) else None) for n in numbers]
+        stack = (
+            np.stack([np.stack(planes)[..., None] == np.asarray(numbers)])
+            .reshape(len(planes), *planes[0].shape, len(numbers))
+            .astype(np.uint8)
+        )
+        segments = [
+            (n, labels[n] if n < len(labels) else f"label {n}", colors[n] if n < len(colors) else None) for n in numbers
+        ]
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=n, segment_label=str(label)[:64],
+            segment_number=n,
+            segment_label=str(label)[:64],
             segmented_property_category=codes.cid7150.Tissue,
             segmented_property_type=codes.SCT.Lesion if "lesion" in str(label).lower() else codes.cid7150.Tissue,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
             display_color=hd.color.CIELabColor.from_rgb(*rgb) if (rgb := hex_rgb(color)) else None,
         )
         for n, label, color in segments
@@ -155,11 +176,15 @@ def build_segmentation(ctx: ExportContext, key: str, headers: list[Any], head: s
         series_description=f"mrfm {head} {output}"[:64],
         omit_empty_frames=not all(not p.any() for p in planes),
         # a subset of a multi-frame source's frames: highdicom matches them to source frames by position
-        plane_positions=None if one_per_frame else [hd.PlanePositionSequence("PATIENT", f.position.tolist()) for f in frames],
-        pixel_measures=None if one_per_frame else hd.PixelMeasuresSequence(
-            pixel_spacing=list(frames[0].spacing), slice_thickness=_thickness(images[0])),
-        plane_orientation=None if one_per_frame else hd.PlaneOrientationSequence(
-            "PATIENT", [*frames[0].row_dir.tolist(), *frames[0].col_dir.tolist()]),
+        plane_positions=None
+        if one_per_frame
+        else [hd.PlanePositionSequence("PATIENT", f.position.tolist()) for f in frames],
+        pixel_measures=None
+        if one_per_frame
+        else hd.PixelMeasuresSequence(pixel_spacing=list(frames[0].spacing), slice_thickness=_thickness(images[0])),
+        plane_orientation=None
+        if one_per_frame
+        else hd.PlaneOrientationSequence("PATIENT", [*frames[0].row_dir.tolist(), *frames[0].col_dir.tolist()]),
     )
 
 

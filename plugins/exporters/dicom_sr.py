@@ -75,8 +75,9 @@ class DicomSrExporter:
         return [path]
 
 
-def build_report(ctx: ExportContext, key: str, headers: list[Any], items: list[tuple[str, str, dict[str, Any]]],
-                 segs: list[Any]) -> Any:
+def build_report(
+    ctx: ExportContext, key: str, headers: list[Any], items: list[tuple[str, str, dict[str, Any]]], segs: list[Any]
+) -> Any:
     import highdicom as hd  # heavy: loaded when a DICOM export runs, not when exporters register
     from pydicom.sr.codedict import codes  # heavy: loaded when a DICOM export runs, not when exporters register
 
@@ -88,12 +89,14 @@ def build_report(ctx: ExportContext, key: str, headers: list[Any], items: list[t
 
     def algo(head: str, meta: dict[str, Any]) -> Any:
         version = str(meta.get("head_version") or (attrs.get("heads") or {}).get(head, {}).get("version") or "0")
-        return hd.sr.AlgorithmIdentification(name=f"mrfm {head}"[:64], version=version[:64],
-                                             parameters=[ident["model_name"]])
+        return hd.sr.AlgorithmIdentification(
+            name=f"mrfm {head}"[:64], version=version[:64], parameters=[ident["model_name"]]
+        )
 
     def tracking(*parts: Any) -> Any:
-        return hd.sr.TrackingIdentifier(uid=uid("sr-track", attrs.get("series_uid"), *parts),
-                                        identifier="/".join(map(str, parts))[:64])
+        return hd.sr.TrackingIdentifier(
+            uid=uid("sr-track", attrs.get("series_uid"), *parts), identifier="/".join(map(str, parts))[:64]
+        )
 
     for head, output, meta in items:
         value = ctx.read(key, head, output)
@@ -102,42 +105,73 @@ def build_report(ctx: ExportContext, key: str, headers: list[Any], items: list[t
             values = np.asarray(value, dtype=np.float64).reshape(-1)
             unit = codes.UCUM.NoUnits if meta["kind"] == "scores" else _unit(meta.get("units"))
             measurements = [
-                hd.sr.Measurement(name=_concept(f"{output}: {labels[i] if i < len(labels) else i}", head, output, i),
-                                  value=float(v), unit=unit, algorithm_id=algo(head, meta))
-                for i, v in enumerate(values)]
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking(head, output), algorithm_id=algo(head, meta), measurements=measurements))
+                hd.sr.Measurement(
+                    name=_concept(f"{output}: {labels[i] if i < len(labels) else i}", head, output, i),
+                    value=float(v),
+                    unit=unit,
+                    algorithm_id=algo(head, meta),
+                )
+                for i, v in enumerate(values)
+            ]
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking(head, output), algorithm_id=algo(head, meta), measurements=measurements
+                )
+            )
             continue
         world = np.asarray(value["world"], dtype=np.float64).reshape(-1, 6)
         names = value.get("queries") if value.get("queries") is not None else value.get("labels")
         for n, box in enumerate(world):
             label = str(names[n]) if names is not None else (labels[0] if labels else output)
-            surface = hd.sr.VolumeSurface(graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
-                                          graphic_data=box_faces(box), frame_of_reference_uid=frame_uid,
-                                          source_series=source_series)
-            score = hd.sr.Measurement(name=_concept(f"{output}: score", head, output, "score"),
-                                      value=float(value["scores"][n]), unit=codes.UCUM.NoUnits)
-            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking(head, output, n), referenced_volume_surface=surface,
-                finding_type=_concept(label, head, output, "finding", label), algorithm_id=algo(head, meta),
-                measurements=[score]))
+            surface = hd.sr.VolumeSurface(
+                graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
+                graphic_data=box_faces(box),
+                frame_of_reference_uid=frame_uid,
+                source_series=source_series,
+            )
+            score = hd.sr.Measurement(
+                name=_concept(f"{output}: score", head, output, "score"),
+                value=float(value["scores"][n]),
+                unit=codes.UCUM.NoUnits,
+            )
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking(head, output, n),
+                    referenced_volume_surface=surface,
+                    finding_type=_concept(label, head, output, "finding", label),
+                    algorithm_id=algo(head, meta),
+                    measurements=[score],
+                )
+            )
     for seg in segs:
         groups += _segment_groups(ctx, key, seg, tracking)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=uid("device", ident["model_fingerprint"]), name="mrfm", manufacturer_name=ident["manufacturer"],
-            model_name=ident["model_name"]))
+            uid=uid("device", ident["model_fingerprint"]),
+            name="mrfm",
+            manufacturer_name=ident["manufacturer"],
+            model_name=ident["model_name"],
+        ),
+    )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.LN.MRIUnspecifiedBodyRegion, imaging_measurements=groups)
+        procedure_reported=codes.LN.MRIUnspecifiedBodyRegion,
+        imaging_measurements=groups,
+    )
     fp = [(h, (attrs.get("heads") or {}).get(h, {}).get("fingerprint")) for h, _, _ in items]
     return hd.sr.Comprehensive3DSR(
-        evidence=[*headers, *segs], content=report,
+        evidence=[*headers, *segs],
+        content=report,
         series_instance_uid=uid("sr-series", attrs.get("series_uid"), fp),
-        series_number=SERIES_NUMBER, sop_instance_uid=uid("sr", attrs.get("series_uid"), fp, [s.SOPInstanceUID for s in segs]),
-        instance_number=1, manufacturer=ident["manufacturer"], is_complete=True,
-        series_description="mrfm measurements", software_versions=ident["software_versions"])
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=uid("sr", attrs.get("series_uid"), fp, [s.SOPInstanceUID for s in segs]),
+        instance_number=1,
+        manufacturer=ident["manufacturer"],
+        is_complete=True,
+        series_description="mrfm measurements",
+        software_versions=ident["software_versions"],
+    )
 
 
 def _segment_groups(ctx: ExportContext, key: str, seg: Any, tracking: Any) -> list[Any]:
@@ -155,19 +189,29 @@ def _segment_groups(ctx: ExportContext, key: str, seg: Any, tracking: Any) -> li
         return []
     voxel_mm3 = abs(float(np.linalg.det(affine_of(ctx.attrs(key), meta)[:3, :3])))
     groups = []
-    present = {int(per.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-               for per in seg.get("PerFrameFunctionalGroupsSequence", [])}
+    present = {
+        int(per.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        for per in seg.get("PerFrameFunctionalGroupsSequence", [])
+    }
     for item in seg.SegmentSequence:
         n = int(item.SegmentNumber)
         if n not in present:  # an empty segment has no frame to reference
             continue
         volume = float((mask == n).sum()) * voxel_mm3
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking(head, output, "segment", n),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=n),
-            finding_type=_concept(str(item.SegmentLabel), head, output, "segment", n),
-            measurements=[hd.sr.Measurement(name=codes.SCT.Volume, value=volume,
-                                            unit=hd.sr.CodedConcept(value="mm3", scheme_designator="UCUM", meaning="cubic millimeter"))]))
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(head, output, "segment", n),
+                referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=n),
+                finding_type=_concept(str(item.SegmentLabel), head, output, "segment", n),
+                measurements=[
+                    hd.sr.Measurement(
+                        name=codes.SCT.Volume,
+                        value=volume,
+                        unit=hd.sr.CodedConcept(value="mm3", scheme_designator="UCUM", meaning="cubic millimeter"),
+                    )
+                ],
+            )
+        )
     return groups
 
 

@@ -25,13 +25,20 @@ class NiftiExporter:
             img.set_sform(affine, code=1)  # scanner: the affine is the scanner's RAS+ frame
             img.set_qform(affine, code=1)
             img.header.set_xyzt_units("mm")
-            image, sidecar_path = ctx.series_file(key, f"{head}_{output}.nii.gz"), ctx.series_file(key, f"{head}_{output}.json")
+            image, sidecar_path = (
+                ctx.series_file(key, f"{head}_{output}.nii.gz"),
+                ctx.series_file(key, f"{head}_{output}.json"),
+            )
             nib.save(img, image)
             labels = meta.get("labels") or []
             colors = meta.get("colors") or []
             sidecar = {
-                "series_key": key, "study_uid": attrs.get("study_uid"), "series_uid": attrs.get("series_uid"),
-                "head": head, "head_version": meta.get("head_version"), "output": output,
+                "series_key": key,
+                "study_uid": attrs.get("study_uid"),
+                "series_uid": attrs.get("series_uid"),
+                "head": head,
+                "head_version": meta.get("head_version"),
+                "output": output,
                 "run_id": (attrs.get("heads") or {}).get(head, {}).get("run_id") or attrs.get("run_id"),
                 "labels": {str(i): name for i, name in enumerate(labels)},
                 "colors": {str(i): c for i, c in enumerate(colors)},

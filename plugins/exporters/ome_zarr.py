@@ -45,14 +45,28 @@ def ngff_placement(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[list[flo
 
 
 def _multiscales(name: str, scale: list[float], translation: list[float]) -> list[dict[str, Any]]:
-    return [{"name": name, "axes": _AXES, "datasets": [{"path": "0", "coordinateTransformations": [
-        {"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]}]}]
+    return [
+        {
+            "name": name,
+            "axes": _AXES,
+            "datasets": [
+                {
+                    "path": "0",
+                    "coordinateTransformations": [
+                        {"type": "scale", "scale": scale},
+                        {"type": "translation", "translation": translation},
+                    ],
+                }
+            ],
+        }
+    ]
 
 
 def _write_array(group: zarr.Group, data: np.ndarray) -> None:
     chunks = tuple(min(64, s) for s in data.shape)
-    arr = group.create_array("0", shape=data.shape, dtype=data.dtype, chunks=chunks, fill_value=0,
-                             dimension_names=("z", "y", "x"))
+    arr = group.create_array(
+        "0", shape=data.shape, dtype=data.dtype, chunks=chunks, fill_value=0, dimension_names=("z", "y", "x")
+    )
     arr[...] = data
 
 
@@ -77,15 +91,35 @@ class OmeZarrExporter:
         root = zarr.open_group(str(path), mode="w", zarr_format=3)
         _write_array(root, data.transpose(2, 1, 0))
         lo, hi = (float(v) for v in np.percentile(data, [0.5, 99.5])) if data.size else (0.0, 1.0)
-        root.update_attributes({
-            "ome": {"version": NGFF_VERSION, "multiscales": _multiscales(attrs.get("description") or key, scale, translation),
-                    "omero": {"channels": [{"window": {"start": lo, "end": hi, "min": float(data.min()), "max": float(data.max())},
-                                            "color": "FFFFFF", "active": True, "label": "image"}], "rdefs": {"model": "greyscale"}}},
-            "mrfm": {"series_key": key, "study_uid": attrs.get("study_uid"), "series_uid": attrs.get("series_uid"),
-                     "frame": "world = RAS+ mm; array axes (z, y, x) = (S, A, R) after reorientation",
-                     "native_affine": affine.tolist(), "affine": ras_affine.tolist(),
-                     "axis_aligned": error < 1e-3, "max_placement_error_mm": error},
-        })
+        root.update_attributes(
+            {
+                "ome": {
+                    "version": NGFF_VERSION,
+                    "multiscales": _multiscales(attrs.get("description") or key, scale, translation),
+                    "omero": {
+                        "channels": [
+                            {
+                                "window": {"start": lo, "end": hi, "min": float(data.min()), "max": float(data.max())},
+                                "color": "FFFFFF",
+                                "active": True,
+                                "label": "image",
+                            }
+                        ],
+                        "rdefs": {"model": "greyscale"},
+                    },
+                },
+                "mrfm": {
+                    "series_key": key,
+                    "study_uid": attrs.get("study_uid"),
+                    "series_uid": attrs.get("series_uid"),
+                    "frame": "world = RAS+ mm; array axes (z, y, x) = (S, A, R) after reorientation",
+                    "native_affine": affine.tolist(),
+                    "affine": ras_affine.tolist(),
+                    "axis_aligned": error < 1e-3,
+                    "max_placement_error_mm": error,
+                },
+            }
+        )
         names = []
         labels_group = None
         for head, output, meta in ctx.outputs(key, ["mask"]):
@@ -96,9 +130,16 @@ class OmeZarrExporter:
             name = f"{head}_{output}"
             g = labels_group.create_group(name)
             _write_array(g, to_ras_order(mask, affine)[0].transpose(2, 1, 0))
-            g.update_attributes({"ome": {"version": NGFF_VERSION, "multiscales": _multiscales(name, scale, translation),
-                                    "image-label": _image_label(meta)},
-                            "mrfm": {"head": head, "head_version": meta.get("head_version"), "output": output}})
+            g.update_attributes(
+                {
+                    "ome": {
+                        "version": NGFF_VERSION,
+                        "multiscales": _multiscales(name, scale, translation),
+                        "image-label": _image_label(meta),
+                    },
+                    "mrfm": {"head": head, "head_version": meta.get("head_version"), "output": output},
+                }
+            )
             names.append(name)
         if labels_group is not None:
             labels_group.update_attributes({"ome": {"version": NGFF_VERSION, "labels": names}})
@@ -107,8 +148,10 @@ class OmeZarrExporter:
 
 def _image_label(meta: dict[str, Any]) -> dict[str, Any]:
     labels, colors = list(meta.get("labels") or []), list(meta.get("colors") or [])
-    out: dict[str, Any] = {"source": {"image": "../../"},
-                           "properties": [{"label-value": i, "name": n} for i, n in enumerate(labels) if i > 0]}
+    out: dict[str, Any] = {
+        "source": {"image": "../../"},
+        "properties": [{"label-value": i, "name": n} for i, n in enumerate(labels) if i > 0],
+    }
     rgba = [{"label-value": i, "rgba": [*rgb, 255]} for i, c in enumerate(colors) if i > 0 and (rgb := hex_rgb(c))]
     if rgba:
         out["colors"] = rgba

@@ -39,10 +39,16 @@ class TableExporter:
         for head, output, meta in ctx.outputs(key, list(_OUTPUT_KIND)):
             record = (attrs.get("heads") or {}).get(head, {})
             # a source without UIDs (NIfTI) is keyed by its series key, so joins on series_uid stay one-to-one
-            base = {"study_uid": attrs.get("study_uid") or "", "series_uid": attrs.get("series_uid") or key,
-                    "series_key": key, "run_id": record.get("run_id") or attrs.get("run_id"), "head": head,
-                    "head_version": meta.get("head_version") or record.get("version"), "output": output,
-                    "model_fingerprint": model_fp}
+            base = {
+                "study_uid": attrs.get("study_uid") or "",
+                "series_uid": attrs.get("series_uid") or key,
+                "series_key": key,
+                "run_id": record.get("run_id") or attrs.get("run_id"),
+                "head": head,
+                "head_version": meta.get("head_version") or record.get("version"),
+                "output": output,
+                "model_fingerprint": model_fp,
+            }
             kind = _OUTPUT_KIND[meta["kind"]]
             rows[kind] += _rows(kind, ctx.read(key, head, output), meta, base)
         out = ctx.path("parts", key)
@@ -80,9 +86,23 @@ class TableExporter:
         return written + _series_table(ctx)
 
 
-SERIES_COLUMNS = ("series_uid", "study_uid", "series_key", "description", "modality", "orientation", "shape", "spacing",
-                  "status", "reason", "run_id", "model_fingerprint", "distribution_score", "distribution_threshold",
-                  "out_of_distribution")
+SERIES_COLUMNS = (
+    "series_uid",
+    "study_uid",
+    "series_key",
+    "description",
+    "modality",
+    "orientation",
+    "shape",
+    "spacing",
+    "status",
+    "reason",
+    "run_id",
+    "model_fingerprint",
+    "distribution_score",
+    "distribution_threshold",
+    "out_of_distribution",
+)
 
 
 def _series_table(ctx: ExportContext) -> list[Path]:
@@ -97,19 +117,42 @@ def _series_table(ctx: ExportContext) -> list[Path]:
         geo = attrs.get("geometry") or {}
         dist = attrs.get("distribution") if isinstance(attrs.get("distribution"), dict) else {}
         ood = dist.get("out_of_distribution")
-        rows.append({
-            "series_uid": attrs.get("series_uid") or key, "study_uid": attrs.get("study_uid") or "", "series_key": key,
-            "description": attrs.get("description") or "", "modality": attrs.get("modality"),
-            "orientation": geo.get("orientation"), "shape": [int(x) for x in geo.get("shape") or []] or None,
-            "spacing": [float(x) for x in geo.get("spacing") or []] or None, "status": attrs.get("status"),
-            "reason": attrs.get("reason"), "run_id": attrs.get("run_id"),
-            "model_fingerprint": (ctx.model(key) or {}).get("fingerprint") if attrs.get("run_id") else None,
-            "distribution_score": _float(dist.get("score")), "distribution_threshold": _float(dist.get("threshold")),
-            "out_of_distribution": None if ood is None else bool(ood),
-        })
-    schema = pa.schema([(c, pa.list_(pa.int64()) if c == "shape" else pa.list_(pa.float64()) if c == "spacing"
-                         else pa.float64() if c.startswith("distribution_") else pa.bool_() if c == "out_of_distribution"
-                         else pa.string()) for c in SERIES_COLUMNS])
+        rows.append(
+            {
+                "series_uid": attrs.get("series_uid") or key,
+                "study_uid": attrs.get("study_uid") or "",
+                "series_key": key,
+                "description": attrs.get("description") or "",
+                "modality": attrs.get("modality"),
+                "orientation": geo.get("orientation"),
+                "shape": [int(x) for x in geo.get("shape") or []] or None,
+                "spacing": [float(x) for x in geo.get("spacing") or []] or None,
+                "status": attrs.get("status"),
+                "reason": attrs.get("reason"),
+                "run_id": attrs.get("run_id"),
+                "model_fingerprint": (ctx.model(key) or {}).get("fingerprint") if attrs.get("run_id") else None,
+                "distribution_score": _float(dist.get("score")),
+                "distribution_threshold": _float(dist.get("threshold")),
+                "out_of_distribution": None if ood is None else bool(ood),
+            }
+        )
+    schema = pa.schema(
+        [
+            (
+                c,
+                pa.list_(pa.int64())
+                if c == "shape"
+                else pa.list_(pa.float64())
+                if c == "spacing"
+                else pa.float64()
+                if c.startswith("distribution_")
+                else pa.bool_()
+                if c == "out_of_distribution"
+                else pa.string(),
+            )
+            for c in SERIES_COLUMNS
+        ]
+    )
     table = pa.Table.from_pylist(rows, schema=schema)
     pq.write_table(table, ctx.path("series.parquet"))
     for name in ("shape", "spacing"):
@@ -130,16 +173,32 @@ def _rows(kind: str, value: Any, meta: dict[str, Any], base: dict[str, Any]) -> 
     labels = list(meta.get("labels") or [])
     if kind == "scores":
         scores = np.asarray(value, dtype=np.float64).reshape(-1)
-        return [{**base, "index": i, "label": labels[i] if i < len(labels) else str(i), "score": float(s)}
-                for i, s in enumerate(scores)]
+        return [
+            {**base, "index": i, "label": labels[i] if i < len(labels) else str(i), "score": float(s)}
+            for i, s in enumerate(scores)
+        ]
     if kind == "values":
         values = np.asarray(value, dtype=np.float64).reshape(-1)
-        return [{**base, "index": i, "label": labels[i] if i < len(labels) else None, "value": float(v),
-                 "units": meta.get("units")} for i, v in enumerate(values)]
+        return [
+            {
+                **base,
+                "index": i,
+                "label": labels[i] if i < len(labels) else None,
+                "value": float(v),
+                "units": meta.get("units"),
+            }
+            for i, v in enumerate(values)
+        ]
     if kind == "embeddings":
         vec = np.asarray(value, dtype=np.float32).reshape(-1)
-        return [{**base, "dim": int(vec.size), "normalized": bool(meta.get("normalized", False)),
-                 "embedding": [float(x) for x in vec]}]
+        return [
+            {
+                **base,
+                "dim": int(vec.size),
+                "normalized": bool(meta.get("normalized", False)),
+                "embedding": [float(x) for x in vec],
+            }
+        ]
     world = np.asarray(value["world"], dtype=np.float64).reshape(-1, 6)
     voxel = np.asarray(value["voxel"], dtype=np.float64).reshape(-1, 6)
     scores = np.asarray(value["scores"], dtype=np.float64).reshape(-1)
@@ -147,8 +206,13 @@ def _rows(kind: str, value: Any, meta: dict[str, Any], base: dict[str, Any]) -> 
     queries = value.get("queries")
     rows = []
     for n in range(len(scores)):
-        row = {**base, "box": n, "label": str(box_labels[n]) if box_labels is not None else (labels[0] if len(labels) == 1 else None),
-               "query": str(queries[n]) if queries is not None else None, "score": float(scores[n])}
+        row = {
+            **base,
+            "box": n,
+            "label": str(box_labels[n]) if box_labels is not None else (labels[0] if len(labels) == 1 else None),
+            "query": str(queries[n]) if queries is not None else None,
+            "score": float(scores[n]),
+        }
         row.update({f"{a}_mm": float(world[n, i]) for i, a in enumerate(("x0", "y0", "z0", "x1", "y1", "z1"))})
         row.update({a: float(voxel[n, i]) for i, a in enumerate(("i0", "j0", "k0", "i1", "j1", "k1"))})
         rows.append(row)

@@ -15,8 +15,14 @@ import engine
 
 PAGE_SIZE = int(os.environ.get("MRFM_QIDO_PAGE_SIZE", "100"))
 TIMEOUT_S = float(os.environ.get("MRFM_PACS_TIMEOUT", "60"))
-SERIES_FIELDS = ["StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesDescription", "SeriesNumber",
-                 "NumberOfSeriesRelatedInstances"]
+SERIES_FIELDS = [
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesDescription",
+    "SeriesNumber",
+    "NumberOfSeriesRelatedInstances",
+]
 
 SIZE_FIELDS = ["Rows", "Columns", "NumberOfFrames", "BitsAllocated"]
 
@@ -94,8 +100,9 @@ class DicomwebSource:
         offset = 0
         while True:
             try:
-                page = web.search_for_series(search_filters=dict(where) or None, fields=SERIES_FIELDS,
-                                             limit=PAGE_SIZE, offset=offset)
+                page = web.search_for_series(
+                    search_filters=dict(where) or None, fields=SERIES_FIELDS, limit=PAGE_SIZE, offset=offset
+                )
             except Exception as exc:
                 raise engine.SourceError(f"QIDO-RS series query failed: {explain(archive, exc)}") from exc
             yield page
@@ -106,17 +113,29 @@ class DicomwebSource:
     def _ref(self, archive: str, item: dict[str, Any], options: engine.SourceOptions) -> engine.RemoteRef:
         series_uid = str(_value(item, "SeriesInstanceUID"))
         return engine.RemoteRef(
-            key=engine.sanitise_key(series_uid), reader=engine.PACS_READER, study_uid=str(_value(item, "StudyInstanceUID")),
-            series_uid=series_uid, modality=str(_value(item, "Modality")), description=str(_value(item, "SeriesDescription")),
-            sources=[], dims=(), n_slices=0, orientation="", url=archive, source=self.name, options=options,
-            n_instances=int(_value(item, "NumberOfSeriesRelatedInstances", 0) or 0))
+            key=engine.sanitise_key(series_uid),
+            reader=engine.PACS_READER,
+            study_uid=str(_value(item, "StudyInstanceUID")),
+            series_uid=series_uid,
+            modality=str(_value(item, "Modality")),
+            description=str(_value(item, "SeriesDescription")),
+            sources=[],
+            dims=(),
+            n_slices=0,
+            orientation="",
+            url=archive,
+            source=self.name,
+            options=options,
+            n_instances=int(_value(item, "NumberOfSeriesRelatedInstances", 0) or 0),
+        )
 
     def instance_uids(self, ref: engine.RemoteRef) -> list[str]:
         web = client(ref.url)
         uids: list[str] = []
         while True:
-            page = web.search_for_instances(ref.study_uid, ref.series_uid, fields=["SOPInstanceUID"], limit=PAGE_SIZE,
-                                            offset=len(uids))
+            page = web.search_for_instances(
+                ref.study_uid, ref.series_uid, fields=["SOPInstanceUID"], limit=PAGE_SIZE, offset=len(uids)
+            )
             uids += [str(_value(i, "SOPInstanceUID")) for i in page]
             if len(page) < PAGE_SIZE or not page:
                 return uids
@@ -126,7 +145,9 @@ class DicomwebSource:
         web = client(ref.url)
         out: list[dict[str, Any]] = []
         while True:
-            page = web.search_for_instances(ref.study_uid, ref.series_uid, fields=SIZE_FIELDS, limit=PAGE_SIZE, offset=len(out))
+            page = web.search_for_instances(
+                ref.study_uid, ref.series_uid, fields=SIZE_FIELDS, limit=PAGE_SIZE, offset=len(out)
+            )
             out += [{k: _value(i, k, None) for k in SIZE_FIELDS} for i in page]
             if len(page) < PAGE_SIZE or not page:
                 return out
@@ -139,7 +160,9 @@ class DicomwebSource:
         except engine.SourceError:
             raise
         except Exception as exc:
-            raise engine.SourceError(f"WADO-RS: {explain(ref.url, exc)} after {len(spool.sop_uids)} instance(s)") from exc
+            raise engine.SourceError(
+                f"WADO-RS: {explain(ref.url, exc)} after {len(spool.sop_uids)} instance(s)"
+            ) from exc
 
     def send(self, url: str, paths: list[Any], ae_title: str = "MRFM") -> None:
         """STOW-RS the files; a refusal (HTTP error or a FailedSOPSequence) raises SourceError."""
@@ -151,4 +174,6 @@ class DicomwebSource:
         failed = answer.get("FailedSOPSequence") if answer is not None else None
         if failed:
             reason = failed[0].get("FailureReason", "?")
-            raise engine.SourceError(f"{engine.public_url(url)}: STOW-RS refused {len(failed)} instance(s) (FailureReason {reason})")
+            raise engine.SourceError(
+                f"{engine.public_url(url)}: STOW-RS refused {len(failed)} instance(s) (FailureReason {reason})"
+            )

@@ -17,14 +17,31 @@ import engine
 
 TIMEOUT_S = float(os.environ.get("MRFM_PACS_TIMEOUT", "60"))
 # matching keys that live on the series level of the Study Root model; the rest match studies
-SERIES_KEYS = {"Modality", "SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "BodyPartExamined",
-               "ProtocolName", "SeriesDate", "SeriesTime"}
+SERIES_KEYS = {
+    "Modality",
+    "SeriesInstanceUID",
+    "SeriesDescription",
+    "SeriesNumber",
+    "BodyPartExamined",
+    "ProtocolName",
+    "SeriesDate",
+    "SeriesTime",
+}
 
 # what a PACS may hold MR images in; pydicom + pylibjpeg decode each
 FETCH_SYNTAXES = [
-    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",  # LE, implicit, deflate, BE
-    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",  # JPEG
-    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",  # JPEG-LS, J2K
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",  # LE, implicit, deflate, BE
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",  # JPEG
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",  # JPEG-LS, J2K
     "1.2.840.10008.1.2.5",  # RLE
 ]
 
@@ -41,9 +58,18 @@ def storage_classes() -> list[str]:
     """The storage SOP classes mrfm fetches (MR) and sends (SEG, SR)."""
     from pynetdicom import sop_class as sc
 
-    names = ["MRImageStorage", "EnhancedMRImageStorage", "EnhancedMRColorImageStorage",
-             "LegacyConvertedEnhancedMRImageStorage", "SegmentationStorage", "ComprehensiveSRStorage",
-             "EnhancedSRStorage", "BasicTextSRStorage", "Comprehensive3DSRStorage", "SecondaryCaptureImageStorage"]
+    names = [
+        "MRImageStorage",
+        "EnhancedMRImageStorage",
+        "EnhancedMRColorImageStorage",
+        "LegacyConvertedEnhancedMRImageStorage",
+        "SegmentationStorage",
+        "ComprehensiveSRStorage",
+        "EnhancedSRStorage",
+        "BasicTextSRStorage",
+        "Comprehensive3DSRStorage",
+        "SecondaryCaptureImageStorage",
+    ]
     return [getattr(sc, n) for n in names if hasattr(sc, n)]
 
 
@@ -56,8 +82,14 @@ def _ae(calling: str) -> Any:
     return ae
 
 
-def associate(url: str, calling: str, contexts: list[tuple[str, list[str] | None]], *, roles: list | None = None,
-              handlers: list | None = None) -> Any:
+def associate(
+    url: str,
+    calling: str,
+    contexts: list[tuple[str, list[str] | None]],
+    *,
+    roles: list | None = None,
+    handlers: list | None = None,
+) -> Any:
     """An established association with the peer of ``url``; SourceError says why there is none."""
     from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 
@@ -70,8 +102,9 @@ def associate(url: str, calling: str, contexts: list[tuple[str, list[str] | None
         return assoc
     where = engine.public_url(url)
     if assoc.is_rejected:
-        raise engine.SourceError(f"{where}: the association was rejected (is {calling} known to {called}, "
-                                 f"and is {called} its AE title?)")
+        raise engine.SourceError(
+            f"{where}: the association was rejected (is {calling} known to {called}, and is {called} its AE title?)"
+        )
     try:  # pynetdicom reports a refused TCP connection as an abort: tell the two apart
         socket.create_connection((host, port), timeout=min(TIMEOUT_S, 15)).close()
     except OSError as exc:
@@ -103,7 +136,11 @@ def c_find(assoc: Any, url: str, level: str, keys: dict[str, str], returned: lis
         elif _status_ok(status):
             return
         else:
-            code = f"0x{status.Status:04X}" if status is not None and "Status" in status else "no response (timeout or abort)"
+            code = (
+                f"0x{status.Status:04X}"
+                if status is not None and "Status" in status
+                else "no response (timeout or abort)"
+            )
             raise engine.SourceError(f"{engine.public_url(url)}: C-FIND at {level} level failed ({code})")
 
 
@@ -126,7 +163,9 @@ class DimseSource:
         series_keys = {k: v for k, v in where.items() if k in SERIES_KEYS}
         assoc = associate(archive, options.ae_title, find_contexts())
         try:  # the study level now: a peer that refuses the query fails the run before it begins
-            studies = [str(s.StudyInstanceUID) for s in c_find(assoc, archive, "STUDY", study_keys, ["StudyInstanceUID"])]
+            studies = [
+                str(s.StudyInstanceUID) for s in c_find(assoc, archive, "STUDY", study_keys, ["StudyInstanceUID"])
+            ]
         except BaseException:
             assoc.release()
             raise
@@ -135,14 +174,32 @@ class DimseSource:
             """Each series as its C-FIND response arrives, study after study, on one association."""
             try:
                 for study in studies:
-                    for s in c_find(assoc, archive, "SERIES", {**series_keys, "StudyInstanceUID": study},
-                                    ["SeriesInstanceUID", "Modality", "SeriesDescription", "NumberOfSeriesRelatedInstances"]):
+                    for s in c_find(
+                        assoc,
+                        archive,
+                        "SERIES",
+                        {**series_keys, "StudyInstanceUID": study},
+                        ["SeriesInstanceUID", "Modality", "SeriesDescription", "NumberOfSeriesRelatedInstances"],
+                    ):
                         uid = str(s.get("SeriesInstanceUID", ""))
-                        put(engine.RemoteRef(
-                            key=engine.sanitise_key(uid), reader=engine.PACS_READER, study_uid=study, series_uid=uid,
-                            modality=str(s.get("Modality", "")), description=str(s.get("SeriesDescription", "")), sources=[],
-                            dims=(), n_slices=0, orientation="", url=archive, source=self.name, options=options,
-                            n_instances=int(s.get("NumberOfSeriesRelatedInstances") or 0)))
+                        put(
+                            engine.RemoteRef(
+                                key=engine.sanitise_key(uid),
+                                reader=engine.PACS_READER,
+                                study_uid=study,
+                                series_uid=uid,
+                                modality=str(s.get("Modality", "")),
+                                description=str(s.get("SeriesDescription", "")),
+                                sources=[],
+                                dims=(),
+                                n_slices=0,
+                                orientation="",
+                                url=archive,
+                                source=self.name,
+                                options=options,
+                                n_instances=int(s.get("NumberOfSeriesRelatedInstances") or 0),
+                            )
+                        )
             finally:
                 assoc.release()
 
@@ -162,7 +219,10 @@ class DimseSource:
         assoc = associate(ref.url, ref.options.ae_title, find_contexts())
         try:
             keys = {"StudyInstanceUID": ref.study_uid, "SeriesInstanceUID": ref.series_uid}
-            return [{k: i.get(k) for k in fields} for i in c_find(assoc, ref.url, "IMAGE", keys, ["SOPInstanceUID", *fields])]
+            return [
+                {k: i.get(k) for k in fields}
+                for i in c_find(assoc, ref.url, "IMAGE", keys, ["SOPInstanceUID", *fields])
+            ]
         finally:
             assoc.release()
 
@@ -179,10 +239,17 @@ class DimseSource:
         classes = storage_classes()[:4]  # the MR image classes
         # one context per transfer syntax: the PACS then sends each file as stored, never
         # transcoding (it may not decode JPEG 2000, say) into the one syntax it would pick
-        contexts = [(StudyRootQueryRetrieveInformationModelGet, None)] + [(c, [ts]) for c in classes for ts in FETCH_SYNTAXES]
+        contexts = [(StudyRootQueryRetrieveInformationModelGet, None)] + [
+            (c, [ts]) for c in classes for ts in FETCH_SYNTAXES
+        ]
         roles = [build_role(c, scp_role=True) for c in classes]
-        assoc = associate(ref.url, ref.options.ae_title, contexts, roles=roles,
-                          handlers=[(evt.EVT_C_STORE, _store_into(spool, errors))])
+        assoc = associate(
+            ref.url,
+            ref.options.ae_title,
+            contexts,
+            roles=roles,
+            handlers=[(evt.EVT_C_STORE, _store_into(spool, errors))],
+        )
         try:
             final = None
             for status, _ in assoc.send_c_get(_series_query(ref), StudyRootQueryRetrieveInformationModelGet):
@@ -222,7 +289,9 @@ def _check_retrieve(ref: engine.RemoteRef, op: str, final: Any, errors: list[str
         raise engine.SourceError(f"{where}: {op} got no final response (timeout or abort)")
     failed = int(final.get("NumberOfFailedSuboperations", 0) or 0)
     if final.Status not in (0x0000,) or failed:
-        raise engine.SourceError(f"{where}: {op} ended with status 0x{final.Status:04X} ({failed} sub-operation(s) failed)")
+        raise engine.SourceError(
+            f"{where}: {op} ended with status 0x{final.Status:04X} ({failed} sub-operation(s) failed)"
+        )
 
 
 # ---- C-MOVE: our own storage SCP -------------------------------------------------------------
@@ -243,7 +312,9 @@ class _MoveTarget:
         try:
             self.server = ae.start_server(("", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._handle)])
         except OSError as exc:
-            raise engine.SourceError(f"--move: cannot listen on port {port} for C-MOVE ({exc.strerror or exc})") from exc
+            raise engine.SourceError(
+                f"--move: cannot listen on port {port} for C-MOVE ({exc.strerror or exc})"
+            ) from exc
 
     @classmethod
     def get(cls, ae_title: str, port: int) -> "_MoveTarget":
@@ -271,7 +342,9 @@ def _move(ref: engine.RemoteRef, spool: Any) -> None:
         assoc = associate(ref.url, ref.options.ae_title, [(StudyRootQueryRetrieveInformationModelMove, None)])
         try:
             final = None
-            for status, _ in assoc.send_c_move(_series_query(ref), ref.options.ae_title, StudyRootQueryRetrieveInformationModelMove):
+            for status, _ in assoc.send_c_move(
+                _series_query(ref), ref.options.ae_title, StudyRootQueryRetrieveInformationModelMove
+            ):
                 final = status
         finally:
             assoc.release()
@@ -295,4 +368,3 @@ def send(url: str, paths: list[Any], ae_title: str = "MRFM") -> None:
                 raise engine.SourceError(f"{engine.public_url(url)}: C-STORE of {ds.SOPInstanceUID} refused ({code})")
     finally:
         assoc.release()
-

@@ -16,5 +16,6 @@ class FolderSource:
     def find(self, archive: Any, options: engine.SourceOptions) -> Any:
         paths = [archive] if isinstance(archive, str) else list(archive)
         paths = [p.removeprefix("file://") for p in map(str, paths)]
-        return engine.scan(paths, max_series_bytes=options.max_series_bytes,
-                           **({"record_paths": True} if options.record_paths else {}))
+        return engine.scan(
+            paths, max_series_bytes=options.max_series_bytes, **({"record_paths": True} if options.record_paths else {})
+        )

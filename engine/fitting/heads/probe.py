@@ -20,6 +20,7 @@ def fit_record(manifest: dict) -> dict:
     """The manifest's fit record: top-level ``fit`` (``labels.fit`` in packages written earlier)."""
     return manifest.get("fit") or manifest["labels"]["fit"]
 
+
 MANIFEST = Path(__file__).with_name("manifest.json")
 RESERVED = {"norm", "hidden", "training"}
 

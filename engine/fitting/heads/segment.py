@@ -20,10 +20,12 @@ def fit_record(manifest: dict) -> dict:
     """The manifest's fit record: top-level ``fit`` (``labels.fit`` in packages written earlier)."""
     return manifest.get("fit") or manifest["labels"]["fit"]
 
+
 MANIFEST = Path(__file__).with_name("manifest.json")
 
 
 ResBlock, SegmentNet = engine.head_nets.ResBlock, engine.head_nets.SegmentNet
+
 
 def config() -> dict[str, Any]:
     return fit_record(json.loads(MANIFEST.read_text()))["config"]

@@ -26,4 +26,6 @@ def test_a_nifti_file_runs_like_a_volume(mrfm_run_head, tmp_path):
     path = tmp_path / "oblique.nii.gz"
     nibabel.save(nibabel.Nifti1Image(volume.data, volume.affine), str(path))
     from_file = mrfm_run_head(BrightnessHead, path)
-    assert float(from_file["bright_fraction"]) == pytest.approx(float(mrfm_run_head(BrightnessHead, volume)["bright_fraction"]), abs=0.01)
+    assert float(from_file["bright_fraction"]) == pytest.approx(
+        float(mrfm_run_head(BrightnessHead, volume)["bright_fraction"]), abs=0.01
+    )
