@@ -58,6 +58,19 @@ from .store_lock import (
     _Heartbeat,  # noqa: F401 (re-exported)
     _holder_state,
 )
+
+# re-exported: names older code and tests import from here ("X as X" marks a re-export)
+from .store_checks import MAX_LISTED as MAX_LISTED
+from .store_checks import _chunk_keys as _chunk_keys
+from .store_checks import _shard_problem as _shard_problem
+from .store_lock import LOCK_NAME as LOCK_NAME
+from .store_lock import _ago as _ago
+from .store_lock import _create_exclusive as _create_exclusive
+from .store_lock import _create_object_exclusive as _create_object_exclusive
+from .store_lock import _locked_message as _locked_message
+from .store_lock import _pid_alive as _pid_alive
+from .store_lock import _unsupported_conditional as _unsupported_conditional
+from .store_lock import lock_stale_seconds as lock_stale_seconds
 from .zarr_nodes import (
     SMALL_BYTES,
     WRITE_ALL,
