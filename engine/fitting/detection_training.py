@@ -25,6 +25,7 @@ from engine.token_boxes import nms3d
 
 from .detection_metrics import DetectionCounter, as_boxes
 from .detection_metrics import box_iou3d
+from .fit_result import Fitted, optimise, state_of
 
 STRIDE = CentreNet.stride
 THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.05, 0.96, 0.05))
@@ -209,7 +210,6 @@ def fit_centre_net(
 ) -> tuple[CentreNet, list[Window]]:
     """Train a CentreNet (FiLM-conditioned on ``text`` phrases when given); returns it and the
     validation windows."""
-    from .trainers import _optimise  # one optimiser loop for every kind
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -246,7 +246,7 @@ def fit_centre_net(
         t_heat, t_size, t_off, t_mask = (torch.stack([t[j] for t in targets]) for j in range(4))
         return focal_centre_loss(heat, t_heat) + 0.5 * box_loss(size, off, t_size, t_off, t_mask)
 
-    _optimise(net, loss, steps, lr, wd=1e-4, log=log, name="ground" if grounding else "localize")
+    optimise(net, loss, steps, lr, wd=1e-4, log=log, name="ground" if grounding else "localize")
     return net, vw
 
 
@@ -264,7 +264,6 @@ def _inputs(feature_layers: list[int], text: bool = False) -> dict[str, Any]:
 
 
 def fit_localize(labels: Any, train: list[Any], val: list[Any], opt: Any) -> Any:
-    from .trainers import Fitted, _state  # the kinds share one result type
 
     width = opt.hidden or 24
     net, vw = fit_centre_net(
@@ -314,11 +313,10 @@ def fit_localize(labels: Any, train: list[Any], val: list[Any], opt: Any) -> Any
             "description": "At most this many boxes per window.",
         },
     }
-    return Fitted(_state(net), cfg, mets, decl, _inputs(train[0][0].feature_layers), params)
+    return Fitted(state_of(net), cfg, mets, decl, _inputs(train[0][0].feature_layers), params)
 
 
 def fit_ground(labels: Any, train: list[Any], val: list[Any], opt: Any, model: Any) -> Any:
-    from .trainers import Fitted, _state  # the kinds share one result type
 
     tower = model.text_tower()
     if tower is None:
@@ -373,7 +371,7 @@ def fit_ground(labels: Any, train: list[Any], val: list[Any], opt: Any, model: A
             "description": "A query whose best centre probability is below this is labelled 'not found' (chosen on the validation studies).",
         },
     }
-    return Fitted(_state(net), cfg, mets, decl, _inputs(train[0][0].feature_layers, text=True), params)
+    return Fitted(state_of(net), cfg, mets, decl, _inputs(train[0][0].feature_layers, text=True), params)
 
 
 def _ground_metrics(

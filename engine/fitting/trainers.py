@@ -8,7 +8,7 @@ the validation metrics, and the manifest outputs/parameters. Runs are seeded and
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from engine.geometry import LPS_TO_RAS
 
 from . import detection_training
+from .fit_result import Fitted
+from .fit_result import optimise as _optimise
+from .fit_result import state_of as _state
 from . import metrics as M
 from .cache import SeriesFeatures
 from .heads import probe as probe_t
@@ -38,44 +41,6 @@ class Options:
     crop_tokens: int = 4  # segmentation crops, tokens a side
     rare_fraction: float = 0.5  # segmentation: share of crops centred on the rarest foreground class (lesions)
     log: Callable[[str], None] | None = None
-
-
-@dataclass
-class Fitted:
-    state: dict[str, torch.Tensor]
-    config: dict[str, Any]
-    metrics: dict[str, Any]
-    outputs: list[dict[str, Any]]
-    inputs: dict[str, Any]
-    parameters: dict[str, Any] = field(default_factory=dict)
-
-
-def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float().contiguous().clone() for k, v in net.state_dict().items()}
-
-
-def _optimise(
-    net: torch.nn.Module,
-    loss_fn: Callable[[int], torch.Tensor],
-    steps: int,
-    lr: float,
-    wd: float = 1e-2,
-    log: Callable[[str], None] | None = None,
-    name: str = "",
-) -> None:
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
-    net.train()
-    for step in range(steps):
-        loss = loss_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if log and (step % 100 == 0 or step == steps - 1):
-            log(f"{name} step {step}/{steps} loss {loss.item():.4f}")
-    net.eval()
 
 
 # --- probes (classification, regression) ----------------------------------------------------------
