@@ -40,3 +40,15 @@ def test_segment_net_reads_layers_deep_to_shallow():
         swapped = net([grids[2], grids[1], grids[0]], image)
     assert out.shape == (1, 3, 16, 16, 16)
     assert not torch.allclose(out, swapped)  # the order is meaningful, so a caller's order matters
+
+
+@pytest.mark.parametrize("name", ["localize", "ground"])
+def test_shipped_dense_heads_are_the_fit_template_unchanged(name):
+    # the shipped module is what `mrfm fit` packages (a head may import only engine's public API,
+    # so it cannot import the template): a change to one that misses the other fails here
+    from pathlib import Path
+
+    from engine.fitting.heads import template_path
+
+    shipped = Path(importlib.import_module(f"contrib_heads.{name}").__file__)
+    assert shipped.read_text() == template_path(name).read_text()

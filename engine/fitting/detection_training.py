@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.centre_boxes import centre_boxes, centre_targets
+from engine.errors import UsageError
 from engine.geometry import apply_affine, world_to_voxel
 from engine.head_nets import CentreNet
 from engine.token_boxes import nms3d
@@ -263,10 +264,9 @@ def _inputs(feature_layers: list[int], text: bool = False) -> dict[str, Any]:
     return {"view": "tiles", "image": True, "features": feats + (["text"] if text else [])}
 
 
-def fit_localize(labels: Any, train: list[Any], val: list[Any], opt: Any) -> Any:
-
-    width = opt.hidden or 24
-    net, vw = fit_centre_net(
+def _fit_with_options(train: list[Any], val: list[Any], opt: Any, width: int, text: Any = None) -> Any:
+    """fit_centre_net with the fit's options and the dense heads' defaults."""
+    return fit_centre_net(
         train,
         val,
         steps=opt.steps or 1500,
@@ -276,7 +276,14 @@ def fit_localize(labels: Any, train: list[Any], val: list[Any], opt: Any) -> Any
         crop_tokens=opt.crop_tokens,
         width=width,
         log=opt.log,
+        text=text,
     )
+
+
+def fit_localize(labels: Any, train: list[Any], val: list[Any], opt: Any) -> Any:
+
+    width = opt.hidden or 24
+    net, vw = _fit_with_options(train, val, opt, width)
     threshold, mets = 0.3, {}
     if val:
         threshold, mets = choose_threshold(decode_series(net, vw, min(THRESHOLDS), 16), world_truths(val))
@@ -320,24 +327,13 @@ def fit_ground(labels: Any, train: list[Any], val: list[Any], opt: Any, model: A
 
     tower = model.text_tower()
     if tower is None:
-        raise ValueError("grounding needs a model with a text tower")
+        raise UsageError("grounding needs a model with a text tower")
     texts = sorted({t for _, lab in train + val for t in lab.texts})
     if not any(lab.texts for _, lab in train):
-        raise ValueError("no training series has a text with a box")
+        raise UsageError("no training series has a text with a box")
     emb = {t: e.detach().float() for t, e in zip(texts, tower.encode(texts))}
     width = opt.hidden or 24
-    net, vw = fit_centre_net(
-        train,
-        val,
-        steps=opt.steps or 1500,
-        lr=opt.lr or 2e-3,
-        batch=opt.batch or 8,
-        seed=opt.seed,
-        crop_tokens=opt.crop_tokens,
-        width=width,
-        log=opt.log,
-        text=emb,
-    )
+    net, vw = _fit_with_options(train, val, opt, width, text=emb)
     threshold, mets = 0.1, {}
     if val:
         threshold, mets = _ground_metrics(net, vw, val, emb)
