@@ -1,11 +1,12 @@
 """User-caused errors raised as engine.errors types where they start: a bad shape range, a model
-card's distribution statistics, an archive that is not a generated one, labels a probe cannot
-learn from, a head folder whose nets differ from a fit. Each names what is wrong; each is still a
-ValueError for callers that caught the old type."""
+folder's unreadable weights, a model card's distribution statistics, an archive that is not a
+generated one, labels a probe cannot learn from, a head folder whose nets differ from a fit. Each
+names what is wrong; each is a UsageError, so still a ValueError for callers that caught the old type."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,6 +22,7 @@ from engine.distribution import POOLING, distribution_for, load_distribution
 from engine.errors import EXIT_USAGE, UsageError
 from engine.fitting.labels import LabelSet, SeriesLabels
 from engine.fitting.trainers import Options, fit_probe
+from engine.model import DEFAULT_MODEL_DIR, load_model
 from engine.synthetic import ArchiveManifest
 from engine.synthetic.manifest import MANIFEST_FORMAT
 
@@ -123,3 +125,19 @@ def test_a_head_module_whose_net_differs_from_the_fit_is_a_usage_error():
         contrib_weights(_fit(["a", "c"], fitted), module, shipped)
     with pytest.raises(UsageError, match=r"^region: the fitted net does not match the module's"):
         contrib_weights(_fit(["a", "b"], {**fitted, "hidden.weight": torch.zeros(1)}), module, shipped)
+
+
+@pytest.mark.parametrize(
+    "name, damage", [("encoder.safetensors", b"not tensors"), ("text_projection.safetensors", None)]
+)
+def test_an_unreadable_weights_file_is_a_usage_error_naming_it(tmp_path, name, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, folder, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    path = folder / name
+    path.write_bytes(damage if damage is not None else path.read_bytes()[:1000])  # garbage, or cut short
+    with pytest.raises(UsageError, match=f"{name} (is|are) not a readable safetensors file") as info:
+        load_model(folder)
+    assert str(path) in str(info.value)
+    result = CliRunner().invoke(cli, ["compile", "--model", str(folder)])
+    assert result.exit_code == EXIT_USAGE and "Traceback" not in result.output
+    assert "not a readable safetensors file" in result.output
