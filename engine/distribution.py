@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UsageError
 from .features import Features
 
 POOLING = "cls+mean_token"
@@ -100,10 +101,10 @@ def load_distribution(card: dict[str, Any], folder: str | Path) -> DistributionM
     mean, precision = tensors.get("mean"), tensors.get("precision")
     pooling = section.get("pooling", POOLING)
     if pooling not in POOLINGS:
-        raise ValueError(f"distribution pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+        raise UsageError(f"distribution pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
     dim = pooled_dim(int(card["encoder"]["embed_dim"]), len(card["encoder"].get("feature_layers") or []), pooling)
     if mean is None or precision is None or mean.shape != (dim,) or precision.shape != (dim, dim):
-        raise ValueError(f"distribution statistics {path} must hold 'mean' ({dim},) and 'precision' ({dim}, {dim})")
+        raise UsageError(f"distribution statistics {path} must hold 'mean' ({dim},) and 'precision' ({dim}, {dim})")
     return DistributionModel(
         mean.astype(np.float64), precision.astype(np.float64), float(section["threshold"]), pooling
     )

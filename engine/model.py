@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import schemas
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .features import Features
 from .fingerprint import canonical_json
 
@@ -279,7 +279,11 @@ def _weight_roles(card: dict[str, Any], folder: Path) -> list[tuple[str, Path]]:
 def _hash_tensors(h: Any, path: Path) -> None:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        tensors = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors' own SafetensorError, or OSError: not a file of tensors
+        raise UsageError(f"model file {path} is not a readable safetensors file ({one_line(exc)})") from None
+    with tensors as f:
         for name in sorted(f.keys()):
             t = f.get_tensor(name).contiguous()
             h.update(f"\0{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
@@ -332,7 +336,10 @@ def load_encoder_weights(encoder: VisionTransformer3D, path: Path) -> None:
     """Load safetensors weights strictly: a missing, extra or mis-shaped tensor is an error."""
     from safetensors.torch import load_file  # loaded with the weights, not with the module
 
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors' own SafetensorError, or OSError: not a file of tensors
+        raise UsageError(f"encoder weights {path} are not a readable safetensors file ({one_line(exc)})") from None
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))

@@ -41,9 +41,9 @@ class ShapeRange:
     def __post_init__(self) -> None:
         for lo, opt, hi in zip(self.min_spatial, self.opt_spatial, self.max_spatial):
             if not 0 < lo <= opt <= hi:
-                raise ValueError(f"shape range needs 0 < min <= opt <= max per axis, got {self}")
+                raise UsageError(f"shape range needs 0 < min <= opt <= max per axis, got {self}")
         if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+            raise UsageError(f"max_batch must be >= 1, got {self.max_batch}")
 
     @classmethod
     def default(cls, model: Model, max_batch: int = 4) -> ShapeRange:
@@ -57,7 +57,7 @@ class ShapeRange:
     ) -> ShapeRange:
         """The smallest range covering the given spatial shapes (opt: the first, unless given)."""
         if not shapes:
-            raise ValueError("covering() needs at least one shape")
+            raise UsageError("covering() needs at least one shape")
         lo = tuple(min(s[i] for s in shapes) for i in range(3))
         hi = tuple(max(s[i] for s in shapes) for i in range(3))
         return cls(lo, tuple(opt or shapes[0]), hi, max_batch)  # type: ignore[arg-type]

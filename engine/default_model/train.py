@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.errors import UsageError
 from engine.model import compute_fingerprint, read_card
 
 from .dataset import prepare_samples, write_training_archives
@@ -158,27 +159,27 @@ def write_into(folder: Path, results: dict[str, Any]) -> list[Path]:
 def contrib_weights(result: Any, manifest: dict[str, Any], shipped: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A fitted head's state in the layout of an existing head module (``manifest`` and its
     ``shipped`` weights): the same parameter names and shapes, score rows in the manifest's label
-    order. Raises ValueError when the nets differ (e.g. a probe fit with a hidden layer)."""
+    order. Raises UsageError when the nets differ (e.g. a probe fit with a hidden layer)."""
     state = {k: v.clone() for k, v in result.fitted.state.items()}
     fitted_outputs = {o["name"]: o for o in result.manifest["outputs"]}
     for out in manifest["outputs"]:
         fo = fitted_outputs.get(out["name"])
         if out["kind"] == "scores" and fo is not None and fo.get("labels") != out.get("labels"):
             if sorted(fo["labels"]) != sorted(out["labels"]):
-                raise ValueError(f"{manifest['name']}/{out['name']}: fitted labels {fo['labels']} != {out['labels']}")
+                raise UsageError(f"{manifest['name']}/{out['name']}: fitted labels {fo['labels']} != {out['labels']}")
             order = [fo["labels"].index(label) for label in out["labels"]]
             for suffix in ("weight", "bias"):
                 key = f"{out['name']}.{suffix}"
                 if key in state:
                     state[key] = state[key][order].contiguous()
         if out["kind"] == "mask" and fo is not None and fo.get("labels") != out.get("labels"):
-            raise ValueError(
+            raise UsageError(
                 f"{manifest['name']}/{out['name']}: fitted labels {fo.get('labels')} != {out.get('labels')}"
             )
     got = {k: tuple(v.shape) for k, v in state.items()}
     want = {k: tuple(v.shape) for k, v in shipped.items()}
     if got != want:
-        raise ValueError(
+        raise UsageError(
             f"{manifest['name']}: the fitted net does not match the module's ({sorted(set(got) ^ set(want)) or 'shapes differ'})"
         )
     return state

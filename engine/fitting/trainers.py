@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.errors import UsageError
 from engine.geometry import LPS_TO_RAS
 
 from . import detection_training
@@ -63,7 +64,8 @@ def fit_probe(kind: str, labels: LabelSet, train: list[Pair], val: list[Pair], o
         if kind == "classify":
             classes = sorted({lab.values[t] for _, lab in train + val if t in lab.values})
             if len(classes) < 2:
-                raise ValueError(f"target {t!r} has fewer than two classes in the labels")
+                where = f"{labels.source}: " if labels.source else ""
+                raise UsageError(f"{where}target {t!r} has fewer than two classes in the labels")
             idx = {c: i for i, c in enumerate(classes)}
             yt[name] = torch.tensor([idx.get(lab.values.get(t), -100) for _, lab in train])
             yv[name] = np.asarray([idx.get(lab.values.get(t), -100) for _, lab in val])

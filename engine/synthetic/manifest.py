@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UsageError
 from .phantom import LABEL_NAMES, Lesion
 
 MANIFEST_FORMAT = "mrfm-demo-archive/1"
@@ -151,9 +152,16 @@ class ArchiveManifest:
             path = (
                 path / "manifest.json" if path.name == GROUND_TRUTH_DIR else path / GROUND_TRUTH_DIR / "manifest.json"
             )
-        raw = json.loads(path.read_text())
-        if raw.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"{path}: not a {MANIFEST_FORMAT} manifest (format={raw.get('format')!r})")
+        # an archive that was not generated here has no manifest: a usage error, not a traceback
+        if not path.is_file():
+            raise UsageError(f"{path}: no {MANIFEST_FORMAT} manifest (not a generated archive)")
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+            raise UsageError(f"{path}: not a {MANIFEST_FORMAT} manifest ({exc})") from None
+        if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else None
+            raise UsageError(f"{path}: not a {MANIFEST_FORMAT} manifest (format={found!r})")
         studies = [StudyTruth(**{**s, "lesions": [LesionTruth(**les) for les in s["lesions"]]}) for s in raw["studies"]]
         return cls(
             root=path.parent.parent,
