@@ -424,7 +424,7 @@ def scan(archive, as_json, record_paths, max_series_bytes) -> None:
             esc(r.orientation),
             f"[red]{esc(problems)}[/]" if problems else "",
         )
-    from .dicom.frames import PHI_RULE  # loaded when the command runs (start-up time)
+    from .dicom.patient_identifiers import PHI_RULE  # loaded when the command runs (start-up time)
 
     table.caption = f"descriptions: {esc(PHI_RULE)}"
     console.print(table)
