@@ -16,6 +16,7 @@ import numpy as np
 import zarr
 
 from .enums import ROW_STATUSES
+from .errors import StoreError
 from .faults import killpoint
 from .zarr_nodes import WRITE_ALL, NodeUnreadable, now, store_codecs, write_array
 from .zarr_text import TEXT_ATTR, encode_text, read_text
@@ -308,7 +309,7 @@ class StoreIndex:
         columns = [[str(v) for v in read_text(index[name])] for name in ("series_key", "study_uid", "description")]
         matrix = np.asarray(index["embedding"][...], dtype=np.float32) if attrs.get("embedding_source") else None
         if len({len(c) for c in columns}) != 1 or (matrix is not None and len(matrix) != len(columns[0])):
-            raise ValueError("index columns of different lengths")
+            raise StoreError("index columns of different lengths")  # a damaged or tampered index
         for i, (key, study, description) in enumerate(zip(*columns)):
             row = rows.setdefault(key, _Row("complete"))
             row.study, row.description, row.searchable = study, description, True
