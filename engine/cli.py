@@ -13,48 +13,24 @@ from typing import Any
 
 import click
 from click.core import ParameterSource
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ._version import __version__
-from .errors import EXIT_INTERRUPTED, MrfmError, StoreError, UsageError
+from .errors import EXIT_INTERRUPTED, MrfmError
 from .plugins import disable, get_broken_heads, get_head_classes, load_plugins, plugin_summaries, pm
-from .terminal import printable
 from .termination import TERM
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
-
-STATUS_STYLE = {
-    "complete": "green",
-    "resumed": "cyan",
-    "skipped": "yellow",
-    "failed": "red",
-    "incomplete": "magenta",
-    "damaged": "red",
-    "interrupted": "yellow",
-    "abandoned": "red",
-}
-
-
-def esc(value: Any) -> str:
-    """Data from archives and stores (descriptions, reasons, names) printed literally: rich
-    markup in a SeriesDescription such as ``[/]`` must neither crash nor style the output, and
-    control characters (ANSI/OSC escapes, BEL) are shown escaped, never sent to the terminal."""
-    return escape(printable(value))
-
-
-def styled(status: Any) -> str:
-    status = esc(status)
-    style = STATUS_STYLE.get(status)
-    return f"[{style}]{status}[/]" if style else status
-
-
-def short(uid: str, keep: int = 14) -> str:
-    """The distinctive tail of a long UID-derived key, for tables."""
-    return uid if len(uid) <= keep + 1 else "…" + uid[-keep:]
+# shared with the commands loaded on demand (engine.cli_shared); re-exported under their old names
+from .cli_shared import STATUS_STYLE as STATUS_STYLE
+from .cli_shared import console as console
+from .cli_shared import err_console as err_console
+from .cli_shared import esc as esc
+from .cli_shared import open_existing as _open_existing  # noqa: F401 (show and report import it from here)
+from .cli_shared import plural as _plural
+from .cli_shared import short as short
+from .cli_shared import styled as styled
+from .cli_shared import utf8_text as _utf8
 
 
 class _Cli(click.Group):
@@ -72,6 +48,9 @@ class _Cli(click.Group):
         "evaluate": "engine.fitting.cli:evaluate_command",
         "model": "engine.fitting.cli:model_group",
         "store": "engine.store_cli:store",
+        "inspect": "engine.store_cli:inspect",
+        "validate": "engine.store_cli:validate",
+        "search": "engine.store_cli:search",
         "show": "engine.show:show_command",
         "report": "engine.report_cli:report_command",
         "listen": "engine.listen:listen_command",
@@ -122,10 +101,6 @@ def cli(ctx, debug, disable_plugins) -> None:
     ctx.meta["mrfm.debug"] = debug
     if disable_plugins:
         disable(disable_plugins.split(","))
-
-
-def _plural(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
 def _plain_warnings() -> None:
@@ -233,20 +208,6 @@ MAX_SERIES_BYTES_HELP = (
     "Memory budget for decoding one series, e.g. 2GiB or 512MiB (default: min(2 GiB, a quarter of RAM)); "
     "a series whose headers declare more fails, a file that inflates past it is skipped."
 )
-
-
-def _utf8(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """Text arguments must be UTF-8: other bytes reach Python as lone surrogates, which no
-    tokenizer, store or terminal can take. One line and exit 2, not a traceback."""
-    for item in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise UsageError(
-                    f"{param.opts[0] if param.opts else param.name}: {ascii(item)} is not UTF-8 text"
-                ) from None
-    return value
 
 
 class _Archive(click.ParamType):
@@ -463,7 +424,7 @@ def scan(archive, as_json, record_paths, max_series_bytes) -> None:
             esc(r.orientation),
             f"[red]{esc(problems)}[/]" if problems else "",
         )
-    from .dicom.frames import PHI_RULE  # loaded when the command runs (start-up time)
+    from .dicom.patient_identifiers import PHI_RULE  # loaded when the command runs (start-up time)
 
     table.caption = f"descriptions: {esc(PHI_RULE)}"
     console.print(table)
@@ -594,150 +555,6 @@ def new_head(name, directory) -> None:
     click.echo(f"wrote {folder}\nnext: pip install -e '{folder}[test]' && pytest {folder}")
 
 
-# ---- store -------------------------------------------------------------------------------------
-@cli.command()
-@click.argument("store")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--limit", default=200, show_default=True, type=click.IntRange(0), help="Series rows to list (0: all).")
-def inspect(store, as_json, limit) -> None:
-    """Summarise a result store (a path or a URL such as s3://bucket/store): runs, series by
-    status, heads, index."""
-    from .store import open_store  # loaded when the command runs (start-up time)
-
-    s = _open_existing(store, open_store)
-    info = s.summary()
-    if as_json:
-        click.echo(json.dumps(info, indent=2, default=str))
-        return
-    fmt, model = info.get("format") or {}, info.get("model") or {}
-    console.print(
-        f"[bold]{esc(info['path'])}[/]  format {esc(fmt.get('format_version'))}  mrfm {esc(fmt.get('version'))}"
-    )
-    console.print(f"model {esc(model.get('name'))} {esc(str(model.get('fingerprint') or '')[:23])}…")
-    counts = info.get("series") or {}
-    console.print("series: " + (", ".join(f"{styled(k)} {v}" for k, v in sorted(counts.items())) or "none"))
-    flagged = {r: n for r, n in (info.get("out_of_distribution") or {}).items() if n}
-    if flagged:
-        console.print(
-            "[magenta]" + "; ".join(f"out of distribution {n} (run {esc(r)})" for r, n in flagged.items()) + "[/]"
-        )
-    table = Table(title="runs")
-    for col in ("run", "status", "backend", "heads", "series", "seconds"):
-        table.add_column(col, overflow="fold")
-    for run_id, attrs in s.runs().items():
-        c = attrs.get("counts") or {}
-        counts = " ".join(
-            f"[{STATUS_STYLE[k]}]{k} {c[k]}[/]" for k in STATUS_STYLE if isinstance(c.get(k), int) and c.get(k)
-        )
-        if c.get("out_of_distribution"):
-            counts += f" [magenta]out of distribution {c['out_of_distribution']}[/]"
-        table.add_row(
-            esc(run_id),
-            styled(attrs.get("status", "")),
-            esc((attrs.get("backend") or {}).get("name", "")),
-            esc(", ".join(attrs.get("heads") or {})),
-            counts,
-            esc((attrs.get("timings") or {}).get("seconds", "")),
-        )
-    console.print(table)
-    table = Table(title="series")
-    for col in ("series", "description", "orientation", "shape", "status", "outputs / reason"):
-        table.add_column(col, overflow="fold")
-    # the counts above come from the index; listing every group of a large store is opt-in
-    shown = 0
-    for key, attrs in s.iter_series():
-        if limit and shown >= limit:
-            table.caption = f"first {limit} series listed; mrfm inspect --limit 0 lists all"
-            break
-        shown += 1
-        geo = attrs.get("geometry") or {}
-        heads = attrs.get("heads") or {}
-        outputs = sum(len(h.get("outputs") or []) for h in heads.values() if isinstance(h, dict))
-        detail = attrs.get("reason") or f"{_plural(outputs, 'output')} from {_plural(len(heads), 'head')}"
-        if (attrs.get("distribution") or {}).get("out_of_distribution"):
-            detail += (
-                f" (out of distribution: score {attrs['distribution']['score']} > {attrs['distribution']['threshold']})"
-            )
-        table.add_row(
-            esc(short(key)),
-            esc(attrs.get("description", "")),
-            esc(geo.get("orientation", "")),
-            "x".join(map(str, geo.get("shape") or [])),
-            styled(attrs.get("status")),
-            esc(detail),
-        )
-    console.print(table)
-    if info.get("index"):
-        source = info["index"].get("embedding_source")
-        console.print(
-            f"index: {esc(info['index'].get('count'))} series, "
-            + (f"embeddings from {esc(source)}" if source else "no embeddings")
-        )
-
-
-def _open_existing(path: str, opener: Any) -> Any:
-    """Open a store for reading; one that cannot be read is a store error (exit 3), not a crash."""
-    try:
-        return opener(path)
-    except StoreError:
-        raise
-    except Exception as exc:
-        raise StoreError(f"{path}: not a readable result store ({type(exc).__name__}: {exc})") from exc
-
-
-@cli.command()
-@click.argument("store")
-@click.option("--deep", is_flag=True, help="Also read every chunk and verify its checksum.")
-def validate(store, deep) -> None:
-    """Check a store: schema, layout, damaged or missing chunks, incomplete series, abandoned runs.
-
-    Exit status 0 when valid, 1 when problems were found (one line each, with its path).
-    """
-    from .validate import iter_problems  # loaded when the command runs (start-up time)
-
-    problems = 0
-    for p in iter_problems(store, deep=deep):  # each printed as found: a large store is never held whole
-        console.print(f"[red]{esc(p)}[/]", highlight=False)
-        problems += 1
-    if problems:
-        err_console.print(f"[red]error:[/] {problems} problem(s) in {esc(store)}", highlight=False)
-        sys.exit(1)
-    console.print(f"[green]{esc(store)} is valid[/]")
-
-
-@cli.command()
-@click.argument("store")
-@click.argument("text", required=False, callback=_utf8)
-@click.option("--like", callback=_utf8, help="Find series similar to this series key.")
-@click.option("--report", type=click.Path(exists=True, dir_okay=False), help="Find series matching a report file.")
-@click.option("-k", default=10, show_default=True, type=click.IntRange(1))
-@click.option(
-    "--model",
-    type=click.Path(exists=True, file_okay=False),
-    help="Model folder for encoding text (default: the store's).",
-)
-def search(store, text, like, report, k, model) -> None:
-    """Rank the store's series by similarity to TEXT, --like SERIES or --report FILE."""
-    from .search import search as run_search  # loaded when the command runs (start-up time)
-
-    if sum(x is not None for x in (text, like, report)) != 1:
-        raise click.UsageError("give exactly one of TEXT, --like or --report")
-    try:
-        hits = run_search(store, text=text, like=like, report=report, k=k, model=model)
-    except MrfmError:
-        raise  # usage (2) and store (3) errors keep their exit codes
-    except (KeyError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    table = Table(title=f"top {len(hits)}")
-    for col in ("rank", "score", "series", "study", "description"):
-        table.add_column(col)
-    for i, h in enumerate(hits, 1):
-        table.add_row(
-            str(i), f"{h.score:.4f}", esc(short(h.series_key, 20)), esc(short(h.study_uid, 10)), esc(h.description)
-        )
-    console.print(table)
-
-
 @cli.command("compile")
 @click.option("--backend", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
@@ -762,6 +579,15 @@ def _register_plugin_commands() -> None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         else:
             err_console.print(f"[yellow]warning:[/] {esc(str(w.message))}", highlight=False)
+
+
+def __getattr__(name: str) -> Any:
+    """``engine.cli.inspect``/``validate``/``search`` still import: they live in engine.store_cli
+    now, loaded on first use (importing them here would load the store on every start)."""
+    if name in ("inspect", "validate", "search"):
+        module, attr = _Cli.lazy[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _register_plugin_commands()

@@ -20,6 +20,7 @@ it cannot finish; the CLI maps each type to an exit code and shows no traceback 
         StoreLocked           another run holds the store                             exit 3
         NodeUnreadable        one node's metadata cannot be read                      exit 3
         DiskFull              no space (or quota) left where the store is written     exit 3
+      HeaderError             a DICOM header lacks what an image needs                (file skipped)
       SourceError             a PACS cannot be reached, refused or failed a request   exit 2
       SkipSeries              an exporter has nothing to export for a series          (series skipped)
 
@@ -97,6 +98,12 @@ class LoadError(InputError):
     file and why."""
 
 
+class HeaderError(MrfmError, ValueError):
+    """A DICOM header lacks what an image needs (Rows/Columns) or declares what cannot be (more
+    mosaic tiles than pixels). Not an InputError: the readers name the file around it, as they do
+    for any unreadable header (a ValueError), so the recorded reason reads as it always has."""
+
+
 class ViewError(InputError):
     """The series could not be resampled into the encoder's views."""
 
@@ -164,6 +171,7 @@ __all__ = [
     "HeadError",
     "HeadOutputError",
     "HeadRunError",
+    "HeaderError",
     "InputError",
     "LoadError",
     "MrfmError",

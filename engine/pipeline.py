@@ -33,8 +33,8 @@ from .executors.stages import SeriesResult, WriteItem, fingerprints, prepare_run
 from .disk_full import disk_full, disk_full_is_store_error, no_space
 from .faults import killpoint
 from .inference import Inference
-from .plugins import get_exporters
 from .distribution import distribution_for
+from .run_exports import check_exporters, close_export, export_series, local_path, open_export_sessions
 from .run_plan import RunPlan, make_plan
 from .series_ref import SeriesRef
 from .series_stream import SeriesStream
@@ -264,7 +264,7 @@ def execute_plan(plan: RunPlan, on_event: Callable[[Event], None] | None = None)
         detail = f"; {skipped_files} file(s) skipped: " + "; ".join(found.warnings[:5]) if found.warnings else ""
         raise UsageError(f"no DICOM or NIfTI series found under {', '.join(archive_labels(paths))}{detail}")
 
-    _check_exporters(list(plan.exports))
+    check_exporters(list(plan.exports))
     # workers rebuild the model and heads from the plan; the embedded model is each node's own
     stage = StagePlan(
         plan, run_id, fingerprint, head_fps, mdl.preprocessing, inference.view_kinds(), tuple(sorted(loaded))
@@ -401,7 +401,7 @@ def _drive(r: _Run) -> RunSummary:
             "run_id": run_id,
         }
     )
-    sessions = _export_sessions(store, plan.out, list(plan.exports), plan.export_dir, plan.export_to)
+    sessions = open_export_sessions(store, plan.out, list(plan.exports), plan.export_dir, plan.export_to)
     remote: set[str] = set()
     try:
         done = _reporter(refs, summary, emit, sessions)
@@ -416,7 +416,7 @@ def _drive(r: _Run) -> RunSummary:
     finally:
         r.inference.close()
         for session in sessions:
-            _close_export(session, summary, emit)
+            close_export(session, summary.warnings, emit)
     summary.interrupted = bool(r.stop)
     if summary.interrupted:
         summary.warnings.append(
@@ -489,7 +489,7 @@ def _reporter(
 
     def done(result: SeriesResult) -> None:
         if sessions and result.status in DONE_STATUSES:
-            _export_one(sessions, result.key, by_key.get(result.key), summary, emit)
+            export_series(sessions, result.key, by_key.get(result.key), summary.warnings, emit)
         with lock:
             summary.results.append(result)
         emit(
@@ -558,60 +558,12 @@ def _triage_page(
     return work
 
 
-def _check_exporters(names: list[str]) -> None:
-    if not names:
-        return
-
-    known = get_exporters()
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise UsageError(
-            f"unknown export format(s) {', '.join(unknown)}; installed: {', '.join(sorted(known)) or 'none'}"
-        )
-
-
-def _export_sessions(
-    store: ResultStore, out: str | Path, names: list[str], export_dir: str | Path | None, to: str | None = None
-) -> list[Any]:
-    from .export import ExportSession  # export loads only when a run exports
-
-    base = _local(out)
-    return [
-        ExportSession(
-            store, name, Path(export_dir) / name if export_dir else base.with_name(f"{base.name}-{name}"), to=to
-        )
-        for name in names
-    ]
-
-
-def _export_one(sessions: list[Any], key: str, ref: Any, summary: RunSummary, emit: Callable[[Event], None]) -> None:
-    """Export a series just written (or found complete); a failure is reported, not fatal."""
-    for session in sessions:
-        try:
-            res = session.series(key, source=ref)
-        except Exception as exc:  # an exporter bug must not cost the run
-            res = type("R", (), {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"})()
-        if res.status == "failed":
-            msg = f"export {session.exporter.name} of {key} failed: {res.reason}"
-            summary.warnings.append(msg)
-            emit({"event": "warning", "message": msg})
-
-
-def _close_export(session: Any, summary: RunSummary, emit: Callable[[Event], None]) -> None:
-    try:
-        session.close()
-    except Exception as exc:
-        msg = f"export {session.exporter.name}: could not finish ({type(exc).__name__}: {exc})"
-        summary.warnings.append(msg)
-        emit({"event": "warning", "message": msg})
-
-
 def _open_for_writing(out: str | Path) -> ResultStore:
     """Open or create the store; a path that cannot hold one is a usage error, a store that
     exists but cannot be read is a store error. A URL (s3://, gs://, ...) is opened as given."""
     if is_remote(out):
         return _open_store(str(out), out)
-    path = _local(out)
+    path = local_path(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     if not path.exists():
@@ -622,11 +574,6 @@ def _open_for_writing(out: str | Path) -> ResultStore:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: not writable")
     return _open_store(path, out)
-
-
-def _local(out: str | Path) -> Path:
-    text = str(out)
-    return Path(text.removeprefix("file://"))
 
 
 def _open_store(path: str | Path, out: str | Path) -> ResultStore:

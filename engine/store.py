@@ -15,28 +15,26 @@ chunk of every array is written (even all-fill ones), so a damaged chunk raises 
 deleted one is found by listing. Readers never trust a node's metadata blindly: an unreadable
 series group is reported as ``damaged`` and the next run redoes it.
 
-:class:`ResultStore` holds its lock as a collaborator (:class:`.store_lock.StoreLock`) and mixes in
-the damage checks (:mod:`.store_checks`) and the index (:mod:`.store_index`).
+:class:`ResultStore` holds its collaborators: the lock (:class:`.store_lock.StoreLock`), the damage
+checks (:class:`.store_checks.StoreChecks`) and the index (:class:`.store_index.StoreIndex`); it
+keeps their methods, handing them on. Writing one series' outputs as Zarr nodes and chunks is
+:mod:`.store_outputs`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import math
 import os
 import socket
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import zarr
 from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import collect_aiterator, sync
-from zarr.storage import FsspecStore, LocalStore
+from zarr.storage import FsspecStore
 
 from ._version import __version__
 from .enums import FINAL_STATUSES, RUN_ENDS, RUN_STATUSES, SERIES_STATUSES  # noqa: F401 (RUN_STATUSES: public here)
@@ -46,13 +44,9 @@ from .faults import killpoint
 from .out_folders import check_store_folder, local_entries
 from .safe_paths import safe_name
 from .store_bounds import MAX_META_BYTES
-from .store_checks import (
-    DAMAGED,
-    ChecksMixin,
-    _parse_meta,
-    _shard_checksummed,  # noqa: F401 (re-exported)
-)
-from .store_index import ROW_STATUSES, IndexMixin, IndexView, _Row, key_hashes  # noqa: F401 (key_hashes, IndexView: public here)
+from .store_checks import DAMAGED, StoreChecks, _parse_meta
+from .store_index import IndexView, StoreIndex, _Row
+from .store_outputs import write_outputs
 from .store_lock import (
     StoreLock,
     _Heartbeat,  # noqa: F401 (re-exported)
@@ -60,6 +54,10 @@ from .store_lock import (
 )
 
 # re-exported: names older code and tests import from here ("X as X" marks a re-export)
+from .enums import ROW_STATUSES as ROW_STATUSES
+from .store_checks import _shard_checksummed as _shard_checksummed
+from .store_index import key_hashes as key_hashes
+from .store_outputs import OutputArray as OutputArray
 from .store_checks import MAX_LISTED as MAX_LISTED
 from .store_checks import _chunk_keys as _chunk_keys
 from .store_checks import _shard_problem as _shard_problem
@@ -71,17 +69,8 @@ from .store_lock import _locked_message as _locked_message
 from .store_lock import _pid_alive as _pid_alive
 from .store_lock import _unsupported_conditional as _unsupported_conditional
 from .store_lock import lock_stale_seconds as lock_stale_seconds
-from .zarr_nodes import (
-    SMALL_BYTES,
-    WRITE_ALL,
-    NodeUnreadable,
-    array_documents,
-    group_document,
-    mask_chunks,
-    now,  # noqa: F401 (now: public here)
-    store_codecs,
-)
-from .zarr_text import TEXT_ATTR, encode_text, is_text, read_text
+from .zarr_nodes import NodeUnreadable, now
+from .zarr_text import is_text, read_text
 
 FORMAT_VERSION = 2  # 2: checksummed chunks, store lock, run status interrupted/abandoned
 STATUSES = SERIES_STATUSES  # what write_series writes
@@ -91,18 +80,7 @@ def _damaged(reason: str) -> dict[str, Any]:
     return {"status": DAMAGED, "reason": reason}
 
 
-@dataclass
-class OutputArray:
-    """One head output ready to write: its declaration and its numpy value(s)."""
-
-    head: str
-    head_version: str
-    decl: dict[str, Any]
-    value: Any  # np.ndarray, or dict of arrays/lists for boxes
-    distribution: dict[str, Any] | None = None  # the series' distribution record, when scored
-
-
-class ResultStore(IndexMixin, ChecksMixin):
+class ResultStore:
     """A Zarr v3 result store opened for reading (``mode='r'``) or writing."""
 
     def __init__(self, path: str | Path, mode: str = "a"):
@@ -112,9 +90,8 @@ class ResultStore(IndexMixin, ChecksMixin):
         self.path: Path | str = self.url.rstrip("/") if self.remote else _local_path(path)
         self.read_only = mode == "r"
         self.locking = StoreLock(self)
-        self.index_skipped: list[str] = []
-        # index rows owed by this store object's writes: key -> _Row
-        self._index_rows: dict[str, _Row] = {}
+        self.checks = StoreChecks(self)
+        self.indexing = StoreIndex(self)
         try:
             zstore = self._open_zarr_store()
             from zarr.abc.store import RangeByteRequest  # an oversized root zarr.json is refused unread
@@ -248,6 +225,63 @@ class ResultStore(IndexMixin, ChecksMixin):
     def lock_problem(self) -> str | None:
         """'path: message' for a lock left by a dead process or unreadable; None otherwise."""
         return self.locking.lock_problem()
+
+    # ---- damage checks: engine.store_checks; index: engine.store_index -----------------------
+    def check_series(self, key: str, deep: bool = False) -> list[str]:
+        """Problems that make a series' stored outputs untrustworthy (see :meth:`StoreChecks.check_series`)."""
+        return self.checks.check_series(key, deep)
+
+    def check_tree(self, node: str, deep: bool = False) -> list[str]:
+        """Problems of every node under ``node`` (e.g. 'index'): metadata, chunks, checksums."""
+        return self.checks.check_tree(node, deep)
+
+    def rebuild_index(self, embedding_source: str | None = None) -> int:
+        """Rewrite index/ from every series group (see :meth:`StoreIndex.rebuild_index`)."""
+        return self.indexing.rebuild_index(embedding_source)
+
+    def update_index(self) -> int:
+        """Bring index/ up to date with this object's writes (see :meth:`StoreIndex.update_index`)."""
+        return self.indexing.update_index()
+
+    def compact_index(self) -> dict[str, int]:
+        """Rewrite index/ as one chunk per column (see :meth:`StoreIndex.compact_index`)."""
+        return self.indexing.compact_index()
+
+    def index_view(self) -> IndexView | None:
+        """The index's status table when it can answer for every series group, else None."""
+        return self.indexing.index_view()
+
+    def index_attrs(self) -> dict[str, Any] | None:
+        """index/ attributes; None when absent; {'damaged': reason} when unreadable."""
+        return self.indexing.index_attrs()
+
+    def triage(self, keys: list[str], head_fingerprints: dict[str, str], verify: str = "deep") -> dict[str, set[str]]:
+        """Heads still to run per series key (see :meth:`StoreIndex.triage`)."""
+        return self.indexing.triage(keys, head_fingerprints, verify)
+
+    def note_series(self, keys: list[str]) -> None:
+        """Owe index rows for series groups written by other store objects (see :meth:`StoreIndex.note_series`)."""
+        self.indexing.note_series(keys)
+
+    @property
+    def index_skipped(self) -> list[str]:
+        """Series the last index write left out of search, as 'series/key: why'."""
+        return self.indexing.skipped
+
+    # examples/store_scale.py fills a large index by hand through these three
+    @property
+    def _index_rows(self) -> dict[str, _Row]:
+        return self.indexing.owed
+
+    @_index_rows.setter
+    def _index_rows(self, rows: dict[str, _Row]) -> None:
+        self.indexing.owed = rows
+
+    def _resolve_embeddings(self, rows: dict[str, _Row], source: str | None, skipped: list[str]) -> None:
+        self.indexing._resolve_embeddings(rows, source, skipped)
+
+    def _write_index(self, rows: dict[str, _Row], source: str | None, skipped: list[str]) -> int:
+        return self.indexing._write_index(rows, source, skipped)
 
     def _live_run(self) -> str | None:
         """The run id of a lock holder that may still be running (live, or on another host)."""
@@ -384,15 +418,15 @@ class ResultStore(IndexMixin, ChecksMixin):
             heads = merged["heads"]
             geometry = merged.get("geometry") or {}
             shape = tuple(geometry.get("shape") or ())
-            _write_outputs(group, outputs, shape, geometry)
+            write_outputs(group, outputs, shape, geometry)
             errors = [r["error"] for r in heads.values() if r.get("error")]
             if status == "complete" and errors:
                 status, reason = "failed", "; ".join(errors)
             # the status goes in last, in the group's second and final metadata write
             group.update_attributes({"status": status, "reason": reason, "written": now()})
-            self._note_index(key, merged, status, outputs)
+            self.indexing.note_write(key, merged, status, outputs)
         except Exception as exc:
-            self._index_rows[key] = _Row("unknown")  # the group may hold anything now: resume asks it
+            self.indexing.note_unknown(key)
             if no_space(exc) is not None:  # the group stays incomplete; the run stops (exit 3)
                 raise disk_full(self.path, exc) from exc
             why = f"could not write series group: {type(exc).__name__ if not str(exc) else exc}"
@@ -534,106 +568,6 @@ def storage_options(url: str) -> dict[str, Any]:
         if endpoint:
             opts["endpoint_url"] = endpoint
     return opts
-
-
-def _write_outputs(
-    group: zarr.Group, outputs: list[OutputArray], shape: tuple[int, ...], geometry: dict[str, Any]
-) -> None:
-    """Write every output of one series in two concurrent passes: all nodes' metadata, then all
-    chunks. Small outputs are encoded directly (:mod:`.zarr_nodes`); masks go through zarr's
-    sharding codec. Node by node, an all-heads series cost ~90 blocking round trips to zarr's
-    event loop and ~3 ms of set-up per array; now one pass each, overlapped by the store."""
-    if not outputs:
-        return
-    meta_docs: dict[str, bytes] = {}  # key under the series group -> bytes
-    chunk_docs: dict[str, bytes] = {}
-    masks: list[tuple[str, np.ndarray, dict[str, Any]]] = []  # (path in group, value, create kwargs)
-
-    def small(path: str, value: np.ndarray, attributes: dict[str, Any] | None) -> None:
-        compress = value.dtype.kind in "UOT" or value.nbytes >= SMALL_BYTES
-        for key, raw in array_documents(path, value, store_codecs(compress), attributes).items():
-            (meta_docs if key.endswith("zarr.json") else chunk_docs)[key] = raw
-
-    for out in outputs:
-        if f"{out.head}/zarr.json" not in meta_docs:
-            meta_docs[f"{out.head}/zarr.json"] = group_document({})
-        decl, name = out.decl, out.decl["name"]
-        meta = {
-            k: decl[k] for k in ("kind", "labels", "colors", "units", "range", "normalized", "description") if k in decl
-        }
-        meta.update({"head": out.head, "head_version": out.head_version})
-        if out.distribution is not None:
-            meta["out_of_distribution"] = out.distribution.get("out_of_distribution")
-        path = f"{out.head}/{name}"
-        if decl["kind"] == "boxes":
-            v = out.value
-            n = len(v["scores"])
-            meta_docs[f"{path}/zarr.json"] = group_document(
-                {
-                    **meta,
-                    "world_units": "mm (RAS+): x0, y0, z0, x1, y1, z1",
-                    "voxel_units": "native voxel indices: i0, j0, k0, i1, j1, k1",
-                }
-            )
-            small(f"{path}/world", np.asarray(v["world"], dtype=np.float64).reshape(n, 6), None)
-            small(f"{path}/voxel", np.asarray(v["voxel"], dtype=np.float64).reshape(n, 6), None)
-            small(f"{path}/scores", np.asarray(v["scores"], dtype=np.float32).reshape(n), None)
-            for extra in ("labels", "queries"):
-                if extra in v:
-                    # text as a core data type (engine.zarr_text): every Zarr v3 reader decodes it
-                    small(f"{path}/{extra}", encode_text(np.asarray(v[extra], dtype=str).reshape(n)), dict(TEXT_ATTR))
-        elif decl["kind"] == "mask":
-            arr = np.asarray(out.value)
-            meta.update({"affine": geometry.get("affine"), "dtype": str(arr.dtype)})
-            chunks = mask_chunks(arr.shape, arr.dtype.itemsize)
-            # one shard per mask: its 64^3 chunks stay separately readable through the shard index,
-            # but the mask costs one file (an object) instead of one per chunk
-            shards = tuple(c * math.ceil(s / c) for s, c in zip(arr.shape, chunks))
-            masks.append(
-                (
-                    path,
-                    arr,
-                    {
-                        "shape": arr.shape,
-                        "dtype": arr.dtype,
-                        "chunks": chunks,
-                        "shards": shards if shards != chunks else None,
-                        "compressors": store_codecs(),
-                        "fill_value": 0,
-                        "config": WRITE_ALL,
-                        "attributes": meta,
-                    },
-                )
-            )
-        else:
-            small(path, np.asarray(out.value).astype(decl["dtype"]), meta)
-
-    zstore, prefix = group.store, group.path
-    proto = default_buffer_prototype()
-    local = zstore.root / prefix if isinstance(zstore, LocalStore) else None
-
-    async def put(docs: dict[str, bytes]) -> None:
-        if local is not None:  # plain file writes beat a thread hand-off per small file
-            for key, raw in docs.items():
-                (local / key).parent.mkdir(parents=True, exist_ok=True)
-                (local / key).write_bytes(raw)
-        else:  # an object store overlaps the requests
-            await asyncio.gather(
-                *(zstore.set(f"{prefix}/{key}", proto.buffer.from_bytes(raw)) for key, raw in docs.items())
-            )
-
-    async def write() -> None:
-        await put(meta_docs)  # head and box groups exist before the masks under them
-        created = await asyncio.gather(
-            *(
-                zarr.api.asynchronous.create_array(zstore, name=f"{prefix}/{p}", zarr_format=3, **kw)
-                for p, _, kw in masks
-            )
-        )
-        killpoint("mid-series-write")  # nodes exist, chunks do not: a half-written group
-        await asyncio.gather(put(chunk_docs), *(a.setitem(Ellipsis, value) for a, (_, value, _) in zip(created, masks)))
-
-    sync(write())
 
 
 def open_store(path: str | Path, mode: str = "r") -> ResultStore:

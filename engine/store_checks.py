@@ -1,15 +1,16 @@
 """Damage detection for the result store: every node under a series or a tree has readable
 metadata and every chunk that metadata implies; ``deep`` also verifies each chunk's crc32c.
 
-Kept apart from :mod:`engine.store` because it only reads: :class:`ChecksMixin` uses the
-store's raw access (``root``, ``_get``, ``_list_prefix``) and ``series_attrs``, and writes nothing.
+Kept apart from :mod:`engine.store` because it only reads: :class:`StoreChecks`, a collaborator
+the store holds (``ResultStore.checks``), uses the store's raw access (``root``, ``_get``,
+``_get_head``, ``_list_prefix``) and ``series_attrs``, and writes nothing.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -17,12 +18,18 @@ import zarr
 from .store_bounds import MAX_META_BYTES, array_problem, parse_metadata
 from .zarr_nodes import NodeUnreadable
 
+if TYPE_CHECKING:
+    from .store import ResultStore
+
 DAMAGED = "damaged"  # reported for an unreadable series group, never written
 MAX_LISTED = 3  # missing chunks named one by one per array; more are counted
 
 
-class ChecksMixin:
-    """Damage checks of a result store; mixed into :class:`engine.store.ResultStore`."""
+class StoreChecks:
+    """Damage checks of a result store, a collaborator the store holds (``ResultStore.checks``)."""
+
+    def __init__(self, store: ResultStore):
+        self.store = store
 
     # ---- damage checks ------------------------------------------------------------------------
     def check_series(self, key: str, deep: bool = False) -> list[str]:
@@ -31,7 +38,7 @@ class ChecksMixin:
         Cheap: every node's metadata parses, every declared output exists, every chunk exists
         (one listing). ``deep`` also reads every chunk and verifies its crc32c.
         """
-        attrs = self.series_attrs(key)
+        attrs = self.store.series_attrs(key)
         if attrs is None:
             return [f"series/{key}: missing"]
         if attrs.get("status") == DAMAGED:
@@ -53,13 +60,15 @@ class ChecksMixin:
         return self._check_tree(node, deep)[0]
 
     def _check_tree(self, node: str, deep: bool) -> tuple[list[str], set[str]]:
-        keys = self._list_prefix(node + "/")
+        keys = self.store._list_prefix(node + "/")
         problems: list[str] = []
         readable: set[str] = set()
         metas = sorted(k[: -len("/zarr.json")] for k in keys if k.endswith("/zarr.json"))
         for path in metas:
             try:
-                meta = _parse_meta(f"{path}/zarr.json", self._get_head(f"{path}/zarr.json", MAX_META_BYTES + 1) or b"")
+                meta = _parse_meta(
+                    f"{path}/zarr.json", self.store._get_head(f"{path}/zarr.json", MAX_META_BYTES + 1) or b""
+                )
             except NodeUnreadable as exc:
                 problems.append(str(exc))
                 continue
@@ -90,13 +99,13 @@ class ChecksMixin:
         if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed" and _shard_checksummed(codecs[0]):
             problems = []
             for key in chunk_keys:
-                why = _shard_problem(self._get(key) or b"", meta)
+                why = _shard_problem(self.store._get(key) or b"", meta)
                 if why:
                     problems.append(f"{key}: {why}")
             return problems
         if not codecs or codecs[-1].get("name") != "crc32c":
             try:
-                zarr.open_array(store=self.root.store, path=path, mode="r")[...]
+                zarr.open_array(store=self.store.root.store, path=path, mode="r")[...]
             except Exception as exc:
                 return [f"{path}: unreadable ({type(exc).__name__}: {exc})"]
             return []
@@ -104,7 +113,7 @@ class ChecksMixin:
 
         problems = []
         for key in chunk_keys:
-            raw = self._get(key) or b""
+            raw = self.store._get(key) or b""
             if len(raw) < 4 or google_crc32c.value(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
                 problems.append(f"{key}: checksum mismatch (the chunk's bytes are damaged)")
         return problems

@@ -1,8 +1,9 @@
 """The result store's index: a status table that answers resume and inspect, and a search table
 (keys, descriptions, embeddings) that search reads, updated per run by appending rows.
 
-Mixed into :class:`engine.store.ResultStore`; these methods use its node access (``root``,
-``series_attrs``, ``iter_series``, ``recorded_runs``) and nothing else of it.
+:class:`StoreIndex` is a collaborator the store holds (``ResultStore.indexing``); it uses the
+store's node access (``root``, ``series_attrs``, ``iter_series``, the raw listing and reads), its
+lock's record and its damage checks, and keeps the rows the store's writes owe the index.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import zarr
 
 from .enums import ROW_STATUSES
+from .errors import StoreError
 from .faults import killpoint
 from .zarr_nodes import WRITE_ALL, NodeUnreadable, now, store_codecs, write_array
 from .zarr_text import TEXT_ATTR, encode_text, read_text
@@ -32,8 +34,13 @@ DELTA_TEXT_WIDTH = {"series_key": 128, "study_uid": 128, "description": 256}
 COMPACT_FRACTION = 8  # appended rows past 1/8 of the compacted ones: rewrite whole
 
 
-class IndexMixin:
-    """index/ of a result store."""
+class StoreIndex:
+    """index/ of a result store, a collaborator the store holds (``ResultStore.indexing``)."""
+
+    def __init__(self, store: ResultStore):
+        self.store = store
+        self.skipped: list[str] = []  # series left out of search by the last index write
+        self.owed: dict[str, _Row] = {}  # index rows owed by this store object's writes: key -> row
 
     # ---- index ------------------------------------------------------------------------------
     # index/ holds two tables. The search table (series_key, study_uid, description, key_hash,
@@ -56,13 +63,13 @@ class IndexMixin:
         rows: dict[str, _Row] = {}
         skipped: list[str] = []
         source = embedding_source
-        for key, attrs in self.iter_series():
+        for key, attrs in self.store.iter_series():
             row = _row_from_attrs(attrs)
             rows[key] = row
             if row.status != "complete":
                 continue
             try:
-                group = self.root["series"][key]
+                group = self.store.root["series"][key]
                 source = source or _first_embedding(group)
                 row.embedding = _read_embedding(group, source) if source else None
             except Exception as exc:
@@ -72,8 +79,8 @@ class IndexMixin:
         if source:  # a search row must have an embedding when the index has them
             for row in rows.values():
                 row.searchable = row.searchable and row.embedding is not None
-        self.index_skipped = skipped
-        self._index_rows = {}
+        self.skipped = skipped
+        self.owed = {}
         return self._write_index(rows, source, skipped)
 
     def update_index(self) -> int:
@@ -84,14 +91,14 @@ class IndexMixin:
         damaged, of an older layout, stale (a run since its last update ended without updating
         it), or when new rows bring embeddings an index without them cannot hold. Returns the
         number of searchable rows."""
-        touched, self._index_rows = self._index_rows, {}
+        touched, self.owed = self.owed, {}
         attrs = self.index_attrs()
         if attrs is None and self._holds_only(touched):
             # a store this object filled: every row is in memory, no group needs reading back
             source = min((s for row in touched.values() for s in row.embeddings), key=_source_order, default=None)
             skipped: list[str] = []
             self._resolve_embeddings(touched, source, skipped)
-            self.index_skipped = skipped
+            self.skipped = skipped
             return self._write_index(dict(touched), source, skipped)
         if self._index_unusable(attrs) or not attrs.get("base_rows"):
             return self.rebuild_index()
@@ -100,7 +107,7 @@ class IndexMixin:
             return self.rebuild_index()
         skipped = [s for s in attrs.get("skipped") or [] if s.split(":")[0].removeprefix("series/") not in touched]
         self._resolve_embeddings(touched, source, skipped)
-        self.index_skipped = skipped
+        self.skipped = skipped
         base, delta = int(attrs.get("base_rows") or 0), int(attrs.get("delta_rows") or 0)
         try:
             if base + delta + len(touched) <= SMALL_INDEX or (delta + len(touched)) * COMPACT_FRACTION > base:
@@ -116,10 +123,10 @@ class IndexMixin:
         object wrote, each with a known status (so nothing older could hide in a group)."""
         if not touched or any(row.status not in ROW_STATUSES[1:] for row in touched.values()):
             return False
-        mine = (self.locking.held or {}).get("run_id")
-        if mine is None or any(run != mine for run in self.root.attrs.get("runs") or []):
+        mine = (self.store.locking.held or {}).get("run_id")
+        if mine is None or any(run != mine for run in self.store.root.attrs.get("runs") or []):
             return False
-        return set(self._list_dir("series")) - {"zarr.json"} == set(touched)
+        return set(self.store._list_dir("series")) - {"zarr.json"} == set(touched)
 
     def compact_index(self) -> dict[str, int]:
         """Rewrite index/ as one chunk per column, folding in appended rows and dropping
@@ -143,17 +150,17 @@ class IndexMixin:
             or not attrs.get("complete")
             or attrs.get("format") != INDEX_FORMAT
             or not self._index_fresh(attrs)
-            or bool(self.check_tree("index"))
+            or bool(self.store.check_tree("index"))
         )
 
     def _index_fresh(self, attrs: dict[str, Any]) -> bool:
         """Every run recorded since the index was last written is this object's own (whose
         writes it tracks): a run that ended without updating the index leaves it stale."""
-        runs = list(self.root.attrs.get("runs") or [])
+        runs = list(self.store.root.attrs.get("runs") or [])
         seen = attrs.get("runs_seen")
         if not isinstance(seen, int) or seen > len(runs):
             return False
-        mine = (self.locking.held or {}).get("run_id")
+        mine = (self.store.locking.held or {}).get("run_id")
         return all(run == mine for run in runs[seen:])
 
     def _resolve_embeddings(self, touched: dict[str, "_Row"], source: str | None, skipped: list[str]) -> None:
@@ -164,7 +171,7 @@ class IndexMixin:
             try:
                 emb = row.embeddings.get(source)
                 row.embedding = (
-                    _read_embedding(self.root["series"][key], source)
+                    _read_embedding(self.store.root["series"][key], source)
                     if emb is None
                     else np.asarray(emb, dtype=np.float32)
                 )
@@ -228,7 +235,7 @@ class IndexMixin:
                 "head_sets": head_sets,
                 "base_rows": len(keys),
                 "delta_rows": 0,
-                "runs_seen": len(self.root.attrs.get("runs") or []),
+                "runs_seen": len(self.store.root.attrs.get("runs") or []),
                 "complete": True,
             }
         )
@@ -237,8 +244,8 @@ class IndexMixin:
     def _append_delta(
         self, touched: dict[str, "_Row"], attrs: dict[str, Any], source: str | None, skipped: list[str]
     ) -> int:
-        index = self.root["index"]
-        view = IndexView(self, attrs)
+        index: zarr.Group = self.store.root["index"]  # zarr types an item as any node or scalar
+        view = IndexView(self.store, attrs)
         count = (
             int(attrs.get("count") or 0)
             - sum(view.searchable(k) for k in touched)
@@ -262,7 +269,7 @@ class IndexMixin:
                 [r.embedding if r.searchable else np.zeros(dim, np.float32) for r in rows]
             ).astype("<f4")
         index.update_attributes({"complete": False})  # a crash mid-append leaves an index the next run rebuilds
-        delta = index["delta"] if "delta" in index else index.create_group("delta")
+        delta: zarr.Group = index["delta"] if "delta" in index else index.create_group("delta")
         n, m = int(attrs.get("delta_rows") or 0), len(keys)
         for name, values in columns.items():
             if name in DELTA_TEXT_WIDTH:  # fixed width; a longer value raises and the caller rewrites the index
@@ -284,7 +291,7 @@ class IndexMixin:
                 "head_sets": head_sets,
                 "delta_rows": n + m,
                 "updated": now(),
-                "runs_seen": len(self.root.attrs.get("runs") or []),
+                "runs_seen": len(self.store.root.attrs.get("runs") or []),
                 "complete": True,
             }
         )
@@ -292,7 +299,7 @@ class IndexMixin:
 
     def _index_table(self, attrs: dict[str, Any]) -> dict[str, "_Row"]:
         """Every row of the index (search and status tables, appended rows applied in order)."""
-        index = self.root["index"]
+        index = self.store.root["index"]
         head_sets = attrs.get("head_sets") or []
         table = index["series"]
         rows = {
@@ -302,7 +309,7 @@ class IndexMixin:
         columns = [[str(v) for v in read_text(index[name])] for name in ("series_key", "study_uid", "description")]
         matrix = np.asarray(index["embedding"][...], dtype=np.float32) if attrs.get("embedding_source") else None
         if len({len(c) for c in columns}) != 1 or (matrix is not None and len(matrix) != len(columns[0])):
-            raise ValueError("index columns of different lengths")
+            raise StoreError("index columns of different lengths")  # a damaged or tampered index
         for i, (key, study, description) in enumerate(zip(*columns)):
             row = rows.setdefault(key, _Row("complete"))
             row.study, row.description, row.searchable = study, description, True
@@ -334,7 +341,7 @@ class IndexMixin:
         if not self._index_fresh(attrs):
             return None
         try:
-            return IndexView(self, attrs)
+            return IndexView(self.store, attrs)
         except Exception:
             return None
 
@@ -355,14 +362,14 @@ class IndexMixin:
         out: dict[str, set[str]] = {}
         for key in keys:
             row = known.get(key)
-            if view is None or key in self._index_rows or (row is not None and row[0] == "unknown"):
-                out[key] = self.pending_heads(key, head_fingerprints, deep=verify == "deep")
+            if view is None or key in self.owed or (row is not None and row[0] == "unknown"):
+                out[key] = self.store.pending_heads(key, head_fingerprints, deep=verify == "deep")
             elif row is None or row[0] not in ("complete", "failed"):
                 out[key] = set(head_fingerprints)
             elif verify == "index":
                 out[key] = {h for h, fp in head_fingerprints.items() if row[1].get(h) != fp}
             else:
-                out[key] = self.pending_heads(key, head_fingerprints, deep=verify == "deep")
+                out[key] = self.store.pending_heads(key, head_fingerprints, deep=verify == "deep")
         return out
 
     def note_series(self, keys: list[str]) -> None:
@@ -370,33 +377,37 @@ class IndexMixin:
         workers): their attributes are read back, so the next :meth:`update_index` stays
         incremental (cost: the groups named, not the store)."""
         for key in keys:
-            attrs = self.series_attrs(key)
-            self._index_rows[key] = _Row("unknown") if attrs is None else _row_from_attrs(attrs)
+            attrs = self.store.series_attrs(key)
+            self.owed[key] = _Row("unknown") if attrs is None else _row_from_attrs(attrs)
 
-    def _note_index(self, key: str, attrs: dict[str, Any], status: str, outputs: list[OutputArray]) -> None:
+    def note_write(self, key: str, attrs: dict[str, Any], status: str, outputs: list[OutputArray]) -> None:
         """What this write owes index/: the series' row, with the embeddings just written, so
         the index update reads nothing back."""
         row = _row_from_attrs({**attrs, "status": status})
         row.embeddings = {f"{o.head}/{o.decl['name']}": o.value for o in outputs if o.decl.get("kind") == "embedding"}
-        self._index_rows[key] = row
+        self.owed[key] = row
+
+    def note_unknown(self, key: str) -> None:
+        """A write of ``key`` failed: its group may hold anything now, so resume asks the group."""
+        self.owed[key] = _Row("unknown")
 
     def _fresh_index(self) -> zarr.Group:
         """An empty index group marked incomplete; the old one is marked incomplete before deletion."""
         try:
-            self.root["index"].update_attributes({"complete": False})
+            self.store.root["index"].update_attributes({"complete": False})
         except Exception:
             pass  # absent or unreadable: deleted below either way
-        self._delete_prefix("index")
-        index = self.root.create_group("index")
+        self.store._delete_prefix("index")
+        index = self.store.root.create_group("index")
         index.update_attributes({"count": 0, "embedding_source": None, "complete": False})
         return index
 
     def index_attrs(self) -> dict[str, Any] | None:
         """index/ attributes; None when absent; {'damaged': reason} when unreadable."""
         try:
-            return dict(self._node_meta("index").get("attributes") or {})
+            return dict(self.store._node_meta("index").get("attributes") or {})
         except NodeUnreadable as exc:
-            if str(exc).endswith(": missing") and not self._list_dir("index"):
+            if str(exc).endswith(": missing") and not self.store._list_dir("index"):
                 return None
             return {"damaged": str(exc)}
 

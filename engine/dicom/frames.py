@@ -1,13 +1,12 @@
 """DICOM headers reduced to :class:`Frame` records: one per classic image, Enhanced frame or
 Siemens mosaic tile, each with its position, orientation and spacing. Where a file's pixel data
-lies and the size checks made before decoding are in :mod:`engine.dicom.pixel_plan`."""
+lies and the size checks made before decoding are in :mod:`engine.dicom.pixel_plan`; which strings
+identify the patient, and their removal from stored text, in :mod:`engine.dicom.patient_identifiers`."""
 
 from __future__ import annotations
 
-import functools
 import math
 import mmap
-import re
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
 
 from .. import memory_budget
+from ..errors import HeaderError
 from ..discover import Source
 from .deflated import read_deflated
 from .groups import PER_FRAME_GROUPS, PIXEL_TAGS, GroupsError, find_pixel_data, read_frame_groups
@@ -34,7 +34,15 @@ from .pixel_plan import (  # noqa: F401  (PixelPlan, pixel_bytes_needed, pixel_s
     transfer_syntax,
     truncation_problem,
 )
+from .patient_identifiers import patient_identifiers, scrub_cached
 from .raw_header import Header, _lean_partial, _stop, _tag_vr  # noqa: F401  (_tag_vr: re-exported for tests)
+
+# re-exported: the identifier rules' public names, imported from here before they had a module
+from .patient_identifiers import PHI_RULE as PHI_RULE
+from .patient_identifiers import REMOVED as REMOVED
+from .patient_identifiers import SHORT_IDENTIFIER as SHORT_IDENTIFIER
+from .patient_identifiers import SHORT_NAME_PART as SHORT_NAME_PART
+from .patient_identifiers import scrub as scrub
 
 ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 IN_STACK_POSITION = 0x00209057
@@ -266,10 +274,10 @@ def record_from_header(
         if not known or "Image Storage" in name or "Rows" in h or "Columns" in h:
             # an image object (or one whose class is unreadable) without its matrix size: a file
             # cut inside its header or a broken writer, not a report
-            raise ValueError(
+            raise HeaderError(
                 f"incomplete image header: no Rows/Columns (a truncated file or a broken writer; SOP class {name or uid or 'missing'})"
             )
-        raise ValueError(f"no image data (SOP class {name})")
+        raise HeaderError(f"no image data (SOP class {name})")
     mosaic = 0
     declared = declared_bytes(h)
     # a file that declares more than the budget never loads: its frames are not listed one by one
@@ -295,7 +303,7 @@ def record_from_header(
     }
     identifiers = _patient_identifiers(h)
     for key in ("manufacturer", "body_part"):
-        meta[key] = _scrub(meta[key], identifiers)
+        meta[key] = scrub_cached(meta[key], identifiers)
     if with_patient_age:
         meta["patient_age"] = str(h.get("PatientAge", ""))
     rec = DicomRecord(
@@ -304,7 +312,7 @@ def record_from_header(
         series_uid=str(h.get("SeriesInstanceUID", "")),
         sop_uid=str(h.get("SOPInstanceUID", "")),
         modality=str(h.get("Modality", "")),
-        description=_scrub(str(h.get("SeriesDescription", "")), identifiers),
+        description=scrub_cached(str(h.get("SeriesDescription", "")), identifiers),
         kind=kind,
         frames=frames,
         meta=meta,
@@ -318,58 +326,7 @@ def record_from_header(
 
 
 # --------------------------------------------------------------------------- identifiers in free text
-
-REMOVED = "[removed]"
-_DATE_FORMS = (
-    "{y}{m}{d}",
-    "{y}-{m}-{d}",
-    "{y}/{m}/{d}",
-    "{y}.{m}.{d}",
-    "{d}.{m}.{y}",
-    "{d}/{m}/{y}",
-    "{m}/{d}/{y}",
-    "{d}-{m}-{y}",
-    "{m}-{d}-{y}",
-)
-SHORT_IDENTIFIER = 4  # shorter identifiers are removed only as whole words ("Li" is in "oblique")
-SHORT_NAME_PART = (
-    3  # a name part this short is an everyday word too ("Sag", "Ax", "Lee"): removed only beside the full name
-)
-# how an identifier is matched: "any" anywhere (whole words when short), "name" a full-name form
-# (anywhere), "word" a name part (whole words only), "with-name" a short name part (whole words,
-# and only in a text where a full-name form appears too)
-PHI_RULE = (
-    "patient names, IDs and birth dates are replaced by [removed] in descriptions; a part of the name "
-    f"only as a whole word, and one of {SHORT_NAME_PART} letters or fewer only where the full name appears too"
-)
-
-
-def patient_identifiers(ds: Dataset) -> list[tuple[str, str]]:
-    """(text, rule) of each string that identifies the patient: the name as a whole, written
-    several ways ("name"), its components of two or more characters ("word", or "with-name" when
-    SHORT_NAME_PART or shorter); PatientID and OtherPatientIDs and the birth date in DICOM form
-    and the common formatted forms ("any"). Longest first, so a whole name goes before its parts."""
-    found: dict[str, str] = {}
-    ids = [ds.get("PatientID"), *(_values(ds.get("OtherPatientIDs")))]
-    ids += [item.get("PatientID") for item in ds.get("OtherPatientIDsSequence", []) or []]
-    found.update({str(v).strip(): "any" for v in ids if v is not None and str(v).strip()})
-    birth = str(ds.get("PatientBirthDate", "") or "").strip()
-    if re.fullmatch(r"\d{8}", birth):
-        y, m, d = birth[:4], birth[4:6], birth[6:]
-        found.update({form.format(y=y, m=m, d=d): "any" for form in _DATE_FORMS})
-    name = ds.get("PatientName")
-    if name:
-        text = str(name)
-        parts = [p.strip() for p in re.split(r"[\^=]", text) if p.strip()]
-        words = [*parts, *(w for p in parts for w in p.split())]
-        for w in words:
-            if len(w) >= 2 and w not in found:
-                found[w] = "with-name" if len(w) <= SHORT_NAME_PART else "word"
-        for form in {text, " ".join(parts), ", ".join(parts[:2]), " ".join(reversed(parts[:2]))}:
-            if form.strip() and found.get(form) != "any":
-                found[form] = "name"
-    return sorted(((f, r) for f, r in found.items() if len(f) >= 2), key=lambda fr: (-len(fr[0]), fr[0]))
-
+# the rules live in engine.dicom.patient_identifiers; here they are worked out once per patient
 
 _IDENTITY = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate")
 
@@ -394,42 +351,6 @@ def _patient_identifiers(h: Header) -> tuple[tuple[str, str], ...]:
 
 _IDENTIFIERS: dict[tuple, tuple[tuple[str, str], ...]] = {}
 _IDENTIFIERS_MAX = 4096
-
-
-def _values(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return list(value)
-    return [value]
-
-
-@functools.lru_cache(maxsize=4096)
-def _scrub(text: str, identifiers: tuple[tuple[str, str], ...]) -> str:
-    """:func:`scrub` once per distinct text and patient (a series repeats its strings per file)."""
-    return scrub(text, identifiers) if text and identifiers else text
-
-
-def _word(pattern: str) -> str:
-    return rf"(?<![A-Za-z0-9]){pattern}(?![A-Za-z0-9])"
-
-
-def scrub(text: str, identifiers: Any) -> str:
-    """``text`` with every identifier replaced by "[removed]" (case-insensitive). Identifiers are
-    (text, rule) pairs as :func:`patient_identifiers` gives them (a plain string matches as
-    "any"); see PHI_RULE."""
-    items = [(i, "any") if isinstance(i, str) else (str(i[0]), str(i[1])) for i in identifiers]
-    patterns = [(_pattern(ident, rule), rule) for ident, rule in items]
-    has_name = any(rule == "name" and re.search(p, text, flags=re.IGNORECASE) for p, rule in patterns)
-    for pattern, rule in patterns:
-        if rule != "with-name" or has_name:
-            text = re.sub(pattern, REMOVED, text, flags=re.IGNORECASE)
-    return text
-
-
-def _pattern(ident: str, rule: str) -> str:
-    pattern = re.escape(ident)
-    return _word(pattern) if rule in ("word", "with-name") or len(ident) < SHORT_IDENTIFIER else pattern
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -588,7 +509,7 @@ def _mosaic_frames(ds: Dataset, source: Source) -> list[Frame]:
     """
     n = mosaic_count(ds) or 1
     if n > int(ds.Rows) * int(ds.Columns):  # a hostile count must not list millions of tiles
-        raise ValueError(f"mosaic declares {n} tiles in a {int(ds.Rows)} x {int(ds.Columns)} image")
+        raise HeaderError(f"mosaic declares {n} tiles in a {int(ds.Rows)} x {int(ds.Columns)} image")
     per_side = math.ceil(math.sqrt(n))
     rows, cols = int(ds.Rows) // per_side, int(ds.Columns) // per_side
     iop = _floats(ds.get("ImageOrientationPatient"), 6)
